@@ -1,0 +1,36 @@
+//! # cohort-common
+//!
+//! Everything the Cohort server and client share, and no I/O at all: no sockets, clocks or
+//! global randomness. Time and random sources are passed in; files are parsed from readers the
+//! caller opens. The protocol logic lives here as state machines that thin async drivers in
+//! `cohort-server` and `cohort-client` feed (the quinn-proto / quinn split).
+//!
+//! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap.
+//! - [`model`]: `ModelSpec` (trunk + named heads, from TOML), its candle build, the flat
+//!   `ParamLayout` and safetensors in and out.
+//! - [`train`]: local SGD, cross-entropy, evaluation metrics.
+//! - [`data`]: IDX and CSV loaders, partitioners for simulations.
+//! - [`round`]: the server's round state machine and the collection seam.
+//! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi).
+//!
+//! ```
+//! use cohort_common::wire::{self, ClientMsg};
+//! let frame = wire::encode(&ClientMsg::Hello { device: "cpu".into(), samples: 600 }).unwrap();
+//! let back: ClientMsg = wire::decode_frame(&frame, wire::MAX_FRAME_BYTES).unwrap();
+//! assert_eq!(back, ClientMsg::Hello { device: "cpu".into(), samples: 600 });
+//! ```
+
+pub mod data;
+pub mod model;
+pub mod round;
+pub mod strategy;
+pub mod train;
+pub mod wire;
+
+/// The bundled McMahan et al. 2017 model specs.
+pub mod specs {
+    /// The MNIST 2NN (784-200-200-10, 199,210 parameters).
+    pub const MNIST_2NN: &str = include_str!("../specs/mnist-2nn.toml");
+    /// The MNIST CNN (1,663,370 parameters).
+    pub const MNIST_CNN: &str = include_str!("../specs/mnist-cnn.toml");
+}

@@ -1,0 +1,548 @@
+//! Model specifications, their candle implementation and the flat parameter layout.
+//!
+//! A [`ModelSpec`] is read from TOML: a shared trunk of layers and one or more named heads.
+//! [`ModelSpec::from_toml`] checks the whole spec by inferring every layer's shape, so a
+//! `ModelSpec` that exists is one that builds. [`Model`] builds it on candle through a
+//! `VarBuilder`, and [`ParamLayout`] flattens the named tensors into segments (the trunk, then
+//! each head in spec order), sorted by name inside a segment: candle's `VarMap` is a HashMap,
+//! so its own order is never used.
+//!
+//! ```
+//! use cohort_common::model::{Model, ModelSpec};
+//! let spec = ModelSpec::from_toml(r#"
+//!     name = "tiny"
+//!     input_shape = [4]
+//!     [[trunk]]
+//!     kind = "linear"
+//!     out = 3
+//!     [[heads]]
+//!     name = "label"
+//!     classes = 2
+//! "#).unwrap();
+//! let model = Model::new(&spec, &candle_core::Device::Cpu, 7).unwrap();
+//! assert_eq!(model.layout().total_len(), 4 * 3 + 3 + 3 * 2 + 2);
+//! ```
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Module, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model spec is not valid TOML: {0}")]
+    Toml(String),
+    #[error("model spec, {place}: {problem}")]
+    Invalid { place: String, problem: String },
+    #[error("parameters do not fit the model: {0}")]
+    Mismatch(String),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("safetensors: {0}")]
+    Safetensors(String),
+}
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// One layer of a trunk or head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    Linear {
+        out: usize,
+    },
+    Conv2d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default = "one")]
+        stride: usize,
+    },
+    MaxPool2d {
+        size: usize,
+    },
+    Relu,
+    Flatten,
+    Dropout {
+        p: f32,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+
+fn unit_weight() -> f32 {
+    1.0
+}
+
+/// A named task head: optional hidden layers, then a linear layer onto `classes` logits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    pub name: String,
+    pub classes: usize,
+    #[serde(default)]
+    pub layers: Vec<LayerSpec>,
+    #[serde(default = "unit_weight")]
+    pub loss_weight: f32,
+    /// A personal head never leaves the client.
+    #[serde(default)]
+    pub personal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    /// Shape of one example, without the batch dimension: `[784]` or `[1, 28, 28]`.
+    pub input_shape: Vec<usize>,
+    #[serde(default)]
+    pub trunk: Vec<LayerSpec>,
+    pub heads: Vec<HeadSpec>,
+}
+
+impl ModelSpec {
+    /// Parses and checks a spec: every layer must accept the shape the previous one makes.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let spec: ModelSpec = toml::from_str(text).map_err(|e| ModelError::Toml(e.to_string()))?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a ModelSpec always serialises")
+    }
+
+    pub fn head_index(&self, name: &str) -> Option<usize> {
+        self.heads.iter().position(|h| h.name == name)
+    }
+
+    fn check(&self) -> Result<()> {
+        let invalid = |place: &str, problem: String| ModelError::Invalid { place: place.into(), problem };
+        if self.input_shape.is_empty() || self.input_shape.contains(&0) {
+            return Err(invalid("input_shape", format!("{:?} must be non-empty with no zero dimension", self.input_shape)));
+        }
+        if self.heads.is_empty() {
+            return Err(invalid("heads", "a model needs at least one head".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let trunk_out = infer_shapes(&self.input_shape, &self.trunk, "trunk")?;
+        for (i, head) in self.heads.iter().enumerate() {
+            let place = format!("heads[{i}] ({})", head.name);
+            if head.name.is_empty() || !head.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(invalid(&place, "name must be non-empty ASCII letters, digits, '_' or '-'".into()));
+            }
+            if !seen.insert(&head.name) {
+                return Err(invalid(&place, "duplicate head name".into()));
+            }
+            if head.classes < 2 {
+                return Err(invalid(&place, format!("classes = {} (a head needs at least 2)", head.classes)));
+            }
+            if !(head.loss_weight.is_finite() && head.loss_weight >= 0.0) {
+                return Err(invalid(&place, format!("loss_weight = {} must be finite and >= 0", head.loss_weight)));
+            }
+            let out = infer_shapes(&trunk_out, &head.layers, &place)?;
+            if out.len() != 1 {
+                return Err(invalid(&place, format!("the head's input has shape {out:?}; add a `flatten` layer so the output layer gets a vector")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn infer_shapes(input: &[usize], layers: &[LayerSpec], place: &str) -> Result<Vec<usize>> {
+    let mut shape = input.to_vec();
+    for (i, layer) in layers.iter().enumerate() {
+        let err = |problem: String| ModelError::Invalid { place: format!("{place} layer {i} ({layer:?})"), problem };
+        shape = match layer {
+            LayerSpec::Linear { out } => {
+                if shape.len() != 1 {
+                    return Err(err(format!("linear needs a vector input, got shape {shape:?}; add `flatten` first")));
+                }
+                if *out == 0 {
+                    return Err(err("out must be > 0".into()));
+                }
+                vec![*out]
+            }
+            LayerSpec::Conv2d { out_channels, kernel, padding, stride } => {
+                if shape.len() != 3 {
+                    return Err(err(format!("conv2d needs a [channels, height, width] input, got {shape:?}")));
+                }
+                if *out_channels == 0 || *kernel == 0 || *stride == 0 {
+                    return Err(err("out_channels, kernel and stride must be > 0".into()));
+                }
+                let h = shape[1] + 2 * padding;
+                let w = shape[2] + 2 * padding;
+                if h < *kernel || w < *kernel {
+                    return Err(err(format!("kernel {kernel} is larger than the padded input {h}x{w}")));
+                }
+                vec![*out_channels, (h - kernel) / stride + 1, (w - kernel) / stride + 1]
+            }
+            LayerSpec::MaxPool2d { size } => {
+                if shape.len() != 3 || *size == 0 || shape[1] < *size || shape[2] < *size {
+                    return Err(err(format!("max_pool2d of size {size} does not fit input {shape:?}")));
+                }
+                vec![shape[0], shape[1] / size, shape[2] / size]
+            }
+            LayerSpec::Relu => shape,
+            LayerSpec::Flatten => vec![shape.iter().product()],
+            LayerSpec::Dropout { p } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(err(format!("p = {p} must be in [0, 1)")));
+                }
+                shape
+            }
+        };
+    }
+    Ok(shape)
+}
+
+/// One named tensor in the flat layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub len: usize,
+    /// Fan-in of the layer the tensor belongs to (for initialisation).
+    pub fan_in: usize,
+}
+
+/// A contiguous run of the flat vector: the trunk or one head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub name: String,
+    pub offset: usize,
+    pub len: usize,
+    pub personal: bool,
+}
+
+/// How named tensors map onto one flat vector: segments in spec order (trunk first), tensors
+/// sorted by name inside each segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamLayout {
+    entries: Vec<ParamEntry>,
+    segments: Vec<Segment>,
+}
+
+impl ParamLayout {
+    pub fn entries(&self) -> &[ParamEntry] {
+        &self.entries
+    }
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+    pub fn total_len(&self) -> usize {
+        self.entries.last().map_or(0, |e| e.offset + e.len)
+    }
+    pub fn entry(&self, name: &str) -> Option<&ParamEntry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+}
+
+enum Layer {
+    Linear(candle_nn::Linear),
+    Conv2d(candle_nn::Conv2d),
+    MaxPool2d(usize),
+    Relu,
+    Flatten,
+    Dropout(f32),
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Layer::Linear(l) => l.forward(x),
+            Layer::Conv2d(c) => c.forward(x),
+            Layer::MaxPool2d(s) => x.max_pool2d(*s),
+            Layer::Relu => x.relu(),
+            Layer::Flatten => x.flatten_from(1),
+            Layer::Dropout(p) if train && *p > 0.0 => candle_nn::ops::dropout(x, *p),
+            Layer::Dropout(_) => Ok(x.clone()),
+        }
+    }
+}
+
+/// A [`ModelSpec`] built on candle.
+pub struct Model {
+    spec: ModelSpec,
+    varmap: VarMap,
+    trunk: Vec<Layer>,
+    heads: Vec<Vec<Layer>>,
+    layout: ParamLayout,
+    /// Vars in layout order.
+    vars: Vec<Var>,
+    device: Device,
+}
+
+struct Builder<'a> {
+    vb: VarBuilder<'a>,
+    fan_in: HashMap<String, usize>,
+}
+
+impl Builder<'_> {
+    fn build(&mut self, input: &[usize], layers: &[LayerSpec], prefix: &str) -> Result<(Vec<Layer>, Vec<usize>)> {
+        let mut shape = input.to_vec();
+        let mut built = Vec::with_capacity(layers.len());
+        for (i, spec) in layers.iter().enumerate() {
+            let name = format!("{prefix}.{i:02}");
+            let next = infer_shapes(&shape, std::slice::from_ref(spec), prefix)?;
+            let layer = match spec {
+                LayerSpec::Linear { out } => {
+                    self.fan_in.insert(name.clone(), shape[0]);
+                    Layer::Linear(candle_nn::linear(shape[0], *out, self.vb.pp(&name))?)
+                }
+                LayerSpec::Conv2d { out_channels, kernel, padding, stride } => {
+                    self.fan_in.insert(name.clone(), shape[0] * kernel * kernel);
+                    let cfg = candle_nn::Conv2dConfig { padding: *padding, stride: *stride, ..Default::default() };
+                    Layer::Conv2d(candle_nn::conv2d(shape[0], *out_channels, *kernel, cfg, self.vb.pp(&name))?)
+                }
+                LayerSpec::MaxPool2d { size } => Layer::MaxPool2d(*size),
+                LayerSpec::Relu => Layer::Relu,
+                LayerSpec::Flatten => Layer::Flatten,
+                LayerSpec::Dropout { p } => Layer::Dropout(*p),
+            };
+            built.push(layer);
+            shape = next;
+        }
+        Ok((built, shape))
+    }
+}
+
+impl Model {
+    /// Builds the model and initialises it deterministically from `seed` (uniform in
+    /// +-1/sqrt(fan_in), PyTorch's default for linear and conv layers).
+    pub fn new(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let mut builder = Builder { vb, fan_in: HashMap::new() };
+        let (trunk, trunk_out) = builder.build(&spec.input_shape, &spec.trunk, "trunk")?;
+        let mut heads = Vec::with_capacity(spec.heads.len());
+        for head in &spec.heads {
+            let prefix = format!("heads.{}", head.name);
+            let mut layers = head.layers.clone();
+            layers.push(LayerSpec::Linear { out: head.classes });
+            let (built, _) = builder.build(&trunk_out, &layers, &prefix)?;
+            heads.push(built);
+        }
+
+        let all: HashMap<String, Var> = varmap.data().lock().expect("varmap lock").clone();
+        let mut segment_names: Vec<(String, String, bool)> = vec![("trunk".into(), "trunk.".into(), false)];
+        segment_names.extend(spec.heads.iter().map(|h| (h.name.clone(), format!("heads.{}.", h.name), h.personal)));
+        let mut entries = Vec::new();
+        let mut segments = Vec::new();
+        let mut vars = Vec::new();
+        let mut offset = 0;
+        for (segment, prefix, personal) in segment_names {
+            let mut names: Vec<&String> = all.keys().filter(|n| n.starts_with(&prefix)).collect();
+            names.sort();
+            let start = offset;
+            for name in names {
+                let var = &all[name];
+                let shape = var.as_tensor().dims().to_vec();
+                let len = shape.iter().product();
+                let layer = name.rsplit_once('.').map_or(name.as_str(), |(l, _)| l);
+                let fan_in = builder.fan_in.get(layer).copied().unwrap_or(1);
+                entries.push(ParamEntry { name: name.clone(), shape, offset, len, fan_in });
+                vars.push(var.clone());
+                offset += len;
+            }
+            segments.push(Segment { name: segment, offset: start, len: offset - start, personal });
+        }
+        let model = Model {
+            spec: spec.clone(),
+            varmap,
+            trunk,
+            heads,
+            layout: ParamLayout { entries, segments },
+            vars,
+            device: device.clone(),
+        };
+        model.init_params(seed)?;
+        Ok(model)
+    }
+
+    fn init_params(&self, seed: u64) -> Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut flat = Vec::with_capacity(self.layout.total_len());
+        for e in &self.layout.entries {
+            let bound = 1.0 / (e.fan_in as f32).sqrt();
+            flat.extend((0..e.len).map(|_| rng.random_range(-bound..bound)));
+        }
+        self.set_flat(&flat)
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// Trainable variables in layout order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// Logits of one head for a batch `x` of shape `[batch, input_shape...]`.
+    pub fn forward_head(&self, x: &Tensor, head: usize, train: bool) -> Result<Tensor> {
+        let features = self.forward_trunk(x, train)?;
+        self.forward_head_from(&features, head, train)
+    }
+
+    pub fn forward_trunk(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for layer in &self.trunk {
+            h = layer.forward(&h, train)?;
+        }
+        Ok(h)
+    }
+
+    pub fn forward_head_from(&self, features: &Tensor, head: usize, train: bool) -> Result<Tensor> {
+        let layers = self
+            .heads
+            .get(head)
+            .ok_or_else(|| ModelError::Mismatch(format!("no head number {head}")))?;
+        let mut h = features.clone();
+        for layer in layers {
+            h = layer.forward(&h, train)?;
+        }
+        Ok(h)
+    }
+
+    /// All parameters as one flat tensor on the model's device, in layout order.
+    pub fn flat_tensor(&self) -> Result<Tensor> {
+        let parts: Vec<Tensor> =
+            self.vars.iter().map(|v| v.as_tensor().flatten_all()).collect::<candle_core::Result<_>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// All parameters copied to the host, in layout order.
+    pub fn flat(&self) -> Result<Vec<f32>> {
+        Ok(self.flat_tensor()?.to_vec1::<f32>()?)
+    }
+
+    /// Overwrites every parameter from a flat vector in layout order.
+    pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.layout.total_len() {
+            return Err(ModelError::Mismatch(format!(
+                "got {} values, the model has {} parameters",
+                flat.len(),
+                self.layout.total_len()
+            )));
+        }
+        for (entry, var) in self.layout.entries.iter().zip(&self.vars) {
+            let t = Tensor::from_slice(&flat[entry.offset..entry.offset + entry.len], entry.shape.as_slice(), &self.device)?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// The parameters as a safetensors file, one tensor per layout entry.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let tensors: Vec<(String, Tensor)> = self
+            .layout
+            .entries
+            .iter()
+            .zip(&self.vars)
+            .map(|(e, v)| (e.name.clone(), v.as_tensor().clone()))
+            .collect();
+        safetensors::tensor::serialize(tensors, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+    }
+
+    /// Loads parameters from safetensors bytes; every tensor of the layout must be present with
+    /// its shape.
+    pub fn load_safetensors(&self, bytes: &[u8]) -> Result<()> {
+        let flat = flat_from_safetensors(&self.layout, bytes)?;
+        self.set_flat(&flat)
+    }
+}
+
+/// Reads a safetensors file into a flat vector in `layout` order, checking names and shapes.
+pub fn flat_from_safetensors(layout: &ParamLayout, bytes: &[u8]) -> Result<Vec<f32>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    let mut flat = Vec::with_capacity(layout.total_len());
+    for entry in &layout.entries {
+        let view = st
+            .tensor(&entry.name)
+            .map_err(|_| ModelError::Mismatch(format!("tensor `{}` is missing", entry.name)))?;
+        if view.shape() != entry.shape.as_slice() || view.dtype() != safetensors::Dtype::F32 {
+            return Err(ModelError::Mismatch(format!(
+                "tensor `{}` is {:?} {:?}, expected F32 {:?}",
+                entry.name,
+                view.dtype(),
+                view.shape(),
+                entry.shape
+            )));
+        }
+        flat.extend(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
+    Ok(flat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_NN: &str = include_str!("../specs/mnist-2nn.toml");
+    const CNN: &str = include_str!("../specs/mnist-cnn.toml");
+
+    #[test]
+    fn mcmahan_models_have_the_papers_parameter_counts() {
+        let two_nn = Model::new(&ModelSpec::from_toml(TWO_NN).unwrap(), &Device::Cpu, 0).unwrap();
+        assert_eq!(two_nn.layout().total_len(), 199_210);
+        let cnn = Model::new(&ModelSpec::from_toml(CNN).unwrap(), &Device::Cpu, 0).unwrap();
+        assert_eq!(cnn.layout().total_len(), 1_663_370);
+        let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(cnn.forward_head(&x, 0, false).unwrap().dims(), &[2, 10]);
+    }
+
+    #[test]
+    fn layout_is_sorted_by_name_within_segments_and_deterministic() {
+        let spec = ModelSpec::from_toml(TWO_NN).unwrap();
+        let a = Model::new(&spec, &Device::Cpu, 3).unwrap();
+        let b = Model::new(&spec, &Device::Cpu, 3).unwrap();
+        assert_eq!(a.layout(), b.layout());
+        assert_eq!(a.flat().unwrap(), b.flat().unwrap());
+        let names: Vec<_> = a.layout().entries().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["trunk.01.bias", "trunk.01.weight", "trunk.03.bias", "trunk.03.weight", "heads.digit.00.bias", "heads.digit.00.weight"]
+        );
+        assert_eq!(a.layout().segments()[0].name, "trunk");
+        assert_eq!(a.layout().segments()[1].offset, a.layout().segments()[0].len);
+    }
+
+    #[test]
+    fn flat_and_safetensors_round_trip() {
+        let spec = ModelSpec::from_toml(TWO_NN).unwrap();
+        let a = Model::new(&spec, &Device::Cpu, 1).unwrap();
+        let b = Model::new(&spec, &Device::Cpu, 2).unwrap();
+        assert_ne!(a.flat().unwrap(), b.flat().unwrap());
+        b.load_safetensors(&a.to_safetensors().unwrap()).unwrap();
+        assert_eq!(a.flat().unwrap(), b.flat().unwrap());
+        assert!(b.set_flat(&[0.0; 3]).is_err());
+        assert!(b.load_safetensors(b"not a safetensors file").is_err());
+    }
+
+    #[test]
+    fn bad_specs_say_where() {
+        let err = ModelSpec::from_toml("name='x'\ninput_shape=[1,28,28]\n[[trunk]]\nkind='linear'\nout=3\n[[heads]]\nname='a'\nclasses=2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trunk layer 0") && err.contains("flatten"), "{err}");
+        let err = ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[heads]]\nname='a'\nclasses=1").unwrap_err().to_string();
+        assert!(err.contains("heads[0] (a)"), "{err}");
+        let err = ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[trunk]]\nkind='linaer'\n").unwrap_err().to_string();
+        assert!(err.contains("linaer"), "{err}");
+    }
+}

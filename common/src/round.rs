@@ -1,0 +1,357 @@
+//! The server's round state machine, free of I/O.
+//!
+//! A [`Round`] is created for a selected cohort with a deadline, fed updates and dropouts by
+//! the server driver (`handle_update`, `handle_dropout`), polled with the current time
+//! (`poll`), and finished into a [`RoundOutcome`]. How updates are combined sits behind the
+//! [`Collector`] seam: [`PlainCollector`] sums weighted deltas in the clear; secure aggregation
+//! plugs in a collector that only ever holds masked vectors.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use cohort_common::round::{PlainCollector, Round, Poll};
+//! use cohort_common::wire::{TensorBytes, Update};
+//! let now = Instant::now();
+//! let cohort = vec!["a".to_string(), "b".to_string()];
+//! let mut round = Round::new(1, cohort, now, Duration::from_secs(5), 2, 1, Box::new(PlainCollector::new(2)));
+//! let update = |samples, v: f32| Update { round: 1, samples, delta: TensorBytes::from_f32(&[v, v]), train_loss: 0.0, train_seconds: 0.0 };
+//! round.handle_update("a", update(1, 1.0)).unwrap();
+//! round.handle_update("b", update(3, 5.0)).unwrap();
+//! assert_eq!(round.poll(now), Poll::Ready);
+//! let outcome = round.finish().unwrap();
+//! assert_eq!(outcome.aggregate.mean_delta, vec![4.0, 4.0]);
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::seq::IndexedRandom;
+use rand::Rng;
+
+use crate::wire::Update;
+
+/// A client's identity: the subject of its certificate.
+pub type ClientId = String;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RoundError {
+    /// The peer sent something it should not have; the update is dropped.
+    #[error("client `{client}` misbehaved: {problem}")]
+    Peer { client: ClientId, problem: String },
+    #[error("round {round} got {got} usable updates, fewer than the minimum of {min}; the global model is unchanged")]
+    TooFew { round: u64, got: usize, min: usize },
+}
+
+/// Picks `wanted` clients uniformly at random without replacement (all of them if fewer).
+/// The eligible list is sorted first so the choice depends only on the seed.
+pub fn select_cohort(eligible: &[ClientId], wanted: usize, rng: &mut impl Rng) -> Vec<ClientId> {
+    let mut sorted = eligible.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let mut chosen: Vec<ClientId> = sorted.choose_multiple(rng, wanted.min(sorted.len())).cloned().collect();
+    chosen.sort();
+    chosen
+}
+
+/// A checked update, ready for a collector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientUpdate {
+    pub weight: f64,
+    pub delta: Vec<f32>,
+}
+
+/// What the collector hands back: the weighted mean of the deltas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    pub mean_delta: Vec<f32>,
+    pub total_weight: f64,
+    pub contributors: usize,
+}
+
+/// The seam where plain and secure collection differ.
+pub trait Collector: Send {
+    /// Takes one client's checked update.
+    fn accept(&mut self, client: &str, update: ClientUpdate) -> Result<(), RoundError>;
+    /// Combines what was accepted; `None` when nothing was.
+    fn finish(self: Box<Self>) -> Option<Aggregate>;
+    /// Says in the logs which kind of collection runs.
+    fn describe(&self) -> &'static str;
+}
+
+/// Plain weighted FedAvg collection: the server sees each update. For debugging and comparison.
+pub struct PlainCollector {
+    sum: Vec<f64>,
+    total_weight: f64,
+    contributors: usize,
+}
+
+impl PlainCollector {
+    pub fn new(len: usize) -> Self {
+        Self { sum: vec![0.0; len], total_weight: 0.0, contributors: 0 }
+    }
+}
+
+impl Collector for PlainCollector {
+    fn accept(&mut self, _client: &str, update: ClientUpdate) -> Result<(), RoundError> {
+        for (s, d) in self.sum.iter_mut().zip(&update.delta) {
+            *s += update.weight * *d as f64;
+        }
+        self.total_weight += update.weight;
+        self.contributors += 1;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Option<Aggregate> {
+        if self.contributors == 0 || self.total_weight <= 0.0 {
+            return None;
+        }
+        let w = self.total_weight;
+        Some(Aggregate {
+            mean_delta: self.sum.iter().map(|s| (s / w) as f32).collect(),
+            total_weight: w,
+            contributors: self.contributors,
+        })
+    }
+
+    fn describe(&self) -> &'static str {
+        "plain (the server sees each update; for debugging and comparison only)"
+    }
+}
+
+/// Where a cohort member stands in the round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientStatus {
+    Waiting,
+    Reported { samples: u64, train_loss: f32 },
+    Dropped(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poll {
+    /// Still waiting for updates; poll again at this instant at the latest.
+    Collecting { until: Instant },
+    /// Every member answered, or the deadline passed.
+    Ready,
+}
+
+/// The result of a finished round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundOutcome {
+    pub round: u64,
+    pub aggregate: Aggregate,
+    pub reported: Vec<ClientId>,
+    pub dropped: Vec<(ClientId, String)>,
+    pub mean_train_loss: f32,
+}
+
+pub struct Round {
+    number: u64,
+    deadline: Instant,
+    param_len: usize,
+    min_updates: usize,
+    statuses: BTreeMap<ClientId, ClientStatus>,
+    collector: Box<dyn Collector>,
+}
+
+impl Round {
+    pub fn new(
+        number: u64,
+        cohort: Vec<ClientId>,
+        now: Instant,
+        timeout: Duration,
+        param_len: usize,
+        min_updates: usize,
+        collector: Box<dyn Collector>,
+    ) -> Self {
+        Self {
+            number,
+            deadline: now + timeout,
+            param_len,
+            min_updates: min_updates.max(1),
+            statuses: cohort.into_iter().map(|c| (c, ClientStatus::Waiting)).collect(),
+            collector,
+        }
+    }
+
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+    pub fn cohort(&self) -> impl Iterator<Item = &ClientId> {
+        self.statuses.keys()
+    }
+    pub fn status(&self, client: &str) -> Option<&ClientStatus> {
+        self.statuses.get(client)
+    }
+    pub fn collection(&self) -> &'static str {
+        self.collector.describe()
+    }
+
+    /// Checks and takes an update. A bad update drops its sender and is an error; the round
+    /// goes on.
+    pub fn handle_update(&mut self, client: &str, update: Update) -> Result<(), RoundError> {
+        let peer = |problem: String| RoundError::Peer { client: client.into(), problem };
+        match self.statuses.get(client) {
+            None => return Err(peer(format!("sent an update for round {} without being in its cohort", self.number))),
+            Some(ClientStatus::Waiting) => {}
+            Some(_) => return Err(peer("sent a second update in one round".into())),
+        }
+        let checked = (|| {
+            if update.round != self.number {
+                return Err(format!("update is for round {}, this is round {}", update.round, self.number));
+            }
+            if update.samples == 0 {
+                return Err("update claims zero training examples".into());
+            }
+            let delta = update.delta.to_f32().map_err(|e| e.to_string())?;
+            if delta.len() != self.param_len {
+                return Err(format!("update has {} values, the model has {}", delta.len(), self.param_len));
+            }
+            if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
+                return Err(format!("update value {i} is {} (not finite)", delta[i]));
+            }
+            Ok(ClientUpdate { weight: update.samples as f64, delta })
+        })();
+        match checked {
+            Ok(u) => {
+                self.collector.accept(client, u)?;
+                self.statuses.insert(
+                    client.into(),
+                    ClientStatus::Reported { samples: update.samples, train_loss: update.train_loss },
+                );
+                Ok(())
+            }
+            Err(problem) => {
+                self.statuses.insert(client.into(), ClientStatus::Dropped(problem.clone()));
+                Err(peer(problem))
+            }
+        }
+    }
+
+    /// Records that a cohort member will not report (lost connection, declined, error).
+    pub fn handle_dropout(&mut self, client: &str, reason: impl Into<String>) {
+        if let Some(s @ ClientStatus::Waiting) = self.statuses.get_mut(client) {
+            *s = ClientStatus::Dropped(reason.into());
+        }
+    }
+
+    pub fn poll(&self, now: Instant) -> Poll {
+        let waiting = self.statuses.values().any(|s| *s == ClientStatus::Waiting);
+        if !waiting || now >= self.deadline {
+            Poll::Ready
+        } else {
+            Poll::Collecting { until: self.deadline }
+        }
+    }
+
+    /// Closes the round: members still waiting count as dropped (missed the deadline).
+    pub fn finish(self) -> Result<RoundOutcome, RoundError> {
+        let mut reported = Vec::new();
+        let mut dropped = Vec::new();
+        let mut loss = 0f64;
+        for (client, status) in self.statuses {
+            match status {
+                ClientStatus::Reported { train_loss, .. } => {
+                    loss += train_loss as f64;
+                    reported.push(client);
+                }
+                ClientStatus::Dropped(why) => dropped.push((client, why)),
+                ClientStatus::Waiting => dropped.push((client, "missed the round deadline".into())),
+            }
+        }
+        let too_few = RoundError::TooFew { round: self.number, got: reported.len(), min: self.min_updates };
+        if reported.len() < self.min_updates {
+            return Err(too_few);
+        }
+        let aggregate = self.collector.finish().ok_or(too_few)?;
+        Ok(RoundOutcome {
+            round: self.number,
+            mean_train_loss: (loss / reported.len() as f64) as f32,
+            aggregate,
+            reported,
+            dropped,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::TensorBytes;
+    use rand::SeedableRng;
+
+    fn update(round: u64, samples: u64, delta: &[f32]) -> Update {
+        Update { round, samples, delta: TensorBytes::from_f32(delta), train_loss: 1.0, train_seconds: 0.1 }
+    }
+
+    fn round(now: Instant, min: usize) -> Round {
+        let cohort = ["a", "b", "c"].map(String::from).to_vec();
+        Round::new(4, cohort, now, Duration::from_secs(10), 2, min, Box::new(PlainCollector::new(2)))
+    }
+
+    #[test]
+    fn weighted_average_of_reported_updates() {
+        let now = Instant::now();
+        let mut r = round(now, 2);
+        r.handle_update("a", update(4, 100, &[1.0, 0.0])).unwrap();
+        r.handle_update("b", update(4, 300, &[0.0, 2.0])).unwrap();
+        assert!(matches!(r.poll(now), Poll::Collecting { .. }));
+        r.handle_dropout("c", "connection lost");
+        assert_eq!(r.poll(now), Poll::Ready);
+        let out = r.finish().unwrap();
+        assert_eq!(out.aggregate.mean_delta, vec![0.25, 1.5]);
+        assert_eq!(out.reported, vec!["a", "b"]);
+        assert_eq!(out.dropped, vec![("c".to_string(), "connection lost".to_string())]);
+    }
+
+    #[test]
+    fn bad_updates_drop_their_sender_and_the_round_goes_on() {
+        let now = Instant::now();
+        let mut r = round(now, 1);
+        assert!(r.handle_update("a", update(4, 1, &[f32::NAN, 0.0])).is_err());
+        assert!(r.handle_update("b", update(3, 1, &[0.0, 0.0])).is_err());
+        assert!(r.handle_update("c", update(4, 1, &[0.0])).is_err());
+        assert!(r.handle_update("z", update(4, 1, &[0.0, 0.0])).is_err());
+        assert!(matches!(r.status("a"), Some(ClientStatus::Dropped(w)) if w.contains("not finite")));
+        assert_eq!(r.poll(now), Poll::Ready);
+        assert!(matches!(r.finish(), Err(RoundError::TooFew { got: 0, .. })));
+    }
+
+    #[test]
+    fn duplicate_updates_are_refused() {
+        let now = Instant::now();
+        let mut r = round(now, 1);
+        r.handle_update("a", update(4, 1, &[1.0, 1.0])).unwrap();
+        assert!(r.handle_update("a", update(4, 1, &[9.0, 9.0])).is_err());
+        r.handle_dropout("a", "late dropout does not erase a report");
+        assert!(matches!(r.status("a"), Some(ClientStatus::Reported { .. })));
+    }
+
+    #[test]
+    fn the_deadline_closes_the_round() {
+        let now = Instant::now();
+        let mut r = round(now, 1);
+        r.handle_update("a", update(4, 1, &[1.0, 1.0])).unwrap();
+        assert!(matches!(r.poll(now + Duration::from_secs(9)), Poll::Collecting { .. }));
+        assert_eq!(r.poll(now + Duration::from_secs(10)), Poll::Ready);
+        let out = r.finish().unwrap();
+        assert_eq!(out.dropped.len(), 2);
+        assert!(out.dropped.iter().all(|(_, why)| why.contains("deadline")));
+    }
+
+    #[test]
+    fn cohort_selection_is_seeded_and_without_replacement() {
+        let clients: Vec<ClientId> = (0..100).map(|i| format!("c{i:03}")).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let a = select_cohort(&clients, 10, &mut rng);
+        let mut shuffled = clients.clone();
+        shuffled.reverse();
+        let b = select_cohort(&shuffled, 10, &mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
+        assert_eq!(a, b);
+        let mut d = a.clone();
+        d.dedup();
+        assert_eq!(d.len(), 10);
+        assert_eq!(select_cohort(&clients[..3], 10, &mut rng).len(), 3);
+    }
+}

@@ -1,0 +1,307 @@
+//! Versioned messages and length-prefixed framing.
+//!
+//! A frame is a 4-byte big-endian payload length followed by the payload; the payload is a
+//! 2-byte big-endian protocol version followed by the bincode encoding of one message.
+//! Every decode path is bounded by [`MAX_FRAME_BYTES`] (or a smaller cap the caller passes),
+//! and rejects truncated input and trailing bytes with a typed [`WireError`].
+//!
+//! Tensors travel as raw little-endian `f32` bytes ([`TensorBytes`]), never element by element.
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::TrainConfig;
+
+/// The protocol version this build speaks. Peers with another version are refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// ALPN identifier used on the QUIC connection.
+pub const ALPN: &[u8] = b"cohort/1";
+/// The hard cap on one frame's payload: enough for models of tens of millions of parameters.
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
+/// Bytes in a frame header.
+pub const HEADER_BYTES: usize = 4;
+
+/// What can be wrong with bytes received from a peer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {len} bytes exceeds the cap of {cap} bytes")]
+    Oversized { len: usize, cap: usize },
+    #[error("truncated input: needed {needed} bytes, got {got}")]
+    Truncated { needed: usize, got: usize },
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("peer speaks protocol version {got}, this build speaks {PROTOCOL_VERSION}")]
+    Version { got: u16 },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("tensor payload of {0} bytes is not a whole number of f32 values")]
+    TensorLength(usize),
+}
+
+/// Raw little-endian `f32` values.
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TensorBytes(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl std::fmt::Debug for TensorBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorBytes({} values)", self.0.len() / 4)
+    }
+}
+
+impl TensorBytes {
+    pub fn from_f32(values: &[f32]) -> Self {
+        let mut bytes = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        Self(bytes)
+    }
+
+    /// Number of `f32` values (rounded down).
+    pub fn len(&self) -> usize {
+        self.0.len() / 4
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn to_f32(&self) -> Result<Vec<f32>, WireError> {
+        if self.0.len() % 4 != 0 {
+            return Err(WireError::TensorLength(self.0.len()));
+        }
+        Ok(self
+            .0
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// Opaque bytes (a safetensors file, a TOML document) with a compact encoding.
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Blob(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+/// Everything a client needs to take part in one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    pub round: u64,
+    /// The model spec as TOML; the client parses (and so validates) it.
+    pub model_spec: String,
+    /// The global parameters, flattened in `ParamLayout` order.
+    pub params: TensorBytes,
+    pub train: TrainConfig,
+    /// Seed for the client's data shuffling and dropout this round.
+    pub seed: u64,
+    /// Milliseconds the client has from receiving the plan to deliver its update.
+    pub deadline_ms: u64,
+}
+
+/// A client's contribution to one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub round: u64,
+    /// Number of local training examples; the FedAvg weight.
+    pub samples: u64,
+    /// `local - global`, flattened in `ParamLayout` order.
+    pub delta: TensorBytes,
+    pub train_loss: f32,
+    pub train_seconds: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Answer to `Hello`: the connection is authorised and registered.
+    Welcome { client_id: String, server_name: String },
+    /// Asks the client to train this round.
+    Plan(RoundPlan),
+    /// The server refuses the client (wrong version, revoked, duplicate connection).
+    Refused { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message on a new connection.
+    Hello { device: String, samples: u64 },
+    Update(Update),
+    /// The client will not take part in this round (and says why).
+    Decline { round: u64, reason: String },
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+}
+
+/// Encodes a message as a complete frame (header included).
+pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, WireError> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    bincode::serde::encode_into_std_write(msg, &mut out, bincode_config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = out.len() - HEADER_BYTES;
+    if len > MAX_FRAME_BYTES {
+        return Err(WireError::Oversized { len, cap: MAX_FRAME_BYTES });
+    }
+    out[..HEADER_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Reads a frame header and checks the announced payload length against `cap`.
+pub fn payload_len(header: [u8; HEADER_BYTES], cap: usize) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header) as usize;
+    let cap = cap.min(MAX_FRAME_BYTES);
+    if len > cap {
+        return Err(WireError::Oversized { len, cap });
+    }
+    Ok(len)
+}
+
+/// Decodes one payload (without header): version check, message, no trailing bytes.
+pub fn decode_payload<M: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<M, WireError> {
+    if payload.len() < 2 {
+        return Err(WireError::Truncated { needed: 2, got: payload.len() });
+    }
+    let version = u16::from_be_bytes([payload[0], payload[1]]);
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::Version { got: version });
+    }
+    let body = &payload[2..];
+    let (msg, used) = bincode::serde::decode_from_slice(body, bincode_config()).map_err(|e| {
+        match e {
+            bincode::error::DecodeError::UnexpectedEnd { additional } => WireError::Truncated {
+                needed: body.len() + additional,
+                got: body.len(),
+            },
+            other => WireError::Malformed(other.to_string()),
+        }
+    })?;
+    if used != body.len() {
+        return Err(WireError::Trailing(body.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Decodes exactly one whole frame (header and payload) from `bytes`.
+pub fn decode_frame<M: for<'de> Deserialize<'de>>(bytes: &[u8], cap: usize) -> Result<M, WireError> {
+    if bytes.len() < HEADER_BYTES {
+        return Err(WireError::Truncated { needed: HEADER_BYTES, got: bytes.len() });
+    }
+    let len = payload_len([bytes[0], bytes[1], bytes[2], bytes[3]], cap)?;
+    let rest = &bytes[HEADER_BYTES..];
+    if rest.len() < len {
+        return Err(WireError::Truncated { needed: len, got: rest.len() });
+    }
+    if rest.len() > len {
+        return Err(WireError::Trailing(rest.len() - len));
+    }
+    decode_payload(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_update() -> ClientMsg {
+        ClientMsg::Update(Update {
+            round: 7,
+            samples: 600,
+            delta: TensorBytes::from_f32(&[1.0, -2.5, f32::MIN_POSITIVE]),
+            train_loss: 0.25,
+            train_seconds: 1.5,
+        })
+    }
+
+    #[test]
+    fn round_trips() {
+        let msg = sample_update();
+        let frame = encode(&msg).unwrap();
+        let back: ClientMsg = decode_frame(&frame, MAX_FRAME_BYTES).unwrap();
+        assert_eq!(back, msg);
+        let ClientMsg::Update(u) = back else { panic!() };
+        assert_eq!(u.delta.to_f32().unwrap(), vec![1.0, -2.5, f32::MIN_POSITIVE]);
+    }
+
+    #[test]
+    fn tensors_are_raw_little_endian() {
+        let t = TensorBytes::from_f32(&[1.0; 1000]);
+        let frame = encode(&t).unwrap();
+        // 4 header + 2 version + a short length prefix + 4000 raw bytes
+        assert!(frame.len() <= 4000 + 4 + 2 + 9, "{}", frame.len());
+    }
+
+    #[test]
+    fn rejects_every_truncation() {
+        let frame = encode(&sample_update()).unwrap();
+        for cut in 0..frame.len() {
+            let err = decode_frame::<ClientMsg>(&frame[..cut], MAX_FRAME_BYTES).unwrap_err();
+            assert!(matches!(err, WireError::Truncated { .. }), "cut {cut}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_trailing_bytes() {
+        let mut frame = encode(&sample_update()).unwrap();
+        frame.push(0);
+        assert_eq!(decode_frame::<ClientMsg>(&frame, MAX_FRAME_BYTES), Err(WireError::Trailing(1)));
+        // Trailing bytes inside the announced payload are caught too.
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) + 1;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(decode_frame::<ClientMsg>(&frame, MAX_FRAME_BYTES), Err(WireError::Trailing(1)));
+    }
+
+    #[test]
+    fn rejects_oversized_before_reading() {
+        let header = (u32::MAX).to_be_bytes();
+        assert!(matches!(payload_len(header, MAX_FRAME_BYTES), Err(WireError::Oversized { .. })));
+        let frame = encode(&sample_update()).unwrap();
+        assert!(matches!(
+            decode_frame::<ClientMsg>(&frame, 8),
+            Err(WireError::Oversized { cap: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_other_versions() {
+        let mut frame = encode(&sample_update()).unwrap();
+        frame[4..6].copy_from_slice(&99u16.to_be_bytes());
+        assert_eq!(decode_frame::<ClientMsg>(&frame, MAX_FRAME_BYTES), Err(WireError::Version { got: 99 }));
+    }
+
+    #[test]
+    fn huge_length_prefix_inside_payload_is_an_error_not_an_allocation() {
+        // A ByteBuf announcing 2^60 bytes inside a tiny frame.
+        let mut payload = PROTOCOL_VERSION.to_be_bytes().to_vec();
+        payload.push(252 + 3); // bincode varint marker for u64
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode_payload::<TensorBytes>(&payload).is_err());
+    }
+
+    #[test]
+    fn odd_tensor_length_is_an_error() {
+        let t = TensorBytes(vec![1, 2, 3]);
+        assert_eq!(t.to_f32(), Err(WireError::TensorLength(3)));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<ClientMsg>(&bytes, MAX_FRAME_BYTES);
+            let _ = decode_frame::<ServerMsg>(&bytes, MAX_FRAME_BYTES);
+            let _ = decode_payload::<ServerMsg>(&bytes);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(idx in 0usize..64, byte in any::<u8>()) {
+            let mut frame = encode(&sample_update()).unwrap();
+            let i = idx % frame.len();
+            frame[i] = byte;
+            let _ = decode_frame::<ClientMsg>(&frame, MAX_FRAME_BYTES);
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! # cohort-io
+//!
+//! The I/O that the server and client drivers share, so neither holds a copy (`cohort-common`
+//! has none):
+//!
+//! - [`Identity`]: a certificate chain, its private key and the operator's CA, read from PEM
+//!   (separate files or one bundle), with errors that say which part is wrong.
+//! - [`server_config`] / [`client_config`]: QUIC over rustls with ring's provider, TLS 1.3
+//!   only, ALPN `cohort/1`, and mutual TLS: the server refuses, in the handshake, any client
+//!   whose certificate the operator's CA did not sign.
+//! - [`peer_id`]: the client id (certificate subject CN) of an authenticated connection.
+//! - [`send_msg`] / [`recv_msg`]: one framed message on a QUIC stream, with a size cap.
+//! - [`files`]: data sets named in configuration files (IDX or CSV, gzipped or not), TOML
+//!   configuration read with the file named in every error, and atomic writes.
+//!
+//! ```no_run
+//! # async fn demo(identity: cohort_io::Identity) -> Result<(), cohort_io::NetError> {
+//! let endpoint = quinn::Endpoint::server(cohort_io::server_config(&identity)?, "127.0.0.1:0".parse().unwrap())
+//!     .map_err(cohort_io::NetError::Bind)?;
+//! # Ok(()) }
+//! ```
+
+pub mod files;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_common::wire::{self, WireError, HEADER_BYTES};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// What can go wrong on the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot bind the UDP socket: {0}")]
+    Bind(std::io::Error),
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer refused our certificate (TLS 1.3 tells the client only when a stream fails).
+    #[error("not authorised: {0}")]
+    Unauthorized(String),
+    #[error("stream closed by the peer before a whole message arrived")]
+    Closed,
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("the peer sent a bad message: {0}")]
+    Wire(#[from] WireError),
+}
+
+impl NetError {
+    fn from_read(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::FinishedEarly(_) => NetError::Closed,
+            quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => classify(c),
+            quinn::ReadExactError::ReadError(other) => NetError::Stream(other.to_string()),
+        }
+    }
+
+    /// True when the failure says the peer refused our certificate.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, NetError::Unauthorized(_))
+    }
+}
+
+/// TLS alerts that mean the peer refused our certificate become `Unauthorized`.
+pub fn classify(e: quinn::ConnectionError) -> NetError {
+    let text = e.to_string();
+    let refused = ["UnknownCA", "BadCertificate", "CertificateRequired", "certificate", "AccessDenied"];
+    if matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_))
+        && refused.iter().any(|r| text.contains(r))
+    {
+        NetError::Unauthorized(format!(
+            "the peer refused this certificate ({text}); is it signed by the operator's CA and not revoked?"
+        ))
+    } else {
+        NetError::Connection(e)
+    }
+}
+
+/// A certificate chain, its key and the CA that peers must be signed by.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    pub ca: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("chain", &self.chain.len()).field("key", &"<redacted>").finish()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self { chain: self.chain.clone(), key: self.key.clone_key(), ca: self.ca.clone() }
+    }
+}
+
+impl Identity {
+    /// From PEM texts: the certificate (chain), its private key and the CA certificate.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> Result<Self, NetError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| NetError::Identity(format!("certificate PEM: {e}")))?;
+        if chain.is_empty() {
+            return Err(NetError::Identity("the certificate file holds no CERTIFICATE block".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| NetError::Identity(format!("private key PEM: {e}")))?;
+        let ca = CertificateDer::from_pem_slice(ca_pem).map_err(|e| NetError::Identity(format!("CA certificate PEM: {e}")))?;
+        Ok(Self { chain, key, ca })
+    }
+
+    /// From one bundle: a private key, the certificate, then the CA certificate.
+    pub fn from_bundle(pem: &[u8]) -> Result<Self, NetError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| NetError::Identity(format!("bundle: {e}")))?;
+        if certs.len() < 2 {
+            return Err(NetError::Identity(format!(
+                "the bundle holds {} certificates; it needs the client certificate and then the CA certificate",
+                certs.len()
+            )));
+        }
+        let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| NetError::Identity(format!("bundle private key: {e}")))?;
+        let ca = certs[certs.len() - 1].clone();
+        Ok(Self { chain: certs[..certs.len() - 1].to_vec(), key, ca })
+    }
+
+    /// The subject CN of this identity's certificate.
+    pub fn subject(&self) -> Result<String, NetError> {
+        subject_cn(&self.chain[0])
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, NetError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(|e| NetError::Tls(format!("CA certificate: {e}")))?;
+        Ok(roots)
+    }
+}
+
+/// The subject common name of a DER certificate.
+pub fn subject_cn(cert: &CertificateDer<'_>) -> Result<String, NetError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| NetError::Identity(format!("cannot parse the certificate: {e}")))?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| NetError::Identity("the certificate subject has no common name".into()))?;
+    Ok(cn.to_string())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(3)));
+    t.max_idle_timeout(Some(Duration::from_secs(15).try_into().expect("15 s fits a VarInt")));
+    // Models of a few MB should cross in one window.
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    Arc::new(t)
+}
+
+/// The server's QUIC configuration: its certificate, and client certificates required and
+/// checked against the CA in the handshake.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, NetError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(identity.roots()?), provider())
+        .build()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| NetError::Tls(format!("server certificate and key: {e}")))?;
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// The client's QUIC configuration: the server must present a certificate signed by the CA,
+/// and the client presents its own.
+pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, NetError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_root_certificates(identity.roots()?)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| NetError::Tls(format!("client certificate and key: {e}")))?;
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// The client id of an authenticated connection: its certificate's subject CN.
+pub fn peer_id(conn: &quinn::Connection) -> Result<String, NetError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| NetError::Identity("the peer presented no certificate".into()))?;
+    let leaf = certs.first().ok_or_else(|| NetError::Identity("the peer presented an empty chain".into()))?;
+    subject_cn(leaf)
+}
+
+/// Writes one framed message.
+pub async fn send_msg<M: Serialize>(send: &mut quinn::SendStream, msg: &M) -> Result<(), NetError> {
+    let frame = wire::encode(msg)?;
+    send.write_all(&frame).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(c) => classify(c),
+        other => NetError::Stream(other.to_string()),
+    })
+}
+
+/// Reads one framed message of at most `cap` payload bytes; the length is checked before
+/// anything is allocated.
+pub async fn recv_msg<M: DeserializeOwned>(recv: &mut quinn::RecvStream, cap: usize) -> Result<M, NetError> {
+    let mut header = [0u8; HEADER_BYTES];
+    recv.read_exact(&mut header).await.map_err(NetError::from_read)?;
+    let len = wire::payload_len(header, cap)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.map_err(NetError::from_read)?;
+    Ok(wire::decode_payload(&payload)?)
+}
