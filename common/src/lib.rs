@@ -10,6 +10,7 @@
 //!   `ParamLayout` and safetensors in and out.
 //! - [`train`]: local SGD, cross-entropy, evaluation metrics.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
+//! - [`participant`]: the client's side of a round (plan in, update out).
 //! - [`round`]: the server's round state machine and the collection seam.
 //! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi).
 //!
@@ -22,6 +23,7 @@
 
 pub mod data;
 pub mod model;
+pub mod participant;
 pub mod round;
 pub mod strategy;
 pub mod train;

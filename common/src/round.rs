@@ -52,6 +52,16 @@ pub fn select_cohort(eligible: &[ClientId], wanted: usize, rng: &mut impl Rng) -
     chosen
 }
 
+/// The seed of round `round`'s plan: clients derive their shuffling from it and their id.
+pub fn plan_seed(federation_seed: u64, round: u64) -> u64 {
+    federation_seed ^ round.rotate_left(17)
+}
+
+/// The seed of round `round`'s cohort sampling.
+pub fn cohort_seed(federation_seed: u64, round: u64) -> u64 {
+    federation_seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// A checked update, ready for a collector.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientUpdate {

@@ -139,6 +139,24 @@ impl Identity {
         subject_cn(&self.chain[0])
     }
 
+    /// Checks that the certificate was signed by the CA and is within its validity period.
+    pub fn check_signed_by_ca(&self) -> Result<(), NetError> {
+        let (_, ca) = x509_parser::parse_x509_certificate(&self.ca)
+            .map_err(|e| NetError::Identity(format!("cannot parse the CA certificate: {e}")))?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(&self.chain[0])
+            .map_err(|e| NetError::Identity(format!("cannot parse the certificate: {e}")))?;
+        leaf.verify_signature(Some(ca.public_key())).map_err(|_| {
+            NetError::Identity(format!(
+                "the certificate was not signed by the configured CA ({}); enrol with this federation's operator",
+                ca.subject()
+            ))
+        })?;
+        if !leaf.validity().is_valid() {
+            return Err(NetError::Identity(format!("the certificate is not valid now (valid {:?})", leaf.validity())));
+        }
+        Ok(())
+    }
+
     fn roots(&self) -> Result<rustls::RootCertStore, NetError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone()).map_err(|e| NetError::Tls(format!("CA certificate: {e}")))?;

@@ -1,1 +1,34 @@
+//! # cohort-server
+//!
+//! The aggregation server and the operator's CLI `cohort-server`.
+//!
+//! - [`pki`]: the operator's CA: `init` (CA + server certificate), `enroll` (sign a client's
+//!   request, or make a bundle), the state directory's file names.
+//! - [`config`]: `server.toml` and its `[federation]` table.
+//! - [`store`]: SQLite records of clients and rounds (`cohort.db`).
+//! - [`serve`]: the driver: QUIC endpoint with mutual TLS, connected clients, and the loop that
+//!   feeds `cohort_common::round` with updates, then checkpoints, evaluates and records.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cohort_server::{config::ServerConfig, pki::{self, StatePaths}, serve::{Server, ServeSetup}};
+//! let state = StatePaths::new("state");
+//! pki::init(&state, "demo", &["localhost".into()])?;
+//! let config = ServerConfig::load("server.toml".as_ref())?;
+//! let server = Server::bind(ServeSetup {
+//!     identity: pki::server_identity(&state)?,
+//!     listen: config.listen,
+//!     spec: config.spec,
+//!     test_data: config.test_data.map(|d| d.load()).transpose()?,
+//!     federation: config.federation,
+//!     state,
+//!     events: None,
+//! })?;
+//! let reports = server.run(tokio_util::sync::CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
 
+pub mod config;
+pub mod pki;
+pub mod serve;
+pub mod store;

@@ -1,1 +1,241 @@
-fn main() {}
+//! `cohort-server`: the operator's command line.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use cohort_server::config::ServerConfig;
+use cohort_server::pki::{self, StatePaths};
+use cohort_server::serve::{ServeSetup, Server};
+use cohort_server::store::Store;
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "cohort-server", version, about = "Cohort aggregation server: the operator's CA, the federation and its records")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a state directory with a CA and the server certificate.
+    Init {
+        #[arg(long)]
+        state: PathBuf,
+        /// The federation's name (the server certificate's subject).
+        #[arg(long)]
+        name: String,
+        /// Host names or IP addresses the clients dial (repeat for several).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+    /// Sign a client's certificate request, or make a key + certificate bundle.
+    Enroll {
+        #[arg(long)]
+        state: PathBuf,
+        /// The client's request, made by `cohort-client keygen`.
+        #[arg(long, requires = "out", conflicts_with_all = ["client_id", "bundle"])]
+        csr: Option<PathBuf>,
+        /// Where to write the signed certificate.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Make a key and certificate for this client id (quick starts, scenarios).
+        #[arg(long, requires = "bundle")]
+        client_id: Option<String>,
+        /// Where to write the bundle (private key, certificate, CA certificate; mode 0600).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// Refuse a client from now on.
+    Revoke {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        client_id: String,
+    },
+    /// Run the federation.
+    Serve {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Summarise the state directory.
+    Status {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// List the recorded rounds.
+    Rounds {
+        #[arg(long)]
+        state: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List enrolled clients.
+    Clients {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Write a round's global model as safetensors.
+    Export {
+        #[arg(long)]
+        state: PathBuf,
+        /// The round (default: the last completed one).
+        #[arg(long)]
+        round: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Init { state, name, sans } => {
+            let paths = StatePaths::new(&state);
+            pki::init(&paths, &name, &sans)?;
+            Store::open(&paths.database())?;
+            println!("created {} (CA, server certificate for {}, cohort.db)", state.display(), sans.join(", "));
+            println!("next: enroll clients with `cohort-server enroll --state {} --csr CLIENT.csr --out CLIENT.pem`", state.display());
+        }
+        Command::Enroll { state, csr, out, client_id, bundle } => {
+            let paths = StatePaths::new(&state);
+            let store = Store::open(&paths.database())?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            match (csr, out, client_id, bundle) {
+                (Some(csr), Some(out), None, None) => {
+                    let text = std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+                    let (id, cert) = pki::sign_csr(&paths, &text).with_context(|| format!("{}", csr.display()))?;
+                    cohort_io::files::write_atomic(&out, cert.as_bytes())?;
+                    store.enroll(&id, now)?;
+                    println!("enrolled `{id}`: certificate written to {}; give it and {} to the client", out.display(), paths.ca_cert().display());
+                }
+                (None, None, Some(id), Some(bundle)) => {
+                    let pem = pki::make_bundle(&paths, &id)?;
+                    cohort_io::files::write_secret(&bundle, pem.as_bytes())?;
+                    store.enroll(&id, now)?;
+                    println!("enrolled `{id}`: bundle (key, certificate, CA) written to {}", bundle.display());
+                }
+                _ => bail!("give either --csr FILE --out CERT, or --client-id ID --bundle FILE"),
+            }
+        }
+        Command::Revoke { state, client_id } => {
+            let store = Store::open(&StatePaths::new(&state).database())?;
+            if !store.revoke(&client_id)? {
+                bail!("no client `{client_id}` is enrolled in {}", state.display());
+            }
+            println!("revoked `{client_id}`: its next connection is refused (a running server drops it at reconnect)");
+        }
+        Command::Serve { state, config } => serve(state, config)?,
+        Command::Status { state } => {
+            let paths = StatePaths::new(&state);
+            if !paths.database().exists() {
+                bail!("{} has no cohort.db; run `cohort-server init --state {}` first", state.display(), state.display());
+            }
+            let store = Store::open(&paths.database())?;
+            let clients = store.clients()?;
+            let rounds = store.rounds()?;
+            let completed = rounds.iter().filter(|r| r.status == "completed").count();
+            println!("state:    {}", state.display());
+            println!("clients:  {} enrolled, {} revoked", clients.iter().filter(|c| !c.revoked).count(), clients.iter().filter(|c| c.revoked).count());
+            println!("rounds:   {} recorded, {completed} completed, {} aborted", rounds.len(), rounds.len() - completed);
+            if let Some(last) = rounds.iter().rev().find(|r| r.status == "completed") {
+                let acc = last.test_accuracy.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+                println!("last:     round {} ({} participants, {:.2} s, test accuracy {acc})", last.round, last.participants, last.seconds);
+            }
+        }
+        Command::Rounds { state, json } => {
+            let store = Store::open(&StatePaths::new(&state).database())?;
+            let rounds = store.rounds()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rounds)?);
+            } else {
+                println!("{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9}", "round", "status", "cohort", "updates", "seconds", "accuracy", "loss");
+                for r in rounds {
+                    let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+                    println!(
+                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9}",
+                        r.round,
+                        r.status,
+                        r.cohort,
+                        r.participants,
+                        r.seconds,
+                        f(r.test_accuracy),
+                        f(r.test_loss)
+                    );
+                }
+            }
+        }
+        Command::Clients { state } => {
+            let store = Store::open(&StatePaths::new(&state).database())?;
+            println!("{:<24} {:>8} {:>7} {:>12}", "client", "revoked", "rounds", "last seen");
+            for c in store.clients()? {
+                println!("{:<24} {:>8} {:>7} {:>12}", c.id, if c.revoked { "yes" } else { "no" }, c.rounds, c.last_seen.map_or("never".into(), |t| t.to_string()));
+            }
+        }
+        Command::Export { state, round, out } => {
+            let paths = StatePaths::new(&state);
+            let store = Store::open(&paths.database())?;
+            let rounds = store.rounds()?;
+            let row = match round {
+                Some(n) => rounds.iter().find(|r| r.round == n).with_context(|| format!("round {n} is not recorded in {}", state.display()))?,
+                None => rounds.iter().rev().find(|r| r.status == "completed").context("no completed round yet")?,
+            };
+            let Some(checkpoint) = &row.checkpoint else { bail!("round {} was aborted; it has no model", row.round) };
+            let bytes = std::fs::read(paths.dir.join(checkpoint)).with_context(|| format!("cannot read {checkpoint}"))?;
+            cohort_io::files::write_atomic(&out, &bytes)?;
+            println!("wrote the global model after round {} to {}", row.round, out.display());
+        }
+    }
+    Ok(())
+}
+
+fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
+    let config = ServerConfig::load(&config_path)?;
+    let paths = StatePaths::new(&state);
+    let identity = pki::server_identity(&paths)?;
+    let test_data = config.test_data.as_ref().map(|d| d.load()).transpose()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        let server = Server::bind(ServeSetup {
+            state: paths,
+            identity,
+            listen: config.listen,
+            spec: config.spec,
+            federation: config.federation,
+            test_data,
+            events: None,
+        })?;
+        let reports = server.run(shutdown).await?;
+        tracing::info!(rounds = reports.len(), "done");
+        anyhow::Ok(())
+    })
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: the current round is abandoned, completed rounds are saved");
+        shutdown.cancel();
+    });
+}

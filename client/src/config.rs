@@ -1,0 +1,109 @@
+//! `client.toml`: the server to dial, this client's identity, its data and device.
+
+use std::path::{Path, PathBuf};
+
+use cohort_io::files::{read_toml, DataSource, FileError};
+use cohort_io::Identity;
+use serde::Deserialize;
+
+/// The certificate and key, as separate PEM files or as one bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, untagged)]
+pub enum IdentityFiles {
+    Bundle { bundle: PathBuf },
+    Files { cert: PathBuf, key: PathBuf, ca: PathBuf },
+}
+
+impl IdentityFiles {
+    fn resolve(self, base: &Path) -> Self {
+        let j = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        match self {
+            IdentityFiles::Bundle { bundle } => IdentityFiles::Bundle { bundle: j(bundle) },
+            IdentityFiles::Files { cert, key, ca } => IdentityFiles::Files { cert: j(cert), key: j(key), ca: j(ca) },
+        }
+    }
+
+    pub fn load(&self) -> Result<Identity, FileError> {
+        let read = |p: &Path| std::fs::read(p).map_err(|source| FileError::Io { path: p.display().to_string(), source });
+        let bad = |p: &Path, e: cohort_io::NetError| FileError::Config { path: p.display().to_string(), message: e.to_string() };
+        match self {
+            IdentityFiles::Bundle { bundle } => Identity::from_bundle(&read(bundle)?).map_err(|e| bad(bundle, e)),
+            IdentityFiles::Files { cert, key, ca } => {
+                Identity::from_pem(&read(cert)?, &read(key)?, &read(ca)?).map_err(|e| bad(cert, e))
+            }
+        }
+    }
+}
+
+fn backoff_initial() -> u64 {
+    250
+}
+fn backoff_max() -> u64 {
+    10_000
+}
+fn auto() -> String {
+    "auto".into()
+}
+
+/// Reconnection after a lost connection: exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default = "backoff_initial")]
+    pub initial_ms: u64,
+    #[serde(default = "backoff_max")]
+    pub max_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { initial_ms: backoff_initial(), max_ms: backoff_max() }
+    }
+}
+
+/// `client.toml` as written by the data owner.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// The name on the server's certificate (default: the host part of `server`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    pub identity: IdentityFiles,
+    pub data: DataSource,
+    /// `auto`, `cpu` or `cuda:N`.
+    #[serde(default = "auto")]
+    pub device: String,
+    /// Where the client keeps its own state (created if missing).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub reconnect: Backoff,
+}
+
+impl ClientConfig {
+    /// Reads the file; relative paths in it are relative to the file.
+    pub fn load(path: &Path) -> Result<Self, FileError> {
+        let mut config: ClientConfig = read_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.identity = config.identity.resolve(base);
+        config.data = config.data.resolve(base);
+        config.state_dir = config.state_dir.map(|d| if d.is_relative() { base.join(d) } else { d });
+        let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
+        if config.reconnect.initial_ms == 0 || config.reconnect.max_ms < config.reconnect.initial_ms {
+            return Err(bad("reconnect: initial_ms must be > 0 and max_ms >= initial_ms".into()));
+        }
+        if !config.server.contains(':') {
+            return Err(bad(format!("server = `{}` needs a port, like `fl.example.org:4433`", config.server)));
+        }
+        Ok(config)
+    }
+
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            let host = self.server.rsplit_once(':').map_or(self.server.as_str(), |(h, _)| h);
+            host.trim_start_matches('[').trim_end_matches(']').to_string()
+        })
+    }
+}

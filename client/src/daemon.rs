@@ -1,0 +1,225 @@
+//! The client driver: dial the server, say hello, answer each round plan on its stream with
+//! an update computed by [`Participant`] on a blocking thread, reconnect with backoff and
+//! jitter when the connection is lost, and stop cleanly on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cohort_common::participant::Participant;
+use cohort_common::wire::{ClientMsg, ServerMsg, MAX_FRAME_BYTES};
+use cohort_io::{recv_msg, send_msg, Identity, NetError};
+use rand::Rng;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Backoff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("the server refused this client: {0}")]
+    Refused(String),
+    #[error("this client is not authorised: {0}")]
+    Unauthorized(String),
+}
+
+/// What a running client reports to an observer (tests, `cohort-sim`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    Connected,
+    PlanReceived { round: u64 },
+    UpdateSent { round: u64 },
+    Disconnected { reason: String },
+}
+
+/// Everything a client daemon needs, already parsed.
+pub struct ClientSetup {
+    pub identity: Identity,
+    pub server: SocketAddr,
+    pub server_name: String,
+    pub participant: Participant,
+    pub device_name: String,
+    pub backoff: Backoff,
+    /// Limits how many clients of one process train at once (simulations).
+    pub train_gate: Option<Arc<Semaphore>>,
+    pub events: Option<mpsc::UnboundedSender<ClientEvent>>,
+}
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs until `shutdown` is cancelled or the server refuses this client.
+pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
+    let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events } = setup;
+    let client_config = cohort_io::client_config(&identity)?;
+    let bind: SocketAddr = if server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(NetError::Bind)?;
+    endpoint.set_default_client_config(client_config);
+    let samples = participant.samples();
+    let participant = Arc::new(Mutex::new(participant));
+    let hello = ClientMsg::Hello { device: device_name, samples };
+    let emit = |e: ClientEvent| {
+        if let Some(tx) = &events {
+            let _ = tx.send(e);
+        }
+    };
+    let mut attempt = 0u32;
+    let result = loop {
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        let connected = tokio::select! {
+            r = connect(&endpoint, server, &server_name, &hello) => r,
+            _ = shutdown.cancelled() => break Ok(()),
+        };
+        match connected {
+            Ok(conn) => {
+                attempt = 0;
+                info!(%server, "connected");
+                emit(ClientEvent::Connected);
+                let reason = serve(&conn, &participant, &train_gate, &events, &shutdown).await;
+                emit(ClientEvent::Disconnected { reason: reason.clone() });
+                if shutdown.is_cancelled() {
+                    break Ok(());
+                }
+                warn!("connection lost ({reason}); reconnecting");
+            }
+            Err(ClientError::Net(e)) if e.is_unauthorized() => break Err(ClientError::Unauthorized(e.to_string())),
+            Err(e @ (ClientError::Refused(_) | ClientError::Unauthorized(_))) => break Err(e),
+            Err(e) => {
+                let delay = backoff_delay(&backoff, attempt, &mut rand::rng());
+                attempt = attempt.saturating_add(1);
+                info!("cannot reach the server ({e}); retrying in {:.1} s", delay.as_secs_f64());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break Ok(()),
+                }
+            }
+        }
+    };
+    endpoint.close(0u32.into(), b"client shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    result
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, initial * 2^attempt)].
+pub fn backoff_delay(b: &Backoff, attempt: u32, rng: &mut impl Rng) -> Duration {
+    let cap = b.initial_ms.saturating_mul(1u64 << attempt.min(20)).min(b.max_ms);
+    Duration::from_millis(rng.random_range(b.initial_ms.min(cap) / 2..=cap))
+}
+
+async fn connect(endpoint: &quinn::Endpoint, server: SocketAddr, server_name: &str, hello: &ClientMsg) -> Result<quinn::Connection, ClientError> {
+    let conn = endpoint.connect(server, server_name).map_err(NetError::from)?.await.map_err(cohort_io::classify)?;
+    let hello = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(cohort_io::classify)?;
+        send_msg(&mut send, hello).await?;
+        let _ = send.finish();
+        recv_msg::<ServerMsg>(&mut recv, 64 << 10).await
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+        Err(_) => Err(NetError::Stream("the server did not answer hello in time".into()).into()),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(ServerMsg::Welcome { client_id, .. })) => {
+            debug!(%client_id, "welcomed");
+            Ok(conn)
+        }
+        Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(reason)),
+        Ok(Ok(other)) => Err(NetError::Stream(format!("expected welcome, got {other:?}")).into()),
+    }
+}
+
+/// Answers the server's requests until the connection ends; returns why it ended.
+async fn serve(
+    conn: &quinn::Connection,
+    participant: &Arc<Mutex<Participant>>,
+    train_gate: &Option<Arc<Semaphore>>,
+    events: &Option<mpsc::UnboundedSender<ClientEvent>>,
+    shutdown: &CancellationToken,
+) -> String {
+    // Handlers live in this set: when the daemon stops, they stop with it.
+    let mut handlers = JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    let participant = participant.clone();
+                    let gate = train_gate.clone();
+                    let events = events.clone();
+                    handlers.spawn(async move {
+                        if let Err(e) = answer(send, recv, participant, gate, events).await {
+                            warn!("request failed: {e}");
+                        }
+                    });
+                }
+                Err(e) => return e.to_string(),
+            },
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+            _ = shutdown.cancelled() => {
+                conn.close(0u32.into(), b"client shutting down");
+                return "shutdown".into();
+            }
+        }
+    }
+}
+
+async fn answer(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    participant: Arc<Mutex<Participant>>,
+    gate: Option<Arc<Semaphore>>,
+    events: Option<mpsc::UnboundedSender<ClientEvent>>,
+) -> Result<(), NetError> {
+    let msg: ServerMsg = recv_msg(&mut recv, MAX_FRAME_BYTES).await?;
+    let ServerMsg::Plan(plan) = msg else {
+        return Err(NetError::Stream(format!("unexpected request {msg:?}")));
+    };
+    let round = plan.round;
+    if let Some(tx) = &events {
+        let _ = tx.send(ClientEvent::PlanReceived { round });
+    }
+    let _permit = match &gate {
+        Some(g) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
+        None => None,
+    };
+    let outcome = tokio::task::spawn_blocking(move || participant.lock().expect("participant lock").handle_plan(&plan))
+        .await
+        .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
+    let reply = match outcome {
+        Ok(update) => {
+            info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
+            ClientMsg::Update(update)
+        }
+        Err(e) => {
+            warn!(round, "declining the round: {e}");
+            ClientMsg::Decline { round, reason: e.to_string() }
+        }
+    };
+    send_msg(&mut send, &reply).await?;
+    let _ = send.finish();
+    if let Some(tx) = &events {
+        let _ = tx.send(ClientEvent::UpdateSent { round });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let b = Backoff { initial_ms: 100, max_ms: 1000 };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for attempt in 0..30 {
+            let d = backoff_delay(&b, attempt, &mut rng).as_millis() as u64;
+            assert!(d <= 1000 && d <= 100 << attempt.min(20), "attempt {attempt}: {d}");
+        }
+        let late: Vec<u64> = (0..20).map(|_| backoff_delay(&b, 10, &mut rng).as_millis() as u64).collect();
+        assert!(late.iter().any(|&d| d > 500), "delays reach toward the cap: {late:?}");
+        assert!(late.windows(2).any(|w| w[0] != w[1]), "delays are jittered: {late:?}");
+    }
+}

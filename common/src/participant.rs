@@ -1,0 +1,151 @@
+//! The client's side of a round, free of I/O: turn a [`RoundPlan`] into an [`Update`].
+//!
+//! A [`Participant`] owns the client's data and caches the model built from the last spec it
+//! saw. [`Participant::handle_plan`] checks the plan (parse, don't validate: the spec is
+//! parsed, the training config checked, the parameters sized), loads the global parameters,
+//! trains locally and returns `local - global`. It blocks for the length of the training:
+//! drivers call it on a blocking thread.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::data::Dataset;
+use crate::model::{Model, ModelError, ModelSpec};
+use crate::train::{self, DeviceData, TrainError};
+use crate::wire::{RoundPlan, TensorBytes, Update, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    /// The server sent a plan that cannot be followed.
+    #[error("the round plan is invalid: {0}")]
+    BadPlan(String),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl From<WireError> for ParticipantError {
+    fn from(e: WireError) -> Self {
+        ParticipantError::BadPlan(e.to_string())
+    }
+}
+
+struct Local {
+    spec_toml: String,
+    model: Model,
+    data: DeviceData,
+}
+
+/// One client's training state.
+pub struct Participant {
+    id: String,
+    data: Arc<Dataset>,
+    device: Device,
+    local: Option<Local>,
+}
+
+impl Participant {
+    pub fn new(id: impl Into<String>, data: Arc<Dataset>, device: Device) -> Self {
+        Self { id: id.into(), data, device, local: None }
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The model of the last plan, if any.
+    pub fn model(&self) -> Option<&Model> {
+        self.local.as_ref().map(|l| &l.model)
+    }
+
+    /// Trains on the plan and returns the update.
+    pub fn handle_plan(&mut self, plan: &RoundPlan) -> Result<Update, ParticipantError> {
+        let started = Instant::now();
+        plan.train.check().map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+        let seed = plan.seed ^ fnv1a(self.id.as_bytes());
+        let samples = self.data.len() as u64;
+        let local = self.local_for(&plan.model_spec)?;
+        let global = plan.params.to_f32()?;
+        let expected = local.model.layout().total_len();
+        if global.len() != expected {
+            return Err(ParticipantError::BadPlan(format!("{} parameters sent, the model has {expected}", global.len())));
+        }
+        if global.iter().any(|v| !v.is_finite()) {
+            return Err(ParticipantError::BadPlan("the global parameters contain non-finite values".into()));
+        }
+        local.model.set_flat(&global)?;
+        let stats = train::train(&local.model, 0, &local.data, &plan.train, seed)?;
+        let trained = local.model.flat()?;
+        let delta: Vec<f32> = trained.iter().zip(&global).map(|(l, g)| l - g).collect();
+        Ok(Update {
+            round: plan.round,
+            samples,
+            delta: TensorBytes::from_f32(&delta),
+            train_loss: stats.mean_loss,
+            train_seconds: started.elapsed().as_secs_f32(),
+        })
+    }
+
+    fn local_for(&mut self, spec_toml: &str) -> Result<&mut Local, ParticipantError> {
+        let stale = self.local.as_ref().is_none_or(|l| l.spec_toml != spec_toml);
+        if stale {
+            let spec = ModelSpec::from_toml(spec_toml).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+            let model = Model::new(&spec, &self.device, 0)?;
+            let data = DeviceData::new(&self.data, &model)?;
+            self.local = Some(Local { spec_toml: spec_toml.to_string(), model, data });
+        }
+        Ok(self.local.as_mut().expect("just set"))
+    }
+}
+
+/// FNV-1a: a stable, dependency-free hash to derive per-client seeds.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::TrainConfig;
+
+    fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
+        RoundPlan {
+            round: 3,
+            model_spec: spec.into(),
+            params: TensorBytes::from_f32(&params),
+            train: TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
+            seed: 1,
+            deadline_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn trains_and_returns_the_delta() {
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
+        let data = Dataset::new(vec![1.0, 0.0, 0.0, 1.0], vec![2], vec![0, 1], 2).unwrap();
+        let mut p = Participant::new("c1", Arc::new(data), Device::Cpu);
+        let update = p.handle_plan(&plan(spec_toml, vec![0.0; 6])).unwrap();
+        assert_eq!(update.round, 3);
+        assert_eq!(update.samples, 2);
+        let delta = update.delta.to_f32().unwrap();
+        assert_eq!(delta.len(), 6);
+        assert!(delta.iter().any(|d| *d != 0.0));
+        let trained = p.model().unwrap().flat().unwrap();
+        assert_eq!(trained, delta, "from a zero model the delta is the trained model");
+    }
+
+    #[test]
+    fn refuses_bad_plans() {
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
+        let data = Dataset::new(vec![1.0, 0.0], vec![2], vec![0], 2).unwrap();
+        let mut p = Participant::new("c1", Arc::new(data), Device::Cpu);
+        assert!(matches!(p.handle_plan(&plan(spec_toml, vec![0.0; 5])), Err(ParticipantError::BadPlan(_))));
+        assert!(matches!(p.handle_plan(&plan(spec_toml, vec![f32::NAN; 6])), Err(ParticipantError::BadPlan(_))));
+        assert!(matches!(p.handle_plan(&plan("nonsense", vec![0.0; 6])), Err(ParticipantError::BadPlan(_))));
+        let wrong_shape = "name='t'\ninput_shape=[3]\n[[heads]]\nname='y'\nclasses=2";
+        assert!(p.handle_plan(&plan(wrong_shape, vec![0.0; 8])).is_err());
+    }
+}

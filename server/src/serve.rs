@@ -1,0 +1,447 @@
+//! The server driver: a QUIC endpoint, the registry of connected clients, and the loop that
+//! feeds each round's state machine ([`cohort_common::round::Round`]) with what arrives.
+//! Everything the round decides lives in `cohort-common`; this module moves bytes, keeps time,
+//! writes checkpoints and records rounds.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::Device;
+use cohort_common::data::Dataset;
+use cohort_common::model::{Model, ModelSpec};
+use cohort_common::round::{cohort_seed, plan_seed, select_cohort, ClientId, Collector, PlainCollector, Poll, Round, RoundError};
+use cohort_common::train::{evaluate, DeviceData, Metrics};
+use cohort_common::wire::{self, ClientMsg, RoundPlan, ServerMsg, TensorBytes};
+use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
+use rand::SeedableRng;
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Collection, Federation};
+use crate::pki::StatePaths;
+use crate::store::{RoundRow, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Files(#[from] files::FileError),
+    #[error("model: {0}")]
+    Model(#[from] cohort_common::model::ModelError),
+    #[error("evaluation: {0}")]
+    Train(#[from] cohort_common::train::TrainError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("only {connected} clients connected within {waited:.0} s, {needed} are needed; start more clients or lower federation.min_clients / start_after_clients")]
+    NotEnoughClients { connected: usize, needed: usize, waited: f64 },
+    #[error("checkpoint {path}: {problem}")]
+    Checkpoint { path: String, problem: String },
+}
+
+/// What one round did; sent to observers and returned at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u64,
+    pub completed: bool,
+    pub cohort: usize,
+    pub participants: usize,
+    pub dropped: Vec<(ClientId, String)>,
+    pub seconds: f64,
+    pub train_loss: Option<f64>,
+    pub test: Option<Metrics>,
+    pub note: String,
+}
+
+/// Everything `serve` needs, already parsed.
+pub struct ServeSetup {
+    pub state: StatePaths,
+    pub identity: Identity,
+    pub listen: SocketAddr,
+    pub spec: ModelSpec,
+    pub federation: Federation,
+    pub test_data: Option<Dataset>,
+    /// Receives a report after every round.
+    pub events: Option<mpsc::UnboundedSender<RoundReport>>,
+}
+
+struct Connected {
+    conn: quinn::Connection,
+}
+
+/// Connected, authenticated clients.
+#[derive(Default)]
+struct Registry {
+    clients: Mutex<HashMap<ClientId, Connected>>,
+    changed: Notify,
+}
+
+impl Registry {
+    fn ids(&self) -> Vec<ClientId> {
+        self.clients.lock().expect("registry lock").keys().cloned().collect()
+    }
+    fn len(&self) -> usize {
+        self.clients.lock().expect("registry lock").len()
+    }
+    fn connection(&self, id: &str) -> Option<quinn::Connection> {
+        self.clients.lock().expect("registry lock").get(id).map(|c| c.conn.clone())
+    }
+    fn insert(&self, id: ClientId, client: Connected) {
+        if let Some(old) = self.clients.lock().expect("registry lock").insert(id, client) {
+            old.conn.close(2u32.into(), b"replaced by a newer connection");
+        }
+        self.changed.notify_waiters();
+    }
+    fn remove(&self, id: &str, stable_id: usize) {
+        let mut clients = self.clients.lock().expect("registry lock");
+        if clients.get(id).is_some_and(|c| c.conn.stable_id() == stable_id) {
+            clients.remove(id);
+        }
+    }
+
+    /// Waits until `n` clients are connected; returns how many are.
+    async fn wait_for(&self, n: usize, timeout: Duration, shutdown: &CancellationToken) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let have = self.len();
+            if have >= n {
+                return have;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return self.len(),
+                _ = shutdown.cancelled() => return self.len(),
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A bound server, ready to run its rounds.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    setup: ServeSetup,
+    store: Arc<Mutex<Store>>,
+    registry: Arc<Registry>,
+}
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Cap on the messages of a connection's first exchange.
+const HELLO_CAP: usize = 64 << 10;
+
+impl Server {
+    /// Binds the QUIC endpoint (call inside a tokio runtime).
+    pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
+        setup.federation.check().map_err(ServeError::Config)?;
+        let store = Store::open(&setup.state.database())?;
+        let endpoint = quinn::Endpoint::server(cohort_io::server_config(&setup.identity)?, setup.listen).map_err(NetError::Bind)?;
+        Ok(Self { endpoint, setup, store: Arc::new(Mutex::new(store)), registry: Arc::default() })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("a bound endpoint has an address")
+    }
+
+    /// Accepts clients and runs the configured rounds; returns their reports. Stops early,
+    /// cleanly, when `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
+        let accept_stop = shutdown.child_token();
+        let acceptor = tokio::spawn(accept_loop(self.endpoint.clone(), self.registry.clone(), self.store.clone(), accept_stop.clone()));
+        let result = self.run_rounds(&shutdown).await;
+        accept_stop.cancel();
+        let _ = acceptor.await;
+        self.endpoint.close(0u32.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        result
+    }
+
+    async fn run_rounds(&self, shutdown: &CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
+        let fed = &self.setup.federation;
+        let model = Arc::new(Model::new(&self.setup.spec, &Device::Cpu, fed.seed)?);
+        let param_len = model.layout().total_len();
+        let mut strategy = fed.strategy.build(param_len).map_err(|e| ServeError::Config(e.to_string()))?;
+        let (last_round, done) = self.store.lock().expect("store lock").resume_point()?;
+        if let Some((round, checkpoint)) = &done {
+            let path = self.setup.state.dir.join(checkpoint);
+            let bytes = std::fs::read(&path)
+                .map_err(|e| ServeError::Checkpoint { path: path.display().to_string(), problem: e.to_string() })?;
+            model
+                .load_safetensors(&bytes)
+                .map_err(|e| ServeError::Checkpoint { path: path.display().to_string(), problem: e.to_string() })?;
+            info!(round, checkpoint = %path.display(), "resuming from the last completed round");
+        }
+        let test_data = match &self.setup.test_data {
+            Some(d) => Some(Arc::new(DeviceData::new(d, &model)?)),
+            None => None,
+        };
+        let mut global = model.flat()?;
+        let spec_toml = self.setup.spec.to_toml();
+        let mut reports = Vec::new();
+        if last_round >= fed.rounds {
+            info!(rounds = fed.rounds, "every configured round is already recorded; nothing to do");
+            return Ok(reports);
+        }
+        let collection = match fed.collection {
+            Collection::Plain => PlainCollector::new(0).describe(),
+        };
+        info!(addr = %self.local_addr(), model = %self.setup.spec.name, params = param_len, collection, "serving");
+
+        let first_wait = fed.start_after_clients.unwrap_or(fed.min_clients).max(fed.min_clients);
+        let timeout = Duration::from_secs_f64(fed.wait_for_clients_secs);
+        let have = self.registry.wait_for(first_wait, timeout, shutdown).await;
+        if shutdown.is_cancelled() {
+            return Ok(reports);
+        }
+        if have < first_wait {
+            return Err(ServeError::NotEnoughClients { connected: have, needed: first_wait, waited: fed.wait_for_clients_secs });
+        }
+
+        for round_no in last_round + 1..=fed.rounds {
+            let have = self.registry.wait_for(fed.min_clients, timeout, shutdown).await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if have < fed.min_clients {
+                return Err(ServeError::NotEnoughClients { connected: have, needed: fed.min_clients, waited: fed.wait_for_clients_secs });
+            }
+            let started = Instant::now();
+            let started_at = unix_now();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(fed.seed, round_no));
+            let cohort = select_cohort(&self.registry.ids(), fed.clients_per_round, &mut rng);
+            let plan = ServerMsg::Plan(RoundPlan {
+                round: round_no,
+                model_spec: spec_toml.clone(),
+                params: TensorBytes::from_f32(&global),
+                train: fed.train.clone(),
+                seed: plan_seed(fed.seed, round_no),
+                deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
+            });
+            let frame = Arc::new(wire::encode(&plan).map_err(NetError::from)?);
+            let collector: Box<dyn Collector> = Box::new(PlainCollector::new(param_len));
+            let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
+            let mut round = Round::new(round_no, cohort.clone(), started, timeout, param_len, fed.min_clients, collector);
+            debug!(round = round_no, cohort = ?cohort, "round starts");
+
+            // Each member gets the plan on a new stream and answers on it.
+            let update_cap = param_len * 4 + (1 << 20);
+            let deadline = tokio::time::Instant::from_std(round.deadline());
+            let (tx, mut rx) = mpsc::channel::<(ClientId, Result<ClientMsg, NetError>)>(cohort.len().max(1));
+            let mut asks = JoinSet::new();
+            for id in &cohort {
+                let Some(conn) = self.registry.connection(id) else {
+                    round.handle_dropout(id, "disconnected before the round started");
+                    continue;
+                };
+                let (frame, tx, id) = (frame.clone(), tx.clone(), id.clone());
+                asks.spawn(async move {
+                    let answer = tokio::time::timeout_at(deadline, ask(&conn, &frame, update_cap))
+                        .await
+                        .unwrap_or_else(|_| Err(NetError::Stream("missed the round deadline".into())));
+                    let _ = tx.send((id, answer)).await;
+                });
+            }
+            drop(tx);
+            let mut interrupted = false;
+            while let Poll::Collecting { until } = round.poll(Instant::now()) {
+                tokio::select! {
+                    answer = rx.recv() => match answer {
+                        Some((id, Ok(ClientMsg::Update(update)))) => {
+                            if let Err(e) = round.handle_update(&id, update) {
+                                warn!(round = round_no, "{e}");
+                            }
+                        }
+                        Some((id, Ok(ClientMsg::Decline { reason, .. }))) => round.handle_dropout(&id, format!("declined: {reason}")),
+                        Some((id, Ok(other))) => {
+                            warn!(round = round_no, client = %id, "protocol violation: expected an update, got {other:?}");
+                            round.handle_dropout(&id, "protocol violation");
+                        }
+                        Some((id, Err(e))) => {
+                            info!(round = round_no, client = %id, "dropped: {e}");
+                            round.handle_dropout(&id, e.to_string());
+                        }
+                        None => tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await,
+                    },
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
+                    _ = shutdown.cancelled() => { interrupted = true; break; }
+                }
+            }
+            asks.abort_all();
+            if interrupted {
+                info!(round = round_no, "shutdown requested: the round is abandoned and not recorded; it reruns after a restart");
+                break;
+            }
+
+            let cohort_size = cohort.len();
+            let report = match round.finish() {
+                Ok(outcome) => {
+                    strategy.apply(&mut global, &outcome.aggregate.mean_delta).map_err(|e| ServeError::Config(e.to_string()))?;
+                    model.set_flat(&global)?;
+                    let relative = format!("checkpoints/round-{round_no:06}.safetensors");
+                    files::write_atomic(&self.setup.state.checkpoint(round_no), &model.to_safetensors()?)?;
+                    let test = match &test_data {
+                        Some(data) => {
+                            let (model, data) = (model.clone(), data.clone());
+                            let metrics = tokio::task::spawn_blocking(move || evaluate(&model, 0, &data, 1000))
+                                .await
+                                .map_err(|e| ServeError::Config(format!("evaluation task failed: {e}")))??;
+                            Some(metrics)
+                        }
+                        None => None,
+                    };
+                    let report = RoundReport {
+                        round: round_no,
+                        completed: true,
+                        cohort: cohort_size,
+                        participants: outcome.reported.len(),
+                        dropped: outcome.dropped,
+                        seconds: started.elapsed().as_secs_f64(),
+                        train_loss: Some(outcome.mean_train_loss as f64),
+                        test,
+                        note: String::new(),
+                    };
+                    self.record(&report, started_at, Some(relative), &outcome.reported)?;
+                    report
+                }
+                Err(e @ RoundError::TooFew { .. }) | Err(e @ RoundError::Peer { .. }) => {
+                    warn!(round = round_no, "round aborted: {e}");
+                    let report = RoundReport {
+                        round: round_no,
+                        completed: false,
+                        cohort: cohort_size,
+                        participants: 0,
+                        dropped: Vec::new(),
+                        seconds: started.elapsed().as_secs_f64(),
+                        train_loss: None,
+                        test: None,
+                        note: e.to_string(),
+                    };
+                    self.record(&report, started_at, None, &[])?;
+                    report
+                }
+            };
+            match &report.test {
+                Some(m) => info!(
+                    round = round_no,
+                    participants = report.participants,
+                    seconds = format!("{:.3}", report.seconds),
+                    accuracy = format!("{:.4}", m.accuracy),
+                    loss = format!("{:.4}", m.loss),
+                    "round complete"
+                ),
+                None => info!(round = round_no, completed = report.completed, participants = report.participants, "round finished"),
+            }
+            if let Some(events) = &self.setup.events {
+                let _ = events.send(report.clone());
+            }
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    fn record(&self, r: &RoundReport, started_at: i64, checkpoint: Option<String>, participants: &[ClientId]) -> Result<(), ServeError> {
+        let row = RoundRow {
+            round: r.round,
+            started_at,
+            seconds: r.seconds,
+            status: if r.completed { "completed" } else { "aborted" }.into(),
+            cohort: r.cohort,
+            participants: r.participants,
+            dropped: r.dropped.len(),
+            train_loss: r.train_loss,
+            test_accuracy: r.test.as_ref().map(|m| m.accuracy),
+            test_loss: r.test.as_ref().map(|m| m.loss),
+            balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
+            macro_f1: r.test.as_ref().map(|m| m.macro_f1),
+            checkpoint,
+            note: r.note.clone(),
+        };
+        self.store.lock().expect("store lock").record_round(&row, participants)?;
+        Ok(())
+    }
+}
+
+/// Sends the plan on a new stream and waits for the answer.
+async fn ask(conn: &quinn::Connection, frame: &[u8], cap: usize) -> Result<ClientMsg, NetError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(cohort_io::classify)?;
+    send.write_all(frame).await.map_err(|e| NetError::Stream(e.to_string()))?;
+    let _ = send.finish();
+    recv_msg(&mut recv, cap).await
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, registry: Arc<Registry>, store: Arc<Mutex<Store>>, stop: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let (registry, store, stop) = (registry.clone(), store.clone(), stop.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        r = serve_connection(incoming, registry, store) => if let Err(e) = r { info!("connection refused or lost: {e}") },
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    tasks.abort_all();
+}
+
+/// Authenticates a connection (the TLS handshake already checked the certificate against the
+/// CA), exchanges hello/welcome, and keeps the client registered while it stays connected.
+async fn serve_connection(incoming: quinn::Incoming, registry: Arc<Registry>, store: Arc<Mutex<Store>>) -> Result<(), NetError> {
+    let remote = incoming.remote_address();
+    let conn = incoming.await.map_err(|e| {
+        debug!(%remote, "handshake failed: {e}");
+        NetError::Connection(e)
+    })?;
+    let id = peer_id(&conn)?;
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| NetError::Stream(format!("client `{id}` did not say hello within {HELLO_TIMEOUT:?}")))?
+        .map_err(NetError::Connection)?;
+    let hello: ClientMsg = tokio::time::timeout(HELLO_TIMEOUT, recv_msg(&mut recv, HELLO_CAP))
+        .await
+        .map_err(|_| NetError::Stream(format!("client `{id}` did not finish its hello in time")))??;
+    let ClientMsg::Hello { device, samples } = hello else {
+        conn.close(1u32.into(), b"expected hello");
+        return Err(NetError::Stream(format!("client `{id}` did not start with hello")));
+    };
+    let revoked = {
+        let store = store.lock().expect("store lock");
+        let revoked = store.is_revoked(&id).unwrap_or(true);
+        if !revoked {
+            let _ = store.client_seen(&id, unix_now());
+        }
+        revoked
+    };
+    if revoked {
+        send_msg(&mut send, &ServerMsg::Refused { reason: format!("client `{id}` is revoked; ask the operator to enroll it again") }).await?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(3u32.into(), b"revoked");
+        return Err(NetError::Unauthorized(format!("client `{id}` is revoked")));
+    }
+    send_msg(&mut send, &ServerMsg::Welcome { client_id: id.clone(), server_name: "cohort".into() }).await?;
+    let _ = send.finish();
+    info!(client = %id, %remote, %device, samples, "client connected");
+    registry.insert(id.clone(), Connected { conn: conn.clone() });
+    let reason = conn.closed().await;
+    registry.remove(&id, conn.stable_id());
+    info!(client = %id, "client disconnected: {reason}");
+    Ok(())
+}

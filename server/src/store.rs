@@ -1,0 +1,267 @@
+//! The server's records in SQLite (`cohort.db`): enrolled and revoked clients, and one row per
+//! round with its metrics and checkpoint.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite { path: String, source: rusqlite::Error },
+}
+
+pub struct Store {
+    conn: Connection,
+    path: String,
+}
+
+/// One enrolled client.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientRow {
+    pub id: String,
+    pub enrolled_at: i64,
+    pub revoked: bool,
+    pub last_seen: Option<i64>,
+    pub rounds: i64,
+}
+
+/// One round, completed or aborted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub started_at: i64,
+    pub seconds: f64,
+    /// `completed` or `aborted`.
+    pub status: String,
+    pub cohort: usize,
+    pub participants: usize,
+    pub dropped: usize,
+    pub train_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub balanced_accuracy: Option<f64>,
+    pub macro_f1: Option<f64>,
+    pub checkpoint: Option<String>,
+    pub note: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS clients (
+    id TEXT PRIMARY KEY,
+    enrolled_at INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    last_seen INTEGER,
+    rounds INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    started_at INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    status TEXT NOT NULL,
+    cohort INTEGER NOT NULL,
+    participants INTEGER NOT NULL,
+    dropped INTEGER NOT NULL,
+    train_loss REAL,
+    test_accuracy REAL,
+    test_loss REAL,
+    balanced_accuracy REAL,
+    macro_f1 REAL,
+    checkpoint TEXT,
+    note TEXT NOT NULL DEFAULT ''
+);
+";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let p = path.display().to_string();
+        let wrap = |source| StoreError::Sqlite { path: p.clone(), source };
+        let conn = Connection::open(path).map_err(wrap)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        Ok(Self { conn, path: p })
+    }
+
+    fn wrap(&self) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// Records an enrolment (again: clears a revocation).
+    pub fn enroll(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO clients (id, enrolled_at) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET enrolled_at = ?2, revoked = 0",
+                params![id, now],
+            )
+            .map_err(self.wrap())?;
+        Ok(())
+    }
+
+    /// Marks a client revoked; false when no such client is enrolled.
+    pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.conn.execute("UPDATE clients SET revoked = 1 WHERE id = ?1", params![id]).map_err(self.wrap())?;
+        Ok(n > 0)
+    }
+
+    pub fn is_revoked(&self, id: &str) -> Result<bool, StoreError> {
+        let r: Option<i64> = self
+            .conn
+            .query_row("SELECT revoked FROM clients WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()
+            .map_err(self.wrap())?;
+        Ok(r == Some(1))
+    }
+
+    /// Notes that a client connected (enrolling it if the CA signed it elsewhere).
+    pub fn client_seen(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO clients (id, enrolled_at, last_seen) VALUES (?1, ?2, ?2)
+                 ON CONFLICT(id) DO UPDATE SET last_seen = ?2",
+                params![id, now],
+            )
+            .map_err(self.wrap())?;
+        Ok(())
+    }
+
+    pub fn clients(&self) -> Result<Vec<ClientRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, enrolled_at, revoked, last_seen, rounds FROM clients ORDER BY id")
+            .map_err(self.wrap())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ClientRow { id: r.get(0)?, enrolled_at: r.get(1)?, revoked: r.get::<_, i64>(2)? == 1, last_seen: r.get(3)?, rounds: r.get(4)? })
+            })
+            .map_err(self.wrap())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.wrap())?;
+        Ok(rows)
+    }
+
+    /// Records a round and credits its participants, in one transaction.
+    pub fn record_round(&mut self, row: &RoundRow, participants: &[String]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(wrap)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO rounds (round, started_at, seconds, status, cohort, participants, dropped, train_loss,
+                test_accuracy, test_loss, balanced_accuracy, macro_f1, checkpoint, note)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                row.round as i64,
+                row.started_at,
+                row.seconds,
+                row.status,
+                row.cohort as i64,
+                row.participants as i64,
+                row.dropped as i64,
+                row.train_loss,
+                row.test_accuracy,
+                row.test_loss,
+                row.balanced_accuracy,
+                row.macro_f1,
+                row.checkpoint,
+                row.note
+            ],
+        )
+        .map_err(wrap)?;
+        for p in participants {
+            tx.execute("UPDATE clients SET rounds = rounds + 1 WHERE id = ?1", params![p]).map_err(wrap)?;
+        }
+        tx.commit().map_err(wrap)?;
+        Ok(())
+    }
+
+    pub fn rounds(&self) -> Result<Vec<RoundRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT round, started_at, seconds, status, cohort, participants, dropped, train_loss, test_accuracy,
+                        test_loss, balanced_accuracy, macro_f1, checkpoint, note FROM rounds ORDER BY round",
+            )
+            .map_err(self.wrap())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RoundRow {
+                    round: r.get::<_, i64>(0)? as u64,
+                    started_at: r.get(1)?,
+                    seconds: r.get(2)?,
+                    status: r.get(3)?,
+                    cohort: r.get::<_, i64>(4)? as usize,
+                    participants: r.get::<_, i64>(5)? as usize,
+                    dropped: r.get::<_, i64>(6)? as usize,
+                    train_loss: r.get(7)?,
+                    test_accuracy: r.get(8)?,
+                    test_loss: r.get(9)?,
+                    balanced_accuracy: r.get(10)?,
+                    macro_f1: r.get(11)?,
+                    checkpoint: r.get(12)?,
+                    note: r.get(13)?,
+                })
+            })
+            .map_err(self.wrap())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.wrap())?;
+        Ok(rows)
+    }
+
+    /// The last round number recorded (completed or aborted) and the last completed round
+    /// with its checkpoint.
+    pub fn resume_point(&self) -> Result<(u64, Option<(u64, String)>), StoreError> {
+        let last: Option<i64> = self.conn.query_row("SELECT MAX(round) FROM rounds", [], |r| r.get(0)).map_err(self.wrap())?;
+        let done: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT round, checkpoint FROM rounds WHERE status = 'completed' AND checkpoint IS NOT NULL ORDER BY round DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.wrap())?;
+        Ok((last.unwrap_or(0) as u64, done.map(|(r, c)| (r as u64, c))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_and_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("cohort.db")).unwrap();
+        store.enroll("a", 1).unwrap();
+        store.client_seen("b", 2).unwrap();
+        assert!(store.revoke("a").unwrap());
+        assert!(!store.revoke("zz").unwrap());
+        assert!(store.is_revoked("a").unwrap());
+        assert!(!store.is_revoked("b").unwrap());
+        let mut row = RoundRow {
+            round: 1,
+            started_at: 3,
+            seconds: 0.5,
+            status: "completed".into(),
+            cohort: 2,
+            participants: 1,
+            dropped: 1,
+            train_loss: Some(0.3),
+            test_accuracy: Some(0.9),
+            test_loss: Some(0.2),
+            balanced_accuracy: None,
+            macro_f1: None,
+            checkpoint: Some("checkpoints/round-000001.safetensors".into()),
+            note: String::new(),
+        };
+        store.record_round(&row, &["b".into()]).unwrap();
+        row.round = 2;
+        row.status = "aborted".into();
+        row.checkpoint = None;
+        store.record_round(&row, &[]).unwrap();
+        assert_eq!(store.rounds().unwrap().len(), 2);
+        assert_eq!(store.resume_point().unwrap(), (2, Some((1, "checkpoints/round-000001.safetensors".into()))));
+        assert_eq!(store.clients().unwrap()[1].rounds, 1);
+    }
+}

@@ -1,0 +1,205 @@
+//! Real QUIC with mutual TLS on 127.0.0.1: enrolment, a full round checked against an
+//! independent computation, refusal of strangers, a client killed mid-round, a hung client
+//! held to the deadline, and a client that reconnects after the server restarts.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use cohort::client::daemon::{ClientError, ClientEvent};
+use cohort::common::model::{flat_from_safetensors, Model};
+use cohort::common::participant::Participant;
+use cohort::common::round::plan_seed;
+use cohort::common::wire::{self, ClientMsg, RoundPlan, ServerMsg, TensorBytes};
+use cohort::io::{client_config, recv_msg, send_msg, Identity};
+use cohort::server::store::Store;
+use support::*;
+
+fn localhost() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
+    let ca = Ca::new();
+    let fed = federation(1, 3, 3);
+    let mut server = start_server(&ca, localhost(), fed.clone(), Some(dataset(200, 99)));
+    let sizes = [(1, 30), (2, 60), (3, 90)];
+    let clients: Vec<RunningClient> =
+        sizes.iter().map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i))).collect();
+
+    let report = next_report(&mut server, 60).await;
+    assert!(report.completed, "{report:?}");
+    assert_eq!(report.participants, 3);
+    assert!(report.test.as_ref().unwrap().examples == 200);
+
+    // The same round, computed here without the network.
+    let initial = Model::new(&spec(), &Device::Cpu, fed.seed).unwrap().flat().unwrap();
+    let plan = RoundPlan {
+        round: 1,
+        model_spec: spec().to_toml(),
+        params: TensorBytes::from_f32(&initial),
+        train: fed.train.clone(),
+        seed: plan_seed(fed.seed, 1),
+        deadline_ms: 1000,
+    };
+    let mut expected = vec![0f64; initial.len()];
+    let total: f64 = sizes.iter().map(|&(_, n)| n as f64).sum();
+    for &(i, n) in &sizes {
+        let mut p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
+        let delta = p.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
+        for (e, (g, d)) in expected.iter_mut().zip(initial.iter().zip(&delta)) {
+            *e += (n as f64 / total) * (*g + *d) as f64;
+        }
+    }
+    let checkpoint = std::fs::read(ca.state.checkpoint(1)).unwrap();
+    let model = Model::new(&spec(), &Device::Cpu, 0).unwrap();
+    let global = flat_from_safetensors(model.layout(), &checkpoint).unwrap();
+    let worst = global.iter().zip(&expected).map(|(g, e)| (*g as f64 - e).abs()).fold(0f64, f64::max);
+    assert!(worst < 1e-5, "global model differs from the weighted average by {worst}");
+    assert!(initial.iter().zip(&global).any(|(a, b)| a != b), "the model moved");
+
+    // The exported tensors carry the spec's names and shapes.
+    let st = safetensors::SafeTensors::deserialize(&checkpoint).unwrap();
+    for entry in model.layout().entries() {
+        assert_eq!(st.tensor(&entry.name).unwrap().shape(), entry.shape.as_slice());
+    }
+
+    let store = Store::open(&ca.state.database()).unwrap();
+    let rounds = store.rounds().unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0].participants, 3);
+    assert_eq!(store.clients().unwrap().iter().map(|c| c.rounds).sum::<i64>(), 3);
+
+    server.task.await.unwrap().unwrap();
+    for c in clients {
+        c.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_signed_by_another_ca_is_refused_and_the_federation_goes_on() {
+    let ca = Ca::new();
+    let stranger_ca = Ca::new();
+    let mut server = start_server(&ca, localhost(), federation(1, 1, 1), None);
+
+    let stranger = start_client(stranger_ca.client("stranger"), server.addr, dataset(20, 7));
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stranger.task).await.expect("the stranger gave up in time").unwrap();
+    match outcome {
+        Err(ClientError::Unauthorized(why)) => assert!(why.contains("refused"), "{why}"),
+        other => panic!("expected an authorisation error, got {other:?}"),
+    }
+
+    // A raw peer with a good certificate that sends an oversized frame is dropped alone.
+    let rogue = raw_connect(ca.client("rogue"), server.addr).await;
+    let (mut send, _recv) = rogue.open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let _ = send.finish();
+
+    let honest = start_client(ca.client("honest"), server.addr, dataset(20, 8));
+    let report = next_report(&mut server, 30).await;
+    assert!(report.completed);
+    assert_eq!(report.participants, 1);
+    let store = Store::open(&ca.state.database()).unwrap();
+    let ids: Vec<String> = store.clients().unwrap().into_iter().map(|c| c.id).collect();
+    assert!(!ids.contains(&"stranger".to_string()), "{ids:?}");
+    assert!(!ids.contains(&"rogue".to_string()), "{ids:?}");
+    honest.stop().await;
+}
+
+/// Connects with `identity` and completes the hello exchange, as a client would.
+async fn raw_connect(identity: Identity, addr: std::net::SocketAddr) -> quinn::Connection {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(&identity).unwrap());
+    endpoint.connect(addr, "localhost").unwrap().await.unwrap()
+}
+
+async fn hello(conn: &quinn::Connection) -> ServerMsg {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send_msg(&mut send, &ClientMsg::Hello { device: "cpu".into(), samples: 10 }).await.unwrap();
+    let _ = send.finish();
+    recv_msg(&mut recv, 1 << 16).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_client_and_a_hung_client_are_left_out_and_the_others_go_on() {
+    let ca = Ca::new();
+    let mut fed = federation(2, 4, 2);
+    fed.round_timeout_secs = 3.0;
+    let mut server = start_server(&ca, localhost(), fed, None);
+    let steady: Vec<RunningClient> = (0..2).map(|i| start_client(ca.client(&format!("steady-{i}")), server.addr, dataset(40, i))).collect();
+    // The victim has enough data that it is still training when it is killed.
+    let mut victim = start_client(ca.client("victim"), server.addr, dataset(20_000, 5));
+    // The hung client says hello, takes the plan and never answers.
+    let hung = raw_connect(ca.client("hung"), server.addr).await;
+    assert!(matches!(hello(&hung).await, ServerMsg::Welcome { .. }));
+    let hung_task = tokio::spawn(async move {
+        let (_send, mut recv) = hung.accept_bi().await.unwrap();
+        let plan: ServerMsg = recv_msg(&mut recv, wire::MAX_FRAME_BYTES).await.unwrap();
+        assert!(matches!(plan, ServerMsg::Plan(_)));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(hung);
+    });
+
+    victim.wait_for(30, |e| matches!(e, ClientEvent::PlanReceived { round: 1 })).await;
+    victim.task.abort();
+
+    let first = next_report(&mut server, 30).await;
+    assert!(first.completed, "{first:?}");
+    assert_eq!(first.participants, 2);
+    let dropped: Vec<&str> = first.dropped.iter().map(|(c, _)| c.as_str()).collect();
+    assert!(dropped.contains(&"victim") && dropped.contains(&"hung"), "{:?}", first.dropped);
+    let hung_reason = &first.dropped.iter().find(|(c, _)| c == "hung").unwrap().1;
+    assert!(hung_reason.contains("deadline"), "{hung_reason}");
+    assert!(first.seconds < 3.0 + 2.0, "the deadline held: {}", first.seconds);
+
+    let second = next_report(&mut server, 30).await;
+    assert!(second.completed);
+    assert!(second.participants >= 2, "{second:?}");
+    hung_task.abort();
+    for c in steady {
+        c.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnects_after_the_server_restarts() {
+    let ca = Ca::new();
+    let mut first = start_server(&ca, localhost(), federation(1, 1, 1), None);
+    let addr = first.addr;
+    let mut client = start_client(ca.client("steadfast"), addr, dataset(30, 3));
+    client.wait_for(20, |e| *e == ClientEvent::Connected).await;
+    assert!(next_report(&mut first, 30).await.completed);
+    first.task.await.unwrap().unwrap(); // one round configured: the server stops
+    client.wait_for(20, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
+
+    // Same state directory and address, two rounds in total: it resumes at round 2.
+    let mut second = start_server(&ca, addr, federation(2, 1, 1), None);
+    client.wait_for(30, |e| *e == ClientEvent::Connected).await;
+    let report = next_report(&mut second, 30).await;
+    assert_eq!(report.round, 2);
+    assert!(report.completed);
+    assert_eq!(report.participants, 1);
+    second.task.await.unwrap().unwrap();
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_with_a_reason() {
+    let ca = Ca::new();
+    let identity = ca.client("former");
+    let store = Store::open(&ca.state.database()).unwrap();
+    store.enroll("former", 0).unwrap();
+    assert!(store.revoke("former").unwrap());
+    let server = start_server(&ca, localhost(), federation(1, 1, 1), None);
+    let client = start_client(identity, server.addr, dataset(10, 1));
+    let outcome = tokio::time::timeout(Duration::from_secs(20), client.task).await.unwrap().unwrap();
+    match outcome {
+        Err(ClientError::Refused(why)) => assert!(why.contains("revoked"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    server.shutdown.cancel();
+    let _ = server.task.await;
+}

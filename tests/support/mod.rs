@@ -1,0 +1,153 @@
+//! Shared pieces of the loopback tests: a CA, a server and clients on 127.0.0.1, port 0.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use cohort::client::config::Backoff;
+use cohort::client::daemon::{self, ClientEvent, ClientError, ClientSetup};
+use cohort::common::data::Dataset;
+use cohort::common::model::ModelSpec;
+use cohort::common::participant::Participant;
+use cohort::common::strategy::StrategyConfig;
+use cohort::common::train::TrainConfig;
+use cohort::io::Identity;
+use cohort::server::config::{Collection, Federation};
+use cohort::server::pki::{self, StatePaths};
+use cohort::server::serve::{RoundReport, ServeError, ServeSetup, Server};
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SPEC: &str = "name = 'tiny'\ninput_shape = [4]\n[[trunk]]\nkind = 'linear'\nout = 8\n[[trunk]]\nkind = 'relu'\n[[heads]]\nname = 'y'\nclasses = 3\n";
+
+pub fn spec() -> ModelSpec {
+    ModelSpec::from_toml(SPEC).unwrap()
+}
+
+/// A seeded, learnable data set: the class is the index of the largest of the first 3 features.
+pub fn dataset(n: usize, seed: u64) -> Dataset {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut features = Vec::with_capacity(n * 4);
+    let mut labels = Vec::with_capacity(n);
+    for _ in 0..n {
+        let x: [f32; 4] = [rng.random(), rng.random(), rng.random(), rng.random()];
+        let label = (0..3).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap() as u32;
+        features.extend_from_slice(&x);
+        labels.push(label);
+    }
+    Dataset::new(features, vec![4], labels, 3).unwrap()
+}
+
+pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
+    Federation {
+        rounds,
+        clients_per_round: clients,
+        min_clients: min,
+        start_after_clients: Some(clients),
+        round_timeout_secs: 20.0,
+        wait_for_clients_secs: 20.0,
+        seed: 42,
+        collection: Collection::Plain,
+        train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, weight_decay: 0.0 },
+        strategy: StrategyConfig::default(),
+    }
+}
+
+pub struct Ca {
+    pub dir: tempfile::TempDir,
+    pub state: StatePaths,
+}
+
+impl Ca {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StatePaths::new(dir.path());
+        pki::init(&state, "test", &["localhost".into()]).unwrap();
+        Self { dir, state }
+    }
+
+    pub fn client(&self, id: &str) -> Identity {
+        Identity::from_bundle(pki::make_bundle(&self.state, id).unwrap().as_bytes()).unwrap()
+    }
+}
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub reports: mpsc::UnboundedReceiver<RoundReport>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<Vec<RoundReport>, ServeError>>,
+}
+
+pub fn start_server(ca: &Ca, listen: SocketAddr, federation: Federation, test_data: Option<Dataset>) -> RunningServer {
+    let (tx, reports) = mpsc::unbounded_channel();
+    let server = Server::bind(ServeSetup {
+        state: StatePaths::new(ca.dir.path()),
+        identity: pki::server_identity(&ca.state).unwrap(),
+        listen,
+        spec: spec(),
+        federation,
+        test_data,
+        events: Some(tx),
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    RunningServer { addr, reports, shutdown, task }
+}
+
+pub struct RunningClient {
+    pub events: mpsc::UnboundedReceiver<ClientEvent>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), ClientError>>,
+}
+
+pub fn start_client(identity: Identity, addr: SocketAddr, data: Dataset) -> RunningClient {
+    let (tx, events) = mpsc::unbounded_channel();
+    let id = identity.subject().unwrap();
+    let setup = ClientSetup {
+        identity,
+        server: addr,
+        server_name: "localhost".into(),
+        participant: Participant::new(id, Arc::new(data), Device::Cpu),
+        device_name: "cpu".into(),
+        backoff: Backoff { initial_ms: 50, max_ms: 400 },
+        train_gate: None,
+        events: Some(tx),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(daemon::run(setup, shutdown.clone()));
+    RunningClient { events, shutdown, task }
+}
+
+impl RunningClient {
+    /// Waits for an event that matches, failing the test after `secs`.
+    pub async fn wait_for(&mut self, secs: u64, what: impl Fn(&ClientEvent) -> bool) -> ClientEvent {
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            loop {
+                let e = self.events.recv().await.expect("client event stream ended");
+                if what(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for a client event")
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+pub async fn next_report(server: &mut RunningServer, secs: u64) -> RoundReport {
+    tokio::time::timeout(Duration::from_secs(secs), server.reports.recv())
+        .await
+        .expect("timed out waiting for a round")
+        .expect("server stopped")
+}
