@@ -85,7 +85,11 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
                 if shutdown.is_cancelled() {
                     break Ok(());
                 }
-                warn!("connection lost ({reason}); reconnecting");
+                if reason.contains("server shutting down") {
+                    info!("the server shut down; reconnecting until it is back");
+                } else {
+                    warn!("connection lost ({reason}); reconnecting");
+                }
             }
             Err(ClientError::Net(e)) if e.is_unauthorized() => break Err(ClientError::Unauthorized(e.to_string())),
             Err(e @ (ClientError::Refused(_) | ClientError::Unauthorized(_))) => break Err(e),

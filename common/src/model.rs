@@ -69,6 +69,12 @@ pub enum LayerSpec {
     Dropout {
         p: f32,
     },
+    /// `(x - mean) / std` with fixed constants (no parameters): input standardisation that
+    /// travels with the model, so every client preprocesses alike.
+    Normalize {
+        mean: f32,
+        std: f32,
+    },
 }
 
 fn one() -> usize {
@@ -189,6 +195,12 @@ fn infer_shapes(input: &[usize], layers: &[LayerSpec], place: &str) -> Result<Ve
                 vec![shape[0], shape[1] / size, shape[2] / size]
             }
             LayerSpec::Relu => shape,
+            LayerSpec::Normalize { mean, std } => {
+                if !(mean.is_finite() && std.is_finite() && *std > 0.0) {
+                    return Err(err(format!("mean = {mean} and std = {std} must be finite, std > 0")));
+                }
+                shape
+            }
             LayerSpec::Flatten => vec![shape.iter().product()],
             LayerSpec::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
@@ -251,6 +263,7 @@ enum Layer {
     Relu,
     Flatten,
     Dropout(f32),
+    Affine { mul: f64, add: f64 },
 }
 
 impl Layer {
@@ -263,6 +276,7 @@ impl Layer {
             Layer::Flatten => x.flatten_from(1),
             Layer::Dropout(p) if train && *p > 0.0 => candle_nn::ops::dropout(x, *p),
             Layer::Dropout(_) => Ok(x.clone()),
+            Layer::Affine { mul, add } => x.affine(*mul, *add),
         }
     }
 }
@@ -305,6 +319,9 @@ impl Builder<'_> {
                 LayerSpec::Relu => Layer::Relu,
                 LayerSpec::Flatten => Layer::Flatten,
                 LayerSpec::Dropout { p } => Layer::Dropout(*p),
+                LayerSpec::Normalize { mean, std } => {
+                    Layer::Affine { mul: 1.0 / *std as f64, add: -(*mean as f64) / *std as f64 }
+                }
             };
             built.push(layer);
             shape = next;
@@ -516,7 +533,7 @@ mod tests {
         let names: Vec<_> = a.layout().entries().iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["trunk.01.bias", "trunk.01.weight", "trunk.03.bias", "trunk.03.weight", "heads.digit.00.bias", "heads.digit.00.weight"]
+            ["trunk.02.bias", "trunk.02.weight", "trunk.04.bias", "trunk.04.weight", "heads.digit.00.bias", "heads.digit.00.weight"]
         );
         assert_eq!(a.layout().segments()[0].name, "trunk");
         assert_eq!(a.layout().segments()[1].offset, a.layout().segments()[0].len);

@@ -1,1 +1,22 @@
-//! placeholder
+//! # cohort-scenarios
+//!
+//! Whole simulated federations in one process, over real QUIC with mutual TLS on loopback,
+//! for tests and benchmarks; the runner behind `cohort-sim`.
+//!
+//! - [`scenario`]: the scenario file (model, clients, data, partition, `[federation]`).
+//! - [`runner`]: sets up a CA, a server and the client daemons, runs every round and
+//!   collects a [`runner::Report`].
+//! - [`report`]: `report.json` and the accuracy plot.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cohort_scenarios::{scenario::Scenario, runner};
+//! let scenario = Scenario::load("scenarios/quickstart.toml".as_ref())?;
+//! let report = runner::run(&scenario, &runner::RunOptions::default()).await?;
+//! println!("final accuracy {:?}", report.final_accuracy);
+//! # Ok(()) }
+//! ```
+
+pub mod report;
+pub mod runner;
+pub mod scenario;

@@ -1,1 +1,72 @@
-fn main() {}
+//! `cohort-sim`: run a simulated federation from a scenario file.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use cohort_scenarios::runner::{self, RunOptions};
+use cohort_scenarios::scenario::Scenario;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "cohort-sim", version, about = "Run whole simulated Cohort federations over loopback QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file.
+    Run {
+        /// The scenario (TOML), e.g. scenarios/quickstart.toml.
+        file: PathBuf,
+        /// Write report.json and accuracy.svg here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<u64>,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Folder holding the bundled data sets (default: the source tree's scenarios/data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Run { file, out, rounds, seed, data } = Cli::parse().command;
+    cohort_scenarios::runner::one_thread_per_client();
+    let scenario = Scenario::load(&file)?;
+    let options = RunOptions { seed, rounds, data_dir: data, progress: true, table: true };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(runner::run(&scenario, &options))?;
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
+    println!(
+        "{}: {} rounds, final test accuracy {}, best {}, median {:.3} s per round, {:.1} s in all",
+        scenario.name,
+        report.rounds.len(),
+        pct(report.final_accuracy),
+        pct(report.best_accuracy),
+        report.median_round_seconds,
+        report.wall_seconds
+    );
+    if let (Some(target), Some(round)) = (scenario.target_accuracy, report.target_reached_at) {
+        println!("reached {:.0}% test accuracy at round {round}", target * 100.0);
+    } else if let Some(target) = scenario.target_accuracy {
+        println!("did not reach {:.0}% test accuracy", target * 100.0);
+    }
+    if let Some(dir) = out {
+        cohort_scenarios::report::write(&report, &dir)?;
+        println!("wrote {} and {}", dir.join("report.json").display(), dir.join("accuracy.svg").display());
+    }
+    Ok(())
+}

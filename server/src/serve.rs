@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use candle_core::Device;
 use cohort_common::data::Dataset;
 use cohort_common::model::{Model, ModelSpec};
-use cohort_common::round::{cohort_seed, plan_seed, select_cohort, ClientId, Collector, PlainCollector, Poll, Round, RoundError};
+use cohort_common::round::{cohort_seed, plan_seed, select_cohort, ClientId, Collector, PlainCollector, Poll, Round};
 use cohort_common::train::{evaluate, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, ServerMsg, TensorBytes};
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
@@ -57,7 +57,15 @@ pub struct RoundReport {
     pub seconds: f64,
     pub train_loss: Option<f64>,
     pub test: Option<Metrics>,
+    /// Seconds the evaluation on the test set took (it overlaps the next round).
+    pub eval_seconds: Option<f64>,
     pub note: String,
+}
+
+/// A saved round whose evaluation may still run.
+struct PendingReport {
+    report: RoundReport,
+    evaluation: Option<tokio::task::JoinHandle<Result<(Metrics, f64), cohort_common::train::TrainError>>>,
 }
 
 /// Everything `serve` needs, already parsed.
@@ -189,6 +197,7 @@ impl Server {
         let mut global = model.flat()?;
         let spec_toml = self.setup.spec.to_toml();
         let mut reports = Vec::new();
+        let mut pending: Option<PendingReport> = None;
         if last_round >= fed.rounds {
             info!(rounds = fed.rounds, "every configured round is already recorded; nothing to do");
             return Ok(reports);
@@ -253,6 +262,9 @@ impl Server {
                 });
             }
             drop(tx);
+            if let Some(p) = pending.take() {
+                self.finish_report(p, &mut reports).await?;
+            }
             let mut interrupted = false;
             while let Poll::Collecting { until } = round.poll(Instant::now()) {
                 tokio::select! {
@@ -284,22 +296,13 @@ impl Server {
             }
 
             let cohort_size = cohort.len();
-            let report = match round.finish() {
+            let collected = started.elapsed();
+            match round.finish() {
                 Ok(outcome) => {
                     strategy.apply(&mut global, &outcome.aggregate.mean_delta).map_err(|e| ServeError::Config(e.to_string()))?;
                     model.set_flat(&global)?;
                     let relative = format!("checkpoints/round-{round_no:06}.safetensors");
                     files::write_atomic(&self.setup.state.checkpoint(round_no), &model.to_safetensors()?)?;
-                    let test = match &test_data {
-                        Some(data) => {
-                            let (model, data) = (model.clone(), data.clone());
-                            let metrics = tokio::task::spawn_blocking(move || evaluate(&model, 0, &data, 1000))
-                                .await
-                                .map_err(|e| ServeError::Config(format!("evaluation task failed: {e}")))??;
-                            Some(metrics)
-                        }
-                        None => None,
-                    };
                     let report = RoundReport {
                         round: round_no,
                         completed: true,
@@ -308,13 +311,25 @@ impl Server {
                         dropped: outcome.dropped,
                         seconds: started.elapsed().as_secs_f64(),
                         train_loss: Some(outcome.mean_train_loss as f64),
-                        test,
+                        test: None,
+                        eval_seconds: None,
                         note: String::new(),
                     };
+                    // Recorded before evaluation: a crash during evaluation loses no round.
                     self.record(&report, started_at, Some(relative), &outcome.reported)?;
-                    report
+                    debug!(round = round_no, collect_s = collected.as_secs_f64(), total_s = report.seconds, "round saved");
+                    // Evaluation overlaps the next round's training; it is joined before that
+                    // round changes the model.
+                    let evaluation = test_data.as_ref().map(|data| {
+                        let (model, data) = (model.clone(), data.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let t = Instant::now();
+                            evaluate(&model, 0, &data, 1000).map(|m| (m, t.elapsed().as_secs_f64()))
+                        })
+                    });
+                    pending = Some(PendingReport { report, evaluation });
                 }
-                Err(e @ RoundError::TooFew { .. }) | Err(e @ RoundError::Peer { .. }) => {
+                Err(e) => {
                     warn!(round = round_no, "round aborted: {e}");
                     let report = RoundReport {
                         round: round_no,
@@ -325,29 +340,56 @@ impl Server {
                         seconds: started.elapsed().as_secs_f64(),
                         train_loss: None,
                         test: None,
+                        eval_seconds: None,
                         note: e.to_string(),
                     };
                     self.record(&report, started_at, None, &[])?;
-                    report
+                    self.publish(report, &mut reports);
                 }
-            };
-            match &report.test {
-                Some(m) => info!(
-                    round = round_no,
-                    participants = report.participants,
-                    seconds = format!("{:.3}", report.seconds),
-                    accuracy = format!("{:.4}", m.accuracy),
-                    loss = format!("{:.4}", m.loss),
-                    "round complete"
-                ),
-                None => info!(round = round_no, completed = report.completed, participants = report.participants, "round finished"),
             }
-            if let Some(events) = &self.setup.events {
-                let _ = events.send(report.clone());
-            }
-            reports.push(report);
+        }
+        if let Some(p) = pending.take() {
+            self.finish_report(p, &mut reports).await?;
         }
         Ok(reports)
+    }
+
+    /// Waits for a round's evaluation, records its metrics and publishes the report.
+    async fn finish_report(&self, pending: PendingReport, reports: &mut Vec<RoundReport>) -> Result<(), ServeError> {
+        let mut report = pending.report;
+        if let Some(evaluation) = pending.evaluation {
+            let (metrics, seconds) =
+                evaluation.await.map_err(|e| ServeError::Config(format!("evaluation task failed: {e}")))??;
+            self.store.lock().expect("store lock").set_test_metrics(
+                report.round,
+                metrics.accuracy,
+                metrics.loss,
+                metrics.balanced_accuracy,
+                metrics.macro_f1,
+            )?;
+            report.test = Some(metrics);
+            report.eval_seconds = Some(seconds);
+        }
+        self.publish(report, reports);
+        Ok(())
+    }
+
+    fn publish(&self, report: RoundReport, reports: &mut Vec<RoundReport>) {
+        match &report.test {
+            Some(m) => info!(
+                round = report.round,
+                participants = report.participants,
+                seconds = format!("{:.3}", report.seconds),
+                accuracy = format!("{:.4}", m.accuracy),
+                loss = format!("{:.4}", m.loss),
+                "round complete"
+            ),
+            None => info!(round = report.round, completed = report.completed, participants = report.participants, "round finished"),
+        }
+        if let Some(events) = &self.setup.events {
+            let _ = events.send(report.clone());
+        }
+        reports.push(report);
     }
 
     fn record(&self, r: &RoundReport, started_at: i64, checkpoint: Option<String>, participants: &[ClientId]) -> Result<(), ServeError> {

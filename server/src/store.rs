@@ -175,6 +175,17 @@ impl Store {
         Ok(())
     }
 
+    /// Adds the test-set metrics of a recorded round.
+    pub fn set_test_metrics(&self, round: u64, accuracy: f64, loss: f64, balanced: f64, macro_f1: f64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE rounds SET test_accuracy = ?2, test_loss = ?3, balanced_accuracy = ?4, macro_f1 = ?5 WHERE round = ?1",
+                params![round as i64, accuracy, loss, balanced, macro_f1],
+            )
+            .map_err(self.wrap())?;
+        Ok(())
+    }
+
     pub fn rounds(&self) -> Result<Vec<RoundRow>, StoreError> {
         let mut stmt = self
             .conn
