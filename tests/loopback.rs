@@ -27,8 +27,10 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
     let fed = federation(1, 3, 3);
     let mut server = start_server(&ca, localhost(), fed.clone(), Some(dataset(200, 99)));
     let sizes = [(1, 30), (2, 60), (3, 90)];
-    let clients: Vec<RunningClient> =
-        sizes.iter().map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i))).collect();
+    let clients: Vec<RunningClient> = sizes
+        .iter()
+        .map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i)))
+        .collect();
 
     let report = next_report(&mut server, 60).await;
     assert!(report.completed, "{report:?}");
@@ -86,7 +88,10 @@ async fn a_client_signed_by_another_ca_is_refused_and_the_federation_goes_on() {
     let mut server = start_server(&ca, localhost(), federation(1, 1, 1), None);
 
     let stranger = start_client(stranger_ca.client("stranger"), server.addr, dataset(20, 7));
-    let outcome = tokio::time::timeout(Duration::from_secs(20), stranger.task).await.expect("the stranger gave up in time").unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stranger.task)
+        .await
+        .expect("the stranger gave up in time")
+        .unwrap();
     match outcome {
         Err(ClientError::Unauthorized(why)) => assert!(why.contains("refused"), "{why}"),
         other => panic!("expected an authorisation error, got {other:?}"),
@@ -129,7 +134,8 @@ async fn a_killed_client_and_a_hung_client_are_left_out_and_the_others_go_on() {
     let mut fed = federation(2, 4, 2);
     fed.round_timeout_secs = 3.0;
     let mut server = start_server(&ca, localhost(), fed, None);
-    let steady: Vec<RunningClient> = (0..2).map(|i| start_client(ca.client(&format!("steady-{i}")), server.addr, dataset(40, i))).collect();
+    let steady: Vec<RunningClient> =
+        (0..2).map(|i| start_client(ca.client(&format!("steady-{i}")), server.addr, dataset(40, i))).collect();
     // The victim has enough data that it is still training when it is killed.
     let mut victim = start_client(ca.client("victim"), server.addr, dataset(20_000, 5));
     // The hung client says hello, takes the plan and never answers.

@@ -24,8 +24,12 @@ impl IdentityFiles {
     }
 
     pub fn load(&self) -> Result<Identity, FileError> {
-        let read = |p: &Path| std::fs::read(p).map_err(|source| FileError::Io { path: p.display().to_string(), source });
-        let bad = |p: &Path, e: cohort_io::NetError| FileError::Config { path: p.display().to_string(), message: e.to_string() };
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|source| FileError::Io { path: p.display().to_string(), source });
+        let bad = |p: &Path, e: cohort_io::NetError| FileError::Config {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        };
         match self {
             IdentityFiles::Bundle { bundle } => Identity::from_bundle(&read(bundle)?).map_err(|e| bad(bundle, e)),
             IdentityFiles::Files { cert, key, ca } => {

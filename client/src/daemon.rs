@@ -55,7 +55,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
     let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events } = setup;
     let client_config = cohort_io::client_config(&identity)?;
-    let bind: SocketAddr = if server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
+    let bind: SocketAddr =
+        if server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(NetError::Bind)?;
     endpoint.set_default_client_config(client_config);
     let samples = participant.samples();
@@ -115,7 +116,12 @@ pub fn backoff_delay(b: &Backoff, attempt: u32, rng: &mut impl Rng) -> Duration 
     Duration::from_millis(rng.random_range(b.initial_ms.min(cap) / 2..=cap))
 }
 
-async fn connect(endpoint: &quinn::Endpoint, server: SocketAddr, server_name: &str, hello: &ClientMsg) -> Result<quinn::Connection, ClientError> {
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    server_name: &str,
+    hello: &ClientMsg,
+) -> Result<quinn::Connection, ClientError> {
     let conn = endpoint.connect(server, server_name).map_err(NetError::from)?.await.map_err(cohort_io::classify)?;
     let hello = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(cohort_io::classify)?;

@@ -59,7 +59,10 @@ fn main() -> Result<()> {
             cohort_io::files::write_secret(&key_path, key.as_bytes())?;
             cohort_io::files::write_atomic(&csr_path, csr.as_bytes())?;
             println!("wrote {} (keep it here) and {}", key_path.display(), csr_path.display());
-            println!("send {} to the operator; they run `cohort-server enroll --csr {id}.csr --out {id}.pem`", csr_path.display());
+            println!(
+                "send {} to the operator; they run `cohort-server enroll --csr {id}.csr --out {id}.pem`",
+                csr_path.display()
+            );
         }
         Command::Run { config } => {
             let config = ClientConfig::load(&config)?;
@@ -91,7 +94,12 @@ fn main() -> Result<()> {
             identity.check_signed_by_ca().with_context(|| format!("certificate of `{id}`"))?;
             println!("identity: `{id}`, certificate signed by the configured CA");
             let data = config.data.load()?;
-            println!("data:     {} examples of shape {:?}, label counts {:?}", data.len(), data.feature_shape, data.label_counts());
+            println!(
+                "data:     {} examples of shape {:?}, label counts {:?}",
+                data.len(),
+                data.feature_shape,
+                data.label_counts()
+            );
             let (_, device) = cohort_client::device::select(&config.device)?;
             println!("device:   {device}");
             println!("server:   {} (certificate name {})", config.server, config.server_name());

@@ -41,7 +41,11 @@ impl Dataset {
         let width: usize = feature_shape.iter().product();
         let bad = |problem: String| DataError::Format { origin: "dataset".into(), problem };
         if width == 0 || features.len() != width * labels.len() {
-            return Err(bad(format!("{} feature values do not make {} examples of shape {feature_shape:?}", features.len(), labels.len())));
+            return Err(bad(format!(
+                "{} feature values do not make {} examples of shape {feature_shape:?}",
+                features.len(),
+                labels.len()
+            )));
         }
         if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
             return Err(bad(format!("label {l} is out of range for {classes} classes")));
@@ -99,9 +103,13 @@ pub fn read_idx(mut reader: impl Read, origin: &str) -> Result<IdxArray> {
     let fmt = |problem: String| DataError::Format { origin: origin.into(), problem };
     let io = |source| DataError::Io { origin: origin.into(), source };
     let mut magic = [0u8; 4];
-    reader.read_exact(&mut magic).map_err(|_| fmt("file ends inside the 4-byte IDX header; is it an IDX file?".into()))?;
+    reader
+        .read_exact(&mut magic)
+        .map_err(|_| fmt("file ends inside the 4-byte IDX header; is it an IDX file?".into()))?;
     if magic[0] != 0 || magic[1] != 0 {
-        return Err(fmt(format!("bad IDX magic {magic:02x?}: the first two bytes must be zero (is the file still gzipped?)")));
+        return Err(fmt(format!(
+            "bad IDX magic {magic:02x?}: the first two bytes must be zero (is the file still gzipped?)"
+        )));
     }
     if magic[2] != 0x08 {
         return Err(fmt(format!("IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", magic[2])));
@@ -117,11 +125,15 @@ pub fn read_idx(mut reader: impl Read, origin: &str) -> Result<IdxArray> {
         dims.push(u32::from_be_bytes(b) as usize);
     }
     let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= MAX_IDX_BYTES);
-    let expected = expected.ok_or_else(|| fmt(format!("dimensions {dims:?} announce more than {MAX_IDX_BYTES} bytes")))?;
+    let expected =
+        expected.ok_or_else(|| fmt(format!("dimensions {dims:?} announce more than {MAX_IDX_BYTES} bytes")))?;
     let mut data = Vec::new();
     reader.by_ref().take(expected as u64).read_to_end(&mut data).map_err(io)?;
     if data.len() < expected {
-        return Err(fmt(format!("truncated: dimensions {dims:?} need {expected} data bytes, the file has {}", data.len())));
+        return Err(fmt(format!(
+            "truncated: dimensions {dims:?} need {expected} data bytes, the file has {}",
+            data.len()
+        )));
     }
     let mut extra = [0u8; 1];
     if reader.read(&mut extra).map_err(io)? != 0 {
@@ -176,9 +188,9 @@ pub fn read_csv(reader: impl Read, options: &CsvOptions, origin: &str) -> Result
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let fmt = |problem: String| DataError::Format { origin: origin.into(), problem };
     let (_, header) = lines.next().ok_or_else(|| fmt("the file is empty; expected a header line".into()))?;
-    let delim = options.delimiter.unwrap_or_else(|| {
-        [';', '\t', ','].into_iter().max_by_key(|d| header.matches(*d).count()).unwrap_or(',')
-    });
+    let delim = options
+        .delimiter
+        .unwrap_or_else(|| [';', '\t', ','].into_iter().max_by_key(|d| header.matches(*d).count()).unwrap_or(','));
     let columns: Vec<String> = header.split(delim).map(|c| c.trim().trim_matches('"').to_string()).collect();
     let label_at = columns.iter().position(|c| *c == options.label_column).ok_or_else(|| {
         fmt(format!("no column named `{}` in the header (columns: {})", options.label_column, columns.join(", ")))
@@ -203,7 +215,12 @@ pub fn read_csv(reader: impl Read, options: &CsvOptions, origin: &str) -> Result
         }
         for (i, field) in fields.iter().enumerate() {
             let field = field.trim().trim_matches('"');
-            let err = |problem: String| DataError::Csv { origin: origin.into(), line: line_no, column: columns[i].clone(), problem };
+            let err = |problem: String| DataError::Csv {
+                origin: origin.into(),
+                line: line_no,
+                column: columns[i].clone(),
+                problem,
+            };
             if i == label_at {
                 let value: i64 = field.parse().map_err(|_| err(format!("label `{field}` is not an integer")))?;
                 let class = match &options.label_values {
@@ -211,7 +228,10 @@ pub fn read_csv(reader: impl Read, options: &CsvOptions, origin: &str) -> Result
                         .iter()
                         .position(|&v| v == value)
                         .ok_or_else(|| err(format!("label {value} is not among label_values {values:?}")))?,
-                    None => usize::try_from(value).ok().filter(|&c| c < classes).ok_or_else(|| err(format!("label {value} is not a class index below {classes}")))?,
+                    None => usize::try_from(value)
+                        .ok()
+                        .filter(|&c| c < classes)
+                        .ok_or_else(|| err(format!("label {value} is not a class index below {classes}")))?,
                 };
                 labels.push(class as u32);
             } else {
@@ -273,7 +293,9 @@ impl Partition {
                 order.shuffle(rng);
                 Ok(order
                     .chunks(shards_per_client)
-                    .map(|s| s.iter().flat_map(|&k| idx[k * shard_size..(k + 1) * shard_size].iter().copied()).collect())
+                    .map(|s| {
+                        s.iter().flat_map(|&k| idx[k * shard_size..(k + 1) * shard_size].iter().copied()).collect()
+                    })
                     .collect())
             }
             Partition::Dirichlet { alpha } => {
@@ -291,7 +313,11 @@ impl Partition {
                     let mut acc = 0.0;
                     for (c, d) in draws.iter().enumerate() {
                         acc += d / total;
-                        let end = if c + 1 == clients { idx.len() } else { ((acc * idx.len() as f64).round() as usize).min(idx.len()) };
+                        let end = if c + 1 == clients {
+                            idx.len()
+                        } else {
+                            ((acc * idx.len() as f64).round() as usize).min(idx.len())
+                        };
                         parts[c].extend_from_slice(&idx[start..end.max(start)]);
                         start = end.max(start);
                     }
@@ -348,7 +374,12 @@ mod tests {
 
     #[test]
     fn reads_csv_and_names_line_and_column_on_error() {
-        let opts = CsvOptions { label_column: "quality".into(), label_values: Some(vec![5, 6]), classes: None, delimiter: None };
+        let opts = CsvOptions {
+            label_column: "quality".into(),
+            label_values: Some(vec![5, 6]),
+            classes: None,
+            delimiter: None,
+        };
         let ds = read_csv("a;b;quality\n1.5;2;5\n3;4;6\n".as_bytes(), &opts, "wine.csv").unwrap();
         assert_eq!(ds.features, vec![1.5, 2.0, 3.0, 4.0]);
         assert_eq!(ds.labels, vec![0, 1]);
@@ -384,7 +415,8 @@ mod tests {
         assert!(iid.iter().all(|p| p.len() == 100));
         check_disjoint(&iid, 1000);
 
-        let shards = Partition::Shards { shards_per_client: 2, shard_size: 50 }.split(&labels, 10, 10, &mut rng).unwrap();
+        let shards =
+            Partition::Shards { shards_per_client: 2, shard_size: 50 }.split(&labels, 10, 10, &mut rng).unwrap();
         check_disjoint(&shards, 1000);
         for p in &shards {
             let mut classes: Vec<u32> = p.iter().map(|&i| labels[i]).collect();

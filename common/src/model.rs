@@ -130,7 +130,10 @@ impl ModelSpec {
     fn check(&self) -> Result<()> {
         let invalid = |place: &str, problem: String| ModelError::Invalid { place: place.into(), problem };
         if self.input_shape.is_empty() || self.input_shape.contains(&0) {
-            return Err(invalid("input_shape", format!("{:?} must be non-empty with no zero dimension", self.input_shape)));
+            return Err(invalid(
+                "input_shape",
+                format!("{:?} must be non-empty with no zero dimension", self.input_shape),
+            ));
         }
         if self.heads.is_empty() {
             return Err(invalid("heads", "a model needs at least one head".into()));
@@ -153,7 +156,12 @@ impl ModelSpec {
             }
             let out = infer_shapes(&trunk_out, &head.layers, &place)?;
             if out.len() != 1 {
-                return Err(invalid(&place, format!("the head's input has shape {out:?}; add a `flatten` layer so the output layer gets a vector")));
+                return Err(invalid(
+                    &place,
+                    format!(
+                        "the head's input has shape {out:?}; add a `flatten` layer so the output layer gets a vector"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -425,10 +433,7 @@ impl Model {
     }
 
     pub fn forward_head_from(&self, features: &Tensor, head: usize, train: bool) -> Result<Tensor> {
-        let layers = self
-            .heads
-            .get(head)
-            .ok_or_else(|| ModelError::Mismatch(format!("no head number {head}")))?;
+        let layers = self.heads.get(head).ok_or_else(|| ModelError::Mismatch(format!("no head number {head}")))?;
         let mut h = features.clone();
         for layer in layers {
             h = layer.forward(&h, train)?;
@@ -458,7 +463,11 @@ impl Model {
             )));
         }
         for (entry, var) in self.layout.entries.iter().zip(&self.vars) {
-            let t = Tensor::from_slice(&flat[entry.offset..entry.offset + entry.len], entry.shape.as_slice(), &self.device)?;
+            let t = Tensor::from_slice(
+                &flat[entry.offset..entry.offset + entry.len],
+                entry.shape.as_slice(),
+                &self.device,
+            )?;
             var.set(&t)?;
         }
         Ok(())
@@ -466,13 +475,8 @@ impl Model {
 
     /// The parameters as a safetensors file, one tensor per layout entry.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
-        let tensors: Vec<(String, Tensor)> = self
-            .layout
-            .entries
-            .iter()
-            .zip(&self.vars)
-            .map(|(e, v)| (e.name.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors: Vec<(String, Tensor)> =
+            self.layout.entries.iter().zip(&self.vars).map(|(e, v)| (e.name.clone(), v.as_tensor().clone())).collect();
         safetensors::tensor::serialize(tensors, None).map_err(|e| ModelError::Safetensors(e.to_string()))
     }
 
@@ -489,9 +493,8 @@ pub fn flat_from_safetensors(layout: &ParamLayout, bytes: &[u8]) -> Result<Vec<f
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
     let mut flat = Vec::with_capacity(layout.total_len());
     for entry in &layout.entries {
-        let view = st
-            .tensor(&entry.name)
-            .map_err(|_| ModelError::Mismatch(format!("tensor `{}` is missing", entry.name)))?;
+        let view =
+            st.tensor(&entry.name).map_err(|_| ModelError::Mismatch(format!("tensor `{}` is missing", entry.name)))?;
         if view.shape() != entry.shape.as_slice() || view.dtype() != safetensors::Dtype::F32 {
             return Err(ModelError::Mismatch(format!(
                 "tensor `{}` is {:?} {:?}, expected F32 {:?}",
@@ -533,7 +536,14 @@ mod tests {
         let names: Vec<_> = a.layout().entries().iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["trunk.02.bias", "trunk.02.weight", "trunk.04.bias", "trunk.04.weight", "heads.digit.00.bias", "heads.digit.00.weight"]
+            [
+                "trunk.02.bias",
+                "trunk.02.weight",
+                "trunk.04.bias",
+                "trunk.04.weight",
+                "heads.digit.00.bias",
+                "heads.digit.00.weight"
+            ]
         );
         assert_eq!(a.layout().segments()[0].name, "trunk");
         assert_eq!(a.layout().segments()[1].offset, a.layout().segments()[0].len);
@@ -553,13 +563,17 @@ mod tests {
 
     #[test]
     fn bad_specs_say_where() {
-        let err = ModelSpec::from_toml("name='x'\ninput_shape=[1,28,28]\n[[trunk]]\nkind='linear'\nout=3\n[[heads]]\nname='a'\nclasses=2")
-            .unwrap_err()
-            .to_string();
+        let err = ModelSpec::from_toml(
+            "name='x'\ninput_shape=[1,28,28]\n[[trunk]]\nkind='linear'\nout=3\n[[heads]]\nname='a'\nclasses=2",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("trunk layer 0") && err.contains("flatten"), "{err}");
-        let err = ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[heads]]\nname='a'\nclasses=1").unwrap_err().to_string();
+        let err =
+            ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[heads]]\nname='a'\nclasses=1").unwrap_err().to_string();
         assert!(err.contains("heads[0] (a)"), "{err}");
-        let err = ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[trunk]]\nkind='linaer'\n").unwrap_err().to_string();
+        let err =
+            ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[trunk]]\nkind='linaer'\n").unwrap_err().to_string();
         assert!(err.contains("linaer"), "{err}");
     }
 }

@@ -71,7 +71,10 @@ impl Participant {
         let global = plan.params.to_f32()?;
         let expected = local.model.layout().total_len();
         if global.len() != expected {
-            return Err(ParticipantError::BadPlan(format!("{} parameters sent, the model has {expected}", global.len())));
+            return Err(ParticipantError::BadPlan(format!(
+                "{} parameters sent, the model has {expected}",
+                global.len()
+            )));
         }
         if global.iter().any(|v| !v.is_finite()) {
             return Err(ParticipantError::BadPlan("the global parameters contain non-finite values".into()));

@@ -92,9 +92,11 @@ impl StrategyConfig {
         let (lr, extra): (f64, Vec<(&str, f64, f64, f64)>) = match *self {
             StrategyConfig::FedAvg { server_lr } => (server_lr, vec![]),
             StrategyConfig::FedAvgM { server_lr, momentum } => (server_lr, vec![("momentum", momentum, 0.0, 1.0)]),
-            StrategyConfig::FedAdam { server_lr, beta1, beta2, tau } | StrategyConfig::FedYogi { server_lr, beta1, beta2, tau } => {
-                (server_lr, vec![("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0), ("tau", tau, f64::MIN_POSITIVE, 1.0)])
-            }
+            StrategyConfig::FedAdam { server_lr, beta1, beta2, tau }
+            | StrategyConfig::FedYogi { server_lr, beta1, beta2, tau } => (
+                server_lr,
+                vec![("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0), ("tau", tau, f64::MIN_POSITIVE, 1.0)],
+            ),
         };
         if !(lr.is_finite() && lr > 0.0) {
             return bad(format!("server_lr = {lr} must be > 0"));
@@ -151,7 +153,8 @@ impl Strategy {
                     *x += lr * *m;
                 }
             }
-            StrategyConfig::FedAdam { server_lr, beta1, beta2, tau } | StrategyConfig::FedYogi { server_lr, beta1, beta2, tau } => {
+            StrategyConfig::FedAdam { server_lr, beta1, beta2, tau }
+            | StrategyConfig::FedYogi { server_lr, beta1, beta2, tau } => {
                 let yogi = matches!(self.config, StrategyConfig::FedYogi { .. });
                 let (lr, b1, b2, tau) = (server_lr as f32, beta1 as f32, beta2 as f32, tau as f32);
                 for (((x, d), m), v) in global.iter_mut().zip(mean_delta).zip(&mut self.first).zip(&mut self.second) {
@@ -191,7 +194,10 @@ mod tests {
     #[test]
     fn fedadam_follows_reddi_et_al() {
         let (lr, b1, b2, tau) = (0.1f32, 0.9f32, 0.99f32, 1e-3f32);
-        let mut s = StrategyConfig::FedAdam { server_lr: lr as f64, beta1: b1 as f64, beta2: b2 as f64, tau: tau as f64 }.build(1).unwrap();
+        let mut s =
+            StrategyConfig::FedAdam { server_lr: lr as f64, beta1: b1 as f64, beta2: b2 as f64, tau: tau as f64 }
+                .build(1)
+                .unwrap();
         let mut g = vec![0.0];
         s.apply(&mut g, &[2.0]).unwrap();
         let m = (1.0 - b1) * 2.0;

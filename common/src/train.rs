@@ -174,11 +174,8 @@ impl Sgd {
 /// Trains head `head` of `model` (and the trunk) on `data` in place.
 pub fn train(model: &Model, head: usize, data: &DeviceData, config: &TrainConfig, seed: u64) -> Result<TrainStats> {
     config.check()?;
-    let spec_head = model
-        .spec()
-        .heads
-        .get(head)
-        .ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
+    let spec_head =
+        model.spec().heads.get(head).ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
     if data.classes > spec_head.classes {
         return Err(TrainError::Data(format!(
             "the data have {} classes, head `{}` has {}",
@@ -189,7 +186,12 @@ pub fn train(model: &Model, head: usize, data: &DeviceData, config: &TrainConfig
         return Err(TrainError::Data("no training examples".into()));
     }
     let vars = model.vars();
-    let mut sgd = Sgd { lr: config.lr, momentum: config.momentum, weight_decay: config.weight_decay, velocity: vec![None; vars.len()] };
+    let mut sgd = Sgd {
+        lr: config.lr,
+        momentum: config.momentum,
+        weight_decay: config.weight_decay,
+        velocity: vec![None; vars.len()],
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<u32> = (0..data.len as u32).collect();
     let (mut steps, mut loss_sum, mut examples) = (0usize, 0f64, 0usize);
@@ -240,8 +242,11 @@ impl Metrics {
         let per_class_recall: Vec<f64> =
             (0..k).map(|i| if support[i] == 0 { 0.0 } else { confusion[i][i] as f64 / support[i] as f64 }).collect();
         let present: Vec<usize> = (0..k).filter(|&i| support[i] > 0).collect();
-        let balanced_accuracy =
-            if present.is_empty() { 0.0 } else { present.iter().map(|&i| per_class_recall[i]).sum::<f64>() / present.len() as f64 };
+        let balanced_accuracy = if present.is_empty() {
+            0.0
+        } else {
+            present.iter().map(|&i| per_class_recall[i]).sum::<f64>() / present.len() as f64
+        };
         let f1_classes: Vec<usize> = (0..k).filter(|&i| support[i] > 0 || predicted[i] > 0).collect();
         let macro_f1 = if f1_classes.is_empty() {
             0.0

@@ -69,11 +69,7 @@ impl TensorBytes {
         if self.0.len() % 4 != 0 {
             return Err(WireError::TensorLength(self.0.len()));
         }
-        Ok(self
-            .0
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(self.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 }
 
@@ -127,10 +123,16 @@ pub enum ServerMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientMsg {
     /// First message on a new connection.
-    Hello { device: String, samples: u64 },
+    Hello {
+        device: String,
+        samples: u64,
+    },
     Update(Update),
     /// The client will not take part in this round (and says why).
-    Decline { round: u64, reason: String },
+    Decline {
+        round: u64,
+        reason: String,
+    },
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -171,14 +173,11 @@ pub fn decode_payload<M: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<M,
         return Err(WireError::Version { got: version });
     }
     let body = &payload[2..];
-    let (msg, used) = bincode::serde::decode_from_slice(body, bincode_config()).map_err(|e| {
-        match e {
-            bincode::error::DecodeError::UnexpectedEnd { additional } => WireError::Truncated {
-                needed: body.len() + additional,
-                got: body.len(),
-            },
-            other => WireError::Malformed(other.to_string()),
+    let (msg, used) = bincode::serde::decode_from_slice(body, bincode_config()).map_err(|e| match e {
+        bincode::error::DecodeError::UnexpectedEnd { additional } => {
+            WireError::Truncated { needed: body.len() + additional, got: body.len() }
         }
+        other => WireError::Malformed(other.to_string()),
     })?;
     if used != body.len() {
         return Err(WireError::Trailing(body.len() - used));
@@ -260,10 +259,7 @@ mod tests {
         let header = (u32::MAX).to_be_bytes();
         assert!(matches!(payload_len(header, MAX_FRAME_BYTES), Err(WireError::Oversized { .. })));
         let frame = encode(&sample_update()).unwrap();
-        assert!(matches!(
-            decode_frame::<ClientMsg>(&frame, 8),
-            Err(WireError::Oversized { cap: 8, .. })
-        ));
+        assert!(matches!(decode_frame::<ClientMsg>(&frame, 8), Err(WireError::Oversized { cap: 8, .. })));
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl DataSource {
                 let lbl = data::read_idx(open_maybe_gz(labels)?, &labels.display().to_string())?;
                 Ok(data::dataset_from_idx(img, lbl, *classes, &format!("{} + {}", images.display(), labels.display()))?)
             }
-            DataSource::Csv { path, options } => Ok(data::read_csv(open_maybe_gz(path)?, options, &path.display().to_string())?),
+            DataSource::Csv { path, options } => {
+                Ok(data::read_csv(open_maybe_gz(path)?, options, &path.display().to_string())?)
+            }
         }
     }
 }

@@ -112,9 +112,10 @@ impl Identity {
         if chain.is_empty() {
             return Err(NetError::Identity("the certificate file holds no CERTIFICATE block".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| NetError::Identity(format!("private key PEM: {e}")))?;
-        let ca = CertificateDer::from_pem_slice(ca_pem).map_err(|e| NetError::Identity(format!("CA certificate PEM: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| NetError::Identity(format!("private key PEM: {e}")))?;
+        let ca = CertificateDer::from_pem_slice(ca_pem)
+            .map_err(|e| NetError::Identity(format!("CA certificate PEM: {e}")))?;
         Ok(Self { chain, key, ca })
     }
 
@@ -129,7 +130,8 @@ impl Identity {
                 certs.len()
             )));
         }
-        let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| NetError::Identity(format!("bundle private key: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(pem).map_err(|e| NetError::Identity(format!("bundle private key: {e}")))?;
         let ca = certs[certs.len() - 1].clone();
         Ok(Self { chain: certs[..certs.len() - 1].to_vec(), key, ca })
     }

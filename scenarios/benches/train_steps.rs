@@ -22,7 +22,9 @@ fn main() {
     .expect("bundled MNIST");
     let data = data.subset(&(0..600).collect::<Vec<_>>());
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    for (name, spec, epochs) in [("mnist-2nn", cohort_common::specs::MNIST_2NN, 5), ("mnist-cnn", cohort_common::specs::MNIST_CNN, 1)] {
+    for (name, spec, epochs) in
+        [("mnist-2nn", cohort_common::specs::MNIST_2NN, 5), ("mnist-cnn", cohort_common::specs::MNIST_CNN, 1)]
+    {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
@@ -34,6 +36,10 @@ fn main() {
         let start = Instant::now();
         let stats = train(&model, 0, &device_data, &cfg, 1).unwrap();
         let secs = start.elapsed().as_secs_f64();
-        println!("{name}: {} steps of batch 10 in {secs:.2} s = {:.0} steps/s (1 client, CPU)", stats.steps, stats.steps as f64 / secs);
+        println!(
+            "{name}: {} steps of batch 10 in {secs:.2} s = {:.0} steps/s (1 client, CPU)",
+            stats.steps,
+            stats.steps as f64 / secs
+        );
     }
 }

@@ -19,7 +19,8 @@ pub fn write(report: &Report, dir: &Path) -> Result<(), RunError> {
 }
 
 fn plot(report: &Report, path: &Path) -> Result<(), String> {
-    let points: Vec<(u64, f64)> = report.rounds.iter().filter_map(|r| r.test_accuracy.map(|a| (r.round, a * 100.0))).collect();
+    let points: Vec<(u64, f64)> =
+        report.rounds.iter().filter_map(|r| r.test_accuracy.map(|a| (r.round, a * 100.0))).collect();
     let last_round = report.rounds.last().map_or(1, |r| r.round).max(1);
     let lowest = points.iter().map(|p| p.1).fold(100.0, f64::min);
     let y_min = (lowest - 5.0).clamp(0.0, 90.0).floor();

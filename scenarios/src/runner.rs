@@ -89,11 +89,17 @@ pub fn one_thread_per_client() {
 
 /// The bundled data folder.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("COHORT_DATA").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data"))
+    std::env::var_os("COHORT_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data"))
 }
 
 fn load_mnist(dir: &Path, train: bool) -> Result<Dataset, RunError> {
-    let (img, lbl) = if train { ("train-images.idx3-ubyte.gz", "train-labels.idx1-ubyte.gz") } else { ("t10k-images.idx3-ubyte.gz", "t10k-labels.idx1-ubyte.gz") };
+    let (img, lbl) = if train {
+        ("train-images.idx3-ubyte.gz", "train-labels.idx1-ubyte.gz")
+    } else {
+        ("t10k-images.idx3-ubyte.gz", "t10k-labels.idx1-ubyte.gz")
+    };
     let mnist = dir.join("mnist");
     DataSource::Idx { images: mnist.join(img), labels: mnist.join(lbl), classes: 10 }
         .load()
@@ -128,7 +134,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         .partition
         .split(&train.labels, train.classes, scenario.clients, &mut rng)
         .map_err(|e| RunError::Data(e.to_string()))?;
-    let (device, device_name) = cohort_client::device::select(&scenario.device).map_err(|e| RunError::Setup(e.to_string()))?;
+    let (device, device_name) =
+        cohort_client::device::select(&scenario.device).map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!(device = %device_name, clients = scenario.clients, "simulated clients train on {device_name}");
 
     let dir = tempfile::tempdir().map_err(|e| RunError::Setup(e.to_string()))?;
@@ -160,7 +167,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     for (i, part) in parts.iter().enumerate() {
         let id = format!("client-{i:04}");
         let bundle = pki::make_bundle(&state, &id).map_err(|e| RunError::Setup(e.to_string()))?;
-        let identity = cohort_io::Identity::from_bundle(bundle.as_bytes()).map_err(|e| RunError::Setup(e.to_string()))?;
+        let identity =
+            cohort_io::Identity::from_bundle(bundle.as_bytes()).map_err(|e| RunError::Setup(e.to_string()))?;
         let setup = ClientSetup {
             identity,
             server: addr,
@@ -177,9 +185,11 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let progress = (options.progress && console_is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(federation.rounds);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar
     });
@@ -188,7 +198,10 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         None => println!("{line}"),
     };
     if options.table {
-        print(format!("{:>6} {:>13} {:>8} {:>10} {:>9} {:>9}", "round", "participants", "seconds", "accuracy", "loss", "bal.acc"));
+        print(format!(
+            "{:>6} {:>13} {:>8} {:>10} {:>9} {:>9}",
+            "round", "participants", "seconds", "accuracy", "loss", "bal.acc"
+        ));
     }
     let mut rounds = Vec::new();
     while let Some(r) = events.recv().await {
@@ -205,7 +218,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
         };
         if options.table {
-            let f = |v: Option<f64>, pct: bool| v.map_or("-".to_string(), |v| if pct { format!("{:.2}%", v * 100.0) } else { format!("{v:.4}") });
+            let f = |v: Option<f64>, pct: bool| {
+                v.map_or("-".to_string(), |v| if pct { format!("{:.2}%", v * 100.0) } else { format!("{v:.4}") })
+            };
             print(format!(
                 "{:>6} {:>13} {:>8.3} {:>10} {:>9} {:>9}",
                 row.round,

@@ -84,7 +84,8 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Io { path: path.display().to_string(), source })?;
         Self::parse(&text, path)
     }
 
@@ -117,8 +118,12 @@ impl Scenario {
             "mnist-cnn" => cohort_common::specs::MNIST_CNN.to_string(),
             path => {
                 let p = self.origin.parent().unwrap_or(Path::new(".")).join(path);
-                std::fs::read_to_string(&p)
-                    .map_err(|e| bad(format!("model = `{path}`: not a bundled model (mnist-2nn, mnist-cnn) and {}: {e}", p.display())))?
+                std::fs::read_to_string(&p).map_err(|e| {
+                    bad(format!(
+                        "model = `{path}`: not a bundled model (mnist-2nn, mnist-cnn) and {}: {e}",
+                        p.display()
+                    ))
+                })?
             }
         };
         ModelSpec::from_toml(&text).map_err(|e| bad(format!("model `{}`: {e}", self.model)))

@@ -81,7 +81,9 @@ impl Federation {
                 self.min_clients, self.clients_per_round
             ));
         }
-        for (name, v) in [("round_timeout_secs", self.round_timeout_secs), ("wait_for_clients_secs", self.wait_for_clients_secs)] {
+        for (name, v) in
+            [("round_timeout_secs", self.round_timeout_secs), ("wait_for_clients_secs", self.wait_for_clients_secs)]
+        {
             if !(v.is_finite() && v > 0.0 && v < 1e7) {
                 return Err(format!("federation.{name} = {v} must be a positive number of seconds"));
             }
@@ -143,7 +145,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("server.toml");
         std::fs::write(dir.path().join("m.toml"), cohort_common::specs::MNIST_2NN).unwrap();
-        std::fs::write(&path, "model = 'm.toml'\n[federation]\nrounds = 3\nclients_per_round = 2\nmin_clients = 5\n").unwrap();
+        std::fs::write(&path, "model = 'm.toml'\n[federation]\nrounds = 3\nclients_per_round = 2\nmin_clients = 5\n")
+            .unwrap();
         let err = ServerConfig::load(&path).err().unwrap().to_string();
         assert!(err.contains("server.toml") && err.contains("min_clients"), "{err}");
         std::fs::write(&path, "model = 'm.toml'\n[federation]\nrounds = 3\n[federation.train]\nlr = -1.0\n").unwrap();

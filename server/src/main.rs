@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "cohort-server", version, about = "Cohort aggregation server: the operator's CA, the federation and its records")]
+#[command(
+    name = "cohort-server",
+    version,
+    about = "Cohort aggregation server: the operator's CA, the federation and its records"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -105,7 +109,10 @@ fn main() -> Result<()> {
             pki::init(&paths, &name, &sans)?;
             Store::open(&paths.database())?;
             println!("created {} (CA, server certificate for {}, cohort.db)", state.display(), sans.join(", "));
-            println!("next: enroll clients with `cohort-server enroll --state {} --csr CLIENT.csr --out CLIENT.pem`", state.display());
+            println!(
+                "next: enroll clients with `cohort-server enroll --state {} --csr CLIENT.csr --out CLIENT.pem`",
+                state.display()
+            );
         }
         Command::Enroll { state, csr, out, client_id, bundle } => {
             let paths = StatePaths::new(&state);
@@ -113,11 +120,16 @@ fn main() -> Result<()> {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
             match (csr, out, client_id, bundle) {
                 (Some(csr), Some(out), None, None) => {
-                    let text = std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+                    let text =
+                        std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
                     let (id, cert) = pki::sign_csr(&paths, &text).with_context(|| format!("{}", csr.display()))?;
                     cohort_io::files::write_atomic(&out, cert.as_bytes())?;
                     store.enroll(&id, now)?;
-                    println!("enrolled `{id}`: certificate written to {}; give it and {} to the client", out.display(), paths.ca_cert().display());
+                    println!(
+                        "enrolled `{id}`: certificate written to {}; give it and {} to the client",
+                        out.display(),
+                        paths.ca_cert().display()
+                    );
                 }
                 (None, None, Some(id), Some(bundle)) => {
                     let pem = pki::make_bundle(&paths, &id)?;
@@ -139,18 +151,33 @@ fn main() -> Result<()> {
         Command::Status { state } => {
             let paths = StatePaths::new(&state);
             if !paths.database().exists() {
-                bail!("{} has no cohort.db; run `cohort-server init --state {}` first", state.display(), state.display());
+                bail!(
+                    "{} has no cohort.db; run `cohort-server init --state {}` first",
+                    state.display(),
+                    state.display()
+                );
             }
             let store = Store::open(&paths.database())?;
             let clients = store.clients()?;
             let rounds = store.rounds()?;
             let completed = rounds.iter().filter(|r| r.status == "completed").count();
             println!("state:    {}", state.display());
-            println!("clients:  {} enrolled, {} revoked", clients.iter().filter(|c| !c.revoked).count(), clients.iter().filter(|c| c.revoked).count());
-            println!("rounds:   {} recorded, {completed} completed, {} aborted", rounds.len(), rounds.len() - completed);
+            println!(
+                "clients:  {} enrolled, {} revoked",
+                clients.iter().filter(|c| !c.revoked).count(),
+                clients.iter().filter(|c| c.revoked).count()
+            );
+            println!(
+                "rounds:   {} recorded, {completed} completed, {} aborted",
+                rounds.len(),
+                rounds.len() - completed
+            );
             if let Some(last) = rounds.iter().rev().find(|r| r.status == "completed") {
                 let acc = last.test_accuracy.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
-                println!("last:     round {} ({} participants, {:.2} s, test accuracy {acc})", last.round, last.participants, last.seconds);
+                println!(
+                    "last:     round {} ({} participants, {:.2} s, test accuracy {acc})",
+                    last.round, last.participants, last.seconds
+                );
             }
         }
         Command::Rounds { state, json } => {
@@ -159,7 +186,10 @@ fn main() -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
             } else {
-                println!("{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9}", "round", "status", "cohort", "updates", "seconds", "accuracy", "loss");
+                println!(
+                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9}",
+                    "round", "status", "cohort", "updates", "seconds", "accuracy", "loss"
+                );
                 for r in rounds {
                     let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
                     println!(
@@ -179,7 +209,13 @@ fn main() -> Result<()> {
             let store = Store::open(&StatePaths::new(&state).database())?;
             println!("{:<24} {:>8} {:>7} {:>12}", "client", "revoked", "rounds", "last seen");
             for c in store.clients()? {
-                println!("{:<24} {:>8} {:>7} {:>12}", c.id, if c.revoked { "yes" } else { "no" }, c.rounds, c.last_seen.map_or("never".into(), |t| t.to_string()));
+                println!(
+                    "{:<24} {:>8} {:>7} {:>12}",
+                    c.id,
+                    if c.revoked { "yes" } else { "no" },
+                    c.rounds,
+                    c.last_seen.map_or("never".into(), |t| t.to_string())
+                );
             }
         }
         Command::Export { state, round, out } => {
@@ -187,11 +223,15 @@ fn main() -> Result<()> {
             let store = Store::open(&paths.database())?;
             let rounds = store.rounds()?;
             let row = match round {
-                Some(n) => rounds.iter().find(|r| r.round == n).with_context(|| format!("round {n} is not recorded in {}", state.display()))?,
+                Some(n) => rounds
+                    .iter()
+                    .find(|r| r.round == n)
+                    .with_context(|| format!("round {n} is not recorded in {}", state.display()))?,
                 None => rounds.iter().rev().find(|r| r.status == "completed").context("no completed round yet")?,
             };
             let Some(checkpoint) = &row.checkpoint else { bail!("round {} was aborted; it has no model", row.round) };
-            let bytes = std::fs::read(paths.dir.join(checkpoint)).with_context(|| format!("cannot read {checkpoint}"))?;
+            let bytes =
+                std::fs::read(paths.dir.join(checkpoint)).with_context(|| format!("cannot read {checkpoint}"))?;
             cohort_io::files::write_atomic(&out, &bytes)?;
             println!("wrote the global model after round {} to {}", row.round, out.display());
         }
@@ -227,7 +267,8 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use cohort_io::files::{write_atomic, write_secret, FileError};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +74,14 @@ pub fn init(state: &StatePaths, name: &str, sans: &[String]) -> Result<(), PkiEr
     if sans.is_empty() {
         return Err(PkiError::Invalid("give at least one --san (the host name or IP address clients dial)".into()));
     }
-    std::fs::create_dir_all(&state.dir).map_err(|source| FileError::Io { path: state.dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&state.dir)
+        .map_err(|source| FileError::Io { path: state.dir.display().to_string(), source })?;
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = dn(&format!("{name} Cohort CA"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
@@ -142,7 +144,9 @@ pub fn sign_csr(state: &StatePaths, csr_pem: &str) -> Result<(String, String), P
 /// operator, which `keygen` + `enroll --csr` avoids.
 pub fn make_bundle(state: &StatePaths, client_id: &str) -> Result<String, PkiError> {
     if !is_valid_id(client_id) {
-        return Err(PkiError::Invalid(format!("client id `{client_id}` must be 1-64 ASCII letters, digits, '-', '_' or '.'")));
+        return Err(PkiError::Invalid(format!(
+            "client id `{client_id}` must be 1-64 ASCII letters, digits, '-', '_' or '.'"
+        )));
     }
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -157,7 +161,8 @@ pub fn server_identity(state: &StatePaths) -> Result<cohort_io::Identity, PkiErr
     let cert = read(&state.server_cert())?;
     let key = read(&state.server_key())?;
     let ca = read(&state.ca_cert())?;
-    cohort_io::Identity::from_pem(cert.as_bytes(), key.as_bytes(), ca.as_bytes()).map_err(|e| PkiError::Invalid(e.to_string()))
+    cohort_io::Identity::from_pem(cert.as_bytes(), key.as_bytes(), ca.as_bytes())
+        .map_err(|e| PkiError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -177,7 +182,9 @@ mod tests {
         let key = key.serialize_pem();
         let (id, cert) = sign_csr(&state, &csr).unwrap();
         assert_eq!(id, "hospital-1");
-        let identity = cohort_io::Identity::from_pem(cert.as_bytes(), key.as_bytes(), read(&state.ca_cert()).unwrap().as_bytes()).unwrap();
+        let identity =
+            cohort_io::Identity::from_pem(cert.as_bytes(), key.as_bytes(), read(&state.ca_cert()).unwrap().as_bytes())
+                .unwrap();
         assert_eq!(identity.subject().unwrap(), "hospital-1");
         let bundle = cohort_io::Identity::from_bundle(make_bundle(&state, "bank-2").unwrap().as_bytes()).unwrap();
         assert_eq!(bundle.subject().unwrap(), "bank-2");

@@ -154,7 +154,8 @@ impl Server {
     pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
         setup.federation.check().map_err(ServeError::Config)?;
         let store = Store::open(&setup.state.database())?;
-        let endpoint = quinn::Endpoint::server(cohort_io::server_config(&setup.identity)?, setup.listen).map_err(NetError::Bind)?;
+        let endpoint = quinn::Endpoint::server(cohort_io::server_config(&setup.identity)?, setup.listen)
+            .map_err(NetError::Bind)?;
         Ok(Self { endpoint, setup, store: Arc::new(Mutex::new(store)), registry: Arc::default() })
     }
 
@@ -166,7 +167,12 @@ impl Server {
     /// cleanly, when `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
         let accept_stop = shutdown.child_token();
-        let acceptor = tokio::spawn(accept_loop(self.endpoint.clone(), self.registry.clone(), self.store.clone(), accept_stop.clone()));
+        let acceptor = tokio::spawn(accept_loop(
+            self.endpoint.clone(),
+            self.registry.clone(),
+            self.store.clone(),
+            accept_stop.clone(),
+        ));
         let result = self.run_rounds(&shutdown).await;
         accept_stop.cancel();
         let _ = acceptor.await;
@@ -214,7 +220,11 @@ impl Server {
             return Ok(reports);
         }
         if have < first_wait {
-            return Err(ServeError::NotEnoughClients { connected: have, needed: first_wait, waited: fed.wait_for_clients_secs });
+            return Err(ServeError::NotEnoughClients {
+                connected: have,
+                needed: first_wait,
+                waited: fed.wait_for_clients_secs,
+            });
         }
 
         for round_no in last_round + 1..=fed.rounds {
@@ -223,7 +233,11 @@ impl Server {
                 break;
             }
             if have < fed.min_clients {
-                return Err(ServeError::NotEnoughClients { connected: have, needed: fed.min_clients, waited: fed.wait_for_clients_secs });
+                return Err(ServeError::NotEnoughClients {
+                    connected: have,
+                    needed: fed.min_clients,
+                    waited: fed.wait_for_clients_secs,
+                });
             }
             let started = Instant::now();
             let started_at = unix_now();
@@ -240,7 +254,8 @@ impl Server {
             let frame = Arc::new(wire::encode(&plan).map_err(NetError::from)?);
             let collector: Box<dyn Collector> = Box::new(PlainCollector::new(param_len));
             let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
-            let mut round = Round::new(round_no, cohort.clone(), started, timeout, param_len, fed.min_clients, collector);
+            let mut round =
+                Round::new(round_no, cohort.clone(), started, timeout, param_len, fed.min_clients, collector);
             debug!(round = round_no, cohort = ?cohort, "round starts");
 
             // Each member gets the plan on a new stream and answers on it.
@@ -291,7 +306,10 @@ impl Server {
             }
             asks.abort_all();
             if interrupted {
-                info!(round = round_no, "shutdown requested: the round is abandoned and not recorded; it reruns after a restart");
+                info!(
+                    round = round_no,
+                    "shutdown requested: the round is abandoned and not recorded; it reruns after a restart"
+                );
                 break;
             }
 
@@ -299,7 +317,9 @@ impl Server {
             let collected = started.elapsed();
             match round.finish() {
                 Ok(outcome) => {
-                    strategy.apply(&mut global, &outcome.aggregate.mean_delta).map_err(|e| ServeError::Config(e.to_string()))?;
+                    strategy
+                        .apply(&mut global, &outcome.aggregate.mean_delta)
+                        .map_err(|e| ServeError::Config(e.to_string()))?;
                     model.set_flat(&global)?;
                     let relative = format!("checkpoints/round-{round_no:06}.safetensors");
                     files::write_atomic(&self.setup.state.checkpoint(round_no), &model.to_safetensors()?)?;
@@ -317,7 +337,12 @@ impl Server {
                     };
                     // Recorded before evaluation: a crash during evaluation loses no round.
                     self.record(&report, started_at, Some(relative), &outcome.reported)?;
-                    debug!(round = round_no, collect_s = collected.as_secs_f64(), total_s = report.seconds, "round saved");
+                    debug!(
+                        round = round_no,
+                        collect_s = collected.as_secs_f64(),
+                        total_s = report.seconds,
+                        "round saved"
+                    );
                     // Evaluation overlaps the next round's training; it is joined before that
                     // round changes the model.
                     let evaluation = test_data.as_ref().map(|data| {
@@ -384,7 +409,12 @@ impl Server {
                 loss = format!("{:.4}", m.loss),
                 "round complete"
             ),
-            None => info!(round = report.round, completed = report.completed, participants = report.participants, "round finished"),
+            None => info!(
+                round = report.round,
+                completed = report.completed,
+                participants = report.participants,
+                "round finished"
+            ),
         }
         if let Some(events) = &self.setup.events {
             let _ = events.send(report.clone());
@@ -392,7 +422,13 @@ impl Server {
         reports.push(report);
     }
 
-    fn record(&self, r: &RoundReport, started_at: i64, checkpoint: Option<String>, participants: &[ClientId]) -> Result<(), ServeError> {
+    fn record(
+        &self,
+        r: &RoundReport,
+        started_at: i64,
+        checkpoint: Option<String>,
+        participants: &[ClientId],
+    ) -> Result<(), ServeError> {
         let row = RoundRow {
             round: r.round,
             started_at,
@@ -422,7 +458,12 @@ async fn ask(conn: &quinn::Connection, frame: &[u8], cap: usize) -> Result<Clien
     recv_msg(&mut recv, cap).await
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, registry: Arc<Registry>, store: Arc<Mutex<Store>>, stop: CancellationToken) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    store: Arc<Mutex<Store>>,
+    stop: CancellationToken,
+) {
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -445,7 +486,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, registry: Arc<Registry>, store: 
 
 /// Authenticates a connection (the TLS handshake already checked the certificate against the
 /// CA), exchanges hello/welcome, and keeps the client registered while it stays connected.
-async fn serve_connection(incoming: quinn::Incoming, registry: Arc<Registry>, store: Arc<Mutex<Store>>) -> Result<(), NetError> {
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    registry: Arc<Registry>,
+    store: Arc<Mutex<Store>>,
+) -> Result<(), NetError> {
     let remote = incoming.remote_address();
     let conn = incoming.await.map_err(|e| {
         debug!(%remote, "handshake failed: {e}");
@@ -472,7 +517,11 @@ async fn serve_connection(incoming: quinn::Incoming, registry: Arc<Registry>, st
         revoked
     };
     if revoked {
-        send_msg(&mut send, &ServerMsg::Refused { reason: format!("client `{id}` is revoked; ask the operator to enroll it again") }).await?;
+        send_msg(
+            &mut send,
+            &ServerMsg::Refused { reason: format!("client `{id}` is revoked; ask the operator to enroll it again") },
+        )
+        .await?;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         conn.close(3u32.into(), b"revoked");

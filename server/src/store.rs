@@ -133,7 +133,13 @@ impl Store {
             .map_err(self.wrap())?;
         let rows = stmt
             .query_map([], |r| {
-                Ok(ClientRow { id: r.get(0)?, enrolled_at: r.get(1)?, revoked: r.get::<_, i64>(2)? == 1, last_seen: r.get(3)?, rounds: r.get(4)? })
+                Ok(ClientRow {
+                    id: r.get(0)?,
+                    enrolled_at: r.get(1)?,
+                    revoked: r.get::<_, i64>(2)? == 1,
+                    last_seen: r.get(3)?,
+                    rounds: r.get(4)?,
+                })
             })
             .map_err(self.wrap())?
             .collect::<Result<Vec<_>, _>>()
@@ -176,7 +182,14 @@ impl Store {
     }
 
     /// Adds the test-set metrics of a recorded round.
-    pub fn set_test_metrics(&self, round: u64, accuracy: f64, loss: f64, balanced: f64, macro_f1: f64) -> Result<(), StoreError> {
+    pub fn set_test_metrics(
+        &self,
+        round: u64,
+        accuracy: f64,
+        loss: f64,
+        balanced: f64,
+        macro_f1: f64,
+    ) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "UPDATE rounds SET test_accuracy = ?2, test_loss = ?3, balanced_accuracy = ?4, macro_f1 = ?5 WHERE round = ?1",
@@ -222,7 +235,8 @@ impl Store {
     /// The last round number recorded (completed or aborted) and the last completed round
     /// with its checkpoint.
     pub fn resume_point(&self) -> Result<(u64, Option<(u64, String)>), StoreError> {
-        let last: Option<i64> = self.conn.query_row("SELECT MAX(round) FROM rounds", [], |r| r.get(0)).map_err(self.wrap())?;
+        let last: Option<i64> =
+            self.conn.query_row("SELECT MAX(round) FROM rounds", [], |r| r.get(0)).map_err(self.wrap())?;
         let done: Option<(i64, String)> = self
             .conn
             .query_row(

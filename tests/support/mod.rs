@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cohort::client::config::Backoff;
-use cohort::client::daemon::{self, ClientEvent, ClientError, ClientSetup};
+use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup};
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
 use cohort::common::participant::Participant;
