@@ -50,6 +50,8 @@ pub struct ClientSetup {
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request (a round plan: the whole model) may take to arrive once its stream opened.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs until `shutdown` is cancelled or the server refuses this client.
 pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
@@ -182,7 +184,9 @@ async fn answer(
     gate: Option<Arc<Semaphore>>,
     events: Option<mpsc::UnboundedSender<ClientEvent>>,
 ) -> Result<(), NetError> {
-    let msg: ServerMsg = recv_msg(&mut recv, MAX_FRAME_BYTES).await?;
+    let msg: ServerMsg = tokio::time::timeout(REQUEST_TIMEOUT, recv_msg(&mut recv, MAX_FRAME_BYTES))
+        .await
+        .map_err(|_| NetError::Stream(format!("the server's request did not arrive within {REQUEST_TIMEOUT:?}")))??;
     let ServerMsg::Plan(plan) = msg else {
         return Err(NetError::Stream(format!("unexpected request {msg:?}")));
     };

@@ -139,7 +139,8 @@ impl ModelSpec {
             return Err(invalid("heads", "a model needs at least one head".into()));
         }
         let mut seen = std::collections::HashSet::new();
-        let trunk_out = infer_shapes(&self.input_shape, &self.trunk, "trunk")?;
+        let mut params = 0usize;
+        let trunk_out = infer_shapes_counting(&self.input_shape, &self.trunk, "trunk", &mut params)?;
         for (i, head) in self.heads.iter().enumerate() {
             let place = format!("heads[{i}] ({})", head.name);
             if head.name.is_empty() || !head.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -154,7 +155,7 @@ impl ModelSpec {
             if !(head.loss_weight.is_finite() && head.loss_weight >= 0.0) {
                 return Err(invalid(&place, format!("loss_weight = {} must be finite and >= 0", head.loss_weight)));
             }
-            let out = infer_shapes(&trunk_out, &head.layers, &place)?;
+            let out = infer_shapes_counting(&trunk_out, &head.layers, &place, &mut params)?;
             if out.len() != 1 {
                 return Err(invalid(
                     &place,
@@ -168,10 +169,35 @@ impl ModelSpec {
     }
 }
 
+/// The largest model a spec may describe: its parameters must fit in one wire frame.
+pub const MAX_PARAMETERS: usize = crate::wire::MAX_FRAME_BYTES / 4 - (1 << 16);
+
+/// Parameters a layer adds for a given input shape (weights and biases).
+fn layer_parameters(shape: &[usize], layer: &LayerSpec) -> usize {
+    match layer {
+        LayerSpec::Linear { out } => shape.first().map_or(0, |i| i.saturating_mul(*out).saturating_add(*out)),
+        LayerSpec::Conv2d { out_channels, kernel, .. } => shape.first().map_or(0, |c| {
+            c.saturating_mul(kernel.saturating_mul(*kernel)).saturating_mul(*out_channels).saturating_add(*out_channels)
+        }),
+        _ => 0,
+    }
+}
+
 fn infer_shapes(input: &[usize], layers: &[LayerSpec], place: &str) -> Result<Vec<usize>> {
+    infer_shapes_counting(input, layers, place, &mut 0)
+}
+
+fn infer_shapes_counting(input: &[usize], layers: &[LayerSpec], place: &str, params: &mut usize) -> Result<Vec<usize>> {
     let mut shape = input.to_vec();
     for (i, layer) in layers.iter().enumerate() {
         let err = |problem: String| ModelError::Invalid { place: format!("{place} layer {i} ({layer:?})"), problem };
+        *params = params.saturating_add(layer_parameters(&shape, layer));
+        if *params > MAX_PARAMETERS {
+            return Err(err(format!("the model would exceed {MAX_PARAMETERS} parameters")));
+        }
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 28) {
+            return Err(err(format!("activations of shape {shape:?} are too large")));
+        }
         shape = match layer {
             LayerSpec::Linear { out } => {
                 if shape.len() != 1 {
@@ -575,5 +601,9 @@ mod tests {
         let err =
             ModelSpec::from_toml("name='x'\ninput_shape=[4]\n[[trunk]]\nkind='linaer'\n").unwrap_err().to_string();
         assert!(err.contains("linaer"), "{err}");
+        let huge =
+            "name='x'\ninput_shape=[100000]\n[[trunk]]\nkind='linear'\nout=100000\n[[heads]]\nname='a'\nclasses=2";
+        let err = ModelSpec::from_toml(huge).unwrap_err().to_string();
+        assert!(err.contains("exceed"), "{err}");
     }
 }
