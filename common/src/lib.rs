@@ -11,6 +11,7 @@
 //! - [`train`]: local SGD, cross-entropy, evaluation metrics.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
 //! - [`participant`]: the client's side of a round (plan in, update out).
+//! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role.
 //! - [`round`]: the server's round state machine and the collection seam.
 //! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi).
 //!
@@ -25,6 +26,7 @@ pub mod data;
 pub mod model;
 pub mod participant;
 pub mod round;
+pub mod secagg;
 pub mod strategy;
 pub mod train;
 pub mod wire;
