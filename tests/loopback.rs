@@ -46,6 +46,7 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
         train: fed.train.clone(),
         seed: plan_seed(fed.seed, 1),
         deadline_ms: 1000,
+        secure: None,
     };
     let mut expected = vec![0f64; initial.len()];
     let total: f64 = sizes.iter().map(|&(_, n)| n as f64).sum();
@@ -76,9 +77,7 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
     assert_eq!(store.clients().unwrap().iter().map(|c| c.rounds).sum::<i64>(), 3);
 
     server.task.await.unwrap().unwrap();
-    for c in clients {
-        c.stop().await;
-    }
+    RunningClient::stop_all(clients).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,9 +164,7 @@ async fn a_killed_client_and_a_hung_client_are_left_out_and_the_others_go_on() {
     assert!(second.completed);
     assert!(second.participants >= 2, "{second:?}");
     hung_task.abort();
-    for c in steady {
-        c.stop().await;
-    }
+    RunningClient::stop_all(steady).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

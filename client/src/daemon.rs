@@ -47,15 +47,42 @@ pub struct ClientSetup {
     /// Limits how many clients of one process train at once (simulations).
     pub train_gate: Option<Arc<Semaphore>>,
     pub events: Option<mpsc::UnboundedSender<ClientEvent>>,
+    /// Simulated crashes (scenarios and tests): asked after each reply is sent; `true` drops
+    /// the connection abruptly, as a crashed process would. The daemon then reconnects.
+    pub fault: Option<FaultHook>,
+}
+
+/// Which reply a client has just sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Update,
+    Advert,
+    Shares,
+    Masked,
+    Unmask,
+}
+
+/// Decides, after a reply of `Step` in `round`, whether the client crashes now.
+pub type FaultHook = Arc<dyn Fn(u64, Step) -> bool + Send + Sync>;
+
+/// What the per-request handlers share.
+#[derive(Clone)]
+struct Hooks {
+    gate: Option<Arc<Semaphore>>,
+    events: Option<mpsc::UnboundedSender<ClientEvent>>,
+    fault: Option<FaultHook>,
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const SERVER_SHUTDOWN: &str = "the server shut down";
 /// How long a request (a round plan: the whole model) may take to arrive once its stream opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs until `shutdown` is cancelled or the server refuses this client.
 pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events } = setup;
+    let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events, fault } =
+        setup;
+    let hooks = Hooks { gate: train_gate, events: events.clone(), fault };
     let client_config = cohort_io::client_config(&identity)?;
     let bind: SocketAddr =
         if server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
@@ -83,12 +110,12 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
                 attempt = 0;
                 info!(%server, "connected");
                 emit(ClientEvent::Connected);
-                let reason = serve(&conn, &participant, &train_gate, &events, &shutdown).await;
+                let reason = serve(&conn, &participant, &hooks, &shutdown).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
                 if shutdown.is_cancelled() {
                     break Ok(());
                 }
-                if reason.contains("server shutting down") {
+                if reason.starts_with(SERVER_SHUTDOWN) {
                     info!("the server shut down; reconnecting until it is back");
                 } else {
                     warn!("connection lost ({reason}); reconnecting");
@@ -108,7 +135,8 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
         }
     };
     endpoint.close(0u32.into(), b"client shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // Long enough for the goodbye to reach the server; not for a handshake that never answers.
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     result
 }
 
@@ -147,8 +175,7 @@ async fn connect(
 async fn serve(
     conn: &quinn::Connection,
     participant: &Arc<Mutex<Participant>>,
-    train_gate: &Option<Arc<Semaphore>>,
-    events: &Option<mpsc::UnboundedSender<ClientEvent>>,
+    hooks: &Hooks,
     shutdown: &CancellationToken,
 ) -> String {
     // Handlers live in this set: when the daemon stops, they stop with it.
@@ -158,13 +185,15 @@ async fn serve(
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let participant = participant.clone();
-                    let gate = train_gate.clone();
-                    let events = events.clone();
+                    let (hooks, conn) = (hooks.clone(), conn.clone());
                     handlers.spawn(async move {
-                        if let Err(e) = answer(send, recv, participant, gate, events).await {
+                        if let Err(e) = answer(send, recv, participant, &hooks, &conn).await {
                             warn!("request failed: {e}");
                         }
                     });
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into() => {
+                    return format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason));
                 }
                 Err(e) => return e.to_string(),
             },
@@ -181,40 +210,65 @@ async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     participant: Arc<Mutex<Participant>>,
-    gate: Option<Arc<Semaphore>>,
-    events: Option<mpsc::UnboundedSender<ClientEvent>>,
+    hooks: &Hooks,
+    conn: &quinn::Connection,
 ) -> Result<(), NetError> {
     let msg: ServerMsg = tokio::time::timeout(REQUEST_TIMEOUT, recv_msg(&mut recv, MAX_FRAME_BYTES))
         .await
         .map_err(|_| NetError::Stream(format!("the server's request did not arrive within {REQUEST_TIMEOUT:?}")))??;
-    let ServerMsg::Plan(plan) = msg else {
-        return Err(NetError::Stream(format!("unexpected request {msg:?}")));
+    let round = match &msg {
+        ServerMsg::Plan(p) => p.round,
+        ServerMsg::Adverts { round, .. } | ServerMsg::Shares { round, .. } | ServerMsg::Unmask { round, .. } => *round,
+        other => return Err(NetError::Stream(format!("unexpected request {other:?}"))),
     };
-    let round = plan.round;
-    if let Some(tx) = &events {
-        let _ = tx.send(ClientEvent::PlanReceived { round });
+    let is_plan = matches!(msg, ServerMsg::Plan(_));
+    if is_plan {
+        if let Some(tx) = &hooks.events {
+            let _ = tx.send(ClientEvent::PlanReceived { round });
+        }
     }
-    let _permit = match &gate {
-        Some(g) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
-        None => None,
+    // Only training waits for the gate; the secure-aggregation phases are quick.
+    let _permit = match (&hooks.gate, is_plan) {
+        (Some(g), true) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
+        _ => None,
     };
-    let outcome = tokio::task::spawn_blocking(move || participant.lock().expect("participant lock").handle_plan(&plan))
+    let shared = participant.clone();
+    let outcome = tokio::task::spawn_blocking(move || shared.lock().expect("participant lock").handle(&msg, &mut rand::rng()))
         .await
         .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
     let reply = match outcome {
-        Ok(update) => {
-            info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
-            ClientMsg::Update(update)
+        Ok(reply) => {
+            if let ClientMsg::Update(update) = &reply {
+                info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
+            }
+            reply
         }
         Err(e) => {
             warn!(round, "declining the round: {e}");
             ClientMsg::Decline { round, reason: e.to_string() }
         }
     };
+    let step = match &reply {
+        ClientMsg::Update(_) => Some(Step::Update),
+        ClientMsg::Advert { .. } => Some(Step::Advert),
+        ClientMsg::Shares { .. } => Some(Step::Shares),
+        ClientMsg::Masked { .. } => Some(Step::Masked),
+        ClientMsg::Unmask { .. } => Some(Step::Unmask),
+        _ => None,
+    };
     send_msg(&mut send, &reply).await?;
     let _ = send.finish();
-    if let Some(tx) = &events {
+    if let Some(tx) = &hooks.events {
         let _ = tx.send(ClientEvent::UpdateSent { round });
+    }
+    if let (Some(fault), Some(step)) = (&hooks.fault, step) {
+        if fault(round, step) {
+            // Let the reply leave, then vanish without a goodbye.
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            warn!(round, ?step, "simulated crash");
+            participant.lock().expect("participant lock").abandon_round();
+            conn.close(99u32.into(), b"simulated crash");
+        }
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ pub mod daemon;
 
 use std::sync::Arc;
 
-use cohort_common::participant::Participant;
+use cohort_common::participant::{Participant, SecureKeys};
 
 pub mod device {
     //! Which device trains: `auto`, `cpu` or `cuda:N`.
@@ -103,10 +103,20 @@ pub enum SetupError {
     Address { addr: String, problem: String },
 }
 
+/// The keys a client needs for secure aggregation: its certificate key signs its key adverts,
+/// and its CA checks its neighbours'.
+pub fn secure_keys(identity: &cohort_io::Identity) -> Result<SecureKeys, cohort_io::NetError> {
+    Ok(SecureKeys {
+        signer: Arc::new(cohort_io::secagg_keys::CertSigner::new(identity)?),
+        verifier: Arc::new(cohort_io::secagg_keys::CaVerifier::new(identity)),
+    })
+}
+
 /// Loads the identity, data and device a config names and resolves the server address.
 pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::ClientSetup, SetupError> {
     let identity = config.identity.load()?;
     let id = identity.subject()?;
+    let keys = secure_keys(&identity)?;
     let data = config.data.load()?;
     let (device, device_name) = device::select(&config.device)?;
     if let Some(dir) = &config.state_dir {
@@ -122,10 +132,11 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         identity,
         server,
         server_name: config.server_name(),
-        participant: Participant::new(id, Arc::new(data), device),
+        participant: Participant::new(id, Arc::new(data), device).with_secure_keys(keys),
         device_name,
         backoff: config.reconnect,
         train_gate: None,
         events: None,
+        fault: None,
     })
 }

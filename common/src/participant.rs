@@ -11,10 +11,13 @@ use std::time::Instant;
 
 use candle_core::Device;
 
+use rand::CryptoRng;
+
 use crate::data::Dataset;
 use crate::model::{Model, ModelError, ModelSpec};
+use crate::secagg::{self, AdvertSigner, PeerVerifier, SecAggClient, SecAggError};
 use crate::train::{self, DeviceData, TrainError};
-use crate::wire::{RoundPlan, TensorBytes, Update, WireError};
+use crate::wire::{ClientMsg, RoundPlan, ServerMsg, TensorBytes, Update, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParticipantError {
@@ -25,6 +28,8 @@ pub enum ParticipantError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] SecAggError),
 }
 
 impl From<WireError> for ParticipantError {
@@ -39,17 +44,99 @@ struct Local {
     data: DeviceData,
 }
 
+/// The certificate key that signs this client's key adverts, and the check of its neighbours'.
+#[derive(Clone)]
+pub struct SecureKeys {
+    pub signer: Arc<dyn AdvertSigner + Send + Sync>,
+    pub verifier: Arc<dyn PeerVerifier + Send + Sync>,
+}
+
+/// A secure round in progress: the protocol state and the encoded update it will mask.
+struct SecureRound {
+    client: SecAggClient,
+    input: Vec<u64>,
+}
+
 /// One client's training state.
 pub struct Participant {
     id: String,
     data: Arc<Dataset>,
     device: Device,
     local: Option<Local>,
+    keys: Option<SecureKeys>,
+    secure: Option<SecureRound>,
 }
 
 impl Participant {
     pub fn new(id: impl Into<String>, data: Arc<Dataset>, device: Device) -> Self {
-        Self { id: id.into(), data, device, local: None }
+        Self { id: id.into(), data, device, local: None, keys: None, secure: None }
+    }
+
+    /// Enables secure aggregation with these keys.
+    pub fn with_secure_keys(mut self, keys: SecureKeys) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Answers one server request: a plan (train, then an update or, in a secure round, a key
+    /// advert) or a secure-aggregation phase. An error means the client declines the round.
+    pub fn handle(&mut self, msg: &ServerMsg, rng: &mut impl CryptoRng) -> Result<ClientMsg, ParticipantError> {
+        match msg {
+            ServerMsg::Plan(plan) => {
+                self.secure = None;
+                let update = self.handle_plan(plan)?;
+                let Some(secure) = &plan.secure else { return Ok(ClientMsg::Update(update)) };
+                let keys = self.keys.as_ref().ok_or_else(|| {
+                    ParticipantError::BadPlan("the round is secure but this client has no certificate key to sign with".into())
+                })?;
+                let delta = update.delta.to_f32()?;
+                if secure.setup.vector_len != delta.len() + 1 {
+                    return Err(ParticipantError::BadPlan(format!(
+                        "secure vector length {} does not fit {} parameters plus the weight",
+                        secure.setup.vector_len,
+                        delta.len()
+                    )));
+                }
+                let quantizer = secure.setup.params.quantizer;
+                let input = secagg::encode_weighted(&delta, update.samples, secure.sample_cap, &quantizer, rng);
+                let (client, advert) = SecAggClient::start(&self.id, secure.setup.clone(), keys.signer.as_ref(), rng)?;
+                self.secure = Some(SecureRound { client, input });
+                Ok(ClientMsg::Advert { round: plan.round, advert })
+            }
+            ServerMsg::Adverts { round, adverts } => {
+                let verifier = self.keys.as_ref().map(|k| k.verifier.clone());
+                let s = self.secure_round(*round)?;
+                let verifier = verifier.ok_or_else(|| ParticipantError::BadPlan("no verifier".into()))?;
+                let shares = s.client.handle_adverts(adverts, verifier.as_ref(), rng)?;
+                Ok(ClientMsg::Shares { round: *round, shares })
+            }
+            ServerMsg::Shares { round, shares } => {
+                let s = self.secure_round(*round)?;
+                let input = s.client.handle_shares(shares, &s.input)?;
+                Ok(ClientMsg::Masked { round: *round, input })
+            }
+            ServerMsg::Unmask { round, request } => {
+                let s = self.secure_round(*round)?;
+                let reply = s.client.handle_unmask(request);
+                self.secure = None;
+                Ok(ClientMsg::Unmask { round: *round, reply: reply? })
+            }
+            ServerMsg::Welcome { .. } | ServerMsg::Refused { .. } => {
+                Err(ParticipantError::BadPlan(format!("unexpected request {msg:?}")))
+            }
+        }
+    }
+
+    /// Forgets the secure round in progress (what a crash or restart loses).
+    pub fn abandon_round(&mut self) {
+        self.secure = None;
+    }
+
+    fn secure_round(&mut self, round: u64) -> Result<&mut SecureRound, ParticipantError> {
+        match &mut self.secure {
+            Some(s) if s.client.round() == round => Ok(s),
+            _ => Err(ParticipantError::BadPlan(format!("no secure round {round} in progress"))),
+        }
     }
 
     pub fn samples(&self) -> u64 {
@@ -122,6 +209,7 @@ mod tests {
             train: TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
             seed: 1,
             deadline_ms: 1000,
+            secure: None,
         }
     }
 

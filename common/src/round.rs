@@ -39,6 +39,8 @@ pub enum RoundError {
     Peer { client: ClientId, problem: String },
     #[error("round {round} got {got} usable updates, fewer than the minimum of {min}; the global model is unchanged")]
     TooFew { round: u64, got: usize, min: usize },
+    #[error("round {round} aborted: {reason}; the global model is unchanged")]
+    Aborted { round: u64, reason: String },
 }
 
 /// Picks `wanted` clients uniformly at random without replacement (all of them if fewer).
@@ -150,7 +152,8 @@ pub struct RoundOutcome {
     pub aggregate: Aggregate,
     pub reported: Vec<ClientId>,
     pub dropped: Vec<(ClientId, String)>,
-    pub mean_train_loss: f32,
+    /// Mean of the clients' training losses (plain collection only: a secure round reveals none).
+    pub mean_train_loss: Option<f32>,
 }
 
 pub struct Round {
@@ -277,7 +280,7 @@ impl Round {
         let aggregate = self.collector.finish().ok_or(too_few)?;
         Ok(RoundOutcome {
             round: self.number,
-            mean_train_loss: (loss / reported.len() as f64) as f32,
+            mean_train_loss: Some((loss / reported.len() as f64) as f32),
             aggregate,
             reported,
             dropped,

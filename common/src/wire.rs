@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secagg::{KeyAdvert, MaskedInput, SealedShares, SecAggSetup, UnmaskReply, UnmaskRequest};
 use crate::train::TrainConfig;
 
 /// The protocol version this build speaks. Peers with another version are refused.
@@ -96,6 +97,16 @@ pub struct RoundPlan {
     pub seed: u64,
     /// Milliseconds the client has from receiving the plan to deliver its update.
     pub deadline_ms: u64,
+    /// Present when the round uses secure aggregation: the client answers with a key advert.
+    pub secure: Option<SecurePlan>,
+}
+
+/// How a secure round encodes and masks updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecurePlan {
+    pub setup: SecAggSetup,
+    /// The sample count that gives a client the full weight 1 (public, so weights stay in [0, 1]).
+    pub sample_cap: u64,
 }
 
 /// A client's contribution to one round.
@@ -118,6 +129,12 @@ pub enum ServerMsg {
     Plan(RoundPlan),
     /// The server refuses the client (wrong version, revoked, duplicate connection).
     Refused { reason: String },
+    /// Secure aggregation, phase 2: the neighbours' key adverts.
+    Adverts { round: u64, adverts: Vec<KeyAdvert> },
+    /// Phase 3: the shares the neighbours sealed for this client.
+    Shares { round: u64, shares: Vec<SealedShares> },
+    /// Phase 4: who survived and who dropped.
+    Unmask { round: u64, request: UnmaskRequest },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,10 +146,15 @@ pub enum ClientMsg {
     },
     Update(Update),
     /// The client will not take part in this round (and says why).
-    Decline {
-        round: u64,
-        reason: String,
-    },
+    Decline { round: u64, reason: String },
+    /// Secure aggregation, phase 1: this client's signed keys (sent once it has trained).
+    Advert { round: u64, advert: KeyAdvert },
+    /// Phase 2: shares sealed for the neighbours.
+    Shares { round: u64, shares: Vec<SealedShares> },
+    /// Phase 3: the masked, quantized update.
+    Masked { round: u64, input: MaskedInput },
+    /// Phase 4: shares for unmasking.
+    Unmask { round: u64, reply: UnmaskReply },
 }
 
 fn bincode_config() -> impl bincode::config::Config {

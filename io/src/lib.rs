@@ -10,6 +10,7 @@
 //!   whose certificate the operator's CA did not sign.
 //! - [`peer_id`]: the client id (certificate subject CN) of an authenticated connection.
 //! - [`send_msg`] / [`recv_msg`]: one framed message on a QUIC stream, with a size cap.
+//! - [`secagg_keys`]: signing key adverts with the certificate key, checking neighbours against the CA.
 //! - [`files`]: data sets named in configuration files (IDX or CSV, gzipped or not), TOML
 //!   configuration read with the file named in every error, and atomic writes.
 //!
@@ -21,6 +22,7 @@
 //! ```
 
 pub mod files;
+pub mod secagg_keys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,7 +89,7 @@ pub fn classify(e: quinn::ConnectionError) -> NetError {
 /// A certificate chain, its key and the CA that peers must be signed by.
 pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    pub(crate) key: PrivateKeyDer<'static>,
     pub ca: CertificateDer<'static>,
 }
 

@@ -169,15 +169,18 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         let bundle = pki::make_bundle(&state, &id).map_err(|e| RunError::Setup(e.to_string()))?;
         let identity =
             cohort_io::Identity::from_bundle(bundle.as_bytes()).map_err(|e| RunError::Setup(e.to_string()))?;
+        let keys = cohort_client::secure_keys(&identity).map_err(|e| RunError::Setup(e.to_string()))?;
         let setup = ClientSetup {
             identity,
             server: addr,
             server_name: "localhost".into(),
-            participant: Participant::new(id, Arc::new(train.subset(part)), device.clone()),
+            participant: Participant::new(id, Arc::new(train.subset(part)), device.clone())
+                .with_secure_keys(keys),
             device_name: device_name.clone(),
             backoff: Backoff { initial_ms: 50, max_ms: 1000 },
             train_gate: Some(gate.clone()),
             events: None,
+            fault: None,
         };
         clients.push(tokio::spawn(daemon::run(setup, clients_stop.clone())));
     }

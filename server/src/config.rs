@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cohort_common::model::ModelSpec;
+use cohort_common::secagg::quantize::Quantizer;
+use cohort_common::secagg::{crypto, SecAggParams, SecAggSetup};
 use cohort_common::strategy::StrategyConfig;
 use cohort_common::train::TrainConfig;
 use cohort_io::files::{read_toml, DataSource, FileError};
@@ -29,9 +31,95 @@ fn wait_for_clients() -> f64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Collection {
-    /// The server sees each update: for debugging and comparison.
+    /// SecAgg+: the server learns only the sum of the cohort's updates.
     #[default]
+    Secure,
+    /// The server sees each update: for debugging and comparison only.
     Plain,
+}
+
+fn degree() -> usize {
+    8
+}
+fn threshold() -> usize {
+    5
+}
+fn tolerance() -> f64 {
+    0.3
+}
+fn bits() -> u32 {
+    32
+}
+fn clip() -> f64 {
+    4.0
+}
+fn sample_cap() -> u64 {
+    10_000
+}
+fn phase_timeout() -> f64 {
+    30.0
+}
+
+/// `[federation.secagg]`: secure aggregation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggConfig {
+    /// Neighbours per client (k); the graph is complete for cohorts of at most k + 1.
+    #[serde(default = "degree")]
+    pub degree: usize,
+    /// Shares needed to rebuild a secret (t): more than k / 2.
+    #[serde(default = "threshold")]
+    pub threshold: usize,
+    /// Fraction of a neighbourhood that may drop with the sum still exact.
+    #[serde(default = "tolerance")]
+    pub dropout_tolerance: f64,
+    /// Modulus 2^bits: 32 or 64.
+    #[serde(default = "bits")]
+    pub bits: u32,
+    /// Each coordinate of a weighted update is clipped to [-clip, clip] before quantization.
+    #[serde(default = "clip")]
+    pub clip: f64,
+    /// Sample count that earns a client the full FedAvg weight (weights = min(samples / cap, 1)).
+    #[serde(default = "sample_cap")]
+    pub sample_cap: u64,
+    /// Seconds each key-exchange and unmasking phase may take.
+    #[serde(default = "phase_timeout")]
+    pub phase_timeout_secs: f64,
+}
+
+impl Default for SecAggConfig {
+    fn default() -> Self {
+        Self {
+            degree: degree(),
+            threshold: threshold(),
+            dropout_tolerance: tolerance(),
+            bits: bits(),
+            clip: clip(),
+            sample_cap: sample_cap(),
+            phase_timeout_secs: phase_timeout(),
+        }
+    }
+}
+
+impl SecAggConfig {
+    /// The setup of one secure round for `cohort` (sorted) summing vectors of `vector_len`.
+    /// The scale is the largest that cannot wrap the modulus, halved for rounding headroom.
+    pub fn setup(&self, round: u64, cohort: Vec<String>, graph_seed: u64, vector_len: usize) -> SecAggSetup {
+        let n = cohort.len().max(1) as f64;
+        let scale = ((crypto::modulus_mask(self.bits) as f64) / (n * 2.0 * self.clip) / 2.0).floor().max(1.0);
+        SecAggSetup {
+            round,
+            params: SecAggParams {
+                threshold: self.threshold,
+                degree: self.degree,
+                dropout_tolerance: self.dropout_tolerance,
+                quantizer: Quantizer { bits: self.bits, clip: self.clip, scale },
+            },
+            cohort,
+            graph_seed,
+            vector_len,
+        }
+    }
 }
 
 /// The rounds of a federation; the `[federation]` table of `server.toml` and of scenarios.
@@ -61,6 +149,8 @@ pub struct Federation {
     #[serde(default)]
     pub collection: Collection,
     #[serde(default)]
+    pub secagg: SecAggConfig,
+    #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
     pub strategy: StrategyConfig,
@@ -89,6 +179,16 @@ impl Federation {
             }
         }
         self.train.check().map_err(|e| format!("federation.train: {e}"))?;
+        if self.collection == Collection::Secure {
+            let s = &self.secagg;
+            if !(s.phase_timeout_secs.is_finite() && s.phase_timeout_secs > 0.0) || s.sample_cap == 0 {
+                return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
+            }
+            let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
+            s.setup(0, cohort, 0, 1).check().map_err(|e| {
+                format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round)
+            })?;
+        }
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! Everything the round decides lives in `cohort-common`; this module moves bytes, keeps time,
 //! writes checkpoints and records rounds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,9 +11,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use candle_core::Device;
 use cohort_common::data::Dataset;
 use cohort_common::model::{Model, ModelSpec};
-use cohort_common::round::{cohort_seed, plan_seed, select_cohort, ClientId, Collector, PlainCollector, Poll, Round};
+use cohort_common::round::{
+    cohort_seed, plan_seed, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round, RoundError,
+    RoundOutcome,
+};
+use cohort_common::secagg::{weighted_mean_from_sum, SecAggServer};
 use cohort_common::train::{evaluate, DeviceData, Metrics};
-use cohort_common::wire::{self, ClientMsg, RoundPlan, ServerMsg, TensorBytes};
+use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, TensorBytes};
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
 use rand::SeedableRng;
 use serde::Serialize;
@@ -176,6 +180,7 @@ impl Server {
         let result = self.run_rounds(&shutdown).await;
         accept_stop.cancel();
         let _ = acceptor.await;
+        self.registry.clients.lock().expect("registry lock").clear();
         self.endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         result
@@ -210,8 +215,12 @@ impl Server {
         }
         let collection = match fed.collection {
             Collection::Plain => PlainCollector::new(0).describe(),
+            Collection::Secure => "secure (SecAgg+: the server learns only the sum of each cohort's updates)",
         };
         info!(addr = %self.local_addr(), model = %self.setup.spec.name, params = param_len, collection, "serving");
+        if fed.collection == Collection::Plain {
+            warn!("plain collection: the server sees every client's update; use it for debugging and comparison only");
+        }
 
         let first_wait = fed.start_after_clients.unwrap_or(fed.min_clients).max(fed.min_clients);
         let timeout = Duration::from_secs_f64(fed.wait_for_clients_secs);
@@ -243,79 +252,36 @@ impl Server {
             let started_at = unix_now();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(fed.seed, round_no));
             let cohort = select_cohort(&self.registry.ids(), fed.clients_per_round, &mut rng);
-            let plan = ServerMsg::Plan(RoundPlan {
+            let mut plan = RoundPlan {
                 round: round_no,
                 model_spec: spec_toml.clone(),
                 params: TensorBytes::from_f32(&global),
                 train: fed.train.clone(),
                 seed: plan_seed(fed.seed, round_no),
                 deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
-            });
-            let frame = Arc::new(wire::encode(&plan).map_err(NetError::from)?);
-            let collector: Box<dyn Collector> = Box::new(PlainCollector::new(param_len));
-            let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
-            let mut round =
-                Round::new(round_no, cohort.clone(), started, timeout, param_len, fed.min_clients, collector);
+                secure: None,
+            };
             debug!(round = round_no, cohort = ?cohort, "round starts");
-
-            // Each member gets the plan on a new stream and answers on it.
-            let update_cap = param_len * 4 + (1 << 20);
-            let deadline = tokio::time::Instant::from_std(round.deadline());
-            let (tx, mut rx) = mpsc::channel::<(ClientId, Result<ClientMsg, NetError>)>(cohort.len().max(1));
-            let mut asks = JoinSet::new();
-            for id in &cohort {
-                let Some(conn) = self.registry.connection(id) else {
-                    round.handle_dropout(id, "disconnected before the round started");
-                    continue;
-                };
-                let (frame, tx, id) = (frame.clone(), tx.clone(), id.clone());
-                asks.spawn(async move {
-                    let answer = tokio::time::timeout_at(deadline, ask(&conn, &frame, update_cap))
-                        .await
-                        .unwrap_or_else(|_| Err(NetError::Stream("missed the round deadline".into())));
-                    let _ = tx.send((id, answer)).await;
-                });
-            }
-            drop(tx);
-            if let Some(p) = pending.take() {
-                self.finish_report(p, &mut reports).await?;
-            }
-            let mut interrupted = false;
-            while let Poll::Collecting { until } = round.poll(Instant::now()) {
-                tokio::select! {
-                    answer = rx.recv() => match answer {
-                        Some((id, Ok(ClientMsg::Update(update)))) => {
-                            if let Err(e) = round.handle_update(&id, update) {
-                                warn!(round = round_no, "{e}");
-                            }
-                        }
-                        Some((id, Ok(ClientMsg::Decline { reason, .. }))) => round.handle_dropout(&id, format!("declined: {reason}")),
-                        Some((id, Ok(other))) => {
-                            warn!(round = round_no, client = %id, "protocol violation: expected an update, got {other:?}");
-                            round.handle_dropout(&id, "protocol violation");
-                        }
-                        Some((id, Err(e))) => {
-                            info!(round = round_no, client = %id, "dropped: {e}");
-                            round.handle_dropout(&id, e.to_string());
-                        }
-                        None => tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await,
-                    },
-                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
-                    _ = shutdown.cancelled() => { interrupted = true; break; }
+            let collected = match fed.collection {
+                Collection::Plain => {
+                    self.collect_plain(plan, &cohort, started, param_len, shutdown, &mut pending, &mut reports).await?
                 }
-            }
-            asks.abort_all();
-            if interrupted {
+                Collection::Secure => {
+                    let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, param_len + 1);
+                    plan.secure = Some(SecurePlan { setup, sample_cap: fed.secagg.sample_cap });
+                    self.collect_secure(plan, &cohort, param_len, shutdown, &mut pending, &mut reports).await?
+                }
+            };
+            let Some(collected_outcome) = collected else {
                 info!(
                     round = round_no,
                     "shutdown requested: the round is abandoned and not recorded; it reruns after a restart"
                 );
                 break;
-            }
-
+            };
             let cohort_size = cohort.len();
             let collected = started.elapsed();
-            match round.finish() {
+            match collected_outcome {
                 Ok(outcome) => {
                     strategy
                         .apply(&mut global, &outcome.aggregate.mean_delta)
@@ -330,7 +296,7 @@ impl Server {
                         participants: outcome.reported.len(),
                         dropped: outcome.dropped,
                         seconds: started.elapsed().as_secs_f64(),
-                        train_loss: Some(outcome.mean_train_loss as f64),
+                        train_loss: outcome.mean_train_loss.map(f64::from),
                         test: None,
                         eval_seconds: None,
                         note: String::new(),
@@ -377,6 +343,238 @@ impl Server {
             self.finish_report(p, &mut reports).await?;
         }
         Ok(reports)
+    }
+
+    /// Plain collection: every member answers the plan with its update. `None` when shut down.
+    #[allow(clippy::too_many_arguments)]
+    async fn collect_plain(
+        &self,
+        plan: RoundPlan,
+        cohort: &[ClientId],
+        started: Instant,
+        param_len: usize,
+        shutdown: &CancellationToken,
+        pending: &mut Option<PendingReport>,
+        reports: &mut Vec<RoundReport>,
+    ) -> Result<Option<Result<RoundOutcome, RoundError>>, ServeError> {
+        let fed = &self.setup.federation;
+        let round_no = plan.round;
+        let frame = Arc::new(wire::encode(&ServerMsg::Plan(plan)).map_err(NetError::from)?);
+        let collector: Box<dyn Collector> = Box::new(PlainCollector::new(param_len));
+        let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
+        let mut round = Round::new(round_no, cohort.to_vec(), started, timeout, param_len, fed.min_clients, collector);
+        let deadline = tokio::time::Instant::from_std(round.deadline());
+        let mut exchange = self.start_exchange(cohort.iter().map(|id| (id.clone(), frame.clone())), deadline, param_len * 4 + (1 << 20));
+        for (id, why) in exchange.unreachable.drain(..) {
+            round.handle_dropout(&id, why);
+        }
+        if let Some(p) = pending.take() {
+            self.finish_report(p, reports).await?;
+        }
+        while let Poll::Collecting { .. } = round.poll(Instant::now()) {
+            match exchange.next(shutdown).await {
+                Next::Reply(id, Ok(ClientMsg::Update(update))) => {
+                    if let Err(e) = round.handle_update(&id, update) {
+                        warn!(round = round_no, "{e}");
+                    }
+                }
+                Next::Reply(id, Ok(ClientMsg::Decline { reason, .. })) => round.handle_dropout(&id, format!("declined: {reason}")),
+                Next::Reply(id, Ok(other)) => {
+                    warn!(round = round_no, client = %id, "protocol violation: expected an update, got {other:?}");
+                    round.handle_dropout(&id, "protocol violation");
+                }
+                Next::Reply(id, Err(e)) => {
+                    info!(round = round_no, client = %id, "dropped: {e}");
+                    round.handle_dropout(&id, e.to_string());
+                }
+                Next::Deadline => break,
+                Next::Shutdown => return Ok(None),
+            }
+        }
+        Ok(Some(round.finish()))
+    }
+
+    /// Secure collection: the four SecAgg+ phases, each a request and answer per client.
+    async fn collect_secure(
+        &self,
+        plan: RoundPlan,
+        cohort: &[ClientId],
+        param_len: usize,
+        shutdown: &CancellationToken,
+        pending: &mut Option<PendingReport>,
+        reports: &mut Vec<RoundReport>,
+    ) -> Result<Option<Result<RoundOutcome, RoundError>>, ServeError> {
+        let fed = &self.setup.federation;
+        let round = plan.round;
+        let secure = plan.secure.clone().expect("a secure plan");
+        let quantizer = secure.setup.params.quantizer;
+        let mut dropped: BTreeMap<ClientId, String> = BTreeMap::new();
+        let abort = |why: String| Ok(Some(Err(RoundError::Aborted { round, reason: why })));
+        let mut server = match SecAggServer::new(secure.setup) {
+            Ok(s) => s,
+            Err(e) => return abort(e.to_string()),
+        };
+        let phase_timeout = Duration::from_secs_f64(fed.secagg.phase_timeout_secs);
+        let small_cap = 4 << 20;
+        let masked_cap = (param_len + 1) * 8 + (1 << 20);
+
+        // Phase 1: plans out, adverts back once each client has trained.
+        let frame = Arc::new(wire::encode(&ServerMsg::Plan(plan)).map_err(NetError::from)?);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(fed.round_timeout_secs);
+        let mut exchange = self.start_exchange(cohort.iter().map(|id| (id.clone(), frame.clone())), deadline, small_cap);
+        dropped.extend(exchange.unreachable.drain(..));
+        if let Some(p) = pending.take() {
+            self.finish_report(p, reports).await?;
+        }
+        let replies = exchange.collect_all(shutdown).await;
+        let Some(replies) = replies else { return Ok(None) };
+        for (id, reply) in replies {
+            match reply {
+                Ok(ClientMsg::Advert { round: r, advert }) if r == round => {
+                    if let Err(e) = server.handle_advert(&id, advert) {
+                        dropped.insert(id, e.to_string());
+                    }
+                }
+                other => {
+                    dropped.insert(id, describe(other, "a key advert"));
+                }
+            }
+        }
+        let adverts = match server.close_adverts() {
+            Ok(a) => a,
+            Err(e) => return abort(e.to_string()),
+        };
+
+        // Phase 2: neighbours' adverts out, sealed shares back.
+        let frames: Vec<(ClientId, Arc<Vec<u8>>)> = adverts
+            .into_iter()
+            .map(|(id, adverts)| Ok((id, Arc::new(wire::encode(&ServerMsg::Adverts { round, adverts })?))))
+            .collect::<Result<_, wire::WireError>>()
+            .map_err(NetError::from)?;
+        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else { return Ok(None) };
+        for (id, reply) in replies {
+            match reply {
+                Ok(ClientMsg::Shares { round: r, shares }) if r == round => {
+                    if let Err(e) = server.handle_shares(&id, shares) {
+                        dropped.insert(id, e.to_string());
+                    }
+                }
+                other => {
+                    dropped.insert(id, describe(other, "sealed shares"));
+                }
+            }
+        }
+        let inbox = match server.close_shares() {
+            Ok(i) => i,
+            Err(e) => return abort(e.to_string()),
+        };
+
+        // Phase 3: shares out, masked inputs back (summed as they arrive).
+        let frames: Vec<(ClientId, Arc<Vec<u8>>)> = inbox
+            .into_iter()
+            .map(|(id, shares)| Ok((id, Arc::new(wire::encode(&ServerMsg::Shares { round, shares })?))))
+            .collect::<Result<_, wire::WireError>>()
+            .map_err(NetError::from)?;
+        let Some(replies) = self.phase(frames, phase_timeout, masked_cap, shutdown, &mut dropped).await else { return Ok(None) };
+        for (id, reply) in replies {
+            match reply {
+                Ok(ClientMsg::Masked { round: r, input }) if r == round => {
+                    if let Err(e) = server.handle_masked(&id, input) {
+                        dropped.insert(id, e.to_string());
+                    }
+                }
+                other => {
+                    dropped.insert(id, describe(other, "a masked input"));
+                }
+            }
+        }
+        let request = match server.close_masked() {
+            Ok(r) => r,
+            Err(e) => return abort(e.to_string()),
+        };
+
+        // Phase 4: the unmask request out, shares back.
+        let frame = Arc::new(wire::encode(&ServerMsg::Unmask { round, request: request.clone() }).map_err(NetError::from)?);
+        let frames = request.survivors.iter().map(|id| (id.clone(), frame.clone())).collect();
+        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else { return Ok(None) };
+        for (id, reply) in replies {
+            match reply {
+                Ok(ClientMsg::Unmask { round: r, reply }) if r == round => {
+                    if let Err(e) = server.handle_unmask(&id, reply) {
+                        warn!(round, client = %id, "unmask reply refused: {e}");
+                    }
+                }
+                other => warn!(round, client = %id, "no unmask reply: {}", describe(other, "an unmask reply")),
+            }
+        }
+        let survivors = server.survivors();
+        let sum = match server.finish() {
+            Ok(sum) => sum,
+            Err(e) => return abort(e.to_string()),
+        };
+        if survivors.len() < fed.min_clients {
+            return Ok(Some(Err(RoundError::TooFew { round, got: survivors.len(), min: fed.min_clients })));
+        }
+        let Some((mean_delta, total_weight)) = weighted_mean_from_sum(&sum, survivors.len(), &quantizer) else {
+            return abort("the survivors' total weight is zero".into());
+        };
+        for id in &survivors {
+            dropped.remove(id);
+        }
+        for id in cohort {
+            if !survivors.contains(id) && !dropped.contains_key(id) {
+                dropped.insert(id.clone(), "dropped during secure aggregation".into());
+            }
+        }
+        Ok(Some(Ok(RoundOutcome {
+            round,
+            aggregate: Aggregate { mean_delta, total_weight, contributors: survivors.len() },
+            reported: survivors,
+            dropped: dropped.into_iter().collect(),
+            mean_train_loss: None,
+        })))
+    }
+
+    /// One secure-aggregation phase: sends each frame and waits for every answer or the timeout.
+    async fn phase(
+        &self,
+        frames: Vec<(ClientId, Arc<Vec<u8>>)>,
+        timeout: Duration,
+        cap: usize,
+        shutdown: &CancellationToken,
+        dropped: &mut BTreeMap<ClientId, String>,
+    ) -> Option<Vec<(ClientId, Result<ClientMsg, NetError>)>> {
+        let mut exchange = self.start_exchange(frames.into_iter(), tokio::time::Instant::now() + timeout, cap);
+        dropped.extend(exchange.unreachable.drain(..));
+        exchange.collect_all(shutdown).await
+    }
+
+    /// Sends each client its frame on a new stream and reads one answer each, until `deadline`.
+    fn start_exchange(
+        &self,
+        frames: impl Iterator<Item = (ClientId, Arc<Vec<u8>>)>,
+        deadline: tokio::time::Instant,
+        cap: usize,
+    ) -> Exchange {
+        let (tx, rx) = mpsc::channel(64);
+        let mut tasks = JoinSet::new();
+        let mut unreachable = Vec::new();
+        let mut expected = 0;
+        for (id, frame) in frames {
+            let Some(conn) = self.registry.connection(&id) else {
+                unreachable.push((id, "disconnected".to_string()));
+                continue;
+            };
+            expected += 1;
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                let answer = tokio::time::timeout_at(deadline, ask(&conn, &frame, cap))
+                    .await
+                    .unwrap_or_else(|_| Err(NetError::Stream("missed the round deadline".into())));
+                let _ = tx.send((id, answer)).await;
+            });
+        }
+        Exchange { rx, tasks, deadline, expected, unreachable }
     }
 
     /// Waits for a round's evaluation, records its metrics and publishes the report.
@@ -450,6 +648,59 @@ impl Server {
     }
 }
 
+/// Requests in flight to a set of clients.
+struct Exchange {
+    rx: mpsc::Receiver<(ClientId, Result<ClientMsg, NetError>)>,
+    /// Dropping the set aborts requests still waiting.
+    #[allow(dead_code)]
+    tasks: JoinSet<()>,
+    deadline: tokio::time::Instant,
+    expected: usize,
+    unreachable: Vec<(ClientId, String)>,
+}
+
+enum Next {
+    Reply(ClientId, Result<ClientMsg, NetError>),
+    Deadline,
+    Shutdown,
+}
+
+impl Exchange {
+    async fn next(&mut self, shutdown: &CancellationToken) -> Next {
+        if self.expected == 0 {
+            return Next::Deadline;
+        }
+        tokio::select! {
+            reply = self.rx.recv() => match reply {
+                Some((id, r)) => { self.expected -= 1; Next::Reply(id, r) }
+                None => Next::Deadline,
+            },
+            _ = tokio::time::sleep_until(self.deadline) => Next::Deadline,
+            _ = shutdown.cancelled() => Next::Shutdown,
+        }
+    }
+
+    /// Every answer (errors included) that arrives by the deadline; `None` on shutdown.
+    async fn collect_all(&mut self, shutdown: &CancellationToken) -> Option<Vec<(ClientId, Result<ClientMsg, NetError>)>> {
+        let mut replies = Vec::new();
+        loop {
+            match self.next(shutdown).await {
+                Next::Reply(id, r) => replies.push((id, r)),
+                Next::Deadline => return Some(replies),
+                Next::Shutdown => return None,
+            }
+        }
+    }
+}
+
+fn describe(reply: Result<ClientMsg, NetError>, wanted: &str) -> String {
+    match reply {
+        Ok(ClientMsg::Decline { reason, .. }) => format!("declined: {reason}"),
+        Ok(other) => format!("protocol violation: expected {wanted}, got {other:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Sends the plan on a new stream and waits for the answer.
 async fn ask(conn: &quinn::Connection, frame: &[u8], cap: usize) -> Result<ClientMsg, NetError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(cohort_io::classify)?;
@@ -481,7 +732,7 @@ async fn accept_loop(
             _ = stop.cancelled() => break,
         }
     }
-    tasks.abort_all();
+    tasks.shutdown().await;
 }
 
 /// Authenticates a connection (the TLS handshake already checked the certificate against the

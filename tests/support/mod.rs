@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cohort::client::config::Backoff;
-use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup};
+use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook};
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
 use cohort::common::participant::Participant;
@@ -52,6 +52,7 @@ pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
         wait_for_clients_secs: 20.0,
         seed: 42,
         collection: Collection::Plain,
+        secagg: Default::default(),
         train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, weight_decay: 0.0 },
         strategy: StrategyConfig::default(),
     }
@@ -84,16 +85,27 @@ pub struct RunningServer {
 
 pub fn start_server(ca: &Ca, listen: SocketAddr, federation: Federation, test_data: Option<Dataset>) -> RunningServer {
     let (tx, reports) = mpsc::unbounded_channel();
-    let server = Server::bind(ServeSetup {
-        state: StatePaths::new(ca.dir.path()),
-        identity: pki::server_identity(&ca.state).unwrap(),
-        listen,
-        spec: spec(),
-        federation,
-        test_data,
-        events: Some(tx),
-    })
-    .unwrap();
+    // A just-stopped server's socket can take a moment to be released: retry briefly.
+    let mut attempts = 0;
+    let server = loop {
+        let bound = Server::bind(ServeSetup {
+            state: StatePaths::new(ca.dir.path()),
+            identity: pki::server_identity(&ca.state).unwrap(),
+            listen,
+            spec: spec(),
+            federation: federation.clone(),
+            test_data: test_data.clone(),
+            events: Some(tx.clone()),
+        });
+        match bound {
+            Ok(server) => break server,
+            Err(e) if attempts < 50 && e.to_string().contains("in use") => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
@@ -107,17 +119,24 @@ pub struct RunningClient {
 }
 
 pub fn start_client(identity: Identity, addr: SocketAddr, data: Dataset) -> RunningClient {
+    start_client_with(identity, addr, data, None)
+}
+
+pub fn start_client_with(identity: Identity, addr: SocketAddr, data: Dataset, fault: Option<FaultHook>) -> RunningClient {
     let (tx, events) = mpsc::unbounded_channel();
     let id = identity.subject().unwrap();
+    let keys = cohort::client::secure_keys(&identity).unwrap();
     let setup = ClientSetup {
         identity,
         server: addr,
         server_name: "localhost".into(),
-        participant: Participant::new(id, Arc::new(data), Device::Cpu),
+        participant: Participant::new(id, Arc::new(data), Device::Cpu)
+            .with_secure_keys(keys),
         device_name: "cpu".into(),
         backoff: Backoff { initial_ms: 50, max_ms: 400 },
         train_gate: None,
         events: Some(tx),
+        fault,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(daemon::run(setup, shutdown.clone()));
@@ -143,6 +162,16 @@ impl RunningClient {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
     }
+
+    /// Stops many clients at once.
+    pub async fn stop_all(clients: Vec<RunningClient>) {
+        for c in &clients {
+            c.shutdown.cancel();
+        }
+        for c in clients {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.task).await;
+        }
+    }
 }
 
 pub async fn next_report(server: &mut RunningServer, secs: u64) -> RoundReport {
@@ -150,4 +179,11 @@ pub async fn next_report(server: &mut RunningServer, secs: u64) -> RoundReport {
         .await
         .expect("timed out waiting for a round")
         .expect("server stopped")
+}
+
+/// Shows the federation's logs when `RUST_LOG` is set.
+pub fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    }
 }

@@ -163,10 +163,52 @@ pub struct SealedShares {
     pub ciphertext: Vec<u8>,
 }
 
-/// Phase 3: a masked, quantized vector.
+/// Phase 3: a masked, quantized vector (raw little-endian `u64`s on the wire).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskedInput {
+    #[serde(with = "raw_u64")]
     pub values: Vec<u64>,
+}
+
+mod raw_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(values.len() * 8);
+        for v in values {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        s.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?;
+        if bytes.len() % 8 != 0 {
+            return Err(serde::de::Error::custom("masked input is not a whole number of u64 values"));
+        }
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+}
+
+/// Encodes a client's weighted update for a secure sum: `[w * delta..., w]`, quantized, where
+/// `w = min(samples / sample_cap, 1)`. The sum of these gives the weighted FedAvg numerator and
+/// denominator without revealing any one client's weight.
+pub fn encode_weighted(delta: &[f32], samples: u64, sample_cap: u64, quantizer: &Quantizer, rng: &mut impl rand::Rng) -> Vec<u64> {
+    let w = (samples as f64 / sample_cap.max(1) as f64).min(1.0) as f32;
+    let mut v: Vec<f32> = delta.iter().map(|d| d * w).collect();
+    v.push(w);
+    quantizer.encode(&v, rng)
+}
+
+/// The weighted mean from the secure sum of `survivors` encodings (see [`encode_weighted`]):
+/// returns the mean delta and the total weight, or `None` when the total weight is zero.
+pub fn weighted_mean_from_sum(sum: &[u64], survivors: usize, quantizer: &Quantizer) -> Option<(Vec<f32>, f64)> {
+    let decoded = quantizer.decode_sum(sum, survivors);
+    let (&total, values) = decoded.split_last()?;
+    if total <= 0.0 {
+        return None;
+    }
+    Some((values.iter().map(|v| (v / total) as f32).collect(), total))
 }
 
 impl std::fmt::Debug for MaskedInput {

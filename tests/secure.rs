@@ -1,0 +1,84 @@
+//! Secure aggregation over real QUIC: 10 clients, one crashes after sharing its keys and one
+//! after sending its masked input; the new global model is the weighted average of the updates
+//! the sum includes, within the quantization bound, and the server never saw one of them.
+
+mod support;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use cohort::client::daemon::{FaultHook, Step};
+use cohort::common::model::{flat_from_safetensors, Model};
+use cohort::common::participant::Participant;
+use cohort::common::round::plan_seed;
+use cohort::common::wire::{RoundPlan, TensorBytes};
+use cohort::server::config::{Collection, SecAggConfig};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
+    logs();
+    let ca = Ca::new();
+    let mut fed = federation(1, 10, 5);
+    fed.collection = Collection::Secure;
+    fed.secagg = SecAggConfig { degree: 8, threshold: 5, dropout_tolerance: 0.3, sample_cap: 100, ..Default::default() };
+    fed.round_timeout_secs = 30.0;
+    fed.secagg.phase_timeout_secs = 10.0;
+    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed.clone(), Some(dataset(300, 77)));
+
+    let sizes: Vec<(usize, usize)> = (0..10).map(|i| (i, 20 + 10 * i)).collect();
+    let crash_at = |step: Step| -> FaultHook { Arc::new(move |round, s| round == 1 && s == step) };
+    let clients: Vec<RunningClient> = sizes
+        .iter()
+        .map(|&(i, n)| {
+            let fault = match i {
+                3 => Some(crash_at(Step::Shares)),
+                7 => Some(crash_at(Step::Masked)),
+                _ => None,
+            };
+            start_client_with(ca.client(&format!("client-{i}")), server.addr, dataset(n, i as u64), fault)
+        })
+        .collect();
+
+    let report = next_report(&mut server, 90).await;
+    assert!(report.completed, "{report:?}");
+    let dropped: Vec<&str> = report.dropped.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(dropped, vec!["client-3"], "{:?}", report.dropped);
+    assert_eq!(report.participants, 9, "client-7's masked input is in the sum though it left before unmasking");
+    assert!(report.train_loss.is_none(), "a secure round reveals no client's loss");
+
+    // The same round computed here: the weighted mean of the nine included updates.
+    let initial = Model::new(&spec(), &Device::Cpu, fed.seed).unwrap().flat().unwrap();
+    let plan = RoundPlan {
+        round: 1,
+        model_spec: spec().to_toml(),
+        params: TensorBytes::from_f32(&initial),
+        train: fed.train.clone(),
+        seed: plan_seed(fed.seed, 1),
+        deadline_ms: 1000,
+        secure: None,
+    };
+    let mut numerator = vec![0f64; initial.len()];
+    let mut total = 0f64;
+    for &(i, n) in sizes.iter().filter(|(i, _)| *i != 3) {
+        let mut p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
+        let delta = p.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
+        let w = (n as f64 / 100.0).min(1.0);
+        total += w;
+        for (acc, d) in numerator.iter_mut().zip(&delta) {
+            *acc += w * *d as f64;
+        }
+    }
+    let expected: Vec<f64> = initial.iter().zip(&numerator).map(|(g, s)| *g as f64 + s / total).collect();
+    let checkpoint = std::fs::read(ca.state.checkpoint(1)).unwrap();
+    let model = Model::new(&spec(), &Device::Cpu, 0).unwrap();
+    let global = flat_from_safetensors(model.layout(), &checkpoint).unwrap();
+    let worst = global.iter().zip(&expected).map(|(g, e)| (*g as f64 - e).abs()).fold(0f64, f64::max);
+    // Quantization: 10 values per coordinate, each off by at most 1/scale (scale ~ 2.7e7),
+    // divided by the total weight (~5), plus f32 rounding of the model.
+    assert!(worst < 1e-5, "global model differs from the weighted average by {worst}");
+    assert!(initial.iter().zip(&global).any(|(a, b)| a != b), "the model moved");
+
+    server.task.await.unwrap().unwrap();
+    RunningClient::stop_all(clients).await;
+}
