@@ -83,11 +83,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
     let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events, fault } =
         setup;
     let hooks = Hooks { gate: train_gate, events: events.clone(), fault };
-    let client_config = cohort_io::client_config(&identity)?;
-    let bind: SocketAddr =
-        if server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(NetError::Bind)?;
-    endpoint.set_default_client_config(client_config);
+    let endpoint = cohort_io::client_endpoint(&identity, server.is_ipv6())?;
     let samples = participant.samples();
     let participant = Arc::new(Mutex::new(participant));
     let hello = ClientMsg::Hello { device: device_name, samples };
@@ -233,9 +229,10 @@ async fn answer(
         _ => None,
     };
     let shared = participant.clone();
-    let outcome = tokio::task::spawn_blocking(move || shared.lock().expect("participant lock").handle(&msg, &mut rand::rng()))
-        .await
-        .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
+    let outcome =
+        tokio::task::spawn_blocking(move || shared.lock().expect("participant lock").handle(&msg, &mut rand::rng()))
+            .await
+            .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
     let reply = match outcome {
         Ok(reply) => {
             if let ClientMsg::Update(update) = &reply {

@@ -87,7 +87,9 @@ impl Participant {
                 let update = self.handle_plan(plan)?;
                 let Some(secure) = &plan.secure else { return Ok(ClientMsg::Update(update)) };
                 let keys = self.keys.as_ref().ok_or_else(|| {
-                    ParticipantError::BadPlan("the round is secure but this client has no certificate key to sign with".into())
+                    ParticipantError::BadPlan(
+                        "the round is secure but this client has no certificate key to sign with".into(),
+                    )
                 })?;
                 let delta = update.delta.to_f32()?;
                 if secure.setup.vector_len != delta.len() + 1 {

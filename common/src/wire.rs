@@ -146,15 +146,30 @@ pub enum ClientMsg {
     },
     Update(Update),
     /// The client will not take part in this round (and says why).
-    Decline { round: u64, reason: String },
+    Decline {
+        round: u64,
+        reason: String,
+    },
     /// Secure aggregation, phase 1: this client's signed keys (sent once it has trained).
-    Advert { round: u64, advert: KeyAdvert },
+    Advert {
+        round: u64,
+        advert: KeyAdvert,
+    },
     /// Phase 2: shares sealed for the neighbours.
-    Shares { round: u64, shares: Vec<SealedShares> },
+    Shares {
+        round: u64,
+        shares: Vec<SealedShares>,
+    },
     /// Phase 3: the masked, quantized update.
-    Masked { round: u64, input: MaskedInput },
+    Masked {
+        round: u64,
+        input: MaskedInput,
+    },
     /// Phase 4: shares for unmasking.
-    Unmask { round: u64, reply: UnmaskReply },
+    Unmask {
+        round: u64,
+        reply: UnmaskReply,
+    },
 }
 
 fn bincode_config() -> impl bincode::config::Config {

@@ -196,6 +196,44 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Socket buffers for QUIC's UDP sockets. A round moves a model to and an update from every
+/// cohort member at once; the kernel's default (about 200 KiB) overflows under such a burst and
+/// the lost packets cost retransmission timeouts. Capped by `net.core.rmem_max` / `wmem_max`.
+pub const UDP_BUFFER_BYTES: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with large buffers, for `quinn::Endpoint::new`.
+pub fn bind_udp(addr: std::net::SocketAddr) -> Result<std::net::UdpSocket, NetError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(NetError::Bind)?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into()).map_err(NetError::Bind)?;
+    Ok(socket.into())
+}
+
+/// A QUIC server endpoint on `addr` (large socket buffers, mutual TLS as [`server_config`]).
+pub fn server_endpoint(identity: &Identity, addr: std::net::SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    let socket = bind_udp(addr)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config(identity)?), socket, runtime)
+        .map_err(NetError::Bind)
+}
+
+/// A QUIC client endpoint (large socket buffers) with this identity's configuration.
+pub fn client_endpoint(identity: &Identity, ipv6: bool) -> Result<quinn::Endpoint, NetError> {
+    let any: std::net::SocketAddr =
+        if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
+    let socket = bind_udp(any)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).map_err(NetError::Bind)?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
+
 /// The server's QUIC configuration: its certificate, and client certificates required and
 /// checked against the CA in the handshake.
 pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, NetError> {

@@ -26,7 +26,9 @@ impl CertSigner {
     pub fn new(identity: &Identity) -> Result<Self, NetError> {
         let rng = SystemRandom::new();
         let PrivateKeyDer::Pkcs8(pkcs8) = &identity.key else {
-            return Err(NetError::Identity("secure aggregation needs a PKCS#8 ECDSA P-256 key (as `cohort-client keygen` makes)".into()));
+            return Err(NetError::Identity(
+                "secure aggregation needs a PKCS#8 ECDSA P-256 key (as `cohort-client keygen` makes)".into(),
+            ));
         };
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.secret_pkcs8_der(), &rng)
             .map_err(|e| NetError::Identity(format!("the private key is not an ECDSA P-256 key: {e}")))?;

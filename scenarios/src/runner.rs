@@ -174,8 +174,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             identity,
             server: addr,
             server_name: "localhost".into(),
-            participant: Participant::new(id, Arc::new(train.subset(part)), device.clone())
-                .with_secure_keys(keys),
+            participant: Participant::new(id, Arc::new(train.subset(part)), device.clone()).with_secure_keys(keys),
             device_name: device_name.clone(),
             backoff: Backoff { initial_ms: 50, max_ms: 1000 },
             train_gate: Some(gate.clone()),

@@ -185,9 +185,9 @@ impl Federation {
                 return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
             }
             let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
-            s.setup(0, cohort, 0, 1).check().map_err(|e| {
-                format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round)
-            })?;
+            s.setup(0, cohort, 0, 1)
+                .check()
+                .map_err(|e| format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round))?;
         }
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
         Ok(())

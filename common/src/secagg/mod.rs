@@ -170,30 +170,52 @@ pub struct MaskedInput {
     pub values: Vec<u64>,
 }
 
+/// Masked values travel as raw little-endian integers, 4 bytes each when they all fit (a 32-bit
+/// modulus) and 8 otherwise, after a one-byte width.
 mod raw_u64 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(values: &[u64], s: S) -> Result<S::Ok, S::Error> {
-        let mut bytes = Vec::with_capacity(values.len() * 8);
+        let narrow = values.iter().all(|v| *v <= u32::MAX as u64);
+        let width = if narrow { 4 } else { 8 };
+        let mut bytes = Vec::with_capacity(1 + values.len() * width);
+        bytes.push(width as u8);
         for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
+            bytes.extend_from_slice(&v.to_le_bytes()[..width]);
         }
         s.serialize_bytes(&bytes)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
         let bytes = serde_bytes::ByteBuf::deserialize(d)?;
-        if bytes.len() % 8 != 0 {
-            return Err(serde::de::Error::custom("masked input is not a whole number of u64 values"));
+        let Some((&width, body)) = bytes.split_first() else {
+            return Err(serde::de::Error::custom("empty masked input"));
+        };
+        let width = width as usize;
+        if !(width == 4 || width == 8) || body.len() % width != 0 {
+            return Err(serde::de::Error::custom("masked input is not a whole number of 4- or 8-byte values"));
         }
-        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        Ok(body
+            .chunks_exact(width)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..width].copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect())
     }
 }
 
 /// Encodes a client's weighted update for a secure sum: `[w * delta..., w]`, quantized, where
 /// `w = min(samples / sample_cap, 1)`. The sum of these gives the weighted FedAvg numerator and
 /// denominator without revealing any one client's weight.
-pub fn encode_weighted(delta: &[f32], samples: u64, sample_cap: u64, quantizer: &Quantizer, rng: &mut impl rand::Rng) -> Vec<u64> {
+pub fn encode_weighted(
+    delta: &[f32],
+    samples: u64,
+    sample_cap: u64,
+    quantizer: &Quantizer,
+    rng: &mut impl rand::Rng,
+) -> Vec<u64> {
     let w = (samples as f64 / sample_cap.max(1) as f64).min(1.0) as f32;
     let mut v: Vec<f32> = delta.iter().map(|d| d * w).collect();
     v.push(w);
