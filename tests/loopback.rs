@@ -51,7 +51,7 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
     let mut expected = vec![0f64; initial.len()];
     let total: f64 = sizes.iter().map(|&(_, n)| n as f64).sum();
     for &(i, n) in &sizes {
-        let mut p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
+        let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
         let delta = p.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
         for (e, (g, d)) in expected.iter_mut().zip(initial.iter().zip(&delta)) {
             *e += (n as f64 / total) * (*g + *d) as f64;

@@ -62,7 +62,7 @@ async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
     let mut numerator = vec![0f64; initial.len()];
     let mut total = 0f64;
     for &(i, n) in sizes.iter().filter(|(i, _)| *i != 3) {
-        let mut p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
+        let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
         let delta = p.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
         let w = (n as f64 / 100.0).min(1.0);
         total += w;

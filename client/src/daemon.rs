@@ -3,7 +3,7 @@
 //! jitter when the connection is lost, and stop cleanly on shutdown.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_common::participant::Participant;
@@ -85,7 +85,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
     let hooks = Hooks { gate: train_gate, events: events.clone(), fault };
     let endpoint = cohort_io::client_endpoint(&identity, server.is_ipv6())?;
     let samples = participant.samples();
-    let participant = Arc::new(Mutex::new(participant));
+    let participant = Arc::new(participant);
     let hello = ClientMsg::Hello { device: device_name, samples };
     let emit = |e: ClientEvent| {
         if let Some(tx) = &events {
@@ -170,7 +170,7 @@ async fn connect(
 /// Answers the server's requests until the connection ends; returns why it ended.
 async fn serve(
     conn: &quinn::Connection,
-    participant: &Arc<Mutex<Participant>>,
+    participant: &Arc<Participant>,
     hooks: &Hooks,
     shutdown: &CancellationToken,
 ) -> String {
@@ -205,7 +205,7 @@ async fn serve(
 async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    participant: Arc<Mutex<Participant>>,
+    participant: Arc<Participant>,
     hooks: &Hooks,
     conn: &quinn::Connection,
 ) -> Result<(), NetError> {
@@ -217,22 +217,26 @@ async fn answer(
         ServerMsg::Adverts { round, .. } | ServerMsg::Shares { round, .. } | ServerMsg::Unmask { round, .. } => *round,
         other => return Err(NetError::Stream(format!("unexpected request {other:?}"))),
     };
-    let is_plan = matches!(msg, ServerMsg::Plan(_));
-    if is_plan {
-        if let Some(tx) = &hooks.events {
-            let _ = tx.send(ClientEvent::PlanReceived { round });
+    let plan = match &msg {
+        ServerMsg::Plan(plan) => {
+            if let Some(tx) = &hooks.events {
+                let _ = tx.send(ClientEvent::PlanReceived { round });
+            }
+            Some(plan.clone())
         }
-    }
-    // Only training waits for the gate; the secure-aggregation phases are quick.
-    let _permit = match (&hooks.gate, is_plan) {
+        _ => None,
+    };
+    let secure_plan = plan.as_ref().filter(|p| p.secure.is_some()).cloned();
+    // Plain rounds train here, behind the gate; secure rounds answer with keys first.
+    let _permit = match (&hooks.gate, plan.is_some() && secure_plan.is_none()) {
         (Some(g), true) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
         _ => None,
     };
     let shared = participant.clone();
-    let outcome =
-        tokio::task::spawn_blocking(move || shared.lock().expect("participant lock").handle(&msg, &mut rand::rng()))
-            .await
-            .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
+    let outcome = tokio::task::spawn_blocking(move || shared.handle(&msg, &mut rand::rng()))
+        .await
+        .map_err(|e| NetError::Stream(format!("request task failed: {e}")))?;
+    let keys_sent = secure_plan.is_some() && matches!(outcome, Ok(ClientMsg::Advert { .. }));
     let reply = match outcome {
         Ok(reply) => {
             if let ClientMsg::Update(update) = &reply {
@@ -263,9 +267,22 @@ async fn answer(
             // Let the reply leave, then vanish without a goodbye.
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             warn!(round, ?step, "simulated crash");
-            participant.lock().expect("participant lock").abandon_round();
+            participant.abandon_round();
             conn.close(99u32.into(), b"simulated crash");
+            return Ok(());
         }
+    }
+    // A secure round trains while the keys are exchanged; the masked input waits for it.
+    if let (Some(plan), true) = (secure_plan, keys_sent) {
+        let _permit = match &hooks.gate {
+            Some(g) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
+            None => None,
+        };
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || participant.train_secure(&plan, &mut rand::rng()))
+            .await
+            .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
+        info!(round, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "trained");
     }
     Ok(())
 }

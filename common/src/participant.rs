@@ -6,7 +6,7 @@
 //! trains locally and returns `local - global`. It blocks for the length of the training:
 //! drivers call it on a blocking thread.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use candle_core::Device;
@@ -51,25 +51,42 @@ pub struct SecureKeys {
     pub verifier: Arc<dyn PeerVerifier + Send + Sync>,
 }
 
+/// Where the update of a secure round stands: keys are exchanged while the client trains.
+enum Input {
+    Training,
+    Ready(Vec<u64>),
+    Failed(String),
+}
+
 /// A secure round in progress: the protocol state and the encoded update it will mask.
 struct SecureRound {
     client: SecAggClient,
-    input: Vec<u64>,
+    input: Input,
 }
 
-/// One client's training state.
+/// One client's training state. Shared between request handlers: training and the
+/// secure-aggregation phases lock separate parts, so keys are exchanged while it trains.
 pub struct Participant {
     id: String,
     data: Arc<Dataset>,
     device: Device,
-    local: Option<Local>,
+    local: Mutex<Option<Local>>,
     keys: Option<SecureKeys>,
-    secure: Option<SecureRound>,
+    secure: Mutex<Option<SecureRound>>,
+    input_ready: Condvar,
 }
 
 impl Participant {
     pub fn new(id: impl Into<String>, data: Arc<Dataset>, device: Device) -> Self {
-        Self { id: id.into(), data, device, local: None, keys: None, secure: None }
+        Self {
+            id: id.into(),
+            data,
+            device,
+            local: Mutex::new(None),
+            keys: None,
+            secure: Mutex::new(None),
+            input_ready: Condvar::new(),
+        }
     }
 
     /// Enables secure aggregation with these keys.
@@ -78,49 +95,69 @@ impl Participant {
         self
     }
 
-    /// Answers one server request: a plan (train, then an update or, in a secure round, a key
-    /// advert) or a secure-aggregation phase. An error means the client declines the round.
-    pub fn handle(&mut self, msg: &ServerMsg, rng: &mut impl CryptoRng) -> Result<ClientMsg, ParticipantError> {
+    pub fn samples(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The flat parameters of the last trained model, if any.
+    pub fn trained_params(&self) -> Option<Vec<f32>> {
+        self.local.lock().expect("model lock").as_ref().and_then(|l| l.model.flat().ok())
+    }
+
+    /// Answers one server request. A plain plan trains and returns the update; a secure plan
+    /// returns the key advert at once (call [`Participant::train_secure`] next, on a blocking
+    /// thread); the secure phases follow. An error means the client declines the round.
+    pub fn handle(&self, msg: &ServerMsg, rng: &mut impl CryptoRng) -> Result<ClientMsg, ParticipantError> {
         match msg {
-            ServerMsg::Plan(plan) => {
-                self.secure = None;
-                let update = self.handle_plan(plan)?;
-                let Some(secure) = &plan.secure else { return Ok(ClientMsg::Update(update)) };
-                let keys = self.keys.as_ref().ok_or_else(|| {
-                    ParticipantError::BadPlan(
-                        "the round is secure but this client has no certificate key to sign with".into(),
-                    )
-                })?;
-                let delta = update.delta.to_f32()?;
-                if secure.setup.vector_len != delta.len() + 1 {
-                    return Err(ParticipantError::BadPlan(format!(
-                        "secure vector length {} does not fit {} parameters plus the weight",
-                        secure.setup.vector_len,
-                        delta.len()
-                    )));
+            ServerMsg::Plan(plan) => match &plan.secure {
+                None => Ok(ClientMsg::Update(self.handle_plan(plan)?)),
+                Some(secure) => {
+                    let keys = self.keys.as_ref().ok_or_else(|| {
+                        ParticipantError::BadPlan(
+                            "the round is secure but this client has no certificate key to sign with".into(),
+                        )
+                    })?;
+                    let params = plan.params.len();
+                    if secure.setup.vector_len != params + 1 {
+                        return Err(ParticipantError::BadPlan(format!(
+                            "secure vector length {} does not fit {params} parameters plus the weight",
+                            secure.setup.vector_len
+                        )));
+                    }
+                    let (client, advert) =
+                        SecAggClient::start(&self.id, secure.setup.clone(), keys.signer.as_ref(), rng)?;
+                    *self.secure.lock().expect("secure lock") = Some(SecureRound { client, input: Input::Training });
+                    Ok(ClientMsg::Advert { round: plan.round, advert })
                 }
-                let quantizer = secure.setup.params.quantizer;
-                let input = secagg::encode_weighted(&delta, update.samples, secure.sample_cap, &quantizer, rng);
-                let (client, advert) = SecAggClient::start(&self.id, secure.setup.clone(), keys.signer.as_ref(), rng)?;
-                self.secure = Some(SecureRound { client, input });
-                Ok(ClientMsg::Advert { round: plan.round, advert })
-            }
+            },
             ServerMsg::Adverts { round, adverts } => {
                 let verifier = self.keys.as_ref().map(|k| k.verifier.clone());
-                let s = self.secure_round(*round)?;
-                let verifier = verifier.ok_or_else(|| ParticipantError::BadPlan("no verifier".into()))?;
+                let verifier = verifier.ok_or_else(|| ParticipantError::BadPlan("no certificate verifier".into()))?;
+                let mut guard = self.secure.lock().expect("secure lock");
+                let s = secure_round(&mut guard, *round)?;
                 let shares = s.client.handle_adverts(adverts, verifier.as_ref(), rng)?;
                 Ok(ClientMsg::Shares { round: *round, shares })
             }
             ServerMsg::Shares { round, shares } => {
-                let s = self.secure_round(*round)?;
-                let input = s.client.handle_shares(shares, &s.input)?;
+                let mut guard = self.secure.lock().expect("secure lock");
+                // The masked input needs the trained update: wait for it.
+                loop {
+                    let s = secure_round(&mut guard, *round)?;
+                    match &s.input {
+                        Input::Training => guard = self.input_ready.wait(guard).expect("secure lock"),
+                        Input::Failed(why) => return Err(ParticipantError::BadPlan(format!("training failed: {why}"))),
+                        Input::Ready(_) => break,
+                    }
+                }
+                let s = secure_round(&mut guard, *round)?;
+                let Input::Ready(input) = &s.input else { unreachable!("checked above") };
+                let input = s.client.handle_shares(shares, input)?;
                 Ok(ClientMsg::Masked { round: *round, input })
             }
             ServerMsg::Unmask { round, request } => {
-                let s = self.secure_round(*round)?;
-                let reply = s.client.handle_unmask(request);
-                self.secure = None;
+                let mut guard = self.secure.lock().expect("secure lock");
+                let reply = secure_round(&mut guard, *round)?.client.handle_unmask(request);
+                *guard = None;
                 Ok(ClientMsg::Unmask { round: *round, reply: reply? })
             }
             ServerMsg::Welcome { .. } | ServerMsg::Refused { .. } => {
@@ -129,34 +166,39 @@ impl Participant {
         }
     }
 
-    /// Forgets the secure round in progress (what a crash or restart loses).
-    pub fn abandon_round(&mut self) {
-        self.secure = None;
-    }
-
-    fn secure_round(&mut self, round: u64) -> Result<&mut SecureRound, ParticipantError> {
-        match &mut self.secure {
-            Some(s) if s.client.round() == round => Ok(s),
-            _ => Err(ParticipantError::BadPlan(format!("no secure round {round} in progress"))),
+    /// Trains for a secure plan already answered with a key advert, and encodes the weighted
+    /// update for masking. Blocks for the length of the training.
+    pub fn train_secure(&self, plan: &RoundPlan, rng: &mut impl CryptoRng) {
+        let Some(secure) = &plan.secure else { return };
+        let input = self.handle_plan(plan).and_then(|update| {
+            let delta = update.delta.to_f32()?;
+            let quantizer = secure.setup.params.quantizer;
+            Ok(secagg::encode_weighted(&delta, update.samples, secure.sample_cap, &quantizer, rng))
+        });
+        let mut guard = self.secure.lock().expect("secure lock");
+        if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {
+            s.input = match input {
+                Ok(v) => Input::Ready(v),
+                Err(e) => Input::Failed(e.to_string()),
+            };
         }
+        self.input_ready.notify_all();
     }
 
-    pub fn samples(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    /// The model of the last plan, if any.
-    pub fn model(&self) -> Option<&Model> {
-        self.local.as_ref().map(|l| &l.model)
+    /// Forgets the secure round in progress (what a crash or restart loses).
+    pub fn abandon_round(&self) {
+        *self.secure.lock().expect("secure lock") = None;
+        self.input_ready.notify_all();
     }
 
     /// Trains on the plan and returns the update.
-    pub fn handle_plan(&mut self, plan: &RoundPlan) -> Result<Update, ParticipantError> {
+    pub fn handle_plan(&self, plan: &RoundPlan) -> Result<Update, ParticipantError> {
         let started = Instant::now();
         plan.train.check().map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
         let seed = plan.seed ^ fnv1a(self.id.as_bytes());
         let samples = self.data.len() as u64;
-        let local = self.local_for(&plan.model_spec)?;
+        let mut guard = self.local.lock().expect("model lock");
+        let local = self.local_for(&mut guard, &plan.model_spec)?;
         let global = plan.params.to_f32()?;
         let expected = local.model.layout().total_len();
         if global.len() != expected {
@@ -181,15 +223,21 @@ impl Participant {
         })
     }
 
-    fn local_for(&mut self, spec_toml: &str) -> Result<&mut Local, ParticipantError> {
-        let stale = self.local.as_ref().is_none_or(|l| l.spec_toml != spec_toml);
-        if stale {
+    fn local_for<'a>(&self, slot: &'a mut Option<Local>, spec_toml: &str) -> Result<&'a mut Local, ParticipantError> {
+        if slot.as_ref().is_none_or(|l| l.spec_toml != spec_toml) {
             let spec = ModelSpec::from_toml(spec_toml).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
             let model = Model::new(&spec, &self.device, 0)?;
             let data = DeviceData::new(&self.data, &model)?;
-            self.local = Some(Local { spec_toml: spec_toml.to_string(), model, data });
+            *slot = Some(Local { spec_toml: spec_toml.to_string(), model, data });
         }
-        Ok(self.local.as_mut().expect("just set"))
+        Ok(slot.as_mut().expect("just set"))
+    }
+}
+
+fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut SecureRound, ParticipantError> {
+    match slot {
+        Some(s) if s.client.round() == round => Ok(s),
+        _ => Err(ParticipantError::BadPlan(format!("no secure round {round} in progress"))),
     }
 }
 
@@ -219,14 +267,14 @@ mod tests {
     fn trains_and_returns_the_delta() {
         let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
         let data = Dataset::new(vec![1.0, 0.0, 0.0, 1.0], vec![2], vec![0, 1], 2).unwrap();
-        let mut p = Participant::new("c1", Arc::new(data), Device::Cpu);
+        let p = Participant::new("c1", Arc::new(data), Device::Cpu);
         let update = p.handle_plan(&plan(spec_toml, vec![0.0; 6])).unwrap();
         assert_eq!(update.round, 3);
         assert_eq!(update.samples, 2);
         let delta = update.delta.to_f32().unwrap();
         assert_eq!(delta.len(), 6);
         assert!(delta.iter().any(|d| *d != 0.0));
-        let trained = p.model().unwrap().flat().unwrap();
+        let trained = p.trained_params().unwrap();
         assert_eq!(trained, delta, "from a zero model the delta is the trained model");
     }
 
@@ -234,7 +282,7 @@ mod tests {
     fn refuses_bad_plans() {
         let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
         let data = Dataset::new(vec![1.0, 0.0], vec![2], vec![0], 2).unwrap();
-        let mut p = Participant::new("c1", Arc::new(data), Device::Cpu);
+        let p = Participant::new("c1", Arc::new(data), Device::Cpu);
         assert!(matches!(p.handle_plan(&plan(spec_toml, vec![0.0; 5])), Err(ParticipantError::BadPlan(_))));
         assert!(matches!(p.handle_plan(&plan(spec_toml, vec![f32::NAN; 6])), Err(ParticipantError::BadPlan(_))));
         assert!(matches!(p.handle_plan(&plan("nonsense", vec![0.0; 6])), Err(ParticipantError::BadPlan(_))));

@@ -423,9 +423,11 @@ impl Server {
         let small_cap = 4 << 20;
         let masked_cap = (param_len + 1) * 8 + (1 << 20);
 
-        // Phase 1: plans out, adverts back once each client has trained.
+        // Phase 1: plans out, adverts back at once: the clients train while keys are exchanged.
+        let t_start = Instant::now();
+        let round_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(fed.round_timeout_secs);
         let frame = Arc::new(wire::encode(&ServerMsg::Plan(plan)).map_err(NetError::from)?);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(fed.round_timeout_secs);
+        let deadline = (tokio::time::Instant::now() + phase_timeout).min(round_deadline);
         let mut exchange =
             self.start_exchange(cohort.iter().map(|id| (id.clone(), frame.clone())), deadline, small_cap);
         dropped.extend(exchange.unreachable.drain(..));
@@ -479,13 +481,15 @@ impl Server {
             Err(e) => return abort(e.to_string()),
         };
 
-        // Phase 3: shares out, masked inputs back (summed as they arrive).
+        // Phase 3: shares out, masked inputs back once each client has trained (summed as they
+        // arrive), by the round's deadline.
         let frames: Vec<(ClientId, Arc<Vec<u8>>)> = inbox
             .into_iter()
             .map(|(id, shares)| Ok((id, Arc::new(wire::encode(&ServerMsg::Shares { round, shares })?))))
             .collect::<Result<_, wire::WireError>>()
             .map_err(NetError::from)?;
-        let Some(replies) = self.phase(frames, phase_timeout, masked_cap, shutdown, &mut dropped).await else {
+        let until_deadline = round_deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(replies) = self.phase(frames, until_deadline, masked_cap, shutdown, &mut dropped).await else {
             return Ok(None);
         };
         for (id, reply) in replies {
@@ -531,6 +535,7 @@ impl Server {
         };
         debug!(
             round,
+            advertise_s = (t_adverts - t_start).as_secs_f64(),
             share_keys_s = (t_shares - t_adverts).as_secs_f64(),
             masked_input_s = (t_masked - t_shares).as_secs_f64(),
             unmask_s = (t_unmask - t_masked).as_secs_f64(),
