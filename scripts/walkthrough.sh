@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's deployment walk-through, run for real on loopback: init, keygen, enroll, serve,
+# The README's deployment walk-through, run for real on loopback (three clients, secure
+# aggregation): init, keygen, enroll, serve,
 # check, run, then status, rounds, clients and export, and the exported model loaded with
 # Python's `safetensors` package. Usage: scripts/walkthrough.sh [BIN_DIR] (default target/debug).
 set -euo pipefail
@@ -23,12 +24,17 @@ images = "$MNIST/t10k-images.idx3-ubyte.gz"
 labels = "$MNIST/t10k-labels.idx1-ubyte.gz"
 [federation]
 rounds = 2
-clients_per_round = 2
-min_clients = 2
+clients_per_round = 3
+min_clients = 3
 round_timeout_secs = 120
+collection = "secure"
+[federation.secagg]
+degree = 2
+threshold = 2
+dropout_tolerance = 0.0
 TOML
 
-for id in hospital-a hospital-b; do
+for id in hospital-a hospital-b hospital-c; do
   mkdir -p "$WORK/$id"
   "$BIN/cohort-client" keygen --id "$id" --out "$WORK/$id"
   "$BIN/cohort-server" enroll --state "$WORK/server" --csr "$WORK/$id/$id.csr" --out "$WORK/$id/$id.pem"
@@ -53,7 +59,7 @@ done
 "$BIN/cohort-server" serve --state "$WORK/server" --config "$WORK/server/server.toml" &
 SERVER=$!
 PIDS+=("$SERVER")
-for id in hospital-a hospital-b; do
+for id in hospital-a hospital-b hospital-c; do
   "$BIN/cohort-client" run --config "$WORK/$id/client.toml" &
   PIDS+=("$!")
 done

@@ -37,6 +37,7 @@ rounds = 3
 clients_per_round = 4
 min_clients = 3
 seed = 7
+collection = "plain"
 [federation.train]
 epochs = 1
 batch_size = 10
@@ -71,4 +72,45 @@ async fn a_small_non_iid_federation_learns_and_writes_its_report() {
         again.rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>(),
         report.rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()
     );
+}
+
+const DROPOUTS: &str = r#"
+name = "dropouts"
+model = "mnist-2nn"
+clients = 10
+[data]
+train_examples = 2000
+test_examples = 500
+[partition]
+kind = "iid"
+[faults]
+dropout_fraction = 0.3
+[federation]
+rounds = 4
+clients_per_round = 10
+min_clients = 5
+seed = 3
+collection = "secure"
+[federation.secagg]
+degree = 9
+threshold = 5
+phase_timeout_secs = 10
+[federation.train]
+epochs = 1
+batch_size = 20
+lr = 0.05
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_federation_with_thirty_percent_crashing_completes_every_round() {
+    let scenario = Scenario::parse(DROPOUTS, Path::new("dropouts.toml")).unwrap();
+    let report = runner::run(&scenario, &RunOptions::default()).await.unwrap();
+    assert_eq!(report.rounds.len(), 4);
+    for r in &report.rounds {
+        assert!(r.completed, "round {} aborted", r.round);
+        // 3 of 10 crash each round; those that crash after their masked input still count.
+        assert!((7..=10).contains(&r.participants), "round {}: {} participants", r.round, r.participants);
+    }
+    assert!(report.rounds.iter().any(|r| r.participants < 10), "crashes happened");
+    assert!(report.final_accuracy.unwrap() > 0.6, "{:?}", report.final_accuracy);
 }

@@ -2,19 +2,20 @@
 //! daemons in this process over real QUIC on 127.0.0.1, the data partitioned as the scenario
 //! says; a per-round table, `report.json` and an accuracy plot.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cohort_client::config::Backoff;
-use cohort_client::daemon::{self, ClientSetup};
+use cohort_client::daemon::{self, ClientSetup, FaultHook, Step};
 use cohort_common::data::Dataset;
 use cohort_common::participant::Participant;
 use cohort_io::files::DataSource;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::serve::{RoundReport, ServeSetup, Server};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -163,6 +164,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gate = Arc::new(Semaphore::new(cores));
     let clients_stop = CancellationToken::new();
+    let crashes = (scenario.faults.dropout_fraction > 0.0)
+        .then(|| Crashes::new(scenario.faults.dropout_fraction, federation.clients_per_round, seed));
     let mut clients = Vec::with_capacity(scenario.clients);
     for (i, part) in parts.iter().enumerate() {
         let id = format!("client-{i:04}");
@@ -179,7 +182,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             backoff: Backoff { initial_ms: 50, max_ms: 1000 },
             train_gate: Some(gate.clone()),
             events: None,
-            fault: None,
+            fault: crashes.clone().map(|c| c.hook(i as u64)),
         };
         clients.push(tokio::spawn(daemon::run(setup, clients_stop.clone())));
     }
@@ -267,6 +270,54 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         rounds,
         scenario: Scenario { federation, ..scenario.clone() },
     })
+}
+
+/// One round's crash bookkeeping: clients seen, clients doomed, each decided client's fate.
+#[derive(Default)]
+struct RoundCrashes {
+    seen: usize,
+    doomed: usize,
+    fates: HashMap<u64, Option<Step>>,
+}
+
+/// Chooses, in every round, exactly `floor(fraction x cohort)` clients to crash, each at a
+/// random step; a client is decided on the first time it reports in a round.
+#[derive(Clone)]
+struct Crashes {
+    quota: usize,
+    cohort: usize,
+    seed: u64,
+    /// Crash bookkeeping by round.
+    state: Arc<std::sync::Mutex<HashMap<u64, RoundCrashes>>>,
+}
+
+impl Crashes {
+    fn new(fraction: f64, cohort: usize, seed: u64) -> Self {
+        Self { quota: (fraction * cohort as f64).floor() as usize, cohort, seed, state: Arc::default() }
+    }
+
+    fn hook(&self, client: u64) -> FaultHook {
+        let this = self.clone();
+        Arc::new(move |round, step| {
+            let mut state = this.state.lock().expect("crash state");
+            let RoundCrashes { seen, doomed, fates } = state.entry(round).or_default();
+            let fate = *fates.entry(client).or_insert_with(|| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(this.seed ^ round.rotate_left(32) ^ client);
+                let left = this.cohort.saturating_sub(*seen).max(1);
+                *seen += 1;
+                let need = this.quota.saturating_sub(*doomed);
+                if need > 0 && rng.random_range(0..left) < need {
+                    *doomed += 1;
+                    let steps = [Step::Advert, Step::Shares, Step::Masked, Step::Unmask, Step::Update];
+                    Some(steps[rng.random_range(0..4)])
+                } else {
+                    None
+                }
+            });
+            // In a plain round the only step is the update.
+            fate.is_some_and(|f| f == step || (step == Step::Update && f != Step::Update))
+        })
+    }
 }
 
 fn console_is_terminal() -> bool {

@@ -57,6 +57,16 @@ impl Default for DataChoice {
     }
 }
 
+/// Simulated crashes: in every round, this fraction of the cohort (rounded down) crashes, each
+/// at a random step of the round (after its update, or after any secure-aggregation message),
+/// and reconnects for later rounds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    #[serde(default)]
+    pub dropout_fraction: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -77,6 +87,9 @@ pub struct Scenario {
     /// Test accuracy the report marks as reached (first round at or above it).
     #[serde(default)]
     pub target_accuracy: Option<f64>,
+    /// Simulated crashes.
+    #[serde(default)]
+    pub faults: Faults,
     /// Where the scenario was read from (for relative paths); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,
@@ -103,6 +116,9 @@ impl Scenario {
             )));
         }
         s.federation.check().map_err(bad)?;
+        if !(0.0..1.0).contains(&s.faults.dropout_fraction) {
+            return Err(bad(format!("faults.dropout_fraction = {} must be in [0, 1)", s.faults.dropout_fraction)));
+        }
         if s.data.dataset != "mnist" {
             return Err(bad(format!("data.dataset = `{}`: the bundled data sets are: mnist", s.data.dataset)));
         }
@@ -151,12 +167,18 @@ mod tests {
     #[test]
     fn wrong_scenarios_name_the_field() {
         let p = Path::new("bad.toml");
-        let base = "name='x'\nmodel='mnist-2nn'\nclients=5\n[partition]\nkind='iid'\n[federation]\nrounds=1\nclients_per_round=5\n";
+        let base = "name='x'\nmodel='mnist-2nn'\nclients=5\n[partition]\nkind='iid'\n[federation]\nrounds=1\nclients_per_round=5\ncollection='plain'\n";
         assert!(Scenario::parse(base, p).is_ok());
         let err = Scenario::parse(&base.replace("clients=5", "clients=2"), p).unwrap_err().to_string();
         assert!(err.contains("bad.toml") && err.contains("clients_per_round"), "{err}");
         let err = Scenario::parse(&base.replace("'iid'", "'iidd'"), p).unwrap_err().to_string();
         assert!(err.contains("iidd"), "{err}");
+        let err = Scenario::parse(&base.replace("mnist-2nn", "mnist-3nn"), p).unwrap_err().to_string();
+        assert!(err.contains("mnist-3nn"), "{err}");
+        // Secure aggregation's defaults (degree 8, threshold 5) cannot serve a cohort of 5.
+        let err =
+            Scenario::parse(&base.replace("collection='plain'", "collection='secure'"), p).unwrap_err().to_string();
+        assert!(err.contains("federation.secagg") && err.contains("threshold"), "{err}");
         let err = Scenario::parse(&base.replace("mnist-2nn", "mnist-3nn"), p).unwrap_err().to_string();
         assert!(err.contains("mnist-3nn"), "{err}");
     }
