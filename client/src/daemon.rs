@@ -68,6 +68,9 @@ pub type FaultHook = Arc<dyn Fn(u64, Step) -> bool + Send + Sync>;
 /// What the per-request handlers share.
 #[derive(Clone)]
 struct Hooks {
+    /// The last round whose secure training finished (so a handler can await it without holding
+    /// a blocking thread: a simulation runs more clients than the blocking pool has threads).
+    trained: Arc<tokio::sync::watch::Sender<u64>>,
     gate: Option<Arc<Semaphore>>,
     events: Option<mpsc::UnboundedSender<ClientEvent>>,
     fault: Option<FaultHook>,
@@ -82,7 +85,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
     let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events, fault } =
         setup;
-    let hooks = Hooks { gate: train_gate, events: events.clone(), fault };
+    let hooks =
+        Hooks { trained: Arc::new(tokio::sync::watch::channel(0).0), gate: train_gate, events: events.clone(), fault };
     let endpoint = cohort_io::client_endpoint(&identity, server.is_ipv6())?;
     let samples = participant.samples();
     let participant = Arc::new(participant);
@@ -232,6 +236,12 @@ async fn answer(
         (Some(g), true) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
         _ => None,
     };
+    if let ServerMsg::Shares { round, .. } = &msg {
+        if participant.is_training(*round) {
+            let mut trained = hooks.trained.subscribe();
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, trained.wait_for(|r| *r >= *round)).await;
+        }
+    }
     let shared = participant.clone();
     let outcome = tokio::task::spawn_blocking(move || shared.handle(&msg, &mut rand::rng()))
         .await
@@ -279,9 +289,9 @@ async fn answer(
             None => None,
         };
         let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || participant.train_secure(&plan, &mut rand::rng()))
-            .await
-            .map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
+        let trained = tokio::task::spawn_blocking(move || participant.train_secure(&plan, &mut rand::rng())).await;
+        hooks.trained.send_modify(|r| *r = (*r).max(round));
+        trained.map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
         info!(round, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "trained");
     }
     Ok(())

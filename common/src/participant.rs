@@ -74,6 +74,7 @@ pub struct Participant {
     keys: Option<SecureKeys>,
     secure: Mutex<Option<SecureRound>>,
     input_ready: Condvar,
+    synthetic: bool,
 }
 
 impl Participant {
@@ -86,7 +87,15 @@ impl Participant {
             keys: None,
             secure: Mutex::new(None),
             input_ready: Condvar::new(),
+            synthetic: false,
         }
+    }
+
+    /// Benchmarks of the protocol alone: answer plans with seeded random updates (normal, standard
+    /// deviation 0.01) instead of training.
+    pub fn with_synthetic_updates(mut self) -> Self {
+        self.synthetic = true;
+        self
     }
 
     /// Enables secure aggregation with these keys.
@@ -185,6 +194,11 @@ impl Participant {
         self.input_ready.notify_all();
     }
 
+    /// Whether the secure round `round` is still waiting for its training to finish.
+    pub fn is_training(&self, round: u64) -> bool {
+        matches!(&*self.secure.lock().expect("secure lock"), Some(s) if s.client.round() == round && matches!(s.input, Input::Training))
+    }
+
     /// Forgets the secure round in progress (what a crash or restart loses).
     pub fn abandon_round(&self) {
         *self.secure.lock().expect("secure lock") = None;
@@ -197,6 +211,20 @@ impl Participant {
         plan.train.check().map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
         let seed = plan.seed ^ fnv1a(self.id.as_bytes());
         let samples = self.data.len() as u64;
+        if self.synthetic {
+            use rand::SeedableRng;
+            use rand_distr::Distribution;
+            let normal = rand_distr::Normal::new(0.0f32, 0.01).expect("valid normal");
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let delta: Vec<f32> = (0..plan.params.len()).map(|_| normal.sample(&mut rng)).collect();
+            return Ok(Update {
+                round: plan.round,
+                samples,
+                delta: TensorBytes::from_f32(&delta),
+                train_loss: 0.0,
+                train_seconds: started.elapsed().as_secs_f32(),
+            });
+        }
         let mut guard = self.local.lock().expect("model lock");
         let local = self.local_for(&mut guard, &plan.model_spec)?;
         let global = plan.params.to_f32()?;

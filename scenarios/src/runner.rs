@@ -127,14 +127,26 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     federation.start_after_clients = Some(scenario.clients);
     let seed = federation.seed;
     let spec = scenario.model_spec().map_err(|e| RunError::Setup(e.to_string()))?;
-    let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
-    let train = first(load_mnist(&data_dir, true)?, scenario.data.train_examples);
-    let test = first(load_mnist(&data_dir, false)?, scenario.data.test_examples);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let parts = scenario
-        .partition
-        .split(&train.labels, train.classes, scenario.clients, &mut rng)
-        .map_err(|e| RunError::Data(e.to_string()))?;
+    let synthetic = scenario.data.dataset == "synthetic";
+    let (train, test, parts) = if synthetic {
+        let classes = spec.heads[0].classes;
+        let width: usize = spec.input_shape.iter().product();
+        let n = scenario.data.synthetic_examples.max(1);
+        let one = Dataset::new(vec![0.0; n * width], spec.input_shape.clone(), vec![0; n], classes)
+            .map_err(|e| RunError::Data(e.to_string()))?;
+        let parts = vec![(0..n).collect::<Vec<_>>(); scenario.clients];
+        (one, None, parts)
+    } else {
+        let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
+        let train = first(load_mnist(&data_dir, true)?, scenario.data.train_examples);
+        let test = first(load_mnist(&data_dir, false)?, scenario.data.test_examples);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let parts = scenario
+            .partition
+            .split(&train.labels, train.classes, scenario.clients, &mut rng)
+            .map_err(|e| RunError::Data(e.to_string()))?;
+        (train, Some(test), parts)
+    };
     let (device, device_name) =
         cohort_client::device::select(&scenario.device).map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!(device = %device_name, clients = scenario.clients, "simulated clients train on {device_name}");
@@ -152,7 +164,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         spec,
         federation: federation.clone(),
-        test_data: Some(test.clone()),
+        test_data: test.clone(),
         events: Some(events_tx),
         state: StatePaths::new(dir.path()),
     })?;
@@ -177,7 +189,14 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             identity,
             server: addr,
             server_name: "localhost".into(),
-            participant: Participant::new(id, Arc::new(train.subset(part)), device.clone()).with_secure_keys(keys),
+            participant: {
+                let p = Participant::new(id, Arc::new(train.subset(part)), device.clone()).with_secure_keys(keys);
+                if synthetic {
+                    p.with_synthetic_updates()
+                } else {
+                    p
+                }
+            },
             device_name: device_name.clone(),
             backoff: Backoff { initial_ms: 50, max_ms: 1000 },
             train_gate: Some(gate.clone()),
@@ -261,7 +280,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         seed,
         model_params,
         train_examples: train.len(),
-        test_examples: test.len(),
+        test_examples: test.as_ref().map_or(0, Dataset::len),
         final_accuracy: accuracies.last().map(|a| a.1),
         best_accuracy: accuracies.iter().map(|a| a.1).max_by(f64::total_cmp),
         target_reached_at: scenario.target_accuracy.and_then(|t| accuracies.iter().find(|a| a.1 >= t).map(|a| a.0)),

@@ -32,6 +32,9 @@ pub enum ScenarioError {
 fn mnist() -> String {
     "mnist".into()
 }
+fn ten() -> usize {
+    10
+}
 fn cpu() -> String {
     "cpu".into()
 }
@@ -40,9 +43,13 @@ fn cpu() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataChoice {
-    /// A bundled data set: `mnist`.
+    /// A bundled data set, `mnist`, or `synthetic`: no training, clients answer with random
+    /// updates (to benchmark the protocol alone).
     #[serde(default = "mnist")]
     pub dataset: String,
+    /// Examples each client claims with `synthetic` (its FedAvg weight).
+    #[serde(default = "ten")]
+    pub synthetic_examples: usize,
     /// Use only the first N training examples (quick runs).
     #[serde(default)]
     pub train_examples: Option<usize>,
@@ -53,7 +60,7 @@ pub struct DataChoice {
 
 impl Default for DataChoice {
     fn default() -> Self {
-        Self { dataset: mnist(), train_examples: None, test_examples: None }
+        Self { dataset: mnist(), synthetic_examples: ten(), train_examples: None, test_examples: None }
     }
 }
 
@@ -119,8 +126,8 @@ impl Scenario {
         if !(0.0..1.0).contains(&s.faults.dropout_fraction) {
             return Err(bad(format!("faults.dropout_fraction = {} must be in [0, 1)", s.faults.dropout_fraction)));
         }
-        if s.data.dataset != "mnist" {
-            return Err(bad(format!("data.dataset = `{}`: the bundled data sets are: mnist", s.data.dataset)));
+        if s.data.dataset != "mnist" && s.data.dataset != "synthetic" {
+            return Err(bad(format!("data.dataset = `{}`: use mnist or synthetic", s.data.dataset)));
         }
         s.model_spec()?;
         Ok(s)
