@@ -74,13 +74,7 @@ fn main() -> Result<()> {
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 tokio::spawn(async move {
-                    #[cfg(unix)]
-                    {
-                        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-                        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-                    }
-                    #[cfg(not(unix))]
-                    let _ = tokio::signal::ctrl_c().await;
+                    cohort_io::shutdown_signal().await;
                     tracing::info!("shutting down");
                     signal.cancel();
                 });

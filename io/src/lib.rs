@@ -280,6 +280,26 @@ pub fn peer_id(conn: &quinn::Connection) -> Result<String, NetError> {
     subject_cn(leaf)
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM: the signals on which both daemons stop cleanly.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Writes one framed message.
 pub async fn send_msg<M: Serialize>(send: &mut quinn::SendStream, msg: &M) -> Result<(), NetError> {
     let frame = wire::encode(msg)?;

@@ -266,17 +266,7 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        cohort_io::shutdown_signal().await;
         tracing::info!("shutting down: the current round is abandoned, completed rounds are saved");
         shutdown.cancel();
     });

@@ -15,7 +15,7 @@ use cohort_common::round::{
     cohort_seed, plan_seed, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round, RoundError,
     RoundOutcome,
 };
-use cohort_common::secagg::{weighted_mean_from_sum, SecAggServer};
+use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer};
 use cohort_common::train::{evaluate, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, TensorBytes};
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
@@ -436,18 +436,10 @@ impl Server {
         }
         let replies = exchange.collect_all(shutdown).await;
         let Some(replies) = replies else { return Ok(None) };
-        for (id, reply) in replies {
-            match reply {
-                Ok(ClientMsg::Advert { round: r, advert }) if r == round => {
-                    if let Err(e) = server.handle_advert(&id, advert) {
-                        dropped.insert(id, e.to_string());
-                    }
-                }
-                other => {
-                    dropped.insert(id, describe(other, "a key advert"));
-                }
-            }
-        }
+        feed(replies, &mut dropped, "a key advert", |id, msg| match msg {
+            ClientMsg::Advert { round: r, advert } if r == round => Ok(server.handle_advert(id, advert)),
+            other => Err(Box::new(other)),
+        });
         let t_adverts = Instant::now();
         let adverts = match server.close_adverts() {
             Ok(a) => a,
@@ -455,26 +447,14 @@ impl Server {
         };
 
         // Phase 2: neighbours' adverts out, sealed shares back.
-        let frames: Vec<(ClientId, Arc<Vec<u8>>)> = adverts
-            .into_iter()
-            .map(|(id, adverts)| Ok((id, Arc::new(wire::encode(&ServerMsg::Adverts { round, adverts })?))))
-            .collect::<Result<_, wire::WireError>>()
-            .map_err(NetError::from)?;
+        let frames = encode_each(adverts, |adverts| ServerMsg::Adverts { round, adverts })?;
         let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else {
             return Ok(None);
         };
-        for (id, reply) in replies {
-            match reply {
-                Ok(ClientMsg::Shares { round: r, shares }) if r == round => {
-                    if let Err(e) = server.handle_shares(&id, shares) {
-                        dropped.insert(id, e.to_string());
-                    }
-                }
-                other => {
-                    dropped.insert(id, describe(other, "sealed shares"));
-                }
-            }
-        }
+        feed(replies, &mut dropped, "sealed shares", |id, msg| match msg {
+            ClientMsg::Shares { round: r, shares } if r == round => Ok(server.handle_shares(id, shares)),
+            other => Err(Box::new(other)),
+        });
         let t_shares = Instant::now();
         let inbox = match server.close_shares() {
             Ok(i) => i,
@@ -483,27 +463,15 @@ impl Server {
 
         // Phase 3: shares out, masked inputs back once each client has trained (summed as they
         // arrive), by the round's deadline.
-        let frames: Vec<(ClientId, Arc<Vec<u8>>)> = inbox
-            .into_iter()
-            .map(|(id, shares)| Ok((id, Arc::new(wire::encode(&ServerMsg::Shares { round, shares })?))))
-            .collect::<Result<_, wire::WireError>>()
-            .map_err(NetError::from)?;
+        let frames = encode_each(inbox, |shares| ServerMsg::Shares { round, shares })?;
         let until_deadline = round_deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(replies) = self.phase(frames, until_deadline, masked_cap, shutdown, &mut dropped).await else {
             return Ok(None);
         };
-        for (id, reply) in replies {
-            match reply {
-                Ok(ClientMsg::Masked { round: r, input }) if r == round => {
-                    if let Err(e) = server.handle_masked(&id, input) {
-                        dropped.insert(id, e.to_string());
-                    }
-                }
-                other => {
-                    dropped.insert(id, describe(other, "a masked input"));
-                }
-            }
-        }
+        feed(replies, &mut dropped, "a masked input", |id, msg| match msg {
+            ClientMsg::Masked { round: r, input } if r == round => Ok(server.handle_masked(id, input)),
+            other => Err(Box::new(other)),
+        });
         let t_masked = Instant::now();
         let request = match server.close_masked() {
             Ok(r) => r,
@@ -568,7 +536,7 @@ impl Server {
     /// One secure-aggregation phase: sends each frame and waits for every answer or the timeout.
     async fn phase(
         &self,
-        frames: Vec<(ClientId, Arc<Vec<u8>>)>,
+        frames: Vec<Addressed>,
         timeout: Duration,
         cap: usize,
         shutdown: &CancellationToken,
@@ -582,7 +550,7 @@ impl Server {
     /// Sends each client its frame on a new stream and reads one answer each, until `deadline`.
     fn start_exchange(
         &self,
-        frames: impl Iterator<Item = (ClientId, Arc<Vec<u8>>)>,
+        frames: impl Iterator<Item = Addressed>,
         deadline: tokio::time::Instant,
         cap: usize,
     ) -> Exchange {
@@ -723,6 +691,36 @@ impl Exchange {
                 Next::Shutdown => return None,
             }
         }
+    }
+}
+
+/// A frame and the client it is for.
+type Addressed = (ClientId, Arc<Vec<u8>>);
+
+/// Encodes one message per client.
+fn encode_each<T>(
+    payloads: BTreeMap<ClientId, T>,
+    message: impl Fn(T) -> ServerMsg,
+) -> Result<Vec<Addressed>, NetError> {
+    payloads.into_iter().map(|(id, p)| Ok((id, Arc::new(wire::encode(&message(p))?)))).collect()
+}
+
+/// Hands each expected reply to `accept` (which returns `Err(msg)` for an unexpected one); a
+/// client whose reply is missing, unexpected or refused is recorded as dropped, with the reason.
+fn feed(
+    replies: Vec<(ClientId, Result<ClientMsg, NetError>)>,
+    dropped: &mut BTreeMap<ClientId, String>,
+    wanted: &str,
+    mut accept: impl FnMut(&str, ClientMsg) -> Result<Result<(), SecAggError>, Box<ClientMsg>>,
+) {
+    for (id, reply) in replies {
+        let why = match reply.map(|msg| accept(&id, msg)) {
+            Ok(Ok(Ok(()))) => continue,
+            Ok(Ok(Err(refused))) => refused.to_string(),
+            Ok(Err(other)) => describe(Ok(*other), wanted),
+            Err(e) => e.to_string(),
+        };
+        dropped.insert(id, why);
     }
 }
 
