@@ -127,9 +127,11 @@ impl Participant {
                         )
                     })?;
                     let params = plan.params.len();
-                    if secure.setup.vector_len != params + 1 {
+                    if secure.segments.iter().sum::<usize>() != params
+                        || secure.setup.vector_len != params + secure.segments.len()
+                    {
                         return Err(ParticipantError::BadPlan(format!(
-                            "secure vector length {} does not fit {params} parameters plus the weight",
+                            "secure vector length {} does not fit {params} parameters plus one weight per segment",
                             secure.setup.vector_len
                         )));
                     }
@@ -182,7 +184,9 @@ impl Participant {
         let input = self.handle_plan(plan).and_then(|update| {
             let delta = update.delta.to_f32()?;
             let quantizer = secure.setup.params.quantizer;
-            Ok(secagg::encode_weighted(&delta, update.samples, secure.sample_cap, &quantizer, rng))
+            let w = secagg::sample_weight(update.samples, secure.sample_cap);
+            let weights = vec![w; secure.segments.len()];
+            Ok(secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng))
         });
         let mut guard = self.secure.lock().expect("secure lock");
         if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {

@@ -107,6 +107,8 @@ pub struct SecurePlan {
     pub setup: SecAggSetup,
     /// The sample count that gives a client the full weight 1 (public, so weights stay in [0, 1]).
     pub sample_cap: u64,
+    /// Lengths of the parameter segments (trunk, then heads); one weight each rides in the vector.
+    pub segments: Vec<usize>,
 }
 
 /// A client's contribution to one round.

@@ -80,3 +80,55 @@ impl PeerVerifier for CaVerifier {
             .map_err(|e| format!("the signature does not verify: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        pem: String,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { params, key, pem }
+    }
+
+    fn client(ca: &Ca, id: &str) -> Identity {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &Issuer::from_params(&ca.params, &ca.key)).unwrap();
+        Identity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), ca.pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn adverts_verify_only_with_the_right_ca_subject_and_signature() {
+        use cohort_common::secagg::{AdvertSigner, PeerVerifier};
+        let ours = ca("ours");
+        let theirs = ca("theirs");
+        let alice = client(&ours, "alice");
+        let verifier = CaVerifier::new(&client(&ours, "bob"));
+        let signer = CertSigner::new(&alice).unwrap();
+        let sig = signer.sign(b"keys").unwrap();
+        verifier.verify("alice", &signer.certificate(), b"keys", &sig).unwrap();
+
+        let err = verifier.verify("bob", &signer.certificate(), b"keys", &sig).unwrap_err();
+        assert!(err.contains("belongs to `alice`"), "{err}");
+        let err = verifier.verify("alice", &signer.certificate(), b"other keys", &sig).unwrap_err();
+        assert!(err.contains("signature"), "{err}");
+        let stranger = CertSigner::new(&client(&theirs, "alice")).unwrap();
+        let sig = stranger.sign(b"keys").unwrap();
+        let err = verifier.verify("alice", &stranger.certificate(), b"keys", &sig).unwrap_err();
+        assert!(err.contains("CA"), "{err}");
+        assert!(verifier.verify("alice", b"not a certificate", b"keys", &sig).is_err());
+    }
+}

@@ -266,8 +266,9 @@ impl Server {
                     self.collect_plain(plan, &cohort, started, param_len, shutdown, &mut pending, &mut reports).await?
                 }
                 Collection::Secure => {
-                    let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, param_len + 1);
-                    plan.secure = Some(SecurePlan { setup, sample_cap: fed.secagg.sample_cap });
+                    let segments: Vec<usize> = model.layout().segments().iter().map(|s| s.len).collect();
+                    let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, param_len + segments.len());
+                    plan.secure = Some(SecurePlan { setup, sample_cap: fed.secagg.sample_cap, segments });
                     self.collect_secure(plan, &cohort, param_len, shutdown, &mut pending, &mut reports).await?
                 }
             };
@@ -421,7 +422,7 @@ impl Server {
         };
         let phase_timeout = Duration::from_secs_f64(fed.secagg.phase_timeout_secs);
         let small_cap = 4 << 20;
-        let masked_cap = (param_len + 1) * 8 + (1 << 20);
+        let masked_cap = (param_len + secure.segments.len()) * 8 + (1 << 20);
 
         // Phase 1: plans out, adverts back at once: the clients train while keys are exchanged.
         let t_start = Instant::now();
@@ -513,9 +514,11 @@ impl Server {
         if survivors.len() < fed.min_clients {
             return Ok(Some(Err(RoundError::TooFew { round, got: survivors.len(), min: fed.min_clients })));
         }
-        let Some((mean_delta, total_weight)) = weighted_mean_from_sum(&sum, survivors.len(), &quantizer) else {
+        let Some((mean_delta, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
+        else {
             return abort("the survivors' total weight is zero".into());
         };
+        let total_weight = totals.first().copied().unwrap_or(0.0);
         for id in &survivors {
             dropped.remove(id);
         }

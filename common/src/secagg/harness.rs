@@ -159,11 +159,11 @@ fn drop_sets(n: usize, rates: [f64; 4], seed: u64) -> [BTreeSet<usize>; 4] {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(40))]
 
     #[test]
     fn the_sum_is_exact_with_enough_survivors_and_aborts_otherwise(
-        n in 3usize..40,
+        n in 3usize..=100,
         k_frac in 0.0f64..1.0,
         t_frac in 0.0f64..1.0,
         rates in proptest::array::uniform4(0.0f64..0.25),
@@ -311,4 +311,23 @@ fn masked_inputs_travel_compactly_and_round_trip() {
         let back: MaskedInput = crate::wire::decode_frame(&frame, crate::wire::MAX_FRAME_BYTES).unwrap();
         assert_eq!(back.values, values);
     }
+}
+
+#[test]
+fn per_segment_weights_average_each_segment_over_those_who_trained_it() {
+    let q = Quantizer { bits: 32, clip: 4.0, scale: 1e6 };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+    let segments = [3usize, 2, 1];
+    let a = [1.0f32, 2.0, 3.0, 9.0, 9.0, 9.0];
+    let b = [3.0f32, 2.0, 1.0, 1.0, -1.0, 9.0];
+    // a trained only the trunk; b the trunk and the first head; nobody the second head.
+    let ea = encode_weighted(&a, &segments, &[1.0, 0.0, 0.0], &q, &mut rng);
+    let eb = encode_weighted(&b, &segments, &[0.5, 0.5, 0.0], &q, &mut rng);
+    let sum: Vec<u64> = ea.iter().zip(&eb).map(|(x, y)| (x + y) & 0xffff_ffff).collect();
+    let (mean, totals) = weighted_mean_from_sum(&sum, 2, &segments, &q).unwrap();
+    let expect = [(1.0 + 1.5) / 1.5, (2.0 + 1.0) / 1.5, (3.0 + 0.5) / 1.5, 1.0, -1.0, 0.0];
+    for (m, e) in mean.iter().zip(expect) {
+        assert!((*m as f64 - e).abs() < 1e-4, "{mean:?} vs {expect:?}");
+    }
+    assert!((totals[0] - 1.5).abs() < 1e-5 && (totals[1] - 0.5).abs() < 1e-5 && totals[2].abs() < 1e-5);
 }

@@ -206,31 +206,66 @@ mod raw_u64 {
     }
 }
 
-/// Encodes a client's weighted update for a secure sum: `[w * delta..., w]`, quantized, where
-/// `w = min(samples / sample_cap, 1)`. The sum of these gives the weighted FedAvg numerator and
-/// denominator without revealing any one client's weight.
+/// Encodes a client's weighted update for a secure sum: each segment of `delta` (the trunk, then
+/// each head; `segments` gives their lengths) multiplied by its weight, then the weights
+/// themselves, quantized. A segment the client did not train has weight 0. The sum of these gives
+/// every segment's weighted FedAvg numerator and denominator without revealing any one client's
+/// weight or which heads it trained.
 pub fn encode_weighted(
     delta: &[f32],
-    samples: u64,
-    sample_cap: u64,
+    segments: &[usize],
+    weights: &[f32],
     quantizer: &Quantizer,
     rng: &mut impl rand::Rng,
 ) -> Vec<u64> {
-    let w = (samples as f64 / sample_cap.max(1) as f64).min(1.0) as f32;
-    let mut v: Vec<f32> = delta.iter().map(|d| d * w).collect();
-    v.push(w);
+    debug_assert_eq!(segments.iter().sum::<usize>(), delta.len());
+    let mut v = Vec::with_capacity(delta.len() + segments.len());
+    let mut start = 0;
+    for (&len, &w) in segments.iter().zip(weights) {
+        v.extend(delta[start..start + len].iter().map(|d| d * w));
+        start += len;
+    }
+    v.extend_from_slice(&weights[..segments.len()]);
     quantizer.encode(&v, rng)
 }
 
-/// The weighted mean from the secure sum of `survivors` encodings (see [`encode_weighted`]):
-/// returns the mean delta and the total weight, or `None` when the total weight is zero.
-pub fn weighted_mean_from_sum(sum: &[u64], survivors: usize, quantizer: &Quantizer) -> Option<(Vec<f32>, f64)> {
+/// A client's FedAvg weight: `min(samples / sample_cap, 1)`, public cap so weights stay in [0, 1].
+pub fn sample_weight(samples: u64, sample_cap: u64) -> f32 {
+    (samples as f64 / sample_cap.max(1) as f64).min(1.0) as f32
+}
+
+/// The per-segment weighted mean from the secure sum of `survivors` encodings (see
+/// [`encode_weighted`]): the mean delta (zero in a segment nobody trained, which leaves it
+/// unchanged) and each segment's total weight; `None` when no segment has weight.
+pub fn weighted_mean_from_sum(
+    sum: &[u64],
+    survivors: usize,
+    segments: &[usize],
+    quantizer: &Quantizer,
+) -> Option<(Vec<f32>, Vec<f64>)> {
     let decoded = quantizer.decode_sum(sum, survivors);
-    let (&total, values) = decoded.split_last()?;
-    if total <= 0.0 {
+    let params: usize = segments.iter().sum();
+    if decoded.len() != params + segments.len() {
         return None;
     }
-    Some((values.iter().map(|v| (v / total) as f32).collect(), total))
+    let (values, totals) = decoded.split_at(params);
+    // Below one quantization step of a single client's weight, a total is rounding noise.
+    let floor = survivors as f64 / quantizer.scale;
+    if totals.iter().all(|t| *t <= floor) {
+        return None;
+    }
+    let mut mean = Vec::with_capacity(params);
+    let mut start = 0;
+    for (&len, &total) in segments.iter().zip(totals) {
+        let seg = &values[start..start + len];
+        if total > floor {
+            mean.extend(seg.iter().map(|v| (v / total) as f32));
+        } else {
+            mean.extend(std::iter::repeat_n(0.0f32, len));
+        }
+        start += len;
+    }
+    Some((mean, totals.to_vec()))
 }
 
 impl std::fmt::Debug for MaskedInput {
