@@ -10,6 +10,7 @@
 //!   `ParamLayout` and safetensors in and out.
 //! - [`train`]: local SGD, cross-entropy, evaluation metrics.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
+//! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant.
 //! - [`participant`]: the client's side of a round (plan in, update out).
 //! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role.
 //! - [`round`]: the server's round state machine and the collection seam.
@@ -23,6 +24,7 @@
 //! ```
 
 pub mod data;
+pub mod dp;
 pub mod model;
 pub mod participant;
 pub mod round;
