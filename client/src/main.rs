@@ -41,11 +41,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cohort_io::init_logging("info");
     match Cli::parse().command {
         Command::Keygen { id, out } => {
             if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || id.is_empty() || id.len() > 64 {

@@ -280,6 +280,18 @@ pub fn peer_id(conn: &quinn::Connection) -> Result<String, NetError> {
     subject_cn(leaf)
 }
 
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (else `default_filter`), in colour
+/// only on a terminal. For the binaries' `main`.
+pub fn init_logging(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM: the signals on which both daemons stop cleanly.
 pub async fn shutdown_signal() {
     #[cfg(unix)]

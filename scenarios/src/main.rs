@@ -39,11 +39,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cohort_io::init_logging("error");
     let Command::Run { file, out, rounds, seed, data } = Cli::parse().command;
     cohort_scenarios::runner::one_thread_per_client();
     let scenario = Scenario::load(&file)?;

@@ -99,11 +99,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cohort_io::init_logging("info");
     match Cli::parse().command {
         Command::Init { state, name, sans } => {
             let paths = StatePaths::new(&state);

@@ -223,8 +223,8 @@ fn a_substituted_key_advert_is_detected() {
     assert!(matches!(clients[2].handle_adverts(&stranger, &TestPki, &mut rng), Err(SecAggError::Server(_))));
 }
 
-/// Drives four clients to the unmask phase and returns them with the request.
-fn to_unmask(round: u64) -> (Vec<SecAggClient>, UnmaskRequest, BTreeMap<String, Vec<SealedShares>>) {
+/// Four clients of `round` through key sharing: the server, the clients and their inboxes.
+fn to_shares(round: u64) -> (SecAggServer, Vec<SecAggClient>, BTreeMap<String, Vec<SealedShares>>) {
     let s = setup(4, 2, 3, 4, round);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
     let mut server = SecAggServer::new(s.clone()).unwrap();
@@ -240,8 +240,13 @@ fn to_unmask(round: u64) -> (Vec<SecAggClient>, UnmaskRequest, BTreeMap<String, 
         server.handle_shares(&id, sealed).unwrap();
     }
     let inbox = server.close_shares().unwrap();
-    for (id, sealed) in &inbox {
-        let i = s.cohort.binary_search(id).unwrap();
+    (server, clients, inbox)
+}
+
+/// Drives four clients to the unmask phase (c003 never sends its masked input).
+fn to_unmask(round: u64) -> (Vec<SecAggClient>, UnmaskRequest, BTreeMap<String, Vec<SealedShares>>) {
+    let (mut server, mut clients, inbox) = to_shares(round);
+    for (i, (id, sealed)) in inbox.iter().enumerate() {
         let masked = clients[i].handle_shares(sealed, &[1, 2, 3, 4]).unwrap();
         if i != 3 {
             server.handle_masked(id, masked).unwrap();
@@ -262,22 +267,7 @@ fn a_client_refuses_to_give_both_kinds_of_share_of_one_peer() {
 #[test]
 fn tampered_and_replayed_share_ciphertexts_are_rejected() {
     let (_, _, inbox_a) = to_unmask(21);
-    // Fresh clients of round 22 at the share phase.
-    let s = setup(4, 2, 3, 4, 22);
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(22);
-    let mut server = SecAggServer::new(s.clone()).unwrap();
-    let mut clients = Vec::new();
-    for id in &s.cohort {
-        let (c, a) = SecAggClient::start(id, s.clone(), &TestSigner(id.clone()), &mut rng).unwrap();
-        server.handle_advert(id, a).unwrap();
-        clients.push(c);
-    }
-    for (id, theirs) in server.close_adverts().unwrap() {
-        let i = s.cohort.binary_search(&id).unwrap();
-        let sealed = clients[i].handle_adverts(&theirs, &TestPki, &mut rng).unwrap();
-        server.handle_shares(&id, sealed).unwrap();
-    }
-    let inbox = server.close_shares().unwrap();
+    let (_, mut clients, inbox) = to_shares(22);
     let mut tampered = inbox["c000"].clone();
     tampered[0].ciphertext[3] ^= 0x40;
     assert!(matches!(clients[0].handle_shares(&tampered, &[0; 4]), Err(SecAggError::Peer(_))));
