@@ -11,8 +11,7 @@ use candle_core::Device;
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::participant::Participant;
-use cohort::common::round::plan_seed;
-use cohort::common::wire::{self, ClientMsg, RoundPlan, ServerMsg, TensorBytes};
+use cohort::common::wire::{self, ClientMsg, ServerMsg};
 use cohort::io::{client_config, recv_msg, send_msg, Identity};
 use cohort::server::store::Store;
 use support::*;
@@ -38,16 +37,7 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
     assert!(report.test.as_ref().unwrap().examples == 200);
 
     // The same round, computed here without the network.
-    let initial = Model::new(&spec(), &Device::Cpu, fed.seed).unwrap().flat().unwrap();
-    let plan = RoundPlan {
-        round: 1,
-        model_spec: spec().to_toml(),
-        params: TensorBytes::from_f32(&initial),
-        train: fed.train.clone(),
-        seed: plan_seed(fed.seed, 1),
-        deadline_ms: 1000,
-        secure: None,
-    };
+    let (initial, plan) = first_plan(&fed);
     let mut expected = vec![0f64; initial.len()];
     let total: f64 = sizes.iter().map(|&(_, n)| n as f64).sum();
     for &(i, n) in &sizes {

@@ -10,8 +10,6 @@ use candle_core::Device;
 use cohort::client::daemon::{FaultHook, Step};
 use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::participant::Participant;
-use cohort::common::round::plan_seed;
-use cohort::common::wire::{RoundPlan, TensorBytes};
 use cohort::server::config::{Collection, SecAggConfig};
 use support::*;
 
@@ -49,16 +47,7 @@ async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
     assert!(report.train_loss.is_none(), "a secure round reveals no client's loss");
 
     // The same round computed here: the weighted mean of the nine included updates.
-    let initial = Model::new(&spec(), &Device::Cpu, fed.seed).unwrap().flat().unwrap();
-    let plan = RoundPlan {
-        round: 1,
-        model_spec: spec().to_toml(),
-        params: TensorBytes::from_f32(&initial),
-        train: fed.train.clone(),
-        seed: plan_seed(fed.seed, 1),
-        deadline_ms: 1000,
-        secure: None,
-    };
+    let (initial, plan) = first_plan(&fed);
     let mut numerator = vec![0f64; initial.len()];
     let mut total = 0f64;
     for &(i, n) in sizes.iter().filter(|(i, _)| *i != 3) {

@@ -11,8 +11,10 @@ use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultH
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
 use cohort::common::participant::Participant;
+use cohort::common::round::plan_seed;
 use cohort::common::strategy::StrategyConfig;
 use cohort::common::train::TrainConfig;
+use cohort::common::wire::{RoundPlan, TensorBytes};
 use cohort::io::Identity;
 use cohort::server::config::{Collection, Federation};
 use cohort::server::pki::{self, StatePaths};
@@ -56,6 +58,21 @@ pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
         train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, weight_decay: 0.0 },
         strategy: StrategyConfig::default(),
     }
+}
+
+/// The global model before round 1 and the plain plan of round 1, as the server makes them.
+pub fn first_plan(fed: &Federation) -> (Vec<f32>, RoundPlan) {
+    let initial = cohort::common::model::Model::new(&spec(), &Device::Cpu, fed.seed).unwrap().flat().unwrap();
+    let plan = RoundPlan {
+        round: 1,
+        model_spec: spec().to_toml(),
+        params: TensorBytes::from_f32(&initial),
+        train: fed.train.clone(),
+        seed: plan_seed(fed.seed, 1),
+        deadline_ms: 1000,
+        secure: None,
+    };
+    (initial, plan)
 }
 
 pub struct Ca {
