@@ -289,8 +289,15 @@ async fn answer(
             None => None,
         };
         let started = std::time::Instant::now();
-        let trained = tokio::task::spawn_blocking(move || participant.train_secure(&plan, &mut rand::rng())).await;
-        hooks.trained.send_modify(|r| *r = (*r).max(round));
+        // Signalled from the training thread itself: if this handler is aborted (the connection
+        // dropped), the training still finishes and a later request on a new connection is not
+        // left waiting for a signal that never comes.
+        let signal = hooks.trained.clone();
+        let trained = tokio::task::spawn_blocking(move || {
+            participant.train_secure(&plan, &mut rand::rng());
+            signal.send_modify(|r| *r = (*r).max(round));
+        })
+        .await;
         trained.map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
         info!(round, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "trained");
     }

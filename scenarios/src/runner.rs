@@ -79,8 +79,9 @@ pub struct Report {
 }
 
 /// Simulated clients train in parallel, one per core; candle's own threads inside each
-/// training then only contend (measured: the 2NN at batch 10 ran 862 steps/s with candle's
-/// threads and 1,820 with one). Sets `RAYON_NUM_THREADS=1` unless the user chose a value.
+/// training then only contend (`cargo bench -p cohort-scenarios --bench train_steps`: one 2NN
+/// client at batch 10 runs 929 steps/s with candle's threads, 1,550 with one). Sets
+/// `RAYON_NUM_THREADS=1` unless the user chose a value.
 /// Call at the start of `main`, before other threads exist.
 pub fn one_thread_per_client() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {

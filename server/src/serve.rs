@@ -213,7 +213,7 @@ impl Server {
             return Ok(reports);
         }
         let collection = match fed.collection {
-            Collection::Plain => PlainCollector::new(0).describe(),
+            Collection::Plain => "plain (the server sees each update; for debugging and comparison only)",
             Collection::Secure => "secure (SecAgg+: the server learns only the sum of each cohort's updates)",
         };
         info!(addr = %self.local_addr(), model = %self.setup.spec.name, params = param_len, collection, "serving");
@@ -575,7 +575,7 @@ impl Server {
                 let _ = tx.send((id, answer)).await;
             });
         }
-        Exchange { rx, tasks, deadline, expected, unreachable }
+        Exchange { rx, _tasks: tasks, deadline, expected, unreachable }
     }
 
     /// Waits for a round's evaluation, records its metrics and publishes the report.
@@ -653,8 +653,7 @@ impl Server {
 struct Exchange {
     rx: mpsc::Receiver<(ClientId, Result<ClientMsg, NetError>)>,
     /// Dropping the set aborts requests still waiting.
-    #[allow(dead_code)]
-    tasks: JoinSet<()>,
+    _tasks: JoinSet<()>,
     deadline: tokio::time::Instant,
     expected: usize,
     unreachable: Vec<(ClientId, String)>,

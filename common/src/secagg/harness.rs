@@ -201,15 +201,8 @@ fn no_dropouts_complete_graph_and_total_collapse() {
 
 #[test]
 fn a_substituted_key_advert_is_detected() {
-    let s = setup(4, 2, 3, 4, 7);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-    let mut server = SecAggServer::new(s.clone()).unwrap();
-    let mut clients = Vec::new();
-    for id in &s.cohort {
-        let (c, a) = SecAggClient::start(id, s.clone(), &TestSigner(id.clone()), &mut rng).unwrap();
-        server.handle_advert(id, a).unwrap();
-        clients.push(c);
-    }
+    let (mut server, mut clients) = advertised(setup(4, 2, 3, 4, 7), &mut rng);
     let mut adverts = server.close_adverts().unwrap();
     // The server swaps in a mask key of its own for c001, as seen by c000.
     let forged = super::crypto::KeyPair::generate(&mut rng);
@@ -223,17 +216,23 @@ fn a_substituted_key_advert_is_detected() {
     assert!(matches!(clients[2].handle_adverts(&stranger, &TestPki, &mut rng), Err(SecAggError::Server(_))));
 }
 
+/// A server and every cohort member, each having advertised its keys.
+fn advertised(s: SecAggSetup, rng: &mut rand_chacha::ChaCha20Rng) -> (SecAggServer, Vec<SecAggClient>) {
+    let mut server = SecAggServer::new(s.clone()).unwrap();
+    let mut clients = Vec::new();
+    for id in &s.cohort {
+        let (c, a) = SecAggClient::start(id, s.clone(), &TestSigner(id.clone()), rng).unwrap();
+        server.handle_advert(id, a).unwrap();
+        clients.push(c);
+    }
+    (server, clients)
+}
+
 /// Four clients of `round` through key sharing: the server, the clients and their inboxes.
 fn to_shares(round: u64) -> (SecAggServer, Vec<SecAggClient>, BTreeMap<String, Vec<SealedShares>>) {
     let s = setup(4, 2, 3, 4, round);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
-    let mut server = SecAggServer::new(s.clone()).unwrap();
-    let mut clients = Vec::new();
-    for id in &s.cohort {
-        let (c, a) = SecAggClient::start(id, s.clone(), &TestSigner(id.clone()), &mut rng).unwrap();
-        server.handle_advert(id, a).unwrap();
-        clients.push(c);
-    }
+    let (mut server, mut clients) = advertised(s.clone(), &mut rng);
     for (id, theirs) in server.close_adverts().unwrap() {
         let i = s.cohort.binary_search(&id).unwrap();
         let sealed = clients[i].handle_adverts(&theirs, &TestPki, &mut rng).unwrap();
