@@ -84,6 +84,22 @@ pub struct ClientConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub reconnect: Backoff,
+    /// This client's own privacy budget; its ledger lives in `state_dir`.
+    #[serde(default)]
+    pub privacy: Option<PrivacyBudget>,
+}
+
+fn delta() -> f64 {
+    1e-5
+}
+
+/// `[privacy]`: decline private rounds that would take this client past `max_epsilon`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyBudget {
+    pub max_epsilon: f64,
+    #[serde(default = "delta")]
+    pub delta: f64,
 }
 
 impl ClientConfig {
@@ -97,6 +113,9 @@ impl ClientConfig {
         let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
         if config.reconnect.initial_ms == 0 || config.reconnect.max_ms < config.reconnect.initial_ms {
             return Err(bad("reconnect: initial_ms must be > 0 and max_ms >= initial_ms".into()));
+        }
+        if config.privacy.is_some() && config.state_dir.is_none() {
+            return Err(bad("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into()));
         }
         if !config.server.contains(':') {
             return Err(bad(format!("server = `{}` needs a port, like `fl.example.org:4433`", config.server)));

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Backoff;
+use crate::ledger::LedgerFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -50,7 +51,14 @@ pub struct ClientSetup {
     /// Simulated crashes (scenarios and tests): asked after each reply is sent; `true` drops
     /// the connection abruptly, as a crashed process would. The daemon then reconnects.
     pub fault: Option<FaultHook>,
+    /// This client's privacy ledger: private rounds past its budget are declined.
+    pub ledger: Option<SharedLedger>,
+    /// An endpoint shared with other clients of this process (simulations); `None` opens one.
+    pub endpoint: Option<quinn::Endpoint>,
 }
+
+/// The ledger, shared by the request handlers.
+pub type SharedLedger = Arc<std::sync::Mutex<LedgerFile>>;
 
 /// Which reply a client has just sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +82,9 @@ struct Hooks {
     gate: Option<Arc<Semaphore>>,
     events: Option<mpsc::UnboundedSender<ClientEvent>>,
     fault: Option<FaultHook>,
+    ledger: Option<SharedLedger>,
+    /// The first round of the current connection (from the server's welcome).
+    joined_at: u64,
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,11 +94,33 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs until `shutdown` is cancelled or the server refuses this client.
 pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let ClientSetup { identity, server, server_name, participant, device_name, backoff, train_gate, events, fault } =
-        setup;
-    let hooks =
-        Hooks { trained: Arc::new(tokio::sync::watch::channel(0).0), gate: train_gate, events: events.clone(), fault };
-    let endpoint = cohort_io::client_endpoint(&identity, server.is_ipv6())?;
+    let ClientSetup {
+        identity,
+        server,
+        server_name,
+        participant,
+        device_name,
+        backoff,
+        train_gate,
+        events,
+        fault,
+        ledger,
+        endpoint: shared_endpoint,
+    } = setup;
+    let mut hooks = Hooks {
+        trained: Arc::new(tokio::sync::watch::channel(0).0),
+        gate: train_gate,
+        events: events.clone(),
+        fault,
+        ledger,
+        joined_at: 0,
+    };
+    let owns_endpoint = shared_endpoint.is_none();
+    let endpoint = match shared_endpoint {
+        Some(e) => e,
+        None => cohort_io::bare_client_endpoint(server.is_ipv6())?,
+    };
+    let quic_config = cohort_io::client_config(&identity)?;
     let samples = participant.samples();
     let participant = Arc::new(participant);
     let hello = ClientMsg::Hello { device: device_name, samples };
@@ -102,13 +135,14 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
             break Ok(());
         }
         let connected = tokio::select! {
-            r = connect(&endpoint, server, &server_name, &hello) => r,
+            r = connect(&endpoint, &quic_config, server, &server_name, &hello) => r,
             _ = shutdown.cancelled() => break Ok(()),
         };
         match connected {
-            Ok(conn) => {
+            Ok((conn, next_round)) => {
                 attempt = 0;
-                info!(%server, "connected");
+                hooks.joined_at = next_round;
+                info!(%server, next_round, "connected");
                 emit(ClientEvent::Connected);
                 let reason = serve(&conn, &participant, &hooks, &shutdown).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
@@ -134,9 +168,11 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
             }
         }
     };
-    endpoint.close(0u32.into(), b"client shutting down");
-    // Long enough for the goodbye to reach the server; not for a handshake that never answers.
-    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    if owns_endpoint {
+        endpoint.close(0u32.into(), b"client shutting down");
+        // Long enough for the goodbye to reach the server; not for a handshake that never answers.
+        let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    }
     result
 }
 
@@ -148,11 +184,16 @@ pub fn backoff_delay(b: &Backoff, attempt: u32, rng: &mut impl Rng) -> Duration 
 
 async fn connect(
     endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
     server: SocketAddr,
     server_name: &str,
     hello: &ClientMsg,
-) -> Result<quinn::Connection, ClientError> {
-    let conn = endpoint.connect(server, server_name).map_err(NetError::from)?.await.map_err(cohort_io::classify)?;
+) -> Result<(quinn::Connection, u64), ClientError> {
+    let conn = endpoint
+        .connect_with(config.clone(), server, server_name)
+        .map_err(NetError::from)?
+        .await
+        .map_err(cohort_io::classify)?;
     let hello = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(cohort_io::classify)?;
         send_msg(&mut send, hello).await?;
@@ -162,9 +203,9 @@ async fn connect(
     match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
         Err(_) => Err(NetError::Stream("the server did not answer hello in time".into()).into()),
         Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(ServerMsg::Welcome { client_id, .. })) => {
-            debug!(%client_id, "welcomed");
-            Ok(conn)
+        Ok(Ok(ServerMsg::Welcome { client_id, next_round, .. })) => {
+            debug!(%client_id, next_round, "welcomed");
+            Ok((conn, next_round))
         }
         Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(reason)),
         Ok(Ok(other)) => Err(NetError::Stream(format!("expected welcome, got {other:?}")).into()),
@@ -230,6 +271,20 @@ async fn answer(
         }
         _ => None,
     };
+    // A private round the ledger refuses is declined before any training.
+    let private = plan.as_ref().and_then(|p| p.secure.as_ref()).and_then(|s| s.dp);
+    if let (Some(dp), Some(ledger)) = (private, &hooks.ledger) {
+        let decision = ledger.lock().expect("ledger lock").admit(round, hooks.joined_at, &dp);
+        match decision {
+            Ok(epsilon) => info!(round, epsilon = format!("{epsilon:.3}"), "privacy ledger: taking part"),
+            Err(e) => {
+                warn!(round, "declining the round: {e}");
+                send_msg(&mut send, &ClientMsg::Decline { round, reason: e.to_string() }).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+    }
     let secure_plan = plan.as_ref().filter(|p| p.secure.is_some()).cloned();
     // Plain rounds train here, behind the gate; secure rounds answer with keys first.
     let _permit = match (&hooks.gate, plan.is_some() && secure_plan.is_none()) {

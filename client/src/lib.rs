@@ -6,6 +6,7 @@
 //! - [`daemon`]: the driver: dial, hello, answer round plans with updates computed by
 //!   `cohort_common::participant::Participant`, reconnect with backoff, stop cleanly.
 //! - [`device`]: `auto | cpu | cuda:N` to a candle device.
+//! - [`ledger`]: the client's own privacy ledger, which declines rounds past its budget.
 //! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked.
 //!
 //! ```no_run
@@ -18,6 +19,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod ledger;
 
 use std::sync::Arc;
 
@@ -123,6 +125,12 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         std::fs::create_dir_all(dir)
             .map_err(|source| cohort_io::files::FileError::Io { path: dir.display().to_string(), source })?;
     }
+    let ledger = match (&config.privacy, &config.state_dir) {
+        (Some(budget), Some(dir)) => {
+            Some(Arc::new(std::sync::Mutex::new(ledger::LedgerFile::open(dir, budget.max_epsilon, budget.delta)?)))
+        }
+        _ => None,
+    };
     let server = tokio::net::lookup_host(&config.server)
         .await
         .map_err(|e| SetupError::Address { addr: config.server.clone(), problem: e.to_string() })?
@@ -138,5 +146,7 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         train_gate: None,
         events: None,
         fault: None,
+        ledger,
+        endpoint: None,
     })
 }

@@ -11,9 +11,26 @@
 //! - [`RdpAccountant`]: RDP of the Poisson-subsampled Gaussian mechanism at integer and
 //!   fractional orders (Mirónov, Talwar, Zhang 2019), composed over rounds, converted to
 //!   (epsilon, delta) with the tight conversion of Balle et al. 2020 (as TF Privacy does).
+//! - [`DpPlan`]: what a secure round's plan tells each client ([`privatize`] applies it);
+//!   [`mean_from_sum`] turns the unmasked sum back into the mean update and the noisy count of
+//!   unclipped updates.
+//! - [`PrivacyLedger`]: a client's own account of what it has spent, kept across restarts.
+//!
+//! ## What the operator is promised
+//!
+//! User-level (epsilon, delta)-DP of the sequence of global models, against anyone who sees them
+//! and against a server that follows the protocol: every round's sum carries Gaussian noise of
+//! standard deviation at least `z C` (each of at least `t` survivors adds `z C / sqrt(t)`, and a
+//! client refuses to help unmask a sum of fewer than `t` inputs), each client's contribution is
+//! clipped to L2 norm `C`, and each enrolled client is in a round's cohort independently with
+//! probability `q` (Poisson sampling, the scheme the accountant assumes). Epsilon is composed over
+//! every round that sent plans, whatever its outcome. Not promised: protection against a server
+//! that lies about who survived, or against colluding clients who subtract their own noise
+//! (the noise of the honest survivors alone is then `z C sqrt(honest / t)`).
 
 use rand::CryptoRng;
 use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DpError {
@@ -249,6 +266,254 @@ impl RdpAccountant {
     }
 }
 
+/// The differential-privacy settings of one secure round, as the plan carries them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpPlan {
+    /// L2 bound C of each client's update this round.
+    pub clip: f64,
+    /// Clip each segment (trunk, heads) to `C sqrt(len / total)` instead of the whole update.
+    pub per_segment: bool,
+    /// The noise multiplier z the accountant composes (0: clipping only, no privacy claim).
+    pub noise_multiplier: f64,
+    /// Standard deviation of the noise on the count of unclipped updates (sigma_b of Andrew et
+    /// al.); the update noise is raised so that both together are worth `z`.
+    pub count_noise: f64,
+    /// t: the fewest inputs in any sum the clients help unmask; each adds 1/t of the noise
+    /// variance.
+    pub min_survivors: usize,
+    /// q: the probability with which each enrolled client was sampled into this round.
+    pub sampling_rate: f64,
+}
+
+impl DpPlan {
+    pub fn check(&self) -> Result<(), DpError> {
+        let bad = |m: String| Err(DpError::Config(m));
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return bad(format!("clip = {} must be a positive number", self.clip));
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return bad(format!("noise_multiplier = {} must be zero or positive", self.noise_multiplier));
+        }
+        if !(self.count_noise.is_finite() && self.count_noise >= 0.0) {
+            return bad(format!("count_noise = {} must be zero or positive", self.count_noise));
+        }
+        if self.noise_multiplier > 0.0 && 2.0 * self.count_noise <= self.noise_multiplier {
+            return bad(format!(
+                "count_noise = {} leaves no room for the update noise: it must exceed noise_multiplier / 2 = {} \
+                 (Andrew et al. recommend about clients_per_round / 20)",
+                self.count_noise,
+                self.noise_multiplier / 2.0
+            ));
+        }
+        if self.min_survivors == 0 {
+            return bad("min_survivors must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.sampling_rate) {
+            return bad(format!("sampling_rate = {} must be between 0 and 1", self.sampling_rate));
+        }
+        Ok(())
+    }
+
+    /// z_delta, the multiplier of the update noise: (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al.
+    /// 2021, theorem 1), so that the update and the count released together are worth `z`.
+    pub fn update_noise_multiplier(&self) -> f64 {
+        if self.noise_multiplier == 0.0 {
+            return 0.0;
+        }
+        let rest = self.noise_multiplier.powi(-2) - (2.0 * self.count_noise).powi(-2);
+        if rest > 0.0 {
+            rest.powf(-0.5)
+        } else {
+            f64::INFINITY
+        }
+    }
+
+    /// One client's share of the update noise (per coordinate).
+    pub fn update_share_std(&self) -> f64 {
+        noise_share_std(self.update_noise_multiplier(), self.clip, self.min_survivors)
+    }
+
+    /// One client's share of the count noise.
+    pub fn count_share_std(&self) -> f64 {
+        if self.noise_multiplier == 0.0 {
+            0.0
+        } else {
+            self.count_noise / (self.min_survivors as f64).sqrt()
+        }
+    }
+
+    /// The range `[-r, r]` a quantizer needs for a clipped, noised coordinate and the centred
+    /// indicator bit: eight standard deviations of noise past the largest value (a clamp there
+    /// happens with probability about 1e-15 per coordinate).
+    pub fn coordinate_range(&self) -> f64 {
+        (self.clip + 8.0 * self.update_share_std()).max(0.5 + 8.0 * self.count_share_std())
+    }
+}
+
+/// What one client's clipping did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClipReport {
+    /// L2 norm of the update before clipping.
+    pub norm: f64,
+    pub clipped: bool,
+}
+
+/// Clips `delta` to the plan's bound (whole or per segment), adds this client's share of the
+/// noise, and returns the vector a DP round masks: the update (weight 1 for every segment: with
+/// DP the mean divides by the public count of survivors), one weight per segment, and the centred
+/// indicator `[norm <= C] - 1/2` with its share of the count noise.
+pub fn privatize(
+    mut delta: Vec<f32>,
+    segments: &[usize],
+    plan: &DpPlan,
+    rng: &mut impl CryptoRng,
+) -> Result<(Vec<f32>, ClipReport), DpError> {
+    let total: usize = segments.iter().sum();
+    if total != delta.len() {
+        return Err(DpError::Config(format!("segments cover {total} values, the update has {}", delta.len())));
+    }
+    let norm = delta.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
+    let clipped = if plan.per_segment {
+        let bounds: Vec<f64> =
+            segments.iter().map(|&len| plan.clip * (len as f64 / total.max(1) as f64).sqrt()).collect();
+        clip_segments(&mut delta, segments, &bounds).iter().any(|(_, c)| *c)
+    } else {
+        clip_l2(&mut delta, plan.clip).1
+    };
+    add_gaussian_noise(&mut delta, plan.update_share_std(), rng)?;
+    let unclipped = norm.is_finite() && norm <= plan.clip;
+    let mut indicator = [if unclipped { 0.5f32 } else { -0.5 }];
+    add_gaussian_noise(&mut indicator, plan.count_share_std(), rng)?;
+    delta.extend(std::iter::repeat_n(1.0f32, segments.len()));
+    delta.push(indicator[0]);
+    Ok((delta, ClipReport { norm, clipped }))
+}
+
+/// The mean update and the noisy count of unclipped updates from the decoded sum of
+/// `survivors` [`privatize`] vectors (`params` values, then one weight per segment, then the
+/// indicator). `None` when the sum has the wrong length or nobody survived.
+pub fn mean_from_sum(decoded: &[f64], survivors: usize, params: usize, segments: usize) -> Option<(Vec<f32>, f64)> {
+    if survivors == 0 || decoded.len() != params + segments + 1 {
+        return None;
+    }
+    let n = survivors as f64;
+    let mean = decoded[..params].iter().map(|v| (v / n) as f32).collect();
+    let unclipped = decoded[params + segments] + n / 2.0;
+    Some((mean, unclipped))
+}
+
+/// Rounds of one mechanism the ledger has counted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spent {
+    pub first_round: u64,
+    pub last_round: u64,
+    pub sampling_rate: f64,
+    pub noise_multiplier: f64,
+}
+
+/// Why a client declines a round.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LedgerRefusal {
+    #[error("round {round} would take this client's epsilon to {would_be:.3}, past its budget of {max_epsilon} (delta {delta}); it takes no further part in private rounds")]
+    OverBudget { round: u64, would_be: f64, max_epsilon: f64, delta: f64 },
+    #[error("this client's privacy budget of epsilon {max_epsilon} is spent ({spent:.3}); it takes no further part in private rounds")]
+    Exhausted { max_epsilon: f64, spent: f64 },
+    #[error("round {round} has no noise (noise_multiplier 0): this client has a privacy budget and takes part only in private rounds")]
+    NoNoise { round: u64 },
+}
+
+/// A client's own privacy account. Every round from the one the client first joined at is
+/// counted (as the sampled Gaussian of its plan), whether or not the client was sampled: under
+/// Poisson sampling a round costs every eligible client, and a client cannot tell which rounds
+/// ran while it was away. A round that would take the client past `max_epsilon` is declined,
+/// and so is every private round after it, so its data is used no more. The rounds between the
+/// client's last plan and the declined one were spent already, so the final figure can pass
+/// the budget by those (each a fraction of a participation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyLedger {
+    pub max_epsilon: f64,
+    pub delta: f64,
+    pub spent: Vec<Spent>,
+    /// The last round counted (0: none).
+    pub accounted_through: u64,
+    pub exhausted: bool,
+}
+
+impl PrivacyLedger {
+    pub fn new(max_epsilon: f64, delta: f64) -> Result<Self, DpError> {
+        if !(max_epsilon.is_finite() && max_epsilon > 0.0) {
+            return Err(DpError::Config(format!("max_epsilon = {max_epsilon} must be a positive number")));
+        }
+        if !(delta > 0.0 && delta < 1.0) {
+            return Err(DpError::Config(format!("delta = {delta} must be between 0 and 1")));
+        }
+        Ok(Self { max_epsilon, delta, spent: Vec::new(), accounted_through: 0, exhausted: false })
+    }
+
+    fn epsilon_of(&self, spent: &[Spent]) -> f64 {
+        let mut acc = RdpAccountant::new(default_orders()).expect("default orders are valid");
+        for s in spent {
+            acc.compose(s.sampling_rate, s.noise_multiplier, s.last_round + 1 - s.first_round);
+        }
+        acc.epsilon(self.delta).0
+    }
+
+    /// Epsilon spent so far.
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon_of(&self.spent)
+    }
+
+    /// Decides whether the client takes part in `round` (with `plan`), having been connected
+    /// since round `joined_at` at the latest. `Ok(epsilon)` counts the round (and any rounds
+    /// since the last counted one); the caller persists the ledger before answering.
+    pub fn admit(&mut self, round: u64, joined_at: u64, plan: &DpPlan) -> Result<f64, LedgerRefusal> {
+        if self.exhausted {
+            return Err(LedgerRefusal::Exhausted { max_epsilon: self.max_epsilon, spent: self.epsilon() });
+        }
+        if plan.noise_multiplier == 0.0 {
+            return Err(LedgerRefusal::NoNoise { round });
+        }
+        if round <= self.accounted_through {
+            return Ok(self.epsilon());
+        }
+        let first = if self.accounted_through == 0 { joined_at.clamp(1, round) } else { self.accounted_through + 1 };
+        let entry = |last_round| Spent {
+            first_round: first,
+            last_round,
+            sampling_rate: plan.sampling_rate,
+            noise_multiplier: plan.noise_multiplier,
+        };
+        let mut candidate = self.spent.clone();
+        candidate.push(entry(round));
+        let would_be = self.epsilon_of(&candidate);
+        if would_be > self.max_epsilon {
+            if round > first {
+                self.spent.push(entry(round - 1));
+            }
+            self.accounted_through = round;
+            self.exhausted = true;
+            return Err(LedgerRefusal::OverBudget {
+                round,
+                would_be,
+                max_epsilon: self.max_epsilon,
+                delta: self.delta,
+            });
+        }
+        match self.spent.last_mut() {
+            Some(last)
+                if last.last_round + 1 == first
+                    && last.sampling_rate == plan.sampling_rate
+                    && last.noise_multiplier == plan.noise_multiplier =>
+            {
+                last.last_round = round
+            }
+            _ => self.spent.push(entry(round)),
+        }
+        self.accounted_through = round;
+        Ok(would_be)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,5 +590,81 @@ mod tests {
         assert!(none_clipped.update(1.0) < 1.0, "when no update is clipped, C shrinks");
         let mut on_target = AdaptiveClip { clip: 1.0, eta: 0.2, target_quantile: 0.5 };
         assert_eq!(on_target.update(0.5), 1.0);
+    }
+
+    fn plan(z: f64) -> DpPlan {
+        DpPlan {
+            clip: 1.0,
+            per_segment: false,
+            noise_multiplier: z,
+            count_noise: 5.0,
+            min_survivors: 4,
+            sampling_rate: 0.1,
+        }
+    }
+
+    #[test]
+    fn privatized_vectors_sum_to_the_clipped_mean_and_the_unclipped_count() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let clip_only = plan(0.0);
+        let big = vec![3.0f32, 4.0, 0.0];
+        let small = vec![0.1f32, 0.0, 0.2];
+        let (a, ra) = privatize(big, &[2, 1], &clip_only, &mut rng).unwrap();
+        let (b, rb) = privatize(small, &[2, 1], &clip_only, &mut rng).unwrap();
+        assert!(ra.clipped && (ra.norm - 5.0).abs() < 1e-9 && !rb.clipped);
+        assert_eq!(a.len(), 3 + 2 + 1);
+        let sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x + y) as f64).collect();
+        let (mean, unclipped) = mean_from_sum(&sum, 2, 3, 2).unwrap();
+        assert!((mean[0] - 0.35).abs() < 1e-6 && (mean[1] - 0.4).abs() < 1e-6 && (mean[2] - 0.1).abs() < 1e-6);
+        assert!((unclipped - 1.0).abs() < 1e-9, "one of the two was clipped: {unclipped}");
+        assert!(mean_from_sum(&sum, 0, 3, 2).is_none() && mean_from_sum(&sum[1..], 2, 3, 2).is_none());
+
+        let per_segment = DpPlan { per_segment: true, ..clip_only };
+        let (c, _) = privatize(vec![3.0, 4.0, 1.0], &[2, 1], &per_segment, &mut rng).unwrap();
+        let trunk = ((c[0] * c[0] + c[1] * c[1]) as f64).sqrt();
+        assert!((trunk - (2.0f64 / 3.0).sqrt()).abs() < 1e-6 && (c[2] as f64 - (1.0f64 / 3.0).sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn update_and_count_noise_together_are_worth_z() {
+        let p = plan(1.0);
+        let z_delta = p.update_noise_multiplier();
+        // Andrew et al.: 1/z^2 = 1/z_delta^2 + 1/(2 sigma_b)^2.
+        assert!((z_delta.powi(-2) + 10f64.powi(-2) - 1.0).abs() < 1e-12 && z_delta > 1.0);
+        assert!((p.update_share_std() - z_delta / 2.0).abs() < 1e-12);
+        assert!((p.count_share_std() - 2.5).abs() < 1e-12);
+        assert!(DpPlan { count_noise: 0.5, ..p }.check().is_err());
+        assert!(p.check().is_ok() && plan(0.0).check().is_ok());
+
+        // The noise of t shares has the standard deviation of the whole: z_delta C.
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        let mut sum = vec![0f64; 50_000];
+        for _ in 0..p.min_survivors {
+            let (v, _) = privatize(vec![0.0; 50_000], &[50_000], &p, &mut rng).unwrap();
+            sum.iter_mut().zip(&v).for_each(|(s, x)| *s += *x as f64);
+        }
+        let sd = (sum.iter().map(|x| x * x).sum::<f64>() / sum.len() as f64).sqrt();
+        assert!((sd - z_delta).abs() < 0.02 * z_delta, "sd {sd}, expected {z_delta}");
+    }
+
+    #[test]
+    fn the_ledger_counts_every_round_since_joining_and_declines_past_its_budget() {
+        let p = plan(1.0);
+        let mut ledger = PrivacyLedger::new(4.0, 1e-5).unwrap();
+        let first = ledger.admit(5, 3, &p).unwrap();
+        assert_eq!(
+            ledger.spent,
+            vec![Spent { first_round: 3, last_round: 5, sampling_rate: 0.1, noise_multiplier: 1.0 }]
+        );
+        assert_eq!(ledger.admit(5, 3, &p).unwrap(), first, "a repeated plan costs nothing more");
+        let second = ledger.admit(9, 3, &p).unwrap();
+        assert!(second > first && ledger.spent.len() == 1 && ledger.spent[0].last_round == 9);
+        let refusal = (10..10_000).find_map(|r| ledger.admit(r, 3, &p).err()).unwrap();
+        assert!(matches!(refusal, LedgerRefusal::OverBudget { would_be, .. } if would_be > 4.0));
+        assert!(ledger.epsilon() <= 4.0 && ledger.exhausted);
+        assert!(matches!(ledger.admit(100_000, 3, &p), Err(LedgerRefusal::Exhausted { .. })));
+        let mut fresh = PrivacyLedger::new(3.0, 1e-5).unwrap();
+        assert!(matches!(fresh.admit(1, 1, &plan(0.0)), Err(LedgerRefusal::NoNoise { round: 1 })));
+        assert!(PrivacyLedger::new(0.0, 1e-5).is_err() && PrivacyLedger::new(1.0, 1.0).is_err());
     }
 }

@@ -14,10 +14,11 @@ use candle_core::Device;
 use rand::CryptoRng;
 
 use crate::data::Dataset;
+use crate::dp::{self, DpPlan};
 use crate::model::{Model, ModelError, ModelSpec};
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SecAggClient, SecAggError};
 use crate::train::{self, DeviceData, TrainError};
-use crate::wire::{ClientMsg, RoundPlan, ServerMsg, TensorBytes, Update, WireError};
+use crate::wire::{ClientMsg, RoundPlan, SecurePlan, ServerMsg, TensorBytes, Update, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParticipantError {
@@ -56,12 +57,15 @@ enum Input {
     Training,
     Ready(Vec<u64>),
     Failed(String),
+    /// The masked input has been sent.
+    Masked,
 }
 
 /// A secure round in progress: the protocol state and the encoded update it will mask.
 struct SecureRound {
     client: SecAggClient,
     input: Input,
+    dp: Option<DpPlan>,
 }
 
 /// One client's training state. Shared between request handlers: training and the
@@ -75,6 +79,7 @@ pub struct Participant {
     secure: Mutex<Option<SecureRound>>,
     input_ready: Condvar,
     synthetic: bool,
+    keep_model: bool,
 }
 
 impl Participant {
@@ -88,6 +93,7 @@ impl Participant {
             secure: Mutex::new(None),
             input_ready: Condvar::new(),
             synthetic: false,
+            keep_model: true,
         }
     }
 
@@ -95,6 +101,13 @@ impl Participant {
     /// deviation 0.01) instead of training.
     pub fn with_synthetic_updates(mut self) -> Self {
         self.synthetic = true;
+        self
+    }
+
+    /// Builds the model afresh for every plan instead of keeping it between rounds: for
+    /// simulations of thousands of small clients, where the kept models would fill memory.
+    pub fn without_model_cache(mut self) -> Self {
+        self.keep_model = false;
         self
     }
 
@@ -128,16 +141,29 @@ impl Participant {
                     })?;
                     let params = plan.params.len();
                     if secure.segments.iter().sum::<usize>() != params
-                        || secure.setup.vector_len != params + secure.segments.len()
+                        || secure.setup.vector_len
+                            != SecurePlan::vector_len(params, secure.segments.len(), secure.dp.is_some())
                     {
                         return Err(ParticipantError::BadPlan(format!(
-                            "secure vector length {} does not fit {params} parameters plus one weight per segment",
+                            "secure vector length {} does not fit {params} parameters, one weight per segment \
+                             and the DP indicator",
                             secure.setup.vector_len
                         )));
                     }
+                    if let Some(dp) = &secure.dp {
+                        dp.check().map_err(|e| ParticipantError::BadPlan(format!("differential privacy: {e}")))?;
+                        let needed = dp.coordinate_range();
+                        if secure.setup.params.quantizer.clip < needed {
+                            return Err(ParticipantError::BadPlan(format!(
+                                "the quantizer range {} is narrower than the clipped, noised values need ({needed})",
+                                secure.setup.params.quantizer.clip
+                            )));
+                        }
+                    }
                     let (client, advert) =
                         SecAggClient::start(&self.id, secure.setup.clone(), keys.signer.as_ref(), rng)?;
-                    *self.secure.lock().expect("secure lock") = Some(SecureRound { client, input: Input::Training });
+                    *self.secure.lock().expect("secure lock") =
+                        Some(SecureRound { client, input: Input::Training, dp: secure.dp });
                     Ok(ClientMsg::Advert { round: plan.round, advert })
                 }
             },
@@ -158,16 +184,32 @@ impl Participant {
                         Input::Training => guard = self.input_ready.wait(guard).expect("secure lock"),
                         Input::Failed(why) => return Err(ParticipantError::BadPlan(format!("training failed: {why}"))),
                         Input::Ready(_) => break,
+                        Input::Masked => {
+                            return Err(ParticipantError::BadPlan(format!("round {round}: shares were already sent")))
+                        }
                     }
                 }
                 let s = secure_round(&mut guard, *round)?;
-                let Input::Ready(input) = &s.input else { unreachable!("checked above") };
-                let input = s.client.handle_shares(shares, input)?;
+                // The encoded update is needed once: free it now rather than at the unmask.
+                let Input::Ready(input) = std::mem::replace(&mut s.input, Input::Masked) else {
+                    unreachable!("checked above")
+                };
+                let input = s.client.handle_shares(shares, &input)?;
                 Ok(ClientMsg::Masked { round: *round, input })
             }
             ServerMsg::Unmask { round, request } => {
                 let mut guard = self.secure.lock().expect("secure lock");
-                let reply = secure_round(&mut guard, *round)?.client.handle_unmask(request);
+                let s = secure_round(&mut guard, *round)?;
+                // The noise is calibrated to at least t shares in the sum: help unmask no fewer.
+                if let Some(dp) = s.dp.filter(|dp| request.survivors.len() < dp.min_survivors) {
+                    *guard = None;
+                    return Err(ParticipantError::BadPlan(format!(
+                        "the server asks to unmask a sum of {} inputs; the noise is calibrated to at least {}",
+                        request.survivors.len(),
+                        dp.min_survivors
+                    )));
+                }
+                let reply = s.client.handle_unmask(request);
                 *guard = None;
                 Ok(ClientMsg::Unmask { round: *round, reply: reply? })
             }
@@ -184,9 +226,18 @@ impl Participant {
         let input = self.handle_plan(plan).and_then(|update| {
             let delta = update.delta.to_f32()?;
             let quantizer = secure.setup.params.quantizer;
-            let w = secagg::sample_weight(update.samples, secure.sample_cap);
-            let weights = vec![w; secure.segments.len()];
-            Ok(secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng))
+            match &secure.dp {
+                Some(dp) => {
+                    let (private, _) = dp::privatize(delta, &secure.segments, dp, rng)
+                        .map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+                    Ok(quantizer.encode(&private, rng))
+                }
+                None => {
+                    let w = secagg::sample_weight(update.samples, secure.sample_cap);
+                    let weights = vec![w; secure.segments.len()];
+                    Ok(secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng))
+                }
+            }
         });
         let mut guard = self.secure.lock().expect("secure lock");
         if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {
@@ -245,6 +296,9 @@ impl Participant {
         local.model.set_flat(&global)?;
         let stats = train::train(&local.model, 0, &local.data, &plan.train, seed)?;
         let trained = local.model.flat()?;
+        if !self.keep_model {
+            *guard = None;
+        }
         let delta: Vec<f32> = trained.iter().zip(&global).map(|(l, g)| l - g).collect();
         Ok(Update {
             round: plan.round,

@@ -54,6 +54,17 @@ pub fn select_cohort(eligible: &[ClientId], wanted: usize, rng: &mut impl Rng) -
     chosen
 }
 
+/// Poisson sampling: each member of `population` joins independently with probability `q`, the
+/// scheme the privacy accountant assumes (so the cohort's size varies from round to round).
+/// The population is sorted first so the choice depends only on the seed.
+pub fn poisson_cohort(population: &[ClientId], q: f64, rng: &mut impl Rng) -> Vec<ClientId> {
+    let mut sorted = population.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted.retain(|_| rng.random::<f64>() < q);
+    sorted
+}
+
 /// The seed of round `round`'s plan: clients derive their shuffling from it and their id.
 pub fn plan_seed(federation_seed: u64, round: u64) -> u64 {
     federation_seed ^ round.rotate_left(17)
@@ -154,6 +165,8 @@ pub struct RoundOutcome {
     pub dropped: Vec<(ClientId, String)>,
     /// Mean of the clients' training losses (plain collection only: a secure round reveals none).
     pub mean_train_loss: Option<f32>,
+    /// DP rounds: the noisy count of updates the clip norm did not clip.
+    pub unclipped: Option<f64>,
 }
 
 pub struct Round {
@@ -284,6 +297,7 @@ impl Round {
             aggregate,
             reported,
             dropped,
+            unclipped: None,
         })
     }
 }
@@ -366,5 +380,21 @@ mod tests {
         d.dedup();
         assert_eq!(d.len(), 10);
         assert_eq!(select_cohort(&clients[..3], 10, &mut rng).len(), 3);
+    }
+
+    #[test]
+    fn poisson_sampling_takes_each_client_with_probability_q() {
+        let clients: Vec<ClientId> = (0..10_000).map(|i| format!("c{i:05}")).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let sizes: Vec<usize> = (0..20).map(|_| poisson_cohort(&clients, 0.1, &mut rng).len()).collect();
+        // Binomial(10,000, 0.1): mean 1,000, standard deviation 30.
+        assert!(sizes.iter().all(|&n| (850..1150).contains(&n)), "{sizes:?}");
+        assert!(sizes.windows(2).any(|w| w[0] != w[1]), "the size varies: {sizes:?}");
+        let mut reversed = clients.clone();
+        reversed.reverse();
+        let seeded = |c: &[ClientId]| poisson_cohort(c, 0.1, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+        assert_eq!(seeded(&clients), seeded(&reversed));
+        assert!(poisson_cohort(&clients, 0.0, &mut rng).is_empty());
+        assert_eq!(poisson_cohort(&clients, 1.0, &mut rng).len(), 10_000);
     }
 }

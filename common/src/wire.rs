@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dp::DpPlan;
 use crate::secagg::{KeyAdvert, MaskedInput, SealedShares, SecAggSetup, UnmaskReply, UnmaskRequest};
 use crate::train::TrainConfig;
 
@@ -98,7 +99,7 @@ pub struct RoundPlan {
     /// Milliseconds the client has from receiving the plan to deliver its update.
     pub deadline_ms: u64,
     /// Present when the round uses secure aggregation: the client answers with a key advert.
-    pub secure: Option<SecurePlan>,
+    pub secure: Option<Box<SecurePlan>>,
 }
 
 /// How a secure round encodes and masks updates.
@@ -109,6 +110,16 @@ pub struct SecurePlan {
     pub sample_cap: u64,
     /// Lengths of the parameter segments (trunk, then heads); one weight each rides in the vector.
     pub segments: Vec<usize>,
+    /// Differential privacy: clip, add a share of the noise, and send the clipping indicator.
+    pub dp: Option<DpPlan>,
+}
+
+impl SecurePlan {
+    /// Length of the masked vector: the parameters, one weight per segment, and with DP the
+    /// clipping indicator.
+    pub fn vector_len(params: usize, segments: usize, dp: bool) -> usize {
+        params + segments + usize::from(dp)
+    }
 }
 
 /// A client's contribution to one round.
@@ -126,7 +137,8 @@ pub struct Update {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerMsg {
     /// Answer to `Hello`: the connection is authorised and registered.
-    Welcome { client_id: String, server_name: String },
+    /// `next_round` lets a client's privacy ledger count rounds from the one it joined at.
+    Welcome { client_id: String, server_name: String, next_round: u64 },
     /// Asks the client to train this round.
     Plan(RoundPlan),
     /// The server refuses the client (wrong version, revoked, duplicate connection).

@@ -224,14 +224,20 @@ pub fn server_endpoint(identity: &Identity, addr: std::net::SocketAddr) -> Resul
 
 /// A QUIC client endpoint (large socket buffers) with this identity's configuration.
 pub fn client_endpoint(identity: &Identity, ipv6: bool) -> Result<quinn::Endpoint, NetError> {
+    let mut endpoint = bare_client_endpoint(ipv6)?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
+
+/// A QUIC client endpoint without an identity: each connection brings its own configuration
+/// (`connect_with`). Simulations share one among many clients, since every endpoint holds
+/// megabytes of receive buffers.
+pub fn bare_client_endpoint(ipv6: bool) -> Result<quinn::Endpoint, NetError> {
     let any: std::net::SocketAddr =
         if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
     let socket = bind_udp(any)?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime".into()))?;
-    let mut endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).map_err(NetError::Bind)?;
-    endpoint.set_default_client_config(client_config(identity)?);
-    Ok(endpoint)
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).map_err(NetError::Bind)
 }
 
 /// The server's QUIC configuration: its certificate, and client certificates required and

@@ -44,7 +44,10 @@ fn main() -> Result<()> {
     cohort_scenarios::runner::one_thread_per_client();
     let scenario = Scenario::load(&file)?;
     let options = RunOptions { seed, rounds, data_dir: data, progress: true, table: true };
-    let runtime = tokio::runtime::Runtime::new()?;
+    // The blocking pool only runs short protocol steps (training is gated to one per core): a
+    // small pool keeps thousands of simulated clients from growing hundreds of threads, each
+    // with its own allocator heap.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(32).build()?;
     let report = runtime.block_on(runner::run(&scenario, &options))?;
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
     println!(
@@ -56,6 +59,18 @@ fn main() -> Result<()> {
         report.median_round_seconds,
         report.wall_seconds
     );
+    if let Some(epsilon) = report.epsilon {
+        let delta = report.scenario.federation.dp.as_ref().map_or(0.0, |d| d.delta);
+        println!("privacy: epsilon {epsilon:.3} at delta {delta:e} (user level, {} clients)", scenario.clients);
+    }
+    let budget = report.scenario.federation.dp.as_ref().and_then(|d| d.epsilon_budget);
+    if let (Some(budget), true) = (budget, (report.rounds.len() as u64) < report.scenario.federation.rounds) {
+        println!(
+            "stopped after {} of {} rounds: the next would take epsilon past the budget of {budget}",
+            report.rounds.len(),
+            report.scenario.federation.rounds
+        );
+    }
     if let (Some(target), Some(round)) = (scenario.target_accuracy, report.target_reached_at) {
         println!("reached {:.0}% test accuracy at round {round}", target * 100.0);
     } else if let Some(target) = scenario.target_accuracy {

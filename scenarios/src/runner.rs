@@ -60,6 +60,11 @@ pub struct ReportRound {
     pub test_loss: Option<f64>,
     pub balanced_accuracy: Option<f64>,
     pub macro_f1: Option<f64>,
+    /// Epsilon spent after the round (DP scenarios), the round's clip norm, and the noisy count
+    /// of updates it did not clip.
+    pub epsilon: Option<f64>,
+    pub clip: Option<f64>,
+    pub unclipped: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +81,8 @@ pub struct Report {
     pub target_reached_at: Option<u64>,
     pub median_round_seconds: f64,
     pub wall_seconds: f64,
+    /// Epsilon spent in all (DP scenarios), at `federation.dp.delta`.
+    pub epsilon: Option<f64>,
 }
 
 /// Simulated clients train in parallel, one per core; candle's own threads inside each
@@ -88,6 +95,12 @@ pub fn one_thread_per_client() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
 }
+
+/// Simulated clients sharing one QUIC endpoint (one UDP socket).
+const CLIENTS_PER_ENDPOINT: usize = 50;
+
+/// Above this many clients, each rebuilds its model every round instead of keeping it.
+const KEEP_MODELS_UP_TO: usize = 1000;
 
 /// The bundled data folder.
 pub fn default_data_dir() -> PathBuf {
@@ -180,7 +193,12 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let crashes = (scenario.faults.dropout_fraction > 0.0)
         .then(|| Crashes::new(scenario.faults.dropout_fraction, federation.clients_per_round, seed));
     let mut clients = Vec::with_capacity(scenario.clients);
+    let mut endpoint = None;
     for (i, part) in parts.iter().enumerate() {
+        // Each endpoint holds megabytes of receive buffers: clients share one per group.
+        if i % CLIENTS_PER_ENDPOINT == 0 {
+            endpoint = Some(cohort_io::bare_client_endpoint(false).map_err(|e| RunError::Setup(e.to_string()))?);
+        }
         let id = format!("client-{i:04}");
         let bundle = pki::make_bundle(&state, &id).map_err(|e| RunError::Setup(e.to_string()))?;
         let identity =
@@ -191,18 +209,24 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             server: addr,
             server_name: "localhost".into(),
             participant: {
-                let p = Participant::new(id, Arc::new(train.subset(part)), device.clone()).with_secure_keys(keys);
+                let mut p = Participant::new(id, Arc::new(train.subset(part)), device.clone()).with_secure_keys(keys);
                 if synthetic {
-                    p.with_synthetic_updates()
-                } else {
-                    p
+                    p = p.with_synthetic_updates();
                 }
+                // Thousands of small clients: rebuilding the model each round is cheaper than
+                // keeping one per client in memory.
+                if scenario.clients > KEEP_MODELS_UP_TO {
+                    p = p.without_model_cache();
+                }
+                p
             },
             device_name: device_name.clone(),
             backoff: Backoff { initial_ms: 50, max_ms: 1000 },
             train_gate: Some(gate.clone()),
             events: None,
             fault: crashes.clone().map(|c| c.hook(i as u64)),
+            ledger: None,
+            endpoint: endpoint.clone(),
         };
         clients.push(tokio::spawn(daemon::run(setup, clients_stop.clone())));
     }
@@ -222,9 +246,12 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         Some(bar) => bar.println(line),
         None => println!("{line}"),
     };
+    let private = federation.dp.is_some();
     if options.table {
+        let dp_columns =
+            if private { format!(" {:>8} {:>8} {:>9}", "epsilon", "clip", "unclipped") } else { String::new() };
         print(format!(
-            "{:>6} {:>13} {:>8} {:>10} {:>9} {:>9}",
+            "{:>6} {:>13} {:>8} {:>10} {:>9} {:>9}{dp_columns}",
             "round", "participants", "seconds", "accuracy", "loss", "bal.acc"
         ));
     }
@@ -241,13 +268,22 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             test_loss: r.test.as_ref().map(|m| m.loss),
             balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
+            epsilon: r.epsilon,
+            clip: r.clip,
+            unclipped: r.unclipped,
         };
         if options.table {
             let f = |v: Option<f64>, pct: bool| {
                 v.map_or("-".to_string(), |v| if pct { format!("{:.2}%", v * 100.0) } else { format!("{v:.4}") })
             };
+            let dp_columns = if private {
+                let g = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+                format!(" {:>8} {:>8} {:>9}", g(row.epsilon), g(row.clip), g(row.unclipped))
+            } else {
+                String::new()
+            };
             print(format!(
-                "{:>6} {:>13} {:>8.3} {:>10} {:>9} {:>9}",
+                "{:>6} {:>13} {:>8.3} {:>10} {:>9} {:>9}{dp_columns}",
                 row.round,
                 format!("{}/{}", row.participants, r.cohort),
                 row.seconds,
@@ -287,6 +323,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         target_reached_at: scenario.target_accuracy.and_then(|t| accuracies.iter().find(|a| a.1 >= t).map(|a| a.0)),
         median_round_seconds: if seconds.is_empty() { 0.0 } else { seconds[seconds.len() / 2] },
         wall_seconds: wall.elapsed().as_secs_f64(),
+        epsilon: rounds.iter().rev().find_map(|r| r.epsilon),
         rounds,
         scenario: Scenario { federation, ..scenario.clone() },
     })

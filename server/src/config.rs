@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use cohort_common::dp::{AdaptiveClip, DpPlan};
 use cohort_common::model::ModelSpec;
 use cohort_common::secagg::quantize::Quantizer;
 use cohort_common::secagg::{crypto, SecAggParams, SecAggSetup};
@@ -76,7 +77,8 @@ pub struct SecAggConfig {
     /// Modulus 2^bits: 32 or 64.
     #[serde(default = "bits")]
     pub bits: u32,
-    /// Each coordinate of a weighted update is clipped to [-clip, clip] before quantization.
+    /// Each coordinate of a weighted update is clipped to [-clip, clip] before quantization
+    /// (with `[federation.dp]`, the range comes from the DP clip and noise instead).
     #[serde(default = "clip")]
     pub clip: f64,
     /// Sample count that earns a client the full FedAvg weight (weights = min(samples / cap, 1)).
@@ -102,23 +104,145 @@ impl Default for SecAggConfig {
 }
 
 impl SecAggConfig {
-    /// The setup of one secure round for `cohort` (sorted) summing vectors of `vector_len`.
-    /// The scale is the largest that cannot wrap the modulus, halved for rounding headroom.
-    pub fn setup(&self, round: u64, cohort: Vec<String>, graph_seed: u64, vector_len: usize) -> SecAggSetup {
+    /// The setup of one secure round for `cohort` (sorted) summing vectors of `vector_len` whose
+    /// coordinates lie in `[-range, range]`. The scale is the largest that cannot wrap the
+    /// modulus, halved for rounding headroom.
+    pub fn setup(
+        &self,
+        round: u64,
+        cohort: Vec<String>,
+        graph_seed: u64,
+        vector_len: usize,
+        range: f64,
+    ) -> SecAggSetup {
         let n = cohort.len().max(1) as f64;
-        let scale = ((crypto::modulus_mask(self.bits) as f64) / (n * 2.0 * self.clip) / 2.0).floor().max(1.0);
+        let scale = ((crypto::modulus_mask(self.bits) as f64) / (n * 2.0 * range) / 2.0).floor().max(1.0);
         SecAggSetup {
             round,
             params: SecAggParams {
                 threshold: self.threshold,
                 degree: self.degree,
                 dropout_tolerance: self.dropout_tolerance,
-                quantizer: Quantizer { bits: self.bits, clip: self.clip, scale },
+                quantizer: Quantizer { bits: self.bits, clip: range, scale },
             },
             cohort,
             graph_seed,
             vector_len,
         }
+    }
+}
+
+fn delta() -> f64 {
+    1e-5
+}
+fn target_quantile() -> f64 {
+    0.5
+}
+fn clip_learning_rate() -> f64 {
+    0.2
+}
+
+/// `[federation.dp.adaptive]`: adaptive clipping (Andrew et al. 2021).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipConfig {
+    /// The quantile of update norms the clip norm tracks.
+    #[serde(default = "target_quantile")]
+    pub target_quantile: f64,
+    /// eta in C <- C exp(-eta (b - target_quantile)).
+    #[serde(default = "clip_learning_rate")]
+    pub learning_rate: f64,
+}
+
+impl Default for AdaptiveClipConfig {
+    fn default() -> Self {
+        Self { target_quantile: target_quantile(), learning_rate: clip_learning_rate() }
+    }
+}
+
+/// `[federation.dp]`: clipping and user-level differential privacy (needs secure collection).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// L2 bound on each client's update (the initial one with adaptive clipping).
+    pub clip: f64,
+    /// z: the sum of a round carries Gaussian noise of standard deviation z * clip. 0 clips
+    /// without noise and makes no privacy claim.
+    #[serde(default)]
+    pub noise_multiplier: f64,
+    /// Clip the trunk and each head separately (bounds clip * sqrt(len / total)).
+    #[serde(default)]
+    pub per_segment: bool,
+    #[serde(default = "delta")]
+    pub delta: f64,
+    /// Stop before a round that would take epsilon past this.
+    #[serde(default)]
+    pub epsilon_budget: Option<f64>,
+    /// Noise on the count of unclipped updates (default max(clients_per_round / 20, z)).
+    #[serde(default)]
+    pub count_noise: Option<f64>,
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveClipConfig>,
+}
+
+impl DpConfig {
+    pub fn count_noise(&self, clients_per_round: usize) -> f64 {
+        self.count_noise.unwrap_or((clients_per_round as f64 / 20.0).max(self.noise_multiplier))
+    }
+
+    /// The plan of one round with clip norm `clip`, noise divisor `min_survivors` and sampling
+    /// rate `q`.
+    pub fn plan(&self, clip: f64, clients_per_round: usize, min_survivors: usize, q: f64) -> DpPlan {
+        DpPlan {
+            clip,
+            per_segment: self.per_segment,
+            noise_multiplier: self.noise_multiplier,
+            count_noise: self.count_noise(clients_per_round),
+            min_survivors,
+            sampling_rate: q,
+        }
+    }
+
+    /// The clip norm after a round in which `unclipped` of `updates` (a noisy count) were at most
+    /// `clip`.
+    pub fn next_clip(&self, clip: f64, unclipped: f64, updates: usize) -> f64 {
+        match &self.adaptive {
+            Some(a) if updates > 0 => AdaptiveClip { clip, eta: a.learning_rate, target_quantile: a.target_quantile }
+                .update(unclipped / updates as f64),
+            _ => clip,
+        }
+    }
+
+    fn check(&self, fed: &Federation) -> Result<(), String> {
+        if fed.collection != Collection::Secure {
+            return Err("federation.dp needs collection = \"secure\": each client adds only a share of the noise, \
+                        so only the sum is private"
+                .into());
+        }
+        self.plan(self.clip, fed.clients_per_round, fed.min_clients, 1.0).check().map_err(|e| e.to_string())?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!(
+                "delta = {} must be between 0 and 1 (typically below 1 / enrolled clients)",
+                self.delta
+            ));
+        }
+        if let Some(budget) = self.epsilon_budget {
+            if !(budget.is_finite() && budget > 0.0) {
+                return Err(format!("epsilon_budget = {budget} must be a positive number"));
+            }
+            if self.noise_multiplier == 0.0 {
+                return Err("epsilon_budget needs noise_multiplier > 0: without noise epsilon is infinite".into());
+            }
+        }
+        if let Some(a) = &self.adaptive {
+            if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                return Err(format!("adaptive.target_quantile = {} must be between 0 and 1", a.target_quantile));
+            }
+            if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                return Err(format!("adaptive.learning_rate = {} must be positive", a.learning_rate));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -154,6 +278,9 @@ pub struct Federation {
     pub train: TrainConfig,
     #[serde(default)]
     pub strategy: StrategyConfig,
+    /// Clipping and differential privacy; off when absent.
+    #[serde(default)]
+    pub dp: Option<DpConfig>,
 }
 
 impl Federation {
@@ -185,11 +312,14 @@ impl Federation {
                 return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
             }
             let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
-            s.setup(0, cohort, 0, 1)
+            s.setup(0, cohort, 0, 1, s.clip)
                 .check()
                 .map_err(|e| format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round))?;
         }
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
+        if let Some(dp) = &self.dp {
+            dp.check(self).map_err(|e| format!("federation.dp: {e}"))?;
+        }
         Ok(())
     }
 }
@@ -259,5 +389,41 @@ mod tests {
         let ok = ServerConfig::load(&path).unwrap();
         assert_eq!(ok.spec.name, "mnist-2nn");
         assert_eq!(ok.federation.clients_per_round, 10);
+        for (dp, field) in [
+            ("collection = 'plain'\n[federation.dp]\nclip = 1.0", "collection = \"secure\""),
+            ("[federation.dp]\nclip = 0.0", "clip = 0"),
+            ("[federation.dp]\nclip = 1.0\nepsilon_budget = 8.0", "noise_multiplier > 0"),
+            ("[federation.dp]\nclip = 1.0\nnoise_multiplier = 1.0\ncount_noise = 0.1", "count_noise = 0.1"),
+            ("[federation.dp]\nclip = 1.0\n[federation.dp.adaptive]\ntarget_quantile = 2.0", "target_quantile"),
+        ] {
+            std::fs::write(&path, format!("model = 'm.toml'\n[federation]\nrounds = 3\n{dp}\n")).unwrap();
+            let err = ServerConfig::load(&path).err().unwrap().to_string();
+            assert!(err.contains("federation.dp") && err.contains(field), "{dp}: {err}");
+        }
+        std::fs::write(
+            &path,
+            "model = 'm.toml'\n[federation]\nrounds = 3\n[federation.dp]\nclip = 1.0\nnoise_multiplier = 1.0\n",
+        )
+        .unwrap();
+        let dp = ServerConfig::load(&path).unwrap().federation.dp.unwrap();
+        assert_eq!(dp.count_noise(10), 1.0, "small cohorts default to count noise z");
+        assert_eq!(dp.count_noise(600), 30.0, "Andrew et al.: clients_per_round / 20");
+    }
+
+    #[test]
+    fn adaptive_clipping_follows_the_noisy_count() {
+        let mut dp = DpConfig {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            per_segment: false,
+            delta: 1e-5,
+            epsilon_budget: None,
+            count_noise: None,
+            adaptive: None,
+        };
+        assert_eq!(dp.next_clip(1.0, 0.0, 10), 1.0, "fixed clipping stays put");
+        dp.adaptive = Some(AdaptiveClipConfig::default());
+        assert!(dp.next_clip(1.0, 0.0, 10) > 1.0, "every update clipped: C grows");
+        assert!(dp.next_clip(1.0, 10.0, 10) < 1.0, "none clipped: C shrinks");
     }
 }

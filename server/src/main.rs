@@ -176,6 +176,14 @@ fn main() -> Result<()> {
                     last.round, last.participants, last.seconds
                 );
             }
+            if let Some(last) = rounds.iter().rev().find(|r| r.epsilon.is_some()) {
+                let (eps, z) = (last.epsilon.unwrap_or(f64::NAN), last.noise_multiplier.unwrap_or(f64::NAN));
+                let clip = last.clip.map_or("-".into(), |c| format!("{c:.4}"));
+                println!(
+                    "privacy:  epsilon {eps:.3} after round {} (noise multiplier {z}, clip norm {clip})",
+                    last.round
+                );
+            }
         }
         Command::Rounds { state, json } => {
             let store = Store::open(&StatePaths::new(&state).database())?;
@@ -184,20 +192,23 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
             } else {
                 println!(
-                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9}",
-                    "round", "status", "cohort", "updates", "seconds", "accuracy", "loss"
+                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
+                    "round", "status", "cohort", "updates", "seconds", "accuracy", "loss", "epsilon", "clip"
                 );
                 for r in rounds {
                     let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+                    let g = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
                     println!(
-                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9}",
+                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9} {:>8} {:>8}",
                         r.round,
                         r.status,
                         r.cohort,
                         r.participants,
                         r.seconds,
                         f(r.test_accuracy),
-                        f(r.test_loss)
+                        f(r.test_loss),
+                        g(r.epsilon),
+                        g(r.clip)
                     );
                 }
             }

@@ -5,15 +5,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use cohort_common::data::Dataset;
+use cohort_common::dp::{self, RdpAccountant};
 use cohort_common::model::{Model, ModelSpec};
 use cohort_common::round::{
-    cohort_seed, plan_seed, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round, RoundError,
-    RoundOutcome,
+    cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round,
+    RoundError, RoundOutcome,
 };
 use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer};
 use cohort_common::train::{evaluate, DeviceData, Metrics};
@@ -26,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Collection, Federation};
+use crate::config::{Collection, DpConfig, Federation};
 use crate::pki::StatePaths;
 use crate::store::{RoundRow, Store, StoreError};
 
@@ -64,6 +66,11 @@ pub struct RoundReport {
     /// Seconds the evaluation on the test set took (it overlaps the next round).
     pub eval_seconds: Option<f64>,
     pub note: String,
+    /// Epsilon spent after this round (DP with noise only), at the configured delta.
+    pub epsilon: Option<f64>,
+    /// The clip norm of this round (DP only) and the noisy count of updates it did not clip.
+    pub clip: Option<f64>,
+    pub unclipped: Option<f64>,
 }
 
 /// A saved round whose evaluation may still run.
@@ -93,6 +100,8 @@ struct Connected {
 struct Registry {
     clients: Mutex<HashMap<ClientId, Connected>>,
     changed: Notify,
+    /// The first round a client connecting now can be sampled for (its welcome says so).
+    next_round: AtomicU64,
 }
 
 impl Registry {
@@ -134,6 +143,51 @@ impl Registry {
             }
         }
     }
+}
+
+/// The server's differential-privacy state: the accountant over every round that sent plans
+/// (resumed from the database) and the clip norm of the next round.
+struct Privacy {
+    config: DpConfig,
+    accountant: RdpAccountant,
+    clip: f64,
+}
+
+impl Privacy {
+    fn resume(config: &DpConfig, rows: &[RoundRow]) -> Self {
+        let mut accountant = RdpAccountant::new(dp::default_orders()).expect("default orders are valid");
+        let mut clip = config.clip;
+        for row in rows {
+            if let (Some(q), Some(z)) = (row.sampling_rate, row.noise_multiplier) {
+                accountant.compose(q, z, 1);
+            }
+            if let (Some(c), Some(unclipped)) = (row.clip, row.unclipped) {
+                clip = config.next_clip(c, unclipped, row.participants);
+            }
+        }
+        Self { config: config.clone(), accountant, clip }
+    }
+
+    /// Whether rounds are noised, so that they are sampled Poisson-wise and accounted.
+    fn noised(&self) -> bool {
+        self.config.noise_multiplier > 0.0
+    }
+
+    fn epsilon_after(&self, q: f64) -> f64 {
+        let mut after = self.accountant.clone();
+        after.compose(q, self.config.noise_multiplier, 1);
+        after.epsilon(self.config.delta).0
+    }
+}
+
+/// How a round's cohort was drawn.
+struct Draw {
+    /// Sampled and connected: they get the plan.
+    cohort: Vec<ClientId>,
+    /// Sampled but not connected (Poisson sampling draws from every enrolled client).
+    offline: Vec<ClientId>,
+    /// The sampling rate, for DP rounds.
+    sampling_rate: Option<f64>,
 }
 
 fn unix_now() -> i64 {
@@ -200,6 +254,11 @@ impl Server {
                 .map_err(|e| ServeError::Checkpoint { path: path.display().to_string(), problem: e.to_string() })?;
             info!(round, checkpoint = %path.display(), "resuming from the last completed round");
         }
+        let mut privacy = match &fed.dp {
+            Some(config) => Some(Privacy::resume(config, &self.store.lock().expect("store lock").rounds()?)),
+            None => None,
+        };
+        self.registry.next_round.store(last_round + 1, Ordering::Relaxed);
         let test_data = match &self.setup.test_data {
             Some(d) => Some(Arc::new(DeviceData::new(d, &model)?)),
             None => None,
@@ -250,7 +309,43 @@ impl Server {
             let started = Instant::now();
             let started_at = unix_now();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(fed.seed, round_no));
-            let cohort = select_cohort(&self.registry.ids(), fed.clients_per_round, &mut rng);
+            let draw = match privacy.as_ref().filter(|p| p.noised()) {
+                Some(p) => {
+                    let enrolled = self.store.lock().expect("store lock").clients()?;
+                    let population: Vec<ClientId> = enrolled.into_iter().filter(|c| !c.revoked).map(|c| c.id).collect();
+                    let q = (fed.clients_per_round as f64 / population.len().max(1) as f64).min(1.0);
+                    let epsilon = p.epsilon_after(q);
+                    if let Some(budget) = p.config.epsilon_budget.filter(|b| epsilon > *b) {
+                        warn!(
+                            round = round_no,
+                            "stopping before round {round_no}: it would take epsilon to {epsilon:.3}, past the budget \
+                             of {budget} (delta {}); {} rounds ran. Raise federation.dp.epsilon_budget or the noise \
+                             multiplier to train further",
+                            p.config.delta,
+                            round_no - 1
+                        );
+                        break;
+                    }
+                    if p.config.delta * population.len() as f64 >= 1.0 {
+                        warn!(
+                            "federation.dp.delta = {} is not below 1 / {} enrolled clients: the guarantee is weak",
+                            p.config.delta,
+                            population.len()
+                        );
+                    }
+                    let (cohort, offline) = poisson_cohort(&population, q, &mut rng)
+                        .into_iter()
+                        .partition(|id| self.registry.connection(id).is_some());
+                    Draw { cohort, offline, sampling_rate: Some(q) }
+                }
+                None => Draw {
+                    cohort: select_cohort(&self.registry.ids(), fed.clients_per_round, &mut rng),
+                    offline: Vec::new(),
+                    sampling_rate: None,
+                },
+            };
+            self.registry.next_round.store(round_no + 1, Ordering::Relaxed);
+            let cohort = draw.cohort;
             let mut plan = RoundPlan {
                 round: round_no,
                 model_spec: spec_toml.clone(),
@@ -262,13 +357,26 @@ impl Server {
             };
             debug!(round = round_no, cohort = ?cohort, "round starts");
             let collected = match fed.collection {
+                _ if cohort.len() < fed.min_clients => {
+                    // Too few sampled clients online: no plans go out, so no privacy is spent.
+                    if let Some(p) = pending.take() {
+                        self.finish_report(p, &mut reports).await?;
+                    }
+                    Some(Err(RoundError::TooFew { round: round_no, got: cohort.len(), min: fed.min_clients }))
+                }
                 Collection::Plain => {
                     self.collect_plain(plan, &cohort, started, param_len, shutdown, &mut pending, &mut reports).await?
                 }
                 Collection::Secure => {
                     let segments: Vec<usize> = model.layout().segments().iter().map(|s| s.len).collect();
-                    let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, param_len + segments.len());
-                    plan.secure = Some(SecurePlan { setup, sample_cap: fed.secagg.sample_cap, segments });
+                    let dp = privacy.as_ref().map(|p| {
+                        let q = draw.sampling_rate.unwrap_or(1.0);
+                        p.config.plan(p.clip, fed.clients_per_round, fed.min_clients, q)
+                    });
+                    let range = dp.as_ref().map_or(fed.secagg.clip, |d| d.coordinate_range());
+                    let vector_len = SecurePlan::vector_len(param_len, segments.len(), dp.is_some());
+                    let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, vector_len, range);
+                    plan.secure = Some(Box::new(SecurePlan { setup, sample_cap: fed.secagg.sample_cap, segments, dp }));
                     self.collect_secure(plan, &cohort, param_len, shutdown, &mut pending, &mut reports).await?
                 }
             };
@@ -279,10 +387,25 @@ impl Server {
                 );
                 break;
             };
-            let cohort_size = cohort.len();
+            let cohort_size = cohort.len() + draw.offline.len();
             let collected = started.elapsed();
+            let plans_sent = cohort.len() >= fed.min_clients;
+            // Every round that sent plans is accounted, whatever its outcome: the server cannot
+            // prove it did not look at a sum.
+            let (sampling_rate, noise_multiplier, epsilon) = match (privacy.as_mut(), draw.sampling_rate) {
+                (Some(p), Some(q)) if plans_sent => {
+                    p.accountant.compose(q, p.config.noise_multiplier, 1);
+                    (Some(q), Some(p.config.noise_multiplier), Some(p.accountant.epsilon(p.config.delta).0))
+                }
+                _ => (None, None, None),
+            };
             match collected_outcome {
-                Ok(outcome) => {
+                Ok(mut outcome) => {
+                    outcome.dropped.extend(draw.offline.iter().map(|id| (id.clone(), "offline when sampled".into())));
+                    let clip = privacy.as_ref().map(|p| p.clip);
+                    if let (Some(p), Some(unclipped)) = (privacy.as_mut(), outcome.unclipped) {
+                        p.clip = p.config.next_clip(p.clip, unclipped, outcome.reported.len());
+                    }
                     strategy
                         .apply(&mut global, &outcome.aggregate.mean_delta)
                         .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -300,9 +423,19 @@ impl Server {
                         test: None,
                         eval_seconds: None,
                         note: String::new(),
+                        epsilon,
+                        clip,
+                        unclipped: outcome.unclipped,
                     };
                     // Recorded before evaluation: a crash during evaluation loses no round.
-                    self.record(&report, started_at, Some(relative), &outcome.reported)?;
+                    self.record(
+                        &report,
+                        started_at,
+                        Some(relative),
+                        &outcome.reported,
+                        sampling_rate,
+                        noise_multiplier,
+                    )?;
                     debug!(
                         round = round_no,
                         collect_s = collected.as_secs_f64(),
@@ -333,8 +466,11 @@ impl Server {
                         test: None,
                         eval_seconds: None,
                         note: e.to_string(),
+                        epsilon,
+                        clip: None,
+                        unclipped: None,
                     };
-                    self.record(&report, started_at, None, &[])?;
+                    self.record(&report, started_at, None, &[], sampling_rate, noise_multiplier)?;
                     self.publish(report, &mut reports);
                 }
             }
@@ -416,13 +552,13 @@ impl Server {
         let quantizer = secure.setup.params.quantizer;
         let mut dropped: BTreeMap<ClientId, String> = BTreeMap::new();
         let abort = |why: String| Ok(Some(Err(RoundError::Aborted { round, reason: why })));
-        let mut server = match SecAggServer::new(secure.setup) {
+        let masked_cap = secure.setup.vector_len * 8 + (1 << 20);
+        let mut server = match SecAggServer::new(secure.setup.clone()) {
             Ok(s) => s,
             Err(e) => return abort(e.to_string()),
         };
         let phase_timeout = Duration::from_secs_f64(fed.secagg.phase_timeout_secs);
         let small_cap = 4 << 20;
-        let masked_cap = (param_len + secure.segments.len()) * 8 + (1 << 20);
 
         // Phase 1: plans out, adverts back at once: the clients train while keys are exchanged.
         let t_start = Instant::now();
@@ -514,11 +650,22 @@ impl Server {
         if survivors.len() < fed.min_clients {
             return Ok(Some(Err(RoundError::TooFew { round, got: survivors.len(), min: fed.min_clients })));
         }
-        let Some((mean_delta, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
-        else {
-            return abort("the survivors' total weight is zero".into());
+        let (mean_delta, total_weight, unclipped) = if secure.dp.is_some() {
+            // With DP every weight is 1 and the mean divides by the public count of survivors.
+            let decoded = quantizer.decode_sum(&sum, survivors.len());
+            let Some((mean, unclipped)) =
+                dp::mean_from_sum(&decoded, survivors.len(), param_len, secure.segments.len())
+            else {
+                return abort("the secure sum does not fit the DP layout".into());
+            };
+            (mean, survivors.len() as f64, Some(unclipped))
+        } else {
+            let Some((mean, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
+            else {
+                return abort("the survivors' total weight is zero".into());
+            };
+            (mean, totals.first().copied().unwrap_or(0.0), None)
         };
-        let total_weight = totals.first().copied().unwrap_or(0.0);
         for id in &survivors {
             dropped.remove(id);
         }
@@ -533,6 +680,7 @@ impl Server {
             reported: survivors,
             dropped: dropped.into_iter().collect(),
             mean_train_loss: None,
+            unclipped,
         })))
     }
 
@@ -627,6 +775,8 @@ impl Server {
         started_at: i64,
         checkpoint: Option<String>,
         participants: &[ClientId],
+        sampling_rate: Option<f64>,
+        noise_multiplier: Option<f64>,
     ) -> Result<(), ServeError> {
         let row = RoundRow {
             round: r.round,
@@ -643,6 +793,11 @@ impl Server {
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
             checkpoint,
             note: r.note.clone(),
+            sampling_rate,
+            noise_multiplier,
+            epsilon: r.epsilon,
+            clip: r.clip,
+            unclipped: r.unclipped,
         };
         self.store.lock().expect("store lock").record_round(&row, participants)?;
         Ok(())
@@ -811,7 +966,9 @@ async fn serve_connection(
         conn.close(3u32.into(), b"revoked");
         return Err(NetError::Unauthorized(format!("client `{id}` is revoked")));
     }
-    send_msg(&mut send, &ServerMsg::Welcome { client_id: id.clone(), server_name: "cohort".into() }).await?;
+    let next_round = registry.next_round.load(Ordering::Relaxed);
+    send_msg(&mut send, &ServerMsg::Welcome { client_id: id.clone(), server_name: "cohort".into(), next_round })
+        .await?;
     let _ = send.finish();
     info!(client = %id, %remote, %device, samples, "client connected");
     registry.insert(id.clone(), Connected { conn: conn.clone() });

@@ -45,6 +45,14 @@ pub struct RoundRow {
     pub macro_f1: Option<f64>,
     pub checkpoint: Option<String>,
     pub note: String,
+    /// DP rounds: the sampling rate q and noise multiplier z the accountant composed.
+    pub sampling_rate: Option<f64>,
+    pub noise_multiplier: Option<f64>,
+    /// Epsilon spent after this round (at the configured delta).
+    pub epsilon: Option<f64>,
+    /// The clip norm of this round, and how many updates (a noisy count) it did not clip.
+    pub clip: Option<f64>,
+    pub unclipped: Option<f64>,
 }
 
 const SCHEMA: &str = "
@@ -73,6 +81,9 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 ";
 
+/// Columns added after the first schema: databases that lack them get them on open.
+const ADDED_ROUND_COLUMNS: [&str; 5] = ["sampling_rate", "noise_multiplier", "epsilon", "clip", "unclipped"];
+
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let p = path.display().to_string();
@@ -80,6 +91,13 @@ impl Store {
         let conn = Connection::open(path).map_err(wrap)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").map_err(wrap)?;
         conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let existing: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('rounds')")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(wrap)?;
+        for column in ADDED_ROUND_COLUMNS.iter().filter(|c| !existing.iter().any(|e| e == *c)) {
+            conn.execute_batch(&format!("ALTER TABLE rounds ADD COLUMN {column} REAL")).map_err(wrap)?;
+        }
         Ok(Self { conn, path: p })
     }
 
@@ -154,8 +172,9 @@ impl Store {
         let tx = self.conn.transaction().map_err(wrap)?;
         tx.execute(
             "INSERT OR REPLACE INTO rounds (round, started_at, seconds, status, cohort, participants, dropped, train_loss,
-                test_accuracy, test_loss, balanced_accuracy, macro_f1, checkpoint, note)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                test_accuracy, test_loss, balanced_accuracy, macro_f1, checkpoint, note, sampling_rate,
+                noise_multiplier, epsilon, clip, unclipped)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             params![
                 row.round as i64,
                 row.started_at,
@@ -170,7 +189,12 @@ impl Store {
                 row.balanced_accuracy,
                 row.macro_f1,
                 row.checkpoint,
-                row.note
+                row.note,
+                row.sampling_rate,
+                row.noise_multiplier,
+                row.epsilon,
+                row.clip,
+                row.unclipped
             ],
         )
         .map_err(wrap)?;
@@ -204,7 +228,8 @@ impl Store {
             .conn
             .prepare(
                 "SELECT round, started_at, seconds, status, cohort, participants, dropped, train_loss, test_accuracy,
-                        test_loss, balanced_accuracy, macro_f1, checkpoint, note FROM rounds ORDER BY round",
+                        test_loss, balanced_accuracy, macro_f1, checkpoint, note, sampling_rate, noise_multiplier,
+                        epsilon, clip, unclipped FROM rounds ORDER BY round",
             )
             .map_err(self.wrap())?;
         let rows = stmt
@@ -224,6 +249,11 @@ impl Store {
                     macro_f1: r.get(11)?,
                     checkpoint: r.get(12)?,
                     note: r.get(13)?,
+                    sampling_rate: r.get(14)?,
+                    noise_multiplier: r.get(15)?,
+                    epsilon: r.get(16)?,
+                    clip: r.get(17)?,
+                    unclipped: r.get(18)?,
                 })
             })
             .map_err(self.wrap())?
@@ -279,6 +309,11 @@ mod tests {
             macro_f1: None,
             checkpoint: Some("checkpoints/round-000001.safetensors".into()),
             note: String::new(),
+            sampling_rate: Some(0.1),
+            noise_multiplier: Some(1.0),
+            epsilon: Some(0.5),
+            clip: Some(1.0),
+            unclipped: Some(0.7),
         };
         store.record_round(&row, &["b".into()]).unwrap();
         row.round = 2;
@@ -288,5 +323,18 @@ mod tests {
         assert_eq!(store.rounds().unwrap().len(), 2);
         assert_eq!(store.resume_point().unwrap(), (2, Some((1, "checkpoints/round-000001.safetensors".into()))));
         assert_eq!(store.clients().unwrap()[1].rounds, 1);
+        assert_eq!(store.rounds().unwrap()[0].epsilon, Some(0.5));
+    }
+
+    #[test]
+    fn databases_from_before_the_privacy_columns_gain_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.db");
+        let old_schema = SCHEMA.replace("CREATE TABLE IF NOT EXISTS", "CREATE TABLE");
+        Connection::open(&path).unwrap().execute_batch(&old_schema).unwrap();
+        let store = Store::open(&path).unwrap();
+        assert!(store.rounds().unwrap().is_empty());
+        drop(store);
+        Store::open(&path).unwrap();
     }
 }

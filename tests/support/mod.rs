@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cohort::client::config::Backoff;
-use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook};
+use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook, SharedLedger};
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
 use cohort::common::participant::Participant;
@@ -57,6 +57,7 @@ pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
         secagg: Default::default(),
         train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, weight_decay: 0.0 },
         strategy: StrategyConfig::default(),
+        dp: None,
     }
 }
 
@@ -145,6 +146,26 @@ pub fn start_client_with(
     data: Dataset,
     fault: Option<FaultHook>,
 ) -> RunningClient {
+    spawn_client(identity, addr, data, fault, None)
+}
+
+/// A client with its own privacy ledger.
+pub fn start_private_client(
+    identity: Identity,
+    addr: SocketAddr,
+    data: Dataset,
+    ledger: SharedLedger,
+) -> RunningClient {
+    spawn_client(identity, addr, data, None, Some(ledger))
+}
+
+fn spawn_client(
+    identity: Identity,
+    addr: SocketAddr,
+    data: Dataset,
+    fault: Option<FaultHook>,
+    ledger: Option<SharedLedger>,
+) -> RunningClient {
     let (tx, events) = mpsc::unbounded_channel();
     let id = identity.subject().unwrap();
     let keys = cohort::client::secure_keys(&identity).unwrap();
@@ -158,6 +179,8 @@ pub fn start_client_with(
         train_gate: None,
         events: Some(tx),
         fault,
+        ledger,
+        endpoint: None,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(daemon::run(setup, shutdown.clone()));
