@@ -70,11 +70,29 @@ pub enum LayerSpec {
         p: f32,
     },
     /// `(x - mean) / std` with fixed constants (no parameters): input standardisation that
-    /// travels with the model, so every client preprocesses alike.
+    /// travels with the model, so every client preprocesses alike. One number for every value,
+    /// or one per feature of a flat input (tabular data: `mean = [7.9, 0.53, ...]`).
     Normalize {
-        mean: f32,
-        std: f32,
+        mean: Stat,
+        std: Stat,
     },
+}
+
+/// A constant of `normalize`: one for all values, or one per feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stat {
+    One(f32),
+    PerFeature(Vec<f32>),
+}
+
+impl Stat {
+    fn values(&self) -> &[f32] {
+        match self {
+            Stat::One(v) => std::slice::from_ref(v),
+            Stat::PerFeature(v) => v,
+        }
+    }
 }
 
 fn one() -> usize {
@@ -230,8 +248,18 @@ fn infer_shapes_counting(input: &[usize], layers: &[LayerSpec], place: &str, par
             }
             LayerSpec::Relu => shape,
             LayerSpec::Normalize { mean, std } => {
-                if !(mean.is_finite() && std.is_finite() && *std > 0.0) {
-                    return Err(err(format!("mean = {mean} and std = {std} must be finite, std > 0")));
+                let (m, s) = (mean.values(), std.values());
+                if m.iter().chain(s).any(|v| !v.is_finite()) || s.iter().any(|v| *v <= 0.0) {
+                    return Err(err(format!("mean = {mean:?} and std = {std:?} must be finite, std > 0")));
+                }
+                for values in [m, s] {
+                    if values.len() != 1 && (shape.len() != 1 || values.len() != shape[0]) {
+                        return Err(err(format!(
+                            "normalize has {} values per constant; a list needs a flat input with one per feature \
+                             (the input here is {shape:?})",
+                            values.len()
+                        )));
+                    }
                 }
                 shape
             }
@@ -297,7 +325,15 @@ enum Layer {
     Relu,
     Flatten,
     Dropout(f32),
-    Affine { mul: f64, add: f64 },
+    Affine {
+        mul: f64,
+        add: f64,
+    },
+    /// Per-feature `x * scale + shift`.
+    Standardize {
+        scale: Tensor,
+        shift: Tensor,
+    },
 }
 
 impl Layer {
@@ -311,6 +347,7 @@ impl Layer {
             Layer::Dropout(p) if train && *p > 0.0 => candle_nn::ops::dropout(x, *p),
             Layer::Dropout(_) => Ok(x.clone()),
             Layer::Affine { mul, add } => x.affine(*mul, *add),
+            Layer::Standardize { scale, shift } => x.broadcast_mul(scale)?.broadcast_add(shift),
         }
     }
 }
@@ -353,8 +390,18 @@ impl Builder<'_> {
                 LayerSpec::Relu => Layer::Relu,
                 LayerSpec::Flatten => Layer::Flatten,
                 LayerSpec::Dropout { p } => Layer::Dropout(*p),
-                LayerSpec::Normalize { mean, std } => {
+                LayerSpec::Normalize { mean: Stat::One(mean), std: Stat::One(std) } => {
                     Layer::Affine { mul: 1.0 / *std as f64, add: -(*mean as f64) / *std as f64 }
+                }
+                LayerSpec::Normalize { mean, std } => {
+                    let width = shape[0];
+                    let per = |s: &Stat, i: usize| s.values().get(i).copied().unwrap_or(s.values()[0]);
+                    let scale: Vec<f32> = (0..width).map(|i| 1.0 / per(std, i)).collect();
+                    let shift: Vec<f32> = (0..width).map(|i| -per(mean, i) / per(std, i)).collect();
+                    Layer::Standardize {
+                        scale: Tensor::from_slice(&scale, width, self.vb.device())?,
+                        shift: Tensor::from_slice(&shift, width, self.vb.device())?,
+                    }
                 }
             };
             built.push(layer);
@@ -479,6 +526,20 @@ impl Model {
         Ok(self.flat_tensor()?.to_vec1::<f32>()?)
     }
 
+    /// `parameters - base`, computed on the model's device; only the difference crosses to the
+    /// host.
+    pub fn flat_delta(&self, base: &[f32]) -> Result<Vec<f32>> {
+        if base.len() != self.layout.total_len() {
+            return Err(ModelError::Mismatch(format!(
+                "got {} values, the model has {} parameters",
+                base.len(),
+                self.layout.total_len()
+            )));
+        }
+        let base = Tensor::from_slice(base, base.len(), &self.device)?;
+        Ok((self.flat_tensor()? - base)?.to_vec1::<f32>()?)
+    }
+
     /// Overwrites every parameter from a flat vector in layout order.
     pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
         if flat.len() != self.layout.total_len() {
@@ -537,6 +598,24 @@ pub fn flat_from_safetensors(layout: &ParamLayout, bytes: &[u8]) -> Result<Vec<f
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn normalize_standardises_each_feature() {
+        let spec = ModelSpec::from_toml(
+            "name='t'\ninput_shape=[2]\n[[trunk]]\nkind='normalize'\nmean=[1.0, 2.0]\nstd=[2.0, 4.0]\n\
+             [[heads]]\nname='y'\nclasses=2",
+        )
+        .unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 0).unwrap();
+        let x = Tensor::new(&[[3.0f32, 10.0]], &Device::Cpu).unwrap();
+        let out = model.forward_trunk(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(out, vec![vec![1.0, 2.0]]);
+        assert_eq!(ModelSpec::from_toml(&spec.to_toml()).unwrap(), spec, "the spec round-trips");
+        let wrong = "name='t'\ninput_shape=[3]\n[[trunk]]\nkind='normalize'\nmean=[1.0, 2.0]\nstd=1.0\n\
+                     [[heads]]\nname='y'\nclasses=2";
+        let err = ModelSpec::from_toml(wrong).unwrap_err().to_string();
+        assert!(err.contains("one per feature"), "{err}");
+    }
+
     use super::*;
 
     const TWO_NN: &str = include_str!("../specs/mnist-2nn.toml");

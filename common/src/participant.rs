@@ -295,11 +295,10 @@ impl Participant {
         }
         local.model.set_flat(&global)?;
         let stats = train::train(&local.model, 0, &local.data, &plan.train, seed)?;
-        let trained = local.model.flat()?;
+        let delta = local.model.flat_delta(&global)?;
         if !self.keep_model {
             *guard = None;
         }
-        let delta: Vec<f32> = trained.iter().zip(&global).map(|(l, g)| l - g).collect();
         Ok(Update {
             round: plan.round,
             samples,
@@ -342,7 +341,7 @@ mod tests {
             round: 3,
             model_spec: spec.into(),
             params: TensorBytes::from_f32(&params),
-            train: TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
+            train: TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, ..Default::default() },
             seed: 1,
             deadline_ms: 1000,
             secure: None,

@@ -56,12 +56,106 @@ pub struct TrainConfig {
     pub momentum: f64,
     #[serde(default)]
     pub weight_decay: f64,
+    /// How the loss treats imbalanced classes.
+    #[serde(default)]
+    pub loss: LossConfig,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 1, batch_size: 10, lr: 0.05, momentum: 0.0, weight_decay: 0.0 }
+        Self { epochs: 1, batch_size: 10, lr: 0.05, momentum: 0.0, weight_decay: 0.0, loss: LossConfig::default() }
     }
+}
+
+/// How the classes of a loss are weighed against imbalance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassWeighting {
+    #[default]
+    None,
+    /// w_c = n / (K n_c): each present class weighs as much in total.
+    InverseFrequency,
+    /// Cui et al. 2019: w_c proportional to (1 - beta) / (1 - beta^n_c), the inverse of the
+    /// "effective number" of examples.
+    EffectiveNumber,
+}
+
+fn beta() -> f64 {
+    0.999
+}
+
+/// `[federation.train.loss]`: class weights, the focal term, or logit adjustment. Weights come
+/// from the training client's own label counts. The defaults train plain cross-entropy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    #[serde(default)]
+    pub weighting: ClassWeighting,
+    /// beta of `effective_number`.
+    #[serde(default = "beta")]
+    pub beta: f64,
+    /// gamma of the focal term (Lin et al. 2017; 2 is their default): (1 - p)^gamma scales
+    /// each example's loss. Absent: no focal term.
+    #[serde(default)]
+    pub focal_gamma: Option<f64>,
+    /// tau of logit adjustment (Menon et al. 2021; 1 is their default): the loss sees
+    /// `logits + tau log(prior)`, predictions the raw logits. An alternative to class weights.
+    #[serde(default)]
+    pub logit_adjustment: Option<f64>,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { weighting: ClassWeighting::None, beta: beta(), focal_gamma: None, logit_adjustment: None }
+    }
+}
+
+impl LossConfig {
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if !(0.0..1.0).contains(&self.beta) {
+            return bad(format!("loss.beta = {} must be in [0, 1)", self.beta));
+        }
+        if let Some(g) = self.focal_gamma.filter(|g| !(g.is_finite() && *g >= 0.0)) {
+            return bad(format!("loss.focal_gamma = {g} must be zero or positive"));
+        }
+        if let Some(t) = self.logit_adjustment {
+            if !(t.is_finite() && t >= 0.0) {
+                return bad(format!("loss.logit_adjustment = {t} must be zero or positive"));
+            }
+            if self.weighting != ClassWeighting::None {
+                return bad("loss.logit_adjustment is an alternative to class weights: set weighting = \"none\"".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-class loss weights from label counts. Classes with no examples get weight 0 (never NaN);
+/// the weights of the present classes sum to their number, so the loss keeps its scale.
+pub fn class_weights(counts: &[u64], weighting: ClassWeighting, beta: f64) -> Vec<f32> {
+    let present = counts.iter().filter(|&&n| n > 0).count();
+    if present == 0 {
+        return vec![0.0; counts.len()];
+    }
+    let raw: Vec<f64> = counts
+        .iter()
+        .map(|&n| match (weighting, n) {
+            (_, 0) => 0.0,
+            (ClassWeighting::None, _) => 1.0,
+            (ClassWeighting::InverseFrequency, n) => 1.0 / n as f64,
+            (ClassWeighting::EffectiveNumber, n) => (1.0 - beta) / (1.0 - beta.powf(n as f64)),
+        })
+        .collect();
+    let scale = present as f64 / raw.iter().sum::<f64>();
+    raw.iter().map(|w| (w * scale) as f32).collect()
+}
+
+/// `tau log(prior)` per class, from label counts; a class with no examples counts as one so
+/// the shift stays finite.
+pub fn logit_shift(counts: &[u64], tau: f64) -> Vec<f32> {
+    let n: u64 = counts.iter().map(|&c| c.max(1)).sum();
+    counts.iter().map(|&c| (tau * (c.max(1) as f64 / n as f64).ln()) as f32).collect()
 }
 
 impl TrainConfig {
@@ -83,7 +177,7 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad(format!("weight_decay = {} must be >= 0", self.weight_decay));
         }
-        Ok(())
+        self.loss.check()
     }
 }
 
@@ -101,6 +195,8 @@ pub struct DeviceData {
     labels: Tensor,
     len: usize,
     classes: usize,
+    /// Examples per class (for class weights).
+    counts: Vec<u64>,
 }
 
 impl DeviceData {
@@ -118,7 +214,18 @@ impl DeviceData {
         shape.extend_from_slice(&data.feature_shape);
         let features = Tensor::from_slice(&data.features, shape.as_slice(), model.device())?;
         let labels = Tensor::from_slice(&data.labels, data.len(), model.device())?;
-        Ok(Self { features, labels, len: data.len(), classes: data.classes })
+        let mut counts = vec![0u64; data.classes];
+        for &l in &data.labels {
+            if let Some(c) = counts.get_mut(l as usize) {
+                *c += 1;
+            }
+        }
+        Ok(Self { features, labels, len: data.len(), classes: data.classes, counts })
+    }
+
+    /// Examples per class.
+    pub fn class_counts(&self) -> &[u64] {
+        &self.counts
     }
 
     fn batch(&self, indices: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
@@ -130,13 +237,39 @@ impl DeviceData {
 /// Cross-entropy with optional per-class weights: PyTorch's `weight=` with mean reduction
 /// (sum of weighted losses divided by the sum of the weights of the batch's targets).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, class_weights: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    imbalanced_loss(logits, targets, class_weights, None, None)
+}
+
+/// Cross-entropy with the options of [`LossConfig`]: per-class weights (weighted mean as in
+/// [`cross_entropy`]), the focal term `(1 - p)^gamma`, and a per-class shift added to the logits
+/// (logit adjustment).
+pub fn imbalanced_loss(
+    logits: &Tensor,
+    targets: &Tensor,
+    class_weights: Option<&Tensor>,
+    focal_gamma: Option<f64>,
+    logit_shift: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let logits = match logit_shift {
+        Some(shift) => logits.broadcast_add(shift)?,
+        None => logits.clone(),
+    };
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let per_example = match focal_gamma {
+        Some(gamma) if gamma > 0.0 => {
+            let modulation = (1.0 - picked.exp()?)?.clamp(0.0, 1.0)?.powf(gamma)?;
+            (picked * modulation)?
+        }
+        _ => picked,
+    };
     match class_weights {
-        None => picked.mean_all()?.neg(),
+        None => per_example.mean_all()?.neg(),
         Some(w) => {
             let wt = w.index_select(targets, 0)?;
-            (picked * &wt)?.sum_all()?.neg()?.broadcast_div(&wt.sum_all()?)
+            // A batch of weightless classes only: divide by one rather than zero.
+            let total = wt.sum_all()?.maximum(1e-12)?;
+            (per_example * &wt)?.sum_all()?.neg()?.broadcast_div(&total)
         }
     }
 }
@@ -194,25 +327,45 @@ pub fn train(model: &Model, head: usize, data: &DeviceData, config: &TrainConfig
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<u32> = (0..data.len as u32).collect();
-    let (mut steps, mut loss_sum, mut examples) = (0usize, 0f64, 0usize);
+    let loss_config = &config.loss;
+    let weights = match loss_config.weighting {
+        ClassWeighting::None => None,
+        w => {
+            let weights = class_weights(&data.counts, w, loss_config.beta);
+            Some(Tensor::from_slice(&weights, weights.len(), model.device())?)
+        }
+    };
+    let shift = match loss_config.logit_adjustment {
+        Some(tau) => {
+            let mut shift = logit_shift(&data.counts, tau);
+            shift.resize(spec_head.classes, 0.0);
+            Some(Tensor::from_slice(&shift, shift.len(), model.device())?)
+        }
+        None => None,
+    };
+    let (mut steps, mut examples) = (0usize, 0usize);
+    // The loss is summed on the device and read once an epoch: reading it every step would stall
+    // a GPU on a copy to the host.
+    let mut loss_sum = Tensor::zeros((), DType::F32, model.device())?;
+    let mut mean_loss = 0f32;
     for _ in 0..config.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(config.batch_size) {
             let (x, y) = data.batch(chunk, model.device())?;
             let logits = model.forward_head(&x, head, true)?;
-            let loss = cross_entropy(&logits, &y, None)?;
+            let loss = imbalanced_loss(&logits, &y, weights.as_ref(), loss_config.focal_gamma, shift.as_ref())?;
             let grads = loss.backward()?;
             sgd.step(vars, &grads)?;
-            let l = loss.to_scalar::<f32>()?;
-            if !l.is_finite() {
-                return Err(TrainError::Diverged(l));
-            }
-            loss_sum += l as f64 * chunk.len() as f64;
+            loss_sum = (loss_sum + (loss.detach() * chunk.len() as f64)?)?;
             examples += chunk.len();
             steps += 1;
         }
+        mean_loss = loss_sum.to_scalar::<f32>()? / examples as f32;
+        if !mean_loss.is_finite() {
+            return Err(TrainError::Diverged(mean_loss));
+        }
     }
-    Ok(TrainStats { steps, examples, mean_loss: (loss_sum / examples as f64) as f32 })
+    Ok(TrainStats { steps, examples, mean_loss })
 }
 
 /// Evaluation results of one head on one data set.
@@ -350,7 +503,14 @@ mod tests {
         let ds = Dataset::new(features, vec![2], labels, 2).unwrap();
         let dd = DeviceData::new(&ds, &model).unwrap();
         let before = evaluate(&model, 0, &dd, 64).unwrap();
-        let cfg = TrainConfig { epochs: 20, batch_size: 10, lr: 0.1, momentum: 0.9, weight_decay: 1e-4 };
+        let cfg = TrainConfig {
+            epochs: 20,
+            batch_size: 10,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            ..Default::default()
+        };
         let stats = train(&model, 0, &dd, &cfg, 1).unwrap();
         assert_eq!(stats.steps, 20 * 20);
         let after = evaluate(&model, 0, &dd, 64).unwrap();
@@ -365,8 +525,96 @@ mod tests {
             TrainConfig { lr: f64::NAN, ..Default::default() },
             TrainConfig { momentum: 1.5, ..Default::default() },
             TrainConfig { batch_size: 0, ..Default::default() },
+            TrainConfig { loss: LossConfig { beta: 1.0, ..Default::default() }, ..Default::default() },
+            TrainConfig { loss: LossConfig { focal_gamma: Some(-1.0), ..Default::default() }, ..Default::default() },
+            TrainConfig {
+                loss: LossConfig {
+                    weighting: ClassWeighting::InverseFrequency,
+                    logit_adjustment: Some(1.0),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
         ] {
             assert!(cfg.check().is_err(), "{cfg:?}");
         }
+    }
+
+    fn close(a: &[f32], b: &[f64]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (*x as f64 - y).abs() < 1e-5)
+    }
+
+    #[test]
+    fn class_weights_match_hand_computed_values() {
+        // Counts 10, 30, 0, 60: three present classes, so the weights sum to 3.
+        let counts = [10, 30, 0, 60];
+        // Inverse frequency: 1/10, 1/30, 1/60 scaled by 3 / (0.1 + 0.0333 + 0.01667) = 20.
+        let inv = class_weights(&counts, ClassWeighting::InverseFrequency, 0.999);
+        assert!(close(&inv, &[2.0, 2.0 / 3.0, 0.0, 1.0 / 3.0]), "{inv:?}");
+        // Effective number with beta = 0.9: (1 - 0.9) / (1 - 0.9^n) = 0.15353, 0.10443, -, 0.10018;
+        // scaled by 3 / 0.35814 to sum to 3: 1.2861, 0.8747, 0, 0.8392.
+        let raw = [0.1 / (1.0 - 0.9f64.powi(10)), 0.1 / (1.0 - 0.9f64.powi(30)), 0.0, 0.1 / (1.0 - 0.9f64.powi(60))];
+        let scale = 3.0 / raw.iter().sum::<f64>();
+        let eff = class_weights(&counts, ClassWeighting::EffectiveNumber, 0.9);
+        assert!(close(&eff, &raw.map(|r| r * scale)), "{eff:?}");
+        assert!((eff[0] as f64 - 1.2861).abs() < 1e-3, "{eff:?}");
+        assert!(close(&class_weights(&counts, ClassWeighting::None, 0.9), &[1.0, 1.0, 0.0, 1.0]));
+        assert!(class_weights(&[0, 0], ClassWeighting::InverseFrequency, 0.9).iter().all(|w| *w == 0.0));
+        let shift = logit_shift(&[1, 3, 0], 1.0);
+        assert!(close(&shift, &[(0.2f64).ln(), (0.6f64).ln(), (0.2f64).ln()]), "{shift:?}");
+    }
+
+    #[test]
+    fn focal_loss_matches_a_hand_computed_value() {
+        let logits = Tensor::new(&[[2.0f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[0u32, 0], &Device::Cpu).unwrap();
+        // p = softmax: 0.880797 for the first example, 0.268941 for the second.
+        let (p1, p2) = (0.880797f64, 0.268941f64);
+        let focal = |p: f64| -(1.0 - p).powi(2) * p.ln();
+        let got = imbalanced_loss(&logits, &targets, None, Some(2.0), None).unwrap().to_scalar::<f32>().unwrap();
+        let want = (focal(p1) + focal(p2)) / 2.0;
+        assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        // gamma = 0 is cross-entropy.
+        let ce = imbalanced_loss(&logits, &targets, None, Some(0.0), None).unwrap().to_scalar::<f32>().unwrap();
+        assert!((ce as f64 + (p1.ln() + p2.ln()) / 2.0).abs() < 1e-5);
+        // Weighted focal: the second example weighs 3.
+        let w = Tensor::new(&[1.0f32, 3.0], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let got = imbalanced_loss(&logits, &targets, Some(&w), Some(2.0), None).unwrap().to_scalar::<f32>().unwrap();
+        let want = (focal(p1) + 3.0 * focal(1.0 - p2)) / 4.0;
+        assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        // A batch of weightless classes gives 0, not NaN.
+        let zero = Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap();
+        let got = imbalanced_loss(&logits, &targets, Some(&zero), None, None).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(got, 0.0);
+    }
+
+    #[test]
+    fn class_weights_lift_the_rare_class() {
+        // 190 examples of class 0 and 10 of class 1, separable along the first feature.
+        let spec = ModelSpec::from_toml("name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2").unwrap();
+        let mut features = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..200 {
+            let rare = i % 20 == 0;
+            let x = if rare { 0.3 + (i as f32) / 2000.0 } else { -0.3 + (i as f32) / 1000.0 - 0.1 };
+            features.extend_from_slice(&[x, 1.0]);
+            labels.push(u32::from(rare));
+        }
+        let ds = Dataset::new(features, vec![2], labels, 2).unwrap();
+        let recall_of_rare = |loss: LossConfig| {
+            let model = Model::new(&spec, &Device::Cpu, 5).unwrap();
+            let dd = DeviceData::new(&ds, &model).unwrap();
+            let cfg = TrainConfig { epochs: 3, batch_size: 20, lr: 0.1, loss, ..Default::default() };
+            train(&model, 0, &dd, &cfg, 1).unwrap();
+            evaluate(&model, 0, &dd, 64).unwrap().per_class_recall[1]
+        };
+        let plain = recall_of_rare(LossConfig::default());
+        let weighted = recall_of_rare(LossConfig { weighting: ClassWeighting::InverseFrequency, ..Default::default() });
+        let adjusted = recall_of_rare(LossConfig { logit_adjustment: Some(1.0), ..Default::default() });
+        assert!(
+            weighted > plain && adjusted > plain,
+            "rare-class recall: plain {plain}, weighted {weighted}, adjusted {adjusted}"
+        );
     }
 }

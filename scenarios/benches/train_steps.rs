@@ -4,12 +4,10 @@
 //! `cargo bench -p cohort-scenarios --bench train_steps [2nn|cnn]`; set `RAYON_NUM_THREADS=1`
 //! to measure what one simulated client gets in `cohort-sim` (one training per core).
 
-use std::time::Instant;
-
 use candle_core::Device;
-use cohort_common::model::{Model, ModelSpec};
-use cohort_common::train::{train, DeviceData, TrainConfig};
+use cohort_common::model::ModelSpec;
 use cohort_io::files::DataSource;
+use cohort_scenarios::throughput::measure;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,24 +31,13 @@ fn main() {
             continue;
         }
         let spec = ModelSpec::from_toml(spec).unwrap();
-        let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
-        let device_data = DeviceData::new(&data, &model).unwrap();
-        let cfg = TrainConfig { epochs, batch_size: 10, lr: 0.05, momentum: 0.0, weight_decay: 0.0 };
-        train(&model, 0, &device_data, &TrainConfig { epochs: 1, ..cfg.clone() }, 0).unwrap(); // warm up
-        let mut rates: Vec<f64> = (0..5)
-            .map(|rep| {
-                let start = Instant::now();
-                let stats = train(&model, 0, &device_data, &cfg, rep).unwrap();
-                stats.steps as f64 / start.elapsed().as_secs_f64()
-            })
-            .collect();
-        rates.sort_by(f64::total_cmp);
+        let t = measure(&spec, &Device::Cpu, &data, epochs, 10, 5).unwrap();
         println!(
             "{name}: median {:.0} steps/s at batch 10 (5 runs of {} steps, min {:.0}, max {:.0}; candle threads: {threads})",
-            rates[2],
-            epochs * 60,
-            rates[0],
-            rates[4]
+            t.median(),
+            t.steps_per_run,
+            t.rates[0],
+            t.rates[4]
         );
     }
 }

@@ -7,6 +7,7 @@
 //! - [`runner`]: sets up a CA, a server and the client daemons, runs every round and
 //!   collects a [`runner::Report`].
 //! - [`report`]: `report.json` and the accuracy plot.
+//! - [`throughput`]: local training steps per second on a device (`cohort-sim train-bench`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,3 +21,4 @@
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod throughput;

@@ -35,14 +35,42 @@ enum Command {
         /// Folder holding the bundled data sets (default: the source tree's scenarios/data).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Override a scenario value: `--set federation.train.loss.weighting=inverse_frequency`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Measure local training steps per second of a bundled model on a device.
+    TrainBench {
+        /// `mnist-2nn` or `mnist-cnn`.
+        #[arg(long, default_value = "mnist-cnn")]
+        model: String,
+        /// `auto`, `cpu` or `cuda:N`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 10)]
+        batch_size: usize,
+        /// Training examples per run (MNIST images).
+        #[arg(long, default_value_t = 600)]
+        examples: usize,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
 }
 
 fn main() -> Result<()> {
     cohort_io::init_logging("error");
-    let Command::Run { file, out, rounds, seed, data } = Cli::parse().command;
+    let (file, out, rounds, seed, data, overrides) = match Cli::parse().command {
+        Command::Run { file, out, rounds, seed, data, overrides } => (file, out, rounds, seed, data, overrides),
+        Command::TrainBench { model, device, batch_size, examples, epochs, runs, data } => {
+            return train_bench(&model, &device, batch_size, examples, epochs, runs, data)
+        }
+    };
     cohort_scenarios::runner::one_thread_per_client();
-    let scenario = Scenario::load(&file)?;
+    let scenario = Scenario::load_with(&file, &overrides)?;
     let options = RunOptions { seed, rounds, data_dir: data, progress: true, table: true };
     // The blocking pool only runs short protocol steps (training is gated to one per core): a
     // small pool keeps thousands of simulated clients from growing hundreds of threads, each
@@ -51,14 +79,22 @@ fn main() -> Result<()> {
     let report = runtime.block_on(runner::run(&scenario, &options))?;
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
     println!(
-        "{}: {} rounds, final test accuracy {}, best {}, median {:.3} s per round, {:.1} s in all",
+        "{}: {} rounds on {}, final test accuracy {}, best {}, median {:.3} s per round, {:.1} s in all",
         scenario.name,
         report.rounds.len(),
+        report.device,
         pct(report.final_accuracy),
         pct(report.best_accuracy),
         report.median_round_seconds,
         report.wall_seconds
     );
+    if let Some(last) = report.rounds.iter().rev().find(|r| r.balanced_accuracy.is_some()) {
+        println!(
+            "final balanced accuracy {}, macro-F1 {}",
+            pct(last.balanced_accuracy),
+            last.macro_f1.map_or("-".to_string(), |v| format!("{v:.4}"))
+        );
+    }
     if let Some(epsilon) = report.epsilon {
         let delta = report.scenario.federation.dp.as_ref().map_or(0.0, |d| d.delta);
         println!("privacy: epsilon {epsilon:.3} at delta {delta:e} (user level, {} clients)", scenario.clients);
@@ -80,5 +116,42 @@ fn main() -> Result<()> {
         cohort_scenarios::report::write(&report, &dir)?;
         println!("wrote {} and {}", dir.join("report.json").display(), dir.join("accuracy.svg").display());
     }
+    Ok(())
+}
+
+fn train_bench(
+    model: &str,
+    device: &str,
+    batch_size: usize,
+    examples: usize,
+    epochs: usize,
+    runs: usize,
+    data: Option<PathBuf>,
+) -> Result<()> {
+    let spec = match model {
+        "mnist-2nn" => cohort_common::specs::MNIST_2NN,
+        "mnist-cnn" => cohort_common::specs::MNIST_CNN,
+        other => anyhow::bail!("--model `{other}`: use mnist-2nn or mnist-cnn"),
+    };
+    let spec = cohort_common::model::ModelSpec::from_toml(spec)?;
+    let (device, device_name) = cohort_client::device::select(device)?;
+    let dir = data.unwrap_or_else(runner::default_data_dir).join("mnist");
+    let mnist = cohort_io::files::DataSource::Idx {
+        images: dir.join("train-images.idx3-ubyte.gz"),
+        labels: dir.join("train-labels.idx1-ubyte.gz"),
+        classes: 10,
+    }
+    .load()?;
+    let data = mnist.subset(&(0..examples.clamp(1, mnist.len())).collect::<Vec<_>>());
+    let t = cohort_scenarios::throughput::measure(&spec, &device, &data, epochs, batch_size, runs)?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    println!(
+        "{model} on {device_name}: median {:.0} steps/s at batch {batch_size} ({} runs of {} steps, min {:.0}, max {:.0}; candle CPU threads: {threads})",
+        t.median(),
+        t.rates.len(),
+        t.steps_per_run,
+        t.rates[0],
+        t.rates[t.rates.len() - 1]
+    );
     Ok(())
 }

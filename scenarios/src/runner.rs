@@ -83,6 +83,8 @@ pub struct Report {
     pub wall_seconds: f64,
     /// Epsilon spent in all (DP scenarios), at `federation.dp.delta`.
     pub epsilon: Option<f64>,
+    /// The device the simulated clients trained on, in words.
+    pub device: String,
 }
 
 /// Simulated clients train in parallel, one per core; candle's own threads inside each
@@ -121,6 +123,56 @@ fn load_mnist(dir: &Path, train: bool) -> Result<Dataset, RunError> {
         .map_err(|e| RunError::Data(format!("{e} (set --data or COHORT_DATA to the folder holding mnist/)")))
 }
 
+/// Wine Quality (red): 11 features, quality 3..8 as classes 0..5.
+fn load_winequality(dir: &Path) -> Result<Dataset, RunError> {
+    DataSource::Csv {
+        path: dir.join("winequality").join("winequality-red.csv.gz"),
+        options: cohort_common::data::CsvOptions {
+            label_column: "quality".into(),
+            label_values: Some((3..=8).collect()),
+            classes: None,
+            delimiter: None,
+        },
+    }
+    .load()
+    .map_err(|e| RunError::Data(format!("{e} (set --data or COHORT_DATA to the folder holding winequality/)")))
+}
+
+/// Splits off `fraction` of each class (at least one example of a class with two or more) as
+/// a test set, seeded: (train, test).
+fn stratified_split(data: &Dataset, fraction: f64, rng: &mut impl Rng) -> (Dataset, Dataset) {
+    use rand::seq::SliceRandom;
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for class in 0..data.classes as u32 {
+        let mut members: Vec<usize> = (0..data.len()).filter(|&i| data.labels[i] == class).collect();
+        members.shuffle(rng);
+        let held = if members.len() >= 2 { ((members.len() as f64 * fraction).round() as usize).max(1) } else { 0 };
+        test.extend_from_slice(&members[..held]);
+        train.extend_from_slice(&members[held..]);
+    }
+    train.sort_unstable();
+    test.sort_unstable();
+    (data.subset(&train), data.subset(&test))
+}
+
+/// Keeps `n_0 * ratio^(-c / (K - 1))` examples of class c (the first ones), where n_0 is the
+/// size of class 0.
+fn long_tailed(data: &Dataset, ratio: f64) -> Dataset {
+    let k = data.classes.max(2);
+    let head = data.labels.iter().filter(|&&l| l == 0).count() as f64;
+    let mut kept = vec![0usize; data.classes];
+    let keep: Vec<usize> =
+        (0..data.classes).map(|c| (head * ratio.powf(-(c as f64) / (k - 1) as f64)).round() as usize).collect();
+    let indices: Vec<usize> = (0..data.len())
+        .filter(|&i| {
+            let c = data.labels[i] as usize;
+            kept[c] += 1;
+            kept[c] <= keep[c]
+        })
+        .collect();
+    data.subset(&indices)
+}
+
 fn first(data: Dataset, n: Option<usize>) -> Dataset {
     match n {
         Some(n) if n < data.len() => data.subset(&(0..n).collect::<Vec<_>>()),
@@ -152,9 +204,18 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         (one, None, parts)
     } else {
         let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
-        let train = first(load_mnist(&data_dir, true)?, scenario.data.train_examples);
-        let test = first(load_mnist(&data_dir, false)?, scenario.data.test_examples);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (train, test) = if scenario.data.dataset == "winequality" {
+            stratified_split(&load_winequality(&data_dir)?, scenario.data.test_fraction, &mut rng)
+        } else {
+            (load_mnist(&data_dir, true)?, load_mnist(&data_dir, false)?)
+        };
+        let train = match scenario.data.longtail_ratio {
+            Some(ratio) => long_tailed(&train, ratio),
+            None => train,
+        };
+        let train = first(train, scenario.data.train_examples);
+        let test = first(test, scenario.data.test_examples);
         let parts = scenario
             .partition
             .split(&train.labels, train.classes, scenario.clients, &mut rng)
@@ -324,6 +385,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         median_round_seconds: if seconds.is_empty() { 0.0 } else { seconds[seconds.len() / 2] },
         wall_seconds: wall.elapsed().as_secs_f64(),
         epsilon: rounds.iter().rev().find_map(|r| r.epsilon),
+        device: device_name,
         rounds,
         scenario: Scenario { federation, ..scenario.clone() },
     })
@@ -380,4 +442,32 @@ impl Crashes {
 fn console_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labelled(counts: &[usize]) -> Dataset {
+        let labels: Vec<u32> = counts.iter().enumerate().flat_map(|(c, &n)| std::iter::repeat_n(c as u32, n)).collect();
+        let n = labels.len();
+        Dataset::new((0..n).map(|i| i as f32).collect(), vec![1], labels, counts.len()).unwrap()
+    }
+
+    #[test]
+    fn the_stratified_split_holds_out_each_class_in_proportion() {
+        let data = labelled(&[10, 53, 681, 1]);
+        let (train, test) = stratified_split(&data, 0.2, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        assert_eq!(test.label_counts(), vec![2, 11, 136, 0]);
+        assert_eq!(train.label_counts(), vec![8, 42, 545, 1]);
+        let mut all: Vec<f32> = train.features.iter().chain(&test.features).copied().collect();
+        all.sort_by(f32::total_cmp);
+        assert_eq!(all, data.features, "every example lands on exactly one side");
+    }
+
+    #[test]
+    fn long_tailed_classes_decay_to_the_ratio() {
+        let data = labelled(&[1000, 1000, 1000]);
+        assert_eq!(long_tailed(&data, 100.0).label_counts(), vec![1000, 100, 10]);
+    }
 }

@@ -43,8 +43,9 @@ fn cpu() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataChoice {
-    /// A bundled data set, `mnist`, or `synthetic`: no training, clients answer with random
-    /// updates (to benchmark the protocol alone).
+    /// A bundled data set, `mnist` or `winequality` (red; quality 3..8 as classes 0..5), or
+    /// `synthetic`: no training, clients answer with random updates (to benchmark the protocol
+    /// alone).
     #[serde(default = "mnist")]
     pub dataset: String,
     /// Examples each client claims with `synthetic` (its FedAvg weight).
@@ -56,11 +57,31 @@ pub struct DataChoice {
     /// Use only the first N test examples.
     #[serde(default)]
     pub test_examples: Option<usize>,
+    /// Data sets without a test split (`winequality`): the fraction of each class held out as
+    /// the server's test set (stratified, seeded).
+    #[serde(default = "fifth")]
+    pub test_fraction: f64,
+    /// Make the training set long-tailed: class c keeps `n_0 * ratio^(-c / (K - 1))` of its
+    /// examples (Cao et al. 2019's protocol; the imbalance ratio is largest / smallest class).
+    /// The test set stays as it is.
+    #[serde(default)]
+    pub longtail_ratio: Option<f64>,
+}
+
+fn fifth() -> f64 {
+    0.2
 }
 
 impl Default for DataChoice {
     fn default() -> Self {
-        Self { dataset: mnist(), synthetic_examples: ten(), train_examples: None, test_examples: None }
+        Self {
+            dataset: mnist(),
+            synthetic_examples: ten(),
+            train_examples: None,
+            test_examples: None,
+            test_fraction: fifth(),
+            longtail_ratio: None,
+        }
     }
 }
 
@@ -110,8 +131,24 @@ impl Scenario {
     }
 
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ScenarioError> {
+        Self::parse_with(text, origin, &[])
+    }
+
+    /// Reads a scenario file with `KEY=VALUE` overrides (`federation.train.loss.weighting=
+    /// inverse_frequency`): VALUE is a TOML value, or a string when it does not parse as one.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Io { path: path.display().to_string(), source })?;
+        Self::parse_with(&text, path, overrides)
+    }
+
+    pub fn parse_with(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, ScenarioError> {
         let bad = |message: String| ScenarioError::Invalid { path: origin.display().to_string(), message };
-        let mut s: Scenario = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        for assignment in overrides {
+            set_dotted(&mut doc, assignment).map_err(|e| bad(format!("--set {assignment}: {e}")))?;
+        }
+        let mut s: Scenario = doc.try_into().map_err(|e: toml::de::Error| bad(e.to_string()))?;
         s.origin = origin.to_path_buf();
         if s.clients == 0 {
             return Err(bad("clients must be at least 1".into()));
@@ -126,8 +163,14 @@ impl Scenario {
         if !(0.0..1.0).contains(&s.faults.dropout_fraction) {
             return Err(bad(format!("faults.dropout_fraction = {} must be in [0, 1)", s.faults.dropout_fraction)));
         }
-        if s.data.dataset != "mnist" && s.data.dataset != "synthetic" {
-            return Err(bad(format!("data.dataset = `{}`: use mnist or synthetic", s.data.dataset)));
+        if !["mnist", "winequality", "synthetic"].contains(&s.data.dataset.as_str()) {
+            return Err(bad(format!("data.dataset = `{}`: use mnist, winequality or synthetic", s.data.dataset)));
+        }
+        if !(s.data.test_fraction > 0.0 && s.data.test_fraction < 1.0) {
+            return Err(bad(format!("data.test_fraction = {} must be between 0 and 1", s.data.test_fraction)));
+        }
+        if let Some(r) = s.data.longtail_ratio.filter(|r| !(r.is_finite() && *r >= 1.0)) {
+            return Err(bad(format!("data.longtail_ratio = {r} must be at least 1")));
         }
         s.model_spec()?;
         Ok(s)
@@ -153,9 +196,43 @@ impl Scenario {
     }
 }
 
+/// Sets `a.b.c = value` in a TOML table, creating tables on the way.
+fn set_dotted(doc: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (key, value) = assignment.split_once('=').ok_or("expected KEY=VALUE")?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, path) = parts.split_last().ok_or("empty key")?;
+    let mut table = doc;
+    for part in path {
+        table = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_set_nested_keys() {
+        let p = Path::new("x.toml");
+        let base = "name='x'\nmodel='mnist-2nn'\nclients=5\n[partition]\nkind='iid'\n[federation]\nrounds=1\nclients_per_round=5\ncollection='plain'\n";
+        let set = |o: &[&str]| Scenario::parse_with(base, p, &o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let s = set(&["federation.rounds=7", "federation.train.loss.weighting=inverse_frequency"]).unwrap();
+        assert_eq!(s.federation.rounds, 7);
+        assert_eq!(s.federation.train.loss.weighting, cohort_common::train::ClassWeighting::InverseFrequency);
+        let err = set(&["federation.train.loss.weighting=sometimes"]).unwrap_err().to_string();
+        assert!(err.contains("sometimes"), "{err}");
+        assert!(set(&["name.first=1"]).unwrap_err().to_string().contains("not a table"));
+    }
 
     #[test]
     fn bundled_scenarios_parse() {

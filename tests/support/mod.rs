@@ -55,7 +55,7 @@ pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
         seed: 42,
         collection: Collection::Plain,
         secagg: Default::default(),
-        train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, weight_decay: 0.0 },
+        train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, ..Default::default() },
         strategy: StrategyConfig::default(),
         dp: None,
     }
