@@ -18,7 +18,7 @@ use crate::dp::{self, DpPlan};
 use crate::model::{Model, ModelError, ModelSpec};
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SecAggClient, SecAggError};
 use crate::train::{self, DeviceData, TrainError};
-use crate::wire::{ClientMsg, RoundPlan, SecurePlan, ServerMsg, TensorBytes, Update, WireError};
+use crate::wire::{ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes, Update, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParticipantError {
@@ -132,6 +132,10 @@ impl Participant {
     pub fn handle(&self, msg: &ServerMsg, rng: &mut impl CryptoRng) -> Result<ClientMsg, ParticipantError> {
         match msg {
             ServerMsg::Plan(plan) => match &plan.secure {
+                None if plan.task == Task::CountLabels => Err(ParticipantError::BadPlan(
+                    "the server asks for label counts outside secure aggregation; they reveal this client's data"
+                        .into(),
+                )),
                 None => Ok(ClientMsg::Update(self.handle_plan(plan)?)),
                 Some(secure) => {
                     let keys = self.keys.as_ref().ok_or_else(|| {
@@ -140,7 +144,15 @@ impl Participant {
                         )
                     })?;
                     let params = plan.params.len();
-                    if secure.segments.iter().sum::<usize>() != params
+                    if plan.task == Task::CountLabels {
+                        let classes = self.census_classes(plan)?;
+                        if secure.setup.vector_len != classes || secure.dp.is_some() {
+                            return Err(ParticipantError::BadPlan(format!(
+                                "a label census sums {classes} counts; the plan's vector has {}",
+                                secure.setup.vector_len
+                            )));
+                        }
+                    } else if secure.segments.iter().sum::<usize>() != params
                         || secure.setup.vector_len
                             != SecurePlan::vector_len(params, secure.segments.len(), secure.dp.is_some())
                     {
@@ -223,7 +235,38 @@ impl Participant {
     /// update for masking. Blocks for the length of the training.
     pub fn train_secure(&self, plan: &RoundPlan, rng: &mut impl CryptoRng) {
         let Some(secure) = &plan.secure else { return };
-        let input = self.handle_plan(plan).and_then(|update| {
+        let input = if plan.task == Task::CountLabels {
+            self.census_classes(plan).map(|classes| {
+                let mut counts: Vec<f32> = self.data.label_counts().iter().map(|&c| c as f32).collect();
+                counts.resize(classes, 0.0);
+                secure.setup.params.quantizer.encode(&counts, rng)
+            })
+        } else {
+            self.train_and_encode(plan, secure, rng)
+        };
+        let mut guard = self.secure.lock().expect("secure lock");
+        if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {
+            s.input = match input {
+                Ok(v) => Input::Ready(v),
+                Err(e) => Input::Failed(e.to_string()),
+            };
+        }
+        self.input_ready.notify_all();
+    }
+
+    /// The classes of the first head, whose labels a census counts.
+    fn census_classes(&self, plan: &RoundPlan) -> Result<usize, ParticipantError> {
+        let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+        Ok(spec.heads.first().map_or(0, |h| h.classes))
+    }
+
+    fn train_and_encode(
+        &self,
+        plan: &RoundPlan,
+        secure: &SecurePlan,
+        rng: &mut impl CryptoRng,
+    ) -> Result<Vec<u64>, ParticipantError> {
+        self.handle_plan(plan).and_then(|update| {
             let delta = update.delta.to_f32()?;
             let quantizer = secure.setup.params.quantizer;
             match &secure.dp {
@@ -238,15 +281,7 @@ impl Participant {
                     Ok(secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng))
                 }
             }
-        });
-        let mut guard = self.secure.lock().expect("secure lock");
-        if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {
-            s.input = match input {
-                Ok(v) => Input::Ready(v),
-                Err(e) => Input::Failed(e.to_string()),
-            };
-        }
-        self.input_ready.notify_all();
+        })
     }
 
     /// Whether the secure round `round` is still waiting for its training to finish.
@@ -294,7 +329,8 @@ impl Participant {
             return Err(ParticipantError::BadPlan("the global parameters contain non-finite values".into()));
         }
         local.model.set_flat(&global)?;
-        let stats = train::train(&local.model, 0, &local.data, &plan.train, seed)?;
+        let stats =
+            train::train_with_counts(&local.model, 0, &local.data, &plan.train, seed, plan.class_counts.as_deref())?;
         let delta = local.model.flat_delta(&global)?;
         if !self.keep_model {
             *guard = None;
@@ -345,6 +381,8 @@ mod tests {
             seed: 1,
             deadline_ms: 1000,
             secure: None,
+            task: Task::Train,
+            class_counts: None,
         }
     }
 

@@ -102,11 +102,36 @@ pub struct LossConfig {
     /// `logits + tau log(prior)`, predictions the raw logits. An alternative to class weights.
     #[serde(default)]
     pub logit_adjustment: Option<f64>,
+    /// Whose label counts the weights (or the prior) come from.
+    #[serde(default)]
+    pub scope: CountScope,
+    /// With `scope = "global"`: count the population's labels again every this many rounds
+    /// (absent: once, before the first round).
+    #[serde(default)]
+    pub recount_every: Option<u64>,
+}
+
+/// Where class weights come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountScope {
+    /// Each client's own label counts.
+    #[default]
+    Local,
+    /// The population's, summed by a secure-aggregation round (no one learns another client's).
+    Global,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { weighting: ClassWeighting::None, beta: beta(), focal_gamma: None, logit_adjustment: None }
+        Self {
+            weighting: ClassWeighting::None,
+            beta: beta(),
+            focal_gamma: None,
+            logit_adjustment: None,
+            scope: CountScope::Local,
+            recount_every: None,
+        }
     }
 }
 
@@ -126,6 +151,9 @@ impl LossConfig {
             if self.weighting != ClassWeighting::None {
                 return bad("loss.logit_adjustment is an alternative to class weights: set weighting = \"none\"".into());
             }
+        }
+        if self.recount_every == Some(0) {
+            return bad("loss.recount_every must be at least 1".into());
         }
         Ok(())
     }
@@ -306,6 +334,19 @@ impl Sgd {
 
 /// Trains head `head` of `model` (and the trunk) on `data` in place.
 pub fn train(model: &Model, head: usize, data: &DeviceData, config: &TrainConfig, seed: u64) -> Result<TrainStats> {
+    train_with_counts(model, head, data, config, seed, None)
+}
+
+/// [`train`], with the class weights (or prior) taken from `population` label counts instead
+/// of the data's own when the loss asks for `scope = "global"` and they are known.
+pub fn train_with_counts(
+    model: &Model,
+    head: usize,
+    data: &DeviceData,
+    config: &TrainConfig,
+    seed: u64,
+    population: Option<&[u64]>,
+) -> Result<TrainStats> {
     config.check()?;
     let spec_head =
         model.spec().heads.get(head).ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
@@ -328,16 +369,21 @@ pub fn train(model: &Model, head: usize, data: &DeviceData, config: &TrainConfig
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<u32> = (0..data.len as u32).collect();
     let loss_config = &config.loss;
+    let counts = match (loss_config.scope, population) {
+        (CountScope::Global, Some(p)) if p.len() == spec_head.classes => p,
+        _ => &data.counts[..],
+    };
     let weights = match loss_config.weighting {
         ClassWeighting::None => None,
         w => {
-            let weights = class_weights(&data.counts, w, loss_config.beta);
+            let mut weights = class_weights(counts, w, loss_config.beta);
+            weights.resize(spec_head.classes, 0.0);
             Some(Tensor::from_slice(&weights, weights.len(), model.device())?)
         }
     };
     let shift = match loss_config.logit_adjustment {
         Some(tau) => {
-            let mut shift = logit_shift(&data.counts, tau);
+            let mut shift = logit_shift(counts, tau);
             shift.resize(spec_head.classes, 0.0);
             Some(Tensor::from_slice(&shift, shift.len(), model.device())?)
         }
@@ -587,6 +633,31 @@ mod tests {
         let zero = Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap();
         let got = imbalanced_loss(&logits, &targets, Some(&zero), None, None).unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(got, 0.0);
+    }
+
+    #[test]
+    fn global_scope_weighs_by_the_population_counts() {
+        let spec = ModelSpec::from_toml("name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2").unwrap();
+        let features: Vec<f32> = (0..40).flat_map(|i| [i as f32 / 40.0, 1.0]).collect();
+        let labels: Vec<u32> = (0..40).map(|i| u32::from(i % 8 == 0)).collect();
+        let ds = Dataset::new(features, vec![2], labels, 2).unwrap();
+        let trained = |loss: LossConfig, population: Option<&[u64]>| {
+            let model = Model::new(&spec, &Device::Cpu, 5).unwrap();
+            let dd = DeviceData::new(&ds, &model).unwrap();
+            let cfg = TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, loss, ..Default::default() };
+            train_with_counts(&model, 0, &dd, &cfg, 1, population).unwrap();
+            model.flat().unwrap()
+        };
+        let inverse = LossConfig { weighting: ClassWeighting::InverseFrequency, ..Default::default() };
+        let global = LossConfig { scope: CountScope::Global, ..inverse };
+        // A balanced population gives every class weight 1: plain cross-entropy.
+        assert_eq!(trained(global, Some(&[500, 500])), trained(LossConfig::default(), None));
+        // The client's own counts as the population: the local weights.
+        assert_eq!(trained(global, Some(&[35, 5])), trained(inverse, None));
+        assert_ne!(trained(global, Some(&[500, 500])), trained(inverse, None));
+        // Without a census yet, or with local scope, the client's own counts.
+        assert_eq!(trained(global, None), trained(inverse, None));
+        assert_eq!(trained(inverse, Some(&[500, 500])), trained(inverse, None));
     }
 
     #[test]

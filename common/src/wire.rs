@@ -100,6 +100,22 @@ pub struct RoundPlan {
     pub deadline_ms: u64,
     /// Present when the round uses secure aggregation: the client answers with a key advert.
     pub secure: Option<Box<SecurePlan>>,
+    /// What the round asks of the client.
+    pub task: Task,
+    /// The population's label counts of the first head, from the last label census: clients
+    /// whose loss weighting has `scope = "global"` weigh classes by these instead of their own.
+    pub class_counts: Option<Vec<u64>>,
+}
+
+/// What a round asks of its cohort.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Task {
+    /// Train and send the update.
+    #[default]
+    Train,
+    /// Send the label counts of the first head, through secure aggregation only: the server
+    /// learns the population's histogram, no client's.
+    CountLabels,
 }
 
 /// How a secure round encodes and masks updates.

@@ -8,7 +8,7 @@ use cohort_common::model::ModelSpec;
 use cohort_common::secagg::quantize::Quantizer;
 use cohort_common::secagg::{crypto, SecAggParams, SecAggSetup};
 use cohort_common::strategy::StrategyConfig;
-use cohort_common::train::TrainConfig;
+use cohort_common::train::{CountScope, TrainConfig};
 use cohort_io::files::{read_toml, DataSource, FileError};
 use serde::{Deserialize, Serialize};
 
@@ -319,6 +319,18 @@ impl Federation {
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
         if let Some(dp) = &self.dp {
             dp.check(self).map_err(|e| format!("federation.dp: {e}"))?;
+        }
+        if self.train.loss.scope == CountScope::Global {
+            if self.collection != Collection::Secure {
+                return Err("federation.train.loss.scope = \"global\" sums the clients' label counts, which only \
+                            secure aggregation may do: set collection = \"secure\""
+                    .into());
+            }
+            if self.dp.is_some() {
+                return Err("federation.train.loss.scope = \"global\" cannot be used with federation.dp: the label \
+                            census is not differentially private and its cost is not accounted"
+                    .into());
+            }
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use cohort_common::round::{
 };
 use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer};
 use cohort_common::train::{evaluate, DeviceData, Metrics};
-use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, TensorBytes};
+use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
 use rand::SeedableRng;
 use serde::Serialize;
@@ -31,6 +31,8 @@ use tracing::{debug, info, warn};
 use crate::config::{Collection, DpConfig, Federation};
 use crate::pki::StatePaths;
 use crate::store::{RoundRow, Store, StoreError};
+use cohort_common::secagg::quantize::Quantizer;
+use cohort_common::train::CountScope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -202,6 +204,9 @@ pub struct Server {
     registry: Arc<Registry>,
 }
 
+/// The largest label count one client may contribute to a census, per class.
+const CENSUS_MAX_COUNT: f64 = (1u64 << 24) as f64;
+
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Cap on the messages of a connection's first exchange.
@@ -259,6 +264,8 @@ impl Server {
             None => None,
         };
         self.registry.next_round.store(last_round + 1, Ordering::Relaxed);
+        let global_counts = fed.train.loss.scope == CountScope::Global;
+        let mut census = if global_counts { self.store.lock().expect("store lock").last_census()? } else { None };
         let test_data = match &self.setup.test_data {
             Some(d) => Some(Arc::new(DeviceData::new(d, &model)?)),
             None => None,
@@ -305,6 +312,22 @@ impl Server {
                     needed: fed.min_clients,
                     waited: fed.wait_for_clients_secs,
                 });
+            }
+            let due = match (&census, fed.train.loss.recount_every) {
+                (None, _) => true,
+                (Some((at, _)), Some(every)) => round_no >= at + every,
+                (Some(_), None) => false,
+            };
+            if global_counts && due {
+                let spec_toml = spec_toml.clone();
+                match self.label_census(round_no, spec_toml, shutdown, &mut pending, &mut reports).await? {
+                    Some(Ok(counts)) => census = Some((round_no, counts)),
+                    Some(Err(e)) => warn!(
+                        round = round_no,
+                        "label census failed ({e}); clients weigh classes by their own counts until the next one"
+                    ),
+                    None => break,
+                }
             }
             let started = Instant::now();
             let started_at = unix_now();
@@ -354,6 +377,8 @@ impl Server {
                 seed: plan_seed(fed.seed, round_no),
                 deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
                 secure: None,
+                task: Task::Train,
+                class_counts: census.as_ref().map(|(_, counts)| counts.clone()),
             };
             debug!(round = round_no, cohort = ?cohort, "round starts");
             let collected = match fed.collection {
@@ -536,6 +561,55 @@ impl Server {
         Ok(Some(round.finish()))
     }
 
+    /// The label census before round `round`: every connected client's label counts of the first
+    /// head, summed through secure aggregation. Only the sum is seen, logged and stored.
+    async fn label_census(
+        &self,
+        round: u64,
+        spec_toml: String,
+        shutdown: &CancellationToken,
+        pending: &mut Option<PendingReport>,
+        reports: &mut Vec<RoundReport>,
+    ) -> Result<Option<Result<Vec<u64>, RoundError>>, ServeError> {
+        let fed = &self.setup.federation;
+        let classes = self.setup.spec.heads.first().map_or(0, |h| h.classes);
+        let mut cohort = self.registry.ids();
+        cohort.sort();
+        let mut setup = fed.secagg.setup(round, cohort.clone(), plan_seed(fed.seed, round) ^ 1, classes, 1.0);
+        // Whole counts, exactly: scale 1, room for 2^24 examples of a class per client.
+        setup.params.quantizer = Quantizer { bits: 64, clip: CENSUS_MAX_COUNT, scale: 1.0 };
+        let quantizer = setup.params.quantizer;
+        let plan = RoundPlan {
+            round,
+            model_spec: spec_toml,
+            params: TensorBytes::default(),
+            train: fed.train.clone(),
+            seed: plan_seed(fed.seed, round),
+            deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
+            secure: Some(Box::new(SecurePlan {
+                setup,
+                sample_cap: fed.secagg.sample_cap,
+                segments: vec![classes],
+                dp: None,
+            })),
+            task: Task::CountLabels,
+            class_counts: None,
+        };
+        let summed = match self.secure_sum(plan, &cohort, shutdown, pending, reports).await? {
+            Some(Ok(summed)) => summed,
+            Some(Err(e)) => return Ok(Some(Err(e))),
+            None => return Ok(None),
+        };
+        let counts: Vec<u64> = quantizer
+            .decode_sum(&summed.sum, summed.survivors.len())
+            .iter()
+            .map(|c| c.round().max(0.0) as u64)
+            .collect();
+        self.store.lock().expect("store lock").record_census(round, summed.survivors.len(), &counts)?;
+        info!(round, clients = summed.survivors.len(), ?counts, "label census: the population's label counts");
+        Ok(Some(Ok(counts)))
+    }
+
     /// Secure collection: the four SecAgg+ phases, each a request and answer per client.
     async fn collect_secure(
         &self,
@@ -546,10 +620,55 @@ impl Server {
         pending: &mut Option<PendingReport>,
         reports: &mut Vec<RoundReport>,
     ) -> Result<Option<Result<RoundOutcome, RoundError>>, ServeError> {
-        let fed = &self.setup.federation;
         let round = plan.round;
         let secure = plan.secure.clone().expect("a secure plan");
         let quantizer = secure.setup.params.quantizer;
+        let abort = |why: String| Ok(Some(Err(RoundError::Aborted { round, reason: why })));
+        let summed = match self.secure_sum(plan, cohort, shutdown, pending, reports).await? {
+            Some(Ok(summed)) => summed,
+            Some(Err(e)) => return Ok(Some(Err(e))),
+            None => return Ok(None),
+        };
+        let SecureSum { sum, survivors, dropped } = summed;
+        let (mean_delta, total_weight, unclipped) = if secure.dp.is_some() {
+            // With DP every weight is 1 and the mean divides by the public count of survivors.
+            let decoded = quantizer.decode_sum(&sum, survivors.len());
+            let Some((mean, unclipped)) =
+                dp::mean_from_sum(&decoded, survivors.len(), param_len, secure.segments.len())
+            else {
+                return abort("the secure sum does not fit the DP layout".into());
+            };
+            (mean, survivors.len() as f64, Some(unclipped))
+        } else {
+            let Some((mean, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
+            else {
+                return abort("the survivors' total weight is zero".into());
+            };
+            (mean, totals.first().copied().unwrap_or(0.0), None)
+        };
+        Ok(Some(Ok(RoundOutcome {
+            round,
+            aggregate: Aggregate { mean_delta, total_weight, contributors: survivors.len() },
+            reported: survivors,
+            dropped: dropped.into_iter().collect(),
+            mean_train_loss: None,
+            unclipped,
+        })))
+    }
+
+    /// The four SecAgg+ phases of a secure plan: the sum of the survivors' masked vectors (still
+    /// quantized), who survived, and why the others dropped. `None` when shut down.
+    async fn secure_sum(
+        &self,
+        plan: RoundPlan,
+        cohort: &[ClientId],
+        shutdown: &CancellationToken,
+        pending: &mut Option<PendingReport>,
+        reports: &mut Vec<RoundReport>,
+    ) -> Result<Option<Result<SecureSum, RoundError>>, ServeError> {
+        let fed = &self.setup.federation;
+        let round = plan.round;
+        let secure = plan.secure.clone().expect("a secure plan");
         let mut dropped: BTreeMap<ClientId, String> = BTreeMap::new();
         let abort = |why: String| Ok(Some(Err(RoundError::Aborted { round, reason: why })));
         let masked_cap = secure.setup.vector_len * 8 + (1 << 20);
@@ -650,22 +769,6 @@ impl Server {
         if survivors.len() < fed.min_clients {
             return Ok(Some(Err(RoundError::TooFew { round, got: survivors.len(), min: fed.min_clients })));
         }
-        let (mean_delta, total_weight, unclipped) = if secure.dp.is_some() {
-            // With DP every weight is 1 and the mean divides by the public count of survivors.
-            let decoded = quantizer.decode_sum(&sum, survivors.len());
-            let Some((mean, unclipped)) =
-                dp::mean_from_sum(&decoded, survivors.len(), param_len, secure.segments.len())
-            else {
-                return abort("the secure sum does not fit the DP layout".into());
-            };
-            (mean, survivors.len() as f64, Some(unclipped))
-        } else {
-            let Some((mean, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
-            else {
-                return abort("the survivors' total weight is zero".into());
-            };
-            (mean, totals.first().copied().unwrap_or(0.0), None)
-        };
         for id in &survivors {
             dropped.remove(id);
         }
@@ -674,14 +777,7 @@ impl Server {
                 dropped.insert(id.clone(), "dropped during secure aggregation".into());
             }
         }
-        Ok(Some(Ok(RoundOutcome {
-            round,
-            aggregate: Aggregate { mean_delta, total_weight, contributors: survivors.len() },
-            reported: survivors,
-            dropped: dropped.into_iter().collect(),
-            mean_train_loss: None,
-            unclipped,
-        })))
+        Ok(Some(Ok(SecureSum { sum, survivors, dropped })))
     }
 
     /// One secure-aggregation phase: sends each frame and waits for every answer or the timeout.
@@ -849,6 +945,13 @@ impl Exchange {
             }
         }
     }
+}
+
+/// What secure aggregation hands back: the quantized sum and who is in it.
+struct SecureSum {
+    sum: Vec<u64>,
+    survivors: Vec<ClientId>,
+    dropped: BTreeMap<ClientId, String>,
 }
 
 /// A frame and the client it is for.

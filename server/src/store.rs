@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     checkpoint TEXT,
     note TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS label_census (
+    round INTEGER PRIMARY KEY,
+    clients INTEGER NOT NULL,
+    counts TEXT NOT NULL
+);
 ";
 
 /// Columns added after the first schema: databases that lack them get them on open.
@@ -262,6 +267,30 @@ impl Store {
         Ok(rows)
     }
 
+    /// Records the population's label counts summed before `round` by `clients` clients.
+    pub fn record_census(&self, round: u64, clients: usize, counts: &[u64]) -> Result<(), StoreError> {
+        let json = serde_json::to_string(counts).expect("counts serialize");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO label_census (round, clients, counts) VALUES (?1, ?2, ?3)",
+                params![round as i64, clients as i64, json],
+            )
+            .map_err(self.wrap())?;
+        Ok(())
+    }
+
+    /// The latest label census: the round it preceded and the counts.
+    pub fn last_census(&self) -> Result<Option<(u64, Vec<u64>)>, StoreError> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row("SELECT round, counts FROM label_census ORDER BY round DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(self.wrap())?;
+        Ok(row.and_then(|(round, json)| serde_json::from_str(&json).ok().map(|c| (round as u64, c))))
+    }
+
     /// The last round number recorded (completed or aborted) and the last completed round
     /// with its checkpoint.
     pub fn resume_point(&self) -> Result<(u64, Option<(u64, String)>), StoreError> {
@@ -324,6 +353,10 @@ mod tests {
         assert_eq!(store.resume_point().unwrap(), (2, Some((1, "checkpoints/round-000001.safetensors".into()))));
         assert_eq!(store.clients().unwrap()[1].rounds, 1);
         assert_eq!(store.rounds().unwrap()[0].epsilon, Some(0.5));
+        assert_eq!(store.last_census().unwrap(), None);
+        store.record_census(1, 3, &[5, 0, 7]).unwrap();
+        store.record_census(11, 4, &[6, 1, 7]).unwrap();
+        assert_eq!(store.last_census().unwrap(), Some((11, vec![6, 1, 7])));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use cohort::common::participant::Participant;
 use cohort::common::round::plan_seed;
 use cohort::common::strategy::StrategyConfig;
 use cohort::common::train::TrainConfig;
-use cohort::common::wire::{RoundPlan, TensorBytes};
+use cohort::common::wire::{RoundPlan, Task, TensorBytes};
 use cohort::io::Identity;
 use cohort::server::config::{Collection, Federation};
 use cohort::server::pki::{self, StatePaths};
@@ -72,6 +72,8 @@ pub fn first_plan(fed: &Federation) -> (Vec<f32>, RoundPlan) {
         seed: plan_seed(fed.seed, 1),
         deadline_ms: 1000,
         secure: None,
+        task: Task::Train,
+        class_counts: None,
     };
     (initial, plan)
 }
