@@ -44,12 +44,13 @@ pub mod device {
         match choice.trim() {
             "cpu" => Ok((Device::Cpu, "cpu".into())),
             "auto" => {
-                if candle_core::utils::cuda_is_available() {
-                    if let Ok(d) = Device::new_cuda(0) {
-                        return Ok((d, "cuda:0 (auto)".into()));
-                    }
+                if !candle_core::utils::cuda_is_available() {
+                    return Ok((Device::Cpu, "cpu (auto: this binary is built without CUDA)".into()));
                 }
-                Ok((Device::Cpu, "cpu (auto: no CUDA device in this build or machine)".into()))
+                match Device::new_cuda(0) {
+                    Ok(d) => Ok((d, "cuda:0 (auto)".into())),
+                    Err(e) => Ok((Device::Cpu, format!("cpu (auto: no CUDA device answered: {e})"))),
+                }
             }
             other => {
                 let Some(n) = other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {

@@ -25,8 +25,10 @@
 //! clipped to L2 norm `C`, and each enrolled client is in a round's cohort independently with
 //! probability `q` (Poisson sampling, the scheme the accountant assumes). Epsilon is composed over
 //! every round that sent plans, whatever its outcome. Not promised: protection against a server
-//! that lies about who survived, or against colluding clients who subtract their own noise
-//! (the noise of the honest survivors alone is then `z C sqrt(honest / t)`).
+//! that lies about who survived, against colluding clients who subtract their own noise (the
+//! noise of the honest survivors alone is then `z C sqrt(honest / t)`), or against a client that
+//! skips its own clipping: under secure aggregation nobody can check a norm, so a malicious
+//! client's influence is bounded only by the quantizer's range per coordinate.
 
 use rand::CryptoRng;
 use rand_distr::{Distribution, Normal};
@@ -420,6 +422,8 @@ pub enum LedgerRefusal {
     Exhausted { max_epsilon: f64, spent: f64 },
     #[error("round {round} has no noise (noise_multiplier 0): this client has a privacy budget and takes part only in private rounds")]
     NoNoise { round: u64 },
+    #[error("round {round}'s privacy settings are invalid ({problem}); the server is misconfigured or misbehaving")]
+    Invalid { round: u64, problem: String },
 }
 
 /// A client's own privacy account. Every round from the one the client first joined at is
@@ -470,6 +474,7 @@ impl PrivacyLedger {
         if self.exhausted {
             return Err(LedgerRefusal::Exhausted { max_epsilon: self.max_epsilon, spent: self.epsilon() });
         }
+        plan.check().map_err(|e| LedgerRefusal::Invalid { round, problem: e.to_string() })?;
         if plan.noise_multiplier == 0.0 {
             return Err(LedgerRefusal::NoNoise { round });
         }
@@ -486,7 +491,8 @@ impl PrivacyLedger {
         let mut candidate = self.spent.clone();
         candidate.push(entry(round));
         let would_be = self.epsilon_of(&candidate);
-        if would_be > self.max_epsilon {
+        // A NaN (which a valid plan cannot produce) refuses too.
+        if would_be.is_nan() || would_be > self.max_epsilon {
             if round > first {
                 self.spent.push(entry(round - 1));
             }
@@ -665,6 +671,9 @@ mod tests {
         assert!(matches!(ledger.admit(100_000, 3, &p), Err(LedgerRefusal::Exhausted { .. })));
         let mut fresh = PrivacyLedger::new(3.0, 1e-5).unwrap();
         assert!(matches!(fresh.admit(1, 1, &plan(0.0)), Err(LedgerRefusal::NoNoise { round: 1 })));
+        let bogus = DpPlan { sampling_rate: f64::NAN, ..p };
+        assert!(matches!(fresh.admit(1, 1, &bogus), Err(LedgerRefusal::Invalid { round: 1, .. })));
+        assert_eq!(fresh.accounted_through, 0, "a refused plan counts nothing");
         assert!(PrivacyLedger::new(0.0, 1e-5).is_err() && PrivacyLedger::new(1.0, 1.0).is_err());
     }
 }
