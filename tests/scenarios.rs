@@ -114,3 +114,38 @@ async fn a_secure_federation_with_thirty_percent_crashing_completes_every_round(
     assert!(report.rounds.iter().any(|r| r.participants < 10), "crashes happened");
     assert!(report.final_accuracy.unwrap() > 0.6, "{:?}", report.final_accuracy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multitask_federation_reports_every_head_and_each_head_alone() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/mnist-multitask.toml");
+    // Three tasks of three clients each, a few rounds.
+    let text = std::fs::read_to_string(&path).unwrap().replace("clients = 10", "clients = 3");
+    let small = [
+        "clients=9",
+        "data.train_examples=2700",
+        "data.test_examples=1000",
+        "federation.rounds=2",
+        "federation.clients_per_round=9",
+        "federation.min_clients=9",
+        "federation.collection=plain",
+        "federation.train.epochs=2",
+    ];
+    let overrides: Vec<String> = small.iter().map(|s| s.to_string()).collect();
+    let scenario = Scenario::parse_with(&text, &path, &overrides).unwrap();
+    let report = runner::run(&scenario, &RunOptions::default()).await.unwrap();
+    assert!(report.rounds.iter().all(|r| r.completed && r.participants == 9), "{:?}", report.rounds);
+    let last = report.rounds.last().unwrap();
+    let heads: Vec<&str> = last.head_accuracy.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(heads, vec!["parity", "loops"], "the first head is the report's test accuracy");
+    let digit = last.test_accuracy.unwrap();
+    assert!(digit > 0.3, "digit accuracy {digit} after 2 rounds on 150 labelled images");
+    for (head, accuracy) in &last.head_accuracy {
+        assert!(*accuracy > 0.6, "{head}: {accuracy}");
+    }
+
+    let alone = RunOptions { only_task: Some("parity".into()), ..RunOptions::default() };
+    let report = runner::run(&scenario, &alone).await.unwrap();
+    let last = report.rounds.last().unwrap();
+    assert!(report.rounds.iter().all(|r| r.participants == 3), "only the three parity clients run");
+    assert!(last.test_accuracy.is_none() && last.head_accuracy.len() == 1 && last.head_accuracy[0].0 == "parity");
+}

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Backoff;
 use crate::ledger::LedgerFile;
+use cohort_common::dp::LedgerRefusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -118,7 +119,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
     let owns_endpoint = shared_endpoint.is_none();
     let endpoint = match shared_endpoint {
         Some(e) => e,
-        None => cohort_io::bare_client_endpoint(server.is_ipv6())?,
+        None => cohort_io::client_endpoint(server.is_ipv6())?,
     };
     let quic_config = cohort_io::client_config(&identity)?;
     let samples = participant.samples();
@@ -271,10 +272,13 @@ async fn answer(
         }
         _ => None,
     };
-    // A private round the ledger refuses is declined before any training.
-    let private = plan.as_ref().and_then(|p| p.secure.as_ref()).and_then(|s| s.dp);
-    if let (Some(dp), Some(ledger)) = (private, &hooks.ledger) {
-        let decision = ledger.lock().expect("ledger lock").admit(round, hooks.joined_at, &dp);
+    // A client with a privacy budget takes part only in private rounds, and only while its
+    // ledger allows: otherwise it declines before any training.
+    if let (Some(plan), Some(ledger)) = (&plan, &hooks.ledger) {
+        let decision = match plan.secure.as_ref().and_then(|s| s.dp) {
+            Some(dp) => ledger.lock().expect("ledger lock").admit(round, hooks.joined_at, &dp),
+            None => Err(LedgerRefusal::NoNoise { round }.into()),
+        };
         match decision {
             Ok(epsilon) => info!(round, epsilon = format!("{epsilon:.3}"), "privacy ledger: taking part"),
             Err(e) => {

@@ -78,6 +78,26 @@ impl Dataset {
         }
     }
 
+    /// The same examples with labels mapped through `map` (`map[label]`) into `classes` classes:
+    /// parity from digits, coarse groups from fine labels.
+    pub fn map_labels(&self, map: &[u32], classes: usize) -> Result<Dataset> {
+        if map.len() != self.classes || map.iter().any(|&m| m as usize >= classes) {
+            return Err(DataError::Format {
+                origin: "label map".into(),
+                problem: format!(
+                    "a map needs one entry per class of the data ({}), each below the head's {classes} classes; got {map:?}",
+                    self.classes
+                ),
+            });
+        }
+        Ok(Dataset {
+            features: self.features.clone(),
+            feature_shape: self.feature_shape.clone(),
+            labels: self.labels.iter().map(|&l| map[l as usize]).collect(),
+            classes,
+        })
+    }
+
     /// How many examples each class has.
     pub fn label_counts(&self) -> Vec<u64> {
         let mut counts = vec![0u64; self.classes];

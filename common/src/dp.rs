@@ -344,11 +344,11 @@ impl DpPlan {
         }
     }
 
-    /// The range `[-r, r]` a quantizer needs for a clipped, noised coordinate and the centred
-    /// indicator bit: eight standard deviations of noise past the largest value (a clamp there
-    /// happens with probability about 1e-15 per coordinate).
+    /// The range `[-r, r]` a quantizer needs for a clipped, noised coordinate, the segment
+    /// weights (0 or 1) and the centred indicator bit: eight standard deviations of noise past
+    /// the largest value (a clamp there happens with probability about 1e-15 per coordinate).
     pub fn coordinate_range(&self) -> f64 {
-        (self.clip + 8.0 * self.update_share_std()).max(0.5 + 8.0 * self.count_share_std())
+        (self.clip + 8.0 * self.update_share_std()).max(0.5 + 8.0 * self.count_share_std()).max(1.0)
     }
 }
 
@@ -361,18 +361,25 @@ pub struct ClipReport {
 }
 
 /// Clips `delta` to the plan's bound (whole or per segment), adds this client's share of the
-/// noise, and returns the vector a DP round masks: the update (weight 1 for every segment: with
-/// DP the mean divides by the public count of survivors), one weight per segment, and the centred
-/// indicator `[norm <= C] - 1/2` with its share of the count noise.
+/// noise, and returns the vector a DP round masks: the update, one weight per segment (`trained`:
+/// 1 for the trunk and each head this client trained, 0 for the others, whose update is zero;
+/// with DP each segment's mean divides by its count of contributors, not by sample counts), and
+/// the centred indicator `[norm <= C] - 1/2` with its share of the count noise.
 pub fn privatize(
     mut delta: Vec<f32>,
     segments: &[usize],
+    trained: &[f32],
     plan: &DpPlan,
     rng: &mut impl CryptoRng,
 ) -> Result<(Vec<f32>, ClipReport), DpError> {
     let total: usize = segments.iter().sum();
-    if total != delta.len() {
-        return Err(DpError::Config(format!("segments cover {total} values, the update has {}", delta.len())));
+    if total != delta.len() || trained.len() != segments.len() {
+        return Err(DpError::Config(format!(
+            "segments cover {total} values and {} weights, the update has {} values and {} weights",
+            segments.len(),
+            delta.len(),
+            trained.len()
+        )));
     }
     let norm = delta.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
     let clipped = if plan.per_segment {
@@ -386,21 +393,35 @@ pub fn privatize(
     let unclipped = norm.is_finite() && norm <= plan.clip;
     let mut indicator = [if unclipped { 0.5f32 } else { -0.5 }];
     add_gaussian_noise(&mut indicator, plan.count_share_std(), rng)?;
-    delta.extend(std::iter::repeat_n(1.0f32, segments.len()));
+    delta.extend_from_slice(trained);
     delta.push(indicator[0]);
     Ok((delta, ClipReport { norm, clipped }))
 }
 
 /// The mean update and the noisy count of unclipped updates from the decoded sum of
-/// `survivors` [`privatize`] vectors (`params` values, then one weight per segment, then the
-/// indicator). `None` when the sum has the wrong length or nobody survived.
-pub fn mean_from_sum(decoded: &[f64], survivors: usize, params: usize, segments: usize) -> Option<(Vec<f32>, f64)> {
-    if survivors == 0 || decoded.len() != params + segments + 1 {
+/// `survivors` [`privatize`] vectors (the values of `segments`, then one 0/1 weight per segment,
+/// then the indicator). Each segment divides by its count of contributors (the trunk's is the
+/// survivors'); a segment nobody trained stays zero. `None` when the sum has the wrong length or
+/// nobody survived.
+pub fn mean_from_sum(decoded: &[f64], survivors: usize, segments: &[usize]) -> Option<(Vec<f32>, f64)> {
+    let params: usize = segments.iter().sum();
+    if survivors == 0 || decoded.len() != params + segments.len() + 1 {
         return None;
     }
-    let n = survivors as f64;
-    let mean = decoded[..params].iter().map(|v| (v / n) as f32).collect();
-    let unclipped = decoded[params + segments] + n / 2.0;
+    let mut mean = Vec::with_capacity(params);
+    let mut start = 0;
+    for (i, &len) in segments.iter().enumerate() {
+        // The weights are whole counts; rounding removes the quantization noise.
+        let contributors = decoded[params + i].round();
+        let values = &decoded[start..start + len];
+        if contributors >= 1.0 {
+            mean.extend(values.iter().map(|v| (v / contributors) as f32));
+        } else {
+            mean.extend(std::iter::repeat_n(0.0f32, len));
+        }
+        start += len;
+    }
+    let unclipped = decoded[params + segments.len()] + survivors as f64 / 2.0;
     Some((mean, unclipped))
 }
 
@@ -420,7 +441,7 @@ pub enum LedgerRefusal {
     OverBudget { round: u64, would_be: f64, max_epsilon: f64, delta: f64 },
     #[error("this client's privacy budget of epsilon {max_epsilon} is spent ({spent:.3}); it takes no further part in private rounds")]
     Exhausted { max_epsilon: f64, spent: f64 },
-    #[error("round {round} has no noise (noise_multiplier 0): this client has a privacy budget and takes part only in private rounds")]
+    #[error("round {round} is not differentially private (no DP settings, or noise_multiplier 0): this client has a privacy budget and takes part only in private rounds")]
     NoNoise { round: u64 },
     #[error("round {round}'s privacy settings are invalid ({problem}); the server is misconfigured or misbehaving")]
     Invalid { round: u64, problem: String },
@@ -615,18 +636,27 @@ mod tests {
         let clip_only = plan(0.0);
         let big = vec![3.0f32, 4.0, 0.0];
         let small = vec![0.1f32, 0.0, 0.2];
-        let (a, ra) = privatize(big, &[2, 1], &clip_only, &mut rng).unwrap();
-        let (b, rb) = privatize(small, &[2, 1], &clip_only, &mut rng).unwrap();
+        let (a, ra) = privatize(big, &[2, 1], &[1.0, 1.0], &clip_only, &mut rng).unwrap();
+        let (b, rb) = privatize(small, &[2, 1], &[1.0, 1.0], &clip_only, &mut rng).unwrap();
         assert!(ra.clipped && (ra.norm - 5.0).abs() < 1e-9 && !rb.clipped);
         assert_eq!(a.len(), 3 + 2 + 1);
         let sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x + y) as f64).collect();
-        let (mean, unclipped) = mean_from_sum(&sum, 2, 3, 2).unwrap();
+        let (mean, unclipped) = mean_from_sum(&sum, 2, &[2, 1]).unwrap();
         assert!((mean[0] - 0.35).abs() < 1e-6 && (mean[1] - 0.4).abs() < 1e-6 && (mean[2] - 0.1).abs() < 1e-6);
         assert!((unclipped - 1.0).abs() < 1e-9, "one of the two was clipped: {unclipped}");
-        assert!(mean_from_sum(&sum, 0, 3, 2).is_none() && mean_from_sum(&sum[1..], 2, 3, 2).is_none());
+        assert!(mean_from_sum(&sum, 0, &[2, 1]).is_none() && mean_from_sum(&sum[1..], 2, &[2, 1]).is_none());
+        // A head only the second client trained: its mean divides by one contributor.
+        let (c, _) = privatize(vec![0.2, 0.0, 0.0], &[2, 1], &[1.0, 0.0], &clip_only, &mut rng).unwrap();
+        let (d, _) = privatize(vec![0.0, 0.2, 0.4], &[2, 1], &[1.0, 1.0], &clip_only, &mut rng).unwrap();
+        let sum: Vec<f64> = c.iter().zip(&d).map(|(x, y)| (x + y) as f64).collect();
+        let (mean, _) = mean_from_sum(&sum, 2, &[2, 1]).unwrap();
+        assert!(
+            (mean[0] - 0.1).abs() < 1e-6 && (mean[1] - 0.1).abs() < 1e-6 && (mean[2] - 0.4).abs() < 1e-6,
+            "{mean:?}"
+        );
 
         let per_segment = DpPlan { per_segment: true, ..clip_only };
-        let (c, _) = privatize(vec![3.0, 4.0, 1.0], &[2, 1], &per_segment, &mut rng).unwrap();
+        let (c, _) = privatize(vec![3.0, 4.0, 1.0], &[2, 1], &[1.0, 1.0], &per_segment, &mut rng).unwrap();
         let trunk = ((c[0] * c[0] + c[1] * c[1]) as f64).sqrt();
         assert!((trunk - (2.0f64 / 3.0).sqrt()).abs() < 1e-6 && (c[2] as f64 - (1.0f64 / 3.0).sqrt()).abs() < 1e-6);
     }
@@ -641,12 +671,14 @@ mod tests {
         assert!((p.count_share_std() - 2.5).abs() < 1e-12);
         assert!(DpPlan { count_noise: 0.5, ..p }.check().is_err());
         assert!(p.check().is_ok() && plan(0.0).check().is_ok());
+        // The segment weights (1) fit the quantizer's range even for a small clip norm.
+        assert!(DpPlan { clip: 0.1, ..plan(0.0) }.coordinate_range() >= 1.0);
 
         // The noise of t shares has the standard deviation of the whole: z_delta C.
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
         let mut sum = vec![0f64; 50_000];
         for _ in 0..p.min_survivors {
-            let (v, _) = privatize(vec![0.0; 50_000], &[50_000], &p, &mut rng).unwrap();
+            let (v, _) = privatize(vec![0.0; 50_000], &[50_000], &[1.0], &p, &mut rng).unwrap();
             sum.iter_mut().zip(&v).for_each(|(s, x)| *s += *x as f64);
         }
         let sd = (sum.iter().map(|x| x * x).sum::<f64>() / sum.len() as f64).sqrt();

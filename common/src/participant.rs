@@ -42,7 +42,17 @@ impl From<WireError> for ParticipantError {
 struct Local {
     spec_toml: String,
     model: Model,
-    data: DeviceData,
+    /// Each labelled data set on the device, with the index of the head it trains.
+    data: Vec<(usize, DeviceData)>,
+    /// Examples behind each segment of the layout (trunk first; 0 for heads not trained).
+    segment_samples: Vec<u64>,
+}
+
+/// Labelled examples for one head of the model; `head: None` is the model's first head.
+#[derive(Clone)]
+pub struct HeadData {
+    pub head: Option<String>,
+    pub data: Arc<Dataset>,
 }
 
 /// The certificate key that signs this client's key adverts, and the check of its neighbours'.
@@ -72,7 +82,7 @@ struct SecureRound {
 /// secure-aggregation phases lock separate parts, so keys are exchanged while it trains.
 pub struct Participant {
     id: String,
-    data: Arc<Dataset>,
+    tasks: Vec<HeadData>,
     device: Device,
     local: Mutex<Option<Local>>,
     keys: Option<SecureKeys>,
@@ -84,9 +94,15 @@ pub struct Participant {
 
 impl Participant {
     pub fn new(id: impl Into<String>, data: Arc<Dataset>, device: Device) -> Self {
+        Self::with_heads(id, vec![HeadData { head: None, data }], device)
+    }
+
+    /// A client that labels several heads, each with its own examples (multi-task training: the
+    /// trunk learns from all of them, each head from its own).
+    pub fn with_heads(id: impl Into<String>, tasks: Vec<HeadData>, device: Device) -> Self {
         Self {
             id: id.into(),
-            data,
+            tasks,
             device,
             local: Mutex::new(None),
             keys: None,
@@ -118,7 +134,7 @@ impl Participant {
     }
 
     pub fn samples(&self) -> u64 {
-        self.data.len() as u64
+        self.tasks.iter().map(|t| t.data.len() as u64).sum()
     }
 
     /// The flat parameters of the last trained model, if any.
@@ -145,7 +161,7 @@ impl Participant {
                     })?;
                     let params = plan.params.len();
                     if plan.task == Task::CountLabels {
-                        let classes = self.census_classes(plan)?;
+                        let (_, classes) = self.census_head(plan)?;
                         if secure.setup.vector_len != classes || secure.dp.is_some() {
                             return Err(ParticipantError::BadPlan(format!(
                                 "a label census sums {classes} counts; the plan's vector has {}",
@@ -236,8 +252,11 @@ impl Participant {
     pub fn train_secure(&self, plan: &RoundPlan, rng: &mut impl CryptoRng) {
         let Some(secure) = &plan.secure else { return };
         let input = if plan.task == Task::CountLabels {
-            self.census_classes(plan).map(|classes| {
-                let mut counts: Vec<f32> = self.data.label_counts().iter().map(|&c| c as f32).collect();
+            self.census_head(plan).map(|(name, classes)| {
+                // The census counts the first head's labels; a client without them counts zeros.
+                let first = self.tasks.iter().find(|t| t.head.as_deref().is_none_or(|h| h == name));
+                let mut counts: Vec<f32> =
+                    first.map_or(Vec::new(), |t| t.data.label_counts().iter().map(|&c| c as f32).collect());
                 counts.resize(classes, 0.0);
                 secure.setup.params.quantizer.encode(&counts, rng)
             })
@@ -254,10 +273,10 @@ impl Participant {
         self.input_ready.notify_all();
     }
 
-    /// The classes of the first head, whose labels a census counts.
-    fn census_classes(&self, plan: &RoundPlan) -> Result<usize, ParticipantError> {
+    /// The name and classes of the first head, whose labels a census counts.
+    fn census_head(&self, plan: &RoundPlan) -> Result<(String, usize), ParticipantError> {
         let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
-        Ok(spec.heads.first().map_or(0, |h| h.classes))
+        Ok(spec.heads.first().map_or((String::new(), 0), |h| (h.name.clone(), h.classes)))
     }
 
     fn train_and_encode(
@@ -269,15 +288,18 @@ impl Participant {
         self.handle_plan(plan).and_then(|update| {
             let delta = update.delta.to_f32()?;
             let quantizer = secure.setup.params.quantizer;
+            let segment_samples = update.samples_per_segment(secure.segments.len());
             match &secure.dp {
                 Some(dp) => {
-                    let (private, _) = dp::privatize(delta, &secure.segments, dp, rng)
+                    // With DP every contributing segment weighs 1: heads this client did not train weigh 0.
+                    let trained: Vec<f32> = segment_samples.iter().map(|&n| if n > 0 { 1.0 } else { 0.0 }).collect();
+                    let (private, _) = dp::privatize(delta, &secure.segments, &trained, dp, rng)
                         .map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
                     Ok(quantizer.encode(&private, rng))
                 }
                 None => {
-                    let w = secagg::sample_weight(update.samples, secure.sample_cap);
-                    let weights = vec![w; secure.segments.len()];
+                    let weights: Vec<f32> =
+                        segment_samples.iter().map(|&n| secagg::sample_weight(n, secure.sample_cap)).collect();
                     Ok(secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng))
                 }
             }
@@ -300,7 +322,7 @@ impl Participant {
         let started = Instant::now();
         plan.train.check().map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
         let seed = plan.seed ^ fnv1a(self.id.as_bytes());
-        let samples = self.data.len() as u64;
+        let samples = self.samples();
         if self.synthetic {
             use rand::SeedableRng;
             use rand_distr::Distribution;
@@ -313,6 +335,7 @@ impl Participant {
                 delta: TensorBytes::from_f32(&delta),
                 train_loss: 0.0,
                 train_seconds: started.elapsed().as_secs_f32(),
+                segment_samples: Vec::new(),
             });
         }
         let mut guard = self.local.lock().expect("model lock");
@@ -329,9 +352,10 @@ impl Participant {
             return Err(ParticipantError::BadPlan("the global parameters contain non-finite values".into()));
         }
         local.model.set_flat(&global)?;
-        let stats =
-            train::train_with_counts(&local.model, 0, &local.data, &plan.train, seed, plan.class_counts.as_deref())?;
+        let heads: Vec<(usize, &DeviceData)> = local.data.iter().map(|(h, d)| (*h, d)).collect();
+        let stats = train::train_heads(&local.model, &heads, &plan.train, seed, plan.class_counts.as_deref())?;
         let delta = local.model.flat_delta(&global)?;
+        let segment_samples = local.segment_samples.clone();
         if !self.keep_model {
             *guard = None;
         }
@@ -341,6 +365,7 @@ impl Participant {
             delta: TensorBytes::from_f32(&delta),
             train_loss: stats.mean_loss,
             train_seconds: started.elapsed().as_secs_f32(),
+            segment_samples,
         })
     }
 
@@ -348,8 +373,24 @@ impl Participant {
         if slot.as_ref().is_none_or(|l| l.spec_toml != spec_toml) {
             let spec = ModelSpec::from_toml(spec_toml).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
             let model = Model::new(&spec, &self.device, 0)?;
-            let data = DeviceData::new(&self.data, &model)?;
-            *slot = Some(Local { spec_toml: spec_toml.to_string(), model, data });
+            let mut data = Vec::with_capacity(self.tasks.len());
+            let mut segment_samples = vec![0u64; spec.heads.len() + 1];
+            for task in &self.tasks {
+                let head = match &task.head {
+                    None => 0,
+                    Some(name) => spec.heads.iter().position(|h| &h.name == name).ok_or_else(|| {
+                        let names: Vec<&str> = spec.heads.iter().map(|h| h.name.as_str()).collect();
+                        ParticipantError::BadPlan(format!(
+                            "this client labels head `{name}`; the model `{}` has heads {names:?}",
+                            spec.name
+                        ))
+                    })?,
+                };
+                segment_samples[0] += task.data.len() as u64;
+                segment_samples[head + 1] += task.data.len() as u64;
+                data.push((head, DeviceData::new(&task.data, &model)?));
+            }
+            *slot = Some(Local { spec_toml: spec_toml.to_string(), model, data, segment_samples });
         }
         Ok(slot.as_mut().expect("just set"))
     }
@@ -399,6 +440,44 @@ mod tests {
         assert!(delta.iter().any(|d| *d != 0.0));
         let trained = p.trained_params().unwrap();
         assert_eq!(trained, delta, "from a zero model the delta is the trained model");
+    }
+
+    #[test]
+    fn a_client_trains_the_heads_it_labels_and_leaves_the_others() {
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[trunk]]\nkind='linear'\nout=3\n\
+                         [[heads]]\nname='a'\nclasses=2\n[[heads]]\nname='b'\nclasses=2\n[[heads]]\nname='c'\nclasses=3";
+        let spec = ModelSpec::from_toml(spec_toml).unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
+        let layout = model.layout().clone();
+        let labelled = |labels: Vec<u32>| {
+            let n = labels.len();
+            Arc::new(Dataset::new((0..2 * n).map(|i| i as f32 / 10.0).collect(), vec![2], labels, 2).unwrap())
+        };
+        let p = Participant::with_heads(
+            "c1",
+            vec![
+                HeadData { head: Some("b".into()), data: labelled(vec![0, 1, 1]) },
+                HeadData { head: Some("a".into()), data: labelled(vec![1, 0]) },
+            ],
+            Device::Cpu,
+        );
+        let update = p.handle_plan(&plan(spec_toml, model.flat().unwrap())).unwrap();
+        assert_eq!(update.samples, 5);
+        assert_eq!(update.segment_samples, vec![5, 2, 3, 0], "trunk, a, b, c");
+        let delta = update.delta.to_f32().unwrap();
+        let moved = |i: usize| {
+            let seg = &layout.segments()[i];
+            delta[seg.offset..seg.offset + seg.len].iter().any(|d| *d != 0.0)
+        };
+        assert!(moved(0) && moved(1) && moved(2) && !moved(3), "head c is not trained");
+
+        let stranger = Participant::with_heads(
+            "c2",
+            vec![HeadData { head: Some("z".into()), data: labelled(vec![0]) }],
+            Device::Cpu,
+        );
+        let err = stranger.handle_plan(&plan(spec_toml, model.flat().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("`z`") && err.contains("\"a\""), "{err}");
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! use cohort_common::wire::{TensorBytes, Update};
 //! let now = Instant::now();
 //! let cohort = vec!["a".to_string(), "b".to_string()];
-//! let mut round = Round::new(1, cohort, now, Duration::from_secs(5), 2, 1, Box::new(PlainCollector::new(2)));
-//! let update = |samples, v: f32| Update { round: 1, samples, delta: TensorBytes::from_f32(&[v, v]), train_loss: 0.0, train_seconds: 0.0 };
+//! let mut round = Round::new(1, cohort, now, Duration::from_secs(5), &[2], 1, Box::new(PlainCollector::new(&[2])));
+//! let update = |samples, v: f32| Update {
+//!     round: 1, samples, delta: TensorBytes::from_f32(&[v, v]), train_loss: 0.0, train_seconds: 0.0, segment_samples: vec![],
+//! };
 //! round.handle_update("a", update(1, 1.0)).unwrap();
 //! round.handle_update("b", update(3, 5.0)).unwrap();
 //! assert_eq!(round.poll(now), Poll::Ready);
@@ -78,7 +80,8 @@ pub fn cohort_seed(federation_seed: u64, round: u64) -> u64 {
 /// A checked update, ready for a collector.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientUpdate {
-    pub weight: f64,
+    /// The FedAvg weight of each segment (trunk, then heads): 0 for a head not trained.
+    pub weights: Vec<f64>,
     pub delta: Vec<f32>,
 }
 
@@ -101,38 +104,58 @@ pub trait Collector: Send {
 }
 
 /// Plain weighted FedAvg collection: the server sees each update. For debugging and comparison.
+/// Each segment (trunk, heads) is averaged over the clients that trained it; a segment nobody
+/// trained is left unchanged (zero mean delta).
 pub struct PlainCollector {
+    segments: Vec<usize>,
     sum: Vec<f64>,
-    total_weight: f64,
+    totals: Vec<f64>,
     contributors: usize,
 }
 
 impl PlainCollector {
-    pub fn new(len: usize) -> Self {
-        Self { sum: vec![0.0; len], total_weight: 0.0, contributors: 0 }
+    /// `segments`: the lengths of the layout's segments.
+    pub fn new(segments: &[usize]) -> Self {
+        Self {
+            segments: segments.to_vec(),
+            sum: vec![0.0; segments.iter().sum()],
+            totals: vec![0.0; segments.len()],
+            contributors: 0,
+        }
     }
 }
 
 impl Collector for PlainCollector {
     fn accept(&mut self, _client: &str, update: ClientUpdate) -> Result<(), RoundError> {
-        for (s, d) in self.sum.iter_mut().zip(&update.delta) {
-            *s += update.weight * *d as f64;
+        let mut start = 0;
+        for (i, &len) in self.segments.iter().enumerate() {
+            let w = update.weights[i];
+            for (s, d) in self.sum[start..start + len].iter_mut().zip(&update.delta[start..start + len]) {
+                *s += w * *d as f64;
+            }
+            self.totals[i] += w;
+            start += len;
         }
-        self.total_weight += update.weight;
         self.contributors += 1;
         Ok(())
     }
 
     fn finish(self: Box<Self>) -> Option<Aggregate> {
-        if self.contributors == 0 || self.total_weight <= 0.0 {
+        if self.contributors == 0 || self.totals.iter().all(|t| *t <= 0.0) {
             return None;
         }
-        let w = self.total_weight;
-        Some(Aggregate {
-            mean_delta: self.sum.iter().map(|s| (s / w) as f32).collect(),
-            total_weight: w,
-            contributors: self.contributors,
-        })
+        let mut mean_delta = Vec::with_capacity(self.sum.len());
+        let mut start = 0;
+        for (&len, &total) in self.segments.iter().zip(&self.totals) {
+            let seg = &self.sum[start..start + len];
+            if total > 0.0 {
+                mean_delta.extend(seg.iter().map(|s| (s / total) as f32));
+            } else {
+                mean_delta.extend(std::iter::repeat_n(0.0f32, len));
+            }
+            start += len;
+        }
+        Some(Aggregate { mean_delta, total_weight: self.totals[0], contributors: self.contributors })
     }
 
     fn describe(&self) -> &'static str {
@@ -172,6 +195,7 @@ pub struct RoundOutcome {
 pub struct Round {
     number: u64,
     deadline: Instant,
+    segments: Vec<usize>,
     param_len: usize,
     min_updates: usize,
     statuses: BTreeMap<ClientId, ClientStatus>,
@@ -184,14 +208,15 @@ impl Round {
         cohort: Vec<ClientId>,
         now: Instant,
         timeout: Duration,
-        param_len: usize,
+        segments: &[usize],
         min_updates: usize,
         collector: Box<dyn Collector>,
     ) -> Self {
         Self {
             number,
             deadline: now + timeout,
-            param_len,
+            segments: segments.to_vec(),
+            param_len: segments.iter().sum(),
             min_updates: min_updates.max(1),
             statuses: cohort.into_iter().map(|c| (c, ClientStatus::Waiting)).collect(),
             collector,
@@ -237,7 +262,16 @@ impl Round {
             if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
                 return Err(format!("update value {i} is {} (not finite)", delta[i]));
             }
-            Ok(ClientUpdate { weight: update.samples as f64, delta })
+            let per_segment = update.samples_per_segment(self.segments.len());
+            if per_segment.len() != self.segments.len() || per_segment.iter().any(|&n| n > update.samples) {
+                return Err(format!(
+                    "update gives {} segment sample counts (each at most its {} samples); the model has {} segments",
+                    per_segment.len(),
+                    update.samples,
+                    self.segments.len()
+                ));
+            }
+            Ok(ClientUpdate { weights: per_segment.iter().map(|&n| n as f64).collect(), delta })
         })();
         match checked {
             Ok(u) => {
@@ -309,12 +343,49 @@ mod tests {
     use rand::SeedableRng;
 
     fn update(round: u64, samples: u64, delta: &[f32]) -> Update {
-        Update { round, samples, delta: TensorBytes::from_f32(delta), train_loss: 1.0, train_seconds: 0.1 }
+        Update {
+            round,
+            samples,
+            delta: TensorBytes::from_f32(delta),
+            train_loss: 1.0,
+            train_seconds: 0.1,
+            segment_samples: Vec::new(),
+        }
     }
 
     fn round(now: Instant, min: usize) -> Round {
         let cohort = ["a", "b", "c"].map(String::from).to_vec();
-        Round::new(4, cohort, now, Duration::from_secs(10), 2, min, Box::new(PlainCollector::new(2)))
+        Round::new(4, cohort, now, Duration::from_secs(10), &[2], min, Box::new(PlainCollector::new(&[2])))
+    }
+
+    #[test]
+    fn each_segment_is_averaged_over_the_clients_that_trained_it() {
+        // Segments: trunk (2 values), head A (1), head B (1). Client a trains head A, b head B,
+        // c both; nobody trains a fourth head C.
+        let now = Instant::now();
+        let cohort = ["a", "b", "c"].map(String::from).to_vec();
+        let segments = [2, 1, 1, 1];
+        let round_of = |cohort: Vec<ClientId>| {
+            Round::new(1, cohort, now, Duration::from_secs(9), &segments, 1, Box::new(PlainCollector::new(&segments)))
+        };
+        let mut r = round_of(cohort);
+        let with = |samples, delta: &[f32], per: Vec<u64>| Update { segment_samples: per, ..update(1, samples, delta) };
+        r.handle_update("a", with(10, &[1.0, 1.0, 4.0, 0.0, 0.0], vec![10, 10, 0, 0])).unwrap();
+        r.handle_update("b", with(30, &[3.0, 3.0, 0.0, 8.0, 0.0], vec![30, 0, 30, 0])).unwrap();
+        r.handle_update("c", with(20, &[2.0, 2.0, 1.0, 2.0, 0.0], vec![20, 10, 10, 0])).unwrap();
+        let out = r.finish().unwrap();
+        // Trunk: (10 + 90 + 40) / 60; head A: (40 + 10) / 20; head B: (240 + 20) / 40; head C: 0.
+        let expected = [140.0 / 60.0, 140.0 / 60.0, 2.5, 6.5, 0.0];
+        for (got, want) in out.aggregate.mean_delta.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{:?}", out.aggregate.mean_delta);
+        }
+        let mut bad = round_of(vec!["a".into()]);
+        assert!(
+            bad.handle_update("a", with(10, &[0.0; 5], vec![10, 11, 0, 0])).is_err(),
+            "a head with more examples than the client"
+        );
+        let mut bad = round_of(vec!["a".into()]);
+        assert!(bad.handle_update("a", with(10, &[0.0; 5], vec![10, 10])).is_err(), "too few segment counts");
     }
 
     #[test]

@@ -347,18 +347,95 @@ pub fn train_with_counts(
     seed: u64,
     population: Option<&[u64]>,
 ) -> Result<TrainStats> {
+    train_heads(model, &[(head, data)], config, seed, population)
+}
+
+/// One head's part of a training run: its data, its loss options, its shuffled order.
+struct HeadTask<'a> {
+    head: usize,
+    data: &'a DeviceData,
+    loss_weight: f64,
+    weights: Option<Tensor>,
+    shift: Option<Tensor>,
+    order: Vec<u32>,
+}
+
+impl<'a> HeadTask<'a> {
+    fn new(
+        model: &Model,
+        head: usize,
+        data: &'a DeviceData,
+        loss: &LossConfig,
+        population: Option<&[u64]>,
+    ) -> Result<Self> {
+        let spec_head = model
+            .spec()
+            .heads
+            .get(head)
+            .ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
+        if data.classes > spec_head.classes {
+            return Err(TrainError::Data(format!(
+                "the data have {} classes, head `{}` has {}",
+                data.classes, spec_head.name, spec_head.classes
+            )));
+        }
+        if data.len == 0 {
+            return Err(TrainError::Data(format!("no training examples for head `{}`", spec_head.name)));
+        }
+        // The label census counts the first head's labels.
+        let counts = match (loss.scope, population) {
+            (CountScope::Global, Some(p)) if head == 0 && p.len() == spec_head.classes => p,
+            _ => &data.counts[..],
+        };
+        let weights = match loss.weighting {
+            ClassWeighting::None => None,
+            w => {
+                let mut weights = class_weights(counts, w, loss.beta);
+                weights.resize(spec_head.classes, 0.0);
+                Some(Tensor::from_slice(&weights, weights.len(), model.device())?)
+            }
+        };
+        let shift = match loss.logit_adjustment {
+            Some(tau) => {
+                let mut shift = logit_shift(counts, tau);
+                shift.resize(spec_head.classes, 0.0);
+                Some(Tensor::from_slice(&shift, shift.len(), model.device())?)
+            }
+            None => None,
+        };
+        let order = (0..data.len as u32).collect();
+        Ok(Self { head, data, loss_weight: spec_head.loss_weight as f64, weights, shift, order })
+    }
+
+    /// The `step`-th batch of this epoch; a head with fewer batches than the epoch has steps
+    /// starts its own again.
+    fn batch(&self, step: usize, batch_size: usize) -> &[u32] {
+        let batches = self.order.len().div_ceil(batch_size);
+        let start = (step % batches) * batch_size;
+        &self.order[start..(start + batch_size).min(self.order.len())]
+    }
+}
+
+/// Trains the trunk and several heads at once, each on its own labelled data: every step takes a
+/// batch of each head's data and descends the sum of their losses, weighted by the heads'
+/// `loss_weight`. An epoch has as many steps as the largest head needs; smaller ones cycle.
+/// Heads not listed get no gradient and stay as they are. `population` (the census counts)
+/// replaces the first head's own counts when the loss asks for `scope = "global"`.
+pub fn train_heads(
+    model: &Model,
+    heads: &[(usize, &DeviceData)],
+    config: &TrainConfig,
+    seed: u64,
+    population: Option<&[u64]>,
+) -> Result<TrainStats> {
     config.check()?;
-    let spec_head =
-        model.spec().heads.get(head).ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
-    if data.classes > spec_head.classes {
-        return Err(TrainError::Data(format!(
-            "the data have {} classes, head `{}` has {}",
-            data.classes, spec_head.name, spec_head.classes
-        )));
+    if heads.is_empty() {
+        return Err(TrainError::Data("no head to train".into()));
     }
-    if data.len == 0 {
-        return Err(TrainError::Data("no training examples".into()));
-    }
+    let mut tasks = heads
+        .iter()
+        .map(|&(head, data)| HeadTask::new(model, head, data, &config.loss, population))
+        .collect::<Result<Vec<_>>>()?;
     let vars = model.vars();
     let mut sgd = Sgd {
         lr: config.lr,
@@ -367,43 +444,39 @@ pub fn train_with_counts(
         velocity: vec![None; vars.len()],
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut order: Vec<u32> = (0..data.len as u32).collect();
-    let loss_config = &config.loss;
-    let counts = match (loss_config.scope, population) {
-        (CountScope::Global, Some(p)) if p.len() == spec_head.classes => p,
-        _ => &data.counts[..],
-    };
-    let weights = match loss_config.weighting {
-        ClassWeighting::None => None,
-        w => {
-            let mut weights = class_weights(counts, w, loss_config.beta);
-            weights.resize(spec_head.classes, 0.0);
-            Some(Tensor::from_slice(&weights, weights.len(), model.device())?)
-        }
-    };
-    let shift = match loss_config.logit_adjustment {
-        Some(tau) => {
-            let mut shift = logit_shift(counts, tau);
-            shift.resize(spec_head.classes, 0.0);
-            Some(Tensor::from_slice(&shift, shift.len(), model.device())?)
-        }
-        None => None,
-    };
+    let steps_per_epoch = tasks.iter().map(|t| t.order.len().div_ceil(config.batch_size)).max().unwrap_or(0);
     let (mut steps, mut examples) = (0usize, 0usize);
     // The loss is summed on the device and read once an epoch: reading it every step would stall
     // a GPU on a copy to the host.
     let mut loss_sum = Tensor::zeros((), DType::F32, model.device())?;
     let mut mean_loss = 0f32;
     for _ in 0..config.epochs {
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(config.batch_size) {
-            let (x, y) = data.batch(chunk, model.device())?;
-            let logits = model.forward_head(&x, head, true)?;
-            let loss = imbalanced_loss(&logits, &y, weights.as_ref(), loss_config.focal_gamma, shift.as_ref())?;
-            let grads = loss.backward()?;
+        for task in &mut tasks {
+            task.order.shuffle(&mut rng);
+        }
+        for step in 0..steps_per_epoch {
+            let mut total: Option<Tensor> = None;
+            let mut seen = 0;
+            for task in &tasks {
+                let chunk = task.batch(step, config.batch_size);
+                let (x, y) = task.data.batch(chunk, model.device())?;
+                let logits = model.forward_head(&x, task.head, true)?;
+                let mut loss =
+                    imbalanced_loss(&logits, &y, task.weights.as_ref(), config.loss.focal_gamma, task.shift.as_ref())?;
+                if task.loss_weight != 1.0 {
+                    loss = (loss * task.loss_weight)?;
+                }
+                total = Some(match total {
+                    Some(t) => (t + loss)?,
+                    None => loss,
+                });
+                seen += chunk.len();
+            }
+            let total = total.expect("at least one head");
+            let grads = total.backward()?;
             sgd.step(vars, &grads)?;
-            loss_sum = (loss_sum + (loss.detach() * chunk.len() as f64)?)?;
-            examples += chunk.len();
+            loss_sum = (loss_sum + (total.detach() * seen as f64)?)?;
+            examples += seen;
             steps += 1;
         }
         mean_loss = loss_sum.to_scalar::<f32>()? / examples as f32;

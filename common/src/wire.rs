@@ -148,6 +148,21 @@ pub struct Update {
     pub delta: TensorBytes,
     pub train_loss: f32,
     pub train_seconds: f32,
+    /// Examples behind each parameter segment (trunk, then heads): a head this client did not
+    /// train has 0. Empty: every segment weighs `samples`.
+    #[serde(default)]
+    pub segment_samples: Vec<u64>,
+}
+
+impl Update {
+    /// The examples behind each of `segments` segments.
+    pub fn samples_per_segment(&self, segments: usize) -> Vec<u64> {
+        if self.segment_samples.is_empty() {
+            vec![self.samples; segments]
+        } else {
+            self.segment_samples.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +295,7 @@ mod tests {
             delta: TensorBytes::from_f32(&[1.0, -2.5, f32::MIN_POSITIVE]),
             train_loss: 0.25,
             train_seconds: 1.5,
+            segment_samples: vec![600, 0],
         })
     }
 

@@ -222,17 +222,10 @@ pub fn server_endpoint(identity: &Identity, addr: std::net::SocketAddr) -> Resul
         .map_err(NetError::Bind)
 }
 
-/// A QUIC client endpoint (large socket buffers) with this identity's configuration.
-pub fn client_endpoint(identity: &Identity, ipv6: bool) -> Result<quinn::Endpoint, NetError> {
-    let mut endpoint = bare_client_endpoint(ipv6)?;
-    endpoint.set_default_client_config(client_config(identity)?);
-    Ok(endpoint)
-}
-
-/// A QUIC client endpoint without an identity: each connection brings its own configuration
-/// (`connect_with`). Simulations share one among many clients, since every endpoint holds
-/// megabytes of receive buffers.
-pub fn bare_client_endpoint(ipv6: bool) -> Result<quinn::Endpoint, NetError> {
+/// A QUIC client endpoint (large socket buffers); each connection brings its identity's
+/// [`client_config`] (`connect_with`). Simulations share one among many clients, since every
+/// endpoint holds megabytes of receive buffers.
+pub fn client_endpoint(ipv6: bool) -> Result<quinn::Endpoint, NetError> {
     let any: std::net::SocketAddr =
         if ipv6 { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
     let socket = bind_udp(any)?;

@@ -38,6 +38,9 @@ enum Command {
         /// Override a scenario value: `--set federation.train.loss.weighting=inverse_frequency`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Multi-task scenarios: run only the clients of this head's task.
+        #[arg(long, value_name = "HEAD")]
+        only_task: Option<String>,
     },
     /// Measure local training steps per second of a bundled model on a device.
     TrainBench {
@@ -63,15 +66,17 @@ enum Command {
 
 fn main() -> Result<()> {
     cohort_io::init_logging("error");
-    let (file, out, rounds, seed, data, overrides) = match Cli::parse().command {
-        Command::Run { file, out, rounds, seed, data, overrides } => (file, out, rounds, seed, data, overrides),
+    let (file, out, rounds, seed, data, overrides, only_task) = match Cli::parse().command {
+        Command::Run { file, out, rounds, seed, data, overrides, only_task } => {
+            (file, out, rounds, seed, data, overrides, only_task)
+        }
         Command::TrainBench { model, device, batch_size, examples, epochs, runs, data } => {
             return train_bench(&model, &device, batch_size, examples, epochs, runs, data)
         }
     };
     cohort_scenarios::runner::one_thread_per_client();
     let scenario = Scenario::load_with(&file, &overrides)?;
-    let options = RunOptions { seed, rounds, data_dir: data, progress: true, table: true };
+    let options = RunOptions { seed, rounds, data_dir: data, progress: true, table: true, only_task };
     // The blocking pool only runs short protocol steps (training is gated to one per core): a
     // small pool keeps thousands of simulated clients from growing hundreds of threads, each
     // with its own allocator heap.
@@ -94,6 +99,15 @@ fn main() -> Result<()> {
             pct(last.balanced_accuracy),
             last.macro_f1.map_or("-".to_string(), |v| format!("{v:.4}"))
         );
+    }
+    if let Some(last) = report.rounds.iter().rev().find(|r| !r.head_accuracy.is_empty() || r.test_accuracy.is_some()) {
+        if !last.head_accuracy.is_empty() || !report.scenario.tasks.is_empty() {
+            let first = report.scenario.model_spec().ok().map(|s| s.heads[0].name.clone()).unwrap_or_default();
+            let mut heads: Vec<String> =
+                last.test_accuracy.map(|a| format!("{first} {}", pct(Some(a)))).into_iter().collect();
+            heads.extend(last.head_accuracy.iter().map(|(h, a)| format!("{h} {}", pct(Some(*a)))));
+            println!("final accuracy per head: {}", heads.join(", "));
+        }
     }
     if let Some(epsilon) = report.epsilon {
         let delta = report.scenario.federation.dp.as_ref().map_or(0.0, |d| d.delta);

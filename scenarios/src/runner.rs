@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cohort_client::config::Backoff;
 use cohort_client::daemon::{self, ClientSetup, FaultHook, Step};
 use cohort_common::data::Dataset;
-use cohort_common::participant::Participant;
+use cohort_common::participant::{HeadData, Participant};
 use cohort_io::files::DataSource;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::serve::{RoundReport, ServeSetup, Server};
@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Print the per-round table to stdout.
     pub table: bool,
+    /// Multi-task scenarios: run only the clients of this head's task (the head trained by its
+    /// own clients alone).
+    pub only_task: Option<String>,
 }
 
 /// One round of the report.
@@ -60,6 +63,8 @@ pub struct ReportRound {
     pub test_loss: Option<f64>,
     pub balanced_accuracy: Option<f64>,
     pub macro_f1: Option<f64>,
+    /// Test accuracy of every head (multi-task models), by name.
+    pub head_accuracy: Vec<(String, f64)>,
     /// Epsilon spent after the round (DP scenarios), the round's clip norm, and the noisy count
     /// of updates it did not clip.
     pub epsilon: Option<f64>,
@@ -190,7 +195,20 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     if let Some(rounds) = options.rounds {
         federation.rounds = rounds;
     }
-    federation.start_after_clients = Some(scenario.clients);
+    // The clients that run: all, or with --only-task those of one task (with the data they have
+    // in the full scenario).
+    let mut active = 0..scenario.clients;
+    if let Some(head) = &options.only_task {
+        let index =
+            scenario.tasks.iter().position(|t| &t.head == head).ok_or_else(|| {
+                RunError::Setup(format!("--only-task {head}: the scenario has no task for that head"))
+            })?;
+        let start: usize = scenario.tasks[..index].iter().map(|t| t.clients).sum();
+        active = start..start + scenario.tasks[index].clients;
+        federation.clients_per_round = federation.clients_per_round.min(active.len());
+        federation.min_clients = federation.min_clients.min(federation.clients_per_round);
+    }
+    federation.start_after_clients = Some(active.len());
     let seed = federation.seed;
     let spec = scenario.model_spec().map_err(|e| RunError::Setup(e.to_string()))?;
     let synthetic = scenario.data.dataset == "synthetic";
@@ -222,6 +240,38 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             .map_err(|e| RunError::Data(e.to_string()))?;
         (train, Some(test), parts)
     };
+    // Multi-task: which head each client labels, and each head's test set.
+    let task_of = |client: usize| {
+        let mut first = 0;
+        scenario.tasks.iter().find(|t| {
+            first += t.clients;
+            client < first
+        })
+    };
+    let head_classes: Vec<(String, usize)> = spec.heads.iter().map(|h| (h.name.clone(), h.classes)).collect();
+    let labelled = |data: &Dataset, task: &crate::scenario::TaskChoice| -> Result<Dataset, RunError> {
+        let classes = head_classes.iter().find(|(h, _)| *h == task.head).map_or(data.classes, |(_, c)| *c);
+        match &task.map {
+            Some(map) => data.map_labels(map, classes).map_err(|e| RunError::Data(e.to_string())),
+            None => Ok(data.clone()),
+        }
+    };
+    let mut test = test;
+    let mut head_tests = Vec::new();
+    if let (Some(full), false) = (&test, scenario.tasks.is_empty()) {
+        let first_head = &head_classes[0].0;
+        let mut first_test = None;
+        let only = options.only_task.as_ref();
+        for task in scenario.tasks.iter().filter(|t| only.is_none_or(|h| *h == t.head)) {
+            let mapped = labelled(full, task)?;
+            if &task.head == first_head {
+                first_test = Some(mapped);
+            } else {
+                head_tests.push((task.head.clone(), mapped));
+            }
+        }
+        test = first_test;
+    }
     let (device, device_name) =
         cohort_client::device::select(&scenario.device).map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!(device = %device_name, clients = scenario.clients, "simulated clients train on {device_name}");
@@ -240,6 +290,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         spec,
         federation: federation.clone(),
         test_data: test.clone(),
+        head_tests: head_tests.clone(),
         events: Some(events_tx),
         state: StatePaths::new(dir.path()),
     })?;
@@ -255,10 +306,10 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         .then(|| Crashes::new(scenario.faults.dropout_fraction, federation.clients_per_round, seed));
     let mut clients = Vec::with_capacity(scenario.clients);
     let mut endpoint = None;
-    for (i, part) in parts.iter().enumerate() {
+    for (i, part) in parts.iter().enumerate().filter(|(i, _)| active.contains(i)) {
         // Each endpoint holds megabytes of receive buffers: clients share one per group.
-        if i % CLIENTS_PER_ENDPOINT == 0 {
-            endpoint = Some(cohort_io::bare_client_endpoint(false).map_err(|e| RunError::Setup(e.to_string()))?);
+        if (i - active.start) % CLIENTS_PER_ENDPOINT == 0 {
+            endpoint = Some(cohort_io::client_endpoint(false).map_err(|e| RunError::Setup(e.to_string()))?);
         }
         let id = format!("client-{i:04}");
         let bundle = pki::make_bundle(&state, &id).map_err(|e| RunError::Setup(e.to_string()))?;
@@ -270,7 +321,16 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             server: addr,
             server_name: "localhost".into(),
             participant: {
-                let mut p = Participant::new(id, Arc::new(train.subset(part)), device.clone()).with_secure_keys(keys);
+                let mut p = match task_of(i) {
+                    None => Participant::new(id, Arc::new(train.subset(part)), device.clone()),
+                    Some(task) => {
+                        let kept = task.examples_per_client.map_or(part.len(), |n| n.min(part.len()));
+                        let data = labelled(&train.subset(&part[..kept]), task)?;
+                        let head = HeadData { head: Some(task.head.clone()), data: Arc::new(data) };
+                        Participant::with_heads(id, vec![head], device.clone())
+                    }
+                }
+                .with_secure_keys(keys);
                 if synthetic {
                     p = p.with_synthetic_updates();
                 }
@@ -329,6 +389,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             test_loss: r.test.as_ref().map(|m| m.loss),
             balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
+            head_accuracy: r.head_tests.iter().map(|(h, m)| (h.clone(), m.accuracy)).collect(),
             epsilon: r.epsilon,
             clip: r.clip,
             unclipped: r.unclipped,

@@ -85,6 +85,21 @@ impl Default for DataChoice {
     }
 }
 
+/// Which clients label which head of a multi-task model. The scenario's clients are dealt to
+/// the tasks in order (the first `clients` to the first task, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskChoice {
+    pub head: String,
+    pub clients: usize,
+    /// Labelled examples per client: the first of its partition (default: all of it).
+    #[serde(default)]
+    pub examples_per_client: Option<usize>,
+    /// `map[label]`: the data set's labels mapped to this head's classes (default: as they are).
+    #[serde(default)]
+    pub map: Option<Vec<u32>>,
+}
+
 /// Simulated crashes: in every round, this fraction of the cohort (rounded down) crashes, each
 /// at a random step of the round (after its update, or after any secure-aggregation message),
 /// and reconnects for later rounds.
@@ -118,6 +133,9 @@ pub struct Scenario {
     /// Simulated crashes.
     #[serde(default)]
     pub faults: Faults,
+    /// Multi-task: which clients label which head (default: every client the first head).
+    #[serde(default)]
+    pub tasks: Vec<TaskChoice>,
     /// Where the scenario was read from (for relative paths); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,
@@ -172,7 +190,26 @@ impl Scenario {
         if let Some(r) = s.data.longtail_ratio.filter(|r| !(r.is_finite() && *r >= 1.0)) {
             return Err(bad(format!("data.longtail_ratio = {r} must be at least 1")));
         }
-        s.model_spec()?;
+        let spec = s.model_spec()?;
+        if !s.tasks.is_empty() {
+            let dealt: usize = s.tasks.iter().map(|t| t.clients).sum();
+            if dealt != s.clients {
+                return Err(bad(format!("tasks deal {dealt} clients; the scenario has {}", s.clients)));
+            }
+            for t in &s.tasks {
+                let head = spec
+                    .heads
+                    .iter()
+                    .find(|h| h.name == t.head)
+                    .ok_or_else(|| bad(format!("tasks: head `{}` is not in the model `{}`", t.head, spec.name)))?;
+                if let Some(m) = t.map.as_ref().filter(|m| m.iter().any(|&c| c as usize >= head.classes)) {
+                    return Err(bad(format!(
+                        "tasks: the map {m:?} of head `{}` exceeds its {} classes",
+                        t.head, head.classes
+                    )));
+                }
+            }
+        }
         Ok(s)
     }
 

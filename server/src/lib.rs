@@ -20,6 +20,7 @@
 //!     listen: config.listen,
 //!     spec: config.spec,
 //!     test_data: config.test_data.map(|d| d.load()).transpose()?,
+//!     head_tests: Vec::new(),
 //!     federation: config.federation,
 //!     state,
 //!     events: None,

@@ -263,6 +263,7 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
             spec: config.spec,
             federation: config.federation,
             test_data,
+            head_tests: Vec::new(),
             events: None,
         })?;
         let reports = server.run(shutdown).await?;

@@ -67,6 +67,8 @@ pub struct RoundReport {
     pub test: Option<Metrics>,
     /// Seconds the evaluation on the test set took (it overlaps the next round).
     pub eval_seconds: Option<f64>,
+    /// Metrics of the other heads on their test sets (multi-task models).
+    pub head_tests: Vec<(String, Metrics)>,
     pub note: String,
     /// Epsilon spent after this round (DP with noise only), at the configured delta.
     pub epsilon: Option<f64>,
@@ -78,7 +80,16 @@ pub struct RoundReport {
 /// A saved round whose evaluation may still run.
 struct PendingReport {
     report: RoundReport,
-    evaluation: Option<tokio::task::JoinHandle<Result<(Metrics, f64), cohort_common::train::TrainError>>>,
+    evaluation: Option<tokio::task::JoinHandle<Result<Evaluated, cohort_common::train::TrainError>>>,
+}
+
+/// The metrics of one evaluation of the global model.
+struct Evaluated {
+    /// The first head on `test_data`.
+    first: Option<Metrics>,
+    /// The other heads on their test sets.
+    heads: Vec<(String, Metrics)>,
+    seconds: f64,
 }
 
 /// Everything `serve` needs, already parsed.
@@ -89,6 +100,8 @@ pub struct ServeSetup {
     pub spec: ModelSpec,
     pub federation: Federation,
     pub test_data: Option<Dataset>,
+    /// Test sets of other heads, by head name (multi-task models).
+    pub head_tests: Vec<(String, Dataset)>,
     /// Receives a report after every round.
     pub events: Option<mpsc::UnboundedSender<RoundReport>>,
 }
@@ -248,6 +261,7 @@ impl Server {
         let fed = &self.setup.federation;
         let model = Arc::new(Model::new(&self.setup.spec, &Device::Cpu, fed.seed)?);
         let param_len = model.layout().total_len();
+        let segments: Vec<usize> = model.layout().segments().iter().map(|s| s.len).collect();
         let mut strategy = fed.strategy.build(param_len).map_err(|e| ServeError::Config(e.to_string()))?;
         let (last_round, done) = self.store.lock().expect("store lock").resume_point()?;
         if let Some((round, checkpoint)) = &done {
@@ -270,6 +284,14 @@ impl Server {
             Some(d) => Some(Arc::new(DeviceData::new(d, &model)?)),
             None => None,
         };
+        let mut head_tests = Vec::new();
+        for (name, data) in &self.setup.head_tests {
+            let head = self.setup.spec.heads.iter().position(|h| &h.name == name).ok_or_else(|| {
+                ServeError::Config(format!("a test set names head `{name}`, which the model does not have"))
+            })?;
+            head_tests.push((head, name.clone(), Arc::new(DeviceData::new(data, &model)?)));
+        }
+        let head_tests = Arc::new(head_tests);
         let mut global = model.flat()?;
         let spec_toml = self.setup.spec.to_toml();
         let mut reports = Vec::new();
@@ -390,10 +412,9 @@ impl Server {
                     Some(Err(RoundError::TooFew { round: round_no, got: cohort.len(), min: fed.min_clients }))
                 }
                 Collection::Plain => {
-                    self.collect_plain(plan, &cohort, started, param_len, shutdown, &mut pending, &mut reports).await?
+                    self.collect_plain(plan, &cohort, started, &segments, shutdown, &mut pending, &mut reports).await?
                 }
                 Collection::Secure => {
-                    let segments: Vec<usize> = model.layout().segments().iter().map(|s| s.len).collect();
                     let dp = privacy.as_ref().map(|p| {
                         let q = draw.sampling_rate.unwrap_or(1.0);
                         p.config.plan(p.clip, fed.clients_per_round, fed.min_clients, q)
@@ -401,8 +422,13 @@ impl Server {
                     let range = dp.as_ref().map_or(fed.secagg.clip, |d| d.coordinate_range());
                     let vector_len = SecurePlan::vector_len(param_len, segments.len(), dp.is_some());
                     let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, vector_len, range);
-                    plan.secure = Some(Box::new(SecurePlan { setup, sample_cap: fed.secagg.sample_cap, segments, dp }));
-                    self.collect_secure(plan, &cohort, param_len, shutdown, &mut pending, &mut reports).await?
+                    plan.secure = Some(Box::new(SecurePlan {
+                        setup,
+                        sample_cap: fed.secagg.sample_cap,
+                        segments: segments.clone(),
+                        dp,
+                    }));
+                    self.collect_secure(plan, &cohort, shutdown, &mut pending, &mut reports).await?
                 }
             };
             let Some(collected_outcome) = collected else {
@@ -447,6 +473,7 @@ impl Server {
                         train_loss: outcome.mean_train_loss.map(f64::from),
                         test: None,
                         eval_seconds: None,
+                        head_tests: Vec::new(),
                         note: String::new(),
                         epsilon,
                         clip,
@@ -469,11 +496,16 @@ impl Server {
                     );
                     // Evaluation overlaps the next round's training; it is joined before that
                     // round changes the model.
-                    let evaluation = test_data.as_ref().map(|data| {
-                        let (model, data) = (model.clone(), data.clone());
+                    let evaluation = (test_data.is_some() || !head_tests.is_empty()).then(|| {
+                        let (model, data, head_tests) = (model.clone(), test_data.clone(), head_tests.clone());
                         tokio::task::spawn_blocking(move || {
                             let t = Instant::now();
-                            evaluate(&model, 0, &data, 1000).map(|m| (m, t.elapsed().as_secs_f64()))
+                            let first = data.map(|d| evaluate(&model, 0, &d, 1000)).transpose()?;
+                            let heads = head_tests
+                                .iter()
+                                .map(|(head, name, d)| Ok((name.clone(), evaluate(&model, *head, d, 1000)?)))
+                                .collect::<Result<Vec<_>, cohort_common::train::TrainError>>()?;
+                            Ok(Evaluated { first, heads, seconds: t.elapsed().as_secs_f64() })
                         })
                     });
                     pending = Some(PendingReport { report, evaluation });
@@ -490,6 +522,7 @@ impl Server {
                         train_loss: None,
                         test: None,
                         eval_seconds: None,
+                        head_tests: Vec::new(),
                         note: e.to_string(),
                         epsilon,
                         clip: None,
@@ -513,7 +546,7 @@ impl Server {
         plan: RoundPlan,
         cohort: &[ClientId],
         started: Instant,
-        param_len: usize,
+        segments: &[usize],
         shutdown: &CancellationToken,
         pending: &mut Option<PendingReport>,
         reports: &mut Vec<RoundReport>,
@@ -521,9 +554,10 @@ impl Server {
         let fed = &self.setup.federation;
         let round_no = plan.round;
         let frame = Arc::new(wire::encode(&ServerMsg::Plan(plan)).map_err(NetError::from)?);
-        let collector: Box<dyn Collector> = Box::new(PlainCollector::new(param_len));
+        let param_len: usize = segments.iter().sum();
+        let collector: Box<dyn Collector> = Box::new(PlainCollector::new(segments));
         let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
-        let mut round = Round::new(round_no, cohort.to_vec(), started, timeout, param_len, fed.min_clients, collector);
+        let mut round = Round::new(round_no, cohort.to_vec(), started, timeout, segments, fed.min_clients, collector);
         let deadline = tokio::time::Instant::from_std(round.deadline());
         let mut exchange = self.start_exchange(
             cohort.iter().map(|id| (id.clone(), frame.clone())),
@@ -615,7 +649,6 @@ impl Server {
         &self,
         plan: RoundPlan,
         cohort: &[ClientId],
-        param_len: usize,
         shutdown: &CancellationToken,
         pending: &mut Option<PendingReport>,
         reports: &mut Vec<RoundReport>,
@@ -631,11 +664,9 @@ impl Server {
         };
         let SecureSum { sum, survivors, dropped } = summed;
         let (mean_delta, total_weight, unclipped) = if secure.dp.is_some() {
-            // With DP every weight is 1 and the mean divides by the public count of survivors.
+            // With DP each segment divides by its count of contributors, not by sample counts.
             let decoded = quantizer.decode_sum(&sum, survivors.len());
-            let Some((mean, unclipped)) =
-                dp::mean_from_sum(&decoded, survivors.len(), param_len, secure.segments.len())
-            else {
+            let Some((mean, unclipped)) = dp::mean_from_sum(&decoded, survivors.len(), &secure.segments) else {
                 return abort("the secure sum does not fit the DP layout".into());
             };
             (mean, survivors.len() as f64, Some(unclipped))
@@ -826,17 +857,20 @@ impl Server {
     async fn finish_report(&self, pending: PendingReport, reports: &mut Vec<RoundReport>) -> Result<(), ServeError> {
         let mut report = pending.report;
         if let Some(evaluation) = pending.evaluation {
-            let (metrics, seconds) =
+            let evaluated =
                 evaluation.await.map_err(|e| ServeError::Config(format!("evaluation task failed: {e}")))??;
-            self.store.lock().expect("store lock").set_test_metrics(
-                report.round,
-                metrics.accuracy,
-                metrics.loss,
-                metrics.balanced_accuracy,
-                metrics.macro_f1,
-            )?;
-            report.test = Some(metrics);
-            report.eval_seconds = Some(seconds);
+            if let Some(metrics) = &evaluated.first {
+                self.store.lock().expect("store lock").set_test_metrics(
+                    report.round,
+                    metrics.accuracy,
+                    metrics.loss,
+                    metrics.balanced_accuracy,
+                    metrics.macro_f1,
+                )?;
+            }
+            report.test = evaluated.first;
+            report.head_tests = evaluated.heads;
+            report.eval_seconds = Some(evaluated.seconds);
         }
         self.publish(report, reports);
         Ok(())

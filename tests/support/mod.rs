@@ -115,6 +115,7 @@ pub fn start_server(ca: &Ca, listen: SocketAddr, federation: Federation, test_da
             spec: spec(),
             federation: federation.clone(),
             test_data: test_data.clone(),
+            head_tests: Vec::new(),
             events: Some(tx.clone()),
         });
         match bound {
