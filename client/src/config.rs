@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use cohort_io::files::{read_toml, DataSource, FileError};
 use cohort_io::Identity;
 use serde::Deserialize;
+use std::sync::Arc;
+
+use cohort_common::participant::HeadData;
 
 /// The certificate and key, as separate PEM files or as one bundle.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +90,55 @@ pub struct ClientConfig {
     /// This client's own privacy budget; its ledger lives in `state_dir`.
     #[serde(default)]
     pub privacy: Option<PrivacyBudget>,
+    /// Multi-task models: the heads this client trains and where their labels come from
+    /// (default: the first head, labelled by `data`).
+    #[serde(default)]
+    pub heads: Vec<HeadSource>,
+}
+
+/// `[[heads]]`: one head this client labels.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSource {
+    /// The head's name in the model spec.
+    pub name: String,
+    /// Its own labelled examples (default: `data`).
+    #[serde(default)]
+    pub data: Option<DataSource>,
+    /// `map[label]`: the labels mapped to this head's classes (parity from digits, grades from
+    /// scores).
+    #[serde(default)]
+    pub map: Option<Vec<u32>>,
+}
+
+impl ClientConfig {
+    /// The labelled data of each head this client trains.
+    pub fn head_data(&self) -> Result<Vec<HeadData>, FileError> {
+        let base = self.data.load()?;
+        if self.heads.is_empty() {
+            return Ok(vec![HeadData { head: None, data: Arc::new(base) }]);
+        }
+        self.heads
+            .iter()
+            .map(|h| {
+                let data = match &h.data {
+                    Some(source) => source.load()?,
+                    None => base.clone(),
+                };
+                let data = match &h.map {
+                    Some(map) => {
+                        let classes = map.iter().max().map_or(0, |m| *m as usize + 1);
+                        data.map_labels(map, classes).map_err(|e| FileError::Config {
+                            path: format!("[[heads]] `{}`", h.name),
+                            message: e.to_string(),
+                        })?
+                    }
+                    None => data,
+                };
+                Ok(HeadData { head: Some(h.name.clone()), data: Arc::new(data) })
+            })
+            .collect()
+    }
 }
 
 fn delta() -> f64 {
@@ -109,6 +161,9 @@ impl ClientConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.identity = config.identity.resolve(base);
         config.data = config.data.resolve(base);
+        for head in &mut config.heads {
+            head.data = head.data.take().map(|d| d.resolve(base));
+        }
         config.state_dir = config.state_dir.map(|d| if d.is_relative() { base.join(d) } else { d });
         let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
         if config.reconnect.initial_ms == 0 || config.reconnect.max_ms < config.reconnect.initial_ms {
@@ -128,5 +183,39 @@ impl ClientConfig {
             let host = self.server.rsplit_once(':').map_or(self.server.as_str(), |(h, _)| h);
             host.trim_start_matches('[').trim_end_matches(']').to_string()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, heads: &str) -> Result<ClientConfig, FileError> {
+        std::fs::write(dir.join("d.csv"), "a,b,digit\n0.1,0.2,3\n0.3,0.4,4\n0.5,0.6,9\n").unwrap();
+        let text = format!(
+            "server = 'fl.example.org:4433'\nidentity = {{ bundle = 'me.pem' }}\n\
+             [data]\nformat = 'csv'\npath = 'd.csv'\nlabel_column = 'digit'\nclasses = 10\n{heads}"
+        );
+        std::fs::write(dir.join("client.toml"), text).unwrap();
+        ClientConfig::load(&dir.join("client.toml"))
+    }
+
+    #[test]
+    fn heads_take_their_labels_from_data_or_a_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = config(dir.path(), "").unwrap().head_data().unwrap();
+        assert_eq!(plain.len(), 1);
+        assert!(plain[0].head.is_none() && plain[0].data.labels == vec![3, 4, 9]);
+
+        let parity = "[[heads]]\nname = 'digit'\n[[heads]]\nname = 'parity'\nmap = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]\n";
+        let heads = config(dir.path(), parity).unwrap().head_data().unwrap();
+        assert_eq!(heads[0].head.as_deref(), Some("digit"));
+        assert_eq!(heads[0].data.labels, vec![3, 4, 9]);
+        assert_eq!(heads[1].head.as_deref(), Some("parity"));
+        assert_eq!((heads[1].data.labels.clone(), heads[1].data.classes), (vec![1, 0, 1], 2));
+
+        let short = "[[heads]]\nname = 'parity'\nmap = [0, 1]\n";
+        let err = config(dir.path(), short).unwrap().head_data().unwrap_err().to_string();
+        assert!(err.contains("parity") && err.contains("one entry per class"), "{err}");
     }
 }

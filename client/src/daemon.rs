@@ -56,6 +56,8 @@ pub struct ClientSetup {
     pub ledger: Option<SharedLedger>,
     /// An endpoint shared with other clients of this process (simulations); `None` opens one.
     pub endpoint: Option<quinn::Endpoint>,
+    /// Where personal heads are kept across restarts (in the state directory).
+    pub personal_path: Option<std::path::PathBuf>,
 }
 
 /// The ledger, shared by the request handlers.
@@ -86,6 +88,7 @@ struct Hooks {
     ledger: Option<SharedLedger>,
     /// The first round of the current connection (from the server's welcome).
     joined_at: u64,
+    personal_path: Option<std::path::PathBuf>,
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,6 +110,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
         fault,
         ledger,
         endpoint: shared_endpoint,
+        personal_path,
     } = setup;
     let mut hooks = Hooks {
         trained: Arc::new(tokio::sync::watch::channel(0).0),
@@ -115,6 +119,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
         fault,
         ledger,
         joined_at: 0,
+        personal_path,
     };
     let owns_endpoint = shared_endpoint.is_none();
     let endpoint = match shared_endpoint {
@@ -310,6 +315,7 @@ async fn answer(
         Ok(reply) => {
             if let ClientMsg::Update(update) = &reply {
                 info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
+                keep_personal_heads(&participant, hooks);
             }
             reply
         }
@@ -352,15 +358,30 @@ async fn answer(
         // dropped), the training still finishes and a later request on a new connection is not
         // left waiting for a signal that never comes.
         let signal = hooks.trained.clone();
+        let shared_after = participant.clone();
         let trained = tokio::task::spawn_blocking(move || {
             participant.train_secure(&plan, &mut rand::rng());
             signal.send_modify(|r| *r = (*r).max(round));
         })
         .await;
         trained.map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
+        keep_personal_heads(&shared_after, hooks);
         info!(round, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "trained");
     }
     Ok(())
+}
+
+/// Writes the personal heads to the state directory (atomically), if the model has any.
+fn keep_personal_heads(participant: &Participant, hooks: &Hooks) {
+    let Some(path) = &hooks.personal_path else { return };
+    let heads = participant.personal_heads();
+    if heads.is_empty() {
+        return;
+    }
+    let bytes = cohort_common::participant::personal_heads_to_bytes(&heads);
+    if let Err(e) = cohort_io::files::write_atomic(path, &bytes) {
+        warn!("cannot keep the personal heads: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,9 @@ pub fn keygen(client_id: &str) -> Result<(String, String), rcgen::Error> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// The file in the state directory that keeps personal heads across restarts.
+pub const PERSONAL_HEADS_FILE: &str = "personal-heads.safetensors";
+
 /// Why a client cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -120,12 +123,29 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
     let identity = config.identity.load()?;
     let id = identity.subject()?;
     let keys = secure_keys(&identity)?;
-    let data = config.data.load()?;
+    let heads = config.head_data()?;
     let (device, device_name) = device::select(&config.device)?;
     if let Some(dir) = &config.state_dir {
         std::fs::create_dir_all(dir)
             .map_err(|source| cohort_io::files::FileError::Io { path: dir.display().to_string(), source })?;
     }
+    // Personal heads trained in earlier runs.
+    let personal_path = config.state_dir.as_ref().map(|d| d.join(PERSONAL_HEADS_FILE));
+    let personal = match personal_path.as_ref().filter(|p| p.exists()) {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|source| cohort_io::files::FileError::Io { path: path.display().to_string(), source })?;
+            cohort_common::participant::personal_heads_from_bytes(&bytes).map_err(|e| {
+                cohort_io::files::FileError::Config {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "the personal heads are unreadable ({e}); restore them or remove the file to start them anew"
+                    ),
+                }
+            })?
+        }
+        None => Default::default(),
+    };
     let ledger = match (&config.privacy, &config.state_dir) {
         (Some(budget), Some(dir)) => {
             Some(Arc::new(std::sync::Mutex::new(ledger::LedgerFile::open(dir, budget.max_epsilon, budget.delta)?)))
@@ -141,7 +161,7 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         identity,
         server,
         server_name: config.server_name(),
-        participant: Participant::new(id, Arc::new(data), device).with_secure_keys(keys),
+        participant: Participant::with_heads(id, heads, device).with_secure_keys(keys).with_personal_heads(personal),
         device_name,
         backoff: config.reconnect,
         train_gate: None,
@@ -149,5 +169,6 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         fault: None,
         ledger,
         endpoint: None,
+        personal_path,
     })
 }

@@ -84,13 +84,15 @@ fn main() -> Result<()> {
             let id = identity.subject()?;
             identity.check_signed_by_ca().with_context(|| format!("certificate of `{id}`"))?;
             println!("identity: `{id}`, certificate signed by the configured CA");
-            let data = config.data.load()?;
-            println!(
-                "data:     {} examples of shape {:?}, label counts {:?}",
-                data.len(),
-                data.feature_shape,
-                data.label_counts()
-            );
+            for head in config.head_data()? {
+                println!(
+                    "data:     {} examples of shape {:?} for head {}, label counts {:?}",
+                    head.data.len(),
+                    head.data.feature_shape,
+                    head.head.as_deref().map_or("1 (the first)".to_string(), |h| format!("`{h}`")),
+                    head.data.label_counts()
+                );
+            }
             let (_, device) = cohort_client::device::select(&config.device)?;
             println!("device:   {device}");
             println!("server:   {} (certificate name {})", config.server, config.server_name());

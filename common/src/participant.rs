@@ -6,6 +6,7 @@
 //! trains locally and returns `local - global`. It blocks for the length of the training:
 //! drivers call it on a blocking thread.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use rand::CryptoRng;
 
 use crate::data::Dataset;
 use crate::dp::{self, DpPlan};
-use crate::model::{Model, ModelError, ModelSpec};
+use crate::model::{Model, ModelError, ModelSpec, Segment};
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SecAggClient, SecAggError};
 use crate::train::{self, DeviceData, TrainError};
 use crate::wire::{ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes, Update, WireError};
@@ -49,7 +50,7 @@ struct Local {
 }
 
 /// Labelled examples for one head of the model; `head: None` is the model's first head.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct HeadData {
     pub head: Option<String>,
     pub data: Arc<Dataset>,
@@ -90,6 +91,8 @@ pub struct Participant {
     input_ready: Condvar,
     synthetic: bool,
     keep_model: bool,
+    /// Parameters of personal heads by head name: trained here, never sent.
+    personal: Mutex<BTreeMap<String, Vec<f32>>>,
 }
 
 impl Participant {
@@ -110,6 +113,7 @@ impl Participant {
             input_ready: Condvar::new(),
             synthetic: false,
             keep_model: true,
+            personal: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -125,6 +129,18 @@ impl Participant {
     pub fn without_model_cache(mut self) -> Self {
         self.keep_model = false;
         self
+    }
+
+    /// Restores personal heads saved by an earlier run (see [`Participant::personal_heads`]).
+    pub fn with_personal_heads(self, heads: BTreeMap<String, Vec<f32>>) -> Self {
+        *self.personal.lock().expect("personal lock") = heads;
+        self
+    }
+
+    /// The parameters of this client's personal heads, by head name: they never leave the
+    /// client; the driver keeps them across restarts.
+    pub fn personal_heads(&self) -> BTreeMap<String, Vec<f32>> {
+        self.personal.lock().expect("personal lock").clone()
     }
 
     /// Enables secure aggregation with these keys.
@@ -351,11 +367,39 @@ impl Participant {
         if global.iter().any(|v| !v.is_finite()) {
             return Err(ParticipantError::BadPlan("the global parameters contain non-finite values".into()));
         }
-        local.model.set_flat(&global)?;
+        // Personal heads continue from this client's own parameters, not the server's.
+        let personal_segments: Vec<Segment> =
+            local.model.layout().segments().iter().filter(|s| s.personal).cloned().collect();
+        let mut start = global.clone();
+        {
+            let saved = self.personal.lock().expect("personal lock");
+            for seg in &personal_segments {
+                if let Some(values) = saved.get(&seg.name).filter(|v| v.len() == seg.len) {
+                    start[seg.offset..seg.offset + seg.len].copy_from_slice(values);
+                }
+            }
+        }
+        local.model.set_flat(&start)?;
         let heads: Vec<(usize, &DeviceData)> = local.data.iter().map(|(h, d)| (*h, d)).collect();
         let stats = train::train_heads(&local.model, &heads, &plan.train, seed, plan.class_counts.as_deref())?;
-        let delta = local.model.flat_delta(&global)?;
-        let segment_samples = local.segment_samples.clone();
+        let mut delta = local.model.flat_delta(&start)?;
+        let mut segment_samples = local.segment_samples.clone();
+        {
+            let mut saved = self.personal.lock().expect("personal lock");
+            for seg in &personal_segments {
+                let range = seg.offset..seg.offset + seg.len;
+                let trained: Vec<f32> =
+                    start[range.clone()].iter().zip(&delta[range.clone()]).map(|(s, d)| s + d).collect();
+                saved.insert(seg.name.clone(), trained);
+                // Never sent: zero values and zero weight, so the server leaves the head alone.
+                delta[range].iter_mut().for_each(|d| *d = 0.0);
+            }
+        }
+        for (i, seg) in local.model.layout().segments().iter().enumerate() {
+            if seg.personal {
+                segment_samples[i] = 0;
+            }
+        }
         if !self.keep_model {
             *guard = None;
         }
@@ -401,6 +445,38 @@ fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut Secur
         Some(s) if s.client.round() == round => Ok(s),
         _ => Err(ParticipantError::BadPlan(format!("no secure round {round} in progress"))),
     }
+}
+
+/// Personal heads as a safetensors file (one flat f32 tensor per head), for the driver to keep.
+pub fn personal_heads_to_bytes(heads: &BTreeMap<String, Vec<f32>>) -> Vec<u8> {
+    let bytes: Vec<(String, Vec<u8>, usize)> = heads
+        .iter()
+        .map(|(name, values)| (name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.len()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, data, len)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], data)
+                .expect("a flat f32 tensor is consistent");
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize(views, None).expect("serializing in memory cannot fail")
+}
+
+/// Reads what [`personal_heads_to_bytes`] wrote.
+pub fn personal_heads_from_bytes(bytes: &[u8]) -> Result<BTreeMap<String, Vec<f32>>, String> {
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+                return Err(format!("tensor `{name}` is not a flat f32 tensor"));
+            }
+            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            Ok((name, values))
+        })
+        .collect()
 }
 
 /// FNV-1a: a stable, dependency-free hash to derive per-client seeds.
@@ -478,6 +554,52 @@ mod tests {
         );
         let err = stranger.handle_plan(&plan(spec_toml, model.flat().unwrap())).unwrap_err().to_string();
         assert!(err.contains("`z`") && err.contains("\"a\""), "{err}");
+    }
+
+    #[test]
+    fn personal_heads_stay_on_the_client_and_continue_from_its_own_values() {
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[trunk]]\nkind='linear'\nout=3\n\
+                         [[heads]]\nname='a'\nclasses=2\n[[heads]]\nname='p'\nclasses=2\npersonal=true";
+        let spec = ModelSpec::from_toml(spec_toml).unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
+        let p_seg = model.layout().segments()[2].clone();
+        let data = Arc::new(Dataset::new(vec![0.1, 0.9, 0.8, 0.2, 0.4, 0.4], vec![2], vec![0, 1, 1], 2).unwrap());
+        let heads = |d: &Arc<Dataset>| {
+            vec![
+                HeadData { head: Some("a".into()), data: d.clone() },
+                HeadData { head: Some("p".into()), data: d.clone() },
+            ]
+        };
+        let client = Participant::with_heads("c1", heads(&data), Device::Cpu);
+        let global = model.flat().unwrap();
+        let update = client.handle_plan(&plan(spec_toml, global.clone())).unwrap();
+        let delta = update.delta.to_f32().unwrap();
+        assert!(
+            delta[p_seg.offset..p_seg.offset + p_seg.len].iter().all(|d| *d == 0.0),
+            "the personal head is not sent"
+        );
+        assert_eq!(update.segment_samples, vec![6, 3, 0]);
+        let mine = client.personal_heads()["p"].clone();
+        assert_ne!(mine, global[p_seg.offset..p_seg.offset + p_seg.len].to_vec(), "it trained");
+
+        // The server's copy of the personal head is ignored: training goes on from the client's.
+        let mut poisoned = global.clone();
+        poisoned[p_seg.offset..p_seg.offset + p_seg.len].iter_mut().for_each(|v| *v = 50.0);
+        client.handle_plan(&plan(spec_toml, poisoned.clone())).unwrap();
+        assert!(client.personal_heads()["p"].iter().all(|v| v.abs() < 10.0));
+
+        // After a restart, the saved values come back.
+        let restarted = Participant::with_heads("c1", heads(&data), Device::Cpu)
+            .with_personal_heads(BTreeMap::from([("p".to_string(), mine.clone())]));
+        let fresh = Participant::with_heads("c1", heads(&data), Device::Cpu);
+        restarted.handle_plan(&plan(spec_toml, poisoned.clone())).unwrap();
+        fresh.handle_plan(&plan(spec_toml, poisoned)).unwrap();
+        assert!(restarted.personal_heads()["p"].iter().all(|v| v.abs() < 10.0));
+        assert!(fresh.personal_heads()["p"].iter().any(|v| v.abs() > 10.0), "without them it starts from the server's");
+
+        let saved = restarted.personal_heads();
+        assert_eq!(personal_heads_from_bytes(&personal_heads_to_bytes(&saved)).unwrap(), saved);
+        assert!(personal_heads_from_bytes(&personal_heads_to_bytes(&saved)[..10]).is_err());
     }
 
     #[test]

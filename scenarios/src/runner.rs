@@ -348,6 +348,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             fault: crashes.clone().map(|c| c.hook(i as u64)),
             ledger: None,
             endpoint: endpoint.clone(),
+            personal_path: None,
         };
         clients.push(tokio::spawn(daemon::run(setup, clients_stop.clone())));
     }

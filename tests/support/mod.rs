@@ -184,6 +184,7 @@ fn spawn_client(
         fault,
         ledger,
         endpoint: None,
+        personal_path: None,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(daemon::run(setup, shutdown.clone()));
