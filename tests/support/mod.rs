@@ -10,7 +10,7 @@ use cohort::client::config::Backoff;
 use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook, SharedLedger};
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
-use cohort::common::participant::Participant;
+use cohort::common::participant::{HeadData, Participant};
 use cohort::common::round::plan_seed;
 use cohort::common::strategy::StrategyConfig;
 use cohort::common::train::TrainConfig;
@@ -104,6 +104,16 @@ pub struct RunningServer {
 }
 
 pub fn start_server(ca: &Ca, listen: SocketAddr, federation: Federation, test_data: Option<Dataset>) -> RunningServer {
+    start_server_with_spec(ca, listen, federation, test_data, spec())
+}
+
+pub fn start_server_with_spec(
+    ca: &Ca,
+    listen: SocketAddr,
+    federation: Federation,
+    test_data: Option<Dataset>,
+    spec: ModelSpec,
+) -> RunningServer {
     let (tx, reports) = mpsc::unbounded_channel();
     // A just-stopped server's socket can take a moment to be released: retry briefly.
     let mut attempts = 0;
@@ -112,7 +122,7 @@ pub fn start_server(ca: &Ca, listen: SocketAddr, federation: Federation, test_da
             state: StatePaths::new(ca.dir.path()),
             identity: pki::server_identity(&ca.state).unwrap(),
             listen,
-            spec: spec(),
+            spec: spec.clone(),
             federation: federation.clone(),
             test_data: test_data.clone(),
             head_tests: Vec::new(),
@@ -162,6 +172,18 @@ pub fn start_private_client(
     spawn_client(identity, addr, data, None, Some(ledger))
 }
 
+/// A client labelling several heads, keeping its personal heads at `personal_path`.
+pub fn start_multitask_client(
+    identity: Identity,
+    addr: SocketAddr,
+    heads: Vec<HeadData>,
+    personal_path: std::path::PathBuf,
+) -> RunningClient {
+    let id = identity.subject().unwrap();
+    let participant = Participant::with_heads(id, heads, Device::Cpu);
+    spawn(identity, addr, participant, None, None, Some(personal_path))
+}
+
 fn spawn_client(
     identity: Identity,
     addr: SocketAddr,
@@ -169,14 +191,25 @@ fn spawn_client(
     fault: Option<FaultHook>,
     ledger: Option<SharedLedger>,
 ) -> RunningClient {
-    let (tx, events) = mpsc::unbounded_channel();
     let id = identity.subject().unwrap();
+    spawn(identity, addr, Participant::new(id, Arc::new(data), Device::Cpu), fault, ledger, None)
+}
+
+fn spawn(
+    identity: Identity,
+    addr: SocketAddr,
+    participant: Participant,
+    fault: Option<FaultHook>,
+    ledger: Option<SharedLedger>,
+    personal_path: Option<std::path::PathBuf>,
+) -> RunningClient {
+    let (tx, events) = mpsc::unbounded_channel();
     let keys = cohort::client::secure_keys(&identity).unwrap();
     let setup = ClientSetup {
         identity,
         server: addr,
         server_name: "localhost".into(),
-        participant: Participant::new(id, Arc::new(data), Device::Cpu).with_secure_keys(keys),
+        participant: participant.with_secure_keys(keys),
         device_name: "cpu".into(),
         backoff: Backoff { initial_ms: 50, max_ms: 400 },
         train_gate: None,
@@ -184,7 +217,7 @@ fn spawn_client(
         fault,
         ledger,
         endpoint: None,
-        personal_path: None,
+        personal_path,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(daemon::run(setup, shutdown.clone()));
