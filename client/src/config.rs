@@ -94,6 +94,10 @@ pub struct ClientConfig {
     /// (default: the first head, labelled by `data`).
     #[serde(default)]
     pub heads: Vec<HeadSource>,
+    /// The fraction of this client's examples held out for federated evaluation (0: evaluate on
+    /// the training data).
+    #[serde(default)]
+    pub validation_fraction: f64,
 }
 
 /// `[[heads]]`: one head this client labels.
@@ -171,6 +175,9 @@ impl ClientConfig {
         }
         if config.privacy.is_some() && config.state_dir.is_none() {
             return Err(bad("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into()));
+        }
+        if !(0.0..0.5).contains(&config.validation_fraction) {
+            return Err(bad(format!("validation_fraction = {} must be in [0, 0.5)", config.validation_fraction)));
         }
         if !config.server.contains(':') {
             return Err(bad(format!("server = `{}` needs a port, like `fl.example.org:4433`", config.server)));

@@ -161,7 +161,10 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         identity,
         server,
         server_name: config.server_name(),
-        participant: Participant::with_heads(id, heads, device).with_secure_keys(keys).with_personal_heads(personal),
+        participant: Participant::with_heads(id, heads, device)
+            .with_secure_keys(keys)
+            .with_personal_heads(personal)
+            .with_validation_fraction(config.validation_fraction),
         device_name,
         backoff: config.reconnect,
         train_gate: None,

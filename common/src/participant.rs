@@ -93,6 +93,8 @@ pub struct Participant {
     keep_model: bool,
     /// Parameters of personal heads by head name: trained here, never sent.
     personal: Mutex<BTreeMap<String, Vec<f32>>>,
+    /// Held-out examples per head for federated evaluation (empty: evaluate on `tasks`).
+    validation: Vec<HeadData>,
 }
 
 impl Participant {
@@ -114,6 +116,7 @@ impl Participant {
             synthetic: false,
             keep_model: true,
             personal: Mutex::new(BTreeMap::new()),
+            validation: Vec::new(),
         }
     }
 
@@ -164,8 +167,9 @@ impl Participant {
     pub fn handle(&self, msg: &ServerMsg, rng: &mut impl CryptoRng) -> Result<ClientMsg, ParticipantError> {
         match msg {
             ServerMsg::Plan(plan) => match &plan.secure {
-                None if plan.task == Task::CountLabels => Err(ParticipantError::BadPlan(
-                    "the server asks for label counts outside secure aggregation; they reveal this client's data"
+                None if plan.task != Task::Train => Err(ParticipantError::BadPlan(
+                    "the server asks for label counts or confusion matrices outside secure aggregation; they \
+                     reveal this client's data"
                         .into(),
                 )),
                 None => Ok(ClientMsg::Update(self.handle_plan(plan)?)),
@@ -181,6 +185,14 @@ impl Participant {
                         if secure.setup.vector_len != classes || secure.dp.is_some() {
                             return Err(ParticipantError::BadPlan(format!(
                                 "a label census sums {classes} counts; the plan's vector has {}",
+                                secure.setup.vector_len
+                            )));
+                        }
+                    } else if plan.task == Task::Evaluate {
+                        let cells = confusion_cells(plan)?;
+                        if secure.setup.vector_len != cells || secure.dp.is_some() {
+                            return Err(ParticipantError::BadPlan(format!(
+                                "an evaluation sums {cells} confusion counts; the plan's vector has {}",
                                 secure.setup.vector_len
                             )));
                         }
@@ -276,6 +288,11 @@ impl Participant {
                 counts.resize(classes, 0.0);
                 secure.setup.params.quantizer.encode(&counts, rng)
             })
+        } else if plan.task == Task::Evaluate {
+            self.confusions(plan).map(|cells| {
+                let cells: Vec<f32> = cells.iter().map(|&c| c as f32).collect();
+                secure.setup.params.quantizer.encode(&cells, rng)
+            })
         } else {
             self.train_and_encode(plan, secure, rng)
         };
@@ -287,6 +304,71 @@ impl Participant {
             };
         }
         self.input_ready.notify_all();
+    }
+
+    /// Holds out every k-th example of each head's data (k = round(1 / fraction)) as this
+    /// client's validation split for federated evaluation; without one, it evaluates on its
+    /// training data.
+    pub fn with_validation_fraction(mut self, fraction: f64) -> Self {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return self;
+        }
+        let k = ((1.0 / fraction).round() as usize).max(2);
+        let (mut train, mut validation) = (Vec::new(), Vec::new());
+        for task in &self.tasks {
+            let n = task.data.len();
+            let held: Vec<usize> = (0..n).filter(|i| i % k == k - 1).collect();
+            let kept: Vec<usize> = (0..n).filter(|i| i % k != k - 1).collect();
+            if held.is_empty() || kept.is_empty() {
+                train.push(task.clone());
+                continue;
+            }
+            train.push(HeadData { head: task.head.clone(), data: Arc::new(task.data.subset(&kept)) });
+            validation.push(HeadData { head: task.head.clone(), data: Arc::new(task.data.subset(&held)) });
+        }
+        self.tasks = train;
+        self.validation = validation;
+        self
+    }
+
+    /// Evaluates the plan's parameters (with this client's personal heads) on its validation data,
+    /// or its training data without one: one confusion matrix per head of the model, in head
+    /// order, flattened row by row; zeros for heads this client does not label.
+    pub fn confusions(&self, plan: &RoundPlan) -> Result<Vec<u64>, ParticipantError> {
+        let mut guard = self.local.lock().expect("model lock");
+        let local = self.local_for(&mut guard, &plan.model_spec)?;
+        let global = plan.params.to_f32()?;
+        if global.len() != local.model.layout().total_len() || global.iter().any(|v| !v.is_finite()) {
+            return Err(ParticipantError::BadPlan("the parameters to evaluate do not fit the model".into()));
+        }
+        let mut params = global;
+        {
+            let saved = self.personal.lock().expect("personal lock");
+            for seg in local.model.layout().segments().iter().filter(|s| s.personal) {
+                if let Some(values) = saved.get(&seg.name).filter(|v| v.len() == seg.len) {
+                    params[seg.offset..seg.offset + seg.len].copy_from_slice(values);
+                }
+            }
+        }
+        local.model.set_flat(&params)?;
+        let sets = if self.validation.is_empty() { &self.tasks } else { &self.validation };
+        let spec = local.model.spec().clone();
+        let mut cells = Vec::new();
+        for (index, head) in spec.heads.iter().enumerate() {
+            let mut confusion = vec![0u64; head.classes * head.classes];
+            for task in sets.iter().filter(|t| t.head.as_deref().map_or(index == 0, |h| h == head.name)) {
+                let data = DeviceData::new(&task.data, &local.model)?;
+                let metrics = train::evaluate(&local.model, index, &data, 1000)?;
+                for (cell, count) in confusion.iter_mut().zip(metrics.confusion.iter().flatten()) {
+                    *cell += count;
+                }
+            }
+            cells.extend(confusion);
+        }
+        if !self.keep_model {
+            *guard = None;
+        }
+        Ok(cells)
     }
 
     /// The name and classes of the first head, whose labels a census counts.
@@ -447,6 +529,13 @@ fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut Secur
     }
 }
 
+/// The number of confusion counts an evaluation of the plan's model sends: the sum of each
+/// head's classes squared.
+pub fn confusion_cells(plan: &RoundPlan) -> Result<usize, ParticipantError> {
+    let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+    Ok(spec.heads.iter().map(|h| h.classes * h.classes).sum())
+}
+
 /// Personal heads as a safetensors file (one flat f32 tensor per head), for the driver to keep.
 pub fn personal_heads_to_bytes(heads: &BTreeMap<String, Vec<f32>>) -> Vec<u8> {
     let bytes: Vec<(String, Vec<u8>, usize)> = heads
@@ -600,6 +689,34 @@ mod tests {
         let saved = restarted.personal_heads();
         assert_eq!(personal_heads_from_bytes(&personal_heads_to_bytes(&saved)).unwrap(), saved);
         assert!(personal_heads_from_bytes(&personal_heads_to_bytes(&saved)[..10]).is_err());
+    }
+
+    #[test]
+    fn federated_evaluation_uses_the_held_out_examples_and_zeros_for_other_heads() {
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='a'\nclasses=2\n[[heads]]\nname='b'\nclasses=3";
+        let spec = ModelSpec::from_toml(spec_toml).unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
+        let data =
+            Arc::new(Dataset::new((0..20).map(|i| i as f32 / 20.0).collect(), vec![2], [0, 1].repeat(5), 2).unwrap());
+        let p = Participant::with_heads("c1", vec![HeadData { head: Some("a".into()), data }], Device::Cpu)
+            .with_validation_fraction(0.2);
+        assert_eq!(p.samples(), 8, "every fifth example is held out");
+        let mut evaluation = plan(spec_toml, model.flat().unwrap());
+        evaluation.task = Task::Evaluate;
+        assert_eq!(confusion_cells(&evaluation).unwrap(), 4 + 9);
+        let cells = p.confusions(&evaluation).unwrap();
+        assert_eq!(cells.len(), 13);
+        assert_eq!(cells[..4].iter().sum::<u64>(), 2, "the two held-out examples");
+        assert!(cells[4..].iter().all(|c| *c == 0), "head b is not labelled here");
+        let plain = Participant::with_heads(
+            "c2",
+            vec![HeadData {
+                head: Some("a".into()),
+                data: Arc::new(Dataset::new(vec![0.0; 6], vec![2], vec![0, 1, 1], 2).unwrap()),
+            }],
+            Device::Cpu,
+        );
+        assert_eq!(plain.confusions(&evaluation).unwrap()[..4].iter().sum::<u64>(), 3, "no split: the training data");
     }
 
     #[test]

@@ -116,6 +116,10 @@ pub enum Task {
     /// Send the label counts of the first head, through secure aggregation only: the server
     /// learns the population's histogram, no client's.
     CountLabels,
+    /// Federated evaluation: evaluate the plan's parameters on local validation data and send
+    /// one confusion matrix per head, through secure aggregation only (a client's confusion
+    /// matrix reveals its label distribution).
+    Evaluate,
 }
 
 /// How a secure round encodes and masks updates.

@@ -109,6 +109,14 @@ fn main() -> Result<()> {
             println!("final accuracy per head: {}", heads.join(", "));
         }
     }
+    if let Some(last) = report.rounds.iter().rev().find(|r| !r.federated.is_empty()) {
+        let heads: Vec<String> = last
+            .federated
+            .iter()
+            .map(|(h, acc, bal)| format!("{h} {} (balanced {})", pct(Some(*acc)), pct(Some(*bal))))
+            .collect();
+        println!("federated evaluation after round {}: {}", last.round, heads.join(", "));
+    }
     if let Some(epsilon) = report.epsilon {
         let delta = report.scenario.federation.dp.as_ref().map_or(0.0, |d| d.delta);
         println!("privacy: epsilon {epsilon:.3} at delta {delta:e} (user level, {} clients)", scenario.clients);

@@ -65,6 +65,9 @@ pub struct ReportRound {
     pub macro_f1: Option<f64>,
     /// Test accuracy of every head (multi-task models), by name.
     pub head_accuracy: Vec<(String, f64)>,
+    /// Federated evaluation: each head's accuracy and balanced accuracy on the clients' own
+    /// validation data, from the securely summed confusion matrices.
+    pub federated: Vec<(String, f64, f64)>,
     /// Epsilon spent after the round (DP scenarios), the round's clip norm, and the noisy count
     /// of updates it did not clip.
     pub epsilon: Option<f64>,
@@ -330,7 +333,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
                         Participant::with_heads(id, vec![head], device.clone())
                     }
                 }
-                .with_secure_keys(keys);
+                .with_secure_keys(keys)
+                .with_validation_fraction(scenario.data.validation_fraction);
                 if synthetic {
                     p = p.with_synthetic_updates();
                 }
@@ -391,6 +395,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
             head_accuracy: r.head_tests.iter().map(|(h, m)| (h.clone(), m.accuracy)).collect(),
+            federated: r.federated.iter().map(|(h, m)| (h.clone(), m.accuracy, m.balanced_accuracy)).collect(),
             epsilon: r.epsilon,
             clip: r.clip,
             unclipped: r.unclipped,

@@ -66,6 +66,10 @@ pub struct DataChoice {
     /// The test set stays as it is.
     #[serde(default)]
     pub longtail_ratio: Option<f64>,
+    /// Each client holds out this fraction of its examples for federated evaluation
+    /// (`federation.evaluate_every`); 0 evaluates on the training data.
+    #[serde(default)]
+    pub validation_fraction: f64,
 }
 
 fn fifth() -> f64 {
@@ -81,6 +85,7 @@ impl Default for DataChoice {
             test_examples: None,
             test_fraction: fifth(),
             longtail_ratio: None,
+            validation_fraction: 0.0,
         }
     }
 }
@@ -186,6 +191,9 @@ impl Scenario {
         }
         if !(s.data.test_fraction > 0.0 && s.data.test_fraction < 1.0) {
             return Err(bad(format!("data.test_fraction = {} must be between 0 and 1", s.data.test_fraction)));
+        }
+        if !(0.0..0.5).contains(&s.data.validation_fraction) {
+            return Err(bad(format!("data.validation_fraction = {} must be in [0, 0.5)", s.data.validation_fraction)));
         }
         if let Some(r) = s.data.longtail_ratio.filter(|r| !(r.is_finite() && *r >= 1.0)) {
             return Err(bad(format!("data.longtail_ratio = {r} must be at least 1")));

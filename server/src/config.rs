@@ -281,6 +281,10 @@ pub struct Federation {
     /// Clipping and differential privacy; off when absent.
     #[serde(default)]
     pub dp: Option<DpConfig>,
+    /// Federated evaluation after every this many rounds: the round's participants evaluate the
+    /// new model on their own validation data and their confusion matrices are summed securely.
+    #[serde(default)]
+    pub evaluate_every: Option<u64>,
 }
 
 impl Federation {
@@ -319,6 +323,19 @@ impl Federation {
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
         if let Some(dp) = &self.dp {
             dp.check(self).map_err(|e| format!("federation.dp: {e}"))?;
+        }
+        if let Some(every) = self.evaluate_every {
+            if every == 0 || self.collection != Collection::Secure {
+                return Err(format!(
+                    "federation.evaluate_every = {every} must be at least 1, with collection = \"secure\" (a \
+                     client's confusion matrix reveals its labels, so only sums may leave it)"
+                ));
+            }
+            if self.dp.is_some() {
+                return Err("federation.evaluate_every cannot be used with federation.dp: the confusion sums are \
+                            not differentially private"
+                    .into());
+            }
         }
         if self.train.loss.scope == CountScope::Global {
             if self.collection != Collection::Secure {

@@ -69,6 +69,9 @@ pub struct RoundReport {
     pub eval_seconds: Option<f64>,
     /// Metrics of the other heads on their test sets (multi-task models).
     pub head_tests: Vec<(String, Metrics)>,
+    /// Federated evaluation: each head's metrics from the securely summed confusion matrices of
+    /// the round's participants (no loss: only counts are summed).
+    pub federated: Vec<(String, Metrics)>,
     pub note: String,
     /// Epsilon spent after this round (DP with noise only), at the configured delta.
     pub epsilon: Option<f64>,
@@ -463,6 +466,30 @@ impl Server {
                     model.set_flat(&global)?;
                     let relative = format!("checkpoints/round-{round_no:06}.safetensors");
                     files::write_atomic(&self.setup.state.checkpoint(round_no), &model.to_safetensors()?)?;
+                    let federated = match fed.evaluate_every.filter(|every| round_no % every == 0) {
+                        Some(_) => {
+                            let evaluated = self
+                                .federated_evaluation(
+                                    round_no,
+                                    &outcome.reported,
+                                    &global,
+                                    spec_toml.clone(),
+                                    shutdown,
+                                    &mut pending,
+                                    &mut reports,
+                                )
+                                .await?;
+                            match evaluated {
+                                Some(Ok(metrics)) => metrics,
+                                Some(Err(e)) => {
+                                    warn!(round = round_no, "federated evaluation failed: {e}");
+                                    Vec::new()
+                                }
+                                None => Vec::new(),
+                            }
+                        }
+                        None => Vec::new(),
+                    };
                     let report = RoundReport {
                         round: round_no,
                         completed: true,
@@ -474,6 +501,7 @@ impl Server {
                         test: None,
                         eval_seconds: None,
                         head_tests: Vec::new(),
+                        federated,
                         note: String::new(),
                         epsilon,
                         clip,
@@ -523,6 +551,7 @@ impl Server {
                         test: None,
                         eval_seconds: None,
                         head_tests: Vec::new(),
+                        federated: Vec::new(),
                         note: e.to_string(),
                         epsilon,
                         clip: None,
@@ -605,43 +634,126 @@ impl Server {
         pending: &mut Option<PendingReport>,
         reports: &mut Vec<RoundReport>,
     ) -> Result<Option<Result<Vec<u64>, RoundError>>, ServeError> {
-        let fed = &self.setup.federation;
         let classes = self.setup.spec.heads.first().map_or(0, |h| h.classes);
         let mut cohort = self.registry.ids();
         cohort.sort();
-        let mut setup = fed.secagg.setup(round, cohort.clone(), plan_seed(fed.seed, round) ^ 1, classes, 1.0);
-        // Whole counts, exactly: scale 1, room for 2^24 examples of a class per client.
+        let counted = self
+            .secure_counts(
+                round,
+                &cohort,
+                Task::CountLabels,
+                TensorBytes::default(),
+                spec_toml,
+                classes,
+                shutdown,
+                pending,
+                reports,
+            )
+            .await?;
+        let (counts, survivors) = match counted {
+            Some(Ok(counted)) => counted,
+            Some(Err(e)) => return Ok(Some(Err(e))),
+            None => return Ok(None),
+        };
+        self.store.lock().expect("store lock").record_census(round, survivors, &counts)?;
+        info!(round, clients = survivors, ?counts, "label census: the population's label counts");
+        Ok(Some(Ok(counts)))
+    }
+
+    /// Federated evaluation of `params` by `cohort`: each client's confusion matrices (one per
+    /// head) summed through secure aggregation; only the sums are seen.
+    #[allow(clippy::too_many_arguments)]
+    async fn federated_evaluation(
+        &self,
+        round: u64,
+        cohort: &[ClientId],
+        params: &[f32],
+        spec_toml: String,
+        shutdown: &CancellationToken,
+        pending: &mut Option<PendingReport>,
+        reports: &mut Vec<RoundReport>,
+    ) -> Result<Option<Result<Vec<(String, Metrics)>, RoundError>>, ServeError> {
+        let heads: Vec<(String, usize)> = self.setup.spec.heads.iter().map(|h| (h.name.clone(), h.classes)).collect();
+        let cells: usize = heads.iter().map(|(_, k)| k * k).sum();
+        let counted = self
+            .secure_counts(
+                round,
+                cohort,
+                Task::Evaluate,
+                TensorBytes::from_f32(params),
+                spec_toml,
+                cells,
+                shutdown,
+                pending,
+                reports,
+            )
+            .await?;
+        let (counts, _) = match counted {
+            Some(Ok(counted)) => counted,
+            Some(Err(e)) => return Ok(Some(Err(e))),
+            None => return Ok(None),
+        };
+        let mut start = 0;
+        let metrics = heads
+            .iter()
+            .map(|(name, k)| {
+                let confusion = counts[start..start + k * k].chunks(*k).map(|row| row.to_vec()).collect();
+                start += k * k;
+                (name.clone(), Metrics::from_confusion(confusion, 0.0))
+            })
+            .collect();
+        Ok(Some(Ok(metrics)))
+    }
+
+    /// A secure sum of whole counts (a label census, confusion matrices): `len` counts per
+    /// client, exact (scale 1, 64-bit modulus, up to 2^24 each). Returns the sums and how many
+    /// clients they hold.
+    #[allow(clippy::too_many_arguments)]
+    async fn secure_counts(
+        &self,
+        round: u64,
+        cohort: &[ClientId],
+        task: Task,
+        params: TensorBytes,
+        spec_toml: String,
+        len: usize,
+        shutdown: &CancellationToken,
+        pending: &mut Option<PendingReport>,
+        reports: &mut Vec<RoundReport>,
+    ) -> Result<Option<Result<(Vec<u64>, usize), RoundError>>, ServeError> {
+        let fed = &self.setup.federation;
+        // A graph seed of its own, unlike the training round of the same number.
+        let graph_seed = plan_seed(fed.seed, round) ^ (task as u64 + 1);
+        let mut setup = fed.secagg.setup(round, cohort.to_vec(), graph_seed, len, 1.0);
         setup.params.quantizer = Quantizer { bits: 64, clip: CENSUS_MAX_COUNT, scale: 1.0 };
         let quantizer = setup.params.quantizer;
         let plan = RoundPlan {
             round,
             model_spec: spec_toml,
-            params: TensorBytes::default(),
+            params,
             train: fed.train.clone(),
             seed: plan_seed(fed.seed, round),
             deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
             secure: Some(Box::new(SecurePlan {
                 setup,
                 sample_cap: fed.secagg.sample_cap,
-                segments: vec![classes],
+                segments: vec![len],
                 dp: None,
             })),
-            task: Task::CountLabels,
+            task,
             class_counts: None,
         };
-        let summed = match self.secure_sum(plan, &cohort, shutdown, pending, reports).await? {
+        let summed = match self.secure_sum(plan, cohort, shutdown, pending, reports).await? {
             Some(Ok(summed)) => summed,
             Some(Err(e)) => return Ok(Some(Err(e))),
             None => return Ok(None),
         };
-        let counts: Vec<u64> = quantizer
+        let counts = quantizer
             .decode_sum(&summed.sum, summed.survivors.len())
             .iter()
             .map(|c| c.round().max(0.0) as u64)
             .collect();
-        self.store.lock().expect("store lock").record_census(round, summed.survivors.len(), &counts)?;
-        info!(round, clients = summed.survivors.len(), ?counts, "label census: the population's label counts");
-        Ok(Some(Ok(counts)))
+        Ok(Some(Ok((counts, summed.survivors.len()))))
     }
 
     /// Secure collection: the four SecAgg+ phases, each a request and answer per client.

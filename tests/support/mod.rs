@@ -58,6 +58,7 @@ pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
         train: TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, momentum: 0.5, ..Default::default() },
         strategy: StrategyConfig::default(),
         dp: None,
+        evaluate_every: None,
     }
 }
 

@@ -1,0 +1,46 @@
+//! Federated evaluation over real QUIC: after a round, its participants evaluate the new model on
+//! their own data and the server receives only the sum of their confusion matrices, which equals
+//! the sum computed here from each client's data.
+
+mod support;
+
+use candle_core::Device;
+use cohort::common::model::{flat_from_safetensors, Model};
+use cohort::common::train::{evaluate, DeviceData};
+use cohort::server::config::{Collection, SecAggConfig};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {
+    let ca = Ca::new();
+    let mut fed = federation(1, 3, 3);
+    fed.collection = Collection::Secure;
+    fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
+    fed.evaluate_every = Some(1);
+    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
+    let sizes = [(1u64, 30usize), (2, 45), (3, 60)];
+    let clients: Vec<RunningClient> = sizes
+        .iter()
+        .map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i)))
+        .collect();
+    let report = next_report(&mut server, 60).await;
+    assert!(report.completed && report.participants == 3, "{report:?}");
+    server.task.await.unwrap().unwrap();
+    RunningClient::stop_all(clients).await;
+
+    let model = Model::new(&spec(), &Device::Cpu, 0).unwrap();
+    let global = flat_from_safetensors(model.layout(), &std::fs::read(ca.state.checkpoint(1)).unwrap()).unwrap();
+    model.set_flat(&global).unwrap();
+    let mut expected = vec![vec![0u64; 3]; 3];
+    for &(i, n) in &sizes {
+        let local = evaluate(&model, 0, &DeviceData::new(&dataset(n, i), &model).unwrap(), 1000).unwrap();
+        for (row, add) in expected.iter_mut().zip(&local.confusion) {
+            row.iter_mut().zip(add).for_each(|(e, a)| *e += a);
+        }
+    }
+    assert_eq!(report.federated.len(), 1);
+    let (head, metrics) = &report.federated[0];
+    assert_eq!(head, "y");
+    assert_eq!(metrics.confusion, expected);
+    assert_eq!(metrics.examples, 135);
+}
