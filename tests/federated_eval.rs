@@ -19,10 +19,7 @@ async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {
     fed.evaluate_every = Some(1);
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
     let sizes = [(1u64, 30usize), (2, 45), (3, 60)];
-    let clients: Vec<RunningClient> = sizes
-        .iter()
-        .map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i)))
-        .collect();
+    let clients = start_sized_clients(&ca, server.addr, &sizes);
     let report = next_report(&mut server, 60).await;
     assert!(report.completed && report.participants == 3, "{report:?}");
     server.task.await.unwrap().unwrap();

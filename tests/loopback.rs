@@ -26,10 +26,7 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
     let fed = federation(1, 3, 3);
     let mut server = start_server(&ca, localhost(), fed.clone(), Some(dataset(200, 99)));
     let sizes = [(1, 30), (2, 60), (3, 90)];
-    let clients: Vec<RunningClient> = sizes
-        .iter()
-        .map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i)))
-        .collect();
+    let clients = start_sized_clients(&ca, server.addr, &sizes);
 
     let report = next_report(&mut server, 60).await;
     assert!(report.completed, "{report:?}");

@@ -63,10 +63,7 @@ async fn the_global_model_moves_by_the_mean_of_the_clipped_updates() {
     fed.secagg.degree = 2;
     fed.secagg.dropout_tolerance = 0.0;
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
-    let clients: Vec<RunningClient> = sizes
-        .iter()
-        .map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(n, i)))
-        .collect();
+    let clients = start_sized_clients(&ca, server.addr, &sizes);
     let report = next_report(&mut server, 60).await;
     assert!(report.completed && report.participants == 3, "{report:?}");
     assert_eq!(report.clip, Some(clip));
@@ -103,7 +100,7 @@ async fn a_client_out_of_budget_declines_and_the_server_stops_at_its_own() {
     let ledger_dir = tempfile::tempdir().unwrap();
     let ledger = Arc::new(Mutex::new(LedgerFile::open(ledger_dir.path(), client_budget, 1e-5).unwrap()));
     let mut clients = vec![start_private_client(ca.client("client-1"), server.addr, dataset(40, 1), ledger.clone())];
-    clients.extend((2..=4).map(|i| start_client(ca.client(&format!("client-{i}")), server.addr, dataset(40, i))));
+    clients.extend(start_sized_clients(&ca, server.addr, &[(2, 40), (3, 40), (4, 40)]));
 
     let mut reports = Vec::new();
     for _ in 0..3 {

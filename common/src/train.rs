@@ -251,11 +251,6 @@ impl DeviceData {
         Ok(Self { features, labels, len: data.len(), classes: data.classes, counts })
     }
 
-    /// Examples per class.
-    pub fn class_counts(&self) -> &[u64] {
-        &self.counts
-    }
-
     fn batch(&self, indices: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
         let idx = Tensor::from_slice(indices, indices.len(), device)?;
         Ok((self.features.index_select(&idx, 0)?, self.labels.index_select(&idx, 0)?))
@@ -334,20 +329,7 @@ impl Sgd {
 
 /// Trains head `head` of `model` (and the trunk) on `data` in place.
 pub fn train(model: &Model, head: usize, data: &DeviceData, config: &TrainConfig, seed: u64) -> Result<TrainStats> {
-    train_with_counts(model, head, data, config, seed, None)
-}
-
-/// [`train`], with the class weights (or prior) taken from `population` label counts instead
-/// of the data's own when the loss asks for `scope = "global"` and they are known.
-pub fn train_with_counts(
-    model: &Model,
-    head: usize,
-    data: &DeviceData,
-    config: &TrainConfig,
-    seed: u64,
-    population: Option<&[u64]>,
-) -> Result<TrainStats> {
-    train_heads(model, &[(head, data)], config, seed, population)
+    train_heads(model, &[(head, data)], config, seed, None)
 }
 
 /// One head's part of a training run: its data, its loss options, its shuffled order.
@@ -718,7 +700,7 @@ mod tests {
             let model = Model::new(&spec, &Device::Cpu, 5).unwrap();
             let dd = DeviceData::new(&ds, &model).unwrap();
             let cfg = TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, loss, ..Default::default() };
-            train_with_counts(&model, 0, &dd, &cfg, 1, population).unwrap();
+            train_heads(&model, &[(0, &dd)], &cfg, 1, population).unwrap();
             model.flat().unwrap()
         };
         let inverse = LossConfig { weighting: ClassWeighting::InverseFrequency, ..Default::default() };

@@ -42,6 +42,20 @@ enum Command {
         #[arg(long, value_name = "HEAD")]
         only_task: Option<String>,
     },
+    /// The epsilon a DP federation would spend: Poisson sampling of `per_round` of `clients`
+    /// clients each round, Gaussian noise with multiplier `noise`, composed over `rounds`.
+    Epsilon {
+        #[arg(long)]
+        clients: u64,
+        #[arg(long)]
+        per_round: u64,
+        #[arg(long)]
+        noise: f64,
+        #[arg(long)]
+        rounds: u64,
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+    },
     /// Measure local training steps per second of a bundled model on a device.
     TrainBench {
         /// `mnist-2nn` or `mnist-cnn`.
@@ -69,6 +83,9 @@ fn main() -> Result<()> {
     let (file, out, rounds, seed, data, overrides, only_task) = match Cli::parse().command {
         Command::Run { file, out, rounds, seed, data, overrides, only_task } => {
             (file, out, rounds, seed, data, overrides, only_task)
+        }
+        Command::Epsilon { clients, per_round, noise, rounds, delta } => {
+            return epsilon(clients, per_round, noise, rounds, delta);
         }
         Command::TrainBench { model, device, batch_size, examples, epochs, runs, data } => {
             return train_bench(&model, &device, batch_size, examples, epochs, runs, data)
@@ -175,5 +192,18 @@ fn train_bench(
         t.rates[0],
         t.rates[t.rates.len() - 1]
     );
+    Ok(())
+}
+
+fn epsilon(clients: u64, per_round: u64, noise: f64, rounds: u64, delta: f64) -> Result<()> {
+    use cohort_common::dp::{default_orders, RdpAccountant};
+    anyhow::ensure!(clients > 0 && per_round > 0 && per_round <= clients, "need 0 < --per-round <= --clients");
+    anyhow::ensure!(noise.is_finite() && noise > 0.0, "--noise must be positive");
+    anyhow::ensure!(delta > 0.0 && delta < 1.0, "--delta must be between 0 and 1");
+    let q = per_round as f64 / clients as f64;
+    let mut accountant = RdpAccountant::new(default_orders())?;
+    accountant.compose(q, noise, rounds);
+    let (eps, order) = accountant.epsilon(delta);
+    println!("epsilon {eps:.2} at delta {delta:e} (q = {q:.4}, z = {noise}, {rounds} rounds; best RDP order {order})");
     Ok(())
 }

@@ -34,6 +34,17 @@ use crate::store::{RoundRow, Store, StoreError};
 use cohort_common::secagg::quantize::Quantizer;
 use cohort_common::train::CountScope;
 
+/// The value of a secure step's outcome; a shutdown (`None`) or a failed round (`Some(Err)`)
+/// returns from the calling step at once, as it is.
+macro_rules! settled {
+    ($outcome:expr) => {
+        match $outcome {
+            Some(Ok(value)) => value,
+            Some(Err(e)) => return Ok(Some(Err(e))),
+            None => return Ok(None),
+        }
+    };
+}
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -637,8 +648,8 @@ impl Server {
         let classes = self.setup.spec.heads.first().map_or(0, |h| h.classes);
         let mut cohort = self.registry.ids();
         cohort.sort();
-        let counted = self
-            .secure_counts(
+        let (counts, survivors) = settled!(
+            self.secure_counts(
                 round,
                 &cohort,
                 Task::CountLabels,
@@ -649,12 +660,8 @@ impl Server {
                 pending,
                 reports,
             )
-            .await?;
-        let (counts, survivors) = match counted {
-            Some(Ok(counted)) => counted,
-            Some(Err(e)) => return Ok(Some(Err(e))),
-            None => return Ok(None),
-        };
+            .await?
+        );
         self.store.lock().expect("store lock").record_census(round, survivors, &counts)?;
         info!(round, clients = survivors, ?counts, "label census: the population's label counts");
         Ok(Some(Ok(counts)))
@@ -675,8 +682,8 @@ impl Server {
     ) -> Result<Option<Result<Vec<(String, Metrics)>, RoundError>>, ServeError> {
         let heads: Vec<(String, usize)> = self.setup.spec.heads.iter().map(|h| (h.name.clone(), h.classes)).collect();
         let cells: usize = heads.iter().map(|(_, k)| k * k).sum();
-        let counted = self
-            .secure_counts(
+        let (counts, _) = settled!(
+            self.secure_counts(
                 round,
                 cohort,
                 Task::Evaluate,
@@ -687,12 +694,8 @@ impl Server {
                 pending,
                 reports,
             )
-            .await?;
-        let (counts, _) = match counted {
-            Some(Ok(counted)) => counted,
-            Some(Err(e)) => return Ok(Some(Err(e))),
-            None => return Ok(None),
-        };
+            .await?
+        );
         let mut start = 0;
         let metrics = heads
             .iter()
@@ -743,11 +746,7 @@ impl Server {
             task,
             class_counts: None,
         };
-        let summed = match self.secure_sum(plan, cohort, shutdown, pending, reports).await? {
-            Some(Ok(summed)) => summed,
-            Some(Err(e)) => return Ok(Some(Err(e))),
-            None => return Ok(None),
-        };
+        let summed = settled!(self.secure_sum(plan, cohort, shutdown, pending, reports).await?);
         let counts = quantizer
             .decode_sum(&summed.sum, summed.survivors.len())
             .iter()
@@ -769,11 +768,7 @@ impl Server {
         let secure = plan.secure.clone().expect("a secure plan");
         let quantizer = secure.setup.params.quantizer;
         let abort = |why: String| Ok(Some(Err(RoundError::Aborted { round, reason: why })));
-        let summed = match self.secure_sum(plan, cohort, shutdown, pending, reports).await? {
-            Some(Ok(summed)) => summed,
-            Some(Err(e)) => return Ok(Some(Err(e))),
-            None => return Ok(None),
-        };
+        let summed = settled!(self.secure_sum(plan, cohort, shutdown, pending, reports).await?);
         let SecureSum { sum, survivors, dropped } = summed;
         let (mean_delta, total_weight, unclipped) = if secure.dp.is_some() {
             // With DP each segment divides by its count of contributors, not by sample counts.

@@ -150,6 +150,11 @@ pub struct RunningClient {
     pub task: JoinHandle<Result<(), ClientError>>,
 }
 
+/// Clients `client-I` with `dataset(N, I)` for each `(I, N)`.
+pub fn start_sized_clients(ca: &Ca, addr: SocketAddr, sizes: &[(u64, usize)]) -> Vec<RunningClient> {
+    sizes.iter().map(|&(i, n)| start_client(ca.client(&format!("client-{i}")), addr, dataset(n, i))).collect()
+}
+
 pub fn start_client(identity: Identity, addr: SocketAddr, data: Dataset) -> RunningClient {
     start_client_with(identity, addr, data, None)
 }
