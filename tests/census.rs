@@ -8,7 +8,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use cohort::common::data::Dataset;
-use cohort::common::train::{ClassWeighting, CountScope};
+use cohort::common::model::ModelSpec;
+use cohort::common::participant::HeadData;
+use cohort::common::train::{ClassWeighting, CountScope, LossConfig};
 use cohort::server::config::{Collection, SecAggConfig};
 use cohort::server::store::Store;
 use support::*;
@@ -93,6 +95,50 @@ async fn the_server_learns_only_the_population_histogram() {
             assert!(!state.contains(&shown), "a client's histogram {shown} appears in the server's state");
         }
     }
+}
+
+/// Two heads, only the second weighed by the population: the census sums that head's
+/// histograms alone, over every client that labels it (zeros from the one that does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_census_counts_each_head_with_global_scope() {
+    let ca = Ca::new();
+    let spec = ModelSpec::from_toml(&format!("{SPEC}[[heads]]\nname = 'odd'\nclasses = 2\n")).unwrap();
+    let mut fed = federation(1, 3, 3);
+    fed.collection = Collection::Secure;
+    fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
+    let global =
+        LossConfig { weighting: ClassWeighting::InverseFrequency, scope: CountScope::Global, ..Default::default() };
+    fed.train.head_loss.insert("odd".into(), global);
+    let mut server = start_server_with_spec(&ca, "127.0.0.1:0".parse().unwrap(), fed, None, spec);
+    // Head `odd`: whether the label is odd, over the first `n` examples.
+    let odd = |data: &Dataset, n: usize| {
+        let labels: Vec<u32> = data.labels[..n].iter().map(|l| l % 2).collect();
+        Arc::new(Dataset::new(data.features[..4 * n].to_vec(), vec![4], labels, 2).unwrap())
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut expected = [0u64; 2];
+    let clients: Vec<RunningClient> = (0..3u64)
+        .map(|i| {
+            let data = dataset(40, i);
+            let mut heads = vec![HeadData { head: Some("y".into()), data: Arc::new(data.clone()) }];
+            if i > 0 {
+                let labelled = odd(&data, 10 * i as usize);
+                for (total, n) in expected.iter_mut().zip(labelled.label_counts()) {
+                    *total += n;
+                }
+                heads.push(HeadData { head: Some("odd".into()), data: labelled });
+            }
+            let path = dirs[i as usize].path().join("personal-heads.safetensors");
+            start_multitask_client(ca.client(&format!("client-{i}")), server.addr, heads, path)
+        })
+        .collect();
+    let report = next_report(&mut server, 60).await;
+    assert!(report.completed && report.participants == 3, "{report:?}");
+    server.task.await.unwrap().unwrap();
+    RunningClient::stop_all(clients).await;
+    let store = Store::open(&ca.state.database()).unwrap();
+    assert_eq!(store.last_census().unwrap(), Some((1, expected.to_vec())), "head `odd` alone");
+    assert_eq!(expected.iter().sum::<u64>(), 30);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

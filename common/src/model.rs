@@ -484,8 +484,13 @@ impl Model {
         &self.device
     }
     /// Trainable variables in layout order.
+    /// The trainable tensors in layout order: the trunk's first ([`Model::trunk_var_count`]).
     pub fn vars(&self) -> &[Var] {
         &self.vars
+    }
+    /// How many of [`Model::vars`] belong to the trunk.
+    pub fn trunk_var_count(&self) -> usize {
+        self.layout.entries.iter().take_while(|e| e.name.starts_with("trunk.")).count()
     }
     pub fn varmap(&self) -> &VarMap {
         &self.varmap

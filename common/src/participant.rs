@@ -181,7 +181,7 @@ impl Participant {
                     })?;
                     let params = plan.params.len();
                     if plan.task == Task::CountLabels {
-                        let (_, classes) = self.census_head(plan)?;
+                        let classes = self.census_counts(plan)?.len();
                         if secure.setup.vector_len != classes || secure.dp.is_some() {
                             return Err(ParticipantError::BadPlan(format!(
                                 "a label census sums {classes} counts; the plan's vector has {}",
@@ -280,12 +280,8 @@ impl Participant {
     pub fn train_secure(&self, plan: &RoundPlan, rng: &mut impl CryptoRng) {
         let Some(secure) = &plan.secure else { return };
         let input = if plan.task == Task::CountLabels {
-            self.census_head(plan).map(|(name, classes)| {
-                // The census counts the first head's labels; a client without them counts zeros.
-                let first = self.tasks.iter().find(|t| t.head.as_deref().is_none_or(|h| h == name));
-                let mut counts: Vec<f32> =
-                    first.map_or(Vec::new(), |t| t.data.label_counts().iter().map(|&c| c as f32).collect());
-                counts.resize(classes, 0.0);
+            self.census_counts(plan).map(|counts| {
+                let counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
                 secure.setup.params.quantizer.encode(&counts, rng)
             })
         } else if plan.task == Task::Evaluate {
@@ -371,10 +367,22 @@ impl Participant {
         Ok(cells)
     }
 
-    /// The name and classes of the first head, whose labels a census counts.
-    fn census_head(&self, plan: &RoundPlan) -> Result<(String, usize), ParticipantError> {
+    /// This client's label counts for a census: one histogram per head the census counts
+    /// ([`train::TrainConfig::census_heads`]), one after another; zeros for heads it does not label.
+    fn census_counts(&self, plan: &RoundPlan) -> Result<Vec<u64>, ParticipantError> {
         let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
-        Ok(spec.heads.first().map_or((String::new(), 0), |h| (h.name.clone(), h.classes)))
+        let mut all = Vec::new();
+        for head in plan.train.census_heads(&spec) {
+            let first = spec.heads.first().is_some_and(|h| h.name == head.name);
+            let mut counts = vec![0u64; head.classes];
+            for task in self.tasks.iter().filter(|t| t.head.as_deref().map_or(first, |h| h == head.name)) {
+                for (total, n) in counts.iter_mut().zip(task.data.label_counts()) {
+                    *total += n;
+                }
+            }
+            all.extend(counts);
+        }
+        Ok(all)
     }
 
     fn train_and_encode(
@@ -717,6 +725,34 @@ mod tests {
             Device::Cpu,
         );
         assert_eq!(plain.confusions(&evaluation).unwrap()[..4].iter().sum::<u64>(), 3, "no split: the training data");
+    }
+
+    #[test]
+    fn a_census_counts_the_labels_of_each_head_with_global_scope() {
+        use crate::train::{CountScope, LossConfig};
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='a'\nclasses=2\n[[heads]]\nname='b'\nclasses=3";
+        let labelled = |labels: Vec<u32>, classes| {
+            let n = labels.len();
+            Arc::new(Dataset::new(vec![0.5; 2 * n], vec![2], labels, classes).unwrap())
+        };
+        let p = Participant::with_heads(
+            "c1",
+            vec![
+                HeadData { head: Some("b".into()), data: labelled(vec![2, 2, 0, 2], 3) },
+                HeadData { head: Some("b".into()), data: labelled(vec![1], 3) },
+            ],
+            Device::Cpu,
+        );
+        let global = LossConfig { scope: CountScope::Global, ..Default::default() };
+        let mut census = plan(spec_toml, Vec::new());
+        census.task = Task::CountLabels;
+        census.train.head_loss.insert("b".into(), global);
+        assert_eq!(p.census_counts(&census).unwrap(), vec![1, 1, 3], "head b only, both of its data sets");
+        census.train.loss = global;
+        assert_eq!(p.census_counts(&census).unwrap(), vec![0, 0, 1, 1, 3], "head a (not labelled here), then b");
+        census.train.loss = LossConfig::default();
+        census.train.head_loss.clear();
+        assert!(p.census_counts(&census).unwrap().is_empty(), "no head has global scope");
     }
 
     #[test]

@@ -8,13 +8,16 @@
 //! Both are blocking and CPU- or GPU-heavy: async callers run them on a blocking thread
 //! (`tokio::task::spawn_blocking`), never on the runtime.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
-use crate::model::{Model, ModelError};
+use crate::model::{HeadSpec, Model, ModelError, ModelSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -56,14 +59,31 @@ pub struct TrainConfig {
     pub momentum: f64,
     #[serde(default)]
     pub weight_decay: f64,
-    /// How the loss treats imbalanced classes.
+    /// How the loss treats imbalanced classes, for every head without its own `head_loss`.
     #[serde(default)]
     pub loss: LossConfig,
+    /// `[federation.train.head_loss.NAME]`: head NAME's own loss options, instead of `loss`.
+    #[serde(default)]
+    pub head_loss: BTreeMap<String, LossConfig>,
+    /// FedRep's schedule (Collins et al. 2021): each round first trains only the heads for
+    /// `head_epochs` epochs, the trunk frozen, then only the trunk for `epochs` epochs, the heads
+    /// frozen. Absent: trunk and heads train together for `epochs`.
+    #[serde(default)]
+    pub head_epochs: Option<usize>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 1, batch_size: 10, lr: 0.05, momentum: 0.0, weight_decay: 0.0, loss: LossConfig::default() }
+        Self {
+            epochs: 1,
+            batch_size: 10,
+            lr: 0.05,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            loss: LossConfig::default(),
+            head_loss: BTreeMap::new(),
+            head_epochs: None,
+        }
     }
 }
 
@@ -136,24 +156,27 @@ impl Default for LossConfig {
 }
 
 impl LossConfig {
-    pub fn check(&self) -> Result<()> {
+    /// Checks the ranges; `place` names the table in messages (`loss`, `head_loss.digit`).
+    pub fn check(&self, place: &str) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         if !(0.0..1.0).contains(&self.beta) {
-            return bad(format!("loss.beta = {} must be in [0, 1)", self.beta));
+            return bad(format!("{place}.beta = {} must be in [0, 1)", self.beta));
         }
         if let Some(g) = self.focal_gamma.filter(|g| !(g.is_finite() && *g >= 0.0)) {
-            return bad(format!("loss.focal_gamma = {g} must be zero or positive"));
+            return bad(format!("{place}.focal_gamma = {g} must be zero or positive"));
         }
         if let Some(t) = self.logit_adjustment {
             if !(t.is_finite() && t >= 0.0) {
-                return bad(format!("loss.logit_adjustment = {t} must be zero or positive"));
+                return bad(format!("{place}.logit_adjustment = {t} must be zero or positive"));
             }
             if self.weighting != ClassWeighting::None {
-                return bad("loss.logit_adjustment is an alternative to class weights: set weighting = \"none\"".into());
+                return bad(format!(
+                    "{place}.logit_adjustment is an alternative to class weights: set {place}.weighting = \"none\""
+                ));
             }
         }
         if self.recount_every == Some(0) {
-            return bad("loss.recount_every must be at least 1".into());
+            return bad(format!("{place}.recount_every must be at least 1"));
         }
         Ok(())
     }
@@ -205,8 +228,57 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad(format!("weight_decay = {} must be >= 0", self.weight_decay));
         }
-        self.loss.check()
+        if let Some(h) = self.head_epochs.filter(|h| *h == 0 || *h > 10_000) {
+            return bad(format!(
+                "head_epochs = {h} must be in 1..=10000 (leave it out to train trunk and heads together)"
+            ));
+        }
+        self.loss.check("loss")?;
+        for (head, loss) in &self.head_loss {
+            loss.check(&format!("head_loss.{head}"))?;
+        }
+        Ok(())
     }
+
+    /// Checks that every `head_loss` names a head of `spec`.
+    pub fn check_heads(&self, spec: &ModelSpec) -> Result<()> {
+        match self.head_loss.keys().find(|name| spec.head_index(name).is_none()) {
+            Some(name) => Err(TrainError::Config(format!(
+                "head_loss.{name}: the model `{}` has no head `{name}`; its heads are {}",
+                spec.name,
+                spec.heads.iter().map(|h| format!("`{}`", h.name)).collect::<Vec<_>>().join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The loss options of head `name`.
+    pub fn loss_for(&self, name: &str) -> &LossConfig {
+        self.head_loss.get(name).unwrap_or(&self.loss)
+    }
+
+    /// The heads whose class weights come from the population (`scope = "global"`), with their
+    /// classes, in the model's order: what a label census counts, one histogram after another.
+    pub fn census_heads<'s>(&self, spec: &'s ModelSpec) -> Vec<&'s HeadSpec> {
+        spec.heads.iter().filter(|h| self.loss_for(&h.name).scope == CountScope::Global).collect()
+    }
+
+    /// How often the label census is repeated: the shortest `recount_every` of the heads it counts.
+    pub fn recount_every(&self, spec: &ModelSpec) -> Option<u64> {
+        self.census_heads(spec).iter().filter_map(|h| self.loss_for(&h.name).recount_every).min()
+    }
+}
+
+/// The population's label counts of head `head` in a census vector over `census_heads`.
+pub fn census_slice<'c>(census: &'c [u64], heads: &[&HeadSpec], head: &str) -> Option<&'c [u64]> {
+    let mut start = 0;
+    for h in heads {
+        if h.name == head {
+            return census.get(start..start + h.classes);
+        }
+        start += h.classes;
+    }
+    None
 }
 
 /// What a local training run did.
@@ -306,8 +378,9 @@ struct Sgd {
 }
 
 impl Sgd {
-    fn step(&mut self, vars: &[Var], grads: &candle_core::backprop::GradStore) -> Result<()> {
-        for (var, velocity) in vars.iter().zip(self.velocity.iter_mut()) {
+    /// Steps the variables `vars[trainable]`; the others stay as they are.
+    fn step(&mut self, vars: &[Var], trainable: Range<usize>, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        for (var, velocity) in vars[trainable.clone()].iter().zip(self.velocity[trainable].iter_mut()) {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
             let mut g = grad.clone();
             if self.weight_decay > 0.0 {
@@ -338,23 +411,24 @@ struct HeadTask<'a> {
     data: &'a DeviceData,
     loss_weight: f64,
     weights: Option<Tensor>,
+    focal_gamma: Option<f64>,
     shift: Option<Tensor>,
     order: Vec<u32>,
 }
 
 impl<'a> HeadTask<'a> {
+    /// `population`: the census counts of this head, used when its loss has `scope = "global"`.
     fn new(
         model: &Model,
         head: usize,
         data: &'a DeviceData,
-        loss: &LossConfig,
-        population: Option<&[u64]>,
+        config: &TrainConfig,
+        census: Option<&[u64]>,
     ) -> Result<Self> {
-        let spec_head = model
-            .spec()
-            .heads
-            .get(head)
-            .ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
+        let spec = model.spec();
+        let spec_head =
+            spec.heads.get(head).ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
+        let loss = config.loss_for(&spec_head.name);
         if data.classes > spec_head.classes {
             return Err(TrainError::Data(format!(
                 "the data have {} classes, head `{}` has {}",
@@ -364,11 +438,10 @@ impl<'a> HeadTask<'a> {
         if data.len == 0 {
             return Err(TrainError::Data(format!("no training examples for head `{}`", spec_head.name)));
         }
-        // The label census counts the first head's labels.
-        let counts = match (loss.scope, population) {
-            (CountScope::Global, Some(p)) if head == 0 && p.len() == spec_head.classes => p,
-            _ => &data.counts[..],
-        };
+        let population = census
+            .filter(|_| loss.scope == CountScope::Global)
+            .and_then(|c| census_slice(c, &config.census_heads(spec), &spec_head.name));
+        let counts = population.unwrap_or(&data.counts[..]);
         let weights = match loss.weighting {
             ClassWeighting::None => None,
             w => {
@@ -386,7 +459,15 @@ impl<'a> HeadTask<'a> {
             None => None,
         };
         let order = (0..data.len as u32).collect();
-        Ok(Self { head, data, loss_weight: spec_head.loss_weight as f64, weights, shift, order })
+        Ok(Self {
+            head,
+            data,
+            loss_weight: spec_head.loss_weight as f64,
+            weights,
+            focal_gamma: loss.focal_gamma,
+            shift,
+            order,
+        })
     }
 
     /// The `step`-th batch of this epoch; a head with fewer batches than the epoch has steps
@@ -398,17 +479,29 @@ impl<'a> HeadTask<'a> {
     }
 }
 
+/// Which parameters a stretch of epochs trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Together,
+    /// FedRep's first part: the heads, on the frozen trunk's features.
+    HeadsOnly,
+    /// FedRep's second part: the trunk under frozen heads.
+    TrunkOnly,
+}
+
 /// Trains the trunk and several heads at once, each on its own labelled data: every step takes a
 /// batch of each head's data and descends the sum of their losses, weighted by the heads'
 /// `loss_weight`. An epoch has as many steps as the largest head needs; smaller ones cycle.
-/// Heads not listed get no gradient and stay as they are. `population` (the census counts)
-/// replaces the first head's own counts when the loss asks for `scope = "global"`.
+/// Heads not listed get no gradient and stay as they are. `census` (the population's label
+/// counts of [`TrainConfig::census_heads`], one after another) replaces a head's own counts
+/// when its loss asks for `scope = "global"`. With `head_epochs`, FedRep's schedule: heads
+/// first, then the trunk.
 pub fn train_heads(
     model: &Model,
     heads: &[(usize, &DeviceData)],
     config: &TrainConfig,
     seed: u64,
-    population: Option<&[u64]>,
+    census: Option<&[u64]>,
 ) -> Result<TrainStats> {
     config.check()?;
     if heads.is_empty() {
@@ -416,14 +509,19 @@ pub fn train_heads(
     }
     let mut tasks = heads
         .iter()
-        .map(|&(head, data)| HeadTask::new(model, head, data, &config.loss, population))
+        .map(|&(head, data)| HeadTask::new(model, head, data, config, census))
         .collect::<Result<Vec<_>>>()?;
     let vars = model.vars();
+    let trunk_vars = model.trunk_var_count();
     let mut sgd = Sgd {
         lr: config.lr,
         momentum: config.momentum,
         weight_decay: config.weight_decay,
         velocity: vec![None; vars.len()],
+    };
+    let phases = match config.head_epochs {
+        Some(h) => vec![(Phase::HeadsOnly, h), (Phase::TrunkOnly, config.epochs)],
+        None => vec![(Phase::Together, config.epochs)],
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let steps_per_epoch = tasks.iter().map(|t| t.order.len().div_ceil(config.batch_size)).max().unwrap_or(0);
@@ -432,38 +530,51 @@ pub fn train_heads(
     // a GPU on a copy to the host.
     let mut loss_sum = Tensor::zeros((), DType::F32, model.device())?;
     let mut mean_loss = 0f32;
-    for _ in 0..config.epochs {
-        for task in &mut tasks {
-            task.order.shuffle(&mut rng);
-        }
-        for step in 0..steps_per_epoch {
-            let mut total: Option<Tensor> = None;
-            let mut seen = 0;
-            for task in &tasks {
-                let chunk = task.batch(step, config.batch_size);
-                let (x, y) = task.data.batch(chunk, model.device())?;
-                let logits = model.forward_head(&x, task.head, true)?;
-                let mut loss =
-                    imbalanced_loss(&logits, &y, task.weights.as_ref(), config.loss.focal_gamma, task.shift.as_ref())?;
-                if task.loss_weight != 1.0 {
-                    loss = (loss * task.loss_weight)?;
-                }
-                total = Some(match total {
-                    Some(t) => (t + loss)?,
-                    None => loss,
-                });
-                seen += chunk.len();
+    for (phase, epochs) in phases {
+        let trainable = match phase {
+            Phase::Together => 0..vars.len(),
+            Phase::HeadsOnly => trunk_vars..vars.len(),
+            Phase::TrunkOnly => 0..trunk_vars,
+        };
+        for _ in 0..epochs {
+            for task in &mut tasks {
+                task.order.shuffle(&mut rng);
             }
-            let total = total.expect("at least one head");
-            let grads = total.backward()?;
-            sgd.step(vars, &grads)?;
-            loss_sum = (loss_sum + (total.detach() * seen as f64)?)?;
-            examples += seen;
-            steps += 1;
-        }
-        mean_loss = loss_sum.to_scalar::<f32>()? / examples as f32;
-        if !mean_loss.is_finite() {
-            return Err(TrainError::Diverged(mean_loss));
+            for step in 0..steps_per_epoch {
+                let mut total: Option<Tensor> = None;
+                let mut seen = 0;
+                for task in &tasks {
+                    let chunk = task.batch(step, config.batch_size);
+                    let (x, y) = task.data.batch(chunk, model.device())?;
+                    let logits = if phase == Phase::HeadsOnly {
+                        // No gradient through the frozen trunk.
+                        let features = model.forward_trunk(&x, true)?.detach();
+                        model.forward_head_from(&features, task.head, true)?
+                    } else {
+                        model.forward_head(&x, task.head, true)?
+                    };
+                    let mut loss =
+                        imbalanced_loss(&logits, &y, task.weights.as_ref(), task.focal_gamma, task.shift.as_ref())?;
+                    if task.loss_weight != 1.0 {
+                        loss = (loss * task.loss_weight)?;
+                    }
+                    total = Some(match total {
+                        Some(t) => (t + loss)?,
+                        None => loss,
+                    });
+                    seen += chunk.len();
+                }
+                let total = total.expect("at least one head");
+                let grads = total.backward()?;
+                sgd.step(vars, trainable.clone(), &grads)?;
+                loss_sum = (loss_sum + (total.detach() * seen as f64)?)?;
+                examples += seen;
+                steps += 1;
+            }
+            mean_loss = loss_sum.to_scalar::<f32>()? / examples as f32;
+            if !mean_loss.is_finite() {
+                return Err(TrainError::Diverged(mean_loss));
+            }
         }
     }
     Ok(TrainStats { steps, examples, mean_loss })
@@ -636,9 +747,121 @@ mod tests {
                 },
                 ..Default::default()
             },
+            TrainConfig { head_epochs: Some(0), ..Default::default() },
         ] {
             assert!(cfg.check().is_err(), "{cfg:?}");
         }
+        let mut cfg = TrainConfig::default();
+        cfg.head_loss.insert("digit".into(), LossConfig { beta: 1.0, ..Default::default() });
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("head_loss.digit.beta = 1"), "{err}");
+        let spec = two_heads();
+        cfg.head_loss = BTreeMap::from([("colour".into(), LossConfig::default())]);
+        let err = cfg.check_heads(&spec).unwrap_err().to_string();
+        assert!(err.contains("head_loss.colour") && err.contains("`a`, `b`"), "{err}");
+    }
+
+    /// A trunk and two heads over two features.
+    fn two_heads() -> ModelSpec {
+        ModelSpec::from_toml(
+            "name='t'\ninput_shape=[2]\n[[trunk]]\nkind='linear'\nout=4\n[[trunk]]\nkind='relu'\n\
+             [[heads]]\nname='a'\nclasses=2\n[[heads]]\nname='b'\nclasses=3",
+        )
+        .unwrap()
+    }
+
+    /// `n` examples over two features with labels `label(i)`.
+    fn examples(n: usize, classes: usize, label: impl Fn(usize) -> u32) -> Dataset {
+        let features = (0..n).flat_map(|i| [(i as f32 / n as f32) - 0.5, ((i * 7) % 5) as f32 / 5.0]).collect();
+        Dataset::new(features, vec![2], (0..n).map(label).collect(), classes).unwrap()
+    }
+
+    #[test]
+    fn each_head_has_its_own_loss_options() {
+        let spec = two_heads();
+        let a = examples(30, 2, |i| u32::from(i % 2 == 0));
+        let b = examples(40, 3, |i| if i % 10 == 0 { 2 } else { (i % 2) as u32 });
+        let trained = |cfg: &TrainConfig, census: Option<&[u64]>| {
+            let model = Model::new(&spec, &Device::Cpu, 5).unwrap();
+            let (da, db) = (DeviceData::new(&a, &model).unwrap(), DeviceData::new(&b, &model).unwrap());
+            train_heads(&model, &[(0, &da), (1, &db)], cfg, 1, census).unwrap();
+            model.flat().unwrap()
+        };
+        let inverse = LossConfig { weighting: ClassWeighting::InverseFrequency, ..Default::default() };
+        let plain = TrainConfig { epochs: 2, batch_size: 8, lr: 0.1, ..Default::default() };
+        // `b` weighted, `a` plain: said either way round, the same training.
+        let b_weighted = TrainConfig { head_loss: BTreeMap::from([("b".into(), inverse)]), ..plain.clone() };
+        let a_plain = TrainConfig {
+            loss: inverse,
+            head_loss: BTreeMap::from([("a".into(), LossConfig::default())]),
+            ..plain.clone()
+        };
+        assert_eq!(trained(&b_weighted, None), trained(&a_plain, None));
+        assert_ne!(trained(&b_weighted, None), trained(&plain, None));
+        // Only `b` has global scope: the census holds its 3 counts alone, and its own counts as
+        // the population give the local weights.
+        let b_global = TrainConfig {
+            head_loss: BTreeMap::from([("b".into(), LossConfig { scope: CountScope::Global, ..inverse })]),
+            ..plain.clone()
+        };
+        let heads = b_global.census_heads(&spec);
+        assert_eq!(heads.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(census_slice(&[1, 2, 3], &heads, "b"), Some(&[1u64, 2, 3][..]));
+        assert_eq!(census_slice(&[1, 2, 3], &heads, "a"), None);
+        assert_eq!(trained(&b_global, Some(&b.label_counts())), trained(&b_weighted, None));
+        assert_eq!(trained(&b_global, Some(&[100, 100, 100])), trained(&plain, None));
+        // Both heads global: the census is `a`'s histogram, then `b`'s.
+        let both = TrainConfig { loss: LossConfig { scope: CountScope::Global, ..inverse }, ..plain.clone() };
+        assert_eq!(both.census_heads(&spec).len(), 2);
+        let mut census = a.label_counts();
+        census.extend(b.label_counts());
+        assert_eq!(trained(&both, Some(&census)), trained(&TrainConfig { loss: inverse, ..plain.clone() }, None));
+    }
+
+    #[test]
+    fn fedrep_trains_the_heads_on_the_frozen_trunk_then_the_trunk_under_frozen_heads() {
+        let spec = two_heads();
+        let b = examples(40, 3, |i| (i % 3) as u32);
+        let fedrep = |trunk_epochs: usize| {
+            let model = Model::new(&spec, &Device::Cpu, 5).unwrap();
+            let data = DeviceData::new(&b, &model).unwrap();
+            let cfg = TrainConfig {
+                epochs: trunk_epochs,
+                head_epochs: Some(3),
+                batch_size: 8,
+                lr: 0.2,
+                ..Default::default()
+            };
+            let stats = train_heads(&model, &[(1, &data)], &cfg, 9, None).unwrap();
+            assert_eq!(stats.steps, (3 + trunk_epochs) * 5);
+            model
+        };
+        let initial = Model::new(&spec, &Device::Cpu, 5).unwrap();
+        let (one, two) = (fedrep(1), fedrep(2));
+        let segment = |m: &Model, name: &str| {
+            let seg = m.layout().segments().iter().find(|s| s.name == name).unwrap().clone();
+            m.flat().unwrap()[seg.offset..seg.offset + seg.len].to_vec()
+        };
+        // The trunk epochs leave the heads alone: one or two of them, the same heads.
+        assert_eq!(segment(&one, "b"), segment(&two, "b"));
+        assert_ne!(segment(&one, "b"), segment(&initial, "b"));
+        assert_ne!(segment(&one, "trunk"), segment(&two, "trunk"));
+        assert_ne!(segment(&one, "trunk"), segment(&initial, "trunk"));
+        assert_eq!(segment(&one, "a"), segment(&initial, "a"));
+        // The head epochs train on the initial trunk's features: the same as training a
+        // trunk-less model on those features.
+        let x = Tensor::from_slice(&b.features, (40, 2), &Device::Cpu).unwrap();
+        let features = initial.forward_trunk(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let probe_spec = ModelSpec::from_toml("name='p'\ninput_shape=[4]\n[[heads]]\nname='b'\nclasses=3").unwrap();
+        let probe = Model::new(&probe_spec, &Device::Cpu, 0).unwrap();
+        probe.set_flat(&segment(&initial, "b")).unwrap();
+        let on_features = Dataset::new(features, vec![4], b.labels.clone(), 3).unwrap();
+        let data = DeviceData::new(&on_features, &probe).unwrap();
+        let cfg = TrainConfig { epochs: 3, batch_size: 8, lr: 0.2, ..Default::default() };
+        train_heads(&probe, &[(0, &data)], &cfg, 9, None).unwrap();
+        let probed = probe.flat().unwrap();
+        let max_diff = probed.iter().zip(segment(&one, "b")).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-5, "the head epochs differ from a probe on frozen features by {max_diff}");
     }
 
     fn close(a: &[f32], b: &[f64]) -> bool {

@@ -199,6 +199,7 @@ impl Scenario {
             return Err(bad(format!("data.longtail_ratio = {r} must be at least 1")));
         }
         let spec = s.model_spec()?;
+        s.federation.check_model(&spec).map_err(bad)?;
         if !s.tasks.is_empty() {
             let dealt: usize = s.tasks.iter().map(|t| t.clients).sum();
             if dealt != s.clients {

@@ -289,6 +289,11 @@ pub struct Federation {
 
 impl Federation {
     /// Checks the values together; the message names the field.
+    /// The checks that need the model: every head named in the config exists.
+    pub fn check_model(&self, spec: &ModelSpec) -> Result<(), String> {
+        self.train.check_heads(spec).map_err(|e| format!("federation.train: {e}"))
+    }
+
     pub fn check(&self) -> Result<(), String> {
         if self.rounds == 0 {
             return Err("federation.rounds must be at least 1".into());
@@ -337,16 +342,21 @@ impl Federation {
                     .into());
             }
         }
-        if self.train.loss.scope == CountScope::Global {
+        let global = std::iter::once(("loss".to_string(), &self.train.loss))
+            .chain(self.train.head_loss.iter().map(|(head, loss)| (format!("head_loss.{head}"), loss)))
+            .find(|(_, loss)| loss.scope == CountScope::Global);
+        if let Some((place, _)) = global {
             if self.collection != Collection::Secure {
-                return Err("federation.train.loss.scope = \"global\" sums the clients' label counts, which only \
-                            secure aggregation may do: set collection = \"secure\""
-                    .into());
+                return Err(format!(
+                    "federation.train.{place}.scope = \"global\" sums the clients' label counts, which only \
+                     secure aggregation may do: set collection = \"secure\""
+                ));
             }
             if self.dp.is_some() {
-                return Err("federation.train.loss.scope = \"global\" cannot be used with federation.dp: the label \
-                            census is not differentially private and its cost is not accounted"
-                    .into());
+                return Err(format!(
+                    "federation.train.{place}.scope = \"global\" cannot be used with federation.dp: the label \
+                     census is not differentially private and its cost is not accounted"
+                ));
             }
         }
         Ok(())
@@ -386,6 +396,7 @@ impl ServerConfig {
             .map_err(|source| FileError::Io { path: model_path.display().to_string(), source })?;
         let spec = ModelSpec::from_toml(&text)
             .map_err(|e| FileError::Config { path: model_path.display().to_string(), message: e.to_string() })?;
+        file.federation.check_model(&spec).map_err(bad)?;
         Ok(Self {
             listen: file.listen,
             spec,
@@ -437,6 +448,20 @@ mod tests {
         let dp = ServerConfig::load(&path).unwrap().federation.dp.unwrap();
         assert_eq!(dp.count_noise(10), 1.0, "small cohorts default to count noise z");
         assert_eq!(dp.count_noise(600), 30.0, "Andrew et al.: clients_per_round / 20");
+        for (train, field) in [
+            ("[federation.train.head_loss.digit]\nscope = 'global'", "federation.train.head_loss.digit.scope"),
+            ("[federation.train.head_loss.colour]\nweighting = 'inverse_frequency'", "no head `colour`"),
+            ("[federation.train.head_loss.digit]\nbeta = 2.0", "head_loss.digit.beta = 2"),
+            ("[federation.train]\nhead_epochs = 0", "head_epochs = 0"),
+        ] {
+            std::fs::write(
+                &path,
+                format!("model = 'm.toml'\n[federation]\nrounds = 3\ncollection = 'plain'\n{train}\n"),
+            )
+            .unwrap();
+            let err = ServerConfig::load(&path).err().unwrap().to_string();
+            assert!(err.contains("server.toml") && err.contains(field), "{train}: {err}");
+        }
     }
 
     #[test]

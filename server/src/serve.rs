@@ -32,7 +32,6 @@ use crate::config::{Collection, DpConfig, Federation};
 use crate::pki::StatePaths;
 use crate::store::{RoundRow, Store, StoreError};
 use cohort_common::secagg::quantize::Quantizer;
-use cohort_common::train::CountScope;
 
 /// The value of a secure step's outcome; a shutdown (`None`) or a failed round (`Some(Err)`)
 /// returns from the calling step at once, as it is.
@@ -243,6 +242,7 @@ impl Server {
     /// Binds the QUIC endpoint (call inside a tokio runtime).
     pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
         setup.federation.check().map_err(ServeError::Config)?;
+        setup.federation.check_model(&setup.spec).map_err(ServeError::Config)?;
         let store = Store::open(&setup.state.database())?;
         let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
         Ok(Self { endpoint, setup, store: Arc::new(Mutex::new(store)), registry: Arc::default() })
@@ -292,7 +292,7 @@ impl Server {
             None => None,
         };
         self.registry.next_round.store(last_round + 1, Ordering::Relaxed);
-        let global_counts = fed.train.loss.scope == CountScope::Global;
+        let global_counts = !fed.train.census_heads(&self.setup.spec).is_empty();
         let mut census = if global_counts { self.store.lock().expect("store lock").last_census()? } else { None };
         let test_data = match &self.setup.test_data {
             Some(d) => Some(Arc::new(DeviceData::new(d, &model)?)),
@@ -349,7 +349,7 @@ impl Server {
                     waited: fed.wait_for_clients_secs,
                 });
             }
-            let due = match (&census, fed.train.loss.recount_every) {
+            let due = match (&census, fed.train.recount_every(&self.setup.spec)) {
                 (None, _) => true,
                 (Some((at, _)), Some(every)) => round_no >= at + every,
                 (Some(_), None) => false,
@@ -635,8 +635,9 @@ impl Server {
         Ok(Some(round.finish()))
     }
 
-    /// The label census before round `round`: every connected client's label counts of the first
-    /// head, summed through secure aggregation. Only the sum is seen, logged and stored.
+    /// The label census before round `round`: every connected client's label counts of the heads
+    /// whose loss has `scope = "global"` (one histogram after another), summed through secure
+    /// aggregation. Only the sum is seen, logged and stored.
     async fn label_census(
         &self,
         round: u64,
@@ -645,7 +646,9 @@ impl Server {
         pending: &mut Option<PendingReport>,
         reports: &mut Vec<RoundReport>,
     ) -> Result<Option<Result<Vec<u64>, RoundError>>, ServeError> {
-        let classes = self.setup.spec.heads.first().map_or(0, |h| h.classes);
+        let heads = self.setup.federation.train.census_heads(&self.setup.spec);
+        let classes = heads.iter().map(|h| h.classes).sum();
+        let heads: Vec<&str> = heads.iter().map(|h| h.name.as_str()).collect();
         let mut cohort = self.registry.ids();
         cohort.sort();
         let (counts, survivors) = settled!(
@@ -663,7 +666,7 @@ impl Server {
             .await?
         );
         self.store.lock().expect("store lock").record_census(round, survivors, &counts)?;
-        info!(round, clients = survivors, ?counts, "label census: the population's label counts");
+        info!(round, clients = survivors, ?heads, ?counts, "label census: the population's label counts");
         Ok(Some(Ok(counts)))
     }
 
