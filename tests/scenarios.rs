@@ -149,3 +149,27 @@ async fn a_multitask_federation_reports_every_head_and_each_head_alone() {
     assert!(report.rounds.iter().all(|r| r.participants == 3), "only the three parity clients run");
     assert!(last.test_accuracy.is_none() && last.head_accuracy.len() == 1 && last.head_accuracy[0].0 == "parity");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_heads_stay_on_the_clients_and_fit_their_digits() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/mnist-personal.toml");
+    let small = [
+        "clients=4",
+        "data.train_examples=2400",
+        "data.test_examples=1000",
+        "federation.rounds=2",
+        "federation.clients_per_round=4",
+        "federation.min_clients=4",
+        "federation.evaluate_every=1",
+        "federation.secagg.degree=3",
+        "federation.secagg.threshold=2",
+    ];
+    let overrides: Vec<String> = small.iter().map(|s| s.to_string()).collect();
+    let scenario = Scenario::load_with(&path, &overrides).unwrap();
+    let report = runner::run(&scenario, &RunOptions::default()).await.unwrap();
+    assert!(report.rounds.iter().all(|r| r.completed && r.participants == 4), "{:?}", report.rounds);
+    assert_eq!(report.personal_heads_moved, vec![("digit".to_string(), 0.0)], "no client sent its head");
+    let last = report.rounds.last().unwrap();
+    let (head, accuracy, _) = &last.federated[0];
+    assert!(head == "digit" && *accuracy > 0.8, "each client's own head on its two digits: {accuracy}");
+}

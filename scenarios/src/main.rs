@@ -134,6 +134,13 @@ fn main() -> Result<()> {
             .collect();
         println!("federated evaluation after round {}: {}", last.round, heads.join(", "));
     }
+    for (head, moved) in &report.personal_heads_moved {
+        if *moved == 0.0 {
+            println!("personal head {head}: the server's copy is exactly as initialised; it never left the clients");
+        } else {
+            println!("personal head {head}: the server's copy moved by up to {moved:e}; a client sent it");
+        }
+    }
     if let Some(epsilon) = report.epsilon {
         let delta = report.scenario.federation.dp.as_ref().map_or(0.0, |d| d.delta);
         println!("privacy: epsilon {epsilon:.3} at delta {delta:e} (user level, {} clients)", scenario.clients);

@@ -93,6 +93,9 @@ pub struct Report {
     pub epsilon: Option<f64>,
     /// The device the simulated clients trained on, in words.
     pub device: String,
+    /// Each personal head's largest change in the server's last checkpoint against the initial
+    /// model: 0 when no client ever sent it.
+    pub personal_heads_moved: Vec<(String, f64)>,
 }
 
 /// Simulated clients train in parallel, one per core; candle's own threads inside each
@@ -283,10 +286,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let state = StatePaths::new(dir.path());
     pki::init(&state, &scenario.name, &["localhost".into()]).map_err(|e| RunError::Setup(e.to_string()))?;
     let (events_tx, mut events) = mpsc::unbounded_channel::<RoundReport>();
-    let model_params = cohort_common::model::Model::new(&spec, &candle_core::Device::Cpu, 0)
-        .map_err(|e| RunError::Setup(e.to_string()))?
-        .layout()
-        .total_len();
+    let initial_model = cohort_common::model::Model::new(&spec, &candle_core::Device::Cpu, federation.seed)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let model_params = initial_model.layout().total_len();
     let server = Server::bind(ServeSetup {
         identity: pki::server_identity(&state).map_err(|e| RunError::Setup(e.to_string()))?,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -438,6 +440,11 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     }
     served??;
 
+    let last_completed = rounds.iter().rev().find(|r| r.completed).map(|r| r.round);
+    let personal_heads_moved = match last_completed {
+        Some(round) => personal_heads_moved(&initial_model, &state.checkpoint(round))?,
+        None => Vec::new(),
+    };
     let accuracies: Vec<(u64, f64)> = rounds.iter().filter_map(|r| r.test_accuracy.map(|a| (r.round, a))).collect();
     let mut seconds: Vec<f64> = rounds.iter().map(|r| r.seconds).collect();
     seconds.sort_by(f64::total_cmp);
@@ -453,9 +460,32 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         wall_seconds: wall.elapsed().as_secs_f64(),
         epsilon: rounds.iter().rev().find_map(|r| r.epsilon),
         device: device_name,
+        personal_heads_moved,
         rounds,
         scenario: Scenario { federation, ..scenario.clone() },
     })
+}
+
+/// How far each personal head of the checkpoint at `path` is from `initial`'s (largest change).
+fn personal_heads_moved(initial: &cohort_common::model::Model, path: &Path) -> Result<Vec<(String, f64)>, RunError> {
+    let layout = initial.layout();
+    if !layout.segments().iter().any(|s| s.personal) {
+        return Ok(Vec::new());
+    }
+    let read = |e: String| RunError::Setup(format!("the server's checkpoint {}: {e}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| read(e.to_string()))?;
+    let last = cohort_common::model::flat_from_safetensors(layout, &bytes).map_err(|e| read(e.to_string()))?;
+    let first = initial.flat().map_err(|e| read(e.to_string()))?;
+    Ok(layout
+        .segments()
+        .iter()
+        .filter(|s| s.personal)
+        .map(|s| {
+            let range = s.offset..s.offset + s.len;
+            let moved = first[range.clone()].iter().zip(&last[range]).map(|(a, b)| (a - b).abs() as f64);
+            (s.name.clone(), moved.fold(0.0, f64::max))
+        })
+        .collect())
 }
 
 /// One round's crash bookkeeping: clients seen, clients doomed, each decided client's fate.
