@@ -281,7 +281,13 @@ async fn answer(
     // ledger allows: otherwise it declines before any training.
     if let (Some(plan), Some(ledger)) = (&plan, &hooks.ledger) {
         let decision = match plan.secure.as_ref().and_then(|s| s.dp) {
-            Some(dp) => ledger.lock().expect("ledger lock").admit(round, hooks.joined_at, &dp),
+            Some(dp) => {
+                // The ledger is written and synced before the answer: off the runtime.
+                let (ledger, joined_at) = (ledger.clone(), hooks.joined_at);
+                tokio::task::spawn_blocking(move || ledger.lock().expect("ledger lock").admit(round, joined_at, &dp))
+                    .await
+                    .map_err(|e| NetError::Stream(format!("ledger task failed: {e}")))?
+            }
             None => Err(LedgerRefusal::NoNoise { round }.into()),
         };
         match decision {
@@ -307,15 +313,21 @@ async fn answer(
         }
     }
     let shared = participant.clone();
-    let outcome = tokio::task::spawn_blocking(move || shared.handle(&msg, &mut rand::rng()))
-        .await
-        .map_err(|e| NetError::Stream(format!("request task failed: {e}")))?;
+    let personal_path = hooks.personal_path.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let outcome = shared.handle(&msg, &mut rand::rng());
+        if let Ok(ClientMsg::Update(_)) = &outcome {
+            keep_personal_heads(&shared, personal_path.as_deref());
+        }
+        outcome
+    })
+    .await
+    .map_err(|e| NetError::Stream(format!("request task failed: {e}")))?;
     let keys_sent = secure_plan.is_some() && matches!(outcome, Ok(ClientMsg::Advert { .. }));
     let reply = match outcome {
         Ok(reply) => {
             if let ClientMsg::Update(update) = &reply {
                 info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
-                keep_personal_heads(&participant, hooks);
             }
             reply
         }
@@ -358,22 +370,23 @@ async fn answer(
         // dropped), the training still finishes and a later request on a new connection is not
         // left waiting for a signal that never comes.
         let signal = hooks.trained.clone();
-        let shared_after = participant.clone();
+        let personal_path = hooks.personal_path.clone();
         let trained = tokio::task::spawn_blocking(move || {
             participant.train_secure(&plan, &mut rand::rng());
             signal.send_modify(|r| *r = (*r).max(round));
+            keep_personal_heads(&participant, personal_path.as_deref());
         })
         .await;
         trained.map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
-        keep_personal_heads(&shared_after, hooks);
         info!(round, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "trained");
     }
     Ok(())
 }
 
 /// Writes the personal heads to the state directory (atomically), if the model has any.
-fn keep_personal_heads(participant: &Participant, hooks: &Hooks) {
-    let Some(path) = &hooks.personal_path else { return };
+/// Blocking: call it on a blocking thread.
+fn keep_personal_heads(participant: &Participant, path: Option<&std::path::Path>) {
+    let Some(path) = path else { return };
     let heads = participant.personal_heads();
     if heads.is_empty() {
         return;
