@@ -8,6 +8,7 @@ use candle_core::Device;
 use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::train::{evaluate, DeviceData};
 use cohort::server::config::{Collection, SecAggConfig};
+use cohort::server::store::{HeadMetrics, Store};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,7 +18,7 @@ async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {
     fed.collection = Collection::Secure;
     fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
     fed.evaluate_every = Some(1);
-    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
+    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, Some(dataset(90, 9)));
     let sizes = [(1u64, 30usize), (2, 45), (3, 60)];
     let clients = start_sized_clients(&ca, server.addr, &sizes);
     let report = next_report(&mut server, 60).await;
@@ -40,4 +41,13 @@ async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {
     assert_eq!(head, "y");
     assert_eq!(metrics.confusion, expected);
     assert_eq!(metrics.examples, 135);
+
+    // Both evaluations are kept per head, with per-class recall, in the server's database.
+    let stored = &Store::open(&ca.state.database()).unwrap().rounds().unwrap()[0];
+    let federated = HeadMetrics { head: "y".into(), metrics: metrics.clone() };
+    assert_eq!(stored.federated, vec![federated]);
+    let tested = report.test.clone().expect("the server's test set");
+    assert_eq!(stored.head_tests, vec![HeadMetrics { head: "y".into(), metrics: tested.clone() }]);
+    assert_eq!(stored.head_tests[0].metrics.per_class_recall.len(), 3);
+    assert_eq!(stored.balanced_accuracy, Some(tested.balanced_accuracy));
 }

@@ -63,6 +63,8 @@ pub struct ReportRound {
     pub test_loss: Option<f64>,
     pub balanced_accuracy: Option<f64>,
     pub macro_f1: Option<f64>,
+    /// Recall of each class of the first head on the test set.
+    pub per_class_recall: Option<Vec<f64>>,
     /// Test accuracy of every head (multi-task models), by name.
     pub head_accuracy: Vec<(String, f64)>,
     /// Federated evaluation: each head's accuracy and balanced accuracy on the clients' own
@@ -396,6 +398,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             test_loss: r.test.as_ref().map(|m| m.loss),
             balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
+            per_class_recall: r.test.as_ref().map(|m| m.per_class_recall.clone()),
             head_accuracy: r.head_tests.iter().map(|(h, m)| (h.clone(), m.accuracy)).collect(),
             federated: r.federated.iter().map(|(h, m)| (h.clone(), m.accuracy, m.balanced_accuracy)).collect(),
             epsilon: r.epsilon,

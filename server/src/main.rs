@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cohort_server::config::ServerConfig;
 use cohort_server::pki::{self, StatePaths};
-use cohort_server::serve::{ServeSetup, Server};
-use cohort_server::store::Store;
+use cohort_server::serve::{per_class, ServeSetup, Server};
+use cohort_server::store::{HeadMetrics, RoundRow, Store};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -192,24 +192,56 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
             } else {
                 println!(
-                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
-                    "round", "status", "cohort", "updates", "seconds", "accuracy", "loss", "epsilon", "clip"
+                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+                    "round",
+                    "status",
+                    "cohort",
+                    "updates",
+                    "seconds",
+                    "accuracy",
+                    "bal.acc",
+                    "macro-F1",
+                    "loss",
+                    "epsilon",
+                    "clip"
                 );
-                for r in rounds {
-                    let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
-                    let g = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+                let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+                let g = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+                for r in &rounds {
                     println!(
-                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9} {:>8} {:>8}",
+                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
                         r.round,
                         r.status,
                         r.cohort,
                         r.participants,
                         r.seconds,
                         f(r.test_accuracy),
+                        f(r.balanced_accuracy),
+                        f(r.macro_f1),
                         f(r.test_loss),
                         g(r.epsilon),
                         g(r.clip)
                     );
+                }
+                // Per head, with per-class recall: the latest round that has them.
+                for (what, pick) in [
+                    ("test set", (|r: &RoundRow| &r.head_tests) as fn(&RoundRow) -> &Vec<HeadMetrics>),
+                    ("federated evaluation", |r: &RoundRow| &r.federated),
+                ] {
+                    if let Some(r) = rounds.iter().rev().find(|r| !pick(r).is_empty()) {
+                        println!("\n{what}, round {}:", r.round);
+                        for h in pick(r) {
+                            let m = &h.metrics;
+                            println!(
+                                "  {:<12} accuracy {:.4}  balanced {:.4}  macro-F1 {:.4}  recall per class {}",
+                                h.head,
+                                m.accuracy,
+                                m.balanced_accuracy,
+                                m.macro_f1,
+                                per_class(&m.per_class_recall)
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Collection, DpConfig, Federation};
 use crate::pki::StatePaths;
-use crate::store::{RoundRow, Store, StoreError};
+use crate::store::{HeadMetrics, RoundRow, Store, StoreError};
 use cohort_common::secagg::quantize::Quantizer;
 
 /// The value of a secure step's outcome; a shutdown (`None`) or a failed round (`Some(Err)`)
@@ -969,15 +969,15 @@ impl Server {
         if let Some(evaluation) = pending.evaluation {
             let evaluated =
                 evaluation.await.map_err(|e| ServeError::Config(format!("evaluation task failed: {e}")))??;
-            if let Some(metrics) = &evaluated.first {
-                self.store.lock().expect("store lock").set_test_metrics(
-                    report.round,
-                    metrics.accuracy,
-                    metrics.loss,
-                    metrics.balanced_accuracy,
-                    metrics.macro_f1,
-                )?;
-            }
+            let first_head = self.setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();
+            let heads: Vec<HeadMetrics> = evaluated
+                .first
+                .iter()
+                .map(|m| (first_head.clone(), m))
+                .chain(evaluated.heads.iter().map(|(h, m)| (h.clone(), m)))
+                .map(|(head, metrics)| HeadMetrics { head, metrics: metrics.clone() })
+                .collect();
+            self.store.lock().expect("store lock").set_test_metrics(report.round, evaluated.first.as_ref(), &heads)?;
             report.test = evaluated.first;
             report.head_tests = evaluated.heads;
             report.eval_seconds = Some(evaluated.seconds);
@@ -993,6 +993,9 @@ impl Server {
                 participants = report.participants,
                 seconds = format!("{:.3}", report.seconds),
                 accuracy = format!("{:.4}", m.accuracy),
+                balanced_accuracy = format!("{:.4}", m.balanced_accuracy),
+                macro_f1 = format!("{:.4}", m.macro_f1),
+                recall = %per_class(&m.per_class_recall),
                 loss = format!("{:.4}", m.loss),
                 "round complete"
             ),
@@ -1038,10 +1041,22 @@ impl Server {
             epsilon: r.epsilon,
             clip: r.clip,
             unclipped: r.unclipped,
+            head_tests: Vec::new(),
+            federated: r
+                .federated
+                .iter()
+                .map(|(head, metrics)| HeadMetrics { head: head.clone(), metrics: metrics.clone() })
+                .collect(),
         };
         self.store.lock().expect("store lock").record_round(&row, participants)?;
         Ok(())
     }
+}
+
+/// Per-class recall for people: `[0.98 0.97 ...]`.
+pub fn per_class(recall: &[f64]) -> String {
+    let values: Vec<String> = recall.iter().map(|r| format!("{r:.2}")).collect();
+    format!("[{}]", values.join(" "))
 }
 
 /// Requests in flight to a set of clients.

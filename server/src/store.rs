@@ -1,10 +1,11 @@
 //! The server's records in SQLite (`cohort.db`): enrolled and revoked clients, and one row per
-//! round with its metrics and checkpoint.
+//! round with its metrics (per head, with per-class recall) and checkpoint.
 
 use std::path::Path;
 
+use cohort_common::train::Metrics;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,6 +54,31 @@ pub struct RoundRow {
     /// The clip norm of this round, and how many updates (a noisy count) it did not clip.
     pub clip: Option<f64>,
     pub unclipped: Option<f64>,
+    /// Every head on the server's test sets (the first head's figures are also above).
+    pub head_tests: Vec<HeadMetrics>,
+    /// Federated evaluation: every head on the clients' own validation data (summed securely).
+    pub federated: Vec<HeadMetrics>,
+}
+
+/// One head's metrics: accuracy, balanced accuracy, macro-F1, per-class recall, confusion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadMetrics {
+    pub head: String,
+    #[serde(flatten)]
+    pub metrics: Metrics,
+}
+
+/// Per-head metrics as stored: a JSON array, or NULL for none.
+fn metrics_json(heads: &[HeadMetrics]) -> Option<String> {
+    (!heads.is_empty()).then(|| serde_json::to_string(heads).expect("metrics serialize"))
+}
+
+fn metrics_from_json(column: usize, text: Option<String>) -> rusqlite::Result<Vec<HeadMetrics>> {
+    match text {
+        None => Ok(Vec::new()),
+        Some(t) => serde_json::from_str(&t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))),
+    }
 }
 
 const SCHEMA: &str = "
@@ -87,7 +113,15 @@ CREATE TABLE IF NOT EXISTS label_census (
 ";
 
 /// Columns added after the first schema: databases that lack them get them on open.
-const ADDED_ROUND_COLUMNS: [&str; 5] = ["sampling_rate", "noise_multiplier", "epsilon", "clip", "unclipped"];
+const ADDED_ROUND_COLUMNS: [(&str, &str); 7] = [
+    ("sampling_rate", "REAL"),
+    ("noise_multiplier", "REAL"),
+    ("epsilon", "REAL"),
+    ("clip", "REAL"),
+    ("unclipped", "REAL"),
+    ("head_tests", "TEXT"),
+    ("federated", "TEXT"),
+];
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -100,8 +134,8 @@ impl Store {
             .prepare("SELECT name FROM pragma_table_info('rounds')")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
             .map_err(wrap)?;
-        for column in ADDED_ROUND_COLUMNS.iter().filter(|c| !existing.iter().any(|e| e == *c)) {
-            conn.execute_batch(&format!("ALTER TABLE rounds ADD COLUMN {column} REAL")).map_err(wrap)?;
+        for (column, kind) in ADDED_ROUND_COLUMNS.iter().filter(|(c, _)| !existing.iter().any(|e| e == c)) {
+            conn.execute_batch(&format!("ALTER TABLE rounds ADD COLUMN {column} {kind}")).map_err(wrap)?;
         }
         Ok(Self { conn, path: p })
     }
@@ -178,8 +212,8 @@ impl Store {
         tx.execute(
             "INSERT OR REPLACE INTO rounds (round, started_at, seconds, status, cohort, participants, dropped, train_loss,
                 test_accuracy, test_loss, balanced_accuracy, macro_f1, checkpoint, note, sampling_rate,
-                noise_multiplier, epsilon, clip, unclipped)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                noise_multiplier, epsilon, clip, unclipped, head_tests, federated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
             params![
                 row.round as i64,
                 row.started_at,
@@ -199,7 +233,9 @@ impl Store {
                 row.noise_multiplier,
                 row.epsilon,
                 row.clip,
-                row.unclipped
+                row.unclipped,
+                metrics_json(&row.head_tests),
+                metrics_json(&row.federated)
             ],
         )
         .map_err(wrap)?;
@@ -210,19 +246,26 @@ impl Store {
         Ok(())
     }
 
-    /// Adds the test-set metrics of a recorded round.
+    /// Adds the test-set metrics of a recorded round: `first` is the first head on the
+    /// operator's test data, `heads` every head evaluated.
     pub fn set_test_metrics(
         &self,
         round: u64,
-        accuracy: f64,
-        loss: f64,
-        balanced: f64,
-        macro_f1: f64,
+        first: Option<&Metrics>,
+        heads: &[HeadMetrics],
     ) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "UPDATE rounds SET test_accuracy = ?2, test_loss = ?3, balanced_accuracy = ?4, macro_f1 = ?5 WHERE round = ?1",
-                params![round as i64, accuracy, loss, balanced, macro_f1],
+                "UPDATE rounds SET test_accuracy = ?2, test_loss = ?3, balanced_accuracy = ?4, macro_f1 = ?5,
+                    head_tests = ?6 WHERE round = ?1",
+                params![
+                    round as i64,
+                    first.map(|m| m.accuracy),
+                    first.map(|m| m.loss),
+                    first.map(|m| m.balanced_accuracy),
+                    first.map(|m| m.macro_f1),
+                    metrics_json(heads)
+                ],
             )
             .map_err(self.wrap())?;
         Ok(())
@@ -234,7 +277,7 @@ impl Store {
             .prepare(
                 "SELECT round, started_at, seconds, status, cohort, participants, dropped, train_loss, test_accuracy,
                         test_loss, balanced_accuracy, macro_f1, checkpoint, note, sampling_rate, noise_multiplier,
-                        epsilon, clip, unclipped FROM rounds ORDER BY round",
+                        epsilon, clip, unclipped, head_tests, federated FROM rounds ORDER BY round",
             )
             .map_err(self.wrap())?;
         let rows = stmt
@@ -259,6 +302,8 @@ impl Store {
                     epsilon: r.get(16)?,
                     clip: r.get(17)?,
                     unclipped: r.get(18)?,
+                    head_tests: metrics_from_json(19, r.get(19)?)?,
+                    federated: metrics_from_json(20, r.get(20)?)?,
                 })
             })
             .map_err(self.wrap())?
@@ -343,8 +388,21 @@ mod tests {
             epsilon: Some(0.5),
             clip: Some(1.0),
             unclipped: Some(0.7),
+            head_tests: Vec::new(),
+            federated: vec![HeadMetrics {
+                head: "digit".into(),
+                metrics: Metrics::from_confusion(vec![vec![3, 1], vec![0, 2]], 0.0),
+            }],
         };
         store.record_round(&row, &["b".into()]).unwrap();
+        let parity =
+            HeadMetrics { head: "parity".into(), metrics: Metrics::from_confusion(vec![vec![5, 0], vec![1, 4]], 2.0) };
+        store.set_test_metrics(1, Some(&parity.metrics), std::slice::from_ref(&parity)).unwrap();
+        let stored = &store.rounds().unwrap()[0];
+        assert_eq!(stored.federated, row.federated);
+        assert_eq!(stored.head_tests, vec![parity.clone()]);
+        assert_eq!(stored.head_tests[0].metrics.per_class_recall, vec![1.0, 0.8]);
+        assert_eq!(stored.balanced_accuracy, Some(0.9));
         row.round = 2;
         row.status = "aborted".into();
         row.checkpoint = None;
