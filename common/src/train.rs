@@ -1,9 +1,12 @@
 //! Local training and evaluation on candle.
 //!
-//! [`train`] runs SGD (learning rate, momentum, weight decay) for E epochs with batch size B
-//! over a seeded shuffle; the loss is cross-entropy (optionally class-weighted). [`evaluate`]
-//! computes the loss and the [`Metrics`] that show imbalance honestly: accuracy next to balanced
-//! accuracy, macro-F1, per-class recall and the confusion matrix.
+//! [`train_heads`] runs SGD (learning rate, momentum, weight decay) for E epochs with batch size
+//! B over a seeded shuffle, on the trunk and every head the client labels at once (the sum of
+//! the heads' losses), or in FedRep's order (`head_epochs`: heads first, then the trunk). Each
+//! head's loss is cross-entropy with its own [`LossConfig`] (class weights, focal term or logit
+//! adjustment, from the client's or the population's label counts). [`evaluate`] computes the
+//! loss and the [`Metrics`] that show imbalance honestly: accuracy next to balanced accuracy,
+//! macro-F1, per-class recall and the confusion matrix.
 //!
 //! Both are blocking and CPU- or GPU-heavy: async callers run them on a blocking thread
 //! (`tokio::task::spawn_blocking`), never on the runtime.
@@ -417,7 +420,8 @@ struct HeadTask<'a> {
 }
 
 impl<'a> HeadTask<'a> {
-    /// `population`: the census counts of this head, used when its loss has `scope = "global"`.
+    /// `census`: the population's counts of [`TrainConfig::census_heads`]; this head's part
+    /// replaces its own counts when its loss has `scope = "global"`.
     fn new(
         model: &Model,
         head: usize,
