@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's deployment walk-through, run for real on loopback (three clients, secure
 # aggregation): init, keygen, enroll, serve,
-# check, run, then status, rounds, clients and export, and the exported model loaded with
-# Python's `safetensors` package. Usage: scripts/walkthrough.sh [BIN_DIR] (default target/debug).
+# check, run, then status, rounds, clients and export, the exported model loaded with Python's
+# `safetensors` package and evaluated by a client on its own data. Usage: scripts/walkthrough.sh [BIN_DIR] (default target/debug).
 set -euo pipefail
 BIN=${1:-target/debug}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -85,4 +85,8 @@ assert shapes == expected, shapes
 assert sum(v.size for v in tensors.values()) == 199210
 print("safetensors (Python) loaded", len(tensors), "tensors, 199,210 parameters:", shapes)
 PY
+# A data owner evaluates the exported model on its own data (the spec travels in the file).
+"$BIN/cohort-client" evaluate --config "$WORK/hospital-a/client.toml" --model "$WORK/model.safetensors" \
+  | tee "$WORK/evaluate.txt"
+grep -q "^digit .* 10000 examples: accuracy" "$WORK/evaluate.txt"
 echo "walkthrough: ok"

@@ -8,6 +8,7 @@
 //! - [`device`]: `auto | cpu | cuda:N` to a candle device.
 //! - [`ledger`]: the client's own privacy ledger, which declines rounds past its budget.
 //! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked.
+//! - [`evaluate_model`]: `cohort-client evaluate`, a global model on this client's own data.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,9 +22,13 @@ pub mod config;
 pub mod daemon;
 pub mod ledger;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cohort_common::model::{flat_from_safetensors, spec_from_safetensors, Model, ModelSpec};
 use cohort_common::participant::{Participant, SecureKeys};
+use cohort_common::train::Metrics;
 
 pub mod device {
     //! Which device trains: `auto`, `cpu` or `cuda:N`.
@@ -107,6 +112,8 @@ pub enum SetupError {
     Identity(#[from] cohort_io::NetError),
     #[error("server address `{addr}`: {problem}")]
     Address { addr: String, problem: String },
+    #[error("model {path}: {problem}")]
+    Model { path: String, problem: String },
 }
 
 /// The keys a client needs for secure aggregation: its certificate key signs its key adverts,
@@ -118,18 +125,13 @@ pub fn secure_keys(identity: &cohort_io::Identity) -> Result<SecureKeys, cohort_
     })
 }
 
-/// Loads the identity, data and device a config names and resolves the server address.
-pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::ClientSetup, SetupError> {
-    let identity = config.identity.load()?;
-    let id = identity.subject()?;
-    let keys = secure_keys(&identity)?;
-    let heads = config.head_data()?;
-    let (device, device_name) = device::select(&config.device)?;
-    if let Some(dir) = &config.state_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| cohort_io::files::FileError::Io { path: dir.display().to_string(), source })?;
-    }
-    // Personal heads trained in earlier runs.
+/// Personal heads by name, as kept in the state directory.
+type PersonalHeads = BTreeMap<String, Vec<f32>>;
+
+/// Where this client keeps its personal heads, and those trained in earlier runs.
+fn personal_heads(
+    config: &config::ClientConfig,
+) -> Result<(Option<PathBuf>, PersonalHeads), cohort_io::files::FileError> {
     let personal_path = config.state_dir.as_ref().map(|d| d.join(PERSONAL_HEADS_FILE));
     let personal = match personal_path.as_ref().filter(|p| p.exists()) {
         Some(path) => {
@@ -146,6 +148,58 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         }
         None => Default::default(),
     };
+    Ok((personal_path, personal))
+}
+
+/// What `cohort-client evaluate` found: each head of the model, with its metrics on this
+/// client's data where it labels the head.
+pub struct LocalEvaluation {
+    pub spec: ModelSpec,
+    /// `validation split` or `training data`: what the metrics were computed on.
+    pub on: &'static str,
+    pub heads: Vec<(String, Option<Metrics>)>,
+}
+
+/// Evaluates a model file (`cohort-server export`) on this client's own data, as federated
+/// evaluation would: with its personal heads, on its validation split (`validation_fraction`)
+/// or else its training data. The model spec comes from the file, or from `spec` when given.
+pub fn evaluate_model(
+    config: &config::ClientConfig,
+    model_path: &Path,
+    spec: Option<ModelSpec>,
+) -> Result<LocalEvaluation, SetupError> {
+    let bad = |problem: String| SetupError::Model { path: model_path.display().to_string(), problem };
+    let bytes = std::fs::read(model_path).map_err(|e| bad(e.to_string()))?;
+    let spec = match spec {
+        Some(spec) => spec,
+        None => spec_from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?.ok_or_else(|| {
+            bad("the file carries no model spec (not written by Cohort); name the spec with --spec".into())
+        })?,
+    };
+    let layout = Model::new(&spec, &candle_core::Device::Cpu, 0).map_err(|e| bad(e.to_string()))?.layout().clone();
+    let params = flat_from_safetensors(&layout, &bytes).map_err(|e| bad(e.to_string()))?;
+    let (device, _) = device::select(&config.device)?;
+    let (_, personal) = personal_heads(config)?;
+    let participant = Participant::with_heads("local", config.head_data()?, device)
+        .with_personal_heads(personal)
+        .with_validation_fraction(config.validation_fraction);
+    let heads = participant.evaluate(&spec.to_toml(), &params).map_err(|e| bad(e.to_string()))?;
+    let on = if config.validation_fraction > 0.0 { "validation split" } else { "training data" };
+    Ok(LocalEvaluation { spec, on, heads })
+}
+
+/// Loads the identity, data and device a config names and resolves the server address.
+pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::ClientSetup, SetupError> {
+    let identity = config.identity.load()?;
+    let id = identity.subject()?;
+    let keys = secure_keys(&identity)?;
+    let heads = config.head_data()?;
+    let (device, device_name) = device::select(&config.device)?;
+    if let Some(dir) = &config.state_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| cohort_io::files::FileError::Io { path: dir.display().to_string(), source })?;
+    }
+    let (personal_path, personal) = personal_heads(config)?;
     let ledger = match (&config.privacy, &config.state_dir) {
         (Some(budget), Some(dir)) => {
             Some(Arc::new(std::sync::Mutex::new(ledger::LedgerFile::open(dir, budget.max_epsilon, budget.delta)?)))
@@ -174,4 +228,93 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         endpoint: None,
         personal_path,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_common::participant::personal_heads_to_bytes;
+
+    const SPEC: &str =
+        "name = 'two'\ninput_shape = [2]\n[[trunk]]\nkind = 'linear'\nout = 4\n[[trunk]]\nkind = 'relu'\n\
+                        [[heads]]\nname = 'y'\nclasses = 2\npersonal = true\n[[heads]]\nname = 'other'\nclasses = 3\n";
+
+    /// A client labelling head `y` with 20 rows of a CSV; `extra` is appended to its config.
+    fn client(dir: &Path, extra: &str) -> config::ClientConfig {
+        let rows: String =
+            (0..20).map(|i| format!("{},{},{}\n", i as f32 / 20.0, 1.0 - i as f32 / 20.0, i % 2)).collect();
+        std::fs::write(dir.join("d.csv"), format!("a,b,label\n{rows}")).unwrap();
+        let text = format!(
+            "server = 'fl.example.org:4433'\nidentity = {{ bundle = 'me.pem' }}\ndevice = 'cpu'\n{extra}\n\
+             [data]\nformat = 'csv'\npath = 'd.csv'\nlabel_column = 'label'\nclasses = 2\n\
+             [[heads]]\nname = 'y'\n"
+        );
+        std::fs::write(dir.join("client.toml"), text).unwrap();
+        config::ClientConfig::load(&dir.join("client.toml")).unwrap()
+    }
+
+    #[test]
+    fn evaluates_an_exported_model_with_the_personal_heads_on_local_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::from_toml(SPEC).unwrap();
+        let model = Model::new(&spec, &candle_core::Device::Cpu, 3).unwrap();
+        let model_path = dir.path().join("model.safetensors");
+        std::fs::write(&model_path, model.to_safetensors().unwrap()).unwrap();
+
+        let config = client(dir.path(), "");
+        let evaluation = evaluate_model(&config, &model_path, None).unwrap();
+        assert_eq!(evaluation.spec, spec, "the spec travels in the file");
+        assert_eq!(evaluation.on, "training data");
+        let names: Vec<&str> = evaluation.heads.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(names, ["y", "other"]);
+        assert!(evaluation.heads[1].1.is_none(), "head `other` is not labelled here");
+        let data = config.head_data().unwrap()[0].data.clone();
+        let expected = cohort_common::train::evaluate(
+            &model,
+            0,
+            &cohort_common::train::DeviceData::new(&data, &model).unwrap(),
+            64,
+        )
+        .unwrap();
+        let y = evaluation.heads[0].1.clone().unwrap();
+        assert_eq!(y.confusion, expected.confusion);
+        assert!(expected.confusion.iter().map(|row| row[0]).sum::<u64>() > 0, "the exported head predicts 0 too");
+        assert!((y.loss - expected.loss).abs() < 1e-5);
+
+        // With a state directory holding a personal head that always says 1, and a validation split.
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let y_segment = model.layout().segments()[1].clone();
+        let mut always_one = vec![0.0f32; y_segment.len];
+        // Layout order inside the head: bias (2), then weight (2 x 4).
+        always_one[1] = 5.0;
+        let saved = BTreeMap::from([("y".to_string(), always_one)]);
+        std::fs::write(state.join(PERSONAL_HEADS_FILE), personal_heads_to_bytes(&saved)).unwrap();
+        let without = client(dir.path(), "validation_fraction = 0.25");
+        let exported_head = evaluate_model(&without, &model_path, None).unwrap().heads[0].1.clone().unwrap();
+        let config = client(dir.path(), "state_dir = 'state'\nvalidation_fraction = 0.25");
+        let evaluation = evaluate_model(&config, &model_path, None).unwrap();
+        assert_eq!(evaluation.on, "validation split");
+        let y = evaluation.heads[0].1.clone().unwrap();
+        assert_eq!(y.examples, 5, "every fourth row");
+        assert_eq!(y.confusion.iter().map(|row| row[0]).sum::<u64>(), 0, "the personal head predicts 1 only");
+        assert_ne!(y.confusion, exported_head.confusion, "the exported copy of the head predicts otherwise");
+
+        // A file without a spec needs --spec; a stranger file is an error naming it.
+        let bare = dir.path().join("bare.safetensors");
+        let tensors: Vec<(String, candle_core::Tensor)> = model
+            .layout()
+            .entries()
+            .iter()
+            .zip(model.vars())
+            .map(|(e, v)| (e.name.clone(), v.as_tensor().clone()))
+            .collect();
+        std::fs::write(&bare, safetensors::tensor::serialize(tensors, None).unwrap()).unwrap();
+        let err = evaluate_model(&config, &bare, None).err().unwrap().to_string();
+        assert!(err.contains("bare.safetensors") && err.contains("--spec"), "{err}");
+        assert!(evaluate_model(&config, &bare, Some(spec.clone())).is_ok());
+        std::fs::write(&bare, b"not a model").unwrap();
+        let err = evaluate_model(&config, &bare, None).err().unwrap().to_string();
+        assert!(err.contains("bare.safetensors"), "{err}");
+    }
 }

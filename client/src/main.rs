@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cohort_client::config::ClientConfig;
+use cohort_common::model::ModelSpec;
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -37,6 +38,21 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Evaluate a global model (from `cohort-server export`) on this client's own data, with its
+    /// personal heads: per head, accuracy, balanced accuracy, macro-F1 and recall per class.
+    Evaluate {
+        #[arg(long)]
+        config: PathBuf,
+        /// The model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The model spec (TOML), for files that do not carry one.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Print JSON (with the confusion matrices).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -97,6 +113,49 @@ fn main() -> Result<()> {
             println!("device:   {device}");
             println!("server:   {} (certificate name {})", config.server, config.server_name());
             println!("ok");
+        }
+        Command::Evaluate { config: path, model, spec, json } => {
+            let config = ClientConfig::load(&path)?;
+            let spec = match spec {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                    Some(ModelSpec::from_toml(&text).with_context(|| format!("model spec {}", p.display()))?)
+                }
+                None => None,
+            };
+            let evaluation = cohort_client::evaluate_model(&config, &model, spec)?;
+            if json {
+                let heads: Vec<_> = evaluation
+                    .heads
+                    .iter()
+                    .filter_map(|(h, m)| m.as_ref().map(|m| serde_json::json!({ "head": h, "metrics": m })))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "on": evaluation.on, "heads": heads }))?
+                );
+                return Ok(());
+            }
+            println!(
+                "model:    `{}` from {}, on this client's {}",
+                evaluation.spec.name,
+                model.display(),
+                evaluation.on
+            );
+            for (head, metrics) in &evaluation.heads {
+                match metrics {
+                    None => println!("{head:<12} not labelled here"),
+                    Some(m) => println!(
+                        "{head:<12} {} examples: accuracy {:.4}, balanced {:.4}, macro-F1 {:.4}, loss {:.4}, recall per class {}",
+                        m.examples,
+                        m.accuracy,
+                        m.balanced_accuracy,
+                        m.macro_f1,
+                        m.loss,
+                        cohort_common::train::per_class(&m.per_class_recall)
+                    ),
+                }
+            }
         }
     }
     Ok(())

@@ -565,11 +565,13 @@ impl Model {
         Ok(())
     }
 
-    /// The parameters as a safetensors file, one tensor per layout entry.
+    /// The parameters as a safetensors file, one tensor per layout entry, with the model spec
+    /// (TOML) in the metadata under [`SPEC_METADATA_KEY`], so the file alone rebuilds the model.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let tensors: Vec<(String, Tensor)> =
             self.layout.entries.iter().zip(&self.vars).map(|(e, v)| (e.name.clone(), v.as_tensor().clone())).collect();
-        safetensors::tensor::serialize(tensors, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+        let metadata = HashMap::from([(SPEC_METADATA_KEY.to_string(), self.spec.to_toml())]);
+        safetensors::tensor::serialize(tensors, Some(metadata)).map_err(|e| ModelError::Safetensors(e.to_string()))
     }
 
     /// Loads parameters from safetensors bytes; every tensor of the layout must be present with
@@ -577,6 +579,20 @@ impl Model {
     pub fn load_safetensors(&self, bytes: &[u8]) -> Result<()> {
         let flat = flat_from_safetensors(&self.layout, bytes)?;
         self.set_flat(&flat)
+    }
+}
+
+/// The safetensors metadata key under which [`Model::to_safetensors`] keeps the model spec.
+pub const SPEC_METADATA_KEY: &str = "cohort.model_spec";
+
+/// The model spec kept in a safetensors file written by [`Model::to_safetensors`]; `None` for a
+/// file without one.
+pub fn spec_from_safetensors(bytes: &[u8]) -> Result<Option<ModelSpec>> {
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    match metadata.metadata().as_ref().and_then(|m| m.get(SPEC_METADATA_KEY)) {
+        Some(text) => ModelSpec::from_toml(text).map(Some),
+        None => Ok(None),
     }
 }
 

@@ -331,13 +331,33 @@ impl Participant {
     /// or its training data without one: one confusion matrix per head of the model, in head
     /// order, flattened row by row; zeros for heads this client does not label.
     pub fn confusions(&self, plan: &RoundPlan) -> Result<Vec<u64>, ParticipantError> {
-        let mut guard = self.local.lock().expect("model lock");
-        let local = self.local_for(&mut guard, &plan.model_spec)?;
         let global = plan.params.to_f32()?;
-        if global.len() != local.model.layout().total_len() || global.iter().any(|v| !v.is_finite()) {
+        let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+        let evaluated = self.evaluate(&plan.model_spec, &global)?;
+        let mut cells = Vec::new();
+        for (head, (_, metrics)) in spec.heads.iter().zip(evaluated) {
+            match metrics {
+                Some(m) => cells.extend(m.confusion.into_iter().flatten()),
+                None => cells.extend(std::iter::repeat_n(0, head.classes * head.classes)),
+            }
+        }
+        Ok(cells)
+    }
+
+    /// Evaluates `params` of the model `model_spec` (with this client's personal heads) on its
+    /// validation data, or its training data without one: each head of the model in order, with
+    /// its metrics where this client labels it.
+    pub fn evaluate(
+        &self,
+        model_spec: &str,
+        params: &[f32],
+    ) -> Result<Vec<(String, Option<train::Metrics>)>, ParticipantError> {
+        let mut guard = self.local.lock().expect("model lock");
+        let local = self.local_for(&mut guard, model_spec)?;
+        if params.len() != local.model.layout().total_len() || params.iter().any(|v| !v.is_finite()) {
             return Err(ParticipantError::BadPlan("the parameters to evaluate do not fit the model".into()));
         }
-        let mut params = global;
+        let mut params = params.to_vec();
         {
             let saved = self.personal.lock().expect("personal lock");
             for seg in local.model.layout().segments().iter().filter(|s| s.personal) {
@@ -349,22 +369,26 @@ impl Participant {
         local.model.set_flat(&params)?;
         let sets = if self.validation.is_empty() { &self.tasks } else { &self.validation };
         let spec = local.model.spec().clone();
-        let mut cells = Vec::new();
+        let mut results = Vec::with_capacity(spec.heads.len());
         for (index, head) in spec.heads.iter().enumerate() {
-            let mut confusion = vec![0u64; head.classes * head.classes];
+            let mut confusion = vec![vec![0u64; head.classes]; head.classes];
+            let (mut loss_sum, mut labelled) = (0.0, false);
             for task in sets.iter().filter(|t| t.head.as_deref().map_or(index == 0, |h| h == head.name)) {
                 let data = DeviceData::new(&task.data, &local.model)?;
                 let metrics = train::evaluate(&local.model, index, &data, 1000)?;
-                for (cell, count) in confusion.iter_mut().zip(metrics.confusion.iter().flatten()) {
-                    *cell += count;
+                for (row, add) in confusion.iter_mut().zip(&metrics.confusion) {
+                    row.iter_mut().zip(add).for_each(|(c, a)| *c += a);
                 }
+                loss_sum += metrics.loss * metrics.examples as f64;
+                labelled = true;
             }
-            cells.extend(confusion);
+            let metrics = labelled.then(|| train::Metrics::from_confusion(confusion, loss_sum));
+            results.push((head.name.clone(), metrics));
         }
         if !self.keep_model {
             *guard = None;
         }
-        Ok(cells)
+        Ok(results)
     }
 
     /// This client's label counts for a census: one histogram per head the census counts

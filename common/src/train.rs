@@ -584,6 +584,12 @@ pub fn train_heads(
     Ok(TrainStats { steps, examples, mean_loss })
 }
 
+/// Per-class recall for people: `[0.98 0.97 ...]`.
+pub fn per_class(recall: &[f64]) -> String {
+    let values: Vec<String> = recall.iter().map(|r| format!("{r:.2}")).collect();
+    format!("[{}]", values.join(" "))
+}
+
 /// Evaluation results of one head on one data set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {

@@ -115,7 +115,7 @@ fn main() -> Result<()> {
             "final balanced accuracy {}, macro-F1 {}, recall per class {}",
             pct(last.balanced_accuracy),
             last.macro_f1.map_or("-".to_string(), |v| format!("{v:.4}")),
-            last.per_class_recall.as_deref().map_or("-".to_string(), cohort_server::serve::per_class)
+            last.per_class_recall.as_deref().map_or("-".to_string(), cohort_common::train::per_class)
         );
     }
     if let Some(last) = report.rounds.iter().rev().find(|r| !r.head_accuracy.is_empty() || r.test_accuracy.is_some()) {

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use cohort_common::train::per_class;
 use cohort_server::config::ServerConfig;
 use cohort_server::pki::{self, StatePaths};
-use cohort_server::serve::{per_class, ServeSetup, Server};
+use cohort_server::serve::{ServeSetup, Server};
 use cohort_server::store::{HeadMetrics, RoundRow, Store};
 use tokio_util::sync::CancellationToken;
 

@@ -18,7 +18,7 @@ use cohort_common::round::{
     RoundError, RoundOutcome,
 };
 use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer};
-use cohort_common::train::{evaluate, DeviceData, Metrics};
+use cohort_common::train::{evaluate, per_class, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
 use rand::SeedableRng;
@@ -1051,12 +1051,6 @@ impl Server {
         self.store.lock().expect("store lock").record_round(&row, participants)?;
         Ok(())
     }
-}
-
-/// Per-class recall for people: `[0.98 0.97 ...]`.
-pub fn per_class(recall: &[f64]) -> String {
-    let values: Vec<String> = recall.iter().map(|r| format!("{r:.2}")).collect();
-    format!("[{}]", values.join(" "))
 }
 
 /// Requests in flight to a set of clients.
