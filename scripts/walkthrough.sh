@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's deployment walk-through, run for real on loopback (three clients, secure
 # aggregation): init, keygen, enroll, serve,
-# check, run, then status, rounds, clients and export, the exported model loaded with Python's
+# check, run (scraping /metrics meanwhile), then status, rounds, clients and export, the exported model loaded with Python's
 # `safetensors` package and evaluated by a client on its own data. Usage: scripts/walkthrough.sh [BIN_DIR] (default target/debug).
 set -euo pipefail
 BIN=${1:-target/debug}
@@ -18,6 +18,7 @@ cp "$ROOT/common/specs/mnist-2nn.toml" "$WORK/server/"
 cat > "$WORK/server/server.toml" <<TOML
 listen = "127.0.0.1:$PORT"
 model = "mnist-2nn.toml"
+metrics_listen = "127.0.0.1:$((PORT + 1))"
 [test_data]
 format = "idx"
 images = "$MNIST/t10k-images.idx3-ubyte.gz"
@@ -63,6 +64,22 @@ for id in hospital-a hospital-b hospital-c; do
   "$BIN/cohort-client" run --config "$WORK/$id/client.toml" &
   PIDS+=("$!")
 done
+# Prometheus sees the first round while the second runs.
+python3 - "$((PORT + 1))" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/metrics"
+for _ in range(240):
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if 'cohort_rounds_total{status="completed"}' in text:
+            print("metrics:", *[l for l in text.splitlines() if l.startswith(("cohort_round ", "cohort_test_accuracy"))])
+            break
+    except OSError:
+        pass
+    time.sleep(0.5)
+else:
+    sys.exit("no completed round on /metrics")
+PY
 wait "$SERVER"   # two rounds configured: the server stops by itself
 for p in "${PIDS[@]:1}"; do kill -TERM "$p"; wait "$p"; done   # clean shutdown exits 0
 PIDS=()

@@ -300,6 +300,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         head_tests: head_tests.clone(),
         events: Some(events_tx),
         state: StatePaths::new(dir.path()),
+        metrics_listen: None,
     })?;
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();

@@ -374,6 +374,9 @@ pub struct ServerConfigFile {
     /// An operator test set to evaluate the global model on after each round.
     #[serde(default)]
     pub test_data: Option<DataSource>,
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     pub federation: Federation,
 }
 
@@ -382,6 +385,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub spec: ModelSpec,
     pub test_data: Option<DataSource>,
+    pub metrics_listen: Option<SocketAddr>,
     pub federation: Federation,
 }
 
@@ -401,6 +405,7 @@ impl ServerConfig {
             listen: file.listen,
             spec,
             test_data: file.test_data.map(|d| d.resolve(base)),
+            metrics_listen: file.metrics_listen,
             federation: file.federation,
         })
     }

@@ -8,6 +8,8 @@
 //! - [`store`]: SQLite records of clients and rounds (`cohort.db`).
 //! - [`serve`]: the driver: QUIC endpoint with mutual TLS, connected clients, and the loop that
 //!   feeds `cohort_common::round` with updates, then checkpoints, evaluates and records.
+//! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
+//!   accuracy, epsilon, clients connected.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,12 +26,14 @@
 //!     federation: config.federation,
 //!     state,
 //!     events: None,
+//!     metrics_listen: config.metrics_listen,
 //! })?;
 //! let reports = server.run(tokio_util::sync::CancellationToken::new()).await?;
 //! # Ok(()) }
 //! ```
 
 pub mod config;
+pub mod metrics;
 pub mod pki;
 pub mod serve;
 pub mod store;

@@ -298,6 +298,7 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
             test_data,
             head_tests: Vec::new(),
             events: None,
+            metrics_listen: config.metrics_listen,
         })?;
         let reports = server.run(shutdown).await?;
         tracing::info!(rounds = reports.len(), "done");

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Collection, DpConfig, Federation};
+use crate::metrics::ServerMetrics;
 use crate::pki::StatePaths;
 use crate::store::{HeadMetrics, RoundRow, Store, StoreError};
 use cohort_common::secagg::quantize::Quantizer;
@@ -62,6 +63,8 @@ pub enum ServeError {
     NotEnoughClients { connected: usize, needed: usize, waited: f64 },
     #[error("checkpoint {path}: {problem}")]
     Checkpoint { path: String, problem: String },
+    #[error("metrics_listen {addr}: {problem}; choose another address or leave metrics_listen out")]
+    Metrics { addr: SocketAddr, problem: String },
 }
 
 /// What one round did; sent to observers and returned at the end.
@@ -117,6 +120,8 @@ pub struct ServeSetup {
     pub head_tests: Vec<(String, Dataset)>,
     /// Receives a report after every round.
     pub events: Option<mpsc::UnboundedSender<RoundReport>>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 struct Connected {
@@ -228,6 +233,8 @@ pub struct Server {
     setup: ServeSetup,
     store: Arc<Mutex<Store>>,
     registry: Arc<Registry>,
+    metrics: Arc<ServerMetrics>,
+    metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 /// The largest label count one client may contribute to a census, per class.
@@ -245,17 +252,43 @@ impl Server {
         setup.federation.check_model(&setup.spec).map_err(ServeError::Config)?;
         let store = Store::open(&setup.state.database())?;
         let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
-        Ok(Self { endpoint, setup, store: Arc::new(Mutex::new(store)), registry: Arc::default() })
+        let metrics_listener = match setup.metrics_listen {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|e| ServeError::Metrics { addr, problem: e.to_string() })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            endpoint,
+            setup,
+            store: Arc::new(Mutex::new(store)),
+            registry: Arc::default(),
+            metrics: Arc::default(),
+            metrics_listener,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint.local_addr().expect("a bound endpoint has an address")
     }
 
+    /// Where the Prometheus endpoint listens, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Accepts clients and runs the configured rounds; returns their reports. Stops early,
     /// cleanly, when `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
         let accept_stop = shutdown.child_token();
+        if let Some(listener) = self.metrics_listener.take() {
+            let (metrics, registry) = (self.metrics.clone(), self.registry.clone());
+            let render = Arc::new(move || metrics.render(registry.clients.lock().expect("registry lock").len()));
+            tokio::spawn(crate::metrics::serve(listener, render, accept_stop.clone()));
+        }
         let acceptor = tokio::spawn(accept_loop(
             self.endpoint.clone(),
             self.registry.clone(),
@@ -1006,6 +1039,8 @@ impl Server {
                 "round finished"
             ),
         }
+        let first_head = self.setup.spec.heads.first().map_or("", |h| h.name.as_str());
+        self.metrics.record(&report, first_head);
         if let Some(events) = &self.setup.events {
             let _ = events.send(report.clone());
         }

@@ -99,6 +99,8 @@ impl Ca {
 
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The Prometheus endpoint, when started with one.
+    pub metrics: Option<SocketAddr>,
     pub reports: mpsc::UnboundedReceiver<RoundReport>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<Vec<RoundReport>, ServeError>>,
@@ -115,6 +117,17 @@ pub fn start_server_with_spec(
     test_data: Option<Dataset>,
     spec: ModelSpec,
 ) -> RunningServer {
+    start_server_with_metrics(ca, listen, federation, test_data, spec, None)
+}
+
+pub fn start_server_with_metrics(
+    ca: &Ca,
+    listen: SocketAddr,
+    federation: Federation,
+    test_data: Option<Dataset>,
+    spec: ModelSpec,
+    metrics_listen: Option<SocketAddr>,
+) -> RunningServer {
     let (tx, reports) = mpsc::unbounded_channel();
     // A just-stopped server's socket can take a moment to be released: retry briefly.
     let mut attempts = 0;
@@ -128,6 +141,7 @@ pub fn start_server_with_spec(
             test_data: test_data.clone(),
             head_tests: Vec::new(),
             events: Some(tx.clone()),
+            metrics_listen,
         });
         match bound {
             Ok(server) => break server,
@@ -138,10 +152,10 @@ pub fn start_server_with_spec(
             Err(e) => panic!("{e}"),
         }
     };
-    let addr = server.local_addr();
+    let (addr, metrics) = (server.local_addr(), server.metrics_addr());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
-    RunningServer { addr, reports, shutdown, task }
+    RunningServer { addr, metrics, reports, shutdown, task }
 }
 
 pub struct RunningClient {
