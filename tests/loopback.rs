@@ -1,6 +1,7 @@
 //! Real QUIC with mutual TLS on 127.0.0.1: enrolment, a full round checked against an
 //! independent computation, refusal of strangers, a client killed mid-round, a hung client
-//! held to the deadline, and a client that reconnects after the server restarts.
+//! held to the deadline, and a client that reconnects after the server restarts (which resumes
+//! its optimizer's momentum).
 
 mod support;
 
@@ -9,10 +10,13 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cohort::client::daemon::{ClientError, ClientEvent};
-use cohort::common::model::{flat_from_safetensors, Model};
+use cohort::common::model::{flat_from_safetensors, vectors_from_safetensors, Model};
 use cohort::common::participant::Participant;
+use cohort::common::round::plan_seed;
+use cohort::common::strategy::StrategyConfig;
 use cohort::common::wire::{self, ClientMsg, ServerMsg};
 use cohort::io::{client_config, recv_msg, send_msg, Identity};
+use cohort::server::config::Federation;
 use cohort::server::store::Store;
 use support::*;
 
@@ -155,9 +159,14 @@ async fn a_killed_client_and_a_hung_client_are_left_out_and_the_others_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_reconnects_after_the_server_restarts() {
+async fn a_client_reconnects_after_the_server_restarts_and_the_optimizer_resumes() {
     let ca = Ca::new();
-    let mut first = start_server(&ca, localhost(), federation(1, 1, 1), None);
+    // Server momentum: its state must survive the restart for round 2 to be right.
+    let with_momentum = |rounds| Federation {
+        strategy: StrategyConfig::FedAvgM { server_lr: 1.0, momentum: 0.9 },
+        ..federation(rounds, 1, 1)
+    };
+    let mut first = start_server(&ca, localhost(), with_momentum(1), None);
     let addr = first.addr;
     let mut client = start_client(ca.client("steadfast"), addr, dataset(30, 3));
     client.wait_for(20, |e| *e == ClientEvent::Connected).await;
@@ -166,7 +175,7 @@ async fn a_client_reconnects_after_the_server_restarts() {
     client.wait_for(20, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
 
     // Same state directory and address, two rounds in total: it resumes at round 2.
-    let mut second = start_server(&ca, addr, federation(2, 1, 1), None);
+    let mut second = start_server(&ca, addr, with_momentum(2), None);
     client.wait_for(30, |e| *e == ClientEvent::Connected).await;
     let report = next_report(&mut second, 30).await;
     assert_eq!(report.round, 2);
@@ -174,6 +183,25 @@ async fn a_client_reconnects_after_the_server_restarts() {
     assert_eq!(report.participants, 1);
     second.task.await.unwrap().unwrap();
     client.stop().await;
+
+    // Round 2 recomputed here: the client's update from the round-1 model, added to the saved
+    // momentum: m2 = 0.9 m1 + d2 and global2 = global1 + m2.
+    let model = Model::new(&spec(), &Device::Cpu, 0).unwrap();
+    let read = |path: std::path::PathBuf| std::fs::read(path).unwrap();
+    let global1 = flat_from_safetensors(model.layout(), &read(ca.state.checkpoint(1))).unwrap();
+    let global2 = flat_from_safetensors(model.layout(), &read(ca.state.checkpoint(2))).unwrap();
+    let m1 = vectors_from_safetensors(&read(ca.state.optimizer_checkpoint(1))).unwrap()["first"].clone();
+    let fed = with_momentum(2);
+    let (_, mut plan) = first_plan(&fed);
+    plan.round = 2;
+    plan.seed = plan_seed(fed.seed, 2);
+    plan.params = wire::TensorBytes::from_f32(&global1);
+    let steadfast = Participant::new("steadfast", Arc::new(dataset(30, 3)), Device::Cpu);
+    let d2 = steadfast.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
+    let worst = (0..d2.len()).map(|i| ((global1[i] + 0.9 * m1[i] + d2[i]) - global2[i]).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "round 2 differs from momentum resumed by {worst}");
+    let momentum = m1.iter().map(|m| (0.9 * m).abs()).fold(0f32, f32::max);
+    assert!(momentum > 1e-3, "the saved momentum matters ({momentum})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,9 @@ mod support;
 use std::sync::Arc;
 
 use candle_core::Device;
+use cohort::common::model::vectors_from_safetensors;
 use cohort::common::model::{flat_from_safetensors, Model, ModelSpec};
-use cohort::common::participant::{personal_heads_from_bytes, HeadData};
+use cohort::common::participant::HeadData;
 use support::*;
 
 const PERSONAL_SPEC: &str = "name = 'tiny-personal'\ninput_shape = [4]\n[[trunk]]\nkind = 'linear'\nout = 8\n\
@@ -52,7 +53,7 @@ async fn personal_heads_stay_on_their_clients() {
     assert_eq!(segment(&global, 2), segment(&initial, 2), "the server never learns the personal head");
     for dir in &dirs {
         let kept =
-            personal_heads_from_bytes(&std::fs::read(dir.path().join("personal-heads.safetensors")).unwrap()).unwrap();
+            vectors_from_safetensors(&std::fs::read(dir.path().join("personal-heads.safetensors")).unwrap()).unwrap();
         assert_ne!(kept["mine"], segment(&initial, 2), "each client trained and kept its own");
     }
 }

@@ -391,7 +391,7 @@ fn keep_personal_heads(participant: &Participant, path: Option<&std::path::Path>
     if heads.is_empty() {
         return;
     }
-    let bytes = cohort_common::participant::personal_heads_to_bytes(&heads);
+    let bytes = cohort_common::model::vectors_to_safetensors(&heads);
     if let Err(e) = cohort_io::files::write_atomic(path, &bytes) {
         warn!("cannot keep the personal heads: {e}");
     }

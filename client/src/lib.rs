@@ -137,13 +137,11 @@ fn personal_heads(
         Some(path) => {
             let bytes = std::fs::read(path)
                 .map_err(|source| cohort_io::files::FileError::Io { path: path.display().to_string(), source })?;
-            cohort_common::participant::personal_heads_from_bytes(&bytes).map_err(|e| {
-                cohort_io::files::FileError::Config {
-                    path: path.display().to_string(),
-                    message: format!(
-                        "the personal heads are unreadable ({e}); restore them or remove the file to start them anew"
-                    ),
-                }
+            cohort_common::model::vectors_from_safetensors(&bytes).map_err(|e| cohort_io::files::FileError::Config {
+                path: path.display().to_string(),
+                message: format!(
+                    "the personal heads are unreadable ({e}); restore them or remove the file to start them anew"
+                ),
             })?
         }
         None => Default::default(),
@@ -233,7 +231,7 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cohort_common::participant::personal_heads_to_bytes;
+    use cohort_common::model::vectors_to_safetensors;
 
     const SPEC: &str =
         "name = 'two'\ninput_shape = [2]\n[[trunk]]\nkind = 'linear'\nout = 4\n[[trunk]]\nkind = 'relu'\n\
@@ -289,7 +287,7 @@ mod tests {
         // Layout order inside the head: bias (2), then weight (2 x 4).
         always_one[1] = 5.0;
         let saved = BTreeMap::from([("y".to_string(), always_one)]);
-        std::fs::write(state.join(PERSONAL_HEADS_FILE), personal_heads_to_bytes(&saved)).unwrap();
+        std::fs::write(state.join(PERSONAL_HEADS_FILE), vectors_to_safetensors(&saved)).unwrap();
         let without = client(dir.path(), "validation_fraction = 0.25");
         let exported_head = evaluate_model(&without, &model_path, None).unwrap().heads[0].1.clone().unwrap();
         let config = client(dir.path(), "state_dir = 'state'\nvalidation_fraction = 0.25");

@@ -23,7 +23,7 @@
 //! assert_eq!(model.layout().total_len(), 4 * 3 + 3 + 3 * 2 + 2);
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
@@ -580,6 +580,39 @@ impl Model {
         let flat = flat_from_safetensors(&self.layout, bytes)?;
         self.set_flat(&flat)
     }
+}
+
+/// Named flat vectors (personal heads, a server optimizer's state) as a safetensors file, one
+/// flat f32 tensor each.
+pub fn vectors_to_safetensors(vectors: &BTreeMap<String, Vec<f32>>) -> Vec<u8> {
+    let bytes: Vec<(String, Vec<u8>, usize)> = vectors
+        .iter()
+        .map(|(name, values)| (name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.len()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, data, len)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], data)
+                .expect("a flat f32 tensor is consistent");
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize(views, None).expect("serializing in memory cannot fail")
+}
+
+/// Reads what [`vectors_to_safetensors`] wrote.
+pub fn vectors_from_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Vec<f32>>> {
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+                return Err(ModelError::Safetensors(format!("tensor `{name}` is not a flat f32 tensor")));
+            }
+            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            Ok((name, values))
+        })
+        .collect()
 }
 
 /// The safetensors metadata key under which [`Model::to_safetensors`] keeps the model spec.

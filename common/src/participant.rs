@@ -568,38 +568,6 @@ pub fn confusion_cells(plan: &RoundPlan) -> Result<usize, ParticipantError> {
     Ok(spec.heads.iter().map(|h| h.classes * h.classes).sum())
 }
 
-/// Personal heads as a safetensors file (one flat f32 tensor per head), for the driver to keep.
-pub fn personal_heads_to_bytes(heads: &BTreeMap<String, Vec<f32>>) -> Vec<u8> {
-    let bytes: Vec<(String, Vec<u8>, usize)> = heads
-        .iter()
-        .map(|(name, values)| (name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.len()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(name, data, len)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], data)
-                .expect("a flat f32 tensor is consistent");
-            (name.clone(), view)
-        })
-        .collect();
-    safetensors::serialize(views, None).expect("serializing in memory cannot fail")
-}
-
-/// Reads what [`personal_heads_to_bytes`] wrote.
-pub fn personal_heads_from_bytes(bytes: &[u8]) -> Result<BTreeMap<String, Vec<f32>>, String> {
-    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    file.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
-                return Err(format!("tensor `{name}` is not a flat f32 tensor"));
-            }
-            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            Ok((name, values))
-        })
-        .collect()
-}
-
 /// FNV-1a: a stable, dependency-free hash to derive per-client seeds.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
@@ -608,6 +576,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{vectors_from_safetensors, vectors_to_safetensors};
     use crate::train::TrainConfig;
 
     fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
@@ -719,8 +688,8 @@ mod tests {
         assert!(fresh.personal_heads()["p"].iter().any(|v| v.abs() > 10.0), "without them it starts from the server's");
 
         let saved = restarted.personal_heads();
-        assert_eq!(personal_heads_from_bytes(&personal_heads_to_bytes(&saved)).unwrap(), saved);
-        assert!(personal_heads_from_bytes(&personal_heads_to_bytes(&saved)[..10]).is_err());
+        assert_eq!(vectors_from_safetensors(&vectors_to_safetensors(&saved)).unwrap(), saved);
+        assert!(vectors_from_safetensors(&vectors_to_safetensors(&saved)[..10]).is_err());
     }
 
     #[test]

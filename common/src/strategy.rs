@@ -4,6 +4,11 @@
 //! [`Strategy`] turns it into the next global model. FedAvg with `server_lr = 1` is McMahan et
 //! al.'s weighted model average; FedAvgM adds server momentum (Hsu et al. 2019); FedAdam and
 //! FedYogi are the adaptive optimizers of Reddi et al. 2021, "Adaptive Federated Optimization".
+//! Their state (momentum, second moments) is part of the federation: [`Strategy::state`] and
+//! [`Strategy::restore`] let the server keep it with each checkpoint, so a restart resumes the
+//! optimizer where it stopped.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +18,8 @@ pub enum StrategyError {
     Config { name: &'static str, problem: String },
     #[error("update has {got} values, the model has {expected}")]
     Length { got: usize, expected: usize },
+    #[error("saved optimizer state: {0}")]
+    State(String),
 }
 
 fn one() -> f64 {
@@ -134,6 +141,42 @@ impl Strategy {
         &self.config
     }
 
+    /// The optimizer's state by name (`first`: momentum or first moment; `second`: second
+    /// moment); empty for FedAvg, which has none.
+    pub fn state(&self) -> BTreeMap<String, Vec<f32>> {
+        [("first", &self.first), ("second", &self.second)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(name, v)| (name.to_string(), v.clone()))
+            .collect()
+    }
+
+    /// Continues from a saved [`Strategy::state`]: the same vectors, each of the model's length.
+    pub fn restore(&mut self, state: &BTreeMap<String, Vec<f32>>) -> Result<(), StrategyError> {
+        let expected = self.state();
+        if state.keys().ne(expected.keys()) {
+            return Err(StrategyError::State(format!(
+                "it holds {:?}, strategy `{}` keeps {:?}",
+                state.keys().collect::<Vec<_>>(),
+                self.config.name(),
+                expected.keys().collect::<Vec<_>>()
+            )));
+        }
+        if let Some((name, v)) = state.iter().find(|(_, v)| v.len() != self.params || v.iter().any(|x| !x.is_finite()))
+        {
+            return Err(StrategyError::State(format!(
+                "`{name}` has {} values (non-finite ones refused), the model has {}",
+                v.len(),
+                self.params
+            )));
+        }
+        for (name, v) in state {
+            let slot = if name == "first" { &mut self.first } else { &mut self.second };
+            slot.copy_from_slice(v);
+        }
+        Ok(())
+    }
+
     /// Moves `global` by the averaged client delta.
     pub fn apply(&mut self, global: &mut [f32], mean_delta: &[f32]) -> Result<(), StrategyError> {
         if global.len() != self.params || mean_delta.len() != self.params {
@@ -211,6 +254,38 @@ mod tests {
         let mut g = vec![0.0, 0.0];
         s.apply(&mut g, &[1.0, -1.0]).unwrap();
         assert!(g[0] > 0.0 && g[1] < 0.0);
+    }
+
+    #[test]
+    fn a_restored_optimizer_continues_exactly() {
+        let config = StrategyConfig::FedAdam { server_lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
+        let deltas = [[0.5f32, -1.0, 0.25], [0.1, 0.2, -0.3], [-0.4, 0.0, 0.9]];
+        let mut straight = config.build(3).unwrap();
+        let mut global = vec![0.0f32; 3];
+        for d in &deltas {
+            straight.apply(&mut global, d).unwrap();
+        }
+        // Stop after one round, keep the state, start a new optimizer from it.
+        let mut first = config.build(3).unwrap();
+        let mut resumed_global = vec![0.0f32; 3];
+        first.apply(&mut resumed_global, &deltas[0]).unwrap();
+        let saved = first.state();
+        assert_eq!(saved.keys().collect::<Vec<_>>(), ["first", "second"]);
+        let mut resumed = config.build(3).unwrap();
+        resumed.restore(&saved).unwrap();
+        for d in &deltas[1..] {
+            resumed.apply(&mut resumed_global, d).unwrap();
+        }
+        assert_eq!(resumed_global, global, "bit for bit");
+
+        assert!(StrategyConfig::default().build(3).unwrap().state().is_empty(), "FedAvg keeps nothing");
+        let momentum = StrategyConfig::FedAvgM { server_lr: 1.0, momentum: 0.9 };
+        let err = momentum.build(3).unwrap().restore(&saved).unwrap_err().to_string();
+        assert!(err.contains("fedavgm") && err.contains("second"), "{err}");
+        let short = BTreeMap::from([("first".to_string(), vec![0.0f32; 2])]);
+        assert!(momentum.build(3).unwrap().restore(&short).is_err());
+        let nan = BTreeMap::from([("first".to_string(), vec![f32::NAN; 3])]);
+        assert!(momentum.build(3).unwrap().restore(&nan).is_err());
     }
 
     #[test]

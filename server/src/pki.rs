@@ -54,6 +54,10 @@ impl StatePaths {
     pub fn checkpoint(&self, round: u64) -> PathBuf {
         self.checkpoints().join(format!("round-{round:06}.safetensors"))
     }
+    /// The server optimizer's state after `round` (FedAvgM, FedAdam, FedYogi).
+    pub fn optimizer_checkpoint(&self, round: u64) -> PathBuf {
+        self.checkpoints().join(format!("round-{round:06}.optimizer.safetensors"))
+    }
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use candle_core::Device;
 use cohort_common::data::Dataset;
 use cohort_common::dp::{self, RdpAccountant};
-use cohort_common::model::{Model, ModelSpec};
+use cohort_common::model::{vectors_from_safetensors, vectors_to_safetensors, Model, ModelSpec};
 use cohort_common::round::{
     cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round,
     RoundError, RoundOutcome,
 };
 use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer};
+use cohort_common::strategy::Strategy;
 use cohort_common::train::{evaluate, per_class, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
@@ -319,6 +320,7 @@ impl Server {
                 .load_safetensors(&bytes)
                 .map_err(|e| ServeError::Checkpoint { path: path.display().to_string(), problem: e.to_string() })?;
             info!(round, checkpoint = %path.display(), "resuming from the last completed round");
+            self.resume_optimizer(&mut strategy, *round)?;
         }
         let mut privacy = match &fed.dp {
             Some(config) => Some(Privacy::resume(config, &self.store.lock().expect("store lock").rounds()?)),
@@ -509,6 +511,13 @@ impl Server {
                         .map_err(|e| ServeError::Config(e.to_string()))?;
                     model.set_flat(&global)?;
                     let relative = format!("checkpoints/round-{round_no:06}.safetensors");
+                    let optimizer = strategy.state();
+                    if !optimizer.is_empty() {
+                        files::write_atomic(
+                            &self.setup.state.optimizer_checkpoint(round_no),
+                            &vectors_to_safetensors(&optimizer),
+                        )?;
+                    }
                     files::write_atomic(&self.setup.state.checkpoint(round_no), &model.to_safetensors()?)?;
                     let federated = match fed.evaluate_every.filter(|every| round_no % every == 0) {
                         Some(_) => {
@@ -666,6 +675,31 @@ impl Server {
             }
         }
         Ok(Some(round.finish()))
+    }
+
+    /// Puts back the server optimizer's state saved with round `round`'s checkpoint. A missing
+    /// file (an older state directory) or one for another strategy (the operator changed it)
+    /// restarts the optimizer from zero, with a warning; a damaged one is an error.
+    fn resume_optimizer(&self, strategy: &mut Strategy, round: u64) -> Result<(), ServeError> {
+        if strategy.state().is_empty() {
+            return Ok(());
+        }
+        let path = self.setup.state.optimizer_checkpoint(round);
+        if !path.exists() {
+            warn!(round, "no saved state of the server optimizer for round {round}; it starts from zero");
+            return Ok(());
+        }
+        let damaged = |problem: String| ServeError::Checkpoint {
+            path: path.display().to_string(),
+            problem: format!("{problem}; remove the file to restart the server optimizer from zero"),
+        };
+        let bytes = std::fs::read(&path).map_err(|e| damaged(e.to_string()))?;
+        let state = vectors_from_safetensors(&bytes).map_err(|e| damaged(e.to_string()))?;
+        match strategy.restore(&state) {
+            Ok(()) => info!(round, "the server optimizer continues from its saved state"),
+            Err(e) => warn!(round, "{e}: the server optimizer starts from zero"),
+        }
+        Ok(())
     }
 
     /// The label census before round `round`: every connected client's label counts of the heads
