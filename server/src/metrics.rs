@@ -49,7 +49,7 @@ pub struct ServerMetrics {
 
 impl Default for ServerMetrics {
     fn default() -> Self {
-        let metrics = Self {
+        let mut metrics = Self {
             registry: Registry::with_prefix("cohort"),
             round: Gauge::default(),
             rounds: Family::default(),
@@ -66,7 +66,7 @@ impl Default for ServerMetrics {
             federated_accuracy: ByHead::default(),
             federated_balanced_accuracy: ByHead::default(),
         };
-        let mut registry = Registry::with_prefix("cohort");
+        let registry = &mut metrics.registry;
         for (name, help, gauge) in [
             ("round", "The last round finished (completed or aborted)", &metrics.round),
             ("round_participants", "Updates in the last round's sum", &metrics.participants),
@@ -105,7 +105,7 @@ impl Default for ServerMetrics {
         }
         registry.register("rounds", "Rounds finished, by status", metrics.rounds.clone());
         registry.register("dropouts", "Sampled clients that did not finish their round", metrics.dropouts.clone());
-        Self { registry, ..metrics }
+        metrics
     }
 }
 
