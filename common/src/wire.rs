@@ -102,8 +102,9 @@ pub struct RoundPlan {
     pub secure: Option<Box<SecurePlan>>,
     /// What the round asks of the client.
     pub task: Task,
-    /// The population's label counts of the first head, from the last label census: clients
-    /// whose loss weighting has `scope = "global"` weigh classes by these instead of their own.
+    /// The population's label counts from the last label census, one histogram per head whose
+    /// loss has `scope = "global"` (`TrainConfig::census_heads`, in model order): those heads
+    /// weigh classes by these instead of the client's own counts.
     pub class_counts: Option<Vec<u64>>,
 }
 
@@ -113,8 +114,8 @@ pub enum Task {
     /// Train and send the update.
     #[default]
     Train,
-    /// Send the label counts of the first head, through secure aggregation only: the server
-    /// learns the population's histogram, no client's.
+    /// Send the label counts of every head with `scope = "global"`, through secure aggregation
+    /// only: the server learns the population's histograms, no client's.
     CountLabels,
     /// Federated evaluation: evaluate the plan's parameters on local validation data and send
     /// one confusion matrix per head, through secure aggregation only (a client's confusion
