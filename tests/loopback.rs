@@ -221,3 +221,26 @@ async fn a_revoked_client_is_refused_with_a_reason() {
     server.shutdown.cancel();
     let _ = server.task.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_set_with_more_classes_than_its_head_is_refused_at_start() {
+    use cohort::server::pki;
+    use cohort::server::serve::{ServeSetup, Server};
+    let ca = Ca::new();
+    let wide = cohort::common::data::Dataset::new(vec![0.5; 8], vec![4], vec![0, 4], 5).unwrap();
+    let err = Server::bind(ServeSetup {
+        state: cohort::server::pki::StatePaths::new(ca.dir.path()),
+        identity: pki::server_identity(&ca.state).unwrap(),
+        listen: localhost(),
+        spec: spec(),
+        federation: federation(1, 1, 1),
+        test_data: Some(wide),
+        head_tests: Vec::new(),
+        events: None,
+        metrics_listen: None,
+    })
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("head `y` has 5 classes, the head has 3"), "{err}");
+}

@@ -654,12 +654,15 @@ impl Metrics {
 
 /// Evaluates head `head` on `data` in batches of `batch_size`.
 pub fn evaluate(model: &Model, head: usize, data: &DeviceData, batch_size: usize) -> Result<Metrics> {
-    let classes = model
-        .spec()
-        .heads
-        .get(head)
-        .ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?
-        .classes;
+    let spec_head =
+        model.spec().heads.get(head).ok_or_else(|| TrainError::Data(format!("the model has no head number {head}")))?;
+    let classes = spec_head.classes;
+    if data.classes > classes {
+        return Err(TrainError::Data(format!(
+            "the data have {} classes, head `{}` has {classes}; map the labels onto the head's classes",
+            data.classes, spec_head.name
+        )));
+    }
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut loss_sum = 0f64;
     let mut start = 0;
@@ -683,6 +686,15 @@ pub fn evaluate(model: &Model, head: usize, data: &DeviceData, batch_size: usize
 mod tests {
     use super::*;
     use crate::model::ModelSpec;
+
+    #[test]
+    fn evaluating_data_with_more_classes_than_the_head_is_an_error() {
+        let spec = ModelSpec::from_toml("name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2").unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
+        let data = Dataset::new(vec![0.1, 0.2, 0.3, 0.4], vec![2], vec![0, 4], 5).unwrap();
+        let err = evaluate(&model, 0, &DeviceData::new(&data, &model).unwrap(), 8).unwrap_err().to_string();
+        assert!(err.contains("5 classes") && err.contains("`y` has 2"), "{err}");
+    }
 
     #[test]
     fn metrics_from_a_hand_made_confusion_matrix() {

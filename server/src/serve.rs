@@ -251,6 +251,20 @@ impl Server {
     pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
         setup.federation.check().map_err(ServeError::Config)?;
         setup.federation.check_model(&setup.spec).map_err(ServeError::Config)?;
+        let first = setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();
+        let tests = setup.test_data.iter().map(|d| (&first, d)).chain(setup.head_tests.iter().map(|(h, d)| (h, d)));
+        for (name, data) in tests {
+            let head = setup.spec.heads.iter().find(|h| &h.name == name).ok_or_else(|| {
+                ServeError::Config(format!("a test set names head `{name}`, which the model does not have"))
+            })?;
+            if data.classes > head.classes {
+                return Err(ServeError::Config(format!(
+                    "the test set of head `{name}` has {} classes, the head has {}; fix test_data's classes or the \
+                     model spec",
+                    data.classes, head.classes
+                )));
+            }
+        }
         let store = Store::open(&setup.state.database())?;
         let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
         let metrics_listener = match setup.metrics_listen {
