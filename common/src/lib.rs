@@ -6,15 +6,18 @@
 //! `cohort-server` and `cohort-client` feed (the quinn-proto / quinn split).
 //!
 //! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap.
-//! - [`model`]: `ModelSpec` (trunk + named heads, from TOML), its candle build, the flat
-//!   `ParamLayout` and safetensors in and out.
-//! - [`train`]: local SGD, cross-entropy, evaluation metrics.
+//! - [`model`]: `ModelSpec` (trunk + named heads, shared or personal, from TOML), its candle
+//!   build, the flat `ParamLayout` with one segment per head, and safetensors in and out (the
+//!   spec travels in the file's metadata).
+//! - [`train`]: local SGD over several heads at once (or FedRep's heads-then-trunk order), the
+//!   per-head imbalance losses, evaluation metrics with per-class recall.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
 //! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant.
-//! - [`participant`]: the client's side of a round (plan in, update out).
+//! - [`participant`]: the client's side of a round (plan in, update out; label census and
+//!   federated evaluation; personal heads kept).
 //! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role.
 //! - [`round`]: the server's round state machine and the collection seam.
-//! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi).
+//! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //!
 //! ```
 //! use cohort_common::wire::{self, ClientMsg};
