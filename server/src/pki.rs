@@ -25,6 +25,7 @@ pub enum PkiError {
 }
 
 /// File names inside a server state directory.
+#[derive(Debug, Clone)]
 pub struct StatePaths {
     pub dir: PathBuf,
 }

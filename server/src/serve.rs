@@ -525,14 +525,18 @@ impl Server {
                         .map_err(|e| ServeError::Config(e.to_string()))?;
                     model.set_flat(&global)?;
                     let relative = format!("checkpoints/round-{round_no:06}.safetensors");
-                    let optimizer = strategy.state();
-                    if !optimizer.is_empty() {
-                        files::write_atomic(
-                            &self.setup.state.optimizer_checkpoint(round_no),
-                            &vectors_to_safetensors(&optimizer),
-                        )?;
-                    }
-                    files::write_atomic(&self.setup.state.checkpoint(round_no), &model.to_safetensors()?)?;
+                    // Serialising and syncing a large model takes a while: off the runtime.
+                    let (state, checkpointed, optimizer) = (self.setup.state.clone(), model.clone(), strategy.state());
+                    tokio::task::spawn_blocking(move || -> Result<(), ServeError> {
+                        if !optimizer.is_empty() {
+                            let bytes = vectors_to_safetensors(&optimizer);
+                            files::write_atomic(&state.optimizer_checkpoint(round_no), &bytes)?;
+                        }
+                        files::write_atomic(&state.checkpoint(round_no), &checkpointed.to_safetensors()?)?;
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| ServeError::Config(format!("checkpoint task failed: {e}")))??;
                     let federated = match fed.evaluate_every.filter(|every| round_no % every == 0) {
                         Some(_) => {
                             let evaluated = self
@@ -582,7 +586,8 @@ impl Server {
                         &outcome.reported,
                         sampling_rate,
                         noise_multiplier,
-                    )?;
+                    )
+                    .await?;
                     debug!(
                         round = round_no,
                         collect_s = collected.as_secs_f64(),
@@ -624,7 +629,7 @@ impl Server {
                         clip: None,
                         unclipped: None,
                     };
-                    self.record(&report, started_at, None, &[], sampling_rate, noise_multiplier)?;
+                    self.record(&report, started_at, None, &[], sampling_rate, noise_multiplier).await?;
                     self.publish(report, &mut reports);
                 }
             }
@@ -1058,7 +1063,12 @@ impl Server {
                 .chain(evaluated.heads.iter().map(|(h, m)| (h.clone(), m)))
                 .map(|(head, metrics)| HeadMetrics { head, metrics: metrics.clone() })
                 .collect();
-            self.store.lock().expect("store lock").set_test_metrics(report.round, evaluated.first.as_ref(), &heads)?;
+            let (store, round, first) = (self.store.clone(), report.round, evaluated.first.clone());
+            tokio::task::spawn_blocking(move || {
+                store.lock().expect("store lock").set_test_metrics(round, first.as_ref(), &heads)
+            })
+            .await
+            .map_err(|e| ServeError::Config(format!("database task failed: {e}")))??;
             report.test = evaluated.first;
             report.head_tests = evaluated.heads;
             report.eval_seconds = Some(evaluated.seconds);
@@ -1095,7 +1105,8 @@ impl Server {
         reports.push(report);
     }
 
-    fn record(
+    /// Records a round in the database, off the runtime (SQLite syncs every commit).
+    async fn record(
         &self,
         r: &RoundReport,
         started_at: i64,
@@ -1131,7 +1142,10 @@ impl Server {
                 .map(|(head, metrics)| HeadMetrics { head: head.clone(), metrics: metrics.clone() })
                 .collect(),
         };
-        self.store.lock().expect("store lock").record_round(&row, participants)?;
+        let (store, participants) = (self.store.clone(), participants.to_vec());
+        tokio::task::spawn_blocking(move || store.lock().expect("store lock").record_round(&row, &participants))
+            .await
+            .map_err(|e| ServeError::Config(format!("database task failed: {e}")))??;
         Ok(())
     }
 }
