@@ -1,10 +1,12 @@
-//! The Prometheus endpoint over real TCP: after a round, `GET /metrics` shows it; an oversized
-//! request and a silent connection get errors and the endpoint (and the federation) go on.
+//! The Prometheus endpoint over real TCP: after a round, `GET /metrics` shows it; a flood of idle
+//! connections, an oversized request and a silent connection get errors or are closed, and the
+//! endpoint (and the federation) go on.
 
 mod support;
 
 use std::time::Duration;
 
+use cohort::server::metrics::MAX_CONNECTIONS;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,6 +26,25 @@ async fn the_endpoint_reports_rounds_and_survives_bad_scrapers() {
     let listen = "127.0.0.1:0".parse().unwrap();
     let mut server = start_server_with_metrics(&ca, listen, fed, Some(dataset(60, 9)), spec(), Some(listen));
     let metrics = server.metrics.expect("the endpoint is bound");
+
+    // Before any client: a flood of idle connections. Beyond the cap, connections are closed
+    // unanswered; once the idle ones go, scrapes are answered again.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        idle.push(TcpStream::connect(metrics).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(exchange(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").await, "", "over the cap: closed");
+    drop(idle);
+    let mut answered = String::new();
+    for _ in 0..50 {
+        answered = exchange(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        if !answered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered.starts_with("HTTP/1.1 200 OK"), "{answered}");
 
     // A silent scraper holds one connection open while the federation runs.
     let silent = TcpStream::connect(metrics).await.unwrap();

@@ -5,8 +5,8 @@
 //! accuracy on the test sets and from federated evaluation, epsilon, clients connected); the
 //! round loop updates them from each [`RoundReport`]. [`respond`] is the whole HTTP exchange as
 //! a function of the request head, without I/O; [`serve`] is its thin driver over TCP: one
-//! request per connection, a capped request head and a deadline, so a slow or hostile scraper
-//! costs one small task and never the federation.
+//! request per connection, a capped request head, a deadline and at most [`MAX_CONNECTIONS`] at
+//! once, so slow or hostile scrapers cost a few small tasks and never the federation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -157,6 +157,9 @@ impl ServerMetrics {
 pub const MAX_REQUEST_HEAD: usize = 8 << 10;
 /// How long a scraper has to send its request head.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Scrapes answered at once; connections beyond these are closed unanswered, so a flood of
+/// idle connections holds at most this many request buffers.
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// A finished HTTP response.
 #[derive(Debug, PartialEq)]
@@ -231,6 +234,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, "metrics: GET http://{addr}/metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (mut stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -242,8 +246,13 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => return Ok(()),
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "metrics: {MAX_CONNECTIONS} scrapes in progress; closing this connection");
+            continue;
+        };
         let render = render.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let response = match tokio::time::timeout(REQUEST_DEADLINE, read_head(&mut stream)).await {
                 Ok(Ok(Some(head))) => respond(&head, || render()),
                 Ok(Ok(None)) => Response::text("431 Request Header Fields Too Large", "request head too long or cut"),
