@@ -61,19 +61,14 @@ async fn the_server_learns_only_the_population_histogram() {
     fed.train.loss.weighting = ClassWeighting::InverseFrequency;
     fed.train.loss.scope = CountScope::Global;
     fed.train.loss.recount_every = Some(1);
-    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
+    let server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
     let histograms = [[37, 5, 0], [3, 41, 11], [0, 9, 23]];
     let clients: Vec<RunningClient> = histograms
         .iter()
         .enumerate()
         .map(|(i, &h)| start_client(ca.client(&format!("client-{i}")), server.addr, skewed(h, i as u64)))
         .collect();
-    for _ in 0..2 {
-        let report = next_report(&mut server, 60).await;
-        assert!(report.completed && report.participants == 3, "{report:?}");
-    }
-    server.task.await.unwrap().unwrap();
-    RunningClient::stop_all(clients).await;
+    run_to_end(server, clients, 2, 3).await;
 
     let total = vec![40u64, 55, 34];
     let store = Store::open(&ca.state.database()).unwrap();
@@ -109,7 +104,7 @@ async fn a_census_counts_each_head_with_global_scope() {
     let global =
         LossConfig { weighting: ClassWeighting::InverseFrequency, scope: CountScope::Global, ..Default::default() };
     fed.train.head_loss.insert("odd".into(), global);
-    let mut server = start_server_with_spec(&ca, "127.0.0.1:0".parse().unwrap(), fed, None, spec);
+    let server = start_server_with_spec(&ca, "127.0.0.1:0".parse().unwrap(), fed, None, spec);
     // Head `odd`: whether the label is odd, over the first `n` examples.
     let odd = |data: &Dataset, n: usize| {
         let labels: Vec<u32> = data.labels[..n].iter().map(|l| l % 2).collect();
@@ -132,10 +127,7 @@ async fn a_census_counts_each_head_with_global_scope() {
             start_multitask_client(ca.client(&format!("client-{i}")), server.addr, heads, path)
         })
         .collect();
-    let report = next_report(&mut server, 60).await;
-    assert!(report.completed && report.participants == 3, "{report:?}");
-    server.task.await.unwrap().unwrap();
-    RunningClient::stop_all(clients).await;
+    run_to_end(server, clients, 1, 3).await;
     let store = Store::open(&ca.state.database()).unwrap();
     assert_eq!(store.last_census().unwrap(), Some((1, expected.to_vec())), "head `odd` alone");
     assert_eq!(expected.iter().sum::<u64>(), 30);

@@ -18,13 +18,10 @@ async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {
     fed.collection = Collection::Secure;
     fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
     fed.evaluate_every = Some(1);
-    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, Some(dataset(90, 9)));
+    let server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, Some(dataset(90, 9)));
     let sizes = [(1u64, 30usize), (2, 45), (3, 60)];
     let clients = start_sized_clients(&ca, server.addr, &sizes);
-    let report = next_report(&mut server, 60).await;
-    assert!(report.completed && report.participants == 3, "{report:?}");
-    server.task.await.unwrap().unwrap();
-    RunningClient::stop_all(clients).await;
+    let report = run_to_end(server, clients, 1, 3).await.remove(0);
 
     let model = Model::new(&spec(), &Device::Cpu, 0).unwrap();
     let global = flat_from_safetensors(model.layout(), &std::fs::read(ca.state.checkpoint(1)).unwrap()).unwrap();

@@ -21,7 +21,7 @@ async fn personal_heads_stay_on_their_clients() {
     let ca = Ca::new();
     let spec = ModelSpec::from_toml(PERSONAL_SPEC).unwrap();
     let fed = federation(2, 2, 2);
-    let mut server = start_server_with_spec(&ca, "127.0.0.1:0".parse().unwrap(), fed.clone(), None, spec.clone());
+    let server = start_server_with_spec(&ca, "127.0.0.1:0".parse().unwrap(), fed.clone(), None, spec.clone());
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let clients: Vec<RunningClient> = (0..2u64)
         .map(|i| {
@@ -34,12 +34,7 @@ async fn personal_heads_stay_on_their_clients() {
             start_multitask_client(ca.client(&format!("client-{i}")), server.addr, heads, path)
         })
         .collect();
-    for _ in 0..2 {
-        let report = next_report(&mut server, 60).await;
-        assert!(report.completed && report.participants == 2, "{report:?}");
-    }
-    server.task.await.unwrap().unwrap();
-    RunningClient::stop_all(clients).await;
+    run_to_end(server, clients, 2, 2).await;
 
     let model = Model::new(&spec, &Device::Cpu, fed.seed).unwrap();
     let initial = model.flat().unwrap();

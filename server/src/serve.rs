@@ -254,16 +254,7 @@ impl Server {
         let first = setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();
         let tests = setup.test_data.iter().map(|d| (&first, d)).chain(setup.head_tests.iter().map(|(h, d)| (h, d)));
         for (name, data) in tests {
-            let head = setup.spec.heads.iter().find(|h| &h.name == name).ok_or_else(|| {
-                ServeError::Config(format!("a test set names head `{name}`, which the model does not have"))
-            })?;
-            if data.classes > head.classes {
-                return Err(ServeError::Config(format!(
-                    "the test set of head `{name}` has {} classes, the head has {}; fix test_data's classes or the \
-                     model spec",
-                    data.classes, head.classes
-                )));
-            }
+            test_head(&setup.spec, name, data)?;
         }
         let store = Store::open(&setup.state.database())?;
         let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
@@ -349,9 +340,7 @@ impl Server {
         };
         let mut head_tests = Vec::new();
         for (name, data) in &self.setup.head_tests {
-            let head = self.setup.spec.heads.iter().position(|h| &h.name == name).ok_or_else(|| {
-                ServeError::Config(format!("a test set names head `{name}`, which the model does not have"))
-            })?;
+            let head = test_head(&self.setup.spec, name, data)?;
             head_tests.push((head, name.clone(), Arc::new(DeviceData::new(data, &model)?)));
         }
         let head_tests = Arc::new(head_tests);
@@ -1148,6 +1137,23 @@ impl Server {
             .map_err(|e| ServeError::Config(format!("database task failed: {e}")))??;
         Ok(())
     }
+}
+
+/// The index of head `name` in `spec`, whose test set `data` is: the head must exist and have
+/// room for the data's classes.
+fn test_head(spec: &ModelSpec, name: &str, data: &Dataset) -> Result<usize, ServeError> {
+    let index = spec
+        .head_index(name)
+        .ok_or_else(|| ServeError::Config(format!("a test set names head `{name}`, which the model does not have")))?;
+    let classes = spec.heads[index].classes;
+    if data.classes > classes {
+        return Err(ServeError::Config(format!(
+            "the test set of head `{name}` has {} classes, the head has {classes}; fix test_data's classes or the \
+             model spec",
+            data.classes
+        )));
+    }
+    Ok(index)
 }
 
 /// Requests in flight to a set of clients.

@@ -282,6 +282,25 @@ pub async fn next_report(server: &mut RunningServer, secs: u64) -> RoundReport {
         .expect("server stopped")
 }
 
+/// Runs a federation to its end: `rounds` reports, each of a completed round with
+/// `participants` updates; then the server stops by itself and the clients are stopped.
+pub async fn run_to_end(
+    mut server: RunningServer,
+    clients: Vec<RunningClient>,
+    rounds: usize,
+    participants: usize,
+) -> Vec<RoundReport> {
+    let mut reports = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let report = next_report(&mut server, 60).await;
+        assert!(report.completed && report.participants == participants, "{report:?}");
+        reports.push(report);
+    }
+    server.task.await.unwrap().unwrap();
+    RunningClient::stop_all(clients).await;
+    reports
+}
+
 /// Shows the federation's logs when `RUST_LOG` is set.
 pub fn logs() {
     if std::env::var_os("RUST_LOG").is_some() {
