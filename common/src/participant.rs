@@ -358,14 +358,7 @@ impl Participant {
             return Err(ParticipantError::BadPlan("the parameters to evaluate do not fit the model".into()));
         }
         let mut params = params.to_vec();
-        {
-            let saved = self.personal.lock().expect("personal lock");
-            for seg in local.model.layout().segments().iter().filter(|s| s.personal) {
-                if let Some(values) = saved.get(&seg.name).filter(|v| v.len() == seg.len) {
-                    params[seg.offset..seg.offset + seg.len].copy_from_slice(values);
-                }
-            }
-        }
+        self.put_personal_heads(local.model.layout().segments(), &mut params);
         local.model.set_flat(&params)?;
         let sets = if self.validation.is_empty() { &self.tasks } else { &self.validation };
         let spec = local.model.spec().clone();
@@ -389,6 +382,17 @@ impl Participant {
             *guard = None;
         }
         Ok(results)
+    }
+
+    /// Writes this client's own values of its personal heads over `params` (the server's copy),
+    /// for the personal ones among `segments` that it has.
+    fn put_personal_heads(&self, segments: &[Segment], params: &mut [f32]) {
+        let saved = self.personal.lock().expect("personal lock");
+        for seg in segments.iter().filter(|s| s.personal) {
+            if let Some(values) = saved.get(&seg.name).filter(|v| v.len() == seg.len) {
+                params[seg.offset..seg.offset + seg.len].copy_from_slice(values);
+            }
+        }
     }
 
     /// This client's label counts for a census: one histogram per head the census counts
@@ -485,14 +489,7 @@ impl Participant {
         let personal_segments: Vec<Segment> =
             local.model.layout().segments().iter().filter(|s| s.personal).cloned().collect();
         let mut start = global.clone();
-        {
-            let saved = self.personal.lock().expect("personal lock");
-            for seg in &personal_segments {
-                if let Some(values) = saved.get(&seg.name).filter(|v| v.len() == seg.len) {
-                    start[seg.offset..seg.offset + seg.len].copy_from_slice(values);
-                }
-            }
-        }
+        self.put_personal_heads(&personal_segments, &mut start);
         local.model.set_flat(&start)?;
         let heads: Vec<(usize, &DeviceData)> = local.data.iter().map(|(h, d)| (*h, d)).collect();
         let stats = train::train_heads(&local.model, &heads, &plan.train, seed, plan.class_counts.as_deref())?;
