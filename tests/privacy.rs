@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
 use cohort::client::ledger::LedgerFile;
+use cohort::common::dp::Accounting;
 use cohort::common::dp::{clip_l2, default_orders, RdpAccountant};
 use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::participant::Participant;
@@ -68,7 +69,7 @@ async fn the_global_model_moves_by_the_mean_of_the_clipped_updates() {
     assert!(report.completed && report.participants == 3, "{report:?}");
     assert_eq!(report.clip, Some(clip));
     let unclipped = report.unclipped.unwrap();
-    assert!((unclipped - 1.0).abs() < 1e-3, "one update of three was under the clip norm: {unclipped}");
+    assert!((unclipped - 1.0 / 3.0).abs() < 1e-3, "one update of three was under the clip norm: {unclipped}");
     assert!(report.epsilon.is_none(), "clipping without noise claims no epsilon");
 
     // Uniform weights: the mean of the clipped updates, whatever the sample counts.
@@ -98,7 +99,9 @@ async fn a_client_out_of_budget_declines_and_the_server_stops_at_its_own() {
     let client_budget = (epsilon(1, z) + epsilon(2, z)) / 2.0;
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
     let ledger_dir = tempfile::tempdir().unwrap();
-    let ledger = Arc::new(Mutex::new(LedgerFile::open(ledger_dir.path(), client_budget, 1e-5).unwrap()));
+    let ledger = Arc::new(Mutex::new(
+        LedgerFile::open(ledger_dir.path(), client_budget, 1e-5, Accounting::Participations).unwrap(),
+    ));
     let mut clients = vec![start_private_client(ca.client("client-1"), server.addr, dataset(40, 1), ledger.clone())];
     clients.extend(start_sized_clients(&ca, server.addr, &[(2, 40), (3, 40), (4, 40)]));
 
@@ -126,7 +129,97 @@ async fn a_client_out_of_budget_declines_and_the_server_stops_at_its_own() {
     let spent = ledger.lock().unwrap().ledger().clone();
     assert!(spent.exhausted && spent.epsilon() <= client_budget);
     assert!((spent.epsilon() - epsilon(1, z)).abs() < 1e-9, "client-1 spent one round");
-    let reopened = LedgerFile::open(ledger_dir.path(), client_budget, 1e-5).unwrap();
+    let reopened = LedgerFile::open(ledger_dir.path(), client_budget, 1e-5, Accounting::Participations).unwrap();
     assert!(reopened.ledger().exhausted, "the ledger on disk remembers");
     RunningClient::stop_all(clients).await;
+}
+
+/// One run of a private federation of 8 clients at q = 0.75 for 5 rounds: who was sent a plan in
+/// each round, each client's ledger, and the federation key the server gave.
+async fn sampled_run(seed: u64) -> (Vec<std::collections::BTreeSet<String>>, Vec<LedgerFile>, String, Ca) {
+    let ca = Ca::new();
+    let mut fed = private_federation(5, 6, 4, 1.0, 1.0);
+    fed.seed = seed;
+    fed.start_after_clients = Some(8);
+    fed.secagg = SecAggConfig { degree: 4, threshold: 3, dropout_tolerance: 0.0, ..Default::default() };
+    fed.secagg.phase_timeout_secs = 10.0;
+    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
+    let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ledgers: Vec<_> = dirs
+        .iter()
+        .map(|d| Arc::new(Mutex::new(LedgerFile::open(d.path(), 100.0, 1e-5, Accounting::Participations).unwrap())))
+        .collect();
+    let mut clients: Vec<RunningClient> = (0..8)
+        .map(|i| {
+            start_private_client(
+                ca.client(&format!("client-{i}")),
+                server.addr,
+                dataset(20, i),
+                ledgers[i as usize].clone(),
+            )
+        })
+        .collect();
+    for _ in 0..5 {
+        next_report(&mut server, 60).await;
+    }
+    server.task.await.unwrap().unwrap();
+    let mut sampled = vec![std::collections::BTreeSet::new(); 5];
+    for (i, c) in clients.iter_mut().enumerate() {
+        while let Ok(event) = c.events.try_recv() {
+            if let cohort::client::daemon::ClientEvent::PlanReceived { round } = event {
+                sampled[round as usize - 1].insert(format!("client-{i}"));
+            }
+        }
+    }
+    RunningClient::stop_all(clients).await;
+    let federation = Store::open(&ca.state.database()).unwrap().federation_id(|| unreachable!()).unwrap();
+    let files =
+        dirs.iter().map(|d| LedgerFile::open(d.path(), 100.0, 1e-5, Accounting::Participations).unwrap()).collect();
+    drop(dirs);
+    (sampled, files, federation, ca)
+}
+
+/// Attack: replay the server's cohort draws. Protocol v1 seeded them from the federation seed,
+/// which any client recovered from one plan. Now the same federation, seed and clients, run
+/// twice, sample differently, and v1's replay does not give the cohorts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_cohorts_cannot_be_recomputed_and_ledgers_charge_each_participation() {
+    use cohort::common::dp::federation_key;
+    use cohort::common::round::poisson_cohort;
+    use rand::SeedableRng;
+    logs();
+    let seed = 42;
+    let (first, ledgers, federation, ca) = sampled_run(seed).await;
+    let (second, _, _, _) = sampled_run(seed).await;
+    assert!(first.iter().any(|s| !s.is_empty()), "some rounds ran: {first:?}");
+    assert_ne!(first, second, "the same seed and clients gave the same five cohorts");
+    let ids: Vec<String> = (0..8).map(|i| format!("client-{i}")).collect();
+    let v1_replay = |round: u64| -> std::collections::BTreeSet<String> {
+        let v1_seed = seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        poisson_cohort(&ids, 0.75, &mut rand_chacha::ChaCha8Rng::seed_from_u64(v1_seed)).into_iter().collect()
+    };
+    let ran: Vec<usize> = (0..5).filter(|&r| !first[r].is_empty()).collect();
+    assert!(!ran.iter().all(|&r| first[r] == v1_replay(r as u64 + 1)), "v1's seeded draw predicts the cohorts");
+
+    // Each client's ledger charged exactly its participations, unamplified, in this federation.
+    let identity = ca.client("client-0");
+    let key = federation_key(&identity.ca_fingerprint(), &federation);
+    for (i, ledger) in ledgers.iter().enumerate() {
+        let k = first.iter().filter(|s| s.contains(&format!("client-{i}"))).count() as u64;
+        let ledger = ledger.ledger();
+        assert_eq!(ledger.rounds_charged(), k, "client-{i}");
+        assert!(
+            (ledger.epsilon() - epsilon(k, 1.0)).abs() < 1e-9,
+            "client-{i}: {} vs {}",
+            ledger.epsilon(),
+            epsilon(k, 1.0)
+        );
+        assert!(ledger.spent.iter().all(|s| s.federation == key), "{:?}", ledger.spent);
+    }
+    // The server's epsilon against itself is the most-sampled client's.
+    let most = (0..8).map(|i| first.iter().filter(|s| s.contains(&format!("client-{i}"))).count()).max().unwrap();
+    let rows = Store::open(&ca.state.database()).unwrap().rounds().unwrap();
+    let last = rows.iter().rev().find_map(|r| r.epsilon_server).unwrap();
+    assert!((last - epsilon(most as u64, 1.0)).abs() < 1e-9, "{last} vs {}", epsilon(most as u64, 1.0));
+    assert!(rows.iter().all(|r| r.sampling_rate == Some(0.75) && r.too_few_probability.is_some()));
 }

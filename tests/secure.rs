@@ -72,3 +72,89 @@ async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
     server.task.await.unwrap().unwrap();
     RunningClient::stop_all(clients).await;
 }
+
+/// The weighted mean update of `sizes` (client index, examples) for `plan`, sample cap 100.
+fn weighted_mean(plan: &cohort::common::wire::RoundPlan, sizes: &[(usize, usize)]) -> Vec<f64> {
+    let mut numerator = vec![0f64; plan.params.len()];
+    let mut total = 0f64;
+    for &(i, n) in sizes {
+        let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
+        let delta = p.handle_plan(plan).unwrap().delta.to_f32().unwrap();
+        let w = (n as f64 / 100.0).min(1.0);
+        total += w;
+        numerator.iter_mut().zip(&delta).for_each(|(acc, d)| *acc += w * *d as f64);
+    }
+    numerator.iter().map(|s| s / total).collect()
+}
+
+fn checkpoint(ca: &Ca, round: u64) -> Vec<f32> {
+    let bytes = std::fs::read(ca.state.checkpoint(round)).unwrap();
+    flat_from_safetensors(Model::new(&spec(), &Device::Cpu, 0).unwrap().layout(), &bytes).unwrap()
+}
+
+fn worst(global: &[f32], start: &[f32], mean: &[f64]) -> f64 {
+    global.iter().zip(start).zip(mean).map(|((g, s), m)| (*g as f64 - (*s as f64 + m)).abs()).fold(0f64, f64::max)
+}
+
+/// A client that returns a corrupt self-mask share in the unmask phase is named as a cheater;
+/// its share is not used, the round's sum is exact (its own update, sent before it cheated, is
+/// in it: removing it would need both kinds of its shares), and from the next round on it is
+/// left out, the sum exact over the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_returning_a_corrupt_share_is_named_excluded_and_the_sums_stay_exact() {
+    use cohort::client::daemon::TamperHook;
+    use cohort::common::wire::ClientMsg;
+    logs();
+    let ca = Ca::new();
+    let mut fed = federation(2, 7, 5);
+    fed.collection = Collection::Secure;
+    fed.secagg =
+        SecAggConfig { degree: 4, threshold: 3, dropout_tolerance: 0.25, sample_cap: 100, ..Default::default() };
+    fed.round_timeout_secs = 30.0;
+    fed.secagg.phase_timeout_secs = 10.0;
+    let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed.clone(), None);
+    let sizes: Vec<(usize, usize)> = (0..7).map(|i| (i, 30 + 10 * i)).collect();
+    let tamper: TamperHook = Arc::new(|_, reply: &mut ClientMsg| {
+        if let ClientMsg::Unmask { reply, .. } = reply {
+            if let Some((_, share)) = reply.seed_shares.first_mut() {
+                share.y[0] ^= 0x5a;
+            }
+        }
+    });
+    let clients: Vec<RunningClient> = sizes
+        .iter()
+        .map(|&(i, n)| {
+            let identity = ca.client(&format!("client-{i}"));
+            match i {
+                3 => start_cheating_client(identity, server.addr, dataset(n, i as u64), tamper.clone()),
+                _ => start_client(identity, server.addr, dataset(n, i as u64)),
+            }
+        })
+        .collect();
+
+    let first = next_report(&mut server, 90).await;
+    assert!(first.completed, "{first:?}");
+    assert_eq!(first.participants, 7);
+    assert_eq!(first.cheaters.len(), 1, "{:?}", first.cheaters);
+    assert_eq!(first.cheaters[0].0, "client-3");
+    assert!(first.cheaters[0].1.contains("does not match the commitment"), "{}", first.cheaters[0].1);
+    let (initial, plan) = first_plan(&fed);
+    let after_first = checkpoint(&ca, 1);
+    let error = worst(&after_first, &initial, &weighted_mean(&plan, &sizes));
+    assert!(error < 1e-5, "round 1 differs from the weighted mean of the seven updates by {error}");
+
+    let second = next_report(&mut server, 90).await;
+    assert!(second.completed, "{second:?}");
+    assert_eq!((second.cohort, second.participants), (6, 6), "client-3 is not sampled again");
+    assert!(second.cheaters.is_empty());
+    let mut plan = plan;
+    plan.round = 2;
+    plan.seed = cohort::common::round::plan_seed(fed.seed, 2);
+    plan.params = cohort::common::wire::TensorBytes::from_f32(&after_first);
+    let others: Vec<(usize, usize)> = sizes.iter().copied().filter(|(i, _)| *i != 3).collect();
+    let error = worst(&checkpoint(&ca, 2), &after_first, &weighted_mean(&plan, &others));
+    assert!(error < 1e-5, "round 2 differs from the weighted mean of the six others by {error}");
+
+    server.task.await.unwrap().unwrap();
+    RunningClient::stop_all(clients).await;
+}

@@ -156,6 +156,22 @@ pub struct PrivacyBudget {
     pub max_epsilon: f64,
     #[serde(default = "delta")]
     pub delta: f64,
+    /// Count amplification by sampling (every round since joining at the server's stated q)
+    /// instead of each round this client trains in at full cost. Only for a data owner who
+    /// trusts the server's sampler to be secret and honest: against the server itself, which
+    /// knows whom it sampled, amplification does not hold.
+    #[serde(default)]
+    pub trust_server_sampling: bool,
+}
+
+impl PrivacyBudget {
+    pub fn accounting(&self) -> cohort_common::dp::Accounting {
+        if self.trust_server_sampling {
+            cohort_common::dp::Accounting::SampledRounds
+        } else {
+            cohort_common::dp::Accounting::Participations
+        }
+    }
 }
 
 impl ClientConfig {

@@ -52,6 +52,8 @@ pub struct ClientSetup {
     /// Simulated crashes (scenarios and tests): asked after each reply is sent; `true` drops
     /// the connection abruptly, as a crashed process would. The daemon then reconnects.
     pub fault: Option<FaultHook>,
+    /// Adversarial tests: rewrites each reply before it is sent, as a cheating client would.
+    pub tamper: Option<TamperHook>,
     /// This client's privacy ledger: private rounds past its budget are declined.
     pub ledger: Option<SharedLedger>,
     /// An endpoint shared with other clients of this process (simulations); `None` opens one.
@@ -70,11 +72,15 @@ pub enum Step {
     Advert,
     Shares,
     Masked,
+    Confirm,
     Unmask,
 }
 
 /// Decides, after a reply of `Step` in `round`, whether the client crashes now.
 pub type FaultHook = Arc<dyn Fn(u64, Step) -> bool + Send + Sync>;
+
+/// Rewrites the reply to a request of `round` before it is sent (a cheating client, in tests).
+pub type TamperHook = Arc<dyn Fn(u64, &mut ClientMsg) + Send + Sync>;
 
 /// What the per-request handlers share.
 #[derive(Clone)]
@@ -85,9 +91,12 @@ struct Hooks {
     gate: Option<Arc<Semaphore>>,
     events: Option<mpsc::UnboundedSender<ClientEvent>>,
     fault: Option<FaultHook>,
+    tamper: Option<TamperHook>,
     ledger: Option<SharedLedger>,
     /// The first round of the current connection (from the server's welcome).
     joined_at: u64,
+    /// The federation the ledger charges: the CA this client trusts and the server's id.
+    federation: String,
     personal_path: Option<std::path::PathBuf>,
 }
 
@@ -108,17 +117,21 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
         train_gate,
         events,
         fault,
+        tamper,
         ledger,
         endpoint: shared_endpoint,
         personal_path,
     } = setup;
+    let ca_fingerprint = identity.ca_fingerprint();
     let mut hooks = Hooks {
         trained: Arc::new(tokio::sync::watch::channel(0).0),
         gate: train_gate,
         events: events.clone(),
         fault,
+        tamper,
         ledger,
         joined_at: 0,
+        federation: String::new(),
         personal_path,
     };
     let owns_endpoint = shared_endpoint.is_none();
@@ -145,10 +158,11 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
             _ = shutdown.cancelled() => break Ok(()),
         };
         match connected {
-            Ok((conn, next_round)) => {
+            Ok((conn, next_round, federation)) => {
                 attempt = 0;
                 hooks.joined_at = next_round;
-                info!(%server, next_round, "connected");
+                hooks.federation = cohort_common::dp::federation_key(&ca_fingerprint, &federation);
+                info!(%server, next_round, federation = %cohort_io::escape(&federation, 64), "connected");
                 emit(ClientEvent::Connected);
                 let reason = serve(&conn, &participant, &hooks, &shutdown).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
@@ -194,7 +208,7 @@ async fn connect(
     server: SocketAddr,
     server_name: &str,
     hello: &ClientMsg,
-) -> Result<(quinn::Connection, u64), ClientError> {
+) -> Result<(quinn::Connection, u64, String), ClientError> {
     let conn = endpoint
         .connect_with(config.clone(), server, server_name)
         .map_err(NetError::from)?
@@ -209,9 +223,9 @@ async fn connect(
     match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
         Err(_) => Err(NetError::Stream("the server did not answer hello in time".into()).into()),
         Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(ServerMsg::Welcome { client_id, next_round, .. })) => {
-            debug!(%client_id, next_round, "welcomed");
-            Ok((conn, next_round))
+        Ok(Ok(ServerMsg::Welcome { client_id, next_round, federation, .. })) => {
+            debug!(client_id = %cohort_io::escape(&client_id, 64), next_round, "welcomed");
+            Ok((conn, next_round, federation))
         }
         Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(reason)),
         Ok(Ok(other)) => Err(NetError::Stream(format!("expected welcome, got {other:?}")).into()),
@@ -265,7 +279,10 @@ async fn answer(
         .map_err(|_| NetError::Stream(format!("the server's request did not arrive within {REQUEST_TIMEOUT:?}")))??;
     let round = match &msg {
         ServerMsg::Plan(p) => p.round,
-        ServerMsg::Adverts { round, .. } | ServerMsg::Shares { round, .. } | ServerMsg::Unmask { round, .. } => *round,
+        ServerMsg::Adverts { round, .. }
+        | ServerMsg::Shares { round, .. }
+        | ServerMsg::Survivors { round, .. }
+        | ServerMsg::Unmask { round, .. } => *round,
         other => return Err(NetError::Stream(format!("unexpected request {other:?}"))),
     };
     let plan = match &msg {
@@ -283,10 +300,12 @@ async fn answer(
         let decision = match plan.secure.as_ref().and_then(|s| s.dp) {
             Some(dp) => {
                 // The ledger is written and synced before the answer: off the runtime.
-                let (ledger, joined_at) = (ledger.clone(), hooks.joined_at);
-                tokio::task::spawn_blocking(move || ledger.lock().expect("ledger lock").admit(round, joined_at, &dp))
-                    .await
-                    .map_err(|e| NetError::Stream(format!("ledger task failed: {e}")))?
+                let (ledger, joined_at, federation) = (ledger.clone(), hooks.joined_at, hooks.federation.clone());
+                tokio::task::spawn_blocking(move || {
+                    ledger.lock().expect("ledger lock").admit(&federation, round, joined_at, &dp)
+                })
+                .await
+                .map_err(|e| NetError::Stream(format!("ledger task failed: {e}")))?
             }
             None => Err(LedgerRefusal::NoNoise { round }.into()),
         };
@@ -324,7 +343,7 @@ async fn answer(
     .await
     .map_err(|e| NetError::Stream(format!("request task failed: {e}")))?;
     let keys_sent = secure_plan.is_some() && matches!(outcome, Ok(ClientMsg::Advert { .. }));
-    let reply = match outcome {
+    let mut reply = match outcome {
         Ok(reply) => {
             if let ClientMsg::Update(update) = &reply {
                 info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
@@ -341,9 +360,13 @@ async fn answer(
         ClientMsg::Advert { .. } => Some(Step::Advert),
         ClientMsg::Shares { .. } => Some(Step::Shares),
         ClientMsg::Masked { .. } => Some(Step::Masked),
+        ClientMsg::Confirm { .. } => Some(Step::Confirm),
         ClientMsg::Unmask { .. } => Some(Step::Unmask),
         _ => None,
     };
+    if let Some(tamper) = &hooks.tamper {
+        tamper(round, &mut reply);
+    }
     send_msg(&mut send, &reply).await?;
     let _ = send.finish();
     if let Some(tx) = &hooks.events {

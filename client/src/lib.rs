@@ -200,7 +200,8 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
     let (personal_path, personal) = personal_heads(config)?;
     let ledger = match (&config.privacy, &config.state_dir) {
         (Some(budget), Some(dir)) => {
-            Some(Arc::new(std::sync::Mutex::new(ledger::LedgerFile::open(dir, budget.max_epsilon, budget.delta)?)))
+            let file = ledger::LedgerFile::open(dir, budget.max_epsilon, budget.delta, budget.accounting())?;
+            Some(Arc::new(std::sync::Mutex::new(file)))
         }
         _ => None,
     };
@@ -222,6 +223,7 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         train_gate: None,
         events: None,
         fault: None,
+        tamper: None,
         ledger,
         endpoint: None,
         personal_path,

@@ -51,15 +51,18 @@ fn main() {
     for (clients, len) in [(10usize, 100_000usize), (10, 199_211)] {
         let setup = SecAggSetup {
             round: 1,
+            purpose: "train".into(),
+            nonce: [1; 16],
             params: SecAggParams {
                 threshold: 5,
                 degree: 8,
                 dropout_tolerance: 0.3,
-                quantizer: Quantizer { bits: 32, clip: 4.0, scale: 1e6 },
+                quantizer: Quantizer { bits: 32, clip: 4.0, scale: 1e6, wrap: false },
             },
             cohort: (0..clients).map(|i| format!("c{i:03}")).collect(),
             graph_seed: 1,
             vector_len: len,
+            min_inputs: 3,
         };
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         let mut server = SecAggServer::new(setup.clone()).unwrap();
@@ -67,7 +70,7 @@ fn main() {
         let mut cs = Vec::new();
         for id in &setup.cohort {
             let (c, a) = SecAggClient::start(id, setup.clone(), &signer, &mut rng).unwrap();
-            server.handle_advert(id, a).unwrap();
+            server.handle_advert(id, a, &NoCert).unwrap();
             cs.push(c);
         }
         for (id, theirs) in server.close_adverts().unwrap() {
@@ -88,10 +91,15 @@ fn main() {
         for (id, m) in masked {
             server.handle_masked(&id, m).unwrap();
         }
-        let request = server.close_masked().unwrap();
+        let list = server.close_masked().unwrap();
         for (i, id) in setup.cohort.iter().enumerate() {
-            let reply = cs[i].handle_unmask(&request).unwrap();
-            server.handle_unmask(id, reply).unwrap();
+            let signature = cs[i].handle_survivors(&list, &NoCert).unwrap();
+            server.handle_confirmation(id, signature, &NoCert).unwrap();
+        }
+        for (id, request) in server.close_confirmations().unwrap() {
+            let i = setup.cohort.binary_search(&id).unwrap();
+            let reply = cs[i].handle_unmask(&request, &NoCert).unwrap();
+            server.handle_unmask(&id, reply).unwrap();
         }
         let _sum = server.finish().unwrap();
         let server_secs = t.elapsed().as_secs_f64();
@@ -116,6 +124,9 @@ impl cohort_common::secagg::AdvertSigner for NoCert {
 }
 impl cohort_common::secagg::PeerVerifier for NoCert {
     fn verify(&self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn verify_signature(&self, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), String> {
         Ok(())
     }
 }

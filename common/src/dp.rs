@@ -12,23 +12,40 @@
 //!   fractional orders (Mirónov, Talwar, Zhang 2019), composed over rounds, converted to
 //!   (epsilon, delta) with the tight conversion of Balle et al. 2020 (as TF Privacy does).
 //! - [`DpPlan`]: what a secure round's plan tells each client ([`privatize`] applies it);
-//!   [`mean_from_sum`] turns the unmasked sum back into the mean update and the noisy count of
-//!   unclipped updates.
-//! - [`PrivacyLedger`]: a client's own account of what it has spent, kept across restarts.
+//!   [`mean_from_sum`] turns the unmasked sum into the mean update (the noised sum divided by the
+//!   public expected number of clients, never by a count) and the noisy fraction of unclipped
+//!   updates.
+//! - [`too_few_probability`]: how likely a Poisson sample is to fall below the round's minimum,
+//!   which the accountant adds to delta (a round skipped for too few clients depends on who
+//!   was sampled).
+//! - [`PrivacyLedger`]: a client's own account of what it has spent, kept across restarts and
+//!   bound to the federations it took part in. By default it charges every round it trains in
+//!   at the unamplified epsilon (what holds against the server, which knows the sample); only a
+//!   data owner who trusts the server's sampler lets it count amplification by sampling.
 //!
 //! ## What the operator is promised
 //!
-//! User-level (epsilon, delta)-DP of the sequence of global models, against anyone who sees them
-//! and against a server that follows the protocol: every round's sum carries Gaussian noise of
-//! standard deviation at least `z C` (each of at least `t` survivors adds `z C / sqrt(t)`, and a
-//! client refuses to help unmask a sum of fewer than `t` inputs), each client's contribution is
-//! clipped to L2 norm `C`, and each enrolled client is in a round's cohort independently with
-//! probability `q` (Poisson sampling, the scheme the accountant assumes). Epsilon is composed over
-//! every round that sent plans, whatever its outcome. Not promised: protection against a server
-//! that lies about who survived, against colluding clients who subtract their own noise (the
-//! noise of the honest survivors alone is then `z C sqrt(honest / t)`), or against a client that
-//! skips its own clipping: under secure aggregation nobody can check a norm, so a malicious
-//! client's influence is bounded only by the quantizer's range per coordinate.
+//! User-level (epsilon, delta)-DP of the sequence of global models. Each figure names the
+//! adversary it holds against:
+//!
+//! - *Against anyone who sees only the models* (the server's `epsilon`, amplified by sampling):
+//!   each enrolled client is in a round's cohort independently with probability `q` (Poisson
+//!   sampling from OS randomness; nothing a client receives lets it recompute a cohort), every
+//!   round's sum carries Gaussian noise of standard deviation at least `z C` (each of at least
+//!   `t` survivors adds `z C / sqrt(t)`, and a client refuses to help unmask a sum of fewer than
+//!   `t` inputs), each client's contribution is clipped to L2 norm `C`, and epsilon is composed
+//!   over every round that drew a sample, whatever its outcome. Delta is the configured one
+//!   plus `(1 + e^epsilon)` times the summed probabilities that a round's sample fell below
+//!   `min_clients` (such a round is skipped, which depends on the sample).
+//! - *Against the server*, which knows every sample: no amplification. A client that took part
+//!   in k rounds has spent the epsilon of k Gaussian mechanisms of multiplier z (q = 1); the
+//!   server reports the largest such figure over its clients, and each client's ledger enforces
+//!   its own.
+//!
+//! Not promised: protection against clients who collude to subtract their own noise (the noise
+//! of the honest survivors alone is then `z C sqrt(honest / t)`), or against a client that skips
+//! its own clipping: under secure aggregation nobody can check a norm, so a malicious client's
+//! influence is bounded only by the quantizer's range per coordinate.
 
 use rand::CryptoRng;
 use rand_distr::{Distribution, Normal};
@@ -285,6 +302,10 @@ pub struct DpPlan {
     pub min_survivors: usize,
     /// q: the probability with which each enrolled client was sampled into this round.
     pub sampling_rate: f64,
+    /// The public number every sum is divided by: the expected number of clients in a round
+    /// (q times the enrolled clients). Dividing by an actual count would reveal it; a fixed
+    /// denominator keeps the mean a function of the noised sum alone (McMahan et al. 2018).
+    pub expected_clients: f64,
 }
 
 impl DpPlan {
@@ -312,6 +333,9 @@ impl DpPlan {
         }
         if !(0.0..=1.0).contains(&self.sampling_rate) {
             return bad(format!("sampling_rate = {} must be between 0 and 1", self.sampling_rate));
+        }
+        if !(self.expected_clients.is_finite() && self.expected_clients > 0.0) {
+            return bad(format!("expected_clients = {} must be a positive number", self.expected_clients));
         }
         Ok(())
     }
@@ -344,9 +368,10 @@ impl DpPlan {
         }
     }
 
-    /// The range `[-r, r]` a quantizer needs for a clipped, noised coordinate, the segment
-    /// weights (0 or 1) and the centred indicator bit: eight standard deviations of noise past
-    /// the largest value (a clamp there happens with probability about 1e-15 per coordinate).
+    /// The range `[-r, r]` a quantizer's scale is chosen for: a clipped, noised coordinate and
+    /// the centred indicator bit, with eight standard deviations of noise past the largest value.
+    /// A private round's quantizer wraps values outside it rather than clamping them, so the
+    /// range sets only the resolution, never the noise.
     pub fn coordinate_range(&self) -> f64 {
         (self.clip + 8.0 * self.update_share_std()).max(0.5 + 8.0 * self.count_share_std()).max(1.0)
     }
@@ -361,25 +386,18 @@ pub struct ClipReport {
 }
 
 /// Clips `delta` to the plan's bound (whole or per segment), adds this client's share of the
-/// noise, and returns the vector a DP round masks: the update, one weight per segment (`trained`:
-/// 1 for the trunk and each head this client trained, 0 for the others, whose update is zero;
-/// with DP each segment's mean divides by its count of contributors, not by sample counts), and
-/// the centred indicator `[norm <= C] - 1/2` with its share of the count noise.
+/// noise to every coordinate (a segment it did not train is zero plus noise, so nothing says
+/// which heads it trained), and returns the vector a DP round masks: the update, then the
+/// centred indicator `[norm <= C] - 1/2` with its share of the count noise.
 pub fn privatize(
     mut delta: Vec<f32>,
     segments: &[usize],
-    trained: &[f32],
     plan: &DpPlan,
     rng: &mut impl CryptoRng,
 ) -> Result<(Vec<f32>, ClipReport), DpError> {
     let total: usize = segments.iter().sum();
-    if total != delta.len() || trained.len() != segments.len() {
-        return Err(DpError::Config(format!(
-            "segments cover {total} values and {} weights, the update has {} values and {} weights",
-            segments.len(),
-            delta.len(),
-            trained.len()
-        )));
+    if total != delta.len() {
+        return Err(DpError::Config(format!("segments cover {total} values, the update has {}", delta.len())));
     }
     let norm = delta.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
     let clipped = if plan.per_segment {
@@ -393,45 +411,113 @@ pub fn privatize(
     let unclipped = norm.is_finite() && norm <= plan.clip;
     let mut indicator = [if unclipped { 0.5f32 } else { -0.5 }];
     add_gaussian_noise(&mut indicator, plan.count_share_std(), rng)?;
-    delta.extend_from_slice(trained);
     delta.push(indicator[0]);
     Ok((delta, ClipReport { norm, clipped }))
 }
 
-/// The mean update and the noisy count of unclipped updates from the decoded sum of
-/// `survivors` [`privatize`] vectors (the values of `segments`, then one 0/1 weight per segment,
-/// then the indicator). Each segment divides by its count of contributors (the trunk's is the
-/// survivors'); a segment nobody trained stays zero. `None` when the sum has the wrong length or
-/// nobody survived.
-pub fn mean_from_sum(decoded: &[f64], survivors: usize, segments: &[usize]) -> Option<(Vec<f32>, f64)> {
+/// The mean update and the noisy fraction of unclipped updates from the decoded sum of
+/// [`privatize`] vectors (the values of `segments`, then the indicator). Every segment divides
+/// by `expected_clients`, the public expected number of clients in a round, so the result is a
+/// function of the noised sum alone: no count of contributors, exact or per head, is released
+/// (a head trained by one client moves by noise whether or not that client took part). The
+/// fraction is `indicator sum / expected + 1/2`, Andrew et al.'s estimate. `None` when the sum
+/// has the wrong length.
+pub fn mean_from_sum(decoded: &[f64], segments: &[usize], expected_clients: f64) -> Option<(Vec<f32>, f64)> {
     let params: usize = segments.iter().sum();
-    if survivors == 0 || decoded.len() != params + segments.len() + 1 {
+    if decoded.len() != params + 1 || expected_clients.is_nan() || expected_clients <= 0.0 {
         return None;
     }
-    let mut mean = Vec::with_capacity(params);
-    let mut start = 0;
-    for (i, &len) in segments.iter().enumerate() {
-        // The weights are whole counts; rounding removes the quantization noise.
-        let contributors = decoded[params + i].round();
-        let values = &decoded[start..start + len];
-        if contributors >= 1.0 {
-            mean.extend(values.iter().map(|v| (v / contributors) as f32));
-        } else {
-            mean.extend(std::iter::repeat_n(0.0f32, len));
-        }
-        start += len;
+    let mean = decoded[..params].iter().map(|v| (v / expected_clients) as f32).collect();
+    let unclipped_fraction = decoded[params] / expected_clients + 0.5;
+    Some((mean, unclipped_fraction))
+}
+
+/// The probability that a Poisson sample of `population` clients at rate `q` holds fewer than
+/// `minimum`: the chance that a round is skipped for too few clients. The skip depends on who
+/// was sampled, so the accountant adds it to delta (with the factor `1 + e^epsilon`; see the
+/// module overview).
+pub fn too_few_probability(population: usize, q: f64, minimum: usize) -> f64 {
+    if minimum == 0 {
+        return 0.0;
     }
-    let unclipped = decoded[params + segments.len()] + survivors as f64 / 2.0;
-    Some((mean, unclipped))
+    if minimum > population {
+        return 1.0;
+    }
+    if q >= 1.0 {
+        return 0.0;
+    }
+    if q <= 0.0 {
+        return 1.0;
+    }
+    (0..minimum as u64).map(|k| binomial_pmf(population as u64, q, k)).sum::<f64>().min(1.0)
+}
+
+/// P[Binomial(n, q) = k].
+pub fn binomial_pmf(n: u64, q: f64, k: u64) -> f64 {
+    if k > n {
+        return 0.0;
+    }
+    let (n, k) = (n as f64, k as f64);
+    if q <= 0.0 || q >= 1.0 {
+        let certain = if q <= 0.0 { 0.0 } else { n };
+        return if k == certain { 1.0 } else { 0.0 };
+    }
+    (ln_binom(n, k) + k * q.ln() + (n - k) * (-q).ln_1p()).exp()
+}
+
+/// How a client's ledger counts what a round costs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accounting {
+    /// Every round this client trains in is one Gaussian mechanism of the plan's multiplier,
+    /// unamplified (q = 1): what holds against the server, which knows who it sampled. Rounds it
+    /// is not sampled in cost nothing; a round number seen again is charged again.
+    #[default]
+    Participations,
+    /// Every round of the federation since the client joined is charged as a sampled Gaussian
+    /// at the plan's q, sampled or not: amplification by sampling, which holds only if the
+    /// server's sampler is secret and honest. A data owner must say it trusts the sampler.
+    SampledRounds,
 }
 
 /// Rounds of one mechanism the ledger has counted.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spent {
+    /// The federation (see [`federation_key`]); empty in ledgers written before it was kept.
+    #[serde(default)]
+    pub federation: String,
     pub first_round: u64,
     pub last_round: u64,
     pub sampling_rate: f64,
     pub noise_multiplier: f64,
+    /// How many mechanisms this entry stands for (0 in older ledgers: every round of the range).
+    #[serde(default)]
+    pub steps: u64,
+}
+
+impl Spent {
+    fn count(&self) -> u64 {
+        if self.steps == 0 {
+            self.last_round.saturating_add(1).saturating_sub(self.first_round)
+        } else {
+            self.steps
+        }
+    }
+}
+
+/// What a ledger knows of one federation: the last round it counted there (sampled-rounds
+/// accounting), and the largest sampling rate a plan of it stated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FederationAccount {
+    pub federation: String,
+    pub accounted_through: u64,
+    pub max_sampling_rate: f64,
+}
+
+/// The key a ledger binds its entries to: the fingerprint of the CA this client trusts (computed
+/// by the client, not told by the server) and the server's federation id.
+pub fn federation_key(ca_fingerprint: &str, federation_id: &str) -> String {
+    format!("ca:{ca_fingerprint}/federation:{federation_id}")
 }
 
 /// Why a client declines a round.
@@ -447,51 +533,101 @@ pub enum LedgerRefusal {
     Invalid { round: u64, problem: String },
 }
 
-/// A client's own privacy account. Every round from the one the client first joined at is
-/// counted (as the sampled Gaussian of its plan), whether or not the client was sampled: under
-/// Poisson sampling a round costs every eligible client, and a client cannot tell which rounds
-/// ran while it was away. A round that would take the client past `max_epsilon` is declined,
-/// and so is every private round after it, so its data is used no more. The rounds between the
-/// client's last plan and the declined one were spent already, so the final figure can pass
-/// the budget by those (each a fraction of a participation).
+/// A client's own privacy account (see [`Accounting`] for what a round costs). A round that
+/// would take the client past `max_epsilon` is declined, and so is every private round after
+/// it, so its data is used no more. Every federation's rounds compose into the one figure: the
+/// same data spent in two federations is spent twice. With sampled-rounds accounting, the rounds
+/// between the client's last plan and a declined one were spent already, so the final figure can
+/// pass the budget by those (each a fraction of a participation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyLedger {
     pub max_epsilon: f64,
     pub delta: f64,
+    #[serde(default)]
+    pub accounting: Accounting,
     pub spent: Vec<Spent>,
-    /// The last round counted (0: none).
-    pub accounted_through: u64,
+    #[serde(default)]
+    pub federations: Vec<FederationAccount>,
     pub exhausted: bool,
 }
 
 impl PrivacyLedger {
-    pub fn new(max_epsilon: f64, delta: f64) -> Result<Self, DpError> {
+    pub fn new(max_epsilon: f64, delta: f64, accounting: Accounting) -> Result<Self, DpError> {
         if !(max_epsilon.is_finite() && max_epsilon > 0.0) {
             return Err(DpError::Config(format!("max_epsilon = {max_epsilon} must be a positive number")));
         }
         if !(delta > 0.0 && delta < 1.0) {
             return Err(DpError::Config(format!("delta = {delta} must be between 0 and 1")));
         }
-        Ok(Self { max_epsilon, delta, spent: Vec::new(), accounted_through: 0, exhausted: false })
+        Ok(Self { max_epsilon, delta, accounting, spent: Vec::new(), federations: Vec::new(), exhausted: false })
     }
 
     fn epsilon_of(&self, spent: &[Spent]) -> f64 {
         let mut acc = RdpAccountant::new(default_orders()).expect("default orders are valid");
         for s in spent {
-            acc.compose(s.sampling_rate, s.noise_multiplier, s.last_round + 1 - s.first_round);
+            acc.compose(s.sampling_rate, s.noise_multiplier, s.count());
         }
         acc.epsilon(self.delta).0
     }
 
-    /// Epsilon spent so far.
+    /// Epsilon spent so far, over every federation.
     pub fn epsilon(&self) -> f64 {
         self.epsilon_of(&self.spent)
     }
 
-    /// Decides whether the client takes part in `round` (with `plan`), having been connected
-    /// since round `joined_at` at the latest. `Ok(epsilon)` counts the round (and any rounds
-    /// since the last counted one); the caller persists the ledger before answering.
-    pub fn admit(&mut self, round: u64, joined_at: u64, plan: &DpPlan) -> Result<f64, LedgerRefusal> {
+    /// The rounds this client trained in (participations accounting), or was counted for.
+    pub fn rounds_charged(&self) -> u64 {
+        self.spent.iter().map(Spent::count).sum()
+    }
+
+    /// What `round` of `federation` would add to `spent`, and the account after it.
+    fn charge(&self, federation: &str, round: u64, joined_at: u64, plan: &DpPlan) -> (Vec<Spent>, FederationAccount) {
+        let z = plan.noise_multiplier;
+        let mut account =
+            self.federations.iter().find(|a| a.federation == federation).cloned().unwrap_or(FederationAccount {
+                federation: federation.to_string(),
+                accounted_through: 0,
+                max_sampling_rate: 0.0,
+            });
+        account.max_sampling_rate = account.max_sampling_rate.max(plan.sampling_rate);
+        let entry = |first_round, last_round, sampling_rate, steps| Spent {
+            federation: federation.to_string(),
+            first_round,
+            last_round,
+            sampling_rate,
+            noise_multiplier: z,
+            steps,
+        };
+        let mut added = Vec::new();
+        match self.accounting {
+            Accounting::Participations => added.push(entry(round, round, 1.0, 1)),
+            Accounting::SampledRounds if round <= account.accounted_through => {
+                // A round number seen again (a restarted or lying server): another release.
+                added.push(entry(round, round, plan.sampling_rate, 1));
+            }
+            Accounting::SampledRounds => {
+                let first = if account.accounted_through == 0 {
+                    joined_at.clamp(1, round)
+                } else {
+                    account.accounted_through + 1
+                };
+                // Rounds this client was not sent: charged at the largest rate this federation
+                // has stated (q falls and rises with enrolment; the client saw none of those).
+                if round > first {
+                    added.push(entry(first, round - 1, account.max_sampling_rate, round - first));
+                }
+                added.push(entry(round, round, plan.sampling_rate, 1));
+                account.accounted_through = round;
+            }
+        }
+        (added, account)
+    }
+
+    /// Decides whether the client takes part in `round` of `federation` (with `plan`), having
+    /// been connected since round `joined_at` at the latest. `Ok(epsilon)` charges the round
+    /// (and with sampled-rounds accounting, the rounds since the last one counted); the caller
+    /// persists the ledger before answering.
+    pub fn admit(&mut self, federation: &str, round: u64, joined_at: u64, plan: &DpPlan) -> Result<f64, LedgerRefusal> {
         if self.exhausted {
             return Err(LedgerRefusal::Exhausted { max_epsilon: self.max_epsilon, spent: self.epsilon() });
         }
@@ -499,25 +635,15 @@ impl PrivacyLedger {
         if plan.noise_multiplier == 0.0 {
             return Err(LedgerRefusal::NoNoise { round });
         }
-        if round <= self.accounted_through {
-            return Ok(self.epsilon());
-        }
-        let first = if self.accounted_through == 0 { joined_at.clamp(1, round) } else { self.accounted_through + 1 };
-        let entry = |last_round| Spent {
-            first_round: first,
-            last_round,
-            sampling_rate: plan.sampling_rate,
-            noise_multiplier: plan.noise_multiplier,
-        };
+        let (added, account) = self.charge(federation, round, joined_at, plan);
         let mut candidate = self.spent.clone();
-        candidate.push(entry(round));
+        candidate.extend(added.iter().cloned());
         let would_be = self.epsilon_of(&candidate);
         // A NaN (which a valid plan cannot produce) refuses too.
         if would_be.is_nan() || would_be > self.max_epsilon {
-            if round > first {
-                self.spent.push(entry(round - 1));
-            }
-            self.accounted_through = round;
+            // The rounds before this one were spent already (sampled-rounds accounting).
+            let spent_already: Vec<Spent> = added.into_iter().filter(|s| s.last_round < round).collect();
+            self.record(spent_already, account);
             self.exhausted = true;
             return Err(LedgerRefusal::OverBudget {
                 round,
@@ -526,18 +652,31 @@ impl PrivacyLedger {
                 delta: self.delta,
             });
         }
-        match self.spent.last_mut() {
-            Some(last)
-                if last.last_round + 1 == first
-                    && last.sampling_rate == plan.sampling_rate
-                    && last.noise_multiplier == plan.noise_multiplier =>
-            {
-                last.last_round = round
-            }
-            _ => self.spent.push(entry(round)),
-        }
-        self.accounted_through = round;
+        self.record(added, account);
         Ok(would_be)
+    }
+
+    /// Appends `added`, merging each entry into the last one when it continues it.
+    fn record(&mut self, added: Vec<Spent>, account: FederationAccount) {
+        for s in added {
+            match self.spent.last_mut() {
+                Some(last)
+                    if last.federation == s.federation
+                        && last.sampling_rate == s.sampling_rate
+                        && last.noise_multiplier == s.noise_multiplier
+                        && last.steps > 0 =>
+                {
+                    last.first_round = last.first_round.min(s.first_round);
+                    last.last_round = last.last_round.max(s.last_round);
+                    last.steps += s.steps;
+                }
+                _ => self.spent.push(s),
+            }
+        }
+        match self.federations.iter_mut().find(|a| a.federation == account.federation) {
+            Some(a) => *a = account,
+            None => self.federations.push(account),
+        }
     }
 }
 
@@ -627,38 +766,66 @@ mod tests {
             count_noise: 5.0,
             min_survivors: 4,
             sampling_rate: 0.1,
+            expected_clients: 2.0,
         }
     }
 
+    fn sum(vectors: &[Vec<f32>]) -> Vec<f64> {
+        let mut total = vec![0f64; vectors[0].len()];
+        for v in vectors {
+            total.iter_mut().zip(v).for_each(|(t, x)| *t += *x as f64);
+        }
+        total
+    }
+
     #[test]
-    fn privatized_vectors_sum_to_the_clipped_mean_and_the_unclipped_count() {
+    fn privatized_vectors_sum_to_the_clipped_mean_and_the_unclipped_fraction() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
         let clip_only = plan(0.0);
-        let big = vec![3.0f32, 4.0, 0.0];
-        let small = vec![0.1f32, 0.0, 0.2];
-        let (a, ra) = privatize(big, &[2, 1], &[1.0, 1.0], &clip_only, &mut rng).unwrap();
-        let (b, rb) = privatize(small, &[2, 1], &[1.0, 1.0], &clip_only, &mut rng).unwrap();
+        let (a, ra) = privatize(vec![3.0, 4.0, 0.0], &[2, 1], &clip_only, &mut rng).unwrap();
+        let (b, rb) = privatize(vec![0.1, 0.0, 0.2], &[2, 1], &clip_only, &mut rng).unwrap();
         assert!(ra.clipped && (ra.norm - 5.0).abs() < 1e-9 && !rb.clipped);
-        assert_eq!(a.len(), 3 + 2 + 1);
-        let sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x + y) as f64).collect();
-        let (mean, unclipped) = mean_from_sum(&sum, 2, &[2, 1]).unwrap();
+        assert_eq!(a.len(), 3 + 1, "the update and the indicator: no counts");
+        let (mean, unclipped) = mean_from_sum(&sum(&[a, b]), &[2, 1], 2.0).unwrap();
         assert!((mean[0] - 0.35).abs() < 1e-6 && (mean[1] - 0.4).abs() < 1e-6 && (mean[2] - 0.1).abs() < 1e-6);
-        assert!((unclipped - 1.0).abs() < 1e-9, "one of the two was clipped: {unclipped}");
-        assert!(mean_from_sum(&sum, 0, &[2, 1]).is_none() && mean_from_sum(&sum[1..], 2, &[2, 1]).is_none());
-        // A head only the second client trained: its mean divides by one contributor.
-        let (c, _) = privatize(vec![0.2, 0.0, 0.0], &[2, 1], &[1.0, 0.0], &clip_only, &mut rng).unwrap();
-        let (d, _) = privatize(vec![0.0, 0.2, 0.4], &[2, 1], &[1.0, 1.0], &clip_only, &mut rng).unwrap();
-        let sum: Vec<f64> = c.iter().zip(&d).map(|(x, y)| (x + y) as f64).collect();
-        let (mean, _) = mean_from_sum(&sum, 2, &[2, 1]).unwrap();
-        assert!(
-            (mean[0] - 0.1).abs() < 1e-6 && (mean[1] - 0.1).abs() < 1e-6 && (mean[2] - 0.4).abs() < 1e-6,
-            "{mean:?}"
-        );
+        assert!((unclipped - 0.5).abs() < 1e-9, "one of the two was clipped: {unclipped}");
+        assert!(mean_from_sum(&[0.0; 3], &[2, 1], 2.0).is_none() && mean_from_sum(&[0.0; 4], &[2, 1], 0.0).is_none());
 
         let per_segment = DpPlan { per_segment: true, ..clip_only };
-        let (c, _) = privatize(vec![3.0, 4.0, 1.0], &[2, 1], &[1.0, 1.0], &per_segment, &mut rng).unwrap();
+        let (c, _) = privatize(vec![3.0, 4.0, 1.0], &[2, 1], &per_segment, &mut rng).unwrap();
         let trunk = ((c[0] * c[0] + c[1] * c[1]) as f64).sqrt();
         assert!((trunk - (2.0f64 / 3.0).sqrt()).abs() < 1e-6 && (c[2] as f64 - (1.0f64 / 3.0).sqrt()).abs() < 1e-6);
+        assert!(privatize(vec![1.0; 4], &[2, 1], &clip_only, &mut rng).is_err());
+    }
+
+    /// Attack: a head only one client trains. Protocol v1 summed a 0/1 weight per segment and
+    /// divided by it, so the head moved if and only if that client took part, whatever the
+    /// noise. Now nothing separates the two worlds but the Gaussian noise the accountant prices.
+    #[test]
+    fn a_head_trained_by_one_client_gives_no_exact_membership_signal() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
+        let p = DpPlan { expected_clients: 3.0, min_survivors: 3, ..plan(1.0) };
+        let segments = [4usize, 2];
+        let others = |rng: &mut rand_chacha::ChaCha20Rng| -> Vec<Vec<f32>> {
+            // Two clients that do not label the head: their head segment is zero.
+            (0..2).map(|_| privatize(vec![0.3, -0.2, 0.1, 0.0, 0.0, 0.0], &segments, &p, rng).unwrap().0).collect()
+        };
+        let target = privatize(vec![0.1, 0.1, 0.1, 0.1, 0.5, -0.5], &segments, &p, &mut rng).unwrap().0;
+        let mut without = others(&mut rng);
+        let absent = mean_from_sum(&sum(&without), &segments, 3.0).unwrap().0;
+        without.push(target);
+        let present = mean_from_sum(&sum(&without), &segments, 3.0).unwrap().0;
+        assert!(absent[4] != 0.0 && absent[5] != 0.0, "without the client the head still moves (by noise)");
+        assert!(present[4] != 0.0);
+        // The head's update is (sum + noise) / 3 either way; its noise has deviation z C / 3.
+        let z_delta = p.update_noise_multiplier();
+        let sd = z_delta * p.clip / 3.0;
+        for h in [absent[4], absent[5]] {
+            assert!((h as f64).abs() < 6.0 * sd, "{h} is noise of deviation {sd}");
+        }
+        // The exact rule v1 followed, for the record: divide by the number who trained it.
+        let v1_head = |trained: f64, head_sum: f64| if trained >= 1.0 { head_sum / trained } else { 0.0 };
+        assert_eq!(v1_head(0.0, 0.37), 0.0, "v1: absent means exactly unchanged");
     }
 
     #[test]
@@ -670,42 +837,99 @@ mod tests {
         assert!((p.update_share_std() - z_delta / 2.0).abs() < 1e-12);
         assert!((p.count_share_std() - 2.5).abs() < 1e-12);
         assert!(DpPlan { count_noise: 0.5, ..p }.check().is_err());
+        assert!(DpPlan { expected_clients: 0.0, ..p }.check().is_err());
         assert!(p.check().is_ok() && plan(0.0).check().is_ok());
-        // The segment weights (1) fit the quantizer's range even for a small clip norm.
         assert!(DpPlan { clip: 0.1, ..plan(0.0) }.coordinate_range() >= 1.0);
 
         // The noise of t shares has the standard deviation of the whole: z_delta C.
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
-        let mut sum = vec![0f64; 50_000];
-        for _ in 0..p.min_survivors {
-            let (v, _) = privatize(vec![0.0; 50_000], &[50_000], &[1.0], &p, &mut rng).unwrap();
-            sum.iter_mut().zip(&v).for_each(|(s, x)| *s += *x as f64);
-        }
-        let sd = (sum.iter().map(|x| x * x).sum::<f64>() / sum.len() as f64).sqrt();
+        let shares: Vec<Vec<f32>> =
+            (0..p.min_survivors).map(|_| privatize(vec![0.0; 50_000], &[50_000], &p, &mut rng).unwrap().0).collect();
+        let total = sum(&shares);
+        let sd = (total[..50_000].iter().map(|x| x * x).sum::<f64>() / 50_000.0).sqrt();
         assert!((sd - z_delta).abs() < 0.02 * z_delta, "sd {sd}, expected {z_delta}");
     }
 
     #[test]
-    fn the_ledger_counts_every_round_since_joining_and_declines_past_its_budget() {
+    fn the_chance_of_a_too_small_sample_matches_the_binomial() {
+        // P[Bin(10, 0.5) < 3] = (1 + 10 + 45) / 1024.
+        assert!((too_few_probability(10, 0.5, 3) - 56.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(too_few_probability(10, 1.0, 10), 0.0);
+        assert_eq!(too_few_probability(10, 1.0, 11), 1.0);
+        assert_eq!(too_few_probability(10, 0.3, 0), 0.0);
+        // 6,000 clients at q = 0.1 (600 expected): 540 is 2.5 deviations below, 450 over 6.
+        assert!(too_few_probability(6000, 0.1, 540) > 1e-3);
+        assert!(too_few_probability(6000, 0.1, 450) < 1e-9);
+    }
+
+    fn unamplified(steps: u64, z: f64) -> f64 {
+        let mut acc = RdpAccountant::new(default_orders()).unwrap();
+        acc.compose(1.0, z, steps);
+        acc.epsilon(1e-5).0
+    }
+
+    #[test]
+    fn a_client_sampled_k_times_is_charged_k_unamplified_participations() {
         let p = plan(1.0);
-        let mut ledger = PrivacyLedger::new(4.0, 1e-5).unwrap();
-        let first = ledger.admit(5, 3, &p).unwrap();
-        assert_eq!(
-            ledger.spent,
-            vec![Spent { first_round: 3, last_round: 5, sampling_rate: 0.1, noise_multiplier: 1.0 }]
-        );
-        assert_eq!(ledger.admit(5, 3, &p).unwrap(), first, "a repeated plan costs nothing more");
-        let second = ledger.admit(9, 3, &p).unwrap();
-        assert!(second > first && ledger.spent.len() == 1 && ledger.spent[0].last_round == 9);
-        let refusal = (10..10_000).find_map(|r| ledger.admit(r, 3, &p).err()).unwrap();
+        let mut ledger = PrivacyLedger::new(50.0, 1e-5, Accounting::Participations).unwrap();
+        let fed = federation_key("ca1", "f1");
+        // Sampled in 4 of 100 rounds.
+        for round in [3, 40, 41, 97] {
+            ledger.admit(&fed, round, 1, &p).unwrap();
+        }
+        assert_eq!(ledger.rounds_charged(), 4);
+        assert!((ledger.epsilon() - unamplified(4, 1.0)).abs() < 1e-9, "q = 0.1 buys nothing against the server");
+        let mut amplified = RdpAccountant::new(default_orders()).unwrap();
+        amplified.compose(0.1, 1.0, 100);
+        assert!(ledger.epsilon() > amplified.epsilon(1e-5).0, "4 unamplified participations cost more here");
+        // A repeated round number (a reset or lying server) is charged again.
+        ledger.admit(&fed, 97, 1, &p).unwrap();
+        assert!((ledger.epsilon() - unamplified(5, 1.0)).abs() < 1e-9);
+        // Another federation's rounds 1.. compose with this one's, each entry naming its own.
+        let other = federation_key("ca1", "f2");
+        ledger.admit(&other, 3, 1, &p).unwrap();
+        assert!((ledger.epsilon() - unamplified(6, 1.0)).abs() < 1e-9);
+        assert_eq!(ledger.spent.iter().filter(|s| s.federation == other).map(|s| s.steps).sum::<u64>(), 1);
+        assert_eq!(ledger.spent.iter().filter(|s| s.federation == fed).map(|s| s.steps).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn sampled_rounds_accounting_counts_every_round_and_declines_past_the_budget() {
+        let p = plan(1.0);
+        let fed = federation_key("ca", "f");
+        let mut ledger = PrivacyLedger::new(4.0, 1e-5, Accounting::SampledRounds).unwrap();
+        let first = ledger.admit(&fed, 5, 3, &p).unwrap();
+        assert_eq!(ledger.rounds_charged(), 3, "rounds 3, 4 and 5");
+        // A repeated round number costs one more round, not nothing.
+        let again = ledger.admit(&fed, 5, 3, &p).unwrap();
+        assert!(again > first && ledger.rounds_charged() == 4);
+        // Gap rounds at the largest rate stated so far, here 0.2 from an earlier plan.
+        let mut gaps = PrivacyLedger::new(40.0, 1e-5, Accounting::SampledRounds).unwrap();
+        gaps.admit(&fed, 1, 1, &DpPlan { sampling_rate: 0.2, ..p }).unwrap();
+        gaps.admit(&fed, 10, 1, &p).unwrap();
+        let at = |q: f64| gaps.spent.iter().filter(|s| s.sampling_rate == q).map(|s| s.steps).sum::<u64>();
+        assert_eq!((at(0.2), at(0.1)), (9, 1), "rounds 1-9 at 0.2 (2-9 unseen), round 10 at its own 0.1");
+        let refusal = (6..10_000).find_map(|r| ledger.admit(&fed, r, 3, &p).err()).unwrap();
         assert!(matches!(refusal, LedgerRefusal::OverBudget { would_be, .. } if would_be > 4.0));
         assert!(ledger.epsilon() <= 4.0 && ledger.exhausted);
-        assert!(matches!(ledger.admit(100_000, 3, &p), Err(LedgerRefusal::Exhausted { .. })));
-        let mut fresh = PrivacyLedger::new(3.0, 1e-5).unwrap();
-        assert!(matches!(fresh.admit(1, 1, &plan(0.0)), Err(LedgerRefusal::NoNoise { round: 1 })));
+        assert!(matches!(ledger.admit(&fed, 100_000, 3, &p), Err(LedgerRefusal::Exhausted { .. })));
+        let mut fresh = PrivacyLedger::new(3.0, 1e-5, Accounting::default()).unwrap();
+        assert!(matches!(fresh.admit(&fed, 1, 1, &plan(0.0)), Err(LedgerRefusal::NoNoise { round: 1 })));
         let bogus = DpPlan { sampling_rate: f64::NAN, ..p };
-        assert!(matches!(fresh.admit(1, 1, &bogus), Err(LedgerRefusal::Invalid { round: 1, .. })));
-        assert_eq!(fresh.accounted_through, 0, "a refused plan counts nothing");
-        assert!(PrivacyLedger::new(0.0, 1e-5).is_err() && PrivacyLedger::new(1.0, 1.0).is_err());
+        assert!(matches!(fresh.admit(&fed, 1, 1, &bogus), Err(LedgerRefusal::Invalid { round: 1, .. })));
+        assert!(fresh.spent.is_empty(), "a refused plan counts nothing");
+        assert!(PrivacyLedger::new(0.0, 1e-5, Accounting::default()).is_err());
+        assert!(PrivacyLedger::new(1.0, 1.0, Accounting::default()).is_err());
+    }
+
+    #[test]
+    fn a_ledger_written_before_federations_were_kept_still_counts() {
+        let old = r#"{"max_epsilon":4.0,"delta":1e-5,"spent":[{"first_round":3,"last_round":9,"sampling_rate":0.1,"noise_multiplier":1.0}],"accounted_through":9,"exhausted":false}"#;
+        let ledger: PrivacyLedger = serde_json::from_str(old).unwrap();
+        assert_eq!(ledger.accounting, Accounting::Participations, "the safe default");
+        assert_eq!(ledger.rounds_charged(), 7);
+        let mut acc = RdpAccountant::new(default_orders()).unwrap();
+        acc.compose(0.1, 1.0, 7);
+        assert!((ledger.epsilon() - acc.epsilon(1e-5).0).abs() < 1e-12);
     }
 }

@@ -15,7 +15,7 @@ use candle_core::Device;
 use rand::CryptoRng;
 
 use crate::data::Dataset;
-use crate::dp::{self, DpPlan};
+use crate::dp;
 use crate::model::{Model, ModelError, ModelSpec, Segment};
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SecAggClient, SecAggError};
 use crate::train::{self, DeviceData, TrainError};
@@ -76,8 +76,11 @@ enum Input {
 struct SecureRound {
     client: SecAggClient,
     input: Input,
-    dp: Option<DpPlan>,
 }
+
+/// The fewest inputs of a label census or a federated evaluation: a sum of one or two clients'
+/// histograms is (nearly) each of them.
+pub const MIN_COUNT_INPUTS: usize = 3;
 
 /// One client's training state. Shared between request handlers: training and the
 /// secure-aggregation phases lock separate parts, so keys are exchanged while it trains.
@@ -161,6 +164,82 @@ impl Participant {
         self.local.lock().expect("model lock").as_ref().and_then(|l| l.model.flat().ok())
     }
 
+    fn secure_keys(&self) -> Result<&SecureKeys, ParticipantError> {
+        self.keys.as_ref().ok_or_else(|| ParticipantError::BadPlan("this client has no certificate key".into()))
+    }
+
+    /// Checks a secure plan before any key is made: the session is for this plan's round and
+    /// task, the vector fits what this client will send, and with differential privacy the noise
+    /// holds (the quantizer wraps instead of clamping it, and no sum of fewer inputs than the
+    /// noise is calibrated to can be unmasked).
+    fn check_secure_plan(&self, plan: &RoundPlan, secure: &SecurePlan) -> Result<(), ParticipantError> {
+        let setup = &secure.setup;
+        let bad = |m: String| Err(ParticipantError::BadPlan(m));
+        if setup.round != plan.round || setup.purpose != plan.task.purpose() {
+            return bad(format!(
+                "the secure session is a `{}` sum of round {}, but the plan is a `{}` of round {}",
+                setup.purpose,
+                setup.round,
+                plan.task.purpose(),
+                plan.round
+            ));
+        }
+        let params = plan.params.len();
+        match plan.task {
+            Task::CountLabels | Task::Evaluate => {
+                let (what, len) = if plan.task == Task::CountLabels {
+                    ("a label census sums", self.census_counts(plan)?.len())
+                } else {
+                    ("an evaluation sums", confusion_cells(plan)?)
+                };
+                if setup.vector_len != len || secure.dp.is_some() {
+                    return bad(format!("{what} {len} counts; the plan's vector has {}", setup.vector_len));
+                }
+                if setup.min_inputs < MIN_COUNT_INPUTS {
+                    return bad(format!(
+                        "the plan would unmask counts of as few as {} clients; this client sends counts only into sums \
+                         of at least {MIN_COUNT_INPUTS}",
+                        setup.min_inputs
+                    ));
+                }
+            }
+            Task::Train => {
+                if secure.segments.iter().sum::<usize>() != params
+                    || setup.vector_len != SecurePlan::vector_len(params, secure.segments.len(), secure.dp.is_some())
+                {
+                    return bad(format!(
+                        "secure vector length {} does not fit {params} parameters in {} segments",
+                        setup.vector_len,
+                        secure.segments.len()
+                    ));
+                }
+            }
+        }
+        if let Some(dp) = &secure.dp {
+            dp.check().map_err(|e| ParticipantError::BadPlan(format!("differential privacy: {e}")))?;
+            let quantizer = &setup.params.quantizer;
+            let needed = dp.coordinate_range();
+            if quantizer.clip < needed {
+                return bad(format!(
+                    "the quantizer range {} is narrower than the clipped, noised values need ({needed})",
+                    quantizer.clip
+                ));
+            }
+            if !quantizer.wrap {
+                return bad(
+                    "the quantizer of a private round clamps values, which would cut this client's noise".into()
+                );
+            }
+            if setup.min_inputs < dp.min_survivors {
+                return bad(format!(
+                    "the noise is calibrated to sums of at least {} inputs, but the session would unmask sums of {}",
+                    dp.min_survivors, setup.min_inputs
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Answers one server request. A plain plan trains and returns the update; a secure plan
     /// returns the key advert at once (call [`Participant::train_secure`] next, on a blocking
     /// thread); the secure phases follow. An error means the client declines the round.
@@ -179,57 +258,19 @@ impl Participant {
                             "the round is secure but this client has no certificate key to sign with".into(),
                         )
                     })?;
-                    let params = plan.params.len();
-                    if plan.task == Task::CountLabels {
-                        let classes = self.census_counts(plan)?.len();
-                        if secure.setup.vector_len != classes || secure.dp.is_some() {
-                            return Err(ParticipantError::BadPlan(format!(
-                                "a label census sums {classes} counts; the plan's vector has {}",
-                                secure.setup.vector_len
-                            )));
-                        }
-                    } else if plan.task == Task::Evaluate {
-                        let cells = confusion_cells(plan)?;
-                        if secure.setup.vector_len != cells || secure.dp.is_some() {
-                            return Err(ParticipantError::BadPlan(format!(
-                                "an evaluation sums {cells} confusion counts; the plan's vector has {}",
-                                secure.setup.vector_len
-                            )));
-                        }
-                    } else if secure.segments.iter().sum::<usize>() != params
-                        || secure.setup.vector_len
-                            != SecurePlan::vector_len(params, secure.segments.len(), secure.dp.is_some())
-                    {
-                        return Err(ParticipantError::BadPlan(format!(
-                            "secure vector length {} does not fit {params} parameters, one weight per segment \
-                             and the DP indicator",
-                            secure.setup.vector_len
-                        )));
-                    }
-                    if let Some(dp) = &secure.dp {
-                        dp.check().map_err(|e| ParticipantError::BadPlan(format!("differential privacy: {e}")))?;
-                        let needed = dp.coordinate_range();
-                        if secure.setup.params.quantizer.clip < needed {
-                            return Err(ParticipantError::BadPlan(format!(
-                                "the quantizer range {} is narrower than the clipped, noised values need ({needed})",
-                                secure.setup.params.quantizer.clip
-                            )));
-                        }
-                    }
+                    self.check_secure_plan(plan, secure)?;
                     let (client, advert) =
                         SecAggClient::start(&self.id, secure.setup.clone(), keys.signer.as_ref(), rng)?;
-                    *self.secure.lock().expect("secure lock") =
-                        Some(SecureRound { client, input: Input::Training, dp: secure.dp });
+                    *self.secure.lock().expect("secure lock") = Some(SecureRound { client, input: Input::Training });
                     Ok(ClientMsg::Advert { round: plan.round, advert })
                 }
             },
             ServerMsg::Adverts { round, adverts } => {
-                let verifier = self.keys.as_ref().map(|k| k.verifier.clone());
-                let verifier = verifier.ok_or_else(|| ParticipantError::BadPlan("no certificate verifier".into()))?;
+                let keys = self.secure_keys()?;
                 let mut guard = self.secure.lock().expect("secure lock");
                 let s = secure_round(&mut guard, *round)?;
-                let shares = s.client.handle_adverts(adverts, verifier.as_ref(), rng)?;
-                Ok(ClientMsg::Shares { round: *round, shares })
+                let keys = s.client.handle_adverts(adverts, keys.verifier.as_ref(), rng)?;
+                Ok(ClientMsg::Shares { round: *round, keys })
             }
             ServerMsg::Shares { round, shares } => {
                 let mut guard = self.secure.lock().expect("secure lock");
@@ -253,19 +294,21 @@ impl Participant {
                 let input = s.client.handle_shares(shares, &input)?;
                 Ok(ClientMsg::Masked { round: *round, input })
             }
-            ServerMsg::Unmask { round, request } => {
+            ServerMsg::Survivors { round, list } => {
+                let keys = self.secure_keys()?;
                 let mut guard = self.secure.lock().expect("secure lock");
                 let s = secure_round(&mut guard, *round)?;
-                // The noise is calibrated to at least t shares in the sum: help unmask no fewer.
-                if let Some(dp) = s.dp.filter(|dp| request.survivors.len() < dp.min_survivors) {
+                let signature = s.client.handle_survivors(list, keys.signer.as_ref());
+                if signature.is_err() {
                     *guard = None;
-                    return Err(ParticipantError::BadPlan(format!(
-                        "the server asks to unmask a sum of {} inputs; the noise is calibrated to at least {}",
-                        request.survivors.len(),
-                        dp.min_survivors
-                    )));
                 }
-                let reply = s.client.handle_unmask(request);
+                Ok(ClientMsg::Confirm { round: *round, signature: signature? })
+            }
+            ServerMsg::Unmask { round, request } => {
+                let keys = self.secure_keys()?;
+                let mut guard = self.secure.lock().expect("secure lock");
+                let s = secure_round(&mut guard, *round)?;
+                let reply = s.client.handle_unmask(request, keys.verifier.as_ref());
                 *guard = None;
                 Ok(ClientMsg::Unmask { round: *round, reply: reply? })
             }
@@ -276,28 +319,35 @@ impl Participant {
     }
 
     /// Trains for a secure plan already answered with a key advert, and encodes the weighted
-    /// update for masking. Blocks for the length of the training.
+    /// update for masking. Blocks for the length of the training. Whatever happens (a panic in
+    /// training included), the round's input ends `Ready` or `Failed`, so a request waiting for
+    /// it is never left waiting.
     pub fn train_secure(&self, plan: &RoundPlan, rng: &mut impl CryptoRng) {
         let Some(secure) = &plan.secure else { return };
-        let input = if plan.task == Task::CountLabels {
-            self.census_counts(plan).map(|counts| {
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match plan.task {
+            Task::CountLabels => self.census_counts(plan).map(|counts| {
                 let counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
                 secure.setup.params.quantizer.encode(&counts, rng)
-            })
-        } else if plan.task == Task::Evaluate {
-            self.confusions(plan).map(|cells| {
+            }),
+            Task::Evaluate => self.confusions(plan).map(|cells| {
                 let cells: Vec<f32> = cells.iter().map(|&c| c as f32).collect();
                 secure.setup.params.quantizer.encode(&cells, rng)
-            })
-        } else {
-            self.train_and_encode(plan, secure, rng)
+            }),
+            Task::Train => self.train_and_encode(plan, secure, rng),
+        }));
+        let input = match encoded {
+            Ok(Ok(v)) if v.len() == secure.setup.vector_len => Input::Ready(v),
+            Ok(Ok(v)) => Input::Failed(format!(
+                "the encoded update has {} values, the session sums {}",
+                v.len(),
+                secure.setup.vector_len
+            )),
+            Ok(Err(e)) => Input::Failed(e.to_string()),
+            Err(_) => Input::Failed("training panicked".into()),
         };
-        let mut guard = self.secure.lock().expect("secure lock");
+        let mut guard = self.secure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {
-            s.input = match input {
-                Ok(v) => Input::Ready(v),
-                Err(e) => Input::Failed(e.to_string()),
-            };
+            s.input = input;
         }
         self.input_ready.notify_all();
     }
@@ -425,16 +475,22 @@ impl Participant {
             let segment_samples = update.samples_per_segment(secure.segments.len());
             match &secure.dp {
                 Some(dp) => {
-                    // With DP every contributing segment weighs 1: heads this client did not train weigh 0.
-                    let trained: Vec<f32> = segment_samples.iter().map(|&n| if n > 0 { 1.0 } else { 0.0 }).collect();
-                    let (private, _) = dp::privatize(delta, &secure.segments, &trained, dp, rng)
+                    // With DP every segment's sum divides by the public expected number of
+                    // clients: no weights or counts are summed.
+                    let (private, _) = dp::privatize(delta, &secure.segments, dp, rng)
                         .map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
                     Ok(quantizer.encode(&private, rng))
                 }
                 None => {
                     let weights: Vec<f32> =
                         segment_samples.iter().map(|&n| secagg::sample_weight(n, secure.sample_cap)).collect();
-                    Ok(secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng))
+                    secagg::encode_weighted(&delta, &secure.segments, &weights, &quantizer, rng).ok_or_else(|| {
+                        ParticipantError::BadPlan(format!(
+                            "the plan's {} segments do not fit this model's {}",
+                            secure.segments.len(),
+                            segment_samples.len()
+                        ))
+                    })
                 }
             }
         })
@@ -573,7 +629,9 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dp::DpPlan;
     use crate::model::{vectors_from_safetensors, vectors_to_safetensors};
+    use crate::secagg::quantize::Quantizer;
     use crate::train::TrainConfig;
 
     fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
@@ -743,6 +801,73 @@ mod tests {
         census.train.loss = LossConfig::default();
         census.train.head_loss.clear();
         assert!(p.census_counts(&census).unwrap().is_empty(), "no head has global scope");
+    }
+
+    /// A server that sends segment lengths that do not fit the model (v1: a panic on the
+    /// training thread, and the masked-input request waiting for ever), a private plan whose
+    /// quantizer would clamp the noise, or one that would unmask fewer inputs than the noise is
+    /// calibrated to: each is refused with a reason.
+    #[test]
+    fn secure_plans_that_cannot_be_followed_are_refused_not_waited_on() {
+        use crate::secagg::harness::{setup, TestPki, TestSigner};
+        use crate::secagg::SecAggParams;
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
+        let data = Dataset::new(vec![1.0, 0.0, 0.0, 1.0], vec![2], vec![0, 1], 2).unwrap();
+        let keys = SecureKeys { signer: Arc::new(TestSigner("c000".into())), verifier: Arc::new(TestPki) };
+        let p = Participant::new("c000", Arc::new(data), Device::Cpu).with_secure_keys(keys);
+        let secure_plan = |segments: Vec<usize>, dp: Option<DpPlan>| {
+            let mut s = setup(3, 2, 2, 0, 3);
+            s.vector_len = SecurePlan::vector_len(6, segments.len(), dp.is_some());
+            let mut plan = plan(spec_toml, vec![0.0; 6]);
+            plan.secure = Some(Box::new(SecurePlan { setup: s, sample_cap: 10, segments, dp }));
+            plan
+        };
+        let mut rng = rand::rng();
+        // Three segments where the model has two (an empty trunk and the head): the advert goes
+        // out, training fails, and the masked-input request gets the reason at once.
+        let bad = secure_plan(vec![3, 2, 1], None);
+        assert!(matches!(p.handle(&ServerMsg::Plan(bad.clone()), &mut rng), Ok(ClientMsg::Advert { .. })));
+        p.train_secure(&bad, &mut rng);
+        let shares = ServerMsg::Shares { round: 3, shares: Vec::new() };
+        let err = p.handle(&shares, &mut rng).unwrap_err().to_string();
+        assert!(err.contains("segments do not fit"), "{err}");
+
+        let dp = DpPlan {
+            clip: 1.0,
+            per_segment: false,
+            noise_multiplier: 1.0,
+            count_noise: 1.0,
+            min_survivors: 3,
+            sampling_rate: 1.0,
+            expected_clients: 3.0,
+        };
+        let mut private = secure_plan(vec![6], Some(dp));
+        let s = &mut private.secure.as_mut().unwrap().setup;
+        s.params = SecAggParams { quantizer: Quantizer { clip: 9.0, ..s.params.quantizer }, ..s.params.clone() };
+        s.min_inputs = 3;
+        let err = p.handle(&ServerMsg::Plan(private.clone()), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("clamps"), "{err}");
+        let s = &mut private.secure.as_mut().unwrap().setup;
+        s.params.quantizer.wrap = true;
+        s.min_inputs = 2;
+        let err = p.handle(&ServerMsg::Plan(private.clone()), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("at least 3 inputs"), "{err}");
+        private.secure.as_mut().unwrap().setup.min_inputs = 3;
+        assert!(p.handle(&ServerMsg::Plan(private.clone()), &mut rng).is_ok());
+        // A census whose sum could hold two clients' counts.
+        let mut census = secure_plan(vec![0], None);
+        census.task = Task::CountLabels;
+        let s = &mut census.secure.as_mut().unwrap().setup;
+        s.purpose = "census".into();
+        s.vector_len = 0;
+        s.min_inputs = 2;
+        let err = p.handle(&ServerMsg::Plan(census), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("at least 3"), "{err}");
+        // A session for another task than the plan's.
+        let mut mislabelled = secure_plan(vec![6], None);
+        mislabelled.secure.as_mut().unwrap().setup.purpose = "census".into();
+        let err = p.handle(&ServerMsg::Plan(mislabelled), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("`census` sum"), "{err}");
     }
 
     #[test]

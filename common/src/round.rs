@@ -58,7 +58,10 @@ pub fn select_cohort(eligible: &[ClientId], wanted: usize, rng: &mut impl Rng) -
 
 /// Poisson sampling: each member of `population` joins independently with probability `q`, the
 /// scheme the privacy accountant assumes (so the cohort's size varies from round to round).
-/// The population is sorted first so the choice depends only on the seed.
+/// The population is sorted first so the choice depends only on the randomness. For a DP round
+/// `rng` must be fresh OS randomness (the server passes one seeded from the OS per round):
+/// amplification by sampling holds only if nobody can redraw the sample, and every seed a client
+/// receives is derived from the federation seed.
 pub fn poisson_cohort(population: &[ClientId], q: f64, rng: &mut impl Rng) -> Vec<ClientId> {
     let mut sorted = population.to_vec();
     sorted.sort();
@@ -67,14 +70,26 @@ pub fn poisson_cohort(population: &[ClientId], q: f64, rng: &mut impl Rng) -> Ve
     sorted
 }
 
-/// The seed of round `round`'s plan: clients derive their shuffling from it and their id.
-pub fn plan_seed(federation_seed: u64, round: u64) -> u64 {
-    federation_seed ^ round.rotate_left(17)
+/// Seeds derived from the federation seed: SHA-256 of a label, the seed and the round, so that
+/// one seed a client receives tells nothing of the federation seed or of any other seed.
+fn derived_seed(label: &[u8], federation_seed: u64, round: u64) -> u64 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(label);
+    context.update(&federation_seed.to_be_bytes());
+    context.update(&round.to_be_bytes());
+    let digest = context.finish();
+    u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
 }
 
-/// The seed of round `round`'s cohort sampling.
+/// The seed of round `round`'s plan: clients derive their shuffling from it and their id.
+pub fn plan_seed(federation_seed: u64, round: u64) -> u64 {
+    derived_seed(b"cohort-plan-seed-v2", federation_seed, round)
+}
+
+/// The seed of round `round`'s cohort sampling when the round is not differentially private
+/// (plain runs are reproducible); DP rounds sample from OS randomness instead.
 pub fn cohort_seed(federation_seed: u64, round: u64) -> u64 {
-    federation_seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    derived_seed(b"cohort-cohort-seed-v2", federation_seed, round)
 }
 
 /// A checked update, ready for a collector.
@@ -188,8 +203,10 @@ pub struct RoundOutcome {
     pub dropped: Vec<(ClientId, String)>,
     /// Mean of the clients' training losses (plain collection only: a secure round reveals none).
     pub mean_train_loss: Option<f32>,
-    /// DP rounds: the noisy count of updates the clip norm did not clip.
+    /// DP rounds: the noisy fraction of updates the clip norm did not clip.
     pub unclipped: Option<f64>,
+    /// Clients caught cheating in secure aggregation, with what they did.
+    pub cheaters: Vec<(ClientId, String)>,
 }
 
 pub struct Round {
@@ -332,6 +349,7 @@ impl Round {
             reported,
             dropped,
             unclipped: None,
+            cheaters: Vec::new(),
         })
     }
 }
@@ -467,5 +485,22 @@ mod tests {
         assert_eq!(seeded(&clients), seeded(&reversed));
         assert!(poisson_cohort(&clients, 0.0, &mut rng).is_empty());
         assert_eq!(poisson_cohort(&clients, 1.0, &mut rng).len(), 10_000);
+    }
+
+    /// Attack: a client replays the server's cohort draws. In protocol v1 the plan seed was
+    /// `federation_seed ^ round.rotate_left(17)`, so any client recovered the federation seed
+    /// from one plan, and with it every round's cohort seed.
+    #[test]
+    fn no_seed_a_client_receives_gives_the_federation_seed() {
+        let federation_seed = 0x5eed;
+        let v1_plan_seed = |round: u64| federation_seed ^ round.rotate_left(17);
+        let recovered = v1_plan_seed(7) ^ 7u64.rotate_left(17);
+        assert_eq!(recovered, federation_seed, "v1: one plan gives the federation seed away");
+        let now = plan_seed(federation_seed, 7) ^ 7u64.rotate_left(17);
+        assert_ne!(now, federation_seed);
+        // Seeds are one-way and unrelated across rounds and uses.
+        assert_ne!(plan_seed(federation_seed, 7), plan_seed(federation_seed, 8));
+        assert_ne!(plan_seed(federation_seed, 7), cohort_seed(federation_seed, 7));
+        assert_eq!(plan_seed(federation_seed, 7), plan_seed(federation_seed, 7));
     }
 }

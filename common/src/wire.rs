@@ -10,11 +10,16 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dp::DpPlan;
-use crate::secagg::{KeyAdvert, MaskedInput, SealedShares, SecAggSetup, UnmaskReply, UnmaskRequest};
+use crate::secagg::{
+    KeyAdvert, MaskedInput, SealedShares, SecAggSetup, SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest,
+};
 use crate::train::TrainConfig;
 
 /// The protocol version this build speaks. Peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: session-bound SecAgg+ adverts with seed commitments, direction-bound share keys,
+/// share commitments, the consistency phase, DP vectors without per-segment counts, the
+/// federation id in the welcome.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// ALPN identifier used on the QUIC connection.
 pub const ALPN: &[u8] = b"cohort/1";
 /// The hard cap on one frame's payload: enough for models of tens of millions of parameters.
@@ -123,6 +128,17 @@ pub enum Task {
     Evaluate,
 }
 
+impl Task {
+    /// The name a secure session of this task is bound to ([`SecAggSetup::purpose`]).
+    pub fn purpose(self) -> &'static str {
+        match self {
+            Task::Train => "train",
+            Task::CountLabels => "census",
+            Task::Evaluate => "evaluate",
+        }
+    }
+}
+
 /// How a secure round encodes and masks updates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecurePlan {
@@ -136,10 +152,15 @@ pub struct SecurePlan {
 }
 
 impl SecurePlan {
-    /// Length of the masked vector: the parameters, one weight per segment, and with DP the
-    /// clipping indicator.
+    /// Length of the masked vector: the parameters, then one weight per segment, or with DP
+    /// (where every segment divides by the public expected number of clients, so no count is
+    /// summed) the clipping indicator alone.
     pub fn vector_len(params: usize, segments: usize, dp: bool) -> usize {
-        params + segments + usize::from(dp)
+        if dp {
+            params + 1
+        } else {
+            params + segments
+        }
     }
 }
 
@@ -173,8 +194,10 @@ impl Update {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerMsg {
     /// Answer to `Hello`: the connection is authorised and registered.
-    /// `next_round` lets a client's privacy ledger count rounds from the one it joined at.
-    Welcome { client_id: String, server_name: String, next_round: u64 },
+    /// `next_round` lets a client's privacy ledger count rounds from the one it joined at;
+    /// `federation` is the server's random federation id, which the ledger binds its account to
+    /// (with the fingerprint of the CA the client trusts).
+    Welcome { client_id: String, server_name: String, next_round: u64, federation: String },
     /// Asks the client to train this round.
     Plan(RoundPlan),
     /// The server refuses the client (wrong version, revoked, duplicate connection).
@@ -183,7 +206,9 @@ pub enum ServerMsg {
     Adverts { round: u64, adverts: Vec<KeyAdvert> },
     /// Phase 3: the shares the neighbours sealed for this client.
     Shares { round: u64, shares: Vec<SealedShares> },
-    /// Phase 4: who survived and who dropped.
+    /// Phase 4: who sent a masked input (the same list for everybody), to confirm.
+    Survivors { round: u64, list: SurvivorList },
+    /// Phase 5: the neighbours' confirmations of that list.
     Unmask { round: u64, request: UnmaskRequest },
 }
 
@@ -205,17 +230,23 @@ pub enum ClientMsg {
         round: u64,
         advert: KeyAdvert,
     },
-    /// Phase 2: shares sealed for the neighbours.
+    /// Phase 2: shares sealed for the neighbours, and the adverts refused.
     Shares {
         round: u64,
-        shares: Vec<SealedShares>,
+        keys: SharedKeys,
     },
     /// Phase 3: the masked, quantized update.
     Masked {
         round: u64,
         input: MaskedInput,
     },
-    /// Phase 4: shares for unmasking.
+    /// Phase 4: this client's signature over the survivor list.
+    Confirm {
+        round: u64,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Phase 5: shares for unmasking.
     Unmask {
         round: u64,
         reply: UnmaskReply,

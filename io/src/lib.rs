@@ -71,6 +71,24 @@ impl NetError {
     }
 }
 
+/// A string a peer controls, made safe for a log line: control characters escaped (no forged
+/// lines, no terminal escapes) and at most `max` characters kept.
+pub fn escape(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 3);
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// TLS alerts that mean the peer refused our certificate become `Unauthorized`.
 pub fn classify(e: quinn::ConnectionError) -> NetError {
     let text = e.to_string();
@@ -139,6 +157,15 @@ impl Identity {
     }
 
     /// The subject CN of this identity's certificate.
+    /// SHA-256 of the CA certificate (DER), in hex: which federation's CA this identity trusts.
+    pub fn ca_fingerprint(&self) -> String {
+        ring::digest::digest(&ring::digest::SHA256, self.ca.as_ref())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     pub fn subject(&self) -> Result<String, NetError> {
         subject_cn(&self.chain[0])
     }

@@ -79,6 +79,13 @@ impl PeerVerifier for CaVerifier {
         cert.verify_signature(webpki::ring::ECDSA_P256_SHA256, message, signature)
             .map_err(|e| format!("the signature does not verify: {e}"))
     }
+
+    fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+        let der = CertificateDer::from(certificate);
+        let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| format!("the certificate does not parse: {e}"))?;
+        cert.verify_signature(webpki::ring::ECDSA_P256_SHA256, message, signature)
+            .map_err(|e| format!("the signature does not verify: {e}"))
+    }
 }
 
 #[cfg(test)]
@@ -130,5 +137,9 @@ mod tests {
         let err = verifier.verify("alice", &stranger.certificate(), b"keys", &sig).unwrap_err();
         assert!(err.contains("CA"), "{err}");
         assert!(verifier.verify("alice", b"not a certificate", b"keys", &sig).is_err());
+        // The signature alone, with a certificate already accepted.
+        let sig = signer.sign(b"survivors").unwrap();
+        verifier.verify_signature(&signer.certificate(), b"survivors", &sig).unwrap();
+        assert!(verifier.verify_signature(&signer.certificate(), b"other survivors", &sig).is_err());
     }
 }

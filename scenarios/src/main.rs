@@ -43,7 +43,9 @@ enum Command {
         only_task: Option<String>,
     },
     /// The epsilon a DP federation would spend: Poisson sampling of `per_round` of `clients`
-    /// clients each round, Gaussian noise with multiplier `noise`, composed over `rounds`.
+    /// clients each round, Gaussian noise with multiplier `noise`, composed over `rounds`;
+    /// against anyone who sees only the models, and against the server (a typical client and
+    /// the most-sampled one).
     Epsilon {
         #[arg(long)]
         clients: u64,
@@ -143,8 +145,17 @@ fn main() -> Result<()> {
         }
     }
     if let Some(epsilon) = report.epsilon {
-        let delta = report.scenario.federation.dp.as_ref().map_or(0.0, |d| d.delta);
-        println!("privacy: epsilon {epsilon:.3} at delta {delta:e} (user level, {} clients)", scenario.clients);
+        let delta = report.delta.unwrap_or(f64::NAN);
+        println!(
+            "privacy: epsilon {epsilon:.3} at delta {delta:.3e} against anyone who sees only the models (user level, \
+             amplified by sampling over {} clients)",
+            scenario.clients
+        );
+        if let Some(server) = report.epsilon_server {
+            println!(
+                "         epsilon {server:.3} against the server, which knows every sample (the most-sampled client)"
+            );
+        }
     }
     let budget = report.scenario.federation.dp.as_ref().and_then(|d| d.epsilon_budget);
     if let (Some(budget), true) = (budget, (report.rounds.len() as u64) < report.scenario.federation.rounds) {
@@ -212,6 +223,32 @@ fn epsilon(clients: u64, per_round: u64, noise: f64, rounds: u64, delta: f64) ->
     let mut accountant = RdpAccountant::new(default_orders())?;
     accountant.compose(q, noise, rounds);
     let (eps, order) = accountant.epsilon(delta);
-    println!("epsilon {eps:.2} at delta {delta:e} (q = {q:.4}, z = {noise}, {rounds} rounds; best RDP order {order})");
+    println!(
+        "epsilon {eps:.2} at delta {delta:e} against anyone who sees only the models (q = {q:.4}, z = {noise}, {rounds} \
+         rounds; best RDP order {order})"
+    );
+    // Against the server: k participations, unamplified. A client takes part Binomial(T, q)
+    // times; the most-sampled of N is about its 1 - 1/N quantile.
+    let unamplified = |k: u64| {
+        let mut acc = RdpAccountant::new(default_orders()).expect("default orders are valid");
+        acc.compose(1.0, noise, k);
+        acc.epsilon(delta).0
+    };
+    let typical = (q * rounds as f64).round() as u64;
+    let mut most = rounds;
+    let mut below = 0.0;
+    for k in 0..=rounds {
+        below += cohort_common::dp::binomial_pmf(rounds, q, k);
+        if below >= 1.0 - 1.0 / clients as f64 {
+            most = k;
+            break;
+        }
+    }
+    println!(
+        "epsilon {:.2} against the server for a typical client ({typical} rounds), {:.2} for the most-sampled of {clients} \
+         (about {most} rounds)",
+        unamplified(typical),
+        unamplified(most)
+    );
     Ok(())
 }

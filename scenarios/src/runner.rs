@@ -70,11 +70,15 @@ pub struct ReportRound {
     /// Federated evaluation: each head's accuracy and balanced accuracy on the clients' own
     /// validation data, from the securely summed confusion matrices.
     pub federated: Vec<(String, f64, f64)>,
-    /// Epsilon spent after the round (DP scenarios), the round's clip norm, and the noisy count
-    /// of updates it did not clip.
+    /// Epsilon spent after the round (DP scenarios) against anyone who sees only the models
+    /// (amplified by sampling) and against the server (the most any client spent), the round's
+    /// clip norm, and the noisy fraction of updates it did not clip.
     pub epsilon: Option<f64>,
+    pub epsilon_server: Option<f64>,
     pub clip: Option<f64>,
     pub unclipped: Option<f64>,
+    /// Clients caught cheating in the round's secure aggregation.
+    pub cheaters: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,8 +95,12 @@ pub struct Report {
     pub target_reached_at: Option<u64>,
     pub median_round_seconds: f64,
     pub wall_seconds: f64,
-    /// Epsilon spent in all (DP scenarios), at `federation.dp.delta`.
+    /// Epsilon spent in all (DP scenarios) against anyone who sees only the models, and against
+    /// the server, at `delta`.
     pub epsilon: Option<f64>,
+    pub epsilon_server: Option<f64>,
+    /// The configured delta plus what too-small samples add.
+    pub delta: Option<f64>,
     /// The device the simulated clients trained on, in words.
     pub device: String,
     /// Each personal head's largest change in the server's last checkpoint against the initial
@@ -355,6 +363,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             train_gate: Some(gate.clone()),
             events: None,
             fault: crashes.clone().map(|c| c.hook(i as u64)),
+            tamper: None,
             ledger: None,
             endpoint: endpoint.clone(),
             personal_path: None,
@@ -379,14 +388,18 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     };
     let private = federation.dp.is_some();
     if options.table {
-        let dp_columns =
-            if private { format!(" {:>8} {:>8} {:>9}", "epsilon", "clip", "unclipped") } else { String::new() };
+        let dp_columns = if private {
+            format!(" {:>8} {:>8} {:>8} {:>9}", "eps.mdl", "eps.srv", "clip", "unclipped")
+        } else {
+            String::new()
+        };
         print(format!(
             "{:>6} {:>13} {:>8} {:>10} {:>9} {:>9}{dp_columns}",
             "round", "participants", "seconds", "accuracy", "loss", "bal.acc"
         ));
     }
     let mut rounds = Vec::new();
+    let mut last_delta = None;
     while let Some(r) = events.recv().await {
         let row = ReportRound {
             round: r.round,
@@ -403,16 +416,27 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             head_accuracy: r.head_tests.iter().map(|(h, m)| (h.clone(), m.accuracy)).collect(),
             federated: r.federated.iter().map(|(h, m)| (h.clone(), m.accuracy, m.balanced_accuracy)).collect(),
             epsilon: r.epsilon,
+            epsilon_server: r.epsilon_server,
             clip: r.clip,
             unclipped: r.unclipped,
+            cheaters: r.cheaters.len(),
         };
+        if let Some(delta) = r.delta {
+            last_delta = Some(delta);
+        }
         if options.table {
             let f = |v: Option<f64>, pct: bool| {
                 v.map_or("-".to_string(), |v| if pct { format!("{:.2}%", v * 100.0) } else { format!("{v:.4}") })
             };
             let dp_columns = if private {
                 let g = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
-                format!(" {:>8} {:>8} {:>9}", g(row.epsilon), g(row.clip), g(row.unclipped))
+                format!(
+                    " {:>8} {:>8} {:>8} {:>9}",
+                    g(row.epsilon),
+                    g(row.epsilon_server),
+                    g(row.clip),
+                    g(row.unclipped)
+                )
             } else {
                 String::new()
             };
@@ -463,6 +487,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         median_round_seconds: if seconds.is_empty() { 0.0 } else { seconds[seconds.len() / 2] },
         wall_seconds: wall.elapsed().as_secs_f64(),
         epsilon: rounds.iter().rev().find_map(|r| r.epsilon),
+        epsilon_server: rounds.iter().rev().find_map(|r| r.epsilon_server),
+        delta: last_delta,
         device: device_name,
         personal_heads_moved,
         rounds,

@@ -123,11 +123,14 @@ impl SecAggConfig {
                 threshold: self.threshold,
                 degree: self.degree,
                 dropout_tolerance: self.dropout_tolerance,
-                quantizer: Quantizer { bits: self.bits, clip: range, scale },
+                quantizer: Quantizer { bits: self.bits, clip: range, scale, wrap: false },
             },
+            purpose: String::new(),
+            nonce: [0; 16],
             cohort,
             graph_seed,
             vector_len,
+            min_inputs: 1,
         }
     }
 }
@@ -190,9 +193,16 @@ impl DpConfig {
         self.count_noise.unwrap_or((clients_per_round as f64 / 20.0).max(self.noise_multiplier))
     }
 
-    /// The plan of one round with clip norm `clip`, noise divisor `min_survivors` and sampling
-    /// rate `q`.
-    pub fn plan(&self, clip: f64, clients_per_round: usize, min_survivors: usize, q: f64) -> DpPlan {
+    /// The plan of one round with clip norm `clip`, noise divisor `min_survivors`, sampling
+    /// rate `q` and `expected_clients` (what every sum is divided by).
+    pub fn plan(
+        &self,
+        clip: f64,
+        clients_per_round: usize,
+        min_survivors: usize,
+        q: f64,
+        expected_clients: f64,
+    ) -> DpPlan {
         DpPlan {
             clip,
             per_segment: self.per_segment,
@@ -200,16 +210,18 @@ impl DpConfig {
             count_noise: self.count_noise(clients_per_round),
             min_survivors,
             sampling_rate: q,
+            expected_clients: expected_clients.max(1.0),
         }
     }
 
-    /// The clip norm after a round in which `unclipped` of `updates` (a noisy count) were at most
-    /// `clip`.
-    pub fn next_clip(&self, clip: f64, unclipped: f64, updates: usize) -> f64 {
+    /// The clip norm after a round in which a noisy fraction `unclipped` of the updates were at
+    /// most `clip`.
+    pub fn next_clip(&self, clip: f64, unclipped: f64) -> f64 {
         match &self.adaptive {
-            Some(a) if updates > 0 => AdaptiveClip { clip, eta: a.learning_rate, target_quantile: a.target_quantile }
-                .update(unclipped / updates as f64),
-            _ => clip,
+            Some(a) => {
+                AdaptiveClip { clip, eta: a.learning_rate, target_quantile: a.target_quantile }.update(unclipped)
+            }
+            None => clip,
         }
     }
 
@@ -219,7 +231,9 @@ impl DpConfig {
                         so only the sum is private"
                 .into());
         }
-        self.plan(self.clip, fed.clients_per_round, fed.min_clients, 1.0).check().map_err(|e| e.to_string())?;
+        self.plan(self.clip, fed.clients_per_round, fed.min_clients, 1.0, fed.clients_per_round as f64)
+            .check()
+            .map_err(|e| e.to_string())?;
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return Err(format!(
                 "delta = {} must be between 0 and 1 (typically below 1 / enrolled clients)",
@@ -480,9 +494,9 @@ mod tests {
             count_noise: None,
             adaptive: None,
         };
-        assert_eq!(dp.next_clip(1.0, 0.0, 10), 1.0, "fixed clipping stays put");
+        assert_eq!(dp.next_clip(1.0, 0.0), 1.0, "fixed clipping stays put");
         dp.adaptive = Some(AdaptiveClipConfig::default());
-        assert!(dp.next_clip(1.0, 0.0, 10) > 1.0, "every update clipped: C grows");
-        assert!(dp.next_clip(1.0, 10.0, 10) < 1.0, "none clipped: C shrinks");
+        assert!(dp.next_clip(1.0, 0.0) > 1.0, "every update clipped: C grows");
+        assert!(dp.next_clip(1.0, 1.0) < 1.0, "none clipped: C shrinks");
     }
 }

@@ -179,10 +179,18 @@ fn main() -> Result<()> {
             }
             if let Some(last) = rounds.iter().rev().find(|r| r.epsilon.is_some()) {
                 let (eps, z) = (last.epsilon.unwrap_or(f64::NAN), last.noise_multiplier.unwrap_or(f64::NAN));
+                let against_server = last.epsilon_server.map_or("-".into(), |e| format!("{e:.3}"));
                 let clip = last.clip.map_or("-".into(), |c| format!("{c:.4}"));
+                let too_few: f64 = rounds.iter().filter_map(|r| r.too_few_probability).sum();
                 println!(
-                    "privacy:  epsilon {eps:.3} after round {} (noise multiplier {z}, clip norm {clip})",
+                    "privacy:  after round {}: epsilon {eps:.3} against anyone who sees only the models (amplified by \
+                     sampling), {against_server} against the server (the most any client spent); noise multiplier {z}, \
+                     clip norm {clip}",
                     last.round
+                );
+                println!(
+                    "          delta: the configured one + {:.2e} (chance of too-small samples x (1 + e^epsilon))",
+                    too_few * (1.0 + eps.exp())
                 );
             }
         }
@@ -193,7 +201,7 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
             } else {
                 println!(
-                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+                    "{:>6} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
                     "round",
                     "status",
                     "cohort",
@@ -203,14 +211,15 @@ fn main() -> Result<()> {
                     "bal.acc",
                     "macro-F1",
                     "loss",
-                    "epsilon",
+                    "eps.mdl",
+                    "eps.srv",
                     "clip"
                 );
                 let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
                 let g = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
                 for r in &rounds {
                     println!(
-                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+                        "{:>6} {:>10} {:>7} {:>8} {:>9.3} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
                         r.round,
                         r.status,
                         r.cohort,
@@ -221,7 +230,14 @@ fn main() -> Result<()> {
                         f(r.macro_f1),
                         f(r.test_loss),
                         g(r.epsilon),
+                        g(r.epsilon_server),
                         g(r.clip)
+                    );
+                }
+                if rounds.iter().any(|r| r.epsilon.is_some()) {
+                    println!(
+                        "eps.mdl: epsilon against anyone who sees only the models (amplified by sampling); eps.srv: \
+                         against the server, which knows every sample (the most any client spent)"
                     );
                 }
                 // Per head, with per-class recall: the latest round that has them.

@@ -2,7 +2,8 @@
 //! exposition format.
 //!
 //! [`ServerMetrics`] holds the figures (rounds, their length and participants, dropouts, per-head
-//! accuracy on the test sets and from federated evaluation, epsilon, clients connected); the
+//! accuracy on the test sets and from federated evaluation, epsilon against each adversary,
+//! clients caught cheating, clients connected); the
 //! round loop updates them from each [`RoundReport`]. [`respond`] is the whole HTTP exchange as
 //! a function of the request head, without I/O; [`serve`] is its thin driver over TCP: one
 //! request per connection, a capped request head, a deadline and at most [`MAX_CONNECTIONS`] at
@@ -37,7 +38,10 @@ pub struct ServerMetrics {
     participants: Gauge,
     dropouts: Counter,
     train_loss: FloatGauge,
-    epsilon: FloatGauge,
+    /// By `against`: `models` (anyone who sees only the models; amplified by sampling) and
+    /// `server` (the server, which knows every sample: the most any client has spent).
+    epsilon: ByHead,
+    cheaters: Counter,
     clip: FloatGauge,
     connected: Gauge,
     test_accuracy: ByHead,
@@ -57,7 +61,8 @@ impl Default for ServerMetrics {
             participants: Gauge::default(),
             dropouts: Counter::default(),
             train_loss: FloatGauge::default(),
-            epsilon: FloatGauge::default(),
+            epsilon: ByHead::default(),
+            cheaters: Counter::default(),
             clip: FloatGauge::default(),
             connected: Gauge::default(),
             test_accuracy: ByHead::default(),
@@ -77,7 +82,6 @@ impl Default for ServerMetrics {
         for (name, help, gauge) in [
             ("round_seconds", "Length of the last round", &metrics.round_seconds),
             ("train_loss", "Mean training loss the last round's clients reported", &metrics.train_loss),
-            ("epsilon", "Differential privacy spent so far (at the configured delta)", &metrics.epsilon),
             ("clip_norm", "The last DP round's clipping norm", &metrics.clip),
         ] {
             registry.register(name, help, gauge.clone());
@@ -103,6 +107,17 @@ impl Default for ServerMetrics {
         ] {
             registry.register(name, help, family.clone());
         }
+        registry.register(
+            "epsilon",
+            "Differential privacy spent so far, against anyone who sees only the models (against=\"models\", \
+             amplified by sampling) and against the server (against=\"server\", the most any client spent)",
+            metrics.epsilon.clone(),
+        );
+        registry.register(
+            "cheaters",
+            "Clients caught cheating in secure aggregation (bad signatures or shares)",
+            metrics.cheaters.clone(),
+        );
         registry.register("rounds", "Rounds finished, by status", metrics.rounds.clone());
         registry.register("dropouts", "Sampled clients that did not finish their round", metrics.dropouts.clone());
         metrics
@@ -125,9 +140,12 @@ impl ServerMetrics {
         if let Some(loss) = report.train_loss {
             self.train_loss.set(loss);
         }
-        if let Some(epsilon) = report.epsilon {
-            self.epsilon.set(epsilon);
+        for (against, epsilon) in [("models", report.epsilon), ("server", report.epsilon_server)] {
+            if let Some(epsilon) = epsilon {
+                self.epsilon.get_or_create(&vec![("against".to_string(), against.to_string())]).set(epsilon);
+            }
         }
+        self.cheaters.inc_by(report.cheaters.len() as u64);
         if let Some(clip) = report.clip {
             self.clip.set(clip);
         }
@@ -305,6 +323,9 @@ mod tests {
             federated: vec![("digit".into(), confusion)],
             note: String::new(),
             epsilon: Some(1.25),
+            epsilon_server: Some(3.5),
+            delta: Some(1e-5),
+            cheaters: vec![("c8".into(), "returned a bad share".into())],
             clip: None,
             unclipped: None,
         };
@@ -315,7 +336,9 @@ mod tests {
             "cohort_rounds_total{status=\"completed\"} 1",
             "cohort_round_participants 4",
             "cohort_dropouts_total 1",
-            "cohort_epsilon 1.25",
+            "cohort_epsilon{against=\"models\"} 1.25",
+            "cohort_epsilon{against=\"server\"} 3.5",
+            "cohort_cheaters_total 1",
             "cohort_clients_connected 3",
             "cohort_test_accuracy{head=\"digit\"} 0.875",
             "cohort_test_accuracy{head=\"parity\"} 0.875",

@@ -3,7 +3,7 @@
 //! Everything the round decides lives in `cohort-common`; this module moves bytes, keeps time,
 //! writes checkpoints and records rounds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,12 +17,13 @@ use cohort_common::round::{
     cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round,
     RoundError, RoundOutcome,
 };
-use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer};
+use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer, SecAggSetup, Unmasked};
 use cohort_common::strategy::Strategy;
 use cohort_common::train::{evaluate, per_class, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
+use cohort_io::secagg_keys::CaVerifier;
 use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -87,8 +88,17 @@ pub struct RoundReport {
     /// the round's participants (no loss: only counts are summed).
     pub federated: Vec<(String, Metrics)>,
     pub note: String,
-    /// Epsilon spent after this round (DP with noise only), at the configured delta.
+    /// Epsilon spent after this round (DP with noise only) against anyone who sees only the
+    /// models, amplified by sampling, at `delta`.
     pub epsilon: Option<f64>,
+    /// Epsilon spent against the server, which knows every sample: the largest any one client
+    /// has spent from its own private rounds (unamplified), at `delta`.
+    pub epsilon_server: Option<f64>,
+    /// The delta both epsilons hold at: the configured one plus what too-small samples add.
+    pub delta: Option<f64>,
+    /// Clients caught cheating in this round's secure aggregation, with what they did. Their
+    /// bad shares were not used, and they are sampled no more while this server runs.
+    pub cheaters: Vec<(ClientId, String)>,
     /// The clip norm of this round (DP only) and the noisy count of updates it did not clip.
     pub clip: Option<f64>,
     pub unclipped: Option<f64>,
@@ -179,27 +189,39 @@ impl Registry {
     }
 }
 
-/// The server's differential-privacy state: the accountant over every round that sent plans
-/// (resumed from the database) and the clip norm of the next round.
+/// The server's differential-privacy state: the accountant over every round that drew a sample
+/// (resumed from the database), each client's private rounds (for the epsilon against the
+/// server), the summed chance of too-small samples, and the clip norm of the next round.
 struct Privacy {
     config: DpConfig,
     accountant: RdpAccountant,
+    /// Private rounds per client, by noise multiplier (its bits).
+    participations: HashMap<ClientId, BTreeMap<u64, u64>>,
+    /// The summed probabilities that a round's sample fell below `min_clients`.
+    too_few: f64,
     clip: f64,
+    warned_too_few: bool,
 }
 
 impl Privacy {
-    fn resume(config: &DpConfig, rows: &[RoundRow]) -> Self {
+    fn resume(config: &DpConfig, rows: &[RoundRow], participations: Vec<(ClientId, f64, u64)>) -> Self {
         let mut accountant = RdpAccountant::new(dp::default_orders()).expect("default orders are valid");
         let mut clip = config.clip;
+        let mut too_few = 0.0;
         for row in rows {
             if let (Some(q), Some(z)) = (row.sampling_rate, row.noise_multiplier) {
                 accountant.compose(q, z, 1);
             }
+            too_few += row.too_few_probability.unwrap_or(0.0);
             if let (Some(c), Some(unclipped)) = (row.clip, row.unclipped) {
-                clip = config.next_clip(c, unclipped, row.participants);
+                clip = config.next_clip(c, unclipped);
             }
         }
-        Self { config: config.clone(), accountant, clip }
+        let mut counts: HashMap<ClientId, BTreeMap<u64, u64>> = HashMap::new();
+        for (client, z, rounds) in participations {
+            *counts.entry(client).or_default().entry(z.to_bits()).or_default() += rounds;
+        }
+        Self { config: config.clone(), accountant, participations: counts, too_few, clip, warned_too_few: false }
     }
 
     /// Whether rounds are noised, so that they are sampled Poisson-wise and accounted.
@@ -212,6 +234,35 @@ impl Privacy {
         after.compose(q, self.config.noise_multiplier, 1);
         after.epsilon(self.config.delta).0
     }
+
+    /// The delta the reported epsilons hold at, for an amplified epsilon of `epsilon`.
+    fn delta(&self, epsilon: f64) -> f64 {
+        self.config.delta + (1.0 + epsilon.exp()) * self.too_few
+    }
+
+    /// Charges one private round (multiplier `z`) to each of `clients`.
+    fn charge(&mut self, clients: &[ClientId], z: f64) {
+        for c in clients {
+            *self.participations.entry(c.clone()).or_default().entry(z.to_bits()).or_default() += 1;
+        }
+    }
+
+    /// The largest unamplified epsilon any client has spent: what holds against the server.
+    fn epsilon_server(&self) -> f64 {
+        let mut distinct: Vec<&BTreeMap<u64, u64>> = self.participations.values().collect();
+        distinct.sort();
+        distinct.dedup();
+        distinct
+            .into_iter()
+            .map(|counts| {
+                let mut acc = RdpAccountant::new(dp::default_orders()).expect("default orders are valid");
+                for (z, rounds) in counts {
+                    acc.compose(1.0, f64::from_bits(*z), *rounds);
+                }
+                acc.epsilon(self.config.delta).0
+            })
+            .fold(0.0, f64::max)
+    }
 }
 
 /// How a round's cohort was drawn.
@@ -222,6 +273,11 @@ struct Draw {
     offline: Vec<ClientId>,
     /// The sampling rate, for DP rounds.
     sampling_rate: Option<f64>,
+    /// DP rounds: the chance that the sample was too small (the round skipped).
+    too_few: Option<f64>,
+    /// What every private sum is divided by: q times the population (the cohort without DP
+    /// sampling).
+    expected_clients: f64,
 }
 
 fn unix_now() -> i64 {
@@ -236,6 +292,12 @@ pub struct Server {
     registry: Arc<Registry>,
     metrics: Arc<ServerMetrics>,
     metrics_listener: Option<tokio::net::TcpListener>,
+    /// Checks clients' adverts and confirmations against the CA, so cheaters are named.
+    verifier: CaVerifier,
+    /// This federation's id (kept in cohort.db), sent in every welcome.
+    federation_id: String,
+    /// Clients caught cheating: not sampled again while this server runs.
+    excluded: Mutex<BTreeSet<ClientId>>,
 }
 
 /// The largest label count one client may contribute to a census, per class.
@@ -257,6 +319,11 @@ impl Server {
             test_head(&setup.spec, name, data)?;
         }
         let store = Store::open(&setup.state.database())?;
+        let federation_id = store.federation_id(|| {
+            let bytes: [u8; 16] = rand::rngs::StdRng::from_os_rng().random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        })?;
+        let verifier = CaVerifier::new(&setup.identity);
         let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
         let metrics_listener = match setup.metrics_listen {
             Some(addr) => Some(
@@ -274,6 +341,9 @@ impl Server {
             registry: Arc::default(),
             metrics: Arc::default(),
             metrics_listener,
+            verifier,
+            federation_id,
+            excluded: Mutex::default(),
         })
     }
 
@@ -299,6 +369,7 @@ impl Server {
             self.endpoint.clone(),
             self.registry.clone(),
             self.store.clone(),
+            Arc::from(self.federation_id.as_str()),
             accept_stop.clone(),
         ));
         let result = self.run_rounds(&shutdown).await;
@@ -315,6 +386,9 @@ impl Server {
         let model = Arc::new(Model::new(&self.setup.spec, &Device::Cpu, fed.seed)?);
         let param_len = model.layout().total_len();
         let segments: Vec<usize> = model.layout().segments().iter().map(|s| s.len).collect();
+        // Personal heads' ranges: a private round zeroes them (only noise arrives there).
+        let personal: Vec<std::ops::Range<usize>> =
+            model.layout().segments().iter().filter(|s| s.personal).map(|s| s.offset..s.offset + s.len).collect();
         let mut strategy = fed.strategy.build(param_len).map_err(|e| ServeError::Config(e.to_string()))?;
         let (last_round, done) = self.store.lock().expect("store lock").resume_point()?;
         if let Some((round, checkpoint)) = &done {
@@ -328,7 +402,10 @@ impl Server {
             self.resume_optimizer(&mut strategy, *round)?;
         }
         let mut privacy = match &fed.dp {
-            Some(config) => Some(Privacy::resume(config, &self.store.lock().expect("store lock").rounds()?)),
+            Some(config) => {
+                let store = self.store.lock().expect("store lock");
+                Some(Privacy::resume(config, &store.rounds()?, store.dp_participations()?))
+            }
             None => None,
         };
         self.registry.next_round.store(last_round + 1, Ordering::Relaxed);
@@ -405,8 +482,8 @@ impl Server {
             }
             let started = Instant::now();
             let started_at = unix_now();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(fed.seed, round_no));
-            let draw = match privacy.as_ref().filter(|p| p.noised()) {
+            let excluded = self.excluded.lock().expect("excluded lock").clone();
+            let draw = match privacy.as_mut().filter(|p| p.noised()) {
                 Some(p) => {
                     let enrolled = self.store.lock().expect("store lock").clients()?;
                     let population: Vec<ClientId> = enrolled.into_iter().filter(|c| !c.revoked).map(|c| c.id).collect();
@@ -430,16 +507,36 @@ impl Server {
                             population.len()
                         );
                     }
-                    let (cohort, offline) = poisson_cohort(&population, q, &mut rng)
+                    // A round is skipped when too few sampled clients are online: that depends
+                    // on the sample, so its chance is added to delta (computed before sampling).
+                    let online = population.iter().filter(|id| self.registry.connection(id).is_some()).count();
+                    let too_few = dp::too_few_probability(online, q, fed.min_clients);
+                    if too_few > p.config.delta / fed.rounds as f64 && !p.warned_too_few {
+                        p.warned_too_few = true;
+                        warn!(
+                            round = round_no,
+                            "a sample of {online} online clients at q = {q:.4} falls below min_clients = {} with \
+                             probability {too_few:.2e} per round, which adds to delta; lower federation.min_clients \
+                             (or enrol more clients) to make it negligible",
+                            fed.min_clients
+                        );
+                    }
+                    // Fresh OS randomness: nothing a client receives lets it redraw the sample.
+                    let mut os = rand::rngs::StdRng::from_os_rng();
+                    let (cohort, offline): (Vec<ClientId>, Vec<ClientId>) = poisson_cohort(&population, q, &mut os)
                         .into_iter()
-                        .partition(|id| self.registry.connection(id).is_some());
-                    Draw { cohort, offline, sampling_rate: Some(q) }
+                        .partition(|id| self.registry.connection(id).is_some() && !excluded.contains(id));
+                    let expected_clients = q * population.len() as f64;
+                    Draw { cohort, offline, sampling_rate: Some(q), too_few: Some(too_few), expected_clients }
                 }
-                None => Draw {
-                    cohort: select_cohort(&self.registry.ids(), fed.clients_per_round, &mut rng),
-                    offline: Vec::new(),
-                    sampling_rate: None,
-                },
+                None => {
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(fed.seed, round_no));
+                    let eligible: Vec<ClientId> =
+                        self.registry.ids().into_iter().filter(|id| !excluded.contains(id)).collect();
+                    let cohort = select_cohort(&eligible, fed.clients_per_round, &mut rng);
+                    let expected_clients = cohort.len() as f64;
+                    Draw { cohort, offline: Vec::new(), sampling_rate: None, too_few: None, expected_clients }
+                }
             };
             self.registry.next_round.store(round_no + 1, Ordering::Relaxed);
             let cohort = draw.cohort;
@@ -469,18 +566,22 @@ impl Server {
                 Collection::Secure => {
                     let dp = privacy.as_ref().map(|p| {
                         let q = draw.sampling_rate.unwrap_or(1.0);
-                        p.config.plan(p.clip, fed.clients_per_round, fed.min_clients, q)
+                        p.config.plan(p.clip, fed.clients_per_round, fed.min_clients, q, draw.expected_clients)
                     });
                     let range = dp.as_ref().map_or(fed.secagg.clip, |d| d.coordinate_range());
                     let vector_len = SecurePlan::vector_len(param_len, segments.len(), dp.is_some());
-                    let setup = fed.secagg.setup(round_no, cohort.clone(), plan.seed, vector_len, range);
+                    let min_inputs = fed.min_clients.max(2).min(cohort.len());
+                    let mut setup =
+                        self.session_setup(round_no, Task::Train, &cohort, plan.seed, vector_len, range, min_inputs);
+                    // Private rounds wrap out-of-range values instead of clamping: no noise is cut.
+                    setup.params.quantizer.wrap = dp.is_some();
                     plan.secure = Some(Box::new(SecurePlan {
                         setup,
                         sample_cap: fed.secagg.sample_cap,
                         segments: segments.clone(),
                         dp,
                     }));
-                    self.collect_secure(plan, &cohort, shutdown, &mut pending, &mut reports).await?
+                    self.collect_secure(plan, &cohort, &personal, shutdown, &mut pending, &mut reports).await?
                 }
             };
             let Some(collected_outcome) = collected else {
@@ -493,21 +594,32 @@ impl Server {
             let cohort_size = cohort.len() + draw.offline.len();
             let collected = started.elapsed();
             let plans_sent = cohort.len() >= fed.min_clients;
-            // Every round that sent plans is accounted, whatever its outcome: the server cannot
-            // prove it did not look at a sum.
-            let (sampling_rate, noise_multiplier, epsilon) = match (privacy.as_mut(), draw.sampling_rate) {
-                (Some(p), Some(q)) if plans_sent => {
-                    p.accountant.compose(q, p.config.noise_multiplier, 1);
-                    (Some(q), Some(p.config.noise_multiplier), Some(p.accountant.epsilon(p.config.delta).0))
-                }
-                _ => (None, None, None),
-            };
+            // Every round that drew a sample is accounted, whatever its outcome: a skipped round
+            // depends on the sample, and the server cannot prove it did not look at a sum. The
+            // clients sent plans are charged a participation each (the epsilon against the server).
+            let (sampling_rate, noise_multiplier, epsilon, epsilon_server, delta) =
+                match (privacy.as_mut(), draw.sampling_rate) {
+                    (Some(p), Some(q)) => {
+                        let z = p.config.noise_multiplier;
+                        p.accountant.compose(q, z, 1);
+                        p.too_few += draw.too_few.unwrap_or(0.0);
+                        if plans_sent {
+                            p.charge(&cohort, z);
+                        }
+                        let epsilon = p.accountant.epsilon(p.config.delta).0;
+                        (Some(q), Some(z), Some(epsilon), Some(p.epsilon_server()), Some(p.delta(epsilon)))
+                    }
+                    _ => (None, None, None, None, None),
+                };
+            let charged: &[ClientId] = if plans_sent && noise_multiplier.is_some() { &cohort } else { &[] };
+            let spent =
+                PrivacySpent { sampling_rate, noise_multiplier, epsilon_server, too_few_probability: draw.too_few };
             match collected_outcome {
                 Ok(mut outcome) => {
                     outcome.dropped.extend(draw.offline.iter().map(|id| (id.clone(), "offline when sampled".into())));
                     let clip = privacy.as_ref().map(|p| p.clip);
                     if let (Some(p), Some(unclipped)) = (privacy.as_mut(), outcome.unclipped) {
-                        p.clip = p.config.next_clip(p.clip, unclipped, outcome.reported.len());
+                        p.clip = p.config.next_clip(p.clip, unclipped);
                     }
                     strategy
                         .apply(&mut global, &outcome.aggregate.mean_delta)
@@ -564,19 +676,14 @@ impl Server {
                         federated,
                         note: String::new(),
                         epsilon,
+                        epsilon_server,
+                        delta,
+                        cheaters: outcome.cheaters,
                         clip,
                         unclipped: outcome.unclipped,
                     };
                     // Recorded before evaluation: a crash during evaluation loses no round.
-                    self.record(
-                        &report,
-                        started_at,
-                        Some(relative),
-                        &outcome.reported,
-                        sampling_rate,
-                        noise_multiplier,
-                    )
-                    .await?;
+                    self.record(&report, started_at, Some(relative), &outcome.reported, &spent, charged).await?;
                     debug!(
                         round = round_no,
                         collect_s = collected.as_secs_f64(),
@@ -615,10 +722,13 @@ impl Server {
                         federated: Vec::new(),
                         note: e.to_string(),
                         epsilon,
+                        epsilon_server,
+                        delta,
+                        cheaters: Vec::new(),
                         clip: None,
                         unclipped: None,
                     };
-                    self.record(&report, started_at, None, &[], sampling_rate, noise_multiplier).await?;
+                    self.record(&report, started_at, None, &[], &spent, charged).await?;
                     self.publish(report, &mut reports);
                 }
             }
@@ -787,8 +897,8 @@ impl Server {
     }
 
     /// A secure sum of whole counts (a label census, confusion matrices): `len` counts per
-    /// client, exact (scale 1, 64-bit modulus, up to 2^24 each). Returns the sums and how many
-    /// clients they hold.
+    /// client, exact (scale 1, 64-bit modulus, up to 2^24 each), never of fewer than
+    /// `max(3, min_clients)` clients. Returns the sums and how many clients they hold.
     #[allow(clippy::too_many_arguments)]
     async fn secure_counts(
         &self,
@@ -803,10 +913,15 @@ impl Server {
         reports: &mut Vec<RoundReport>,
     ) -> Result<Option<Result<(Vec<u64>, usize), RoundError>>, ServeError> {
         let fed = &self.setup.federation;
+        let min_inputs = fed.min_clients.max(cohort_common::participant::MIN_COUNT_INPUTS);
+        if cohort.len() < min_inputs {
+            let reason = format!("{} clients are connected; a sum of counts needs at least {min_inputs}", cohort.len());
+            return Ok(Some(Err(RoundError::Aborted { round, reason })));
+        }
         // A graph seed of its own, unlike the training round of the same number.
         let graph_seed = plan_seed(fed.seed, round) ^ (task as u64 + 1);
-        let mut setup = fed.secagg.setup(round, cohort.to_vec(), graph_seed, len, 1.0);
-        setup.params.quantizer = Quantizer { bits: 64, clip: CENSUS_MAX_COUNT, scale: 1.0 };
+        let mut setup = self.session_setup(round, task, cohort, graph_seed, len, 1.0, min_inputs);
+        setup.params.quantizer = Quantizer { bits: 64, clip: CENSUS_MAX_COUNT, scale: 1.0, wrap: false };
         let quantizer = setup.params.quantizer;
         let plan = RoundPlan {
             round,
@@ -833,11 +948,13 @@ impl Server {
         Ok(Some(Ok((counts, summed.survivors.len()))))
     }
 
-    /// Secure collection: the four SecAgg+ phases, each a request and answer per client.
+    /// Secure collection: the five SecAgg+ phases, each a request and answer per client.
+    #[allow(clippy::too_many_arguments)]
     async fn collect_secure(
         &self,
         plan: RoundPlan,
         cohort: &[ClientId],
+        personal: &[std::ops::Range<usize>],
         shutdown: &CancellationToken,
         pending: &mut Option<PendingReport>,
         reports: &mut Vec<RoundReport>,
@@ -847,20 +964,29 @@ impl Server {
         let quantizer = secure.setup.params.quantizer;
         let abort = |why: String| Ok(Some(Err(RoundError::Aborted { round, reason: why })));
         let summed = settled!(self.secure_sum(plan, cohort, shutdown, pending, reports).await?);
-        let SecureSum { sum, survivors, dropped } = summed;
-        let (mean_delta, total_weight, unclipped) = if secure.dp.is_some() {
-            // With DP each segment divides by its count of contributors, not by sample counts.
-            let decoded = quantizer.decode_sum(&sum, survivors.len());
-            let Some((mean, unclipped)) = dp::mean_from_sum(&decoded, survivors.len(), &secure.segments) else {
-                return abort("the secure sum does not fit the DP layout".into());
-            };
-            (mean, survivors.len() as f64, Some(unclipped))
-        } else {
-            let Some((mean, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
-            else {
-                return abort("the survivors' total weight is zero".into());
-            };
-            (mean, totals.first().copied().unwrap_or(0.0), None)
+        let SecureSum { sum, survivors, dropped, cheaters } = summed;
+        let (mean_delta, total_weight, unclipped) = match &secure.dp {
+            Some(dp) => {
+                // Every segment divides by the public expected number of clients: no count of
+                // contributors (per head or in all) is ever decoded.
+                let decoded = quantizer.decode_sum(&sum, survivors.len());
+                let Some((mut mean, unclipped)) = dp::mean_from_sum(&decoded, &secure.segments, dp.expected_clients)
+                else {
+                    return abort("the secure sum does not fit the DP layout".into());
+                };
+                // Personal heads never leave the clients: what arrived there is noise alone.
+                for segment in personal {
+                    mean[segment.clone()].iter_mut().for_each(|v| *v = 0.0);
+                }
+                (mean, dp.expected_clients, Some(unclipped))
+            }
+            None => {
+                let Some((mean, totals)) = weighted_mean_from_sum(&sum, survivors.len(), &secure.segments, &quantizer)
+                else {
+                    return abort("the survivors' total weight is zero".into());
+                };
+                (mean, totals.first().copied().unwrap_or(0.0), None)
+            }
         };
         Ok(Some(Ok(RoundOutcome {
             round,
@@ -869,11 +995,28 @@ impl Server {
             dropped: dropped.into_iter().collect(),
             mean_train_loss: None,
             unclipped,
+            cheaters,
         })))
     }
 
-    /// The four SecAgg+ phases of a secure plan: the sum of the survivors' masked vectors (still
-    /// quantized), who survived, and why the others dropped. `None` when shut down.
+    /// Names the clients caught cheating in a secure session, and leaves them out of every
+    /// later round this server runs.
+    fn exclude_cheaters(&self, round: u64, cheaters: &[(ClientId, String)]) {
+        let mut excluded = self.excluded.lock().expect("excluded lock");
+        for (id, what) in cheaters {
+            if excluded.insert(id.clone()) {
+                warn!(
+                    round,
+                    client = %id,
+                    "client caught cheating in secure aggregation ({what}); it is sampled no more while this server \
+                     runs: check the site, and revoke its certificate (`cohort-server revoke`) if it was compromised"
+                );
+            }
+        }
+    }
+
+    /// The five SecAgg+ phases of a secure plan: the sum of the survivors' masked vectors (still
+    /// quantized), who survived, why the others dropped, and who cheated. `None` when shut down.
     async fn secure_sum(
         &self,
         plan: RoundPlan,
@@ -892,6 +1035,7 @@ impl Server {
             Ok(s) => s,
             Err(e) => return abort(e.to_string()),
         };
+        let verifier = &self.verifier;
         let phase_timeout = Duration::from_secs_f64(fed.secagg.phase_timeout_secs);
         let small_cap = 4 << 20;
 
@@ -909,13 +1053,19 @@ impl Server {
         let replies = exchange.collect_all(shutdown).await;
         let Some(replies) = replies else { return Ok(None) };
         feed(replies, &mut dropped, "a key advert", |id, msg| match msg {
-            ClientMsg::Advert { round: r, advert } if r == round => Ok(server.handle_advert(id, advert)),
+            ClientMsg::Advert { round: r, advert } if r == round => Ok(server.handle_advert(id, advert, verifier)),
             other => Err(Box::new(other)),
         });
         let t_adverts = Instant::now();
+        let outcome = |server: &SecAggServer| {
+            self.exclude_cheaters(round, &server.cheaters());
+        };
         let adverts = match server.close_adverts() {
             Ok(a) => a,
-            Err(e) => return abort(e.to_string()),
+            Err(e) => {
+                outcome(&server);
+                return abort(e.to_string());
+            }
         };
 
         // Phase 2: neighbours' adverts out, sealed shares back.
@@ -924,13 +1074,19 @@ impl Server {
             return Ok(None);
         };
         feed(replies, &mut dropped, "sealed shares", |id, msg| match msg {
-            ClientMsg::Shares { round: r, shares } if r == round => Ok(server.handle_shares(id, shares)),
+            ClientMsg::Shares { round: r, keys } if r == round => Ok(server.handle_shares(id, keys)),
             other => Err(Box::new(other)),
         });
+        for (client, refused) in server.refusals() {
+            warn!(round, client = %client, "refused the key advert of `{refused}` (bad signature or certificate)");
+        }
         let t_shares = Instant::now();
         let inbox = match server.close_shares() {
             Ok(i) => i,
-            Err(e) => return abort(e.to_string()),
+            Err(e) => {
+                outcome(&server);
+                return abort(e.to_string());
+            }
         };
 
         // Phase 3: shares out, masked inputs back once each client has trained (summed as they
@@ -944,16 +1100,42 @@ impl Server {
             ClientMsg::Masked { round: r, input } if r == round => Ok(server.handle_masked(id, input)),
             other => Err(Box::new(other)),
         });
+        for (holder, dealer) in server.complaints() {
+            warn!(round, client = %holder, "the shares `{dealer}` sealed for it do not open or match their commitments");
+        }
         let t_masked = Instant::now();
-        let request = match server.close_masked() {
-            Ok(r) => r,
-            Err(e) => return abort(e.to_string()),
+        let list = match server.close_masked() {
+            Ok(list) => list,
+            Err(e) => {
+                outcome(&server);
+                return abort(e.to_string());
+            }
         };
 
-        // Phase 4: the unmask request out, shares back.
+        // Phase 4: the survivor list out (the same for all), confirmations back.
         let frame =
-            Arc::new(wire::encode(&ServerMsg::Unmask { round, request: request.clone() }).map_err(NetError::from)?);
-        let frames = request.survivors.iter().map(|id| (id.clone(), frame.clone())).collect();
+            Arc::new(wire::encode(&ServerMsg::Survivors { round, list: list.clone() }).map_err(NetError::from)?);
+        let frames = list.survivors.iter().map(|id| (id.clone(), frame.clone())).collect();
+        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else {
+            return Ok(None);
+        };
+        feed(replies, &mut dropped, "a confirmation", |id, msg| match msg {
+            ClientMsg::Confirm { round: r, signature } if r == round => {
+                Ok(server.handle_confirmation(id, signature, verifier))
+            }
+            other => Err(Box::new(other)),
+        });
+        let t_confirmed = Instant::now();
+        let requests = match server.close_confirmations() {
+            Ok(r) => r,
+            Err(e) => {
+                outcome(&server);
+                return abort(e.to_string());
+            }
+        };
+
+        // Phase 5: each survivor its neighbours' confirmations, shares back.
+        let frames = encode_each(requests, |request| ServerMsg::Unmask { round, request })?;
         let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else {
             return Ok(None);
         };
@@ -968,9 +1150,10 @@ impl Server {
             }
         }
         let t_unmask = Instant::now();
-        let survivors = server.survivors();
-        let sum = match server.finish() {
-            Ok(sum) => sum,
+        let finished = server.finish();
+        outcome(&server);
+        let Unmasked { sum, survivors, cheaters } = match finished {
+            Ok(unmasked) => unmasked,
             Err(e) => return abort(e.to_string()),
         };
         debug!(
@@ -978,7 +1161,8 @@ impl Server {
             advertise_s = (t_adverts - t_start).as_secs_f64(),
             share_keys_s = (t_shares - t_adverts).as_secs_f64(),
             masked_input_s = (t_masked - t_shares).as_secs_f64(),
-            unmask_s = (t_unmask - t_masked).as_secs_f64(),
+            consistency_s = (t_confirmed - t_masked).as_secs_f64(),
+            unmask_s = (t_unmask - t_confirmed).as_secs_f64(),
             finish_s = t_unmask.elapsed().as_secs_f64(),
             "secure aggregation phases"
         );
@@ -993,7 +1177,7 @@ impl Server {
                 dropped.insert(id.clone(), "dropped during secure aggregation".into());
             }
         }
-        Ok(Some(Ok(SecureSum { sum, survivors, dropped })))
+        Ok(Some(Ok(SecureSum { sum, survivors, dropped, cheaters })))
     }
 
     /// One secure-aggregation phase: sends each frame and waits for every answer or the timeout.
@@ -1101,8 +1285,8 @@ impl Server {
         started_at: i64,
         checkpoint: Option<String>,
         participants: &[ClientId],
-        sampling_rate: Option<f64>,
-        noise_multiplier: Option<f64>,
+        spent: &PrivacySpent,
+        charged: &[ClientId],
     ) -> Result<(), ServeError> {
         let row = RoundRow {
             round: r.round,
@@ -1119,9 +1303,11 @@ impl Server {
             macro_f1: r.test.as_ref().map(|m| m.macro_f1),
             checkpoint,
             note: r.note.clone(),
-            sampling_rate,
-            noise_multiplier,
+            sampling_rate: spent.sampling_rate,
+            noise_multiplier: spent.noise_multiplier,
             epsilon: r.epsilon,
+            epsilon_server: spent.epsilon_server,
+            too_few_probability: spent.too_few_probability,
             clip: r.clip,
             unclipped: r.unclipped,
             head_tests: Vec::new(),
@@ -1131,12 +1317,43 @@ impl Server {
                 .map(|(head, metrics)| HeadMetrics { head: head.clone(), metrics: metrics.clone() })
                 .collect(),
         };
-        let (store, participants) = (self.store.clone(), participants.to_vec());
-        tokio::task::spawn_blocking(move || store.lock().expect("store lock").record_round(&row, &participants))
-            .await
-            .map_err(|e| ServeError::Config(format!("database task failed: {e}")))??;
+        let (store, participants, charged) = (self.store.clone(), participants.to_vec(), charged.to_vec());
+        tokio::task::spawn_blocking(move || {
+            store.lock().expect("store lock").record_round(&row, &participants, &charged)
+        })
+        .await
+        .map_err(|e| ServeError::Config(format!("database task failed: {e}")))??;
         Ok(())
     }
+
+    /// The setup of one secure session: a fresh nonce from the OS, what it sums, the fewest
+    /// inputs the clients may unmask, and, for private rounds, a quantizer that wraps instead of
+    /// clamping the noise.
+    #[allow(clippy::too_many_arguments)]
+    fn session_setup(
+        &self,
+        round: u64,
+        task: Task,
+        cohort: &[ClientId],
+        graph_seed: u64,
+        vector_len: usize,
+        range: f64,
+        min_inputs: usize,
+    ) -> SecAggSetup {
+        let mut setup = self.setup.federation.secagg.setup(round, cohort.to_vec(), graph_seed, vector_len, range);
+        setup.purpose = task.purpose().into();
+        setup.nonce = rand::rngs::StdRng::from_os_rng().random();
+        setup.min_inputs = min_inputs;
+        setup
+    }
+}
+
+/// What a round spent of privacy, as recorded.
+struct PrivacySpent {
+    sampling_rate: Option<f64>,
+    noise_multiplier: Option<f64>,
+    epsilon_server: Option<f64>,
+    too_few_probability: Option<f64>,
 }
 
 /// The index of head `name` in `spec`, whose test set `data` is: the head must exist and have
@@ -1203,11 +1420,12 @@ impl Exchange {
     }
 }
 
-/// What secure aggregation hands back: the quantized sum and who is in it.
+/// What secure aggregation hands back: the quantized sum, who is in it, and who cheated.
 struct SecureSum {
     sum: Vec<u64>,
     survivors: Vec<ClientId>,
     dropped: BTreeMap<ClientId, String>,
+    cheaters: Vec<(ClientId, String)>,
 }
 
 /// A frame and the client it is for.
@@ -1260,6 +1478,7 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
     store: Arc<Mutex<Store>>,
+    federation: Arc<str>,
     stop: CancellationToken,
 ) {
     let mut tasks = JoinSet::new();
@@ -1267,10 +1486,11 @@ async fn accept_loop(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let (registry, store, stop) = (registry.clone(), store.clone(), stop.clone());
+                let (registry, store, stop, federation) =
+                    (registry.clone(), store.clone(), stop.clone(), federation.clone());
                 tasks.spawn(async move {
                     tokio::select! {
-                        r = serve_connection(incoming, registry, store) => if let Err(e) = r { info!("connection refused or lost: {e}") },
+                        r = serve_connection(incoming, registry, store, federation) => if let Err(e) = r { info!("connection refused or lost: {e}") },
                         _ = stop.cancelled() => {}
                     }
                 });
@@ -1288,6 +1508,7 @@ async fn serve_connection(
     incoming: quinn::Incoming,
     registry: Arc<Registry>,
     store: Arc<Mutex<Store>>,
+    federation: Arc<str>,
 ) -> Result<(), NetError> {
     let remote = incoming.remote_address();
     let conn = incoming.await.map_err(|e| {
@@ -1326,8 +1547,13 @@ async fn serve_connection(
         return Err(NetError::Unauthorized(format!("client `{id}` is revoked")));
     }
     let next_round = registry.next_round.load(Ordering::Relaxed);
-    send_msg(&mut send, &ServerMsg::Welcome { client_id: id.clone(), server_name: "cohort".into(), next_round })
-        .await?;
+    let welcome = ServerMsg::Welcome {
+        client_id: id.clone(),
+        server_name: "cohort".into(),
+        next_round,
+        federation: federation.to_string(),
+    };
+    send_msg(&mut send, &welcome).await?;
     let _ = send.finish();
     info!(client = %id, %remote, %device, samples, "client connected");
     registry.insert(id.clone(), Connected { conn: conn.clone() });

@@ -1,5 +1,6 @@
-//! The server's records in SQLite (`cohort.db`): enrolled and revoked clients, and one row per
-//! round with its metrics (per head, with per-class recall) and checkpoint.
+//! The server's records in SQLite (`cohort.db`): the federation's id, enrolled and revoked
+//! clients, one row per round with its metrics (per head, with per-class recall), checkpoint and
+//! privacy spent, and each client's count of private rounds (for the epsilon against the server).
 
 use std::path::Path;
 
@@ -49,8 +50,14 @@ pub struct RoundRow {
     /// DP rounds: the sampling rate q and noise multiplier z the accountant composed.
     pub sampling_rate: Option<f64>,
     pub noise_multiplier: Option<f64>,
-    /// Epsilon spent after this round (at the configured delta).
+    /// Epsilon spent after this round against anyone who sees only the models (amplified by
+    /// sampling; at the configured delta).
     pub epsilon: Option<f64>,
+    /// Epsilon spent after this round against the server, which knows every sample: the most
+    /// any one client has spent from its own private rounds (unamplified).
+    pub epsilon_server: Option<f64>,
+    /// The probability that this round's Poisson sample fell below `min_clients` (added to delta).
+    pub too_few_probability: Option<f64>,
     /// The clip norm of this round, and how many updates (a noisy count) it did not clip.
     pub clip: Option<f64>,
     pub unclipped: Option<f64>,
@@ -105,6 +112,16 @@ CREATE TABLE IF NOT EXISTS rounds (
     checkpoint TEXT,
     note TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dp_participations (
+    client TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    rounds INTEGER NOT NULL,
+    PRIMARY KEY (client, noise_multiplier)
+);
 CREATE TABLE IF NOT EXISTS label_census (
     round INTEGER PRIMARY KEY,
     clients INTEGER NOT NULL,
@@ -113,7 +130,7 @@ CREATE TABLE IF NOT EXISTS label_census (
 ";
 
 /// Columns added after the first schema: databases that lack them get them on open.
-const ADDED_ROUND_COLUMNS: [(&str, &str); 7] = [
+const ADDED_ROUND_COLUMNS: [(&str, &str); 9] = [
     ("sampling_rate", "REAL"),
     ("noise_multiplier", "REAL"),
     ("epsilon", "REAL"),
@@ -121,6 +138,8 @@ const ADDED_ROUND_COLUMNS: [(&str, &str); 7] = [
     ("unclipped", "REAL"),
     ("head_tests", "TEXT"),
     ("federated", "TEXT"),
+    ("epsilon_server", "REAL"),
+    ("too_few_probability", "REAL"),
 ];
 
 impl Store {
@@ -204,16 +223,55 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records a round and credits its participants, in one transaction.
-    pub fn record_round(&mut self, row: &RoundRow, participants: &[String]) -> Result<(), StoreError> {
+    /// The federation's id, made (from `fresh`) the first time it is asked for. Clients' privacy
+    /// ledgers bind their accounts to it; a new state directory is a new federation.
+    pub fn federation_id(&self, fresh: impl FnOnce() -> String) -> Result<String, StoreError> {
+        let read = || {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'federation_id'", [], |r| r.get::<_, String>(0))
+                .optional()
+                .map_err(self.wrap())
+        };
+        if let Some(id) = read()? {
+            return Ok(id);
+        }
+        self.conn
+            .execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('federation_id', ?1)", params![fresh()])
+            .map_err(self.wrap())?;
+        Ok(read()?.expect("just inserted"))
+    }
+
+    /// Each client's private rounds: `(client, noise multiplier, rounds)`.
+    pub fn dp_participations(&self) -> Result<Vec<(String, f64, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT client, noise_multiplier, rounds FROM dp_participations ORDER BY client")
+            .map_err(self.wrap())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))
+            .map_err(self.wrap())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.wrap())?;
+        Ok(rows)
+    }
+
+    /// Records a round, credits its participants and charges the clients whose data a private
+    /// round used (`charged`, at the row's noise multiplier), in one transaction.
+    pub fn record_round(
+        &mut self,
+        row: &RoundRow,
+        participants: &[String],
+        charged: &[String],
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(wrap)?;
         tx.execute(
             "INSERT OR REPLACE INTO rounds (round, started_at, seconds, status, cohort, participants, dropped, train_loss,
                 test_accuracy, test_loss, balanced_accuracy, macro_f1, checkpoint, note, sampling_rate,
-                noise_multiplier, epsilon, clip, unclipped, head_tests, federated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                noise_multiplier, epsilon, clip, unclipped, head_tests, federated, epsilon_server, too_few_probability)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22,
+                ?23)",
             params![
                 row.round as i64,
                 row.started_at,
@@ -235,12 +293,24 @@ impl Store {
                 row.clip,
                 row.unclipped,
                 metrics_json(&row.head_tests),
-                metrics_json(&row.federated)
+                metrics_json(&row.federated),
+                row.epsilon_server,
+                row.too_few_probability
             ],
         )
         .map_err(wrap)?;
         for p in participants {
             tx.execute("UPDATE clients SET rounds = rounds + 1 WHERE id = ?1", params![p]).map_err(wrap)?;
+        }
+        if let Some(z) = row.noise_multiplier {
+            for c in charged {
+                tx.execute(
+                    "INSERT INTO dp_participations (client, noise_multiplier, rounds) VALUES (?1, ?2, 1)
+                     ON CONFLICT(client, noise_multiplier) DO UPDATE SET rounds = rounds + 1",
+                    params![c, z],
+                )
+                .map_err(wrap)?;
+            }
         }
         tx.commit().map_err(wrap)?;
         Ok(())
@@ -277,7 +347,8 @@ impl Store {
             .prepare(
                 "SELECT round, started_at, seconds, status, cohort, participants, dropped, train_loss, test_accuracy,
                         test_loss, balanced_accuracy, macro_f1, checkpoint, note, sampling_rate, noise_multiplier,
-                        epsilon, clip, unclipped, head_tests, federated FROM rounds ORDER BY round",
+                        epsilon, clip, unclipped, head_tests, federated, epsilon_server, too_few_probability
+                 FROM rounds ORDER BY round",
             )
             .map_err(self.wrap())?;
         let rows = stmt
@@ -304,6 +375,8 @@ impl Store {
                     unclipped: r.get(18)?,
                     head_tests: metrics_from_json(19, r.get(19)?)?,
                     federated: metrics_from_json(20, r.get(20)?)?,
+                    epsilon_server: r.get(21)?,
+                    too_few_probability: r.get(22)?,
                 })
             })
             .map_err(self.wrap())?
@@ -386,6 +459,8 @@ mod tests {
             sampling_rate: Some(0.1),
             noise_multiplier: Some(1.0),
             epsilon: Some(0.5),
+            epsilon_server: Some(0.9),
+            too_few_probability: Some(1e-9),
             clip: Some(1.0),
             unclipped: Some(0.7),
             head_tests: Vec::new(),
@@ -394,7 +469,7 @@ mod tests {
                 metrics: Metrics::from_confusion(vec![vec![3, 1], vec![0, 2]], 0.0),
             }],
         };
-        store.record_round(&row, &["b".into()]).unwrap();
+        store.record_round(&row, &["b".into()], &["a".into(), "b".into()]).unwrap();
         let parity =
             HeadMetrics { head: "parity".into(), metrics: Metrics::from_confusion(vec![vec![5, 0], vec![1, 4]], 2.0) };
         store.set_test_metrics(1, Some(&parity.metrics), std::slice::from_ref(&parity)).unwrap();
@@ -406,8 +481,12 @@ mod tests {
         row.round = 2;
         row.status = "aborted".into();
         row.checkpoint = None;
-        store.record_round(&row, &[]).unwrap();
+        store.record_round(&row, &[], &["b".into()]).unwrap();
         assert_eq!(store.rounds().unwrap().len(), 2);
+        assert_eq!(store.dp_participations().unwrap(), vec![("a".into(), 1.0, 1), ("b".into(), 1.0, 2)]);
+        assert_eq!(store.rounds().unwrap()[0].epsilon_server, Some(0.9));
+        let id = store.federation_id(|| "f1".into()).unwrap();
+        assert_eq!((id.as_str(), store.federation_id(|| "f2".into()).unwrap().as_str()), ("f1", "f1"));
         assert_eq!(store.resume_point().unwrap(), (2, Some((1, "checkpoints/round-000001.safetensors".into()))));
         assert_eq!(store.clients().unwrap()[1].rounds, 1);
         assert_eq!(store.rounds().unwrap()[0].epsilon, Some(0.5));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cohort::client::config::Backoff;
-use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook, SharedLedger};
+use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook, SharedLedger, TamperHook};
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
 use cohort::common::participant::{HeadData, Participant};
@@ -192,6 +192,13 @@ pub fn start_private_client(
     spawn_client(identity, addr, data, None, Some(ledger))
 }
 
+/// A client that rewrites its replies with `tamper` before sending them (a cheater).
+pub fn start_cheating_client(identity: Identity, addr: SocketAddr, data: Dataset, tamper: TamperHook) -> RunningClient {
+    let id = identity.subject().unwrap();
+    let participant = Participant::new(id, Arc::new(data), Device::Cpu);
+    spawn(identity, addr, participant, None, None, None, Some(tamper))
+}
+
 /// A client labelling several heads, keeping its personal heads at `personal_path`.
 pub fn start_multitask_client(
     identity: Identity,
@@ -201,7 +208,7 @@ pub fn start_multitask_client(
 ) -> RunningClient {
     let id = identity.subject().unwrap();
     let participant = Participant::with_heads(id, heads, Device::Cpu);
-    spawn(identity, addr, participant, None, None, Some(personal_path))
+    spawn(identity, addr, participant, None, None, Some(personal_path), None)
 }
 
 fn spawn_client(
@@ -212,7 +219,7 @@ fn spawn_client(
     ledger: Option<SharedLedger>,
 ) -> RunningClient {
     let id = identity.subject().unwrap();
-    spawn(identity, addr, Participant::new(id, Arc::new(data), Device::Cpu), fault, ledger, None)
+    spawn(identity, addr, Participant::new(id, Arc::new(data), Device::Cpu), fault, ledger, None, None)
 }
 
 fn spawn(
@@ -222,6 +229,7 @@ fn spawn(
     fault: Option<FaultHook>,
     ledger: Option<SharedLedger>,
     personal_path: Option<std::path::PathBuf>,
+    tamper: Option<TamperHook>,
 ) -> RunningClient {
     let (tx, events) = mpsc::unbounded_channel();
     let keys = cohort::client::secure_keys(&identity).unwrap();
@@ -235,6 +243,7 @@ fn spawn(
         train_gate: None,
         events: Some(tx),
         fault,
+        tamper,
         ledger,
         endpoint: None,
         personal_path,

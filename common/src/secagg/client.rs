@@ -1,4 +1,4 @@
-//! The client's side of SecAgg+: one value per round, moved through the four phases.
+//! The client's side of SecAgg+: one value per session, moved through the five phases.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -9,30 +9,44 @@ use zeroize::Zeroizing;
 use super::crypto::{self, KeyPair, Secret32};
 use super::shamir::{self, Share};
 use super::{
-    pairwise_info, AdvertSigner, KeyAdvert, MaskedInput, PeerVerifier, SealedShares, SecAggError, SecAggSetup,
-    UnmaskReply, UnmaskRequest,
+    advert_message, mask_info, seed_commitment, share_aad, share_commitment, share_key_info, AdvertSigner,
+    Confirmation, KeyAdvert, MaskedInput, PeerVerifier, SealedShares, SecAggError, SecAggSetup, SharedKeys,
+    SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
 
-/// What a neighbour advertised, once checked.
+/// A neighbour whose advert checked out, with the keys agreed with it.
 struct Peer {
-    cipher_pk: [u8; 32],
-    mask_pk: [u8; 32],
+    /// Kept to check its confirmation of the survivor list.
+    certificate: Vec<u8>,
+    /// The key of the shares this client sends it, and of those it sends this client.
+    key_to: Secret32,
+    key_from: Secret32,
+    /// The seed of the pairwise mask shared with it.
+    mask_seed: Secret32,
+}
+
+/// What this client holds of a neighbour that sent it shares.
+enum Held {
+    Valid {
+        seed: Share,
+        key: Share,
+    },
+    /// The shares did not open or did not match their commitments: reported, never returned.
+    Invalid,
 }
 
 /// The plaintext inside a [`SealedShares`].
 #[derive(Serialize, Deserialize)]
 struct SharePair {
-    round: u64,
-    from: usize,
-    to: usize,
     seed: Share,
     key: Share,
 }
 
 enum Phase {
     Advertised,
-    SharesSent { peers: BTreeMap<usize, Peer>, self_seed: Secret32 },
-    MaskedSent { held: BTreeMap<usize, (Share, Share)> },
+    SharesSent { peers: BTreeMap<usize, Peer> },
+    MaskedSent { peers: BTreeMap<usize, Peer>, held: BTreeMap<usize, Held> },
+    Confirmed { peers: BTreeMap<usize, Peer>, held: BTreeMap<usize, Held>, survivors: BTreeSet<usize> },
     Done,
 }
 
@@ -42,6 +56,7 @@ impl Phase {
             Phase::Advertised => "advertise keys",
             Phase::SharesSent { .. } => "share keys",
             Phase::MaskedSent { .. } => "masked input",
+            Phase::Confirmed { .. } => "consistency",
             Phase::Done => "done",
         }
     }
@@ -49,29 +64,26 @@ impl Phase {
 
 pub struct SecAggClient {
     setup: SecAggSetup,
+    session: [u8; 32],
     me: usize,
     neighbours: BTreeSet<usize>,
     cipher: KeyPair,
     mask: KeyPair,
+    /// The self-mask seed; gone once the input is masked.
+    self_seed: Option<Secret32>,
     phase: Phase,
+    weakened: Weakened,
 }
 
 impl std::fmt::Debug for SecAggClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecAggClient")
             .field("round", &self.setup.round)
+            .field("purpose", &self.setup.purpose)
             .field("me", &self.me)
             .field("phase", &self.phase.name())
             .finish_non_exhaustive()
     }
-}
-
-fn share_aad(round: u64, from: usize, to: usize) -> Vec<u8> {
-    let mut aad = b"cohort-secagg-shares-v1".to_vec();
-    aad.extend_from_slice(&round.to_be_bytes());
-    aad.extend_from_slice(&(from as u64).to_be_bytes());
-    aad.extend_from_slice(&(to as u64).to_be_bytes());
-    aad
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -79,55 +91,102 @@ fn bincode_config() -> impl bincode::config::Config {
 }
 
 impl SecAggClient {
-    /// Phase 1: checks the setup, makes this round's keys and the signed advertisement.
+    /// Phase 1: checks the setup, makes this session's keys, seed and the signed advertisement.
     pub fn start(
         me: &str,
         setup: SecAggSetup,
         signer: &dyn AdvertSigner,
         rng: &mut impl CryptoRng,
     ) -> Result<(Self, KeyAdvert), SecAggError> {
+        Self::start_weakened(me, setup, signer, rng, Weakened::default())
+    }
+
+    pub(crate) fn start_weakened(
+        me: &str,
+        setup: SecAggSetup,
+        signer: &dyn AdvertSigner,
+        rng: &mut impl CryptoRng,
+        weakened: Weakened,
+    ) -> Result<(Self, KeyAdvert), SecAggError> {
         setup.check()?;
-        let index = setup
-            .cohort
-            .binary_search_by(|c| c.as_str().cmp(me))
-            .map_err(|_| SecAggError::Server(format!("`{me}` is not in the round's cohort")))?;
+        let index =
+            setup.index_of(me).ok_or_else(|| SecAggError::Server(format!("`{me}` is not in the session's cohort")))?;
+        let session = setup.session_id();
         let neighbours: BTreeSet<usize> = setup.neighbours().swap_remove(index).into_iter().collect();
         let cipher = KeyPair::generate(rng);
         let mask = KeyPair::generate(rng);
-        let message = KeyAdvert::signed_message(setup.round, me, &cipher.public(), &mask.public());
-        let advert = KeyAdvert {
+        let mut self_seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut self_seed[..]);
+        let mut advert = KeyAdvert {
             client: me.to_string(),
             cipher_pk: cipher.public(),
             mask_pk: mask.public(),
+            seed_commitment: seed_commitment(&session, index, &self_seed),
             certificate: signer.certificate(),
-            signature: signer.sign(&message).map_err(SecAggError::Sign)?,
+            signature: Vec::new(),
         };
-        Ok((Self { setup, me: index, neighbours, cipher, mask, phase: Phase::Advertised }, advert))
+        advert.signature =
+            signer.sign(&advert_message(&setup, &session, &advert, weakened)).map_err(SecAggError::Sign)?;
+        let client = Self {
+            setup,
+            session,
+            me: index,
+            neighbours,
+            cipher,
+            mask,
+            self_seed: Some(self_seed),
+            phase: Phase::Advertised,
+            weakened,
+        };
+        Ok((client, advert))
     }
 
     pub fn round(&self) -> u64 {
         self.setup.round
     }
 
-    fn index_of(&self, id: &str) -> Result<usize, SecAggError> {
-        self.setup
-            .cohort
-            .binary_search_by(|c| c.as_str().cmp(id))
-            .map_err(|_| SecAggError::Server(format!("`{id}` is not in the cohort")))
+    pub fn setup(&self) -> &SecAggSetup {
+        &self.setup
     }
 
-    /// Phase 2: checks the neighbours' adverts, then shares this client's secrets with them.
+    fn index_of(&self, id: &str) -> Result<usize, SecAggError> {
+        self.setup.index_of(id).ok_or_else(|| SecAggError::Server(format!("`{id}` is not in the cohort")))
+    }
+
+    fn id(&self, i: usize) -> &str {
+        &self.setup.cohort[i]
+    }
+
+    /// Checks one neighbour's advert and agrees this session's keys with it.
+    fn check_peer(&self, j: usize, advert: &KeyAdvert, verifier: &dyn PeerVerifier) -> Result<Peer, String> {
+        let message = advert_message(&self.setup, &self.session, advert, self.weakened);
+        verifier.verify(&advert.client, &advert.certificate, &message, &advert.signature)?;
+        let agree =
+            |pair: &KeyPair, pk: &[u8; 32], info: Vec<u8>| pair.agree(pk, &[&info[..]]).map_err(|e| e.to_string());
+        Ok(Peer {
+            certificate: advert.certificate.clone(),
+            key_to: agree(&self.cipher, &advert.cipher_pk, share_key_info(&self.session, self.me, j, self.weakened))?,
+            key_from: agree(&self.cipher, &advert.cipher_pk, share_key_info(&self.session, j, self.me, self.weakened))?,
+            mask_seed: agree(&self.mask, &advert.mask_pk, mask_info(&self.session, self.me, j))?,
+        })
+    }
+
+    /// Phase 2: checks the neighbours' adverts, then shares this client's secrets with those
+    /// whose adverts checked out. A neighbour whose advert fails is left out of this client's
+    /// session (and named in [`SharedKeys::refused`]); the session goes on while at least t
+    /// neighbours remain.
     pub fn handle_adverts(
         &mut self,
         adverts: &[KeyAdvert],
         verifier: &dyn PeerVerifier,
         rng: &mut impl CryptoRng,
-    ) -> Result<Vec<SealedShares>, SecAggError> {
+    ) -> Result<SharedKeys, SecAggError> {
         if !matches!(self.phase, Phase::Advertised) {
             return Err(SecAggError::Phase("key adverts", self.phase.name()));
         }
-        let round = self.setup.round;
         let mut peers = BTreeMap::new();
+        let mut refused = Vec::new();
+        let mut seen = BTreeSet::new();
         for advert in adverts {
             let j = self.index_of(&advert.client)?;
             if !self.neighbours.contains(&j) {
@@ -136,54 +195,76 @@ impl SecAggClient {
                     advert.client
                 )));
             }
-            let message = KeyAdvert::signed_message(round, &advert.client, &advert.cipher_pk, &advert.mask_pk);
-            verifier.verify(&advert.client, &advert.certificate, &message, &advert.signature).map_err(|e| {
-                SecAggError::Server(format!(
-                    "the key advert of `{}` does not verify ({e}); keys may have been substituted, aborting",
-                    advert.client
-                ))
-            })?;
-            if peers.insert(j, Peer { cipher_pk: advert.cipher_pk, mask_pk: advert.mask_pk }).is_some() {
+            if !seen.insert(j) {
                 return Err(SecAggError::Server(format!("sent the advert of `{}` twice", advert.client)));
+            }
+            match self.check_peer(j, advert, verifier) {
+                Ok(peer) => {
+                    peers.insert(j, peer);
+                }
+                Err(e) if self.weakened.abort_on_bad_advert => {
+                    return Err(SecAggError::Server(format!(
+                        "the key advert of `{}` does not verify ({e}); keys may have been substituted, aborting",
+                        advert.client
+                    )))
+                }
+                Err(_) => refused.push(advert.client.clone()),
             }
         }
         let t = self.setup.params.threshold;
         if peers.len() < t {
-            return Err(SecAggError::Abort(format!("only {} neighbours advertised keys, {t} are needed", peers.len())));
+            return Err(SecAggError::Abort(format!(
+                "only {} neighbours advertised valid keys, {t} are needed",
+                peers.len()
+            )));
         }
-        let mut self_seed = Zeroizing::new([0u8; 32]);
-        rng.fill_bytes(&mut self_seed[..]);
+        let self_seed = self.self_seed.as_ref().expect("the seed is kept until the input is masked");
         let seed_shares =
             shamir::split(&self_seed[..], t, peers.len(), rng).map_err(|e| SecAggError::Config(e.to_string()))?;
         let key_shares = shamir::split(&self.mask.secret_bytes()[..], t, peers.len(), rng)
             .map_err(|e| SecAggError::Config(e.to_string()))?;
         let mut sealed = Vec::with_capacity(peers.len());
         for ((&j, peer), (seed, key)) in peers.iter().zip(seed_shares.into_iter().zip(key_shares)) {
-            let pair = SharePair { round, from: self.me, to: j, seed, key };
+            let seed_commitment = share_commitment(&self.session, "seed", self.me, j, &seed);
+            let key_commitment = share_commitment(&self.session, "key", self.me, j, &key);
             let plaintext = Zeroizing::new(
-                bincode::serde::encode_to_vec(&pair, bincode_config())
+                bincode::serde::encode_to_vec(&SharePair { seed, key }, bincode_config())
                     .map_err(|e| SecAggError::Config(e.to_string()))?,
             );
-            let key = self
-                .cipher
-                .agree(&peer.cipher_pk, &[b"shares", &pairwise_info(round, self.me, j).concat()])
-                .map_err(|e| SecAggError::Peer(format!("`{}`: {e}", self.setup.cohort[j])))?;
             sealed.push(SealedShares {
-                from: self.setup.cohort[self.me].clone(),
-                to: self.setup.cohort[j].clone(),
-                ciphertext: crypto::seal(&key, &share_aad(round, self.me, j), &plaintext),
+                from: self.id(self.me).to_string(),
+                to: self.id(j).to_string(),
+                ciphertext: crypto::seal(&peer.key_to, &share_aad(&self.session, self.me, j), &plaintext),
+                seed_commitment,
+                key_commitment,
             });
         }
-        self.phase = Phase::SharesSent { peers, self_seed };
-        Ok(sealed)
+        self.phase = Phase::SharesSent { peers };
+        Ok(SharedKeys { sealed, refused })
+    }
+
+    /// Opens the shares neighbour `j` sealed for this client and checks them against their
+    /// commitments; `None` when anything is wrong.
+    fn open(&self, j: usize, peer: &Peer, s: &SealedShares) -> Option<(Share, Share)> {
+        let plaintext = crypto::open(&peer.key_from, &share_aad(&self.session, j, self.me), &s.ciphertext).ok()?;
+        let (pair, used): (SharePair, usize) = bincode::serde::decode_from_slice(&plaintext, bincode_config()).ok()?;
+        let well_formed = |share: &Share| share.x != 0 && share.y.len() == 32;
+        let matches = used == plaintext.len()
+            && well_formed(&pair.seed)
+            && well_formed(&pair.key)
+            && share_commitment(&self.session, "seed", j, self.me, &pair.seed) == s.seed_commitment
+            && share_commitment(&self.session, "key", j, self.me, &pair.key) == s.key_commitment;
+        matches.then(|| (pair.seed.clone(), pair.key.clone()))
     }
 
     /// Phase 3: opens the shares sent to this client and masks `input` (already quantized).
+    /// It masks against every neighbour with whom it exchanged shares (both sent), whether or
+    /// not that neighbour's shares opened, so both ends of an edge always agree; a neighbour
+    /// whose shares were bad is named in [`MaskedInput::invalid_shares_from`].
     pub fn handle_shares(&mut self, sealed: &[SealedShares], input: &[u64]) -> Result<MaskedInput, SecAggError> {
-        let Phase::SharesSent { peers, self_seed } = &self.phase else {
+        let Phase::SharesSent { peers } = &self.phase else {
             return Err(SecAggError::Phase("sealed shares", self.phase.name()));
         };
-        let round = self.setup.round;
         let bits = self.setup.params.quantizer.bits;
         let modmask = crypto::modulus_mask(bits);
         if input.len() != self.setup.vector_len || input.iter().any(|v| *v > modmask) {
@@ -193,76 +274,116 @@ impl SecAggClient {
             )));
         }
         let mut held = BTreeMap::new();
+        let mut invalid_shares_from = Vec::new();
         for s in sealed {
             let j = self.index_of(&s.from)?;
-            let Some(peer) = peers.get(&j) else {
-                return Err(SecAggError::Server(format!(
-                    "forwarded shares from `{}`, who is not an advertised neighbour",
-                    s.from
-                )));
-            };
-            if s.to != self.setup.cohort[self.me] {
+            if s.to != self.id(self.me) {
                 return Err(SecAggError::Server(format!("forwarded shares meant for `{}`", s.to)));
             }
-            let key = self
-                .cipher
-                .agree(&peer.cipher_pk, &[b"shares", &pairwise_info(round, j, self.me).concat()])
-                .map_err(|e| SecAggError::Peer(format!("`{}`: {e}", s.from)))?;
-            let plaintext = crypto::open(&key, &share_aad(round, j, self.me), &s.ciphertext)
-                .map_err(|e| SecAggError::Peer(format!("shares from `{}`: {e}", s.from)))?;
-            let (pair, used): (SharePair, usize) = bincode::serde::decode_from_slice(&plaintext, bincode_config())
-                .map_err(|e| SecAggError::Peer(format!("shares from `{}` are malformed: {e}", s.from)))?;
-            if used != plaintext.len() || pair.round != round || pair.from != j || pair.to != self.me {
-                return Err(SecAggError::Peer(format!("shares from `{}` are for another round or pair", s.from)));
-            }
-            if held.insert(j, (pair.seed.clone(), pair.key.clone())).is_some() {
+            // Shares from a neighbour this client left out (its advert failed): ignored, and no
+            // mask with it (it did not receive this client's shares either).
+            let Some(peer) = peers.get(&j) else { continue };
+            if held.contains_key(&j) {
                 return Err(SecAggError::Server(format!("forwarded the shares of `{}` twice", s.from)));
             }
+            match self.open(j, peer, s) {
+                Some((seed, key)) => held.insert(j, Held::Valid { seed, key }),
+                None => {
+                    invalid_shares_from.push(s.from.clone());
+                    held.insert(j, Held::Invalid)
+                }
+            };
         }
         let t = self.setup.params.threshold;
         if held.len() < t {
             return Err(SecAggError::Abort(format!("only {} neighbours shared keys, {t} are needed", held.len())));
         }
         let mut values = input.to_vec();
-        crypto::apply_mask(&mut values, self_seed, bits, true);
+        let self_seed = self.self_seed.take().expect("the seed is kept until the input is masked");
+        crypto::apply_mask(&mut values, &self_seed, bits, true);
         for &j in held.keys() {
-            let seed = self
-                .mask
-                .agree(&peers[&j].mask_pk, &[b"mask", &pairwise_info(round, self.me, j).concat()])
-                .map_err(|e| SecAggError::Peer(format!("`{}`: {e}", self.setup.cohort[j])))?;
-            crypto::apply_mask(&mut values, &seed, bits, self.me < j);
+            crypto::apply_mask(&mut values, &peers[&j].mask_seed, bits, self.me < j);
         }
-        self.phase = Phase::MaskedSent { held };
-        Ok(MaskedInput { values })
+        let Phase::SharesSent { peers } = std::mem::replace(&mut self.phase, Phase::Done) else {
+            unreachable!("checked above")
+        };
+        self.phase = Phase::MaskedSent { peers, held };
+        Ok(MaskedInput { values, invalid_shares_from })
     }
 
-    /// Phase 4: returns the shares the server may have: a survivor's self-mask share or a
-    /// dropped client's key share, never both for one peer.
-    pub fn handle_unmask(&mut self, request: &UnmaskRequest) -> Result<UnmaskReply, SecAggError> {
-        let Phase::MaskedSent { held } = &self.phase else {
-            return Err(SecAggError::Phase("unmask request", self.phase.name()));
-        };
-        let survivors: BTreeSet<&str> = request.survivors.iter().map(String::as_str).collect();
-        let dropped: BTreeSet<&str> = request.dropped.iter().map(String::as_str).collect();
-        if let Some(both) = survivors.intersection(&dropped).next() {
-            return Err(SecAggError::Server(format!(
-                "asked for both the self-mask share and the key share of `{both}`; refusing"
+    /// Phase 4: checks the survivor list and signs it. The list must be sorted cohort members
+    /// without repeats, include this client, and hold at least `min_inputs` (and t) clients.
+    pub fn handle_survivors(&mut self, list: &SurvivorList, signer: &dyn AdvertSigner) -> Result<Vec<u8>, SecAggError> {
+        if !matches!(self.phase, Phase::MaskedSent { .. }) {
+            return Err(SecAggError::Phase("a survivor list", self.phase.name()));
+        }
+        let mut survivors = Vec::with_capacity(list.survivors.len());
+        for id in &list.survivors {
+            let i = self.index_of(id)?;
+            if survivors.last().is_some_and(|last| *last >= i) {
+                return Err(SecAggError::Server(format!(
+                    "the survivor list is not sorted or names `{id}` twice; refusing it"
+                )));
+            }
+            survivors.push(i);
+        }
+        if !survivors.contains(&self.me) {
+            return Err(SecAggError::Server("this client is not among the survivors it is asked to confirm".into()));
+        }
+        let needed = self.setup.min_inputs.max(self.setup.params.threshold);
+        if survivors.len() < needed {
+            return Err(SecAggError::Abort(format!(
+                "the survivor list holds {} clients; this client helps unmask no sum of fewer than {needed}",
+                survivors.len()
             )));
         }
-        if !survivors.contains(self.setup.cohort[self.me].as_str()) {
-            return Err(SecAggError::Server("this client is not among the survivors it is asked to unmask".into()));
+        let signature =
+            signer.sign(&SurvivorList::signed_message(&self.session, &survivors)).map_err(SecAggError::Sign)?;
+        let Phase::MaskedSent { peers, held } = std::mem::replace(&mut self.phase, Phase::Done) else {
+            unreachable!("checked above")
+        };
+        self.phase = Phase::Confirmed { peers, held, survivors: survivors.into_iter().collect() };
+        Ok(signature)
+    }
+
+    /// Phase 5: once at least t neighbours have confirmed the same survivor list, returns the
+    /// shares the server may have: a survivor's self-mask share or a dropped neighbour's key
+    /// share, never both for one peer.
+    pub fn handle_unmask(
+        &mut self,
+        request: &UnmaskRequest,
+        verifier: &dyn PeerVerifier,
+    ) -> Result<UnmaskReply, SecAggError> {
+        let Phase::Confirmed { peers, held, survivors } = &self.phase else {
+            return Err(SecAggError::Phase("an unmask request", self.phase.name()));
+        };
+        let ordered: Vec<usize> = survivors.iter().copied().collect();
+        let message = SurvivorList::signed_message(&self.session, &ordered);
+        let mut confirmed = BTreeSet::new();
+        for Confirmation { client, signature } in &request.confirmations {
+            let Some(j) = self.setup.index_of(client) else { continue };
+            let Some(peer) = peers.get(&j).filter(|_| survivors.contains(&j)) else { continue };
+            if verifier.verify_signature(&peer.certificate, &message, signature).is_ok() {
+                confirmed.insert(j);
+            }
         }
         let t = self.setup.params.threshold;
-        if survivors.len() < t {
-            return Err(SecAggError::Abort(format!("only {} survivors, {t} are needed", survivors.len())));
+        if confirmed.len() < t && !self.weakened.skip_consistency_check {
+            self.phase = Phase::Done;
+            return Err(SecAggError::Server(format!(
+                "only {} neighbours confirmed the survivor list this client signed, {t} are needed: clients may have \
+                 been shown different lists; revealing nothing",
+                confirmed.len()
+            )));
         }
         let mut reply = UnmaskReply { seed_shares: Vec::new(), key_shares: Vec::new() };
-        for (&j, (seed, key)) in held {
-            let id = &self.setup.cohort[j];
-            if survivors.contains(id.as_str()) {
-                reply.seed_shares.push((id.clone(), seed.clone()));
-            } else if dropped.contains(id.as_str()) {
-                reply.key_shares.push((id.clone(), key.clone()));
+        for (&j, h) in held {
+            let Held::Valid { seed, key } = h else { continue };
+            let id = self.id(j).to_string();
+            if survivors.contains(&j) {
+                reply.seed_shares.push((id, seed.clone()));
+            } else {
+                reply.key_shares.push((id, key.clone()));
             }
         }
         self.phase = Phase::Done;

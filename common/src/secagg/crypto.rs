@@ -1,6 +1,7 @@
 //! The primitives SecAgg+ is built from: X25519 key agreement (static secrets, since they are
 //! secret-shared), HKDF-SHA256 to derive keys and seeds, ChaCha20-Poly1305 for the shares sent
-//! between neighbours, and an AES-128-CTR keystream that expands a seed into a mask.
+//! between neighbours, SHA-256 for session ids and commitments, and an AES-128-CTR keystream
+//! that expands a seed into a mask.
 
 use rand::CryptoRng;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
@@ -80,8 +81,21 @@ pub fn derive(ikm: &[u8], info: &[&[u8]]) -> Secret32 {
     out
 }
 
-/// Encrypts `plaintext` under a key used for this one message (so the zero nonce is safe),
-/// binding `aad`.
+/// SHA-256 of `parts`, each prefixed with its length, under a `domain` label (also
+/// length-prefixed): session ids and commitments, with no two inputs hashing alike by accident
+/// of where one part ends.
+pub fn hash(domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in std::iter::once(domain).chain(parts.iter().copied()) {
+        context.update(&(part.len() as u64).to_be_bytes());
+        context.update(part);
+    }
+    context.finish().as_ref().try_into().expect("SHA-256 gives 32 bytes")
+}
+
+/// Encrypts `plaintext` under a key used for this one message, binding `aad`. The zero nonce is
+/// safe only because the caller never uses a key twice: share keys are derived per session and
+/// per direction of an edge ([`super::share_key_info`]).
 pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("32-byte key"));
     let mut buf = plaintext.to_vec();

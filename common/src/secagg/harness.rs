@@ -1,5 +1,6 @@
 //! The socket-free harness: one `SecAggServer` and n `SecAggClient`s driven through every phase
-//! with generated dropout sets, checked against an independent account of who survives.
+//! with generated dropout sets, checked against an independent account of who survives. The
+//! adversarial tests ([`super::attacks`]) drive the same pieces by hand through [`Session`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,8 +16,10 @@ use super::*;
 pub(crate) struct TestPki;
 
 impl TestPki {
-    fn key(client: &str) -> hmac::Key {
-        hmac::Key::new(hmac::HMAC_SHA256, format!("ca-issued key of {client}").as_bytes())
+    fn key(client: &[u8]) -> hmac::Key {
+        let mut k = b"ca-issued key of ".to_vec();
+        k.extend_from_slice(client);
+        hmac::Key::new(hmac::HMAC_SHA256, &k)
     }
 }
 
@@ -27,7 +30,7 @@ impl AdvertSigner for TestSigner {
         self.0.as_bytes().to_vec()
     }
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
-        Ok(hmac::sign(&TestPki::key(&self.0), message).as_ref().to_vec())
+        Ok(hmac::sign(&TestPki::key(self.0.as_bytes()), message).as_ref().to_vec())
     }
 }
 
@@ -36,22 +39,141 @@ impl PeerVerifier for TestPki {
         if certificate != client.as_bytes() {
             return Err("the certificate names another client".into());
         }
-        hmac::verify(&TestPki::key(client), message, signature).map_err(|_| "bad signature".to_string())
+        self.verify_signature(certificate, message, signature)
+    }
+    fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+        hmac::verify(&TestPki::key(certificate), message, signature).map_err(|_| "bad signature".to_string())
     }
 }
 
 pub(crate) fn setup(n: usize, t: usize, k: usize, len: usize, round: u64) -> SecAggSetup {
     SecAggSetup {
         round,
+        purpose: "train".into(),
+        nonce: [round as u8; 16],
         params: SecAggParams {
             threshold: t,
             degree: k,
             dropout_tolerance: 0.0,
-            quantizer: Quantizer { bits: 32, clip: 1.0, scale: 1000.0 },
+            quantizer: Quantizer { bits: 32, clip: 1.0, scale: 1000.0, wrap: false },
         },
         cohort: (0..n).map(|i| format!("c{i:03}")).collect(),
         graph_seed: 99,
         vector_len: len,
+        min_inputs: 1,
+    }
+}
+
+/// A server, its clients and their inputs, driven phase by phase (by [`run`] or by hand).
+pub(crate) struct Session {
+    pub setup: SecAggSetup,
+    pub ids: Vec<String>,
+    pub inputs: Vec<Vec<u64>>,
+    pub server: SecAggServer,
+    pub clients: Vec<SecAggClient>,
+    /// Every client's advert as it made it.
+    pub adverts: Vec<KeyAdvert>,
+    pub rng: rand_chacha::ChaCha20Rng,
+}
+
+impl Session {
+    /// Makes every client's keys and advert (sent to nobody yet), and random inputs.
+    pub fn new(setup: SecAggSetup, seed: u64, weakened: Weakened) -> Self {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let max = setup.params.quantizer.max_code();
+        let (n, len) = (setup.cohort.len(), setup.vector_len);
+        let inputs = (0..n).map(|_| (0..len).map(|_| rng.random_range(0..=max)).collect()).collect();
+        let mut server = SecAggServer::new(setup.clone()).unwrap();
+        server.weaken(weakened);
+        let (mut clients, mut adverts) = (Vec::new(), Vec::new());
+        for id in &setup.cohort {
+            let (c, a) =
+                SecAggClient::start_weakened(id, setup.clone(), &TestSigner(id.clone()), &mut rng, weakened).unwrap();
+            clients.push(c);
+            adverts.push(a);
+        }
+        let ids = setup.cohort.clone();
+        Self { setup, ids, inputs, server, clients, adverts, rng }
+    }
+
+    pub fn index(&self, id: &str) -> usize {
+        self.ids.binary_search_by(|c| c.as_str().cmp(id)).unwrap()
+    }
+
+    /// Phase 1 for everyone but `skip`; then the adverts each client is sent.
+    pub fn advertise(&mut self, skip: &[usize]) -> BTreeMap<String, Vec<KeyAdvert>> {
+        for (i, a) in self.adverts.clone().into_iter().enumerate().filter(|(i, _)| !skip.contains(i)) {
+            self.server.handle_advert(&self.ids[i], a, &TestPki).unwrap();
+        }
+        self.server.close_adverts().unwrap()
+    }
+
+    /// Phase 2 from the given adverts, each answer handed to the server; returns what each sent.
+    pub fn share(&mut self, adverts: &BTreeMap<String, Vec<KeyAdvert>>) -> BTreeMap<String, SharedKeys> {
+        let mut sent = BTreeMap::new();
+        for (id, theirs) in adverts {
+            let i = self.index(id);
+            let keys = self.clients[i].handle_adverts(theirs, &TestPki, &mut self.rng).unwrap();
+            self.server.handle_shares(id, keys.clone()).unwrap();
+            sent.insert(id.clone(), keys);
+        }
+        sent
+    }
+
+    /// Phase 3 from the given inboxes: each client's masked input (not yet sent).
+    pub fn mask(&mut self, inbox: &BTreeMap<String, Vec<SealedShares>>) -> BTreeMap<String, MaskedInput> {
+        let mut masked = BTreeMap::new();
+        for (id, sealed) in inbox {
+            let i = self.index(id);
+            masked.insert(id.clone(), self.clients[i].handle_shares(sealed, &self.inputs[i]).unwrap());
+        }
+        masked
+    }
+
+    /// Phases 1 to 3 with nobody dropping: every masked input is in the server's sum.
+    pub fn run_to_masked_inputs(&mut self) {
+        let adverts = self.advertise(&[]);
+        self.share(&adverts);
+        let inbox = self.server.close_shares().unwrap();
+        for (id, m) in self.mask(&inbox) {
+            self.server.handle_masked(&id, m).unwrap();
+        }
+    }
+
+    /// Phase 4 with one survivor list for all: the list, and each survivor's unmask request.
+    pub fn confirm(&mut self) -> (SurvivorList, BTreeMap<String, UnmaskRequest>) {
+        let list = self.server.close_masked().unwrap();
+        for id in list.survivors.clone() {
+            let i = self.index(&id);
+            let signature = self.clients[i].handle_survivors(&list, &TestSigner(id.clone())).unwrap();
+            self.server.handle_confirmation(&id, signature, &TestPki).unwrap();
+        }
+        (list, self.server.close_confirmations().unwrap())
+    }
+
+    /// Phases 4 and 5 with one survivor list for all; returns each client's reply, already
+    /// handed to the server (errors included).
+    pub fn confirm_and_unmask(&mut self) -> BTreeMap<String, Result<(), SecAggError>> {
+        let (_, requests) = self.confirm();
+        let mut results = BTreeMap::new();
+        for (id, request) in requests {
+            let i = self.index(&id);
+            let reply = self.clients[i].handle_unmask(&request, &TestPki).unwrap();
+            results.insert(id.clone(), self.server.handle_unmask(&id, reply));
+        }
+        results
+    }
+
+    /// The sum of the inputs of `who`, modulo 2^bits.
+    pub fn expected(&self, who: impl IntoIterator<Item = usize>) -> Vec<u64> {
+        let mask = crypto::modulus_mask(self.setup.params.quantizer.bits);
+        let mut sum = vec![0u64; self.setup.vector_len];
+        for j in who {
+            for (s, v) in sum.iter_mut().zip(&self.inputs[j]) {
+                *s = s.wrapping_add(*v) & mask;
+            }
+        }
+        sum
     }
 }
 
@@ -60,17 +182,12 @@ struct Outcome {
     expected: Option<Vec<u64>>,
 }
 
-/// Runs a round where clients in `drops[p]` stop before sending their phase-p message.
-fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 4], seed: u64) -> Outcome {
+/// Runs a session where clients in `drops[p]` stop before sending their phase-p message.
+fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
     let n = setup.cohort.len();
     let t = setup.params.threshold;
-    let len = setup.vector_len;
     let graph = setup.neighbours();
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-    let max = setup.params.quantizer.max_code();
-    let inputs: Vec<Vec<u64>> = (0..n).map(|_| (0..len).map(|_| rng.random_range(0..=max)).collect()).collect();
-    let ids = setup.cohort.clone();
-    let mut server = SecAggServer::new(setup.clone()).unwrap();
+    let mut s = Session::new(setup.clone(), seed, Weakened::default());
 
     // Independent account of who gets how far.
     let count = |i: usize, set: &BTreeSet<usize>| graph[i].iter().filter(|j| set.contains(j)).count();
@@ -86,58 +203,63 @@ fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 4], seed: u64) -> Outcome {
         u2.iter().copied().filter(|&i| !drops[2].contains(&i) && count(i, &u2) >= t).collect()
     };
     let u4: BTreeSet<usize> = u3.iter().copied().filter(|i| !drops[3].contains(i)).collect();
-    let feasible = u1.len() > t && u2.len() > t && u3.len() >= t && u2.iter().all(|&j| count(j, &u4) >= t);
-    let expected = feasible.then(|| {
-        let mut sum = vec![0u64; len];
-        for &j in &u3 {
-            for (s, v) in sum.iter_mut().zip(&inputs[j]) {
-                *s = s.wrapping_add(*v) & 0xffff_ffff;
-            }
-        }
-        sum
-    });
+    // Those that reveal: t neighbours confirmed their list.
+    let u5: BTreeSet<usize> = u4.iter().copied().filter(|&i| !drops[4].contains(&i) && count(i, &u4) >= t).collect();
+    let feasible = u1.len() > t
+        && u2.len() > t
+        && u3.len() >= t.max(setup.min_inputs)
+        && u4.len() >= t
+        && u2.iter().all(|&j| count(j, &u5) >= t);
+    let expected = feasible.then(|| s.expected(u3.iter().copied()));
 
-    let mut clients: BTreeMap<usize, SecAggClient> = BTreeMap::new();
-    for (i, id) in ids.iter().enumerate() {
-        let (client, advert) = SecAggClient::start(id, setup.clone(), &TestSigner(id.clone()), &mut rng).unwrap();
-        if !drops[0].contains(&i) {
-            server.handle_advert(id, advert).unwrap();
-            clients.insert(i, client);
-        }
-    }
+    let ids = s.ids.clone();
     let result = (|| {
-        let adverts = server.close_adverts()?;
+        for (i, a) in s.adverts.clone().into_iter().enumerate().filter(|(i, _)| !drops[0].contains(i)) {
+            s.server.handle_advert(&ids[i], a, &TestPki)?;
+        }
+        let adverts = s.server.close_adverts()?;
         for (id, theirs) in adverts {
-            let i = ids.binary_search(&id).unwrap();
-            let client = clients.get_mut(&i).unwrap();
-            match client.handle_adverts(&theirs, &TestPki, &mut rng) {
-                Ok(sealed) if !drops[1].contains(&i) => server.handle_shares(&id, sealed).unwrap(),
-                Ok(_) => {}
-                Err(SecAggError::Abort(_)) => {}
+            let i = s.index(&id);
+            match s.clients[i].handle_adverts(&theirs, &TestPki, &mut s.rng) {
+                Ok(keys) if !drops[1].contains(&i) => s.server.handle_shares(&id, keys).unwrap(),
+                Ok(_) | Err(SecAggError::Abort(_)) => {}
                 Err(e) => panic!("{e}"),
             }
         }
-        let inbox = server.close_shares()?;
+        let inbox = s.server.close_shares()?;
         for (id, sealed) in inbox {
-            let i = ids.binary_search(&id).unwrap();
-            match clients.get_mut(&i).unwrap().handle_shares(&sealed, &inputs[i]) {
-                Ok(masked) if !drops[2].contains(&i) => server.handle_masked(&id, masked).unwrap(),
-                Ok(_) => {}
-                Err(SecAggError::Abort(_)) => {}
+            let i = s.index(&id);
+            match s.clients[i].handle_shares(&sealed, &s.inputs[i]) {
+                Ok(masked) if !drops[2].contains(&i) => s.server.handle_masked(&id, masked).unwrap(),
+                Ok(_) | Err(SecAggError::Abort(_)) => {}
                 Err(e) => panic!("{e}"),
             }
         }
-        let request = server.close_masked()?;
-        for id in request.survivors.clone() {
-            let i = ids.binary_search(&id).unwrap();
-            if drops[3].contains(&i) {
+        let list = s.server.close_masked()?;
+        for id in list.survivors.clone() {
+            let i = s.index(&id);
+            let signature = s.clients[i].handle_survivors(&list, &TestSigner(id.clone()))?;
+            if !drops[3].contains(&i) {
+                s.server.handle_confirmation(&id, signature, &TestPki)?;
+            }
+        }
+        let requests = s.server.close_confirmations()?;
+        for (id, request) in requests {
+            let i = s.index(&id);
+            if drops[4].contains(&i) {
                 continue;
             }
-            let reply = clients.get_mut(&i).unwrap().handle_unmask(&request)?;
-            server.handle_unmask(&id, reply)?;
+            match s.clients[i].handle_unmask(&request, &TestPki) {
+                Ok(reply) => s.server.handle_unmask(&id, reply)?,
+                // Too few of its neighbours confirmed: it reveals nothing, as accounted above.
+                Err(SecAggError::Server(_)) => assert!(!u5.contains(&i)),
+                Err(e) => return Err(e),
+            }
         }
-        assert_eq!(server.survivors().len(), u3.len());
-        server.finish()
+        assert_eq!(s.server.survivors().len(), u3.len());
+        let unmasked = s.server.finish()?;
+        assert!(unmasked.cheaters.is_empty());
+        Ok(unmasked.sum)
     })();
     Outcome { result, expected }
 }
@@ -153,7 +275,7 @@ fn check(outcome: Outcome) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn drop_sets(n: usize, rates: [f64; 4], seed: u64) -> [BTreeSet<usize>; 4] {
+fn drop_sets(n: usize, rates: [f64; 5], seed: u64) -> [BTreeSet<usize>; 5] {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     rates.map(|r| (0..n).filter(|_| rng.random::<f64>() < r).collect())
 }
@@ -166,7 +288,8 @@ proptest! {
         n in 3usize..=100,
         k_frac in 0.0f64..1.0,
         t_frac in 0.0f64..1.0,
-        rates in proptest::array::uniform4(0.0f64..0.25),
+        rates in proptest::array::uniform5(0.0f64..0.2),
+        min_frac in 0.0f64..0.5,
         seed: u64,
     ) {
         // An even degree (or the complete graph), and a threshold above half of it.
@@ -175,14 +298,16 @@ proptest! {
         if k % 2 == 1 && k != k_max { k -= 1; }
         let k = k.min(k_max).max(2);
         let t = k / 2 + 1 + ((k - k / 2 - 1) as f64 * t_frac) as usize;
-        check(run(setup(n, t, k, 6, 3), &drop_sets(n, rates, seed), seed))?;
+        let mut s = setup(n, t, k, 6, 3);
+        s.min_inputs = 1 + (n as f64 * min_frac) as usize;
+        check(run(s, &drop_sets(n, rates, seed), seed))?;
     }
 }
 
 #[test]
 fn one_hundred_clients_with_dropouts_at_every_phase() {
     let n = 100;
-    let drops = drop_sets(n, [0.03, 0.03, 0.03, 0.03], 5);
+    let drops = drop_sets(n, [0.03; 5], 5);
     let outcome = run(setup(n, 11, 20, 50, 1), &drops, 5);
     assert!(outcome.expected.is_some(), "this dropout pattern leaves enough survivors");
     check(outcome).unwrap();
@@ -190,91 +315,83 @@ fn one_hundred_clients_with_dropouts_at_every_phase() {
 
 #[test]
 fn no_dropouts_complete_graph_and_total_collapse() {
-    let none: [BTreeSet<usize>; 4] = Default::default();
+    let none: [BTreeSet<usize>; 5] = Default::default();
     check(run(setup(5, 3, 4, 8, 2), &none, 1)).unwrap();
-    let mut all_late: [BTreeSet<usize>; 4] = Default::default();
-    all_late[3] = (0..5).collect();
-    let outcome = run(setup(5, 3, 4, 8, 2), &all_late, 1);
-    assert!(outcome.expected.is_none());
-    assert!(matches!(outcome.result, Err(SecAggError::Abort(_))));
+    for phase in 2..5 {
+        let mut all_late: [BTreeSet<usize>; 5] = Default::default();
+        all_late[phase] = (0..5).collect();
+        let outcome = run(setup(5, 3, 4, 8, 2), &all_late, 1);
+        assert!(outcome.expected.is_none());
+        assert!(matches!(outcome.result, Err(SecAggError::Abort(_))), "phase {phase}");
+    }
 }
 
 #[test]
-fn a_substituted_key_advert_is_detected() {
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-    let (mut server, mut clients) = advertised(setup(4, 2, 3, 4, 7), &mut rng);
-    let mut adverts = server.close_adverts().unwrap();
+fn a_sum_of_fewer_than_min_inputs_is_never_unmasked() {
+    let mut s = setup(6, 3, 4, 4, 4);
+    s.min_inputs = 5;
+    let mut session = Session::new(s, 4, Weakened::default());
+    let adverts = session.advertise(&[]);
+    session.share(&adverts);
+    let inbox = session.server.close_shares().unwrap();
+    let masked = session.mask(&inbox);
+    for (id, m) in masked.into_iter().take(4) {
+        session.server.handle_masked(&id, m).unwrap();
+    }
+    assert!(matches!(session.server.close_masked(), Err(SecAggError::Abort(ref m)) if m.contains("at least 5")));
+    // A server that asks anyway (a list of four) is refused by every client.
+    let list = SurvivorList { survivors: session.ids[..4].to_vec() };
+    for i in 0..4 {
+        let err = session.clients[i].handle_survivors(&list, &TestSigner(session.ids[i].clone())).unwrap_err();
+        assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("fewer than 5")), "{err}");
+    }
+}
+
+#[test]
+fn a_substituted_key_advert_is_left_out() {
+    let mut session = Session::new(setup(4, 2, 3, 4, 7), 1, Weakened::default());
+    let mut adverts = session.advertise(&[]);
     // The server swaps in a mask key of its own for c001, as seen by c000.
-    let forged = super::crypto::KeyPair::generate(&mut rng);
+    let forged = crypto::KeyPair::generate(&mut session.rng);
     let to_c000 = adverts.get_mut("c000").unwrap();
     to_c000.iter_mut().find(|a| a.client == "c001").unwrap().mask_pk = forged.public();
-    let err = clients[0].handle_adverts(&adverts["c000"], &TestPki, &mut rng).unwrap_err();
-    assert!(matches!(err, SecAggError::Server(ref m) if m.contains("substituted")), "{err}");
+    let keys = session.clients[0].handle_adverts(&adverts["c000"], &TestPki, &mut session.rng).unwrap();
+    assert_eq!(keys.refused, vec!["c001".to_string()]);
+    assert!(keys.sealed.iter().all(|s| s.to != "c001"), "nothing is encrypted to the substituted key");
     // A stranger's certificate in place of a neighbour's is refused too.
     let mut stranger = adverts["c002"].clone();
     stranger.iter_mut().find(|a| a.client == "c001").unwrap().certificate = b"someone else".to_vec();
-    assert!(matches!(clients[2].handle_adverts(&stranger, &TestPki, &mut rng), Err(SecAggError::Server(_))));
-}
-
-/// A server and every cohort member, each having advertised its keys.
-fn advertised(s: SecAggSetup, rng: &mut rand_chacha::ChaCha20Rng) -> (SecAggServer, Vec<SecAggClient>) {
-    let mut server = SecAggServer::new(s.clone()).unwrap();
-    let mut clients = Vec::new();
-    for id in &s.cohort {
-        let (c, a) = SecAggClient::start(id, s.clone(), &TestSigner(id.clone()), rng).unwrap();
-        server.handle_advert(id, a).unwrap();
-        clients.push(c);
-    }
-    (server, clients)
-}
-
-/// Four clients of `round` through key sharing: the server, the clients and their inboxes.
-fn to_shares(round: u64) -> (SecAggServer, Vec<SecAggClient>, BTreeMap<String, Vec<SealedShares>>) {
-    let s = setup(4, 2, 3, 4, round);
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
-    let (mut server, mut clients) = advertised(s.clone(), &mut rng);
-    for (id, theirs) in server.close_adverts().unwrap() {
-        let i = s.cohort.binary_search(&id).unwrap();
-        let sealed = clients[i].handle_adverts(&theirs, &TestPki, &mut rng).unwrap();
-        server.handle_shares(&id, sealed).unwrap();
-    }
-    let inbox = server.close_shares().unwrap();
-    (server, clients, inbox)
-}
-
-/// Drives four clients to the unmask phase (c003 never sends its masked input).
-fn to_unmask(round: u64) -> (Vec<SecAggClient>, UnmaskRequest, BTreeMap<String, Vec<SealedShares>>) {
-    let (mut server, mut clients, inbox) = to_shares(round);
-    for (i, (id, sealed)) in inbox.iter().enumerate() {
-        let masked = clients[i].handle_shares(sealed, &[1, 2, 3, 4]).unwrap();
-        if i != 3 {
-            server.handle_masked(id, masked).unwrap();
-        }
-    }
-    (clients, server.close_masked().unwrap(), inbox)
+    let keys = session.clients[2].handle_adverts(&stranger, &TestPki, &mut session.rng).unwrap();
+    assert_eq!(keys.refused, vec!["c001".to_string()]);
 }
 
 #[test]
-fn a_client_refuses_to_give_both_kinds_of_share_of_one_peer() {
-    let (mut clients, mut request, _) = to_unmask(11);
-    assert_eq!(request.dropped, vec!["c003".to_string()]);
-    request.dropped.push("c001".into()); // c001 survived: asking for its key share too
-    let err = clients[0].handle_unmask(&request).unwrap_err();
-    assert!(matches!(err, SecAggError::Server(ref m) if m.contains("both")), "{err}");
-}
-
-#[test]
-fn tampered_and_replayed_share_ciphertexts_are_rejected() {
-    let (_, _, inbox_a) = to_unmask(21);
-    let (_, mut clients, inbox) = to_shares(22);
-    let mut tampered = inbox["c000"].clone();
-    tampered[0].ciphertext[3] ^= 0x40;
-    assert!(matches!(clients[0].handle_shares(&tampered, &[0; 4]), Err(SecAggError::Peer(_))));
-    // A ciphertext from another round, replayed, fails authentication.
-    let replayed = inbox_a["c000"].clone();
-    assert!(matches!(clients[0].handle_shares(&replayed, &[0; 4]), Err(SecAggError::Peer(_))));
-    // The genuine shares still work.
-    assert!(clients[0].handle_shares(&inbox["c000"], &[0; 4]).is_ok());
+fn tampered_and_replayed_share_ciphertexts_are_reported_and_the_sum_stays_exact() {
+    let earlier = {
+        let mut s = Session::new(setup(5, 3, 4, 4, 21), 21, Weakened::default());
+        let adverts = s.advertise(&[]);
+        s.share(&adverts);
+        s.server.close_shares().unwrap()
+    };
+    let mut s = Session::new(setup(5, 3, 4, 4, 22), 22, Weakened::default());
+    let adverts = s.advertise(&[]);
+    s.share(&adverts);
+    let mut inbox = s.server.close_shares().unwrap();
+    // c000 gets c001's shares tampered with, and c002's replayed from another session.
+    let to_c000 = inbox.get_mut("c000").unwrap();
+    to_c000.iter_mut().find(|x| x.from == "c001").unwrap().ciphertext[3] ^= 0x40;
+    let replayed = earlier["c000"].iter().find(|x| x.from == "c002").unwrap().clone();
+    *to_c000.iter_mut().find(|x| x.from == "c002").unwrap() = replayed;
+    let masked = s.mask(&inbox);
+    assert_eq!(masked["c000"].invalid_shares_from, vec!["c001".to_string(), "c002".to_string()]);
+    for (id, m) in masked {
+        s.server.handle_masked(&id, m).unwrap();
+    }
+    assert_eq!(s.server.complaints().len(), 2);
+    let results = s.confirm_and_unmask();
+    assert!(results.values().all(Result::is_ok), "{results:?}");
+    let expected = s.expected(0..5);
+    assert_eq!(s.server.finish().unwrap().sum, expected, "c000 masked against both anyway, and holds nothing of them");
 }
 
 #[test]
@@ -286,14 +403,38 @@ fn settings_that_cannot_give_the_sum_are_refused() {
     assert!(s.check().unwrap_err().to_string().contains("cannot be met"));
     s.params.dropout_tolerance = 0.2;
     assert!(s.check().is_ok());
+    s.min_inputs = 11;
+    assert!(s.check().unwrap_err().to_string().contains("min_inputs"));
+    s.min_inputs = 3;
     s.params.quantizer.scale = 1e9;
     assert!(matches!(s.check(), Err(SecAggError::Quantize(_))));
 }
 
 #[test]
+fn the_session_id_covers_every_setting() {
+    let base = setup(5, 3, 4, 4, 1);
+    let id = base.session_id();
+    type Change = Box<dyn Fn(&mut SecAggSetup)>;
+    let variants: [Change; 7] = [
+        Box::new(|s| s.round = 2),
+        Box::new(|s| s.purpose = "census".into()),
+        Box::new(|s| s.nonce[0] ^= 1),
+        Box::new(|s| s.graph_seed = 1),
+        Box::new(|s| s.min_inputs = 2),
+        Box::new(|s| s.cohort[4] = "c999".into()),
+        Box::new(|s| s.params.quantizer.scale = 999.0),
+    ];
+    for change in variants {
+        let mut other = base.clone();
+        change(&mut other);
+        assert_ne!(other.session_id(), id);
+    }
+}
+
+#[test]
 fn masked_inputs_travel_compactly_and_round_trip() {
     for values in [vec![0u64, 1, u32::MAX as u64, 7], vec![0u64, u64::MAX, 1 << 40]] {
-        let m = MaskedInput { values: values.clone() };
+        let m = MaskedInput { values: values.clone(), invalid_shares_from: Vec::new() };
         let frame = crate::wire::encode(&m).unwrap();
         let narrow = values.iter().all(|v| *v <= u32::MAX as u64);
         assert!(frame.len() < 16 + values.len() * if narrow { 4 } else { 8 });
@@ -304,14 +445,14 @@ fn masked_inputs_travel_compactly_and_round_trip() {
 
 #[test]
 fn per_segment_weights_average_each_segment_over_those_who_trained_it() {
-    let q = Quantizer { bits: 32, clip: 4.0, scale: 1e6 };
+    let q = Quantizer { bits: 32, clip: 4.0, scale: 1e6, wrap: false };
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
     let segments = [3usize, 2, 1];
     let a = [1.0f32, 2.0, 3.0, 9.0, 9.0, 9.0];
     let b = [3.0f32, 2.0, 1.0, 1.0, -1.0, 9.0];
     // a trained only the trunk; b the trunk and the first head; nobody the second head.
-    let ea = encode_weighted(&a, &segments, &[1.0, 0.0, 0.0], &q, &mut rng);
-    let eb = encode_weighted(&b, &segments, &[0.5, 0.5, 0.0], &q, &mut rng);
+    let ea = encode_weighted(&a, &segments, &[1.0, 0.0, 0.0], &q, &mut rng).unwrap();
+    let eb = encode_weighted(&b, &segments, &[0.5, 0.5, 0.0], &q, &mut rng).unwrap();
     let sum: Vec<u64> = ea.iter().zip(&eb).map(|(x, y)| (x + y) & 0xffff_ffff).collect();
     let (mean, totals) = weighted_mean_from_sum(&sum, 2, &segments, &q).unwrap();
     let expect = [(1.0 + 1.5) / 1.5, (2.0 + 1.0) / 1.5, (3.0 + 0.5) / 1.5, 1.0, -1.0, 0.0];
@@ -319,4 +460,7 @@ fn per_segment_weights_average_each_segment_over_those_who_trained_it() {
         assert!((*m as f64 - e).abs() < 1e-4, "{mean:?} vs {expect:?}");
     }
     assert!((totals[0] - 1.5).abs() < 1e-5 && (totals[1] - 0.5).abs() < 1e-5 && totals[2].abs() < 1e-5);
+    // Segment lengths that do not fit the update are refused, not a panic.
+    assert!(encode_weighted(&a, &[3, 2, 1, 0], &[1.0, 0.0, 0.0], &q, &mut rng).is_none());
+    assert!(encode_weighted(&a, &[3, 3], &[1.0, 0.0, 0.0], &q, &mut rng).is_none());
 }

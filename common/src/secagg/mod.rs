@@ -1,24 +1,44 @@
-//! Secure aggregation: SecAgg+ (Bell et al. 2020) with the dropout recovery of Bonawitz et al.
-//! 2017, as one state machine per role and no I/O.
+//! Secure aggregation: SecAgg+ (Bell et al. 2020) with the dropout recovery and the consistency
+//! check of Bonawitz et al. 2017, as one state machine per role and no I/O.
 //!
-//! A round has four phases. The server drives them; every client answers each phase once:
+//! A session sums one vector per client. Everything the clients sign or derive is bound to the
+//! session id ([`SecAggSetup::session_id`]): the round, what is summed (`purpose`), a fresh server
+//! nonce, the cohort and every parameter, so nothing of one session can be replayed into another.
+//! The server drives five phases; every client answers each phase once:
 //!
 //! 1. **Advertise keys.** Each client makes two X25519 key pairs (one to encrypt shares, one to
-//!    derive pairwise masks) and signs both public keys, the round and its id with its
-//!    certificate key ([`AdvertSigner`]).
+//!    derive pairwise masks) and a self-mask seed, and signs both public keys and a commitment to
+//!    the seed with its certificate key ([`AdvertSigner`]). The server checks the signature too,
+//!    so a client with a bad advert is named and left out before anyone encrypts to it.
 //! 2. **Share keys.** The server hands each client the adverts of its neighbours in a
 //!    k-regular graph ([`graph`]). The client checks every neighbour's certificate and signature
-//!    against the CA ([`PeerVerifier`]) before it encrypts anything to them (so a server that
-//!    swaps keys is caught), then Shamir-shares (t of its neighbours) a fresh self-mask seed and
-//!    its mask key, and encrypts each neighbour's pair of shares with ChaCha20-Poly1305 under a
-//!    key agreed with that neighbour, bound to round, sender and receiver.
-//! 3. **Masked input.** Each client adds to its quantized vector the expansion of its self-mask
-//!    seed and, for every neighbour that sent it shares, the pairwise mask (added towards
-//!    higher-indexed neighbours, subtracted towards lower ones, so pairs cancel in the sum).
-//! 4. **Unmask.** The server names the survivors and the dropped; each survivor returns, for
-//!    each neighbour, the self-mask share of a survivor or the mask-key share of a dropped one,
-//!    never both for one peer (a request that asks for both is refused). The server rebuilds
-//!    the survivors' self-masks and the dropped clients' pairwise masks and removes them.
+//!    against the CA ([`PeerVerifier`]); a neighbour that fails is left out (and reported), not
+//!    a reason to abort. It Shamir-shares (t of its neighbours) the seed and its mask key, and
+//!    encrypts each neighbour's pair of shares with ChaCha20-Poly1305 under a key agreed with that
+//!    neighbour *for this direction* (so the two messages of an edge never share a keystream),
+//!    with a public commitment to each share beside the ciphertext.
+//! 3. **Masked input.** Each client opens the shares sent to it (a share that does not match its
+//!    commitment is reported, and the client holds nothing of that sender) and adds to its
+//!    quantized vector the expansion of its self-mask seed and, for every neighbour with whom it
+//!    exchanged shares, the pairwise mask (added towards higher-indexed neighbours, subtracted
+//!    towards lower ones, so pairs cancel in the sum).
+//! 4. **Consistency.** The server sends every client that sent a masked input the same list of
+//!    them (the survivors); each signs it. A client refuses a list that omits it, names strangers
+//!    or twice the same client, or holds fewer than `min_inputs`.
+//! 5. **Unmask.** The server forwards each client its neighbours' signatures. A client reveals
+//!    nothing until at least t neighbours signed exactly the list it signed; then it returns, for
+//!    each neighbour whose shares it holds, the self-mask share of a survivor or the mask-key share
+//!    of a dropped one, never both for one peer. The server checks every returned share against
+//!    its commitment (a wrong one names its sender as a cheater and is not used), rebuilds the
+//!    survivors' seeds (checked against their commitments) and the dropped clients' keys (checked
+//!    against their public keys), and removes the masks.
+//!
+//! Why the consistency phase: without it, a server could tell a client's neighbours that it
+//! survived and tell each neighbour's own neighbours that the neighbour dropped, collecting the
+//! client's seed and every pairwise key around it without any one request naming a client both
+//! ways. With it, each honest client signs one list, and a client's seed share and its
+//! neighbour's key share cannot both be released: releasing either needs t > k / 2 signatures on
+//! one list in a neighbourhood of k.
 //!
 //! [`SecAggServer`] keeps only the running sum of masked inputs, never one input. With at least
 //! t responding neighbours for every secret it must rebuild, the sum is exact (modulo 2^bits);
@@ -35,7 +55,7 @@ mod client;
 mod server;
 
 pub use client::SecAggClient;
-pub use server::SecAggServer;
+pub use server::{SecAggServer, Unmasked};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,10 +76,16 @@ pub struct SecAggParams {
     pub quantizer: Quantizer,
 }
 
-/// Everything the clients need to start a secure round: the same for all of them.
+/// Everything the clients need to start a secure session: the same for all of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggSetup {
     pub round: u64,
+    /// What is summed (`train`, `census`, `evaluate`): part of the session id, so keys and
+    /// signatures of one kind of sum cannot be replayed into another of the same round.
+    pub purpose: String,
+    /// Fresh random bytes the server draws for every session: a round run again after a restart
+    /// is a new session.
+    pub nonce: [u8; 16],
     pub params: SecAggParams,
     /// The cohort, sorted; a client's index is its position.
     pub cohort: Vec<ClientId>,
@@ -67,12 +93,23 @@ pub struct SecAggSetup {
     pub graph_seed: u64,
     /// Length of the vectors being summed.
     pub vector_len: usize,
+    /// The fewest inputs a sum may hold: clients refuse to sign (and so to unmask) a survivor
+    /// list shorter than this, so the server never learns a sum of fewer.
+    pub min_inputs: usize,
 }
 
 impl SecAggSetup {
     /// The degree actually used for this cohort.
     pub fn effective_degree(&self) -> usize {
         self.params.degree.min(self.cohort.len().saturating_sub(1))
+    }
+
+    /// The session id: a hash of the whole setup. Every signature, key and commitment of the
+    /// session is bound to it.
+    pub fn session_id(&self) -> [u8; 32] {
+        let encoded = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .expect("a setup always encodes (it holds no maps or unsized values)");
+        crypto::hash(b"cohort-secagg-session-v2", &[&encoded])
     }
 
     /// Checks that t, k and the cohort size give the sum with the promised dropout tolerance,
@@ -110,6 +147,9 @@ impl SecAggSetup {
                 p.dropout_tolerance * 100.0
             ));
         }
+        if self.min_inputs == 0 || self.min_inputs > n {
+            return bad(format!("min_inputs = {} must be between 1 and the cohort size {n}", self.min_inputs));
+        }
         if self.cohort.windows(2).any(|w| w[0] >= w[1]) {
             return bad("the cohort must be sorted and without duplicates".into());
         }
@@ -120,14 +160,22 @@ impl SecAggSetup {
     pub fn neighbours(&self) -> Vec<Vec<usize>> {
         graph::harary(self.cohort.len(), self.effective_degree(), self.graph_seed)
     }
+
+    /// The index of `id` in the cohort.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.cohort.binary_search_by(|c| c.as_str().cmp(id)).ok()
+    }
 }
 
-/// Phase 1: a client's signed public keys.
+/// Phase 1: a client's signed public keys and its commitment to its self-mask seed.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyAdvert {
     pub client: ClientId,
     pub cipher_pk: [u8; 32],
     pub mask_pk: [u8; 32],
+    /// `hash(session, client, seed)`: the server checks the seed it rebuilds against it, so a
+    /// wrong share cannot silently turn the sum into noise.
+    pub seed_commitment: [u8; 32],
     /// The client's certificate (DER), to check the signature and the CA's.
     #[serde(with = "serde_bytes")]
     pub certificate: Vec<u8>,
@@ -143,31 +191,52 @@ impl std::fmt::Debug for KeyAdvert {
 
 impl KeyAdvert {
     /// The bytes the signature covers.
-    pub fn signed_message(round: u64, client: &str, cipher_pk: &[u8; 32], mask_pk: &[u8; 32]) -> Vec<u8> {
-        let mut m = b"cohort-secagg-advert-v1".to_vec();
-        m.extend_from_slice(&round.to_be_bytes());
+    pub fn signed_message(
+        session: &[u8; 32],
+        client: &str,
+        cipher_pk: &[u8; 32],
+        mask_pk: &[u8; 32],
+        seed_commitment: &[u8; 32],
+    ) -> Vec<u8> {
+        let mut m = b"cohort-secagg-advert-v2".to_vec();
+        m.extend_from_slice(session);
         m.extend_from_slice(&(client.len() as u32).to_be_bytes());
         m.extend_from_slice(client.as_bytes());
         m.extend_from_slice(cipher_pk);
         m.extend_from_slice(mask_pk);
+        m.extend_from_slice(seed_commitment);
         m
     }
 }
 
-/// Phase 2: one neighbour's encrypted pair of shares.
+/// Phase 2: one neighbour's encrypted pair of shares, with a commitment to each share. The
+/// commitments hide the shares (each share is uniformly random) and bind them: the receiver
+/// checks them when it opens the ciphertext, and the server checks what the receiver returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SealedShares {
     pub from: ClientId,
     pub to: ClientId,
     #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
+    pub seed_commitment: [u8; 32],
+    pub key_commitment: [u8; 32],
 }
 
-/// Phase 3: a masked, quantized vector (raw little-endian `u64`s on the wire).
+/// Phase 2, client to server: shares for every neighbour whose advert checked out, and the
+/// neighbours whose adverts did not (left out of this client's session).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedKeys {
+    pub sealed: Vec<SealedShares>,
+    pub refused: Vec<ClientId>,
+}
+
+/// Phase 3: a masked, quantized vector (raw little-endian `u64`s on the wire), and the
+/// neighbours whose shares did not open or did not match their commitments.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskedInput {
     #[serde(with = "raw_u64")]
     pub values: Vec<u64>,
+    pub invalid_shares_from: Vec<ClientId>,
 }
 
 /// Masked values travel as raw little-endian integers, 4 bytes each when they all fit (a 32-bit
@@ -206,27 +275,82 @@ mod raw_u64 {
     }
 }
 
+impl std::fmt::Debug for MaskedInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MaskedInput({} values, {} invalid shares)", self.values.len(), self.invalid_shares_from.len())
+    }
+}
+
+/// Phase 4, server to clients: who sent a masked input (sorted). The same for everybody.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SurvivorList {
+    pub survivors: Vec<ClientId>,
+}
+
+impl SurvivorList {
+    /// The bytes a client signs to confirm the list.
+    pub fn signed_message(session: &[u8; 32], survivors: &[usize]) -> Vec<u8> {
+        let mut m = b"cohort-secagg-survivors-v2".to_vec();
+        m.extend_from_slice(session);
+        m.extend_from_slice(&(survivors.len() as u64).to_be_bytes());
+        for i in survivors {
+            m.extend_from_slice(&(*i as u64).to_be_bytes());
+        }
+        m
+    }
+}
+
+/// A neighbour's signature over the survivor list.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Confirmation {
+    pub client: ClientId,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Confirmation({})", self.client)
+    }
+}
+
+/// Phase 5, server to a client: its neighbours' confirmations of the survivor list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnmaskRequest {
+    pub confirmations: Vec<Confirmation>,
+}
+
+/// Phase 5, client to server: shares of survivors' self-mask seeds and of dropped clients'
+/// mask keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnmaskReply {
+    pub seed_shares: Vec<(ClientId, Share)>,
+    pub key_shares: Vec<(ClientId, Share)>,
+}
+
 /// Encodes a client's weighted update for a secure sum: each segment of `delta` (the trunk, then
 /// each head; `segments` gives their lengths) multiplied by its weight, then the weights
 /// themselves, quantized. A segment the client did not train has weight 0. The sum of these gives
 /// every segment's weighted FedAvg numerator and denominator without revealing any one client's
-/// weight or which heads it trained.
+/// weight or which heads it trained. `None` when the lengths do not fit together.
 pub fn encode_weighted(
     delta: &[f32],
     segments: &[usize],
     weights: &[f32],
     quantizer: &Quantizer,
     rng: &mut impl rand::Rng,
-) -> Vec<u64> {
-    debug_assert_eq!(segments.iter().sum::<usize>(), delta.len());
+) -> Option<Vec<u64>> {
+    if segments.iter().sum::<usize>() != delta.len() || weights.len() != segments.len() {
+        return None;
+    }
     let mut v = Vec::with_capacity(delta.len() + segments.len());
     let mut start = 0;
     for (&len, &w) in segments.iter().zip(weights) {
         v.extend(delta[start..start + len].iter().map(|d| d * w));
         start += len;
     }
-    v.extend_from_slice(&weights[..segments.len()]);
-    quantizer.encode(&v, rng)
+    v.extend_from_slice(weights);
+    Some(quantizer.encode(&v, rng))
 }
 
 /// A client's FedAvg weight: `min(samples / sample_cap, 1)`, public cap so weights stay in [0, 1].
@@ -268,27 +392,6 @@ pub fn weighted_mean_from_sum(
     Some((mean, totals.to_vec()))
 }
 
-impl std::fmt::Debug for MaskedInput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MaskedInput({} values)", self.values.len())
-    }
-}
-
-/// Phase 4, server to clients: who sent a masked input and who dropped after sharing keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UnmaskRequest {
-    pub survivors: Vec<ClientId>,
-    pub dropped: Vec<ClientId>,
-}
-
-/// Phase 4, client to server: shares of survivors' self-mask seeds and of dropped clients'
-/// mask keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UnmaskReply {
-    pub seed_shares: Vec<(ClientId, Share)>,
-    pub key_shares: Vec<(ClientId, Share)>,
-}
-
 /// Signs a key advertisement with the client's certificate key.
 pub trait AdvertSigner {
     fn certificate(&self) -> Vec<u8>;
@@ -298,17 +401,26 @@ pub trait AdvertSigner {
 /// Checks a neighbour's certificate against the CA, that it names `client`, and its signature.
 pub trait PeerVerifier {
     fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
+    /// Checks only the signature, with the key of a certificate [`PeerVerifier::verify`] has
+    /// already accepted in this session.
+    fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SecAggError {
+    /// Local misuse or settings that cannot work.
     #[error("secure aggregation settings: {0}")]
     Config(String),
     #[error(transparent)]
     Quantize(#[from] QuantizeError),
-    /// A peer (the server, or a client through the server) sent something invalid.
+    /// A peer (the server, or a client through the server) sent something malformed or out of
+    /// place.
     #[error("{0}")]
     Peer(String),
+    /// A client proved to cheat: a signature that does not verify, a share that does not match
+    /// its commitment, shares that do not rebuild the secret it committed to.
+    #[error("client `{client}` cheated: {what}")]
+    Cheater { client: ClientId, what: String },
     /// The server asked for something a client must refuse, or substituted keys.
     #[error("the server misbehaved: {0}")]
     Server(String),
@@ -318,14 +430,95 @@ pub enum SecAggError {
     /// Too few clients are left for the sum.
     #[error("round aborted: {0}")]
     Abort(String),
-    #[error("signing the key advertisement: {0}")]
+    #[error("signing: {0}")]
     Sign(String),
 }
 
-pub(crate) fn pairwise_info(round: u64, a: usize, b: usize) -> [[u8; 8]; 3] {
-    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-    [round.to_be_bytes(), (lo as u64).to_be_bytes(), (hi as u64).to_be_bytes()]
+/// Protections a test can switch off, to show that its attack succeeds without them. Only test
+/// builds can set them; in every other build they are all off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Weakened {
+    /// One key for both directions of an edge (the two-time pad of protocol v1).
+    pub symmetric_share_keys: bool,
+    /// Reveal shares without checking the neighbours' confirmations of the survivor list.
+    pub skip_consistency_check: bool,
+    /// Sign adverts with the round only, not the session (v1: replayable across sums).
+    pub unbound_adverts: bool,
+    /// Use returned shares without checking them against their commitments, and rebuilt seeds
+    /// without checking them against the advert.
+    pub trust_returned_shares: bool,
+    /// Abort the client's session on a neighbour's bad advert instead of leaving it out.
+    pub abort_on_bad_advert: bool,
+}
+
+/// The advert message of protocol v1 (round only); what [`Weakened::unbound_adverts`] signs.
+pub(crate) fn advert_message_v1(round: u64, client: &str, cipher_pk: &[u8; 32], mask_pk: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"cohort-secagg-advert-v1".to_vec();
+    m.extend_from_slice(&round.to_be_bytes());
+    m.extend_from_slice(&(client.len() as u32).to_be_bytes());
+    m.extend_from_slice(client.as_bytes());
+    m.extend_from_slice(cipher_pk);
+    m.extend_from_slice(mask_pk);
+    m
+}
+
+/// The bytes an advert's signature covers, under `weakened`.
+pub(crate) fn advert_message(
+    setup: &SecAggSetup,
+    session: &[u8; 32],
+    advert: &KeyAdvert,
+    weakened: Weakened,
+) -> Vec<u8> {
+    if weakened.unbound_adverts {
+        advert_message_v1(setup.round, &advert.client, &advert.cipher_pk, &advert.mask_pk)
+    } else {
+        KeyAdvert::signed_message(session, &advert.client, &advert.cipher_pk, &advert.mask_pk, &advert.seed_commitment)
+    }
+}
+
+/// HKDF `info` of the key that encrypts the shares `from` sends `to`: the direction is part of
+/// it, so the two messages of one edge never share a key (and the zero nonce stays safe).
+pub(crate) fn share_key_info(session: &[u8; 32], from: usize, to: usize, weakened: Weakened) -> Vec<u8> {
+    let (a, b) = if weakened.symmetric_share_keys { (from.min(to), from.max(to)) } else { (from, to) };
+    let mut info = b"shares-v2".to_vec();
+    info.extend_from_slice(session);
+    info.extend_from_slice(&(a as u64).to_be_bytes());
+    info.extend_from_slice(&(b as u64).to_be_bytes());
+    info
+}
+
+/// HKDF `info` of the pairwise mask between `a` and `b`: the same from both ends.
+pub(crate) fn mask_info(session: &[u8; 32], a: usize, b: usize) -> Vec<u8> {
+    let mut info = b"mask-v2".to_vec();
+    info.extend_from_slice(session);
+    info.extend_from_slice(&(a.min(b) as u64).to_be_bytes());
+    info.extend_from_slice(&(a.max(b) as u64).to_be_bytes());
+    info
+}
+
+/// Associated data of the shares `from` sends `to`.
+pub(crate) fn share_aad(session: &[u8; 32], from: usize, to: usize) -> Vec<u8> {
+    let mut aad = b"cohort-secagg-shares-v2".to_vec();
+    aad.extend_from_slice(session);
+    aad.extend_from_slice(&(from as u64).to_be_bytes());
+    aad.extend_from_slice(&(to as u64).to_be_bytes());
+    aad
+}
+
+/// The commitment to one share `from` dealt `to` (`kind`: `seed` or `key`).
+pub fn share_commitment(session: &[u8; 32], kind: &str, from: usize, to: usize, share: &Share) -> [u8; 32] {
+    crypto::hash(
+        b"cohort-secagg-share-commitment-v2",
+        &[session, kind.as_bytes(), &(from as u64).to_be_bytes(), &(to as u64).to_be_bytes(), &[share.x], &share.y],
+    )
+}
+
+/// The commitment to a client's self-mask seed, signed in its advert.
+pub fn seed_commitment(session: &[u8; 32], client: usize, seed: &[u8; 32]) -> [u8; 32] {
+    crypto::hash(b"cohort-secagg-seed-commitment-v2", &[session, &(client as u64).to_be_bytes(), seed])
 }
 
 #[cfg(test)]
-mod harness;
+mod attacks;
+#[cfg(test)]
+pub(crate) mod harness;

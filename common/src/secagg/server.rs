@@ -1,19 +1,23 @@
-//! The server's side of SecAgg+: routes keys and shares, sums masked inputs as they arrive
-//! (it never holds one on its own), and removes the masks at the end.
+//! The server's side of SecAgg+: routes keys, shares and confirmations, sums masked inputs as
+//! they arrive (it never holds one on its own), checks every share a client returns against the
+//! commitment its dealer made, and removes the masks at the end.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::crypto::{self, KeyPair};
 use super::shamir::{self, Share};
 use super::{
-    pairwise_info, KeyAdvert, MaskedInput, SealedShares, SecAggError, SecAggSetup, UnmaskReply, UnmaskRequest,
+    advert_message, mask_info, seed_commitment, share_commitment, Confirmation, KeyAdvert, MaskedInput, PeerVerifier,
+    SealedShares, SecAggError, SecAggSetup, SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
+use crate::round::ClientId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Advertise,
     Share,
     Masked,
+    Consistency,
     Unmask,
     Done,
 }
@@ -24,32 +28,60 @@ impl Phase {
             Phase::Advertise => "advertise keys",
             Phase::Share => "share keys",
             Phase::Masked => "masked input",
+            Phase::Consistency => "consistency",
             Phase::Unmask => "unmask",
             Phase::Done => "done",
         }
     }
 }
 
+/// The commitments of the pair of shares one client dealt another.
+#[derive(Clone, Copy)]
+struct Dealt {
+    seed: [u8; 32],
+    key: [u8; 32],
+}
+
+/// What a finished session gives: the sum of the survivors' inputs, who they are, and the
+/// clients caught cheating (named with what they did; their bad shares were not used).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unmasked {
+    pub sum: Vec<u64>,
+    pub survivors: Vec<ClientId>,
+    pub cheaters: Vec<(ClientId, String)>,
+}
+
 pub struct SecAggServer {
     setup: SecAggSetup,
+    session: [u8; 32],
     graph: Vec<Vec<usize>>,
     phase: Phase,
     adverts: BTreeMap<usize, KeyAdvert>,
-    /// Shares from each sender (U2 = the keys).
+    /// Shares from each sender (U2 = the keys), until they are routed.
     outgoing: BTreeMap<usize, Vec<SealedShares>>,
+    /// `(dealer, holder)`: the commitments of the shares the dealer sent the holder.
+    dealt: BTreeMap<(usize, usize), Dealt>,
     /// The running sum of masked inputs; individual inputs are never kept.
     masked_sum: Vec<u64>,
+    /// U3: the clients whose masked input is in the sum.
     survivors: BTreeSet<usize>,
-    dropped: BTreeSet<usize>,
+    /// `(holder, dealer)`: shares a holder reported as bad when it opened them.
+    complaints: BTreeSet<(usize, usize)>,
+    /// `(client, neighbour)`: adverts a client refused.
+    refusals: BTreeSet<(usize, usize)>,
+    confirmations: BTreeMap<usize, Vec<u8>>,
     seed_shares: BTreeMap<usize, Vec<Share>>,
     key_shares: BTreeMap<usize, Vec<Share>>,
     responded: BTreeSet<usize>,
+    cheaters: BTreeMap<usize, String>,
+    weakened: Weakened,
 }
 
 impl std::fmt::Debug for SecAggServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecAggServer")
             .field("round", &self.setup.round)
+            .field("purpose", &self.setup.purpose)
             .field("phase", &self.phase.name())
             .field("cohort", &self.setup.cohort.len())
             .finish_non_exhaustive()
@@ -62,19 +94,31 @@ impl SecAggServer {
         setup.check()?;
         let graph = setup.neighbours();
         let len = setup.vector_len;
+        let session = setup.session_id();
         Ok(Self {
             setup,
+            session,
             graph,
             phase: Phase::Advertise,
             adverts: BTreeMap::new(),
             outgoing: BTreeMap::new(),
+            dealt: BTreeMap::new(),
             masked_sum: vec![0; len],
             survivors: BTreeSet::new(),
-            dropped: BTreeSet::new(),
+            complaints: BTreeSet::new(),
+            refusals: BTreeSet::new(),
+            confirmations: BTreeMap::new(),
             seed_shares: BTreeMap::new(),
             key_shares: BTreeMap::new(),
             responded: BTreeSet::new(),
+            cheaters: BTreeMap::new(),
+            weakened: Weakened::default(),
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn weaken(&mut self, weakened: Weakened) {
+        self.weakened = weakened;
     }
 
     pub fn setup(&self) -> &SecAggSetup {
@@ -82,10 +126,11 @@ impl SecAggServer {
     }
 
     fn index(&self, id: &str) -> Result<usize, SecAggError> {
-        self.setup
-            .cohort
-            .binary_search_by(|c| c.as_str().cmp(id))
-            .map_err(|_| SecAggError::Peer(format!("`{id}` is not in this round's cohort")))
+        self.setup.index_of(id).ok_or_else(|| SecAggError::Peer(format!("`{id}` is not in this session's cohort")))
+    }
+
+    fn id(&self, i: usize) -> &str {
+        &self.setup.cohort[i]
     }
 
     fn expect(&self, phase: Phase, what: &'static str) -> Result<(), SecAggError> {
@@ -101,7 +146,36 @@ impl SecAggServer {
         SecAggError::Abort(why)
     }
 
-    pub fn handle_advert(&mut self, from: &str, advert: KeyAdvert) -> Result<(), SecAggError> {
+    fn cheated(&mut self, i: usize, what: String) -> SecAggError {
+        self.cheaters.entry(i).or_insert_with(|| what.clone());
+        SecAggError::Cheater { client: self.setup.cohort[i].clone(), what }
+    }
+
+    /// Clients caught cheating so far, with what they did.
+    pub fn cheaters(&self) -> Vec<(ClientId, String)> {
+        self.cheaters.iter().map(|(&i, what)| (self.id(i).to_string(), what.clone())).collect()
+    }
+
+    /// Adverts that clients refused, as `(client, neighbour)`: a neighbour refused by every
+    /// client that saw it probably sent a bad advert; one refused by a single client may have
+    /// been tampered with on the way.
+    pub fn refusals(&self) -> Vec<(ClientId, ClientId)> {
+        self.refusals.iter().map(|&(i, j)| (self.id(i).to_string(), self.id(j).to_string())).collect()
+    }
+
+    /// Shares reported bad by their holders, as `(holder, dealer)`.
+    pub fn complaints(&self) -> Vec<(ClientId, ClientId)> {
+        self.complaints.iter().map(|&(h, d)| (self.id(h).to_string(), self.id(d).to_string())).collect()
+    }
+
+    /// Phase 1: takes a client's advert. The server checks the signature against the CA too: a
+    /// client whose advert does not verify is named as a cheater and left out of the session.
+    pub fn handle_advert(
+        &mut self,
+        from: &str,
+        advert: KeyAdvert,
+        verifier: &dyn PeerVerifier,
+    ) -> Result<(), SecAggError> {
         self.expect(Phase::Advertise, "a key advert")?;
         let i = self.index(from)?;
         if advert.client != from {
@@ -110,9 +184,14 @@ impl SecAggServer {
         if advert.certificate.len() > 16 << 10 || advert.signature.len() > 1024 {
             return Err(SecAggError::Peer(format!("`{from}` sent an oversized advert")));
         }
-        if self.adverts.insert(i, advert).is_some() {
+        if self.adverts.contains_key(&i) {
             return Err(SecAggError::Peer(format!("`{from}` advertised twice")));
         }
+        let message = advert_message(&self.setup, &self.session, &advert, self.weakened);
+        if let Err(e) = verifier.verify(from, &advert.certificate, &message, &advert.signature) {
+            return Err(self.cheated(i, format!("its key advert does not verify ({e})")));
+        }
+        self.adverts.insert(i, advert);
         Ok(())
     }
 
@@ -122,7 +201,7 @@ impl SecAggServer {
         let t = self.setup.params.threshold;
         if self.adverts.len() < t + 1 {
             let n = self.adverts.len();
-            return Err(self.abort(format!("{n} clients advertised keys; at least {} are needed", t + 1)));
+            return Err(self.abort(format!("{n} clients advertised valid keys; at least {} are needed", t + 1)));
         }
         self.phase = Phase::Share;
         Ok(self
@@ -130,19 +209,23 @@ impl SecAggServer {
             .keys()
             .map(|&i| {
                 let theirs = self.graph[i].iter().filter_map(|j| self.adverts.get(j).cloned()).collect();
-                (self.setup.cohort[i].clone(), theirs)
+                (self.id(i).to_string(), theirs)
             })
             .collect())
     }
 
-    pub fn handle_shares(&mut self, from: &str, sealed: Vec<SealedShares>) -> Result<(), SecAggError> {
+    /// Phase 2: takes a client's sealed shares (checking their addresses) and its refusals.
+    pub fn handle_shares(&mut self, from: &str, keys: SharedKeys) -> Result<(), SecAggError> {
         self.expect(Phase::Share, "sealed shares")?;
         let i = self.index(from)?;
         if !self.adverts.contains_key(&i) {
             return Err(SecAggError::Peer(format!("`{from}` sent shares without advertising keys")));
         }
+        if self.outgoing.contains_key(&i) {
+            return Err(SecAggError::Peer(format!("`{from}` sent shares twice")));
+        }
         let mut seen = BTreeSet::new();
-        for s in &sealed {
+        for s in &keys.sealed {
             let j = self.index(&s.to)?;
             if s.from != from || !self.graph[i].contains(&j) || !self.adverts.contains_key(&j) || !seen.insert(j) {
                 return Err(SecAggError::Peer(format!("`{from}` sent shares addressed wrongly (to `{}`)", s.to)));
@@ -151,9 +234,19 @@ impl SecAggServer {
                 return Err(SecAggError::Peer(format!("`{from}` sent an oversized share")));
             }
         }
-        if self.outgoing.insert(i, sealed).is_some() {
-            return Err(SecAggError::Peer(format!("`{from}` sent shares twice")));
+        let mut refused = BTreeSet::new();
+        for id in &keys.refused {
+            let j = self.index(id)?;
+            if !self.graph[i].contains(&j) || seen.contains(&j) || !refused.insert(j) {
+                return Err(SecAggError::Peer(format!("`{from}` refused the advert of `{id}`, which it was not sent")));
+            }
         }
+        for s in &keys.sealed {
+            let j = self.index(&s.to)?;
+            self.dealt.insert((i, j), Dealt { seed: s.seed_commitment, key: s.key_commitment });
+        }
+        self.refusals.extend(refused.into_iter().map(|j| (i, j)));
+        self.outgoing.insert(i, keys.sealed);
         Ok(())
     }
 
@@ -167,11 +260,11 @@ impl SecAggServer {
             return Err(self.abort(format!("{n} clients shared keys; at least {} are needed", t + 1)));
         }
         let mut inbox: BTreeMap<String, Vec<SealedShares>> =
-            self.outgoing.keys().map(|&i| (self.setup.cohort[i].clone(), Vec::new())).collect();
-        for sealed in self.outgoing.values() {
+            self.outgoing.keys().map(|&i| (self.id(i).to_string(), Vec::new())).collect();
+        for sealed in std::mem::take(&mut self.outgoing).into_values() {
             for s in sealed {
                 if let Some(box_) = inbox.get_mut(&s.to) {
-                    box_.push(s.clone());
+                    box_.push(s);
                 }
             }
         }
@@ -179,16 +272,33 @@ impl SecAggServer {
         Ok(inbox)
     }
 
-    /// Adds a masked input to the running sum.
+    /// U2: the clients that sent shares.
+    fn shared(&self, i: usize) -> bool {
+        self.dealt.range((i, 0)..(i + 1, 0)).next().is_some()
+    }
+
+    /// Whether `a` and `b` masked against each other: both dealt the other shares.
+    fn masked_together(&self, a: usize, b: usize) -> bool {
+        self.dealt.contains_key(&(a, b)) && self.dealt.contains_key(&(b, a))
+    }
+
+    /// Phase 3: adds a masked input to the running sum and notes the holder's complaints.
     pub fn handle_masked(&mut self, from: &str, input: MaskedInput) -> Result<(), SecAggError> {
         self.expect(Phase::Masked, "a masked input")?;
         let i = self.index(from)?;
-        if !self.outgoing.contains_key(&i) {
+        if !self.shared(i) {
             return Err(SecAggError::Peer(format!("`{from}` sent a masked input without sharing keys")));
         }
         let modmask = crypto::modulus_mask(self.setup.params.quantizer.bits);
         if input.values.len() != self.setup.vector_len || input.values.iter().any(|v| *v > modmask) {
             return Err(SecAggError::Peer(format!("`{from}` sent a masked input of the wrong length or range")));
+        }
+        let mut complaints = BTreeSet::new();
+        for id in &input.invalid_shares_from {
+            let j = self.index(id)?;
+            if !self.dealt.contains_key(&(j, i)) || !complaints.insert((i, j)) {
+                return Err(SecAggError::Peer(format!("`{from}` complains about shares `{id}` did not send it")));
+            }
         }
         if !self.survivors.insert(i) {
             return Err(SecAggError::Peer(format!("`{from}` sent a second masked input")));
@@ -196,105 +306,183 @@ impl SecAggServer {
         for (s, v) in self.masked_sum.iter_mut().zip(&input.values) {
             *s = s.wrapping_add(*v) & modmask;
         }
+        self.complaints.extend(complaints);
         Ok(())
     }
 
-    /// Ends phase 3: the unmask request (the same for every survivor).
-    pub fn close_masked(&mut self) -> Result<UnmaskRequest, SecAggError> {
+    /// Ends phase 3: the survivor list (the same for every survivor), if it is long enough.
+    pub fn close_masked(&mut self) -> Result<SurvivorList, SecAggError> {
         self.expect(Phase::Masked, "closing the masked inputs")?;
-        let t = self.setup.params.threshold;
-        if self.survivors.len() < t {
+        let needed = self.setup.params.threshold.max(self.setup.min_inputs);
+        if self.survivors.len() < needed {
             let n = self.survivors.len();
-            return Err(self.abort(format!("{n} clients sent masked inputs; at least {t} are needed")));
+            return Err(self.abort(format!("{n} clients sent masked inputs; at least {needed} are needed")));
         }
-        self.dropped = self.outgoing.keys().filter(|i| !self.survivors.contains(i)).copied().collect();
-        self.phase = Phase::Unmask;
-        let ids = |set: &BTreeSet<usize>| set.iter().map(|&i| self.setup.cohort[i].clone()).collect();
-        Ok(UnmaskRequest { survivors: ids(&self.survivors), dropped: ids(&self.dropped) })
+        self.phase = Phase::Consistency;
+        Ok(SurvivorList { survivors: self.survivors() })
     }
 
+    /// Phase 4: a survivor's signature over the survivor list.
+    pub fn handle_confirmation(
+        &mut self,
+        from: &str,
+        signature: Vec<u8>,
+        verifier: &dyn PeerVerifier,
+    ) -> Result<(), SecAggError> {
+        self.expect(Phase::Consistency, "a confirmation")?;
+        let i = self.index(from)?;
+        if !self.survivors.contains(&i) || self.confirmations.contains_key(&i) {
+            return Err(SecAggError::Peer(format!("`{from}` is not a survivor or confirmed twice")));
+        }
+        if signature.len() > 1024 {
+            return Err(SecAggError::Peer(format!("`{from}` sent an oversized confirmation")));
+        }
+        let ordered: Vec<usize> = self.survivors.iter().copied().collect();
+        let message = SurvivorList::signed_message(&self.session, &ordered);
+        if let Err(e) = verifier.verify_signature(&self.adverts[&i].certificate, &message, &signature) {
+            return Err(self.cheated(i, format!("its confirmation of the survivor list does not verify ({e})")));
+        }
+        self.confirmations.insert(i, signature);
+        Ok(())
+    }
+
+    /// Ends phase 4: for each survivor that confirmed, its neighbours' confirmations.
+    pub fn close_confirmations(&mut self) -> Result<BTreeMap<String, UnmaskRequest>, SecAggError> {
+        self.expect(Phase::Consistency, "closing the confirmations")?;
+        let t = self.setup.params.threshold;
+        if self.confirmations.len() < t {
+            let n = self.confirmations.len();
+            return Err(self.abort(format!("{n} survivors confirmed the survivor list; at least {t} are needed")));
+        }
+        self.phase = Phase::Unmask;
+        Ok(self
+            .confirmations
+            .keys()
+            .map(|&i| {
+                let confirmations = self.graph[i]
+                    .iter()
+                    .filter_map(|j| {
+                        self.confirmations.get(j).map(|signature| Confirmation {
+                            client: self.id(*j).to_string(),
+                            signature: signature.clone(),
+                        })
+                    })
+                    .collect();
+                (self.id(i).to_string(), UnmaskRequest { confirmations })
+            })
+            .collect())
+    }
+
+    /// Phase 5: takes a client's shares. Each must be one the server may have (a survivor's
+    /// seed share, a dropped client's key share, dealt to this client) and match the commitment
+    /// its dealer made. A bad share names its sender as a cheater and is not used; the reply's
+    /// good shares are kept.
     pub fn handle_unmask(&mut self, from: &str, reply: UnmaskReply) -> Result<(), SecAggError> {
         self.expect(Phase::Unmask, "an unmask reply")?;
         let i = self.index(from)?;
-        if !self.survivors.contains(&i) || !self.responded.insert(i) {
-            return Err(SecAggError::Peer(format!("`{from}` is not a survivor or answered twice")));
+        if !self.confirmations.contains_key(&i) || !self.responded.insert(i) {
+            return Err(SecAggError::Peer(format!("`{from}` was not asked to unmask or answered twice")));
         }
         let mut owners = BTreeSet::new();
-        for (kind, shares, allowed) in
-            [("self-mask", &reply.seed_shares, &self.survivors), ("key", &reply.key_shares, &self.dropped)]
-        {
-            for (owner, _) in shares {
-                let j = self.index(owner)?;
-                if !allowed.contains(&j) || !self.graph[i].contains(&j) || !owners.insert(j) {
-                    return Err(SecAggError::Peer(format!(
-                        "`{from}` returned an unexpected {kind} share of `{owner}`"
-                    )));
+        let mut accepted = Vec::new();
+        let mut problem = None;
+        for (kind, shares) in [("seed", &reply.seed_shares), ("key", &reply.key_shares)] {
+            for (owner, share) in shares {
+                let Some(j) = self.setup.index_of(owner) else {
+                    problem.get_or_insert(format!("returned a share of `{owner}`, who is not in the cohort"));
+                    continue;
+                };
+                let allowed = if kind == "seed" { self.survivors.contains(&j) } else { !self.survivors.contains(&j) };
+                let Some(dealt) = self.dealt.get(&(j, i)).filter(|_| allowed && owners.insert(j)) else {
+                    problem.get_or_insert(format!("returned a {kind} share of `{owner}` it may not return"));
+                    continue;
+                };
+                let commitment = if kind == "seed" { dealt.seed } else { dealt.key };
+                let genuine = share.x != 0
+                    && share.y.len() == 32
+                    && share_commitment(&self.session, kind, j, i, share) == commitment;
+                if genuine || self.weakened.trust_returned_shares {
+                    accepted.push((kind, j, share.clone()));
+                } else {
+                    let what = if kind == "seed" { "self-mask seed" } else { "mask key" };
+                    problem.get_or_insert(format!(
+                        "returned a share of `{owner}`'s {what} that does not match the commitment `{owner}` made"
+                    ));
                 }
             }
         }
-        for (owner, share) in reply.seed_shares {
-            let j = self.index(&owner)?;
-            self.seed_shares.entry(j).or_default().push(share);
+        for (kind, j, share) in accepted {
+            let store = if kind == "seed" { &mut self.seed_shares } else { &mut self.key_shares };
+            store.entry(j).or_default().push(share);
         }
-        for (owner, share) in reply.key_shares {
-            let j = self.index(&owner)?;
-            self.key_shares.entry(j).or_default().push(share);
+        match problem {
+            Some(what) => Err(self.cheated(i, what)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Clients that sent a masked input: the sum is theirs.
     pub fn survivors(&self) -> Vec<String> {
-        self.survivors.iter().map(|&i| self.setup.cohort[i].clone()).collect()
+        self.survivors.iter().map(|&i| self.id(i).to_string()).collect()
+    }
+
+    /// Rebuilds a secret from verified shares.
+    fn rebuild(&self, shares: Option<&Vec<Share>>, owner: usize, what: &str) -> Result<[u8; 32], SecAggError> {
+        let t = self.setup.params.threshold;
+        let shares = shares.map_or(&[][..], Vec::as_slice);
+        let secret = shamir::combine(shares, t).map_err(|_| {
+            SecAggError::Abort(format!(
+                "{} of `{}`'s neighbours returned a valid share of its {what}, {t} are needed",
+                shares.len(),
+                self.id(owner)
+            ))
+        })?;
+        secret[..]
+            .try_into()
+            .map_err(|_| SecAggError::Abort(format!("`{}`'s {what} has the wrong size", self.id(owner))))
     }
 
     /// Removes the masks and returns the sum of the survivors' inputs modulo 2^bits.
-    pub fn finish(mut self) -> Result<Vec<u64>, SecAggError> {
+    pub fn finish(&mut self) -> Result<Unmasked, SecAggError> {
         self.expect(Phase::Unmask, "finishing")?;
-        let round = self.setup.round;
         let bits = self.setup.params.quantizer.bits;
-        let t = self.setup.params.threshold;
         let mut sum = std::mem::take(&mut self.masked_sum);
-        for &j in &self.survivors {
-            let shares = self.seed_shares.get(&j).map_or(&[][..], Vec::as_slice);
-            let seed = shamir::combine(shares, t).map_err(|_| {
-                SecAggError::Abort(format!(
-                    "{} of `{}`'s neighbours returned its self-mask share, {t} are needed",
-                    shares.len(),
-                    self.setup.cohort[j]
-                ))
-            })?;
-            let seed: [u8; 32] =
-                seed[..].try_into().map_err(|_| SecAggError::Peer("a self-mask seed of the wrong size".into()))?;
+        let survivors: Vec<usize> = self.survivors.iter().copied().collect();
+        for j in survivors {
+            let seed = self.rebuild(self.seed_shares.get(&j), j, "self-mask seed")?;
+            if seed_commitment(&self.session, j, &seed) != self.adverts[&j].seed_commitment
+                && !self.weakened.trust_returned_shares
+            {
+                // Every share was checked against j's own commitments: j dealt them wrongly.
+                let what = "its self-mask seed shares do not rebuild the seed it committed to".to_string();
+                let e = self.cheated(j, what);
+                return Err(SecAggError::Abort(format!("{e}; its input cannot be unmasked")));
+            }
             crypto::apply_mask(&mut sum, &seed, bits, false);
         }
-        for &j in &self.dropped {
-            let shares = self.key_shares.get(&j).map_or(&[][..], Vec::as_slice);
-            let secret = shamir::combine(shares, t).map_err(|_| {
-                SecAggError::Abort(format!(
-                    "{} of dropped `{}`'s neighbours returned its key share, {t} are needed",
-                    shares.len(),
-                    self.setup.cohort[j]
-                ))
-            })?;
-            let secret: [u8; 32] =
-                secret[..].try_into().map_err(|_| SecAggError::Peer("a mask key of the wrong size".into()))?;
+        // Dropped clients some survivor masked against: their pairwise masks must come out.
+        let dropped: Vec<usize> = self
+            .adverts
+            .keys()
+            .copied()
+            .filter(|&j| !self.survivors.contains(&j) && self.survivors.iter().any(|&m| self.masked_together(j, m)))
+            .collect();
+        for j in dropped {
+            let secret = self.rebuild(self.key_shares.get(&j), j, "mask key")?;
             let key = KeyPair::from_secret(&secret);
             if key.public() != self.adverts[&j].mask_pk {
-                return Err(SecAggError::Abort(format!(
-                    "the key rebuilt for dropped `{}` does not match its advert (a neighbour returned a bad share)",
-                    self.setup.cohort[j]
-                )));
+                let e = self.cheated(j, "its mask key shares do not rebuild the key it advertised".into());
+                return Err(SecAggError::Abort(format!("{e}; the masks it shares cannot be removed")));
             }
-            // Survivors that received j's shares added a pairwise mask with j: take it out.
-            for &m in self.graph[j].iter().filter(|m| self.survivors.contains(m)) {
+            // Survivors that exchanged shares with j added a pairwise mask with it: take it out.
+            for &m in self.survivors.iter().filter(|&&m| self.masked_together(j, m)) {
                 let seed = key
-                    .agree(&self.adverts[&m].mask_pk, &[b"mask", &pairwise_info(round, m, j).concat()])
-                    .map_err(|e| SecAggError::Peer(format!("`{}`: {e}", self.setup.cohort[m])))?;
+                    .agree(&self.adverts[&m].mask_pk, &[&mask_info(&self.session, m, j)[..]])
+                    .map_err(|e| SecAggError::Peer(format!("`{}`: {e}", self.id(m))))?;
                 crypto::apply_mask(&mut sum, &seed, bits, m > j);
             }
         }
         self.phase = Phase::Done;
-        Ok(sum)
+        Ok(Unmasked { sum, survivors: self.survivors(), cheaters: self.cheaters() })
     }
 }

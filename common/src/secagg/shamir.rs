@@ -86,6 +86,13 @@ pub fn split(secret: &[u8], t: usize, n: usize, rng: &mut impl CryptoRng) -> Res
 
 /// Recovers the secret from at least `t` shares (the first `t` are used).
 pub fn combine(shares: &[Share], t: usize) -> Result<Zeroizing<Vec<u8>>, ShamirError> {
+    interpolate(shares, t, 0)
+}
+
+/// The value of the sharing polynomials at `at` from the first `t` shares: the secret at 0, or
+/// the share a holder at `at` was dealt (what someone with t shares can compute of every other
+/// share, which is why a share must never be encrypted with a key another message reuses).
+pub fn interpolate(shares: &[Share], t: usize, at: u8) -> Result<Zeroizing<Vec<u8>>, ShamirError> {
     if shares.len() < t || t == 0 {
         return Err(ShamirError::TooFew { got: shares.len(), needed: t });
     }
@@ -96,10 +103,10 @@ pub fn combine(shares: &[Share], t: usize) -> Result<Zeroizing<Vec<u8>>, ShamirE
             return Err(ShamirError::Inconsistent);
         }
     }
-    // Lagrange basis at 0: l_i = prod_{j != i} x_j / (x_j - x_i); subtraction is xor.
+    // Lagrange basis at `at`: l_i = prod_{j != i} (at - x_j) / (x_i - x_j); subtraction is xor.
     let basis: Vec<u8> = used
         .iter()
-        .map(|si| used.iter().filter(|sj| sj.x != si.x).fold(1u8, |acc, sj| mul(acc, mul(sj.x, inv(sj.x ^ si.x)))))
+        .map(|si| used.iter().filter(|sj| sj.x != si.x).fold(1u8, |acc, sj| mul(acc, mul(at ^ sj.x, inv(sj.x ^ si.x)))))
         .collect();
     let mut secret = Zeroizing::new(vec![0u8; len]);
     for (share, l) in used.iter().zip(&basis) {
@@ -149,5 +156,11 @@ mod tests {
         let shares = split(b"secret", 2, 3, &mut rng).unwrap();
         let dup = vec![shares[0].clone(), shares[0].clone()];
         assert_eq!(combine(&dup, 2).unwrap_err(), ShamirError::Inconsistent);
+        let zero = vec![Share { x: 0, y: shares[0].y.clone() }, shares[1].clone()];
+        assert_eq!(combine(&zero, 2).unwrap_err(), ShamirError::Inconsistent);
+        let short = vec![shares[0].clone(), Share { x: shares[1].x, y: shares[1].y[..3].to_vec() }];
+        assert_eq!(combine(&short, 2).unwrap_err(), ShamirError::Inconsistent);
+        // Two shares give the third.
+        assert_eq!(&interpolate(&shares[..2], 2, shares[2].x).unwrap()[..], &shares[2].y[..]);
     }
 }

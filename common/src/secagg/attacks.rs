@@ -1,0 +1,408 @@
+//! Attack tests: a server or a client doing its worst against the protocol, in the socket-free
+//! harness. Each attack is run twice where the protocol allows it: with the protection off
+//! ([`Weakened`], test builds only), where it must succeed (so the test can fail), and with the
+//! protection on, where it must learn no individual input, or be caught with the cheater named
+//! while the honest sum stays exact.
+
+use std::collections::BTreeMap;
+
+use super::crypto::{self, KeyPair};
+use super::harness::{setup, Session, TestPki, TestSigner};
+use super::shamir::{self, Share};
+use super::*;
+
+/// What the server computes of client `j`'s input from its masked input, its self-mask seed and
+/// its pairwise mask seeds with the neighbours it masked against.
+fn strip_masks(s: &Session, j: usize, masked: &[u64], seed: &[u8; 32], pairwise: &[(usize, [u8; 32])]) -> Vec<u64> {
+    let bits = s.setup.params.quantizer.bits;
+    let mut v = masked.to_vec();
+    crypto::apply_mask(&mut v, seed, bits, false);
+    for (m, pair_seed) in pairwise {
+        crypto::apply_mask(&mut v, pair_seed, bits, j > *m);
+    }
+    v
+}
+
+/// The pairwise mask seed of `j` and `m`, from `j`'s rebuilt mask key.
+fn pairwise_seed(s: &Session, key: &KeyPair, j: usize, m: usize) -> [u8; 32] {
+    *key.agree(&s.adverts[m].mask_pk, &[&mask_info(&s.setup.session_id(), j, m)[..]]).unwrap()
+}
+
+/// Secrets rebuilt by the server from the shares it was given, by owner.
+fn rebuilt(replies: &[(String, UnmaskReply)], t: usize, kind: &str) -> BTreeMap<String, [u8; 32]> {
+    let mut shares: BTreeMap<String, Vec<Share>> = BTreeMap::new();
+    for (_, reply) in replies {
+        let list = if kind == "seed" { &reply.seed_shares } else { &reply.key_shares };
+        for (owner, share) in list {
+            shares.entry(owner.clone()).or_default().push(share.clone());
+        }
+    }
+    shares
+        .into_iter()
+        .filter_map(|(owner, s)| shamir::combine(&s, t).ok().map(|secret| (owner, secret[..].try_into().unwrap())))
+        .collect()
+}
+
+// (a) A dropped client's seed from the recorded ciphertexts of its edges and the survivors'
+// seed shares (protocol v1 encrypted both directions of an edge under one keystream).
+fn recover_a_late_clients_input(weakened: Weakened) -> (bool, bool) {
+    let (n, t) = (5, 3);
+    let mut s = Session::new(setup(n, t, 4, 6, 9), 9, weakened);
+    let adverts = s.advertise(&[]);
+    let sent = s.share(&adverts);
+    let inbox = s.server.close_shares().unwrap();
+    let masked = s.mask(&inbox);
+    // c004's masked input arrives late: it counts as dropped, and the server records it.
+    let late = "c004";
+    let d = s.index(late);
+    for (id, m) in &masked {
+        if id != late {
+            s.server.handle_masked(id, m.clone()).unwrap();
+        }
+    }
+    let (list, requests) = s.confirm();
+    let mut replies = Vec::new();
+    for (id, request) in requests {
+        let i = s.index(&id);
+        replies.push((id.clone(), s.clients[i].handle_unmask(&request, &TestPki).unwrap()));
+    }
+    // The honest part: the survivors' seeds and c004's mask key, as the protocol intends.
+    let seeds = rebuilt(&replies, t, "seed");
+    let keys = rebuilt(&replies, t, "key");
+    let late_key = KeyPair::from_secret(&keys[late]);
+    assert_eq!(late_key.public(), s.adverts[d].mask_pk, "the honest recovery of a dropped client's key");
+
+    // The attack: with t shares of survivor X's seed, the server knows every share X dealt,
+    // including X -> c004's plaintext prefix; against the same keystream, c004 -> X's prefix is
+    // c004's seed share for X.
+    let mut late_shares = Vec::new();
+    for x in list.survivors.iter().map(|id| s.index(id)) {
+        let x_id = &s.ids[x];
+        let shares_of_x: Vec<Share> = replies
+            .iter()
+            .flat_map(|(_, r)| r.seed_shares.iter().filter(|(o, _)| o == x_id).map(|(_, sh)| sh.clone()))
+            .collect();
+        // X dealt its shares to its neighbours in index order at points 1, 2, ...
+        let neighbours = &s.setup.neighbours()[x];
+        let at = 1 + neighbours.iter().position(|&m| m == d).unwrap() as u8;
+        let y = shamir::interpolate(&shares_of_x, t, at).unwrap();
+        let mut known = vec![at, 32];
+        known.extend_from_slice(&y);
+        let x_to_d = &sent[x_id].sealed.iter().find(|c| c.to == late).unwrap().ciphertext;
+        let d_to_x = &sent[late].sealed.iter().find(|c| &c.to == x_id).unwrap().ciphertext;
+        let plain: Vec<u8> = (0..known.len()).map(|b| d_to_x[b] ^ x_to_d[b] ^ known[b]).collect();
+        late_shares.push(Share { x: plain[0], y: plain[2..34].to_vec() });
+    }
+    let guessed: [u8; 32] = shamir::combine(&late_shares, t).map_or([0; 32], |g| g[..].try_into().unwrap());
+    let seed_found = seed_commitment(&s.setup.session_id(), d, &guessed) == s.adverts[d].seed_commitment;
+    let pairwise: Vec<(usize, [u8; 32])> =
+        s.setup.neighbours()[d].iter().map(|&m| (m, pairwise_seed(&s, &late_key, d, m))).collect();
+    let input = strip_masks(&s, d, &masked[late].values, &guessed, &pairwise);
+    assert_eq!(seeds.len(), n - 1);
+    (seed_found, input == s.inputs[d])
+}
+
+#[test]
+fn a_a_late_clients_seed_cannot_be_read_off_the_recorded_share_ciphertexts() {
+    assert_eq!(
+        recover_a_late_clients_input(Weakened { symmetric_share_keys: true, ..Default::default() }),
+        (true, true),
+        "with one key for both directions of an edge (v1), the server recovers the late client's input"
+    );
+    assert_eq!(
+        recover_a_late_clients_input(Weakened::default()),
+        (false, false),
+        "with a key per direction, the keystreams differ and nothing is learnt"
+    );
+}
+
+// (b) Different survivor lists to different clients: c000's neighbours are told it survived,
+// and each of them is told the others dropped, so the server collects c000's seed and every
+// pairwise key around it.
+fn split_views(weakened: Weakened) -> Result<bool, SecAggError> {
+    // Six clients, all neighbours (degree 5), threshold 3: the smallest graph where the views
+    // can be split with lists of t clients each.
+    let (n, t) = (6, 3);
+    let mut setup = setup(n, t, 5, 6, 12);
+    setup.min_inputs = t;
+    let mut s = Session::new(setup, 12, weakened);
+    let adverts = s.advertise(&[]);
+    s.share(&adverts);
+    let inbox = s.server.close_shares().unwrap();
+    let masked = s.mask(&inbox);
+    let target = 0;
+    // The server holds every masked input (it receives them one by one).
+    let mut replies = Vec::new();
+    let mut signatures = BTreeMap::new();
+    // Client m is told that c000, it and the next one survived: each other client is missing
+    // from the lists of t of its neighbours, who return its key share.
+    let lists: Vec<SurvivorList> = (1..n)
+        .map(|m| {
+            let next = if m == n - 1 { 1 } else { m + 1 };
+            let mut list = vec![s.ids[target].clone(), s.ids[m].clone(), s.ids[next].clone()];
+            list.sort();
+            SurvivorList { survivors: list }
+        })
+        .collect();
+    for (m, list) in (1..n).zip(&lists) {
+        let sig = s.clients[m].handle_survivors(list, &TestSigner(s.ids[m].clone()))?;
+        signatures.insert(m, sig);
+    }
+    for (m, _) in (1..n).zip(&lists) {
+        // Every signature the server has, whatever list it covers.
+        let confirmations = signatures
+            .iter()
+            .filter(|(j, _)| **j != m)
+            .map(|(j, sig)| Confirmation { client: s.ids[*j].clone(), signature: sig.clone() })
+            .collect();
+        let reply = s.clients[m].handle_unmask(&UnmaskRequest { confirmations }, &TestPki)?;
+        replies.push((s.ids[m].clone(), reply));
+    }
+    let seed = rebuilt(&replies, t, "seed")[&s.ids[target]];
+    let keys = rebuilt(&replies, t, "key");
+    let pairwise: Vec<(usize, [u8; 32])> =
+        (1..n).map(|m| (m, pairwise_seed(&s, &KeyPair::from_secret(&keys[&s.ids[m]]), m, target))).collect();
+    let input = strip_masks(&s, target, &masked[&s.ids[target]].values, &seed, &pairwise);
+    Ok(input == s.inputs[target])
+}
+
+#[test]
+fn b_different_survivor_lists_for_different_clients_reveal_nothing() {
+    let off = split_views(Weakened { skip_consistency_check: true, ..Default::default() });
+    assert_eq!(off, Ok(true), "without the consistency check the server reads c000's input");
+    let on = split_views(Weakened::default()).unwrap_err();
+    assert!(
+        matches!(on, SecAggError::Server(ref m) if m.contains("confirmed the survivor list")),
+        "with it, the first client asked refuses to reveal anything: {on}"
+    );
+}
+
+// (c) One client asked for both kinds of share of a peer: a second list after it revealed, or a
+// list that names a client twice.
+#[test]
+fn c_a_client_answers_one_survivor_list_once() {
+    let mut s = Session::new(setup(5, 3, 4, 4, 11), 11, Weakened::default());
+    s.run_to_masked_inputs();
+    let all = s.server.close_masked().unwrap();
+    let twice = SurvivorList { survivors: vec!["c000".into(), "c001".into(), "c001".into(), "c002".into()] };
+    let unsorted = SurvivorList { survivors: vec!["c002".into(), "c000".into(), "c001".into()] };
+    let stranger = SurvivorList { survivors: vec!["c000".into(), "c001".into(), "c777".into()] };
+    for bad in [&twice, &unsorted, &stranger] {
+        assert!(matches!(s.clients[0].handle_survivors(bad, &TestSigner("c000".into())), Err(SecAggError::Server(_))));
+    }
+    for id in all.survivors.clone() {
+        let i = s.index(&id);
+        let sig = s.clients[i].handle_survivors(&all, &TestSigner(id.clone())).unwrap();
+        s.server.handle_confirmation(&id, sig, &TestPki).unwrap();
+    }
+    let requests = s.server.close_confirmations().unwrap();
+    let reply = s.clients[0].handle_unmask(&requests["c000"], &TestPki).unwrap();
+    assert_eq!(reply.seed_shares.len(), 4, "c001..c004 survived: their seed shares, no key share");
+    assert!(reply.key_shares.is_empty());
+    // Now the server says c001 dropped, to get its key share too: refused, in every form.
+    let without = SurvivorList { survivors: vec!["c000".into(), "c002".into(), "c003".into(), "c004".into()] };
+    assert!(matches!(s.clients[0].handle_survivors(&without, &TestSigner("c000".into())), Err(SecAggError::Phase(..))));
+    assert!(matches!(s.clients[0].handle_unmask(&requests["c000"], &TestPki), Err(SecAggError::Phase(..))));
+    // And a server that passes a key share of a survivor on is not helped by the protocol: the
+    // honest server refuses to use it.
+    let mut greedy = s.clients[1].handle_unmask(&requests["c001"], &TestPki).unwrap();
+    let (owner, share) = greedy.seed_shares.pop().unwrap();
+    greedy.key_shares.push((owner, share));
+    assert!(matches!(s.server.handle_unmask("c001", greedy), Err(SecAggError::Cheater { .. })));
+}
+
+// (d) An advert replayed from another sum of the same round (a label census) or another round.
+fn replay_advert(weakened: Weakened, from_purpose: &str, from_round: u64) -> bool {
+    let mut census_setup = setup(4, 2, 3, 4, from_round);
+    census_setup.purpose = from_purpose.into();
+    census_setup.nonce = [7; 16];
+    let census = Session::new(census_setup, 30, weakened);
+    let mut train = Session::new(setup(4, 2, 3, 4, 5), 31, weakened);
+    let mut adverts = train.advertise(&[]);
+    let old = census.adverts[1].clone();
+    *adverts.get_mut("c000").unwrap().iter_mut().find(|a| a.client == "c001").unwrap() = old;
+    let keys = train.clients[0].handle_adverts(&adverts["c000"], &TestPki, &mut train.rng).unwrap();
+    !keys.refused.contains(&"c001".to_string())
+}
+
+#[test]
+fn d_adverts_replayed_across_sums_and_rounds_are_refused() {
+    let v1 = Weakened { unbound_adverts: true, ..Default::default() };
+    assert!(replay_advert(v1, "census", 5), "v1 signed the round only: a census advert passes in training");
+    assert!(!replay_advert(v1, "train", 4), "v1 did bind the round");
+    for (purpose, round) in [("census", 5), ("evaluate", 5), ("train", 4), ("train", 5)] {
+        assert!(!replay_advert(Weakened::default(), purpose, round), "{purpose} round {round} replayed");
+    }
+    // The server refuses a replayed advert from a client as well, naming it.
+    let mut s = Session::new(setup(4, 2, 3, 4, 5), 32, Weakened::default());
+    let other = Session::new(setup(4, 2, 3, 4, 6), 33, Weakened::default());
+    let err = s.server.handle_advert("c001", other.adverts[1].clone(), &TestPki).unwrap_err();
+    assert!(matches!(err, SecAggError::Cheater { ref client, .. } if client == "c001"), "{err}");
+}
+
+/// What a session with a cheater gave: its result, the honest sum, and the server's answer to
+/// each unmask reply (the cheater's first).
+struct CheatedSession {
+    result: Result<Unmasked, SecAggError>,
+    expected: Vec<u64>,
+    replies: Vec<Result<(), SecAggError>>,
+}
+
+/// A session of 7 clients (degree 4, threshold 3) in which c001 returns `tamper`ed shares.
+fn with_a_cheating_holder(weakened: Weakened, tamper: impl Fn(&mut UnmaskReply)) -> CheatedSession {
+    let mut s = Session::new(setup(7, 3, 4, 8, 14), 14, weakened);
+    s.run_to_masked_inputs();
+    let (_, requests) = s.confirm();
+    // The cheater answers first, so that v1 (first t shares) would use its share.
+    let mut order: Vec<&String> = requests.keys().collect();
+    order.sort_by_key(|id| *id != "c001");
+    let mut results = Vec::new();
+    for id in order {
+        let i = s.index(id);
+        let mut reply = s.clients[i].handle_unmask(&requests[id], &TestPki).unwrap();
+        if id == "c001" {
+            tamper(&mut reply);
+        }
+        results.push(s.server.handle_unmask(id, reply));
+    }
+    let expected = s.expected(0..7);
+    CheatedSession { result: s.server.finish(), expected, replies: results }
+}
+
+#[test]
+fn e_a_wrong_zero_or_short_share_names_its_sender_and_the_sum_stays_exact() {
+    let wrong = |r: &mut UnmaskReply| r.seed_shares[0].1.y[5] ^= 1;
+    let zero = |r: &mut UnmaskReply| r.seed_shares[0].1.x = 0;
+    let short = |r: &mut UnmaskReply| r.seed_shares[0].1.y.truncate(16);
+    // v1 used the first t shares as they came: garbage silently, or the round lost.
+    let v1 = Weakened { trust_returned_shares: true, ..Default::default() };
+    let session = with_a_cheating_holder(v1, wrong);
+    assert_ne!(session.result.unwrap().sum, session.expected, "v1: one wrong share turns the sum into noise");
+    for bad in [zero as fn(&mut UnmaskReply), short] {
+        assert!(matches!(with_a_cheating_holder(v1, bad).result, Err(SecAggError::Abort(_))), "v1 loses the round");
+    }
+    for bad in [wrong as fn(&mut UnmaskReply), zero, short] {
+        let CheatedSession { result, expected, replies } = with_a_cheating_holder(Weakened::default(), bad);
+        assert!(
+            matches!(&replies[0], Err(SecAggError::Cheater { client, .. }) if client == "c001"),
+            "{:?}",
+            replies[0]
+        );
+        assert!(replies[1..].iter().all(Result::is_ok));
+        let unmasked = result.unwrap();
+        assert_eq!(unmasked.sum, expected, "the other neighbours' shares rebuild the seed");
+        assert_eq!(unmasked.cheaters.len(), 1);
+        assert_eq!(unmasked.cheaters[0].0, "c001");
+    }
+}
+
+#[test]
+fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
+    // A dealer that seals one neighbour a share that does not match its commitment: the
+    // neighbour reports it, holds nothing of the dealer, and the sum is still exact.
+    let mut s = Session::new(setup(7, 3, 4, 8, 15), 15, Weakened::default());
+    let adverts = s.advertise(&[]);
+    let mut sent = BTreeMap::new();
+    for (id, theirs) in &adverts {
+        let i = s.index(id);
+        let mut keys = s.clients[i].handle_adverts(theirs, &TestPki, &mut s.rng).unwrap();
+        if id == "c002" {
+            keys.sealed[0].seed_commitment[0] ^= 1;
+        }
+        s.server.handle_shares(id, keys.clone()).unwrap();
+        sent.insert(id.clone(), keys);
+    }
+    let victim = sent["c002"].sealed[0].to.clone();
+    let inbox = s.server.close_shares().unwrap();
+    let masked = s.mask(&inbox);
+    assert_eq!(masked[&victim].invalid_shares_from, vec!["c002".to_string()]);
+    for (id, m) in masked {
+        s.server.handle_masked(&id, m).unwrap();
+    }
+    assert_eq!(s.server.complaints(), vec![(victim, "c002".to_string())]);
+    assert!(s.confirm_and_unmask().values().all(Result::is_ok));
+    let expected = s.expected(0..7);
+    assert_eq!(s.server.finish().unwrap().sum, expected);
+
+    // A dealer whose shares match its commitments but not the seed it committed to in its
+    // advert: named when its seed is rebuilt.
+    let mut s = Session::new(setup(7, 3, 4, 8, 16), 16, Weakened::default());
+    // (Standing in for shares from another polynomial: its advert commits to another seed.
+    // The commitment is signed, so re-sign it as c003 would.)
+    let session = s.setup.session_id();
+    s.adverts[3].seed_commitment = [9; 32];
+    let message = advert_message(&s.setup, &session, &s.adverts[3], Weakened::default());
+    s.adverts[3].signature = TestSigner("c003".into()).sign(&message).unwrap();
+    let adverts = s.advertise(&[]);
+    s.share(&adverts);
+    let inbox = s.server.close_shares().unwrap();
+    for (id, m) in s.mask(&inbox) {
+        s.server.handle_masked(&id, m).unwrap();
+    }
+    s.confirm_and_unmask();
+    let err = s.server.finish().unwrap_err();
+    assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("c003") && m.contains("cheated")), "{err}");
+}
+
+// (f) A bad advert signature.
+fn with_a_bad_advert(weakened: Weakened, server_checks: bool) -> Result<Unmasked, SecAggError> {
+    let mut s = Session::new(setup(7, 3, 4, 8, 17), 17, weakened);
+    let adverts = if server_checks {
+        s.adverts[2].signature[0] ^= 1;
+        for (i, a) in s.adverts.clone().into_iter().enumerate() {
+            let r = s.server.handle_advert(&s.ids[i], a, &TestPki);
+            assert_eq!(r.is_err(), i == 2);
+        }
+        let adverts = s.server.close_adverts().unwrap();
+        assert!(adverts.values().flatten().all(|a| a.client != "c002"), "nobody is sent the bad advert");
+        adverts
+    } else {
+        // A lax server passes a bad advert on (here: spoilt on the way): the neighbours cope.
+        let mut adverts = s.advertise(&[]);
+        for a in adverts.values_mut().flatten().filter(|a| a.client == "c002") {
+            a.signature[0] ^= 1;
+        }
+        adverts
+    };
+    let mut shared = 0;
+    for (id, theirs) in &adverts {
+        let i = s.index(id);
+        let keys = s.clients[i].handle_adverts(theirs, &TestPki, &mut s.rng)?;
+        shared += 1;
+        s.server.handle_shares(id, keys).unwrap();
+    }
+    let inbox = s.server.close_shares()?;
+    let mut senders = Vec::new();
+    for (id, sealed) in inbox {
+        let i = s.index(&id);
+        match s.clients[i].handle_shares(&sealed, &s.inputs[i]) {
+            Ok(m) => {
+                s.server.handle_masked(&id, m).unwrap();
+                senders.push(i);
+            }
+            Err(SecAggError::Abort(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    assert!(shared >= 6);
+    assert!(!senders.contains(&2), "c002 got no shares from anyone: it does not take part");
+    s.confirm_and_unmask();
+    let expected = s.expected(senders.iter().copied());
+    let unmasked = s.server.finish()?;
+    assert_eq!(unmasked.sum, expected);
+    Ok(unmasked)
+}
+
+#[test]
+fn f_a_bad_advert_signature_leaves_its_sender_out_not_the_round() {
+    let v1 = Weakened { abort_on_bad_advert: true, ..Default::default() };
+    let err = with_a_bad_advert(v1, false).unwrap_err();
+    assert!(
+        matches!(err, SecAggError::Server(ref m) if m.contains("does not verify")),
+        "v1: its neighbours abort: {err}"
+    );
+    let unmasked = with_a_bad_advert(Weakened::default(), true).unwrap();
+    assert_eq!(unmasked.survivors.len(), 6, "the server names c002 and leaves it out");
+    let unmasked = with_a_bad_advert(Weakened::default(), false).unwrap();
+    assert_eq!(unmasked.survivors.len(), 6, "past a lax server, each neighbour leaves c002 out");
+}
