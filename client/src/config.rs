@@ -98,6 +98,14 @@ pub struct ClientConfig {
     /// the training data).
     #[serde(default)]
     pub validation_fraction: f64,
+    /// This client's update goes only into secure sums of at least this many clients (label
+    /// counts and confusion matrices at least 3), whatever the server asks.
+    #[serde(default = "min_sum_clients")]
+    pub min_sum_clients: usize,
+}
+
+fn min_sum_clients() -> usize {
+    cohort_common::participant::MIN_TRAIN_INPUTS
 }
 
 /// `[[heads]]`: one head this client labels.
@@ -191,6 +199,12 @@ impl ClientConfig {
         }
         if config.privacy.is_some() && config.state_dir.is_none() {
             return Err(bad("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into()));
+        }
+        if config.min_sum_clients < cohort_common::participant::MIN_TRAIN_INPUTS {
+            return Err(bad(format!(
+                "min_sum_clients = {} must be at least 2: a sum of one update is the update",
+                config.min_sum_clients
+            )));
         }
         if !(0.0..0.5).contains(&config.validation_fraction) {
             return Err(bad(format!("validation_fraction = {} must be in [0, 0.5)", config.validation_fraction)));

@@ -69,6 +69,7 @@ pub type SharedLedger = Arc<std::sync::Mutex<LedgerFile>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Update,
+    Join,
     Advert,
     Shares,
     Masked,
@@ -279,7 +280,8 @@ async fn answer(
         .map_err(|_| NetError::Stream(format!("the server's request did not arrive within {REQUEST_TIMEOUT:?}")))??;
     let round = match &msg {
         ServerMsg::Plan(p) => p.round,
-        ServerMsg::Adverts { round, .. }
+        ServerMsg::Joined { round, .. }
+        | ServerMsg::Adverts { round, .. }
         | ServerMsg::Shares { round, .. }
         | ServerMsg::Survivors { round, .. }
         | ServerMsg::Unmask { round, .. } => *round,
@@ -342,7 +344,7 @@ async fn answer(
     })
     .await
     .map_err(|e| NetError::Stream(format!("request task failed: {e}")))?;
-    let keys_sent = secure_plan.is_some() && matches!(outcome, Ok(ClientMsg::Advert { .. }));
+    let joined = secure_plan.is_some() && matches!(outcome, Ok(ClientMsg::Join { .. }));
     let mut reply = match outcome {
         Ok(reply) => {
             if let ClientMsg::Update(update) = &reply {
@@ -357,6 +359,7 @@ async fn answer(
     };
     let step = match &reply {
         ClientMsg::Update(_) => Some(Step::Update),
+        ClientMsg::Join { .. } => Some(Step::Join),
         ClientMsg::Advert { .. } => Some(Step::Advert),
         ClientMsg::Shares { .. } => Some(Step::Shares),
         ClientMsg::Masked { .. } => Some(Step::Masked),
@@ -383,7 +386,7 @@ async fn answer(
         }
     }
     // A secure round trains while the keys are exchanged; the masked input waits for it.
-    if let (Some(plan), true) = (secure_plan, keys_sent) {
+    if let (Some(plan), true) = (secure_plan, joined) {
         let _permit = match &hooks.gate {
             Some(g) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
             None => None,

@@ -217,7 +217,8 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         participant: Participant::with_heads(id, heads, device)
             .with_secure_keys(keys)
             .with_personal_heads(personal)
-            .with_validation_fraction(config.validation_fraction),
+            .with_validation_fraction(config.validation_fraction)
+            .with_min_sum_clients(config.min_sum_clients),
         device_name,
         backoff: config.reconnect,
         train_gate: None,

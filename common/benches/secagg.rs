@@ -52,7 +52,6 @@ fn main() {
         let setup = SecAggSetup {
             round: 1,
             purpose: "train".into(),
-            nonce: [1; 16],
             params: SecAggParams {
                 threshold: 5,
                 degree: 8,
@@ -60,7 +59,6 @@ fn main() {
                 quantizer: Quantizer { bits: 32, clip: 4.0, scale: 1e6, wrap: false },
             },
             cohort: (0..clients).map(|i| format!("c{i:03}")).collect(),
-            graph_seed: 1,
             vector_len: len,
             min_inputs: 3,
         };
@@ -69,9 +67,14 @@ fn main() {
         let signer = NoCert;
         let mut cs = Vec::new();
         for id in &setup.cohort {
-            let (c, a) = SecAggClient::start(id, setup.clone(), &signer, &mut rng).unwrap();
-            server.handle_advert(id, a, &NoCert).unwrap();
+            let (c, nonce) = SecAggClient::join(id, setup.clone(), &mut rng).unwrap();
+            server.handle_join(id, nonce).unwrap();
             cs.push(c);
+        }
+        let joined = server.close_joins().unwrap();
+        for (c, id) in cs.iter_mut().zip(&setup.cohort) {
+            let a = c.handle_joined(&joined, &signer, &mut rng).unwrap();
+            server.handle_advert(id, a, &NoCert).unwrap();
         }
         for (id, theirs) in server.close_adverts().unwrap() {
             let i = setup.cohort.binary_search(&id).unwrap();
@@ -84,12 +87,12 @@ fn main() {
         let mut masked = Vec::new();
         for (id, sealed) in &inbox {
             let i = setup.cohort.binary_search(id).unwrap();
-            masked.push((id.clone(), cs[i].handle_shares(sealed, &input).unwrap()));
+            masked.push((id.clone(), cs[i].handle_shares(sealed, &input, &NoCert).unwrap()));
         }
         let client_secs = t.elapsed().as_secs_f64() / clients as f64;
         let t = Instant::now();
         for (id, m) in masked {
-            server.handle_masked(&id, m).unwrap();
+            server.handle_masked(&id, m, &NoCert).unwrap();
         }
         let list = server.close_masked().unwrap();
         for (i, id) in setup.cohort.iter().enumerate() {
@@ -123,7 +126,7 @@ impl cohort_common::secagg::AdvertSigner for NoCert {
     }
 }
 impl cohort_common::secagg::PeerVerifier for NoCert {
-    fn verify(&self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), String> {
+    fn verify(&self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), cohort_common::secagg::Rejection> {
         Ok(())
     }
     fn verify_signature(&self, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), String> {

@@ -331,8 +331,8 @@ impl DpPlan {
         if self.min_survivors == 0 {
             return bad("min_survivors must be at least 1".into());
         }
-        if !(0.0..=1.0).contains(&self.sampling_rate) {
-            return bad(format!("sampling_rate = {} must be between 0 and 1", self.sampling_rate));
+        if !(self.sampling_rate > 0.0 && self.sampling_rate <= 1.0) {
+            return bad(format!("sampling_rate = {} must be above 0 and at most 1", self.sampling_rate));
         }
         if !(self.expected_clients.is_finite() && self.expected_clients > 0.0) {
             return bad(format!("expected_clients = {} must be a positive number", self.expected_clients));

@@ -82,6 +82,9 @@ struct SecureRound {
 /// histograms is (nearly) each of them.
 pub const MIN_COUNT_INPUTS: usize = 3;
 
+/// The fewest inputs of a secure sum of updates by default: a sum of one is the update.
+pub const MIN_TRAIN_INPUTS: usize = 2;
+
 /// One client's training state. Shared between request handlers: training and the
 /// secure-aggregation phases lock separate parts, so keys are exchanged while it trains.
 pub struct Participant {
@@ -98,6 +101,9 @@ pub struct Participant {
     personal: Mutex<BTreeMap<String, Vec<f32>>>,
     /// Held-out examples per head for federated evaluation (empty: evaluate on `tasks`).
     validation: Vec<HeadData>,
+    /// The fewest clients a secure sum of this client's update may hold (the data owner's floor,
+    /// whatever the server asks).
+    min_sum_clients: usize,
 }
 
 impl Participant {
@@ -120,7 +126,16 @@ impl Participant {
             keep_model: true,
             personal: Mutex::new(BTreeMap::new()),
             validation: Vec::new(),
+            min_sum_clients: MIN_TRAIN_INPUTS,
         }
+    }
+
+    /// This client's updates go only into secure sums of at least `n` clients (at least 2; label
+    /// counts and confusion matrices at least [`MIN_COUNT_INPUTS`] whatever `n`). A server may
+    /// ask for less; the client then declines, saying why.
+    pub fn with_min_sum_clients(mut self, n: usize) -> Self {
+        self.min_sum_clients = n.max(MIN_TRAIN_INPUTS);
+        self
     }
 
     /// Benchmarks of the protocol alone: answer plans with seeded random updates (normal, standard
@@ -195,10 +210,11 @@ impl Participant {
                 if setup.vector_len != len || secure.dp.is_some() {
                     return bad(format!("{what} {len} counts; the plan's vector has {}", setup.vector_len));
                 }
-                if setup.min_inputs < MIN_COUNT_INPUTS {
+                let floor = MIN_COUNT_INPUTS.max(self.min_sum_clients);
+                if setup.min_inputs < floor {
                     return bad(format!(
                         "the plan would unmask counts of as few as {} clients; this client sends counts only into sums \
-                         of at least {MIN_COUNT_INPUTS}",
+                         of at least {floor}",
                         setup.min_inputs
                     ));
                 }
@@ -211,6 +227,13 @@ impl Participant {
                         "secure vector length {} does not fit {params} parameters in {} segments",
                         setup.vector_len,
                         secure.segments.len()
+                    ));
+                }
+                if setup.min_inputs < self.min_sum_clients {
+                    return bad(format!(
+                        "the plan would unmask sums of as few as {} updates; this client sends its update only into \
+                         sums of at least {} (min_sum_clients)",
+                        setup.min_inputs, self.min_sum_clients
                     ));
                 }
             }
@@ -241,8 +264,8 @@ impl Participant {
     }
 
     /// Answers one server request. A plain plan trains and returns the update; a secure plan
-    /// returns the key advert at once (call [`Participant::train_secure`] next, on a blocking
-    /// thread); the secure phases follow. An error means the client declines the round.
+    /// returns the client's nonce at once (call [`Participant::train_secure`] next, on a
+    /// blocking thread); the secure phases follow. An error means the client declines the round.
     pub fn handle(&self, msg: &ServerMsg, rng: &mut impl CryptoRng) -> Result<ClientMsg, ParticipantError> {
         match msg {
             ServerMsg::Plan(plan) => match &plan.secure {
@@ -253,18 +276,24 @@ impl Participant {
                 )),
                 None => Ok(ClientMsg::Update(self.handle_plan(plan)?)),
                 Some(secure) => {
-                    let keys = self.keys.as_ref().ok_or_else(|| {
-                        ParticipantError::BadPlan(
+                    if self.keys.is_none() {
+                        return Err(ParticipantError::BadPlan(
                             "the round is secure but this client has no certificate key to sign with".into(),
-                        )
-                    })?;
+                        ));
+                    }
                     self.check_secure_plan(plan, secure)?;
-                    let (client, advert) =
-                        SecAggClient::start(&self.id, secure.setup.clone(), keys.signer.as_ref(), rng)?;
+                    let (client, nonce) = SecAggClient::join(&self.id, secure.setup.clone(), rng)?;
                     *self.secure.lock().expect("secure lock") = Some(SecureRound { client, input: Input::Training });
-                    Ok(ClientMsg::Advert { round: plan.round, advert })
+                    Ok(ClientMsg::Join { round: plan.round, nonce })
                 }
             },
+            ServerMsg::Joined { round, list } => {
+                let keys = self.secure_keys()?;
+                let mut guard = self.secure.lock().expect("secure lock");
+                let s = secure_round(&mut guard, *round)?;
+                let advert = s.client.handle_joined(list, keys.signer.as_ref(), rng)?;
+                Ok(ClientMsg::Advert { round: *round, advert })
+            }
             ServerMsg::Adverts { round, adverts } => {
                 let keys = self.secure_keys()?;
                 let mut guard = self.secure.lock().expect("secure lock");
@@ -291,7 +320,8 @@ impl Participant {
                 let Input::Ready(input) = std::mem::replace(&mut s.input, Input::Masked) else {
                     unreachable!("checked above")
                 };
-                let input = s.client.handle_shares(shares, &input)?;
+                let signer = self.secure_keys()?.signer.clone();
+                let input = s.client.handle_shares(shares, &input, signer.as_ref())?;
                 Ok(ClientMsg::Masked { round: *round, input })
             }
             ServerMsg::Survivors { round, list } => {
@@ -818,15 +848,16 @@ mod tests {
         let secure_plan = |segments: Vec<usize>, dp: Option<DpPlan>| {
             let mut s = setup(3, 2, 2, 0, 3);
             s.vector_len = SecurePlan::vector_len(6, segments.len(), dp.is_some());
+            s.min_inputs = 2;
             let mut plan = plan(spec_toml, vec![0.0; 6]);
             plan.secure = Some(Box::new(SecurePlan { setup: s, sample_cap: 10, segments, dp }));
             plan
         };
         let mut rng = rand::rng();
-        // Three segments where the model has two (an empty trunk and the head): the advert goes
+        // Three segments where the model has two (an empty trunk and the head): the nonce goes
         // out, training fails, and the masked-input request gets the reason at once.
         let bad = secure_plan(vec![3, 2, 1], None);
-        assert!(matches!(p.handle(&ServerMsg::Plan(bad.clone()), &mut rng), Ok(ClientMsg::Advert { .. })));
+        assert!(matches!(p.handle(&ServerMsg::Plan(bad.clone()), &mut rng), Ok(ClientMsg::Join { .. })));
         p.train_secure(&bad, &mut rng);
         let shares = ServerMsg::Shares { round: 3, shares: Vec::new() };
         let err = p.handle(&shares, &mut rng).unwrap_err().to_string();
@@ -863,6 +894,17 @@ mod tests {
         s.min_inputs = 2;
         let err = p.handle(&ServerMsg::Plan(census), &mut rng).unwrap_err().to_string();
         assert!(err.contains("at least 3"), "{err}");
+        // A sum of one update (the update itself), and one below this data owner's floor.
+        let mut alone = secure_plan(vec![6], None);
+        alone.secure.as_mut().unwrap().setup.min_inputs = 1;
+        let err = p.handle(&ServerMsg::Plan(alone), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("at least 2"), "{err}");
+        let data = Dataset::new(vec![1.0, 0.0], vec![2], vec![0], 2).unwrap();
+        let keys = SecureKeys { signer: Arc::new(TestSigner("c000".into())), verifier: Arc::new(TestPki) };
+        let careful =
+            Participant::new("c000", Arc::new(data), Device::Cpu).with_secure_keys(keys).with_min_sum_clients(3);
+        let err = careful.handle(&ServerMsg::Plan(secure_plan(vec![6], None)), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("at least 3 (min_sum_clients)"), "{err}");
         // A session for another task than the plan's.
         let mut mislabelled = secure_plan(vec![6], None);
         mislabelled.secure.as_mut().unwrap().setup.purpose = "census".into();

@@ -11,14 +11,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::dp::DpPlan;
 use crate::secagg::{
-    KeyAdvert, MaskedInput, SealedShares, SecAggSetup, SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest,
+    JoinList, KeyAdvert, MaskedInput, SealedShares, SecAggSetup, SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest,
 };
 use crate::train::TrainConfig;
 
 /// The protocol version this build speaks. Peers with another version are refused.
-/// Version 2: session-bound SecAgg+ adverts with seed commitments, direction-bound share keys,
-/// share commitments, the consistency phase, DP vectors without per-segment counts, the
-/// federation id in the welcome.
+/// Version 2: SecAgg+ sessions the clients join with nonces, adverts with seed commitments,
+/// direction-bound share keys, share commitments, signed masking lists, the consistency phase,
+/// DP vectors without per-segment counts, the federation id in the welcome.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// ALPN identifier used on the QUIC connection.
 pub const ALPN: &[u8] = b"cohort/1";
@@ -202,7 +202,9 @@ pub enum ServerMsg {
     Plan(RoundPlan),
     /// The server refuses the client (wrong version, revoked, duplicate connection).
     Refused { reason: String },
-    /// Secure aggregation, phase 2: the neighbours' key adverts.
+    /// Secure aggregation, phase 0 answered: who joined with which nonce (the same for all).
+    Joined { round: u64, list: JoinList },
+    /// Phase 2: the neighbours' key adverts.
     Adverts { round: u64, adverts: Vec<KeyAdvert> },
     /// Phase 3: the shares the neighbours sealed for this client.
     Shares { round: u64, shares: Vec<SealedShares> },
@@ -225,7 +227,12 @@ pub enum ClientMsg {
         round: u64,
         reason: String,
     },
-    /// Secure aggregation, phase 1: this client's signed keys (sent once it has trained).
+    /// Secure aggregation, phase 0: this client's fresh nonce for the session id.
+    Join {
+        round: u64,
+        nonce: [u8; 32],
+    },
+    /// Phase 1: this client's signed keys.
     Advert {
         round: u64,
         advert: KeyAdvert,

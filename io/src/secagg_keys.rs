@@ -2,7 +2,7 @@
 //! certificate key, and check each neighbour's certificate against the operator's CA (chain,
 //! validity, client-auth usage, subject = claimed id) and signature before encrypting to it.
 
-use cohort_common::secagg::{AdvertSigner, PeerVerifier};
+use cohort_common::secagg::{AdvertSigner, PeerVerifier, Rejection};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -58,10 +58,12 @@ impl CaVerifier {
 }
 
 impl PeerVerifier for CaVerifier {
-    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
-        let anchor = webpki::anchor_from_trusted_cert(&self.ca).map_err(|e| format!("the CA certificate: {e}"))?;
+    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), Rejection> {
+        let anchor = webpki::anchor_from_trusted_cert(&self.ca)
+            .map_err(|e| Rejection::Certificate(format!("the CA certificate: {e}")))?;
         let der = CertificateDer::from(certificate);
-        let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| format!("the certificate does not parse: {e}"))?;
+        let cert = webpki::EndEntityCert::try_from(&der)
+            .map_err(|e| Rejection::Certificate(format!("the certificate does not parse: {e}")))?;
         cert.verify_for_usage(
             &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA384, webpki::ring::ED25519],
             &[anchor],
@@ -71,13 +73,15 @@ impl PeerVerifier for CaVerifier {
             None,
             None,
         )
-        .map_err(|e| format!("the certificate is not a client certificate of this federation's CA: {e}"))?;
-        let subject = subject_cn(&der).map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            Rejection::Certificate(format!("the certificate is not a client certificate of this federation's CA: {e}"))
+        })?;
+        let subject = subject_cn(&der).map_err(|e| Rejection::Certificate(e.to_string()))?;
         if subject != client {
-            return Err(format!("the certificate belongs to `{subject}`, not `{client}`"));
+            return Err(Rejection::Certificate(format!("the certificate belongs to `{subject}`, not `{client}`")));
         }
         cert.verify_signature(webpki::ring::ECDSA_P256_SHA256, message, signature)
-            .map_err(|e| format!("the signature does not verify: {e}"))
+            .map_err(|e| Rejection::Signature(format!("the signature does not verify: {e}")))
     }
 
     fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
@@ -119,7 +123,7 @@ mod tests {
 
     #[test]
     fn adverts_verify_only_with_the_right_ca_subject_and_signature() {
-        use cohort_common::secagg::{AdvertSigner, PeerVerifier};
+        use cohort_common::secagg::{AdvertSigner, PeerVerifier, Rejection};
         let ours = ca("ours");
         let theirs = ca("theirs");
         let alice = client(&ours, "alice");
@@ -129,13 +133,13 @@ mod tests {
         verifier.verify("alice", &signer.certificate(), b"keys", &sig).unwrap();
 
         let err = verifier.verify("bob", &signer.certificate(), b"keys", &sig).unwrap_err();
-        assert!(err.contains("belongs to `alice`"), "{err}");
+        assert!(matches!(err, Rejection::Certificate(ref m) if m.contains("belongs to `alice`")), "{err}");
         let err = verifier.verify("alice", &signer.certificate(), b"other keys", &sig).unwrap_err();
-        assert!(err.contains("signature"), "{err}");
+        assert!(matches!(err, Rejection::Signature(ref m) if m.contains("signature")), "{err}");
         let stranger = CertSigner::new(&client(&theirs, "alice")).unwrap();
         let sig = stranger.sign(b"keys").unwrap();
         let err = verifier.verify("alice", &stranger.certificate(), b"keys", &sig).unwrap_err();
-        assert!(err.contains("CA"), "{err}");
+        assert!(matches!(err, Rejection::Certificate(ref m) if m.contains("CA")), "{err}");
         assert!(verifier.verify("alice", b"not a certificate", b"keys", &sig).is_err());
         // The signature alone, with a certificate already accepted.
         let sig = signer.sign(b"survivors").unwrap();

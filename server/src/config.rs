@@ -107,14 +107,7 @@ impl SecAggConfig {
     /// The setup of one secure round for `cohort` (sorted) summing vectors of `vector_len` whose
     /// coordinates lie in `[-range, range]`. The scale is the largest that cannot wrap the
     /// modulus, halved for rounding headroom.
-    pub fn setup(
-        &self,
-        round: u64,
-        cohort: Vec<String>,
-        graph_seed: u64,
-        vector_len: usize,
-        range: f64,
-    ) -> SecAggSetup {
+    pub fn setup(&self, round: u64, cohort: Vec<String>, vector_len: usize, range: f64) -> SecAggSetup {
         let n = cohort.len().max(1) as f64;
         let scale = ((crypto::modulus_mask(self.bits) as f64) / (n * 2.0 * range) / 2.0).floor().max(1.0);
         SecAggSetup {
@@ -126,9 +119,7 @@ impl SecAggConfig {
                 quantizer: Quantizer { bits: self.bits, clip: range, scale, wrap: false },
             },
             purpose: String::new(),
-            nonce: [0; 16],
             cohort,
-            graph_seed,
             vector_len,
             min_inputs: 1,
         }
@@ -335,7 +326,7 @@ impl Federation {
                 return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
             }
             let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
-            s.setup(0, cohort, 0, 1, s.clip)
+            s.setup(0, cohort, 1, s.clip)
                 .check()
                 .map_err(|e| format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round))?;
         }

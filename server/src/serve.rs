@@ -509,7 +509,10 @@ impl Server {
                     }
                     // A round is skipped when too few sampled clients are online: that depends
                     // on the sample, so its chance is added to delta (computed before sampling).
-                    let online = population.iter().filter(|id| self.registry.connection(id).is_some()).count();
+                    let online = population
+                        .iter()
+                        .filter(|id| self.registry.connection(id).is_some() && !excluded.contains(*id))
+                        .count();
                     let too_few = dp::too_few_probability(online, q, fed.min_clients);
                     if too_few > p.config.delta / fed.rounds as f64 && !p.warned_too_few {
                         p.warned_too_few = true;
@@ -571,8 +574,7 @@ impl Server {
                     let range = dp.as_ref().map_or(fed.secagg.clip, |d| d.coordinate_range());
                     let vector_len = SecurePlan::vector_len(param_len, segments.len(), dp.is_some());
                     let min_inputs = fed.min_clients.max(2).min(cohort.len());
-                    let mut setup =
-                        self.session_setup(round_no, Task::Train, &cohort, plan.seed, vector_len, range, min_inputs);
+                    let mut setup = self.session_setup(round_no, Task::Train, &cohort, vector_len, range, min_inputs);
                     // Private rounds wrap out-of-range values instead of clamping: no noise is cut.
                     setup.params.quantizer.wrap = dp.is_some();
                     plan.secure = Some(Box::new(SecurePlan {
@@ -918,9 +920,7 @@ impl Server {
             let reason = format!("{} clients are connected; a sum of counts needs at least {min_inputs}", cohort.len());
             return Ok(Some(Err(RoundError::Aborted { round, reason })));
         }
-        // A graph seed of its own, unlike the training round of the same number.
-        let graph_seed = plan_seed(fed.seed, round) ^ (task as u64 + 1);
-        let mut setup = self.session_setup(round, task, cohort, graph_seed, len, 1.0, min_inputs);
+        let mut setup = self.session_setup(round, task, cohort, len, 1.0, min_inputs);
         setup.params.quantizer = Quantizer { bits: 64, clip: CENSUS_MAX_COUNT, scale: 1.0, wrap: false };
         let quantizer = setup.params.quantizer;
         let plan = RoundPlan {
@@ -948,7 +948,7 @@ impl Server {
         Ok(Some(Ok((counts, summed.survivors.len()))))
     }
 
-    /// Secure collection: the five SecAgg+ phases, each a request and answer per client.
+    /// Secure collection: the six SecAgg+ phases, each a request and answer per client.
     #[allow(clippy::too_many_arguments)]
     async fn collect_secure(
         &self,
@@ -1015,7 +1015,7 @@ impl Server {
         }
     }
 
-    /// The five SecAgg+ phases of a secure plan: the sum of the survivors' masked vectors (still
+    /// The six SecAgg+ phases of a secure plan: the sum of the survivors' masked vectors (still
     /// quantized), who survived, why the others dropped, and who cheated. `None` when shut down.
     async fn secure_sum(
         &self,
@@ -1039,7 +1039,7 @@ impl Server {
         let phase_timeout = Duration::from_secs_f64(fed.secagg.phase_timeout_secs);
         let small_cap = 4 << 20;
 
-        // Phase 1: plans out, adverts back at once: the clients train while keys are exchanged.
+        // Phase 0: plans out, nonces back at once: the clients train while keys are exchanged.
         let t_start = Instant::now();
         let round_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(fed.round_timeout_secs);
         let frame = Arc::new(wire::encode(&ServerMsg::Plan(plan)).map_err(NetError::from)?);
@@ -1052,6 +1052,21 @@ impl Server {
         }
         let replies = exchange.collect_all(shutdown).await;
         let Some(replies) = replies else { return Ok(None) };
+        feed(replies, &mut dropped, "a nonce", |id, msg| match msg {
+            ClientMsg::Join { round: r, nonce } if r == round => Ok(server.handle_join(id, nonce)),
+            other => Err(Box::new(other)),
+        });
+        let joined = match server.close_joins() {
+            Ok(list) => list,
+            Err(e) => return abort(e.to_string()),
+        };
+
+        // Phase 1: the join list out (the same for all), signed adverts back.
+        let frame = Arc::new(wire::encode(&ServerMsg::Joined { round, list: joined.clone() }).map_err(NetError::from)?);
+        let frames = joined.joined.iter().map(|j| (j.client.clone(), frame.clone())).collect();
+        let Some(replies) = self.phase(frames, phase_timeout, small_cap, shutdown, &mut dropped).await else {
+            return Ok(None);
+        };
         feed(replies, &mut dropped, "a key advert", |id, msg| match msg {
             ClientMsg::Advert { round: r, advert } if r == round => Ok(server.handle_advert(id, advert, verifier)),
             other => Err(Box::new(other)),
@@ -1097,7 +1112,7 @@ impl Server {
             return Ok(None);
         };
         feed(replies, &mut dropped, "a masked input", |id, msg| match msg {
-            ClientMsg::Masked { round: r, input } if r == round => Ok(server.handle_masked(id, input)),
+            ClientMsg::Masked { round: r, input } if r == round => Ok(server.handle_masked(id, input, verifier)),
             other => Err(Box::new(other)),
         });
         for (holder, dealer) in server.complaints() {
@@ -1326,23 +1341,20 @@ impl Server {
         Ok(())
     }
 
-    /// The setup of one secure session: a fresh nonce from the OS, what it sums, the fewest
-    /// inputs the clients may unmask, and, for private rounds, a quantizer that wraps instead of
-    /// clamping the noise.
+    /// The setup of one secure session: what it sums and the fewest inputs the clients may
+    /// unmask. (The clients' nonces make each session fresh and seed its graph.)
     #[allow(clippy::too_many_arguments)]
     fn session_setup(
         &self,
         round: u64,
         task: Task,
         cohort: &[ClientId],
-        graph_seed: u64,
         vector_len: usize,
         range: f64,
         min_inputs: usize,
     ) -> SecAggSetup {
-        let mut setup = self.setup.federation.secagg.setup(round, cohort.to_vec(), graph_seed, vector_len, range);
+        let mut setup = self.setup.federation.secagg.setup(round, cohort.to_vec(), vector_len, range);
         setup.purpose = task.purpose().into();
-        setup.nonce = rand::rngs::StdRng::from_os_rng().random();
         setup.min_inputs = min_inputs;
         setup
     }

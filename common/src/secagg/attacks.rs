@@ -25,7 +25,7 @@ fn strip_masks(s: &Session, j: usize, masked: &[u64], seed: &[u8; 32], pairwise:
 
 /// The pairwise mask seed of `j` and `m`, from `j`'s rebuilt mask key.
 fn pairwise_seed(s: &Session, key: &KeyPair, j: usize, m: usize) -> [u8; 32] {
-    *key.agree(&s.adverts[m].mask_pk, &[&mask_info(&s.setup.session_id(), j, m)[..]]).unwrap()
+    *key.agree(&s.adverts[m].mask_pk, &[&mask_info(&s.session, j, m)[..]]).unwrap()
 }
 
 /// Secrets rebuilt by the server from the shares it was given, by owner.
@@ -57,7 +57,7 @@ fn recover_a_late_clients_input(weakened: Weakened) -> (bool, bool) {
     let d = s.index(late);
     for (id, m) in &masked {
         if id != late {
-            s.server.handle_masked(id, m.clone()).unwrap();
+            s.server.handle_masked(id, m.clone(), &TestPki).unwrap();
         }
     }
     let (list, requests) = s.confirm();
@@ -83,7 +83,7 @@ fn recover_a_late_clients_input(weakened: Weakened) -> (bool, bool) {
             .flat_map(|(_, r)| r.seed_shares.iter().filter(|(o, _)| o == x_id).map(|(_, sh)| sh.clone()))
             .collect();
         // X dealt its shares to its neighbours in index order at points 1, 2, ...
-        let neighbours = &s.setup.neighbours()[x];
+        let neighbours = &s.graph[x];
         let at = 1 + neighbours.iter().position(|&m| m == d).unwrap() as u8;
         let y = shamir::interpolate(&shares_of_x, t, at).unwrap();
         let mut known = vec![at, 32];
@@ -94,9 +94,9 @@ fn recover_a_late_clients_input(weakened: Weakened) -> (bool, bool) {
         late_shares.push(Share { x: plain[0], y: plain[2..34].to_vec() });
     }
     let guessed: [u8; 32] = shamir::combine(&late_shares, t).map_or([0; 32], |g| g[..].try_into().unwrap());
-    let seed_found = seed_commitment(&s.setup.session_id(), d, &guessed) == s.adverts[d].seed_commitment;
+    let seed_found = seed_commitment(&s.session, d, &guessed) == s.adverts[d].seed_commitment;
     let pairwise: Vec<(usize, [u8; 32])> =
-        s.setup.neighbours()[d].iter().map(|&m| (m, pairwise_seed(&s, &late_key, d, m))).collect();
+        s.graph[d].iter().map(|&m| (m, pairwise_seed(&s, &late_key, d, m))).collect();
     let input = strip_masks(&s, d, &masked[late].values, &guessed, &pairwise);
     assert_eq!(seeds.len(), n - 1);
     (seed_found, input == s.inputs[d])
@@ -155,7 +155,8 @@ fn split_views(weakened: Weakened) -> Result<bool, SecAggError> {
             .filter(|(j, _)| **j != m)
             .map(|(j, sig)| Confirmation { client: s.ids[*j].clone(), signature: sig.clone() })
             .collect();
-        let reply = s.clients[m].handle_unmask(&UnmaskRequest { confirmations }, &TestPki)?;
+        let masking = masked.values().map(|x| x.masking.clone()).collect();
+        let reply = s.clients[m].handle_unmask(&UnmaskRequest { confirmations, masking }, &TestPki)?;
         replies.push((s.ids[m].clone(), reply));
     }
     let seed = rebuilt(&replies, t, "seed")[&s.ids[target]];
@@ -172,7 +173,7 @@ fn b_different_survivor_lists_for_different_clients_reveal_nothing() {
     assert_eq!(off, Ok(true), "without the consistency check the server reads c000's input");
     let on = split_views(Weakened::default()).unwrap_err();
     assert!(
-        matches!(on, SecAggError::Server(ref m) if m.contains("confirmed the survivor list")),
+        matches!(on, SecAggError::Abort(ref m) if m.contains("confirmed the survivor list")),
         "with it, the first client asked refuses to reveal anything: {on}"
     );
 }
@@ -215,7 +216,6 @@ fn c_a_client_answers_one_survivor_list_once() {
 fn replay_advert(weakened: Weakened, from_purpose: &str, from_round: u64) -> bool {
     let mut census_setup = setup(4, 2, 3, 4, from_round);
     census_setup.purpose = from_purpose.into();
-    census_setup.nonce = [7; 16];
     let census = Session::new(census_setup, 30, weakened);
     let mut train = Session::new(setup(4, 2, 3, 4, 5), 31, weakened);
     let mut adverts = train.advertise(&[]);
@@ -317,7 +317,7 @@ fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
     let masked = s.mask(&inbox);
     assert_eq!(masked[&victim].invalid_shares_from, vec!["c002".to_string()]);
     for (id, m) in masked {
-        s.server.handle_masked(&id, m).unwrap();
+        s.server.handle_masked(&id, m, &TestPki).unwrap();
     }
     assert_eq!(s.server.complaints(), vec![(victim, "c002".to_string())]);
     assert!(s.confirm_and_unmask().values().all(Result::is_ok));
@@ -329,7 +329,7 @@ fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
     let mut s = Session::new(setup(7, 3, 4, 8, 16), 16, Weakened::default());
     // (Standing in for shares from another polynomial: its advert commits to another seed.
     // The commitment is signed, so re-sign it as c003 would.)
-    let session = s.setup.session_id();
+    let session = s.session;
     s.adverts[3].seed_commitment = [9; 32];
     let message = advert_message(&s.setup, &session, &s.adverts[3], Weakened::default());
     s.adverts[3].signature = TestSigner("c003".into()).sign(&message).unwrap();
@@ -337,7 +337,7 @@ fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
     s.share(&adverts);
     let inbox = s.server.close_shares().unwrap();
     for (id, m) in s.mask(&inbox) {
-        s.server.handle_masked(&id, m).unwrap();
+        s.server.handle_masked(&id, m, &TestPki).unwrap();
     }
     s.confirm_and_unmask();
     let err = s.server.finish().unwrap_err();
@@ -375,9 +375,9 @@ fn with_a_bad_advert(weakened: Weakened, server_checks: bool) -> Result<Unmasked
     let mut senders = Vec::new();
     for (id, sealed) in inbox {
         let i = s.index(&id);
-        match s.clients[i].handle_shares(&sealed, &s.inputs[i]) {
+        match s.clients[i].handle_shares(&sealed, &s.inputs[i], &TestSigner(id.clone())) {
             Ok(m) => {
-                s.server.handle_masked(&id, m).unwrap();
+                s.server.handle_masked(&id, m, &TestPki).unwrap();
                 senders.push(i);
             }
             Err(SecAggError::Abort(_)) => {}
@@ -405,4 +405,181 @@ fn f_a_bad_advert_signature_leaves_its_sender_out_not_the_round() {
     assert_eq!(unmasked.survivors.len(), 6, "the server names c002 and leaves it out");
     let unmasked = with_a_bad_advert(Weakened::default(), false).unwrap();
     assert_eq!(unmasked.survivors.len(), 6, "past a lax server, each neighbour leaves c002 out");
+}
+
+// (g) A rerun of the same setup. Signatures bind the session; if the server alone chose the
+// session (v1, or a server nonce), running one setup twice would let it reuse what clients signed
+// the first time: an old advert whose mask key it learnt when it called that client dropped, or
+// old confirmations of a survivor list, to pass the consistency check with lists the clients of
+// this run never agreed on. Each client's fresh nonce in the session id ends that.
+fn rerun(weakened: Weakened) -> (bool, bool) {
+    let first = {
+        let mut s = Session::new(setup(5, 3, 4, 4, 40), 40, weakened);
+        s.run_to_masked_inputs();
+        let (_, requests) = s.confirm();
+        (s.adverts.clone(), requests)
+    };
+    let mut s = Session::new(setup(5, 3, 4, 4, 40), 41, weakened);
+    // An advert of the first run, handed to c000 in the second.
+    let mut adverts = s.advertise(&[]);
+    let old = first.0[1].clone();
+    *adverts.get_mut("c000").unwrap().iter_mut().find(|a| a.client == "c001").unwrap() = old;
+    let keys = s.clients[0].handle_adverts(&adverts["c000"], &TestPki, &mut s.rng).unwrap();
+    let old_advert_accepted = !keys.refused.contains(&"c001".to_string());
+    // Old confirmations in place of this run's, with this run's masking lists.
+    let mut s = Session::new(setup(5, 3, 4, 4, 40), 42, weakened);
+    s.run_to_masked_inputs();
+    let (_, requests) = s.confirm();
+    let mut forged = requests["c000"].clone();
+    forged.confirmations = first.1["c000"].confirmations.clone();
+    let old_confirmations_accepted = s.clients[0].handle_unmask(&forged, &TestPki).is_ok();
+    (old_advert_accepted, old_confirmations_accepted)
+}
+
+#[test]
+fn g_a_rerun_of_the_same_setup_cannot_reuse_what_clients_signed_before() {
+    let server_chosen = Weakened { server_chosen_session: true, ..Default::default() };
+    assert_eq!(rerun(server_chosen), (true, true), "a session the server alone chooses replays");
+    assert_eq!(rerun(Weakened::default()), (false, false), "with the clients' nonces nothing replays");
+}
+
+// (h) Withheld shares. The server keeps c005's and c006's shares from c000, c001 and c002, so
+// those three mask only among themselves and with c003 and c004; it calls c003 and c004 dropped
+// (their keys come back) and shows everybody one list, c000..c002, c005, c006. The masks of
+// c000..c002 then cancel or come off, and their sum is read: three inputs, under min_inputs 5.
+fn withheld_shares(weakened: Weakened) -> Result<bool, SecAggError> {
+    let (n, t) = (7, 4);
+    let mut setup = setup(n, t, 6, 6, 43);
+    setup.min_inputs = 5;
+    let mut s = Session::new(setup, 43, weakened);
+    let adverts = s.advertise(&[]);
+    s.share(&adverts);
+    let mut inbox = s.server.close_shares().unwrap();
+    let (group, dropped, withheld) = ([0usize, 1, 2], [3usize, 4], [5usize, 6]);
+    for &r in &group {
+        let ids = s.ids.clone();
+        inbox.get_mut(&ids[r]).unwrap().retain(|sealed| !withheld.iter().any(|&w| sealed.from == ids[w]));
+    }
+    let masked = s.mask(&inbox);
+    let survivors: Vec<usize> = group.iter().chain(&withheld).copied().collect();
+    let list = SurvivorList { survivors: survivors.iter().map(|&i| s.ids[i].clone()).collect() };
+    let mut confirmations = Vec::new();
+    for &i in &survivors {
+        let signature = s.clients[i].handle_survivors(&list, &TestSigner(s.ids[i].clone()))?;
+        confirmations.push(Confirmation { client: s.ids[i].clone(), signature });
+    }
+    let masking: Vec<MaskingList> = survivors.iter().map(|&i| masked[&s.ids[i]].masking.clone()).collect();
+    let mut replies = Vec::new();
+    for &i in &survivors {
+        let request = UnmaskRequest { confirmations: confirmations.clone(), masking: masking.clone() };
+        replies.push((s.ids[i].clone(), s.clients[i].handle_unmask(&request, &TestPki)?));
+    }
+    let seeds = rebuilt(&replies, t, "seed");
+    let keys = rebuilt(&replies, t, "key");
+    // The group's masked inputs, less their seeds and their masks with the "dropped" pair.
+    let bits = s.setup.params.quantizer.bits;
+    let mut sum = vec![0u64; s.setup.vector_len];
+    for &r in &group {
+        let id = &s.ids[r];
+        let pairwise: Vec<(usize, [u8; 32])> =
+            dropped.iter().map(|&d| (d, pairwise_seed(&s, &KeyPair::from_secret(&keys[&s.ids[d]]), d, r))).collect();
+        let alone = strip_masks(&s, r, &masked[id].values, &seeds[id], &pairwise);
+        for (acc, v) in sum.iter_mut().zip(alone) {
+            *acc = acc.wrapping_add(v) & crypto::modulus_mask(bits);
+        }
+    }
+    Ok(sum == s.expected(group))
+}
+
+#[test]
+fn h_withheld_shares_cannot_cut_a_small_group_off() {
+    let unchecked = Weakened { skip_masking_check: true, ..Default::default() };
+    assert_eq!(withheld_shares(unchecked), Ok(true), "without the masking lists the server reads a sum of three");
+    let err = withheld_shares(Weakened::default()).unwrap_err();
+    assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("did not mask against")), "{err}");
+}
+
+// (i) Dropouts that split the graph. Twelve clients of degree 3 (a ring with the opposite client
+// as third neighbour); when the server says four of them dropped (truly or not), the survivors
+// can fall into parts in which every client still has t surviving neighbours, and each part's
+// sum comes out on its own, though the list is long enough. (With an even degree a part's last
+// client keeps only k / 2 < t neighbours, so no part can be unmasked; odd degrees need the check.)
+fn split_graph(weakened: Weakened) -> Result<bool, SecAggError> {
+    let (n, t) = (12, 2);
+    let mut setup = setup(n, t, 3, 4, 44);
+    setup.min_inputs = 5;
+    let mut s = Session::new(setup, 44, weakened);
+    // Find four clients whose dropping leaves parts of which every member keeps t neighbours.
+    let all: std::collections::BTreeSet<usize> = (0..n).collect();
+    let mut split = None;
+    'search: for a in 0..n {
+        for b in a + 1..n {
+            for c in b + 1..n {
+                for d in c + 1..n {
+                    let survivors: std::collections::BTreeSet<usize> =
+                        all.iter().copied().filter(|i| ![a, b, c, d].contains(i)).collect();
+                    let keeps_t =
+                        survivors.iter().all(|&i| s.graph[i].iter().filter(|j| survivors.contains(j)).count() >= t);
+                    let parts = super::graph::part_sizes(&s.graph, &survivors);
+                    if keeps_t && parts.len() > 1 {
+                        split = Some(([a, b, c, d], survivors, parts));
+                        break 'search;
+                    }
+                }
+            }
+        }
+    }
+    let (cut, survivors, parts) = split.expect("a Moebius ladder of 12 splits after four drops");
+    assert!(parts.iter().any(|&size| size < 5) && survivors.len() >= 5, "{parts:?}");
+    let adverts = s.advertise(&[]);
+    s.share(&adverts);
+    let inbox = s.server.close_shares().unwrap();
+    let masked = s.mask(&inbox);
+    for (id, m) in &masked {
+        if survivors.contains(&s.index(id)) {
+            s.server.handle_masked(id, m.clone(), &TestPki).unwrap();
+        }
+    }
+    let (_, requests) = s.confirm();
+    let mut replies = Vec::new();
+    for (id, request) in &requests {
+        let i = s.index(id);
+        replies.push((id.clone(), s.clients[i].handle_unmask(request, &TestPki)?));
+    }
+    let seeds = rebuilt(&replies, t, "seed");
+    let keys = rebuilt(&replies, t, "key");
+    // One part: a survivor and everyone reachable from it among the survivors.
+    let start = *survivors.iter().next().unwrap();
+    let mut part = vec![start];
+    let mut k = 0;
+    while k < part.len() {
+        for &j in &s.graph[part[k]] {
+            if survivors.contains(&j) && !part.contains(&j) {
+                part.push(j);
+            }
+        }
+        k += 1;
+    }
+    let bits = s.setup.params.quantizer.bits;
+    let mut sum = vec![0u64; s.setup.vector_len];
+    for &r in &part {
+        let pairwise: Vec<(usize, [u8; 32])> = s.graph[r]
+            .iter()
+            .filter(|m| cut.contains(m))
+            .map(|&d| (d, pairwise_seed(&s, &KeyPair::from_secret(&keys[&s.ids[d]]), d, r)))
+            .collect();
+        let alone = strip_masks(&s, r, &masked[&s.ids[r]].values, &seeds[&s.ids[r]], &pairwise);
+        for (acc, v) in sum.iter_mut().zip(alone) {
+            *acc = acc.wrapping_add(v) & crypto::modulus_mask(bits);
+        }
+    }
+    Ok(part.len() < s.setup.min_inputs && sum == s.expected(part))
+}
+
+#[test]
+fn i_a_survivor_graph_in_small_parts_is_not_unmasked() {
+    let unchecked = Weakened { skip_masking_check: true, ..Default::default() };
+    assert_eq!(split_graph(unchecked), Ok(true), "without the check one part's sum comes out alone");
+    let err = split_graph(Weakened::default()).unwrap_err();
+    assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("falls apart")), "{err}");
 }

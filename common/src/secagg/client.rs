@@ -1,4 +1,4 @@
-//! The client's side of SecAgg+: one value per session, moved through the five phases.
+//! The client's side of SecAgg+: one value per session, moved through the six phases.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -7,11 +7,12 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::crypto::{self, KeyPair, Secret32};
+use super::graph;
 use super::shamir::{self, Share};
 use super::{
     advert_message, mask_info, seed_commitment, share_aad, share_commitment, share_key_info, AdvertSigner,
-    Confirmation, KeyAdvert, MaskedInput, PeerVerifier, SealedShares, SecAggError, SecAggSetup, SharedKeys,
-    SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
+    Confirmation, JoinList, KeyAdvert, MaskedInput, MaskingList, PeerVerifier, SealedShares, SecAggError, SecAggSetup,
+    SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
 
 /// A neighbour whose advert checked out, with the keys agreed with it.
@@ -43,6 +44,7 @@ struct SharePair {
 }
 
 enum Phase {
+    Joined { nonce: [u8; 32] },
     Advertised,
     SharesSent { peers: BTreeMap<usize, Peer> },
     MaskedSent { peers: BTreeMap<usize, Peer>, held: BTreeMap<usize, Held> },
@@ -53,6 +55,7 @@ enum Phase {
 impl Phase {
     fn name(&self) -> &'static str {
         match self {
+            Phase::Joined { .. } => "join",
             Phase::Advertised => "advertise keys",
             Phase::SharesSent { .. } => "share keys",
             Phase::MaskedSent { .. } => "masked input",
@@ -64,8 +67,11 @@ impl Phase {
 
 pub struct SecAggClient {
     setup: SecAggSetup,
+    /// Known once the cohort has joined (phase 0); zero before.
     session: [u8; 32],
     me: usize,
+    /// The session's graph, and this client's neighbours in it.
+    graph: Vec<Vec<usize>>,
     neighbours: BTreeSet<usize>,
     cipher: KeyPair,
     mask: KeyPair,
@@ -91,54 +97,86 @@ fn bincode_config() -> impl bincode::config::Config {
 }
 
 impl SecAggClient {
-    /// Phase 1: checks the setup, makes this session's keys, seed and the signed advertisement.
-    pub fn start(
-        me: &str,
-        setup: SecAggSetup,
-        signer: &dyn AdvertSigner,
-        rng: &mut impl CryptoRng,
-    ) -> Result<(Self, KeyAdvert), SecAggError> {
-        Self::start_weakened(me, setup, signer, rng, Weakened::default())
+    /// Phase 0: checks the setup and draws this client's nonce for the session id.
+    pub fn join(me: &str, setup: SecAggSetup, rng: &mut impl CryptoRng) -> Result<(Self, [u8; 32]), SecAggError> {
+        Self::join_weakened(me, setup, rng, Weakened::default())
     }
 
-    pub(crate) fn start_weakened(
+    pub(crate) fn join_weakened(
         me: &str,
         setup: SecAggSetup,
-        signer: &dyn AdvertSigner,
         rng: &mut impl CryptoRng,
         weakened: Weakened,
-    ) -> Result<(Self, KeyAdvert), SecAggError> {
+    ) -> Result<(Self, [u8; 32]), SecAggError> {
         setup.check()?;
         let index =
             setup.index_of(me).ok_or_else(|| SecAggError::Server(format!("`{me}` is not in the session's cohort")))?;
-        let session = setup.session_id();
-        let neighbours: BTreeSet<usize> = setup.neighbours().swap_remove(index).into_iter().collect();
-        let cipher = KeyPair::generate(rng);
-        let mask = KeyPair::generate(rng);
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let client = Self {
+            setup,
+            session: [0; 32],
+            me: index,
+            graph: Vec::new(),
+            neighbours: BTreeSet::new(),
+            cipher: KeyPair::generate(rng),
+            mask: KeyPair::generate(rng),
+            self_seed: None,
+            phase: Phase::Joined { nonce },
+            weakened,
+        };
+        Ok((client, nonce))
+    }
+
+    /// Phase 1: checks the join list (sorted cohort members, each once, this client with its own
+    /// nonce), fixes the session id and the graph, and makes the signed advertisement.
+    pub fn handle_joined(
+        &mut self,
+        list: &JoinList,
+        signer: &dyn AdvertSigner,
+        rng: &mut impl CryptoRng,
+    ) -> Result<KeyAdvert, SecAggError> {
+        let Phase::Joined { nonce } = self.phase else {
+            return Err(SecAggError::Phase("a join list", self.phase.name()));
+        };
+        let mut last = None;
+        let mut mine = false;
+        for joined in &list.joined {
+            let i = self.index_of(&joined.client)?;
+            if last.is_some_and(|l| l >= i) {
+                return Err(SecAggError::Server("the join list is not sorted or names a client twice".into()));
+            }
+            last = Some(i);
+            mine |= i == self.me && joined.nonce == nonce;
+        }
+        if !mine {
+            return Err(SecAggError::Server(
+                "the join list does not hold this client's nonce: it would be a session this client did not join"
+                    .into(),
+            ));
+        }
+        self.session = if self.weakened.server_chosen_session {
+            self.setup.session_id(&JoinList { joined: Vec::new() })
+        } else {
+            self.setup.session_id(list)
+        };
+        self.graph = self.setup.neighbours(&self.session);
+        self.neighbours = self.graph[self.me].iter().copied().collect();
         let mut self_seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut self_seed[..]);
         let mut advert = KeyAdvert {
-            client: me.to_string(),
-            cipher_pk: cipher.public(),
-            mask_pk: mask.public(),
-            seed_commitment: seed_commitment(&session, index, &self_seed),
+            client: self.id(self.me).to_string(),
+            cipher_pk: self.cipher.public(),
+            mask_pk: self.mask.public(),
+            seed_commitment: seed_commitment(&self.session, self.me, &self_seed),
             certificate: signer.certificate(),
             signature: Vec::new(),
         };
-        advert.signature =
-            signer.sign(&advert_message(&setup, &session, &advert, weakened)).map_err(SecAggError::Sign)?;
-        let client = Self {
-            setup,
-            session,
-            me: index,
-            neighbours,
-            cipher,
-            mask,
-            self_seed: Some(self_seed),
-            phase: Phase::Advertised,
-            weakened,
-        };
-        Ok((client, advert))
+        let message = advert_message(&self.setup, &self.session, &advert, self.weakened);
+        advert.signature = signer.sign(&message).map_err(SecAggError::Sign)?;
+        self.self_seed = Some(self_seed);
+        self.phase = Phase::Advertised;
+        Ok(advert)
     }
 
     pub fn round(&self) -> u64 {
@@ -160,7 +198,7 @@ impl SecAggClient {
     /// Checks one neighbour's advert and agrees this session's keys with it.
     fn check_peer(&self, j: usize, advert: &KeyAdvert, verifier: &dyn PeerVerifier) -> Result<Peer, String> {
         let message = advert_message(&self.setup, &self.session, advert, self.weakened);
-        verifier.verify(&advert.client, &advert.certificate, &message, &advert.signature)?;
+        verifier.verify(&advert.client, &advert.certificate, &message, &advert.signature).map_err(|e| e.to_string())?;
         let agree =
             |pair: &KeyPair, pk: &[u8; 32], info: Vec<u8>| pair.agree(pk, &[&info[..]]).map_err(|e| e.to_string());
         Ok(Peer {
@@ -260,8 +298,14 @@ impl SecAggClient {
     /// Phase 3: opens the shares sent to this client and masks `input` (already quantized).
     /// It masks against every neighbour with whom it exchanged shares (both sent), whether or
     /// not that neighbour's shares opened, so both ends of an edge always agree; a neighbour
-    /// whose shares were bad is named in [`MaskedInput::invalid_shares_from`].
-    pub fn handle_shares(&mut self, sealed: &[SealedShares], input: &[u64]) -> Result<MaskedInput, SecAggError> {
+    /// whose shares were bad is named in [`MaskedInput::invalid_shares_from`]. The list of whom
+    /// it masked against goes with the input, signed.
+    pub fn handle_shares(
+        &mut self,
+        sealed: &[SealedShares],
+        input: &[u64],
+        signer: &dyn AdvertSigner,
+    ) -> Result<MaskedInput, SecAggError> {
         let Phase::SharesSent { peers } = &self.phase else {
             return Err(SecAggError::Phase("sealed shares", self.phase.name()));
         };
@@ -298,17 +342,26 @@ impl SecAggClient {
         if held.len() < t {
             return Err(SecAggError::Abort(format!("only {} neighbours shared keys, {t} are needed", held.len())));
         }
+        let masked_with: Vec<usize> = held.keys().copied().collect();
+        let signature = signer
+            .sign(&MaskingList::signed_message(&self.session, self.me, &masked_with))
+            .map_err(SecAggError::Sign)?;
         let mut values = input.to_vec();
         let self_seed = self.self_seed.take().expect("the seed is kept until the input is masked");
         crypto::apply_mask(&mut values, &self_seed, bits, true);
         for &j in held.keys() {
             crypto::apply_mask(&mut values, &peers[&j].mask_seed, bits, self.me < j);
         }
+        let masking = MaskingList {
+            client: self.id(self.me).to_string(),
+            masked_with: masked_with.iter().map(|&j| self.id(j).to_string()).collect(),
+            signature,
+        };
         let Phase::SharesSent { peers } = std::mem::replace(&mut self.phase, Phase::Done) else {
             unreachable!("checked above")
         };
         self.phase = Phase::MaskedSent { peers, held };
-        Ok(MaskedInput { values, invalid_shares_from })
+        Ok(MaskedInput { values, invalid_shares_from, masking })
     }
 
     /// Phase 4: checks the survivor list and signs it. The list must be sorted cohort members
@@ -346,9 +399,14 @@ impl SecAggClient {
         Ok(signature)
     }
 
-    /// Phase 5: once at least t neighbours have confirmed the same survivor list, returns the
-    /// shares the server may have: a survivor's self-mask share or a dropped neighbour's key
-    /// share, never both for one peer.
+    /// Phase 5: returns the shares the server may have (a survivor's self-mask share or a dropped
+    /// neighbour's key share, never both for one peer), once the request shows that
+    ///
+    /// - at least t neighbours confirmed exactly the survivor list this client signed,
+    /// - every survivor whose seed share it returns masked against all of its surviving
+    ///   neighbours (its signed masking list), so no group was cut off by withheld shares,
+    /// - and every connected part of the graph among the survivors holds at least `min_inputs`
+    ///   clients, so no part's sum can be unmasked on its own.
     pub fn handle_unmask(
         &mut self,
         request: &UnmaskRequest,
@@ -357,36 +415,102 @@ impl SecAggClient {
         let Phase::Confirmed { peers, held, survivors } = &self.phase else {
             return Err(SecAggError::Phase("an unmask request", self.phase.name()));
         };
+        let refuse = |why: String| Err(SecAggError::Abort(format!("{why}; revealing nothing")));
         let ordered: Vec<usize> = survivors.iter().copied().collect();
         let message = SurvivorList::signed_message(&self.session, &ordered);
+        let t = self.setup.params.threshold;
         let mut confirmed = BTreeSet::new();
-        for Confirmation { client, signature } in &request.confirmations {
+        // At most one signature per neighbour is checked: a long list costs nothing more.
+        for Confirmation { client, signature } in request.confirmations.iter().take(2 * self.neighbours.len()) {
             let Some(j) = self.setup.index_of(client) else { continue };
+            if confirmed.contains(&j) {
+                continue;
+            }
             let Some(peer) = peers.get(&j).filter(|_| survivors.contains(&j)) else { continue };
             if verifier.verify_signature(&peer.certificate, &message, signature).is_ok() {
                 confirmed.insert(j);
             }
         }
-        let t = self.setup.params.threshold;
-        if confirmed.len() < t && !self.weakened.skip_consistency_check {
-            self.phase = Phase::Done;
-            return Err(SecAggError::Server(format!(
-                "only {} neighbours confirmed the survivor list this client signed, {t} are needed: clients may have \
-                 been shown different lists; revealing nothing",
+        let result = if confirmed.len() < t && !self.weakened.skip_consistency_check {
+            refuse(format!(
+                "only {} neighbours confirmed the survivor list this client signed, {t} are needed (they dropped, or \
+                 the server showed clients different lists)",
                 confirmed.len()
-            )));
+            ))
+        } else if self.weakened.skip_masking_check {
+            Ok(())
+        } else {
+            self.check_masking(request, peers, held, survivors, verifier).or_else(refuse)
+        };
+        let reply = result.map(|()| {
+            let mut reply = UnmaskReply { seed_shares: Vec::new(), key_shares: Vec::new() };
+            for (&j, h) in held {
+                let Held::Valid { seed, key } = h else { continue };
+                let id = self.id(j).to_string();
+                if survivors.contains(&j) {
+                    reply.seed_shares.push((id, seed.clone()));
+                } else {
+                    reply.key_shares.push((id, key.clone()));
+                }
+            }
+            reply
+        });
+        self.phase = Phase::Done;
+        reply
+    }
+
+    /// The two checks against unmasking a small group: each survivor whose seed share this client
+    /// holds masked against all its surviving neighbours, and no part of the survivors' graph is
+    /// smaller than `min_inputs`.
+    fn check_masking(
+        &self,
+        request: &UnmaskRequest,
+        peers: &BTreeMap<usize, Peer>,
+        held: &BTreeMap<usize, Held>,
+        survivors: &BTreeSet<usize>,
+        verifier: &dyn PeerVerifier,
+    ) -> Result<(), String> {
+        let parts = graph::part_sizes(&self.graph, survivors);
+        if let Some(small) = parts.iter().filter(|&&size| size < self.setup.min_inputs).min() {
+            return Err(format!(
+                "the survivors' graph falls apart into {} parts, one of {small} clients (fewer than {})",
+                parts.len(),
+                self.setup.min_inputs
+            ));
         }
-        let mut reply = UnmaskReply { seed_shares: Vec::new(), key_shares: Vec::new() };
         for (&j, h) in held {
-            let Held::Valid { seed, key } = h else { continue };
-            let id = self.id(j).to_string();
-            if survivors.contains(&j) {
-                reply.seed_shares.push((id, seed.clone()));
-            } else {
-                reply.key_shares.push((id, key.clone()));
+            if !survivors.contains(&j) || !matches!(h, Held::Valid { .. }) {
+                continue;
+            }
+            let id = self.id(j);
+            let Some(list) = request.masking.iter().find(|m| m.client == id) else {
+                return Err(format!("the request lacks survivor `{id}`'s list of whom it masked against"));
+            };
+            let mut masked_with = Vec::with_capacity(list.masked_with.len());
+            for m in &list.masked_with {
+                let Some(i) = self.setup.index_of(m) else {
+                    return Err(format!("`{id}`'s masking list names a stranger"));
+                };
+                if masked_with.last().is_some_and(|&l| l >= i) {
+                    return Err(format!("`{id}`'s masking list is not sorted"));
+                }
+                masked_with.push(i);
+            }
+            let message = MaskingList::signed_message(&self.session, j, &masked_with);
+            if let Err(e) = verifier.verify_signature(&peers[&j].certificate, &message, &list.signature) {
+                return Err(format!("`{id}`'s masking list does not verify ({e})"));
+            }
+            let cut_off: Vec<&str> = self.graph[j]
+                .iter()
+                .filter(|m| survivors.contains(m) && masked_with.binary_search(m).is_err())
+                .map(|&m| self.id(m))
+                .collect();
+            if !cut_off.is_empty() {
+                return Err(format!(
+                    "survivor `{id}` did not mask against its surviving neighbours {cut_off:?} (shares withheld)"
+                ));
             }
         }
-        self.phase = Phase::Done;
-        Ok(reply)
+        Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! permutation of the cohort: k-regular, and chosen from public randomness so every client can
 //! compute it.
 
+use std::collections::BTreeSet;
+
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -31,6 +33,29 @@ pub fn harary(n: usize, degree: usize, seed: u64) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// The sizes of the connected parts of `graph` among `members` (edges between members only):
+/// the groups whose sums a server could unmask one by one.
+pub fn part_sizes(graph: &[Vec<usize>], members: &BTreeSet<usize>) -> Vec<usize> {
+    let mut seen = BTreeSet::new();
+    let mut sizes = Vec::new();
+    for &start in members {
+        if !seen.insert(start) {
+            continue;
+        }
+        let (mut stack, mut size) = (vec![start], 0);
+        while let Some(i) = stack.pop() {
+            size += 1;
+            for &j in graph.get(i).map_or(&[][..], Vec::as_slice) {
+                if members.contains(&j) && seen.insert(j) {
+                    stack.push(j);
+                }
+            }
+        }
+        sizes.push(size);
+    }
+    sizes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +74,17 @@ mod tests {
             assert_eq!(g, harary(n, k, 7));
         }
         assert_ne!(harary(20, 4, 1), harary(20, 4, 2));
+    }
+
+    #[test]
+    fn parts_of_a_ring_with_gaps() {
+        // A ring of 10 (degree 2, identity order when the graph is built by hand).
+        let ring: Vec<Vec<usize>> = (0..10).map(|i| vec![(i + 9) % 10, (i + 1) % 10]).collect();
+        let all: BTreeSet<usize> = (0..10).collect();
+        assert_eq!(part_sizes(&ring, &all), vec![10]);
+        let gaps: BTreeSet<usize> = [0, 1, 2, 4, 5, 6, 7, 8].into_iter().collect();
+        let mut sizes = part_sizes(&ring, &gaps);
+        sizes.sort();
+        assert_eq!(sizes, vec![3, 5], "removing 3 and 9 cuts the ring in two");
     }
 }

@@ -35,11 +35,11 @@ impl AdvertSigner for TestSigner {
 }
 
 impl PeerVerifier for TestPki {
-    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), Rejection> {
         if certificate != client.as_bytes() {
-            return Err("the certificate names another client".into());
+            return Err(Rejection::Certificate("the certificate names another client".into()));
         }
-        self.verify_signature(certificate, message, signature)
+        self.verify_signature(certificate, message, signature).map_err(Rejection::Signature)
     }
     fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
         hmac::verify(&TestPki::key(certificate), message, signature).map_err(|_| "bad signature".to_string())
@@ -50,7 +50,6 @@ pub(crate) fn setup(n: usize, t: usize, k: usize, len: usize, round: u64) -> Sec
     SecAggSetup {
         round,
         purpose: "train".into(),
-        nonce: [round as u8; 16],
         params: SecAggParams {
             threshold: t,
             degree: k,
@@ -58,15 +57,18 @@ pub(crate) fn setup(n: usize, t: usize, k: usize, len: usize, round: u64) -> Sec
             quantizer: Quantizer { bits: 32, clip: 1.0, scale: 1000.0, wrap: false },
         },
         cohort: (0..n).map(|i| format!("c{i:03}")).collect(),
-        graph_seed: 99,
         vector_len: len,
         min_inputs: 1,
     }
 }
 
-/// A server, its clients and their inputs, driven phase by phase (by [`run`] or by hand).
+/// A server, its clients and their inputs, driven phase by phase (by [`run`] or by hand). Every
+/// client has joined and made its advert; none is sent yet.
 pub(crate) struct Session {
     pub setup: SecAggSetup,
+    /// The session id once everybody joined, and its graph.
+    pub session: [u8; 32],
+    pub graph: Vec<Vec<usize>>,
     pub ids: Vec<String>,
     pub inputs: Vec<Vec<u64>>,
     pub server: SecAggServer,
@@ -77,7 +79,7 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Makes every client's keys and advert (sent to nobody yet), and random inputs.
+    /// Every client joins and makes its advert (sent to nobody yet); random inputs.
     pub fn new(setup: SecAggSetup, seed: u64, weakened: Weakened) -> Self {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
         let max = setup.params.quantizer.max_code();
@@ -85,15 +87,22 @@ impl Session {
         let inputs = (0..n).map(|_| (0..len).map(|_| rng.random_range(0..=max)).collect()).collect();
         let mut server = SecAggServer::new(setup.clone()).unwrap();
         server.weaken(weakened);
-        let (mut clients, mut adverts) = (Vec::new(), Vec::new());
+        let mut clients = Vec::new();
         for id in &setup.cohort {
-            let (c, a) =
-                SecAggClient::start_weakened(id, setup.clone(), &TestSigner(id.clone()), &mut rng, weakened).unwrap();
+            let (c, nonce) = SecAggClient::join_weakened(id, setup.clone(), &mut rng, weakened).unwrap();
+            server.handle_join(id, nonce).unwrap();
             clients.push(c);
-            adverts.push(a);
         }
+        let list = server.close_joins().unwrap();
+        let adverts = clients
+            .iter_mut()
+            .zip(&setup.cohort)
+            .map(|(c, id)| c.handle_joined(&list, &TestSigner(id.clone()), &mut rng).unwrap())
+            .collect();
+        let session = server.session_id();
+        let graph = setup.neighbours(&session);
         let ids = setup.cohort.clone();
-        Self { setup, ids, inputs, server, clients, adverts, rng }
+        Self { setup, session, graph, ids, inputs, server, clients, adverts, rng }
     }
 
     pub fn index(&self, id: &str) -> usize {
@@ -125,7 +134,8 @@ impl Session {
         let mut masked = BTreeMap::new();
         for (id, sealed) in inbox {
             let i = self.index(id);
-            masked.insert(id.clone(), self.clients[i].handle_shares(sealed, &self.inputs[i]).unwrap());
+            let signer = TestSigner(id.clone());
+            masked.insert(id.clone(), self.clients[i].handle_shares(sealed, &self.inputs[i], &signer).unwrap());
         }
         masked
     }
@@ -136,7 +146,7 @@ impl Session {
         self.share(&adverts);
         let inbox = self.server.close_shares().unwrap();
         for (id, m) in self.mask(&inbox) {
-            self.server.handle_masked(&id, m).unwrap();
+            self.server.handle_masked(&id, m, &TestPki).unwrap();
         }
     }
 
@@ -186,8 +196,8 @@ struct Outcome {
 fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
     let n = setup.cohort.len();
     let t = setup.params.threshold;
-    let graph = setup.neighbours();
     let mut s = Session::new(setup.clone(), seed, Weakened::default());
+    let graph = s.graph.clone();
 
     // Independent account of who gets how far.
     let count = |i: usize, set: &BTreeSet<usize>| graph[i].iter().filter(|j| set.contains(j)).count();
@@ -205,10 +215,13 @@ fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
     let u4: BTreeSet<usize> = u3.iter().copied().filter(|i| !drops[3].contains(i)).collect();
     // Those that reveal: t neighbours confirmed their list.
     let u5: BTreeSet<usize> = u4.iter().copied().filter(|&i| !drops[4].contains(&i) && count(i, &u4) >= t).collect();
+    // Every part of the survivors' graph must hold min_inputs, or nobody reveals.
+    let parts_large = graph::part_sizes(&graph, &u3).iter().all(|&size| size >= setup.min_inputs);
     let feasible = u1.len() > t
         && u2.len() > t
         && u3.len() >= t.max(setup.min_inputs)
         && u4.len() >= t
+        && parts_large
         && u2.iter().all(|&j| count(j, &u5) >= t);
     let expected = feasible.then(|| s.expected(u3.iter().copied()));
 
@@ -229,8 +242,8 @@ fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
         let inbox = s.server.close_shares()?;
         for (id, sealed) in inbox {
             let i = s.index(&id);
-            match s.clients[i].handle_shares(&sealed, &s.inputs[i]) {
-                Ok(masked) if !drops[2].contains(&i) => s.server.handle_masked(&id, masked).unwrap(),
+            match s.clients[i].handle_shares(&sealed, &s.inputs[i], &TestSigner(id.clone())) {
+                Ok(masked) if !drops[2].contains(&i) => s.server.handle_masked(&id, masked, &TestPki).unwrap(),
                 Ok(_) | Err(SecAggError::Abort(_)) => {}
                 Err(e) => panic!("{e}"),
             }
@@ -251,8 +264,9 @@ fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
             }
             match s.clients[i].handle_unmask(&request, &TestPki) {
                 Ok(reply) => s.server.handle_unmask(&id, reply)?,
-                // Too few of its neighbours confirmed: it reveals nothing, as accounted above.
-                Err(SecAggError::Server(_)) => assert!(!u5.contains(&i)),
+                // Too few of its neighbours confirmed, or the survivors' graph fell apart: it
+                // reveals nothing, as accounted above.
+                Err(SecAggError::Abort(_)) => assert!(!u5.contains(&i) || !parts_large),
                 Err(e) => return Err(e),
             }
         }
@@ -336,7 +350,7 @@ fn a_sum_of_fewer_than_min_inputs_is_never_unmasked() {
     let inbox = session.server.close_shares().unwrap();
     let masked = session.mask(&inbox);
     for (id, m) in masked.into_iter().take(4) {
-        session.server.handle_masked(&id, m).unwrap();
+        session.server.handle_masked(&id, m, &TestPki).unwrap();
     }
     assert!(matches!(session.server.close_masked(), Err(SecAggError::Abort(ref m)) if m.contains("at least 5")));
     // A server that asks anyway (a list of four) is refused by every client.
@@ -385,7 +399,7 @@ fn tampered_and_replayed_share_ciphertexts_are_reported_and_the_sum_stays_exact(
     let masked = s.mask(&inbox);
     assert_eq!(masked["c000"].invalid_shares_from, vec!["c001".to_string(), "c002".to_string()]);
     for (id, m) in masked {
-        s.server.handle_masked(&id, m).unwrap();
+        s.server.handle_masked(&id, m, &TestPki).unwrap();
     }
     assert_eq!(s.server.complaints().len(), 2);
     let results = s.confirm_and_unmask();
@@ -411,15 +425,20 @@ fn settings_that_cannot_give_the_sum_are_refused() {
 }
 
 #[test]
-fn the_session_id_covers_every_setting() {
+fn the_session_id_covers_every_setting_and_every_nonce() {
     let base = setup(5, 3, 4, 4, 1);
-    let id = base.session_id();
+    let joined = |nonce: u8| JoinList {
+        joined: base.cohort.iter().map(|c| Joined { client: c.clone(), nonce: [nonce; 32] }).collect(),
+    };
+    let id = base.session_id(&joined(1));
+    assert_ne!(base.session_id(&joined(2)), id, "a rerun with fresh nonces is another session");
+    let mut fewer = joined(1);
+    fewer.joined.pop();
+    assert_ne!(base.session_id(&fewer), id);
     type Change = Box<dyn Fn(&mut SecAggSetup)>;
-    let variants: [Change; 7] = [
+    let variants: [Change; 5] = [
         Box::new(|s| s.round = 2),
         Box::new(|s| s.purpose = "census".into()),
-        Box::new(|s| s.nonce[0] ^= 1),
-        Box::new(|s| s.graph_seed = 1),
         Box::new(|s| s.min_inputs = 2),
         Box::new(|s| s.cohort[4] = "c999".into()),
         Box::new(|s| s.params.quantizer.scale = 999.0),
@@ -427,17 +446,41 @@ fn the_session_id_covers_every_setting() {
     for change in variants {
         let mut other = base.clone();
         change(&mut other);
-        assert_ne!(other.session_id(), id);
+        assert_ne!(other.session_id(&joined(1)), id);
     }
+    // The graph follows the session: the server cannot choose it.
+    assert_ne!(setup(20, 3, 4, 4, 1).neighbours(&[1; 32]), setup(20, 3, 4, 4, 1).neighbours(&[2; 32]));
+}
+
+#[test]
+fn a_client_joins_only_a_session_with_its_own_nonce() {
+    let s = setup(4, 2, 3, 4, 8);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
+    let (mut client, nonce) = SecAggClient::join("c001", s.clone(), &mut rng).unwrap();
+    let signer = TestSigner("c001".into());
+    let list = |entries: &[(&str, [u8; 32])]| JoinList {
+        joined: entries.iter().map(|(c, n)| Joined { client: c.to_string(), nonce: *n }).collect(),
+    };
+    for bad in [
+        list(&[("c000", [0; 32]), ("c002", [0; 32])]),
+        list(&[("c000", [0; 32]), ("c001", [9; 32])]),
+        list(&[("c001", nonce), ("c000", [0; 32])]),
+        list(&[("c001", nonce), ("c001", nonce)]),
+    ] {
+        assert!(matches!(client.handle_joined(&bad, &signer, &mut rng), Err(SecAggError::Server(_))));
+    }
+    client.handle_joined(&list(&[("c000", [0; 32]), ("c001", nonce)]), &signer, &mut rng).unwrap();
 }
 
 #[test]
 fn masked_inputs_travel_compactly_and_round_trip() {
     for values in [vec![0u64, 1, u32::MAX as u64, 7], vec![0u64, u64::MAX, 1 << 40]] {
-        let m = MaskedInput { values: values.clone(), invalid_shares_from: Vec::new() };
+        let masking = MaskingList { client: "c000".into(), masked_with: Vec::new(), signature: Vec::new() };
+        let m = MaskedInput { values: values.clone(), invalid_shares_from: Vec::new(), masking };
         let frame = crate::wire::encode(&m).unwrap();
         let narrow = values.iter().all(|v| *v <= u32::MAX as u64);
-        assert!(frame.len() < 16 + values.len() * if narrow { 4 } else { 8 });
+        // Header, version, tags and the (empty) masking list: about 24 bytes beside the values.
+        assert!(frame.len() < 32 + values.len() * if narrow { 4 } else { 8 });
         let back: MaskedInput = crate::wire::decode_frame(&frame, crate::wire::MAX_FRAME_BYTES).unwrap();
         assert_eq!(back.values, values);
     }

@@ -2,10 +2,15 @@
 //! check of Bonawitz et al. 2017, as one state machine per role and no I/O.
 //!
 //! A session sums one vector per client. Everything the clients sign or derive is bound to the
-//! session id ([`SecAggSetup::session_id`]): the round, what is summed (`purpose`), a fresh server
-//! nonce, the cohort and every parameter, so nothing of one session can be replayed into another.
-//! The server drives five phases; every client answers each phase once:
+//! session id ([`SecAggSetup::session_id`]): the round, what is summed (`purpose`), the cohort,
+//! every parameter, and a fresh nonce from every client that joined, so nothing of one session
+//! (not even a rerun of the same setup) verifies in another, and the neighbour graph is seeded
+//! by randomness the server cannot choose. The server drives six phases; every client answers
+//! each once:
 //!
+//! 0. **Join.** Each client sends a fresh nonce; the server sends every client the same list of
+//!    who joined with which nonce ([`JoinList`]), and a client goes on only if its own nonce is
+//!    in it.
 //! 1. **Advertise keys.** Each client makes two X25519 key pairs (one to encrypt shares, one to
 //!    derive pairwise masks) and a self-mask seed, and signs both public keys and a commitment to
 //!    the seed with its certificate key ([`AdvertSigner`]). The server checks the signature too,
@@ -21,24 +26,31 @@
 //!    commitment is reported, and the client holds nothing of that sender) and adds to its
 //!    quantized vector the expansion of its self-mask seed and, for every neighbour with whom it
 //!    exchanged shares, the pairwise mask (added towards higher-indexed neighbours, subtracted
-//!    towards lower ones, so pairs cancel in the sum).
+//!    towards lower ones, so pairs cancel in the sum). It signs the list of neighbours it masked
+//!    against.
 //! 4. **Consistency.** The server sends every client that sent a masked input the same list of
 //!    them (the survivors); each signs it. A client refuses a list that omits it, names strangers
 //!    or twice the same client, or holds fewer than `min_inputs`.
-//! 5. **Unmask.** The server forwards each client its neighbours' signatures. A client reveals
-//!    nothing until at least t neighbours signed exactly the list it signed; then it returns, for
-//!    each neighbour whose shares it holds, the self-mask share of a survivor or the mask-key share
-//!    of a dropped one, never both for one peer. The server checks every returned share against
-//!    its commitment (a wrong one names its sender as a cheater and is not used), rebuilds the
+//! 5. **Unmask.** The server forwards each client its neighbours' signatures over the list and
+//!    their signed lists of whom they masked against. A client reveals nothing unless at least t
+//!    neighbours signed exactly the list it signed, every survivor whose seed it would reveal
+//!    masked against all of its surviving neighbours, and every connected part of the graph
+//!    among the survivors holds at least `min_inputs` clients. Then it returns, for each
+//!    neighbour whose shares it holds, the self-mask share of a survivor or the mask-key share of
+//!    a dropped one, never both for one peer. The server checks every returned share against its
+//!    commitment (a wrong one names its sender as a cheater and is not used), rebuilds the
 //!    survivors' seeds (checked against their commitments) and the dropped clients' keys (checked
 //!    against their public keys), and removes the masks.
 //!
-//! Why the consistency phase: without it, a server could tell a client's neighbours that it
-//! survived and tell each neighbour's own neighbours that the neighbour dropped, collecting the
-//! client's seed and every pairwise key around it without any one request naming a client both
-//! ways. With it, each honest client signs one list, and a client's seed share and its
-//! neighbour's key share cannot both be released: releasing either needs t > k / 2 signatures on
-//! one list in a neighbourhood of k.
+//! Why the checks of phase 5: the server learns the sum of any group of survivors whose seeds it
+//! gets and whose every mask with a client outside the group it can remove. Different survivor
+//! lists for different clients would let it collect one client's seed and its neighbours' keys;
+//! the consistency check stops that, as each honest client signs one list and revealing needs
+//! t > k / 2 signatures on one list in a neighbourhood of k (with c colluding clients in a
+//! neighbourhood signing anything, 2t > k + c is needed). Withholding some shares would let it
+//! cut a small group off from the rest (its members mask only among themselves); the signed
+//! masking lists stop that. And when dropouts (real or claimed) split the survivors' graph, each
+//! part's sum could be unmasked alone; the size check stops that.
 //!
 //! [`SecAggServer`] keeps only the running sum of masked inputs, never one input. With at least
 //! t responding neighbours for every secret it must rebuild, the sum is exact (modulo 2^bits);
@@ -83,20 +95,19 @@ pub struct SecAggSetup {
     /// What is summed (`train`, `census`, `evaluate`): part of the session id, so keys and
     /// signatures of one kind of sum cannot be replayed into another of the same round.
     pub purpose: String,
-    /// Fresh random bytes the server draws for every session: a round run again after a restart
-    /// is a new session.
-    pub nonce: [u8; 16],
     pub params: SecAggParams,
     /// The cohort, sorted; a client's index is its position.
     pub cohort: Vec<ClientId>,
-    /// Seed of the neighbour graph (public randomness).
-    pub graph_seed: u64,
     /// Length of the vectors being summed.
     pub vector_len: usize,
     /// The fewest inputs a sum may hold: clients refuse to sign (and so to unmask) a survivor
-    /// list shorter than this, so the server never learns a sum of fewer.
+    /// list shorter than this, or one whose graph falls apart into smaller groups, so the server
+    /// never learns a sum of fewer.
     pub min_inputs: usize,
 }
+
+/// The most clients one session may have (the graph and the messages grow with it).
+pub const MAX_COHORT: usize = 1 << 20;
 
 impl SecAggSetup {
     /// The degree actually used for this cohort.
@@ -104,12 +115,13 @@ impl SecAggSetup {
         self.params.degree.min(self.cohort.len().saturating_sub(1))
     }
 
-    /// The session id: a hash of the whole setup. Every signature, key and commitment of the
-    /// session is bound to it.
-    pub fn session_id(&self) -> [u8; 32] {
-        let encoded = bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .expect("a setup always encodes (it holds no maps or unsized values)");
-        crypto::hash(b"cohort-secagg-session-v2", &[&encoded])
+    /// The session id: a hash of the whole setup and of who joined with which nonce. Every
+    /// signature, key and commitment of the session is bound to it, and it seeds the graph.
+    pub fn session_id(&self, joined: &JoinList) -> [u8; 32] {
+        let config = bincode::config::standard();
+        let setup = bincode::serde::encode_to_vec(self, config).expect("a setup always encodes");
+        let joined = bincode::serde::encode_to_vec(joined, config).expect("a join list always encodes");
+        crypto::hash(b"cohort-secagg-session-v2", &[&setup, &joined])
     }
 
     /// Checks that t, k and the cohort size give the sum with the promised dropout tolerance,
@@ -120,6 +132,9 @@ impl SecAggSetup {
         let bad = |m: String| Err(SecAggError::Config(m));
         if n < 2 {
             return bad(format!("secure aggregation needs at least 2 clients in the cohort, got {n}"));
+        }
+        if n > MAX_COHORT {
+            return bad(format!("a cohort of {n} clients is more than one session takes ({MAX_COHORT})"));
         }
         if n > 255 && p.degree >= 255 {
             return bad("degree must be below 255 (shares are points of GF(256))".into());
@@ -157,14 +172,30 @@ impl SecAggSetup {
         Ok(())
     }
 
-    pub fn neighbours(&self) -> Vec<Vec<usize>> {
-        graph::harary(self.cohort.len(), self.effective_degree(), self.graph_seed)
+    /// The neighbour graph of session `session`: a Harary graph over a permutation seeded by the
+    /// session id, which holds every joined client's nonce, so the server cannot pick it.
+    pub fn neighbours(&self, session: &[u8; 32]) -> Vec<Vec<usize>> {
+        let seed = u64::from_be_bytes(session[..8].try_into().expect("8 bytes"));
+        graph::harary(self.cohort.len(), self.effective_degree(), seed)
     }
 
     /// The index of `id` in the cohort.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.cohort.binary_search_by(|c| c.as_str().cmp(id)).ok()
     }
+}
+
+/// Phase 0: who joined a session with which fresh nonce, sorted by client. The same list goes to
+/// every client that joined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinList {
+    pub joined: Vec<Joined>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Joined {
+    pub client: ClientId,
+    pub nonce: [u8; 32],
 }
 
 /// Phase 1: a client's signed public keys and its commitment to its self-mask seed.
@@ -230,13 +261,46 @@ pub struct SharedKeys {
     pub refused: Vec<ClientId>,
 }
 
-/// Phase 3: a masked, quantized vector (raw little-endian `u64`s on the wire), and the
-/// neighbours whose shares did not open or did not match their commitments.
+/// Phase 3: a masked, quantized vector (raw little-endian `u64`s on the wire), the neighbours
+/// whose shares did not open or did not match their commitments, and the client's signed list
+/// of the neighbours it masked against.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskedInput {
     #[serde(with = "raw_u64")]
     pub values: Vec<u64>,
     pub invalid_shares_from: Vec<ClientId>,
+    pub masking: MaskingList,
+}
+
+/// The neighbours a client masked against (sorted), signed by it. Before revealing a survivor's
+/// seed share, its neighbours check that it masked against every neighbour that survived: a
+/// server that withheld shares to cut a small group off from the rest cannot hide it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskingList {
+    pub client: ClientId,
+    pub masked_with: Vec<ClientId>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for MaskingList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MaskingList({} masked with {} neighbours)", self.client, self.masked_with.len())
+    }
+}
+
+impl MaskingList {
+    /// The bytes the signature covers: the session, the client and its masking partners.
+    pub fn signed_message(session: &[u8; 32], client: usize, masked_with: &[usize]) -> Vec<u8> {
+        let mut m = b"cohort-secagg-masked-with-v2".to_vec();
+        m.extend_from_slice(session);
+        m.extend_from_slice(&(client as u64).to_be_bytes());
+        m.extend_from_slice(&(masked_with.len() as u64).to_be_bytes());
+        for j in masked_with {
+            m.extend_from_slice(&(*j as u64).to_be_bytes());
+        }
+        m
+    }
 }
 
 /// Masked values travel as raw little-endian integers, 4 bytes each when they all fit (a 32-bit
@@ -314,10 +378,12 @@ impl std::fmt::Debug for Confirmation {
     }
 }
 
-/// Phase 5, server to a client: its neighbours' confirmations of the survivor list.
+/// Phase 5, server to a client: its neighbours' confirmations of the survivor list, and the
+/// surviving neighbours' lists of whom they masked against.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnmaskRequest {
     pub confirmations: Vec<Confirmation>,
+    pub masking: Vec<MaskingList>,
 }
 
 /// Phase 5, client to server: shares of survivors' self-mask seeds and of dropped clients'
@@ -398,9 +464,22 @@ pub trait AdvertSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String>;
 }
 
+/// Why a peer's signed message was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The certificate is not a client certificate of this federation for that id (a stranger's,
+    /// another CA's, expired): the sender is left out, not named a cheater (an honest client's
+    /// certificate can expire mid-connection).
+    #[error("{0}")]
+    Certificate(String),
+    /// The certificate is fine and the signature does not verify: tampering or cheating.
+    #[error("{0}")]
+    Signature(String),
+}
+
 /// Checks a neighbour's certificate against the CA, that it names `client`, and its signature.
 pub trait PeerVerifier {
-    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
+    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), Rejection>;
     /// Checks only the signature, with the key of a certificate [`PeerVerifier::verify`] has
     /// already accepted in this session.
     fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
@@ -427,7 +506,8 @@ pub enum SecAggError {
     /// A message arrived in the wrong phase (a driver bug or a confused peer).
     #[error("{0} is not expected in phase {1}")]
     Phase(&'static str, &'static str),
-    /// Too few clients are left for the sum.
+    /// Too few clients are left for the sum, or the checks before revealing failed (which
+    /// dropouts can cause as well as a server that misbehaves).
     #[error("round aborted: {0}")]
     Abort(String),
     #[error("signing: {0}")]
@@ -449,6 +529,10 @@ pub(crate) struct Weakened {
     pub trust_returned_shares: bool,
     /// Abort the client's session on a neighbour's bad advert instead of leaving it out.
     pub abort_on_bad_advert: bool,
+    /// Reveal without checking the survivors' masking lists or the size of the graph's parts.
+    pub skip_masking_check: bool,
+    /// Leave the clients' nonces out of the session id (a server-chosen session, as in v1).
+    pub server_chosen_session: bool,
 }
 
 /// The advert message of protocol v1 (round only); what [`Weakened::unbound_adverts`] signs.

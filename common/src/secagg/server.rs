@@ -1,19 +1,22 @@
-//! The server's side of SecAgg+: routes keys, shares and confirmations, sums masked inputs as
-//! they arrive (it never holds one on its own), checks every share a client returns against the
-//! commitment its dealer made, and removes the masks at the end.
+//! The server's side of SecAgg+: gathers the join list, routes keys, shares, masking lists and
+//! confirmations, sums masked inputs as they arrive (it never holds one on its own), checks
+//! every share a client returns against the commitment its dealer made, and removes the masks at
+//! the end.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::crypto::{self, KeyPair};
 use super::shamir::{self, Share};
 use super::{
-    advert_message, mask_info, seed_commitment, share_commitment, Confirmation, KeyAdvert, MaskedInput, PeerVerifier,
-    SealedShares, SecAggError, SecAggSetup, SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
+    advert_message, mask_info, seed_commitment, share_commitment, Confirmation, JoinList, Joined, KeyAdvert,
+    MaskedInput, MaskingList, PeerVerifier, Rejection, SealedShares, SecAggError, SecAggSetup, SharedKeys,
+    SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
 use crate::round::ClientId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    Join,
     Advertise,
     Share,
     Masked,
@@ -25,6 +28,7 @@ enum Phase {
 impl Phase {
     fn name(self) -> &'static str {
         match self {
+            Phase::Join => "join",
             Phase::Advertise => "advertise keys",
             Phase::Share => "share keys",
             Phase::Masked => "masked input",
@@ -53,6 +57,9 @@ pub struct Unmasked {
 
 pub struct SecAggServer {
     setup: SecAggSetup,
+    /// Who joined with which nonce (phase 0).
+    joined: BTreeMap<usize, [u8; 32]>,
+    /// Known once the joins close; zero before.
     session: [u8; 32],
     graph: Vec<Vec<usize>>,
     phase: Phase,
@@ -65,6 +72,8 @@ pub struct SecAggServer {
     masked_sum: Vec<u64>,
     /// U3: the clients whose masked input is in the sum.
     survivors: BTreeSet<usize>,
+    /// Each survivor's signed list of whom it masked against.
+    masking: BTreeMap<usize, MaskingList>,
     /// `(holder, dealer)`: shares a holder reported as bad when it opened them.
     complaints: BTreeSet<(usize, usize)>,
     /// `(client, neighbour)`: adverts a client refused.
@@ -92,19 +101,19 @@ impl SecAggServer {
     /// Checks the setup (refusing settings that cannot give the sum) and starts phase 1.
     pub fn new(setup: SecAggSetup) -> Result<Self, SecAggError> {
         setup.check()?;
-        let graph = setup.neighbours();
         let len = setup.vector_len;
-        let session = setup.session_id();
         Ok(Self {
             setup,
-            session,
-            graph,
-            phase: Phase::Advertise,
+            joined: BTreeMap::new(),
+            session: [0; 32],
+            graph: Vec::new(),
+            phase: Phase::Join,
             adverts: BTreeMap::new(),
             outgoing: BTreeMap::new(),
             dealt: BTreeMap::new(),
             masked_sum: vec![0; len],
             survivors: BTreeSet::new(),
+            masking: BTreeMap::new(),
             complaints: BTreeSet::new(),
             refusals: BTreeSet::new(),
             confirmations: BTreeMap::new(),
@@ -168,8 +177,46 @@ impl SecAggServer {
         self.complaints.iter().map(|&(h, d)| (self.id(h).to_string(), self.id(d).to_string())).collect()
     }
 
+    /// Phase 0: a client's nonce.
+    pub fn handle_join(&mut self, from: &str, nonce: [u8; 32]) -> Result<(), SecAggError> {
+        self.expect(Phase::Join, "a join")?;
+        let i = self.index(from)?;
+        if self.joined.insert(i, nonce).is_some() {
+            return Err(SecAggError::Peer(format!("`{from}` joined twice")));
+        }
+        Ok(())
+    }
+
+    /// Ends phase 0: the join list (the same for everybody), which fixes the session id and the
+    /// graph.
+    pub fn close_joins(&mut self) -> Result<JoinList, SecAggError> {
+        self.expect(Phase::Join, "closing the joins")?;
+        let t = self.setup.params.threshold;
+        if self.joined.len() < t + 1 {
+            let n = self.joined.len();
+            return Err(self.abort(format!("{n} clients joined; at least {} are needed", t + 1)));
+        }
+        let joined = self.joined.iter().map(|(&i, nonce)| Joined { client: self.id(i).to_string(), nonce: *nonce });
+        let list = JoinList { joined: joined.collect() };
+        self.session = if self.weakened.server_chosen_session {
+            self.setup.session_id(&JoinList { joined: Vec::new() })
+        } else {
+            self.setup.session_id(&list)
+        };
+        self.graph = self.setup.neighbours(&self.session);
+        self.phase = Phase::Advertise;
+        Ok(list)
+    }
+
+    /// The session id (known once the joins are closed).
+    pub fn session_id(&self) -> [u8; 32] {
+        self.session
+    }
+
     /// Phase 1: takes a client's advert. The server checks the signature against the CA too: a
-    /// client whose advert does not verify is named as a cheater and left out of the session.
+    /// client whose advert does not verify under a valid certificate, or that advertises a
+    /// low-order key, is named as a cheater and left out; one whose certificate is not valid
+    /// (expired, another CA's) is left out.
     pub fn handle_advert(
         &mut self,
         from: &str,
@@ -187,9 +234,23 @@ impl SecAggServer {
         if self.adverts.contains_key(&i) {
             return Err(SecAggError::Peer(format!("`{from}` advertised twice")));
         }
+        if !self.joined.contains_key(&i) {
+            return Err(SecAggError::Peer(format!("`{from}` advertised keys without joining")));
+        }
         let message = advert_message(&self.setup, &self.session, &advert, self.weakened);
-        if let Err(e) = verifier.verify(from, &advert.certificate, &message, &advert.signature) {
-            return Err(self.cheated(i, format!("its key advert does not verify ({e})")));
+        match verifier.verify(from, &advert.certificate, &message, &advert.signature) {
+            Ok(()) => {}
+            Err(Rejection::Certificate(e)) => {
+                return Err(SecAggError::Peer(format!("`{from}`'s certificate is not accepted ({e}); left out")))
+            }
+            Err(Rejection::Signature(e)) => {
+                return Err(self.cheated(i, format!("its key advert does not verify ({e})")))
+            }
+        }
+        // A low-order point gives no shared secret with anyone: refused by every neighbour.
+        let probe = KeyPair::from_secret(&[7; 32]);
+        if [advert.cipher_pk, advert.mask_pk].iter().any(|pk| probe.agree(pk, &[b"probe"]).is_err()) {
+            return Err(self.cheated(i, "it advertised a low-order public key".into()));
         }
         self.adverts.insert(i, advert);
         Ok(())
@@ -282,8 +343,14 @@ impl SecAggServer {
         self.dealt.contains_key(&(a, b)) && self.dealt.contains_key(&(b, a))
     }
 
-    /// Phase 3: adds a masked input to the running sum and notes the holder's complaints.
-    pub fn handle_masked(&mut self, from: &str, input: MaskedInput) -> Result<(), SecAggError> {
+    /// Phase 3: adds a masked input to the running sum and notes the holder's complaints and
+    /// its signed masking list.
+    pub fn handle_masked(
+        &mut self,
+        from: &str,
+        input: MaskedInput,
+        verifier: &dyn PeerVerifier,
+    ) -> Result<(), SecAggError> {
         self.expect(Phase::Masked, "a masked input")?;
         let i = self.index(from)?;
         if !self.shared(i) {
@@ -300,9 +367,24 @@ impl SecAggServer {
                 return Err(SecAggError::Peer(format!("`{from}` complains about shares `{id}` did not send it")));
             }
         }
-        if !self.survivors.insert(i) {
+        if self.survivors.contains(&i) {
             return Err(SecAggError::Peer(format!("`{from}` sent a second masked input")));
         }
+        // Its masking list must say what the server routed: both dealt each other shares.
+        let routed: Vec<usize> = self.graph[i].iter().copied().filter(|&j| self.masked_together(i, j)).collect();
+        let listed: Vec<usize> = input.masking.masked_with.iter().map(|id| self.index(id)).collect::<Result<_, _>>()?;
+        if input.masking.client != from || listed != routed {
+            return Err(SecAggError::Peer(format!(
+                "`{from}`'s list of whom it masked against is not the neighbours it exchanged shares with"
+            )));
+        }
+        let message = MaskingList::signed_message(&self.session, i, &routed);
+        let certificate = &self.adverts[&i].certificate;
+        if let Err(e) = verifier.verify_signature(certificate, &message, &input.masking.signature) {
+            return Err(self.cheated(i, format!("its masking list does not verify ({e})")));
+        }
+        self.survivors.insert(i);
+        self.masking.insert(i, input.masking.clone());
         for (s, v) in self.masked_sum.iter_mut().zip(&input.values) {
             *s = s.wrapping_add(*v) & modmask;
         }
@@ -368,7 +450,8 @@ impl SecAggServer {
                         })
                     })
                     .collect();
-                (self.id(i).to_string(), UnmaskRequest { confirmations })
+                let masking = self.graph[i].iter().filter_map(|j| self.masking.get(j).cloned()).collect();
+                (self.id(i).to_string(), UnmaskRequest { confirmations, masking })
             })
             .collect())
     }
@@ -426,17 +509,32 @@ impl SecAggServer {
         self.survivors.iter().map(|&i| self.id(i).to_string()).collect()
     }
 
-    /// Rebuilds a secret from verified shares.
-    fn rebuild(&self, shares: Option<&Vec<Share>>, owner: usize, what: &str) -> Result<[u8; 32], SecAggError> {
+    /// Rebuilds a secret from verified shares. When it cannot, it says why and, where the
+    /// dealer is to blame, names it: two shares at one point (each matching the dealer's own
+    /// commitment), or complaints from more of its neighbours than could all be lying.
+    fn rebuild(&mut self, shares: Option<Vec<Share>>, owner: usize, what: &str) -> Result<[u8; 32], SecAggError> {
         let t = self.setup.params.threshold;
-        let shares = shares.map_or(&[][..], Vec::as_slice);
-        let secret = shamir::combine(shares, t).map_err(|_| {
-            SecAggError::Abort(format!(
+        let shares = shares.unwrap_or_default();
+        let mut points = BTreeSet::new();
+        if shares.iter().any(|s| !points.insert(s.x)) {
+            let e = self.cheated(owner, format!("it dealt two neighbours shares of its {what} at the same point"));
+            return Err(SecAggError::Abort(e.to_string()));
+        }
+        if shares.len() < t {
+            let complaints = self.complaints.iter().filter(|(_, dealer)| *dealer == owner).count();
+            let k = self.setup.effective_degree();
+            let why = format!(
                 "{} of `{}`'s neighbours returned a valid share of its {what}, {t} are needed",
                 shares.len(),
                 self.id(owner)
-            ))
-        })?;
+            );
+            if complaints > k - t {
+                let e = self.cheated(owner, format!("{complaints} of its neighbours report shares that do not open"));
+                return Err(SecAggError::Abort(format!("{why}: {e}")));
+            }
+            return Err(SecAggError::Abort(why));
+        }
+        let secret = shamir::combine(&shares, t).map_err(|e| SecAggError::Abort(e.to_string()))?;
         secret[..]
             .try_into()
             .map_err(|_| SecAggError::Abort(format!("`{}`'s {what} has the wrong size", self.id(owner))))
@@ -449,7 +547,8 @@ impl SecAggServer {
         let mut sum = std::mem::take(&mut self.masked_sum);
         let survivors: Vec<usize> = self.survivors.iter().copied().collect();
         for j in survivors {
-            let seed = self.rebuild(self.seed_shares.get(&j), j, "self-mask seed")?;
+            let shares = self.seed_shares.get(&j).cloned();
+            let seed = self.rebuild(shares, j, "self-mask seed")?;
             if seed_commitment(&self.session, j, &seed) != self.adverts[&j].seed_commitment
                 && !self.weakened.trust_returned_shares
             {
@@ -468,7 +567,8 @@ impl SecAggServer {
             .filter(|&j| !self.survivors.contains(&j) && self.survivors.iter().any(|&m| self.masked_together(j, m)))
             .collect();
         for j in dropped {
-            let secret = self.rebuild(self.key_shares.get(&j), j, "mask key")?;
+            let shares = self.key_shares.get(&j).cloned();
+            let secret = self.rebuild(shares, j, "mask key")?;
             let key = KeyPair::from_secret(&secret);
             if key.public() != self.adverts[&j].mask_pk {
                 let e = self.cheated(j, "its mask key shares do not rebuild the key it advertised".into());
