@@ -104,6 +104,10 @@ pub struct Participant {
     /// The fewest clients a secure sum of this client's update may hold (the data owner's floor,
     /// whatever the server asks).
     min_sum_clients: usize,
+    /// The last round of each kind of secure sum (by purpose) this client joined: it joins each
+    /// at most once, and never an earlier one. Two sums of the same update (training is seeded
+    /// by the plan) over overlapping cohorts would give it away by their difference.
+    joined: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Participant {
@@ -127,6 +131,7 @@ impl Participant {
             personal: Mutex::new(BTreeMap::new()),
             validation: Vec::new(),
             min_sum_clients: MIN_TRAIN_INPUTS,
+            joined: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -282,6 +287,17 @@ impl Participant {
                         ));
                     }
                     self.check_secure_plan(plan, secure)?;
+                    {
+                        let mut joined = self.joined.lock().expect("joined lock");
+                        let purpose = secure.setup.purpose.clone();
+                        if let Some(last) = joined.get(&purpose).filter(|last| plan.round <= **last) {
+                            return Err(ParticipantError::BadPlan(format!(
+                                "this client already joined the {purpose} sum of round {last}; it joins each round's sum \
+                                 once (a second sum of the same update would give it away by difference)"
+                            )));
+                        }
+                        joined.insert(purpose, plan.round);
+                    }
                     let (client, nonce) = SecAggClient::join(&self.id, secure.setup.clone(), rng)?;
                     *self.secure.lock().expect("secure lock") = Some(SecureRound { client, input: Input::Training });
                     Ok(ClientMsg::Join { round: plan.round, nonce })
@@ -884,7 +900,15 @@ mod tests {
         let err = p.handle(&ServerMsg::Plan(private.clone()), &mut rng).unwrap_err().to_string();
         assert!(err.contains("at least 3 inputs"), "{err}");
         private.secure.as_mut().unwrap().setup.min_inputs = 3;
+        private.round = 4;
+        private.secure.as_mut().unwrap().setup.round = 4;
         assert!(p.handle(&ServerMsg::Plan(private.clone()), &mut rng).is_ok());
+        // The same round's sum a second time (a difference of two sums gives the update away),
+        // or an earlier one, is refused.
+        let err = p.handle(&ServerMsg::Plan(private.clone()), &mut rng).unwrap_err().to_string();
+        assert!(err.contains("already joined the train sum of round 4"), "{err}");
+        let earlier = secure_plan(vec![6], None);
+        assert!(p.handle(&ServerMsg::Plan(earlier), &mut rng).unwrap_err().to_string().contains("already joined"));
         // A census whose sum could hold two clients' counts.
         let mut census = secure_plan(vec![0], None);
         census.task = Task::CountLabels;

@@ -153,7 +153,11 @@ fn split_views(weakened: Weakened) -> Result<bool, SecAggError> {
         let confirmations = signatures
             .iter()
             .filter(|(j, _)| **j != m)
-            .map(|(j, sig)| Confirmation { client: s.ids[*j].clone(), signature: sig.clone() })
+            .map(|(j, sig)| Confirmation {
+                client: s.ids[*j].clone(),
+                certificate: s.ids[*j].as_bytes().to_vec(),
+                signature: sig.clone(),
+            })
             .collect();
         let masking = masked.values().map(|x| x.masking.clone()).collect();
         let reply = s.clients[m].handle_unmask(&UnmaskRequest { confirmations, masking }, &TestPki)?;
@@ -466,7 +470,11 @@ fn withheld_shares(weakened: Weakened) -> Result<bool, SecAggError> {
     let mut confirmations = Vec::new();
     for &i in &survivors {
         let signature = s.clients[i].handle_survivors(&list, &TestSigner(s.ids[i].clone()))?;
-        confirmations.push(Confirmation { client: s.ids[i].clone(), signature });
+        confirmations.push(Confirmation {
+            client: s.ids[i].clone(),
+            certificate: s.ids[i].as_bytes().to_vec(),
+            signature,
+        });
     }
     let masking: Vec<MaskingList> = survivors.iter().map(|&i| masked[&s.ids[i]].masking.clone()).collect();
     let mut replies = Vec::new();
@@ -582,4 +590,83 @@ fn i_a_survivor_graph_in_small_parts_is_not_unmasked() {
     assert_eq!(split_graph(unchecked), Ok(true), "without the check one part's sum comes out alone");
     let err = split_graph(Weakened::default()).unwrap_err();
     assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("falls apart")), "{err}");
+}
+
+// (j) Regional survivor lists (found by an independent review of the neighbourhood-only check).
+// A consistency check that counts t confirmations among one's k neighbours holds only within a
+// neighbourhood: the server leaves four spread-out clients out before phase 1, shows each region
+// of the ring between two of them the list "everyone but the two left out at my ends" (naming
+// the far ones as survivors though they sent nothing), and every region confirms its own list.
+// Every check passes and the server reads the sum of 44 clients under min_inputs 46. The
+// committee's quorum allows one list at most, and no region holds a quorum of it.
+fn regional_lists(weakened: Weakened) -> Result<bool, SecAggError> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let (n, k, t) = (48, 8, 5);
+    let mut setup = setup(n, t, k, 6, 60);
+    setup.min_inputs = 46;
+    let mut s = Session::new(setup, 60, weakened);
+    // The ring order of the session's graph (as `graph::harary` draws it).
+    let mut order: Vec<usize> = (0..n).collect();
+    let seed = u64::from_be_bytes(s.session[..8].try_into().unwrap());
+    order.shuffle(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed));
+    let out: Vec<usize> = [0usize, 12, 24, 36].iter().map(|&p| order[p]).collect();
+    let region = |i: usize| order.iter().position(|&x| x == i).unwrap() / 12;
+    let adverts = s.advertise(&out);
+    s.share(&adverts);
+    let inbox = s.server.close_shares().unwrap();
+    let masked = s.mask(&inbox);
+    let group: Vec<usize> = (0..n).filter(|i| !out.contains(i)).collect();
+    let lists: BTreeMap<usize, Vec<usize>> = group
+        .iter()
+        .map(|&i| {
+            let ends = [out[region(i)], out[(region(i) + 1) % 4]];
+            (i, (0..n).filter(|j| !ends.contains(j)).collect())
+        })
+        .collect();
+    let mut signed = BTreeMap::new();
+    for (&i, list) in &lists {
+        let survivors = SurvivorList { survivors: list.iter().map(|&j| s.ids[j].clone()).collect() };
+        signed.insert(i, s.clients[i].handle_survivors(&survivors, &TestSigner(s.ids[i].clone()))?);
+    }
+    let masking: Vec<MaskingList> = masked.values().map(|m| m.masking.clone()).collect();
+    let mut replies = Vec::new();
+    for (&i, list) in &lists {
+        // Every signature the server holds over this client's list.
+        let confirmations = signed
+            .iter()
+            .filter(|(j, _)| lists[j] == *list)
+            .map(|(&j, sig)| Confirmation {
+                client: s.ids[j].clone(),
+                certificate: s.ids[j].as_bytes().to_vec(),
+                signature: sig.clone(),
+            })
+            .collect();
+        let request = UnmaskRequest { confirmations, masking: masking.clone() };
+        match s.clients[i].handle_unmask(&request, &TestPki) {
+            Ok(reply) => replies.push((s.ids[i].clone(), reply)),
+            // The two ends of a region lack t neighbours with their list.
+            Err(e) if weakened.neighbourhood_consistency => assert!(e.to_string().contains("confirmed")),
+            Err(e) => return Err(e),
+        }
+    }
+    let seeds = rebuilt(&replies, t, "seed");
+    let bits = s.setup.params.quantizer.bits;
+    let mut sum = vec![0u64; s.setup.vector_len];
+    for &g in &group {
+        let Some(seed) = seeds.get(&s.ids[g]) else { return Ok(false) };
+        let alone = strip_masks(&s, g, &masked[&s.ids[g]].values, seed, &[]);
+        for (acc, v) in sum.iter_mut().zip(alone) {
+            *acc = acc.wrapping_add(v) & crypto::modulus_mask(bits);
+        }
+    }
+    Ok(sum == s.expected(group))
+}
+
+#[test]
+fn j_regional_survivor_lists_are_refused() {
+    let local = Weakened { neighbourhood_consistency: true, ..Default::default() };
+    assert_eq!(regional_lists(local), Ok(true), "with a neighbourhood check the server reads 44 inputs under 46");
+    let err = regional_lists(Weakened::default()).unwrap_err();
+    assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("committee")), "{err}");
 }

@@ -402,7 +402,8 @@ impl SecAggClient {
     /// Phase 5: returns the shares the server may have (a survivor's self-mask share or a dropped
     /// neighbour's key share, never both for one peer), once the request shows that
     ///
-    /// - at least t neighbours confirmed exactly the survivor list this client signed,
+    /// - a quorum of the session's committee confirmed exactly the survivor list this client
+    ///   signed (so no other list can have been accepted anywhere),
     /// - every survivor whose seed share it returns masked against all of its surviving
     ///   neighbours (its signed masking list), so no group was cut off by withheld shares,
     /// - and every connected part of the graph among the survivors holds at least `min_inputs`
@@ -418,23 +419,33 @@ impl SecAggClient {
         let refuse = |why: String| Err(SecAggError::Abort(format!("{why}; revealing nothing")));
         let ordered: Vec<usize> = survivors.iter().copied().collect();
         let message = SurvivorList::signed_message(&self.session, &ordered);
-        let t = self.setup.params.threshold;
+        let (signers, needed): (BTreeSet<usize>, usize) = if self.weakened.neighbourhood_consistency {
+            (self.neighbours.clone(), self.setup.params.threshold)
+        } else {
+            let committee = self.setup.committee(&self.session);
+            let quorum = self.setup.quorum(committee.len());
+            (committee.into_iter().collect(), quorum)
+        };
         let mut confirmed = BTreeSet::new();
-        // At most one signature per neighbour is checked: a long list costs nothing more.
-        for Confirmation { client, signature } in request.confirmations.iter().take(2 * self.neighbours.len()) {
+        // At most one signature per signer is checked, and no more than the quorum: a long or
+        // padded list costs nothing more.
+        for Confirmation { client, certificate, signature } in request.confirmations.iter().take(2 * signers.len()) {
+            if confirmed.len() >= needed {
+                break;
+            }
             let Some(j) = self.setup.index_of(client) else { continue };
-            if confirmed.contains(&j) {
+            if confirmed.contains(&j) || !signers.contains(&j) || !survivors.contains(&j) {
                 continue;
             }
-            let Some(peer) = peers.get(&j).filter(|_| survivors.contains(&j)) else { continue };
-            if verifier.verify_signature(&peer.certificate, &message, signature).is_ok() {
+            if verifier.verify(client, certificate, &message, signature).is_ok() {
                 confirmed.insert(j);
             }
         }
+        let t = needed;
         let result = if confirmed.len() < t && !self.weakened.skip_consistency_check {
             refuse(format!(
-                "only {} neighbours confirmed the survivor list this client signed, {t} are needed (they dropped, or \
-                 the server showed clients different lists)",
+                "only {} of the session's committee confirmed the survivor list this client signed, {t} are needed \
+                 (they dropped, or the server showed clients different lists)",
                 confirmed.len()
             ))
         } else if self.weakened.skip_masking_check {

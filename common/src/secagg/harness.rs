@@ -213,14 +213,17 @@ fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
         u2.iter().copied().filter(|&i| !drops[2].contains(&i) && count(i, &u2) >= t).collect()
     };
     let u4: BTreeSet<usize> = u3.iter().copied().filter(|i| !drops[3].contains(i)).collect();
-    // Those that reveal: t neighbours confirmed their list.
-    let u5: BTreeSet<usize> = u4.iter().copied().filter(|&i| !drops[4].contains(&i) && count(i, &u4) >= t).collect();
+    // Those that reveal: all who confirmed, once a quorum of the committee did.
+    let committee = setup.committee(&s.session);
+    let quorum_met = committee.iter().filter(|c| u4.contains(c)).count() >= setup.quorum(committee.len());
+    let u5: BTreeSet<usize> =
+        if quorum_met { u4.iter().copied().filter(|i| !drops[4].contains(i)).collect() } else { BTreeSet::new() };
     // Every part of the survivors' graph must hold min_inputs, or nobody reveals.
     let parts_large = graph::part_sizes(&graph, &u3).iter().all(|&size| size >= setup.min_inputs);
     let feasible = u1.len() > t
         && u2.len() > t
         && u3.len() >= t.max(setup.min_inputs)
-        && u4.len() >= t
+        && quorum_met
         && parts_large
         && u2.iter().all(|&j| count(j, &u5) >= t);
     let expected = feasible.then(|| s.expected(u3.iter().copied()));
@@ -264,9 +267,8 @@ fn run(setup: SecAggSetup, drops: &[BTreeSet<usize>; 5], seed: u64) -> Outcome {
             }
             match s.clients[i].handle_unmask(&request, &TestPki) {
                 Ok(reply) => s.server.handle_unmask(&id, reply)?,
-                // Too few of its neighbours confirmed, or the survivors' graph fell apart: it
-                // reveals nothing, as accounted above.
-                Err(SecAggError::Abort(_)) => assert!(!u5.contains(&i) || !parts_large),
+                // The survivors' graph fell apart: it reveals nothing, as accounted above.
+                Err(SecAggError::Abort(_)) => assert!(!parts_large),
                 Err(e) => return Err(e),
             }
         }
@@ -450,6 +452,23 @@ fn the_session_id_covers_every_setting_and_every_nonce() {
     }
     // The graph follows the session: the server cannot choose it.
     assert_ne!(setup(20, 3, 4, 4, 1).neighbours(&[1; 32]), setup(20, 3, 4, 4, 1).neighbours(&[2; 32]));
+}
+
+#[test]
+fn the_committee_is_drawn_by_the_session_and_its_quorum_is_a_majority() {
+    let small = setup(10, 5, 8, 4, 1);
+    assert_eq!(small.committee(&[1; 32]), (0..10).collect::<Vec<_>>(), "a small cohort is its own committee");
+    assert_eq!(small.quorum(10), 7, "t / k of it: tolerates 3 of 10 dropping");
+    let large = setup(100, 5, 8, 4, 1);
+    let (a, b) = (large.committee(&[1; 32]), large.committee(&[2; 32]));
+    assert_eq!(a.len(), 16);
+    assert!(a.windows(2).all(|w| w[0] < w[1]) && a != b);
+    assert_eq!(large.quorum(16), 10);
+    for (n, t, k) in [(3, 2, 2), (5, 3, 4), (7, 4, 6), (100, 11, 20), (40, 5, 8)] {
+        let s = setup(n, t, k, 1, 1);
+        let m = s.committee(&[3; 32]).len();
+        assert!(2 * s.quorum(m) > m, "n {n}: two lists can never both reach the quorum");
+    }
 }
 
 #[test]

@@ -31,11 +31,12 @@
 //! 4. **Consistency.** The server sends every client that sent a masked input the same list of
 //!    them (the survivors); each signs it. A client refuses a list that omits it, names strangers
 //!    or twice the same client, or holds fewer than `min_inputs`.
-//! 5. **Unmask.** The server forwards each client its neighbours' signatures over the list and
-//!    their signed lists of whom they masked against. A client reveals nothing unless at least t
-//!    neighbours signed exactly the list it signed, every survivor whose seed it would reveal
-//!    masked against all of its surviving neighbours, and every connected part of the graph
-//!    among the survivors holds at least `min_inputs` clients. Then it returns, for each
+//! 5. **Unmask.** The server forwards each client the signatures of the session's *committee*
+//!    (about 2k clients drawn by the session id, [`SecAggSetup::committee`]) and its surviving
+//!    neighbours' signed lists of whom they masked against. A client reveals nothing unless a
+//!    quorum of the committee (about 2t) signed exactly the list it signed, every survivor whose
+//!    seed it would reveal masked against all of its surviving neighbours, and every connected
+//!    part of the graph among the survivors holds at least `min_inputs` clients. Then it returns, for each
 //!    neighbour whose shares it holds, the self-mask share of a survivor or the mask-key share of
 //!    a dropped one, never both for one peer. The server checks every returned share against its
 //!    commitment (a wrong one names its sender as a cheater and is not used), rebuilds the
@@ -44,13 +45,15 @@
 //!
 //! Why the checks of phase 5: the server learns the sum of any group of survivors whose seeds it
 //! gets and whose every mask with a client outside the group it can remove. Different survivor
-//! lists for different clients would let it collect one client's seed and its neighbours' keys;
-//! the consistency check stops that, as each honest client signs one list and revealing needs
-//! t > k / 2 signatures on one list in a neighbourhood of k (with c colluding clients in a
-//! neighbourhood signing anything, 2t > k + c is needed). Withholding some shares would let it
-//! cut a small group off from the rest (its members mask only among themselves); the signed
-//! masking lists stop that. And when dropouts (real or claimed) split the survivors' graph, each
-//! part's sum could be unmasked alone; the size check stops that.
+//! lists for different clients (or for different regions of the graph) would let it collect one
+//! client's seed and its neighbours' keys, or unmask a group smaller than `min_inputs`; the
+//! committee's quorum stops that, as each honest client signs one list and the quorum is more
+//! than half of the committee, so one list at most is ever accepted (with c colluding committee
+//! members signing anything, the quorum must exceed (m + c) / 2). Withholding some shares would
+//! let it cut a small group off from the rest (its members mask only among themselves); the
+//! signed masking lists stop that. And when dropouts (real or claimed) split the survivors'
+//! graph, each part's sum could be unmasked alone; the size check stops that. With the one list,
+//! the server gets both kinds of share of a client only from colluding neighbours: t of them.
 //!
 //! [`SecAggServer`] keeps only the running sum of masked inputs, never one input. With at least
 //! t responding neighbours for every secret it must rebuild, the sum is exact (modulo 2^bits);
@@ -108,6 +111,9 @@ pub struct SecAggSetup {
 
 /// The most clients one session may have (the graph and the messages grow with it).
 pub const MAX_COHORT: usize = 1 << 20;
+/// The most neighbour entries (clients x degree) a session's graph may have: every client holds
+/// the whole graph (64 MiB at most), to check the survivors' graph for small parts.
+pub const MAX_GRAPH_EDGES: usize = 1 << 23;
 
 impl SecAggSetup {
     /// The degree actually used for this cohort.
@@ -133,8 +139,12 @@ impl SecAggSetup {
         if n < 2 {
             return bad(format!("secure aggregation needs at least 2 clients in the cohort, got {n}"));
         }
-        if n > MAX_COHORT {
-            return bad(format!("a cohort of {n} clients is more than one session takes ({MAX_COHORT})"));
+        if n > MAX_COHORT || n.saturating_mul(p.degree.min(n)) > MAX_GRAPH_EDGES {
+            return bad(format!(
+                "a cohort of {n} clients of degree {} is more than one session takes ({MAX_COHORT} clients, \
+                 {MAX_GRAPH_EDGES} neighbour entries)",
+                p.degree
+            ));
         }
         if n > 255 && p.degree >= 255 {
             return bad("degree must be below 255 (shares are points of GF(256))".into());
@@ -177,6 +187,30 @@ impl SecAggSetup {
     pub fn neighbours(&self, session: &[u8; 32]) -> Vec<Vec<usize>> {
         let seed = u64::from_be_bytes(session[..8].try_into().expect("8 bytes"));
         graph::harary(self.cohort.len(), self.effective_degree(), seed)
+    }
+
+    /// The session's committee, whose quorum must sign a survivor list before anyone reveals:
+    /// the whole cohort when it has at most 2k clients, else 2k of them drawn by the session id.
+    /// Sorted.
+    pub fn committee(&self, session: &[u8; 32]) -> Vec<usize> {
+        use rand::seq::index::sample;
+        use rand::SeedableRng;
+        let n = self.cohort.len();
+        let m = (2 * self.effective_degree()).max(1);
+        if n <= m {
+            return (0..n).collect();
+        }
+        let seed = crypto::hash(b"cohort-secagg-committee-v2", &[session]);
+        let mut members = sample(&mut rand_chacha::ChaCha20Rng::from_seed(seed), n, m).into_vec();
+        members.sort_unstable();
+        members
+    }
+
+    /// How many committee members must sign a list: t / k of the committee, rounded up (more
+    /// than half, since t > k / 2), so the consistency phase tolerates the dropouts the shares do.
+    pub fn quorum(&self, committee: usize) -> usize {
+        let (t, k) = (self.params.threshold, self.effective_degree().max(1));
+        (committee * t).div_ceil(k).max(committee / 2 + 1).min(committee)
     }
 
     /// The index of `id` in the cohort.
@@ -364,10 +398,13 @@ impl SurvivorList {
     }
 }
 
-/// A neighbour's signature over the survivor list.
+/// A committee member's signature over the survivor list, with its certificate (the client
+/// receiving it need not be its neighbour).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Confirmation {
     pub client: ClientId,
+    #[serde(with = "serde_bytes")]
+    pub certificate: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
@@ -378,7 +415,7 @@ impl std::fmt::Debug for Confirmation {
     }
 }
 
-/// Phase 5, server to a client: its neighbours' confirmations of the survivor list, and the
+/// Phase 5, server to a client: the committee's confirmations of the survivor list, and the
 /// surviving neighbours' lists of whom they masked against.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnmaskRequest {
@@ -520,8 +557,11 @@ pub enum SecAggError {
 pub(crate) struct Weakened {
     /// One key for both directions of an edge (the two-time pad of protocol v1).
     pub symmetric_share_keys: bool,
-    /// Reveal shares without checking the neighbours' confirmations of the survivor list.
+    /// Reveal shares without checking the committee's confirmations of the survivor list.
     pub skip_consistency_check: bool,
+    /// Count confirmations from t neighbours instead of the committee's quorum (the first
+    /// version of this change: consistent only within each neighbourhood).
+    pub neighbourhood_consistency: bool,
     /// Sign adverts with the round only, not the session (v1: replayable across sums).
     pub unbound_adverts: bool,
     /// Use returned shares without checking them against their commitments, and rebuilt seeds

@@ -320,6 +320,41 @@ impl SecAggServer {
             let n = self.outgoing.len();
             return Err(self.abort(format!("{n} clients shared keys; at least {} are needed", t + 1)));
         }
+        // A client that did not deal shares to a neighbour that dealt to it (it refused an advert
+        // this server had verified: a clock off, a certificate expiring, or a lie) would survive
+        // with no mask between the two, and every neighbour's masking check would then refuse to
+        // reveal: one refusal would cost the round. So one of the two is left out now, its
+        // shares not routed: the refused client when more than k - t of its neighbours refused
+        // it (its advert is at fault), else the refuser. Repeated until every edge is mutual.
+        let k = self.setup.effective_degree();
+        loop {
+            let refused_by = |j: usize| {
+                self.graph[j]
+                    .iter()
+                    .filter(|&&i| self.outgoing.contains_key(&i) && !self.dealt.contains_key(&(i, j)))
+                    .count()
+            };
+            let mut leave = BTreeSet::new();
+            for &i in self.outgoing.keys() {
+                for &j in &self.graph[i] {
+                    let one_way = self.dealt.contains_key(&(j, i)) && !self.dealt.contains_key(&(i, j));
+                    if self.outgoing.contains_key(&j) && one_way {
+                        leave.insert(if refused_by(j) > k - t { j } else { i });
+                    }
+                }
+            }
+            if leave.is_empty() {
+                break;
+            }
+            for i in leave {
+                self.outgoing.remove(&i);
+                self.dealt.retain(|&(a, b), _| a != i && b != i);
+            }
+        }
+        if self.outgoing.len() < t + 1 {
+            let n = self.outgoing.len();
+            return Err(self.abort(format!("{n} clients shared keys both ways; at least {} are needed", t + 1)));
+        }
         let mut inbox: BTreeMap<String, Vec<SealedShares>> =
             self.outgoing.keys().map(|&i| (self.id(i).to_string(), Vec::new())).collect();
         for sealed in std::mem::take(&mut self.outgoing).into_values() {
@@ -428,28 +463,49 @@ impl SecAggServer {
         Ok(())
     }
 
-    /// Ends phase 4: for each survivor that confirmed, its neighbours' confirmations.
+    /// Ends phase 4: for each survivor that confirmed, the committee's confirmations (the same
+    /// for all) and its surviving neighbours' masking lists. Aborts when the committee's quorum
+    /// did not confirm: no client would reveal anything.
     pub fn close_confirmations(&mut self) -> Result<BTreeMap<String, UnmaskRequest>, SecAggError> {
         self.expect(Phase::Consistency, "closing the confirmations")?;
-        let t = self.setup.params.threshold;
-        if self.confirmations.len() < t {
-            let n = self.confirmations.len();
-            return Err(self.abort(format!("{n} survivors confirmed the survivor list; at least {t} are needed")));
+        let committee = self.setup.committee(&self.session);
+        let quorum = self.setup.quorum(committee.len());
+        let confirmations: Vec<Confirmation> = committee
+            .iter()
+            .filter_map(|j| {
+                self.confirmations.get(j).map(|signature| Confirmation {
+                    client: self.id(*j).to_string(),
+                    certificate: self.adverts[j].certificate.clone(),
+                    signature: signature.clone(),
+                })
+            })
+            .collect();
+        if confirmations.len() < quorum && !self.weakened.neighbourhood_consistency {
+            let n = confirmations.len();
+            return Err(self.abort(format!(
+                "{n} of the session's committee of {} confirmed the survivor list; {quorum} are needed",
+                committee.len()
+            )));
         }
         self.phase = Phase::Unmask;
         Ok(self
             .confirmations
             .keys()
             .map(|&i| {
-                let confirmations = self.graph[i]
-                    .iter()
-                    .filter_map(|j| {
-                        self.confirmations.get(j).map(|signature| Confirmation {
-                            client: self.id(*j).to_string(),
-                            signature: signature.clone(),
+                let confirmations = if self.weakened.neighbourhood_consistency {
+                    self.graph[i]
+                        .iter()
+                        .filter_map(|j| {
+                            self.confirmations.get(j).map(|signature| Confirmation {
+                                client: self.id(*j).to_string(),
+                                certificate: self.adverts[j].certificate.clone(),
+                                signature: signature.clone(),
+                            })
                         })
-                    })
-                    .collect();
+                        .collect()
+                } else {
+                    confirmations.clone()
+                };
                 let masking = self.graph[i].iter().filter_map(|j| self.masking.get(j).cloned()).collect();
                 (self.id(i).to_string(), UnmaskRequest { confirmations, masking })
             })
