@@ -670,3 +670,36 @@ fn j_regional_survivor_lists_are_refused() {
     let err = regional_lists(Weakened::default()).unwrap_err();
     assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("committee")), "{err}");
 }
+
+// (k) One refused advert. A client that refuses a neighbour's advert the server verified (a
+// cheater claiming it failed, or an honest client whose clock is off) deals it no shares and
+// ignores its shares; neither masks against the other, and every neighbour's masking check would
+// then refuse to reveal: one refusal would cost the round (found by the second review). The
+// server settles it when routing the shares: the refuser is left out, the round goes on.
+#[test]
+fn k_one_refused_advert_leaves_one_client_out_not_the_round() {
+    let mut setup = setup(20, 5, 8, 6, 70);
+    setup.min_inputs = 10;
+    let mut s = Session::new(setup, 70, Weakened::default());
+    let (refuser, refused) = (3usize, s.graph[3][0]);
+    let adverts = s.advertise(&[]);
+    for (id, theirs) in &adverts {
+        let i = s.index(id);
+        let mut keys = s.clients[i].handle_adverts(theirs, &TestPki, &mut s.rng).unwrap();
+        if i == refuser {
+            keys.sealed.retain(|x| x.to != s.ids[refused]);
+            keys.refused.push(s.ids[refused].clone());
+        }
+        s.server.handle_shares(id, keys).unwrap();
+    }
+    let inbox = s.server.close_shares().unwrap();
+    assert!(!inbox.contains_key(&s.ids[refuser]), "the refuser is left out");
+    assert!(inbox.values().flatten().all(|x| x.from != s.ids[refuser]), "and its shares are not routed");
+    for (id, m) in s.mask(&inbox) {
+        s.server.handle_masked(&id, m, &TestPki).unwrap();
+    }
+    let results = s.confirm_and_unmask();
+    assert!(results.values().all(Result::is_ok), "{results:?}");
+    let expected = s.expected((0..20).filter(|&i| i != refuser));
+    assert_eq!(s.server.finish().unwrap().sum, expected);
+}
