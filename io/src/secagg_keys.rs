@@ -5,6 +5,10 @@
 use cohort_common::secagg::{AdvertSigner, PeerVerifier, Rejection};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::{subject_cn, Identity, NetError};
@@ -45,24 +49,47 @@ impl AdvertSigner for CertSigner {
     }
 }
 
-/// Checks neighbours' certificates against the operator's CA.
+/// Checks neighbours' certificates against the operator's CA. A certificate that passed the
+/// chain check is remembered for [`CHECKED_FOR`] (by the SHA-256 of its DER), so the adverts,
+/// confirmations and masking lists of the same clients round after round cost one signature
+/// check each, not a chain check too. Clones share the memory (simulated clients of one CA share
+/// one verifier).
 #[derive(Debug, Clone)]
 pub struct CaVerifier {
     ca: CertificateDer<'static>,
+    checked: Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>,
 }
+
+/// How long a certificate that passed the chain check is trusted without checking it again
+/// (its expiry and the CA's are checked again after that).
+pub const CHECKED_FOR: Duration = Duration::from_secs(300);
+/// The most certificates remembered; the memory is cleared when full.
+const MAX_CHECKED: usize = 1 << 16;
 
 impl CaVerifier {
     pub fn new(identity: &Identity) -> Self {
-        Self { ca: identity.ca.clone() }
+        Self { ca: identity.ca.clone(), checked: Arc::default() }
     }
-}
 
-impl PeerVerifier for CaVerifier {
-    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), Rejection> {
+    /// The subject of a certificate (by digest) that passed the chain check within [`CHECKED_FOR`].
+    fn remembered(&self, digest: &[u8; 32]) -> Option<String> {
+        let checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        checked.get(digest).filter(|(_, at)| at.elapsed() < CHECKED_FOR).map(|(subject, _)| subject.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], subject: String) {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.len() >= MAX_CHECKED {
+            checked.clear();
+        }
+        checked.insert(digest, (subject, Instant::now()));
+    }
+
+    /// The chain check: this CA's client certificate, valid now; returns its subject.
+    fn check_chain(&self, der: &CertificateDer<'_>) -> Result<String, Rejection> {
         let anchor = webpki::anchor_from_trusted_cert(&self.ca)
             .map_err(|e| Rejection::Certificate(format!("the CA certificate: {e}")))?;
-        let der = CertificateDer::from(certificate);
-        let cert = webpki::EndEntityCert::try_from(&der)
+        let cert = webpki::EndEntityCert::try_from(der)
             .map_err(|e| Rejection::Certificate(format!("the certificate does not parse: {e}")))?;
         cert.verify_for_usage(
             &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA384, webpki::ring::ED25519],
@@ -76,12 +103,27 @@ impl PeerVerifier for CaVerifier {
         .map_err(|e| {
             Rejection::Certificate(format!("the certificate is not a client certificate of this federation's CA: {e}"))
         })?;
-        let subject = subject_cn(&der).map_err(|e| Rejection::Certificate(e.to_string()))?;
+        subject_cn(der).map_err(|e| Rejection::Certificate(e.to_string()))
+    }
+}
+
+impl PeerVerifier for CaVerifier {
+    fn verify(&self, client: &str, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), Rejection> {
+        let der = CertificateDer::from(certificate);
+        let digest: [u8; 32] =
+            ring::digest::digest(&ring::digest::SHA256, certificate).as_ref().try_into().expect("32 bytes");
+        let subject = match self.remembered(&digest) {
+            Some(subject) => subject,
+            None => {
+                let subject = self.check_chain(&der)?;
+                self.remember(digest, subject.clone());
+                subject
+            }
+        };
         if subject != client {
             return Err(Rejection::Certificate(format!("the certificate belongs to `{subject}`, not `{client}`")));
         }
-        cert.verify_signature(webpki::ring::ECDSA_P256_SHA256, message, signature)
-            .map_err(|e| Rejection::Signature(format!("the signature does not verify: {e}")))
+        self.verify_signature(certificate, message, signature).map_err(Rejection::Signature)
     }
 
     fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
@@ -141,6 +183,11 @@ mod tests {
         let err = verifier.verify("alice", &stranger.certificate(), b"keys", &sig).unwrap_err();
         assert!(matches!(err, Rejection::Certificate(ref m) if m.contains("CA")), "{err}");
         assert!(verifier.verify("alice", b"not a certificate", b"keys", &sig).is_err());
+        // A remembered certificate still has its subject and signature checked.
+        let sig = signer.sign(b"keys").unwrap();
+        verifier.verify("alice", &signer.certificate(), b"keys", &sig).unwrap();
+        assert!(verifier.verify("mallory", &signer.certificate(), b"keys", &sig).is_err());
+        assert!(verifier.verify("alice", &signer.certificate(), b"other", &sig).is_err());
         // The signature alone, with a certificate already accepted.
         let sig = signer.sign(b"survivors").unwrap();
         verifier.verify_signature(&signer.certificate(), b"survivors", &sig).unwrap();

@@ -322,6 +322,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         .then(|| Crashes::new(scenario.faults.dropout_fraction, federation.clients_per_round, seed));
     let mut clients = Vec::with_capacity(scenario.clients);
     let mut endpoint = None;
+    let mut verifier: Option<Arc<dyn cohort_common::secagg::PeerVerifier + Send + Sync>> = None;
     for (i, part) in parts.iter().enumerate().filter(|(i, _)| active.contains(i)) {
         // Each endpoint holds megabytes of receive buffers: clients share one per group.
         if (i - active.start) % CLIENTS_PER_ENDPOINT == 0 {
@@ -331,7 +332,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         let bundle = pki::make_bundle(&state, &id).map_err(|e| RunError::Setup(e.to_string()))?;
         let identity =
             cohort_io::Identity::from_bundle(bundle.as_bytes()).map_err(|e| RunError::Setup(e.to_string()))?;
-        let keys = cohort_client::secure_keys(&identity).map_err(|e| RunError::Setup(e.to_string()))?;
+        let mut keys = cohort_client::secure_keys(&identity).map_err(|e| RunError::Setup(e.to_string()))?;
+        // Simulated clients trust one CA: one verifier remembers every certificate it checked.
+        keys.verifier = verifier.get_or_insert_with(|| keys.verifier.clone()).clone();
         let setup = ClientSetup {
             identity,
             server: addr,
