@@ -392,10 +392,21 @@ impl Participant {
             Err(_) => Input::Failed("training panicked".into()),
         };
         let mut guard = self.secure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(s) = guard.as_mut().filter(|s| s.client.round() == plan.round) {
+        // Only into the session of this very plan: a session of another purpose in the same
+        // round (which replaced it) must never mask this plan's input.
+        if let Some(s) = guard.as_mut().filter(|s| s.client.setup() == &secure.setup) {
             s.input = input;
         }
         self.input_ready.notify_all();
+    }
+
+    /// The encoded input waiting in the session in progress (tests).
+    #[cfg(test)]
+    fn pending_input(&self) -> Option<Vec<u64>> {
+        match &self.secure.lock().expect("secure lock").as_ref()?.input {
+            Input::Ready(v) => Some(v.clone()),
+            _ => None,
+        }
     }
 
     /// Holds out every k-th example of each head's data (k = round(1 / fraction)) as this
@@ -934,6 +945,55 @@ mod tests {
         mislabelled.secure.as_mut().unwrap().setup.purpose = "census".into();
         let err = p.handle(&ServerMsg::Plan(mislabelled), &mut rng).unwrap_err().to_string();
         assert!(err.contains("`census` sum"), "{err}");
+    }
+
+    /// Attack (found by a third review): a train plan and a label census of the same round. The
+    /// census session replaced the train session, and the training thread wrote the update into
+    /// whatever session of that round was there: the census, whose quantizer the server chose
+    /// to zero everybody else's counts, would then unmask this one client's update. Each input
+    /// now goes into its own plan's session only.
+    #[test]
+    fn an_update_never_goes_into_another_session_of_its_round() {
+        use crate::secagg::harness::{TestPki, TestSigner};
+        use crate::secagg::{SecAggParams, SecAggSetup};
+        use crate::train::{CountScope, LossConfig};
+        let cohort: Vec<String> = (0..3).map(|i| format!("c{i:03}")).collect();
+        let setup = |purpose: &str, scale: f64, min_inputs: usize| SecAggSetup {
+            round: 3,
+            purpose: purpose.into(),
+            params: SecAggParams {
+                threshold: 2,
+                degree: 2,
+                dropout_tolerance: 0.0,
+                quantizer: Quantizer { bits: 32, clip: 1.0, scale, wrap: false },
+            },
+            cohort: cohort.clone(),
+            vector_len: 7,
+            min_inputs,
+        };
+        let secure = |mut p: RoundPlan, task: Task, setup: SecAggSetup, segments: Vec<usize>| {
+            p.task = task;
+            p.train.loss = LossConfig { scope: CountScope::Global, ..Default::default() };
+            p.secure = Some(Box::new(SecurePlan { setup, sample_cap: 10, segments, dp: None }));
+            p
+        };
+        let train_spec = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
+        let census_spec = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=7";
+        let train = secure(plan(train_spec, vec![0.0; 6]), Task::Train, setup("train", 1e6, 2), vec![6]);
+        let census = secure(plan(census_spec, Vec::new()), Task::CountLabels, setup("census", 1e-9, 3), vec![7]);
+        let data = Dataset::new(vec![1.0, 0.0, 0.0, 1.0], vec![2], vec![0, 1], 2).unwrap();
+        let keys = SecureKeys { signer: Arc::new(TestSigner("c000".into())), verifier: Arc::new(TestPki) };
+        let p = Participant::new("c000", Arc::new(data), Device::Cpu).with_synthetic_updates().with_secure_keys(keys);
+        let mut rng = rand::rng();
+        let joined = p.handle(&ServerMsg::Plan(train.clone()), &mut rng);
+        assert!(matches!(joined, Ok(ClientMsg::Join { .. })), "{joined:?}");
+        let joined = p.handle(&ServerMsg::Plan(census.clone()), &mut rng);
+        assert!(matches!(joined, Ok(ClientMsg::Join { .. })), "{joined:?}");
+        p.train_secure(&census, &mut rng);
+        let counts = p.pending_input().unwrap();
+        p.train_secure(&train, &mut rng);
+        assert_eq!(p.pending_input().unwrap(), counts, "the census session keeps its own input");
+        assert!(counts.iter().all(|c| *c == 0), "the census codes, at the server's scale");
     }
 
     #[test]

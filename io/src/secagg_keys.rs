@@ -57,8 +57,11 @@ impl AdvertSigner for CertSigner {
 #[derive(Debug, Clone)]
 pub struct CaVerifier {
     ca: CertificateDer<'static>,
-    checked: Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>,
+    checked: Arc<Mutex<Checked>>,
 }
+
+/// Certificates that passed the chain check: the SHA-256 of the DER, its subject and when.
+type Checked = HashMap<[u8; 32], (String, Instant)>;
 
 /// How long a certificate that passed the chain check is trusted without checking it again
 /// (its expiry and the CA's are checked again after that).

@@ -463,7 +463,9 @@ pub fn sample_weight(samples: u64, sample_cap: u64) -> f32 {
 
 /// The per-segment weighted mean from the secure sum of `survivors` encodings (see
 /// [`encode_weighted`]): the mean delta (zero in a segment nobody trained, which leaves it
-/// unchanged) and each segment's total weight; `None` when no segment has weight.
+/// unchanged), each coordinate within `[-clip, clip]` as every encoded one is, and each
+/// segment's total weight; `None` when no segment has weight or a total is more than the
+/// survivors could give (an out-of-range input).
 pub fn weighted_mean_from_sum(
     sum: &[u64],
     survivors: usize,
@@ -478,15 +480,16 @@ pub fn weighted_mean_from_sum(
     let (values, totals) = decoded.split_at(params);
     // Below one quantization step of a single client's weight, a total is rounding noise.
     let floor = survivors as f64 / quantizer.scale;
-    if totals.iter().all(|t| *t <= floor) {
+    if totals.iter().all(|t| *t <= floor) || totals.iter().any(|t| *t > survivors as f64 + floor) {
         return None;
     }
+    let clip = quantizer.clip;
     let mut mean = Vec::with_capacity(params);
     let mut start = 0;
     for (&len, &total) in segments.iter().zip(totals) {
         let seg = &values[start..start + len];
         if total > floor {
-            mean.extend(seg.iter().map(|v| (v / total) as f32));
+            mean.extend(seg.iter().map(|v| (v / total).clamp(-clip, clip) as f32));
         } else {
             mean.extend(std::iter::repeat_n(0.0f32, len));
         }

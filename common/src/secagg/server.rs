@@ -324,9 +324,9 @@ impl SecAggServer {
         // this server had verified: a clock off, a certificate expiring, or a lie) would survive
         // with no mask between the two, and every neighbour's masking check would then refuse to
         // reveal: one refusal would cost the round. So one of the two is left out now, its
-        // shares not routed: the refused client when more than k - t of its neighbours refused
-        // it (its advert is at fault), else the refuser. Repeated until every edge is mutual.
-        let k = self.setup.effective_degree();
+        // shares not routed: the refused client when at least t of its neighbours refused it
+        // (fewer than t colluders cannot push an honest client out), else the refuser. Repeated
+        // until every edge is mutual.
         loop {
             let refused_by = |j: usize| {
                 self.graph[j]
@@ -339,7 +339,7 @@ impl SecAggServer {
                 for &j in &self.graph[i] {
                     let one_way = self.dealt.contains_key(&(j, i)) && !self.dealt.contains_key(&(i, j));
                     if self.outgoing.contains_key(&j) && one_way {
-                        leave.insert(if refused_by(j) > k - t { j } else { i });
+                        leave.insert(if refused_by(j) >= t { j } else { i });
                     }
                 }
             }
@@ -456,8 +456,15 @@ impl SecAggServer {
         }
         let ordered: Vec<usize> = self.survivors.iter().copied().collect();
         let message = SurvivorList::signed_message(&self.session, &ordered);
-        if let Err(e) = verifier.verify_signature(&self.adverts[&i].certificate, &message, &signature) {
-            return Err(self.cheated(i, format!("its confirmation of the survivor list does not verify ({e})")));
+        // The whole check, as the clients will make it (a certificate can expire mid-round).
+        match verifier.verify(from, &self.adverts[&i].certificate, &message, &signature) {
+            Ok(()) => {}
+            Err(Rejection::Certificate(e)) => {
+                return Err(SecAggError::Peer(format!("`{from}`'s certificate is no longer accepted ({e})")))
+            }
+            Err(Rejection::Signature(e)) => {
+                return Err(self.cheated(i, format!("its confirmation of the survivor list does not verify ({e})")))
+            }
         }
         self.confirmations.insert(i, signature);
         Ok(())
@@ -584,9 +591,15 @@ impl SecAggServer {
                 shares.len(),
                 self.id(owner)
             );
-            if complaints > k - t {
+            // Fewer than t colluders could invent k - t + 1 complaints: only t name the dealer.
+            if complaints >= t {
                 let e = self.cheated(owner, format!("{complaints} of its neighbours report shares that do not open"));
                 return Err(SecAggError::Abort(format!("{why}: {e}")));
+            }
+            if complaints > k - t {
+                return Err(SecAggError::Abort(format!(
+                    "{why}: {complaints} of its neighbours report its shares do not open (too few to name it)"
+                )));
             }
             return Err(SecAggError::Abort(why));
         }
@@ -639,6 +652,19 @@ impl SecAggServer {
             }
         }
         self.phase = Phase::Done;
+        // Masks hide any residue, so nobody can check one input's range; but the sum of n
+        // in-range inputs lies in [0, n max_code]. A sum outside it holds an out-of-range input
+        // (whose sender cannot be told): the round's sum is not used. (A private round wraps by
+        // design and is bounded by its fixed denominator instead.)
+        let quantizer = &self.setup.params.quantizer;
+        let most = (self.survivors.len() as u64).saturating_mul(quantizer.max_code());
+        if !quantizer.wrap && sum.iter().any(|v| *v > most) {
+            return Err(SecAggError::Abort(
+                "the sum lies outside what the survivors' in-range inputs can give: a client sent values outside the \
+                 quantizer's range (which masking hides); the round's sum is not used"
+                    .into(),
+            ));
+        }
         Ok(Unmasked { sum, survivors: self.survivors(), cheaters: self.cheaters() })
     }
 }
