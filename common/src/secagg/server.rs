@@ -477,16 +477,7 @@ impl SecAggServer {
         self.expect(Phase::Consistency, "closing the confirmations")?;
         let committee = self.setup.committee(&self.session);
         let quorum = self.setup.quorum(committee.len());
-        let confirmations: Vec<Confirmation> = committee
-            .iter()
-            .filter_map(|j| {
-                self.confirmations.get(j).map(|signature| Confirmation {
-                    client: self.id(*j).to_string(),
-                    certificate: self.adverts[j].certificate.clone(),
-                    signature: signature.clone(),
-                })
-            })
-            .collect();
+        let confirmations = self.confirmations_of(&committee);
         if confirmations.len() < quorum && !self.weakened.neighbourhood_consistency {
             let n = confirmations.len();
             return Err(self.abort(format!(
@@ -500,16 +491,7 @@ impl SecAggServer {
             .keys()
             .map(|&i| {
                 let confirmations = if self.weakened.neighbourhood_consistency {
-                    self.graph[i]
-                        .iter()
-                        .filter_map(|j| {
-                            self.confirmations.get(j).map(|signature| Confirmation {
-                                client: self.id(*j).to_string(),
-                                certificate: self.adverts[j].certificate.clone(),
-                                signature: signature.clone(),
-                            })
-                        })
-                        .collect()
+                    self.confirmations_of(&self.graph[i])
                 } else {
                     confirmations.clone()
                 };
@@ -517,6 +499,20 @@ impl SecAggServer {
                 (self.id(i).to_string(), UnmaskRequest { confirmations, masking })
             })
             .collect())
+    }
+
+    /// The confirmations of those of `signers` who confirmed, with their certificates.
+    fn confirmations_of(&self, signers: &[usize]) -> Vec<Confirmation> {
+        signers
+            .iter()
+            .filter_map(|j| {
+                self.confirmations.get(j).map(|signature| Confirmation {
+                    client: self.id(*j).to_string(),
+                    certificate: self.adverts[j].certificate.clone(),
+                    signature: signature.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Phase 5: takes a client's shares. Each must be one the server may have (a survivor's
