@@ -6,7 +6,8 @@
 //! - [`daemon`]: the driver: dial, hello, answer round plans with updates computed by
 //!   `cohort_common::participant::Participant`, reconnect with backoff, stop cleanly.
 //! - [`device`]: `auto | cpu | cuda:N` to a candle device.
-//! - [`ledger`]: the client's own privacy ledger, which declines rounds past its budget.
+//! - [`ledger`]: the client's own privacy ledger, which declines rounds past its budget (charged
+//!   per round it trains in, unless the data owner trusts the server's sampler).
 //! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked.
 //! - [`evaluate_model`]: `cohort-client evaluate`, a global model on this client's own data.
 //!

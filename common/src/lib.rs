@@ -12,10 +12,13 @@
 //! - [`train`]: local SGD over several heads at once (or FedRep's heads-then-trunk order), the
 //!   per-head imbalance losses, evaluation metrics with per-class recall.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
-//! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant.
+//! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant, and the client's
+//!   privacy ledger (per participation by default, bound to the federation).
 //! - [`participant`]: the client's side of a round (plan in, update out; label census and
 //!   federated evaluation; personal heads kept).
-//! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role.
+//! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role: sessions the
+//!   clients join with nonces, a committee-signed survivor list, cheaters named; its attack
+//!   tests play the server or a client doing its worst.
 //! - [`round`]: the server's round state machine and the collection seam.
 //! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //!

@@ -10,7 +10,9 @@
 //!   whose certificate the operator's CA did not sign.
 //! - [`peer_id`]: the client id (certificate subject CN) of an authenticated connection.
 //! - [`send_msg`] / [`recv_msg`]: one framed message on a QUIC stream, with a size cap.
-//! - [`secagg_keys`]: signing key adverts with the certificate key, checking neighbours against the CA.
+//! - [`secagg_keys`]: signing key adverts with the certificate key, checking peers against the CA
+//!   (a certificate that passed is remembered for five minutes), and [`escape`] for peer strings
+//!   in logs.
 //! - [`files`]: data sets named in configuration files (IDX or CSV, gzipped or not), TOML
 //!   configuration read with the file named in every error, and atomic writes.
 //!

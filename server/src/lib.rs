@@ -9,7 +9,8 @@
 //! - [`serve`]: the driver: QUIC endpoint with mutual TLS, connected clients, and the loop that
 //!   feeds `cohort_common::round` with updates, then checkpoints, evaluates and records.
 //! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
-//!   accuracy, epsilon, clients connected.
+//!   accuracy, epsilon against model observers and against the server, cheaters caught, clients
+//!   connected.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
