@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cohort_common::participant::Participant;
 use cohort_common::wire::{ClientMsg, ServerMsg, MAX_FRAME_BYTES};
-use cohort_io::{recv_msg, send_msg, Identity, NetError};
+use cohort_io::{escape, recv_msg, send_msg, Identity, NetError};
 use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -163,7 +163,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
                 attempt = 0;
                 hooks.joined_at = next_round;
                 hooks.federation = cohort_common::dp::federation_key(&ca_fingerprint, &federation);
-                info!(%server, next_round, federation = %cohort_io::escape(&federation, 64), "connected");
+                info!(%server, next_round, federation = %escape(&federation, 64), "connected");
                 emit(ClientEvent::Connected);
                 let reason = serve(&conn, &participant, &hooks, &shutdown).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
@@ -173,7 +173,7 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
                 if reason.starts_with(SERVER_SHUTDOWN) {
                     info!("the server shut down; reconnecting until it is back");
                 } else {
-                    warn!("connection lost ({reason}); reconnecting");
+                    warn!("connection lost ({}); reconnecting", escape(&reason, 300));
                 }
             }
             Err(ClientError::Net(e)) if e.is_unauthorized() => break Err(ClientError::Unauthorized(e.to_string())),
@@ -181,7 +181,11 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
             Err(e) => {
                 let delay = backoff_delay(&backoff, attempt, &mut rand::rng());
                 attempt = attempt.saturating_add(1);
-                info!("cannot reach the server ({e}); retrying in {:.1} s", delay.as_secs_f64());
+                info!(
+                    "cannot reach the server ({}); retrying in {:.1} s",
+                    escape(&e.to_string(), 300),
+                    delay.as_secs_f64()
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => break Ok(()),
@@ -225,7 +229,7 @@ async fn connect(
         Err(_) => Err(NetError::Stream("the server did not answer hello in time".into()).into()),
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(ServerMsg::Welcome { client_id, next_round, federation, .. })) => {
-            debug!(client_id = %cohort_io::escape(&client_id, 64), next_round, "welcomed");
+            debug!(client_id = %escape(&client_id, 64), next_round, "welcomed");
             Ok((conn, next_round, federation))
         }
         Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(reason)),
@@ -250,7 +254,7 @@ async fn serve(
                     let (hooks, conn) = (hooks.clone(), conn.clone());
                     handlers.spawn(async move {
                         if let Err(e) = answer(send, recv, participant, &hooks, &conn).await {
-                            warn!("request failed: {e}");
+                            warn!("request failed: {}", escape(&e.to_string(), 300));
                         }
                     });
                 }
@@ -314,7 +318,7 @@ async fn answer(
         match decision {
             Ok(epsilon) => info!(round, epsilon = format!("{epsilon:.3}"), "privacy ledger: taking part"),
             Err(e) => {
-                warn!(round, "declining the round: {e}");
+                warn!(round, "declining the round: {}", escape(&e.to_string(), 300));
                 send_msg(&mut send, &ClientMsg::Decline { round, reason: e.to_string() }).await?;
                 let _ = send.finish();
                 return Ok(());
@@ -353,7 +357,7 @@ async fn answer(
             reply
         }
         Err(e) => {
-            warn!(round, "declining the round: {e}");
+            warn!(round, "declining the round: {}", escape(&e.to_string(), 300));
             ClientMsg::Decline { round, reason: e.to_string() }
         }
     };

@@ -1,5 +1,6 @@
 //! Secure-aggregation throughput on one core: mask expansion (the PRG) and the server's unmask
-//! and sum. `cargo bench -p cohort-common --bench secagg`.
+//! and sum; and the protocol's tolerance of random dropouts (how many sessions complete).
+//! `cargo bench -p cohort-common --bench secagg`.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -113,6 +114,72 @@ fn main() {
             server_secs * 1e3,
             (clients * len) as f64 / server_secs / 1e6
         );
+    }
+    dropout_tolerance();
+}
+
+/// How many of 400 sessions complete when each client crashes, with probability `rate`, before a
+/// random one of its six messages (join, advert, shares, masked input, confirmation, unmask
+/// reply). The same account of who gets how far as the socket-free harness
+/// (`common/src/secagg/harness.rs`, `run`), without the cryptography: it asks only whether the
+/// survivors' secrets can be rebuilt and every check passes.
+fn dropout_tolerance() {
+    use cohort_common::secagg::graph::part_sizes;
+    use cohort_common::secagg::quantize::Quantizer;
+    use cohort_common::secagg::{SecAggParams, SecAggSetup};
+    println!("sessions completed of 400, clients crashing at a random phase (min_inputs = n / 2):");
+    for (n, k, t, rate) in [
+        (10, 8, 5, 0.3),
+        (100, 8, 5, 0.05),
+        (100, 8, 5, 0.1),
+        (100, 8, 5, 0.2),
+        (100, 8, 5, 0.3),
+        (100, 20, 11, 0.2),
+        (100, 20, 11, 0.3),
+    ] {
+        let setup = SecAggSetup {
+            round: 1,
+            purpose: "train".into(),
+            params: SecAggParams {
+                threshold: t,
+                degree: k,
+                dropout_tolerance: 0.0,
+                quantizer: Quantizer { bits: 32, clip: 1.0, scale: 1.0, wrap: false },
+            },
+            cohort: (0..n).map(|i| format!("c{i:03}")).collect(),
+            vector_len: 1,
+            min_inputs: n / 2,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut completed = 0;
+        for _ in 0..400 {
+            let session: [u8; 32] = rng.random();
+            let graph = setup.neighbours(&session);
+            // Each client's first message not sent (6: it sent them all).
+            let crash: Vec<usize> =
+                (0..n).map(|_| if rng.random::<f64>() < rate { rng.random_range(0..6) } else { 6 }).collect();
+            let count = |i: usize, set: &BTreeSet<usize>| graph[i].iter().filter(|j| set.contains(j)).count();
+            let after = |phase: usize, from: &BTreeSet<usize>, needs_t: bool| -> BTreeSet<usize> {
+                from.iter().copied().filter(|&i| crash[i] > phase && (!needs_t || count(i, from) >= t)).collect()
+            };
+            let joined = after(0, &(0..n).collect(), false);
+            let advertised = after(1, &joined, false);
+            let shared = after(2, &advertised, true);
+            let masked = after(3, &shared, true);
+            let confirmed = after(4, &masked, false);
+            let revealing = after(5, &confirmed, false);
+            let committee = setup.committee(&session);
+            let quorum = committee.iter().filter(|c| confirmed.contains(c)).count() >= setup.quorum(committee.len());
+            let ok = joined.len() > t
+                && advertised.len() > t
+                && shared.len() > t
+                && masked.len() >= t.max(setup.min_inputs)
+                && quorum
+                && part_sizes(&graph, &masked).iter().all(|&size| size >= setup.min_inputs)
+                && shared.iter().all(|&j| count(j, &revealing) >= t);
+            completed += usize::from(ok);
+        }
+        println!("  n {n:>3}, degree {k:>2}, threshold {t:>2}, {:>3.0}% crash: {completed:>3}", rate * 100.0);
     }
 }
 

@@ -47,6 +47,8 @@
 //! its own clipping: under secure aggregation nobody can check a norm, so a malicious client's
 //! influence is bounded only by the quantizer's range per coordinate.
 
+use std::collections::{BTreeMap, HashMap};
+
 use rand::CryptoRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -282,6 +284,82 @@ impl RdpAccountant {
             }
         }
         best
+    }
+}
+
+/// The epsilon at `delta` of `mechanisms` composed: each `(q, z, steps)` a Poisson-sampled
+/// Gaussian of rate q and multiplier z, `steps` times (q = 1: no sampling).
+pub fn composed_epsilon(mechanisms: impl IntoIterator<Item = (f64, f64, u64)>, delta: f64) -> f64 {
+    let mut accountant = RdpAccountant::new(default_orders()).expect("default orders are valid");
+    for (q, z, steps) in mechanisms {
+        accountant.compose(q, z, steps);
+    }
+    accountant.epsilon(delta).0
+}
+
+/// The server's privacy account, free of I/O (the driver stores what it records and resumes it):
+/// the sampled Gaussian of every round that drew a sample, against anyone who sees only the
+/// models; each client's own rounds at q = 1, against the server, which knows every sample; and
+/// the summed chance of too-small samples, which adds `(1 + e^epsilon)` times itself to delta.
+#[derive(Debug, Clone)]
+pub struct ServerAccount {
+    delta: f64,
+    amplified: RdpAccountant,
+    /// Rounds per client, by noise multiplier (its bits).
+    participations: HashMap<String, BTreeMap<u64, u64>>,
+    too_few: f64,
+}
+
+impl ServerAccount {
+    /// An empty account at the configured `delta`.
+    pub fn new(delta: f64) -> Self {
+        let amplified = RdpAccountant::new(default_orders()).expect("default orders are valid");
+        Self { delta, amplified, participations: HashMap::new(), too_few: 0.0 }
+    }
+
+    /// One round that drew a sample at rate `q` with multiplier `z`, whatever became of it:
+    /// `too_few` was the chance of a too-small sample, and `charged` were sent plans.
+    pub fn record_round<'a>(&mut self, q: f64, z: f64, too_few: f64, charged: impl IntoIterator<Item = &'a String>) {
+        self.amplified.compose(q, z, 1);
+        self.too_few += too_few;
+        for client in charged {
+            self.add_participations(client, z, 1);
+        }
+    }
+
+    /// `rounds` private rounds of `client` at multiplier `z` (from storage, on resuming).
+    pub fn add_participations(&mut self, client: &str, z: f64, rounds: u64) {
+        *self.participations.entry(client.to_string()).or_default().entry(z.to_bits()).or_default() += rounds;
+    }
+
+    /// Epsilon against anyone who sees only the models (amplified by sampling), at the
+    /// configured delta.
+    pub fn epsilon(&self) -> f64 {
+        self.amplified.epsilon(self.delta).0
+    }
+
+    /// What [`ServerAccount::epsilon`] would be after one more round at `q` and `z`.
+    pub fn epsilon_after(&self, q: f64, z: f64) -> f64 {
+        let mut after = self.amplified.clone();
+        after.compose(q, z, 1);
+        after.epsilon(self.delta).0
+    }
+
+    /// Epsilon against the server: the largest any client has spent over its own rounds,
+    /// unamplified.
+    pub fn epsilon_against_server(&self) -> f64 {
+        let mut distinct: Vec<&BTreeMap<u64, u64>> = self.participations.values().collect();
+        distinct.sort();
+        distinct.dedup();
+        distinct
+            .into_iter()
+            .map(|counts| composed_epsilon(counts.iter().map(|(z, n)| (1.0, f64::from_bits(*z), *n)), self.delta))
+            .fold(0.0, f64::max)
+    }
+
+    /// The delta both epsilons hold at: the configured one plus what too-small samples add.
+    pub fn delta(&self) -> f64 {
+        self.delta + (1.0 + self.epsilon().exp()) * self.too_few
     }
 }
 
@@ -563,11 +641,7 @@ impl PrivacyLedger {
     }
 
     fn epsilon_of(&self, spent: &[Spent]) -> f64 {
-        let mut acc = RdpAccountant::new(default_orders()).expect("default orders are valid");
-        for s in spent {
-            acc.compose(s.sampling_rate, s.noise_multiplier, s.count());
-        }
-        acc.epsilon(self.delta).0
+        composed_epsilon(spent.iter().map(|s| (s.sampling_rate, s.noise_multiplier, s.count())), self.delta)
     }
 
     /// Epsilon spent so far, over every federation.
@@ -866,6 +940,28 @@ mod tests {
         let mut acc = RdpAccountant::new(default_orders()).unwrap();
         acc.compose(1.0, z, steps);
         acc.epsilon(1e-5).0
+    }
+
+    /// The server's two figures: amplified over every round, and against itself the most-charged
+    /// client's own rounds; too-small samples add to delta.
+    #[test]
+    fn the_server_account_names_each_adversary() {
+        let mut account = ServerAccount::new(1e-5);
+        let (a, b) = ("a".to_string(), "b".to_string());
+        account.record_round(0.1, 1.0, 1e-9, [&a, &b]);
+        account.record_round(0.1, 1.0, 0.0, [&a]);
+        account.record_round(0.1, 1.0, 1e-9, []);
+        account.add_participations("a", 1.3, 2);
+        let mut amplified = RdpAccountant::new(default_orders()).unwrap();
+        amplified.compose(0.1, 1.0, 3);
+        assert!((account.epsilon() - amplified.epsilon(1e-5).0).abs() < 1e-12);
+        let most = composed_epsilon([(1.0, 1.0, 2), (1.0, 1.3, 2)], 1e-5);
+        assert!((account.epsilon_against_server() - most).abs() < 1e-12, "client a's four rounds");
+        assert!(account.epsilon_against_server() > unamplified(1, 1.0), "more than b's one round");
+        let delta = 1e-5 + (1.0 + account.epsilon().exp()) * 2e-9;
+        assert!((account.delta() - delta).abs() < 1e-18);
+        assert!(account.epsilon_after(0.1, 1.0) > account.epsilon());
+        assert_eq!(ServerAccount::new(1e-5).epsilon_against_server(), 0.0);
     }
 
     #[test]

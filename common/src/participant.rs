@@ -184,6 +184,23 @@ impl Participant {
         self.local.lock().expect("model lock").as_ref().and_then(|l| l.model.flat().ok())
     }
 
+    /// One step of the secure session of `round`, with this client's keys; the session is
+    /// forgotten afterwards when `ends` says so of the step's result.
+    fn in_session<T>(
+        &self,
+        round: u64,
+        ends: impl FnOnce(&Result<T, SecAggError>) -> bool,
+        step: impl FnOnce(&mut SecAggClient, &SecureKeys) -> Result<T, SecAggError>,
+    ) -> Result<T, ParticipantError> {
+        let keys = self.secure_keys()?;
+        let mut guard = self.secure.lock().expect("secure lock");
+        let result = step(&mut secure_round(&mut guard, round)?.client, keys);
+        if ends(&result) {
+            *guard = None;
+        }
+        Ok(result?)
+    }
+
     fn secure_keys(&self) -> Result<&SecureKeys, ParticipantError> {
         self.keys.as_ref().ok_or_else(|| ParticipantError::BadPlan("this client has no certificate key".into()))
     }
@@ -303,20 +320,12 @@ impl Participant {
                     Ok(ClientMsg::Join { round: plan.round, nonce })
                 }
             },
-            ServerMsg::Joined { round, list } => {
-                let keys = self.secure_keys()?;
-                let mut guard = self.secure.lock().expect("secure lock");
-                let s = secure_round(&mut guard, *round)?;
-                let advert = s.client.handle_joined(list, keys.signer.as_ref(), rng)?;
-                Ok(ClientMsg::Advert { round: *round, advert })
-            }
-            ServerMsg::Adverts { round, adverts } => {
-                let keys = self.secure_keys()?;
-                let mut guard = self.secure.lock().expect("secure lock");
-                let s = secure_round(&mut guard, *round)?;
-                let keys = s.client.handle_adverts(adverts, keys.verifier.as_ref(), rng)?;
-                Ok(ClientMsg::Shares { round: *round, keys })
-            }
+            ServerMsg::Joined { round, list } => self
+                .in_session(*round, |_| false, |c, k| c.handle_joined(list, k.signer.as_ref(), rng))
+                .map(|advert| ClientMsg::Advert { round: *round, advert }),
+            ServerMsg::Adverts { round, adverts } => self
+                .in_session(*round, |_| false, |c, k| c.handle_adverts(adverts, k.verifier.as_ref(), rng))
+                .map(|keys| ClientMsg::Shares { round: *round, keys }),
             ServerMsg::Shares { round, shares } => {
                 let mut guard = self.secure.lock().expect("secure lock");
                 // The masked input needs the trained update: wait for it.
@@ -340,24 +349,13 @@ impl Participant {
                 let input = s.client.handle_shares(shares, &input, signer.as_ref())?;
                 Ok(ClientMsg::Masked { round: *round, input })
             }
-            ServerMsg::Survivors { round, list } => {
-                let keys = self.secure_keys()?;
-                let mut guard = self.secure.lock().expect("secure lock");
-                let s = secure_round(&mut guard, *round)?;
-                let signature = s.client.handle_survivors(list, keys.signer.as_ref());
-                if signature.is_err() {
-                    *guard = None;
-                }
-                Ok(ClientMsg::Confirm { round: *round, signature: signature? })
-            }
-            ServerMsg::Unmask { round, request } => {
-                let keys = self.secure_keys()?;
-                let mut guard = self.secure.lock().expect("secure lock");
-                let s = secure_round(&mut guard, *round)?;
-                let reply = s.client.handle_unmask(request, keys.verifier.as_ref());
-                *guard = None;
-                Ok(ClientMsg::Unmask { round: *round, reply: reply? })
-            }
+            // A refused list ends the session; so does the unmask, whatever its outcome.
+            ServerMsg::Survivors { round, list } => self
+                .in_session(*round, Result::is_err, |c, k| c.handle_survivors(list, k.signer.as_ref()))
+                .map(|signature| ClientMsg::Confirm { round: *round, signature }),
+            ServerMsg::Unmask { round, request } => self
+                .in_session(*round, |_| true, |c, k| c.handle_unmask(request, k.verifier.as_ref()))
+                .map(|reply| ClientMsg::Unmask { round: *round, reply }),
             ServerMsg::Welcome { .. } | ServerMsg::Refused { .. } => {
                 Err(ParticipantError::BadPlan(format!("unexpected request {msg:?}")))
             }

@@ -264,6 +264,24 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
 }
 
+/// A string a peer controls, made safe for a log line or an error: control characters escaped
+/// (no forged lines, no terminal escapes) and at most `max` characters kept.
+pub fn escape(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 3);
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Encodes a message as a complete frame (header included).
 pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, WireError> {
     let mut out = vec![0u8; HEADER_BYTES];
@@ -402,6 +420,13 @@ mod tests {
         payload.push(252 + 3); // bincode varint marker for u64
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(decode_payload::<TensorBytes>(&payload).is_err());
+    }
+
+    #[test]
+    fn peer_strings_are_escaped_and_capped() {
+        assert_eq!(escape("ok\nround complete round=999\u{1b}[2J", 100), "ok\\nround complete round=999\\u{1b}[2J");
+        assert_eq!(escape(&"x".repeat(10_000), 8), "xxxxxxxx…");
+        assert_eq!(escape("héllo", 8), "héllo");
     }
 
     #[test]

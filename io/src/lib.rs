@@ -11,8 +11,8 @@
 //! - [`peer_id`]: the client id (certificate subject CN) of an authenticated connection.
 //! - [`send_msg`] / [`recv_msg`]: one framed message on a QUIC stream, with a size cap.
 //! - [`secagg_keys`]: signing key adverts with the certificate key, checking peers against the CA
-//!   (a certificate that passed is remembered for five minutes), and [`escape`] for peer strings
-//!   in logs.
+//!   (a certificate that passed is remembered for five minutes). [`escape`] (from
+//!   `cohort_common::wire`) makes peer strings safe for logs.
 //! - [`files`]: data sets named in configuration files (IDX or CSV, gzipped or not), TOML
 //!   configuration read with the file named in every error, and atomic writes.
 //!
@@ -73,23 +73,8 @@ impl NetError {
     }
 }
 
-/// A string a peer controls, made safe for a log line: control characters escaped (no forged
-/// lines, no terminal escapes) and at most `max` characters kept.
-pub fn escape(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max) + 3);
-    for (i, c) in text.chars().enumerate() {
-        if i == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+/// A string a peer controls, made safe for a log line (the rule lives with the messages).
+pub use cohort_common::wire::escape;
 
 /// TLS alerts that mean the peer refused our certificate become `Unauthorized`.
 pub fn classify(e: quinn::ConnectionError) -> NetError {

@@ -229,11 +229,7 @@ fn epsilon(clients: u64, per_round: u64, noise: f64, rounds: u64, delta: f64) ->
     );
     // Against the server: k participations, unamplified. A client takes part Binomial(T, q)
     // times; the most-sampled of N is about its 1 - 1/N quantile.
-    let unamplified = |k: u64| {
-        let mut acc = RdpAccountant::new(default_orders()).expect("default orders are valid");
-        acc.compose(1.0, noise, k);
-        acc.epsilon(delta).0
-    };
+    let unamplified = |k: u64| cohort_common::dp::composed_epsilon([(1.0, noise, k)], delta);
     let typical = (q * rounds as f64).round() as u64;
     let mut most = rounds;
     let mut below = 0.0;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use cohort_common::data::Dataset;
-use cohort_common::dp::{self, RdpAccountant};
+use cohort_common::dp::{self, ServerAccount};
 use cohort_common::model::{vectors_from_safetensors, vectors_to_safetensors, Model, ModelSpec};
 use cohort_common::round::{
     cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round,
@@ -22,7 +22,7 @@ use cohort_common::strategy::Strategy;
 use cohort_common::train::{evaluate, per_class, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 use cohort_io::secagg_keys::CaVerifier;
-use cohort_io::{files, peer_id, recv_msg, send_msg, Identity, NetError};
+use cohort_io::{escape, files, peer_id, recv_msg, send_msg, Identity, NetError};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
@@ -189,79 +189,36 @@ impl Registry {
     }
 }
 
-/// The server's differential-privacy state: the accountant over every round that drew a sample
-/// (resumed from the database), each client's private rounds (for the epsilon against the
-/// server), the summed chance of too-small samples, and the clip norm of the next round.
+/// The server's differential-privacy state: its account (`dp::ServerAccount`, resumed from the
+/// database) and the clip norm of the next round.
 struct Privacy {
     config: DpConfig,
-    accountant: RdpAccountant,
-    /// Private rounds per client, by noise multiplier (its bits).
-    participations: HashMap<ClientId, BTreeMap<u64, u64>>,
-    /// The summed probabilities that a round's sample fell below `min_clients`.
-    too_few: f64,
+    account: ServerAccount,
     clip: f64,
     warned_too_few: bool,
 }
 
 impl Privacy {
     fn resume(config: &DpConfig, rows: &[RoundRow], participations: Vec<(ClientId, f64, u64)>) -> Self {
-        let mut accountant = RdpAccountant::new(dp::default_orders()).expect("default orders are valid");
+        let mut account = ServerAccount::new(config.delta);
         let mut clip = config.clip;
-        let mut too_few = 0.0;
         for row in rows {
             if let (Some(q), Some(z)) = (row.sampling_rate, row.noise_multiplier) {
-                accountant.compose(q, z, 1);
+                account.record_round(q, z, row.too_few_probability.unwrap_or(0.0), []);
             }
-            too_few += row.too_few_probability.unwrap_or(0.0);
             if let (Some(c), Some(unclipped)) = (row.clip, row.unclipped) {
                 clip = config.next_clip(c, unclipped);
             }
         }
-        let mut counts: HashMap<ClientId, BTreeMap<u64, u64>> = HashMap::new();
         for (client, z, rounds) in participations {
-            *counts.entry(client).or_default().entry(z.to_bits()).or_default() += rounds;
+            account.add_participations(&client, z, rounds);
         }
-        Self { config: config.clone(), accountant, participations: counts, too_few, clip, warned_too_few: false }
+        Self { config: config.clone(), account, clip, warned_too_few: false }
     }
 
     /// Whether rounds are noised, so that they are sampled Poisson-wise and accounted.
     fn noised(&self) -> bool {
         self.config.noise_multiplier > 0.0
-    }
-
-    fn epsilon_after(&self, q: f64) -> f64 {
-        let mut after = self.accountant.clone();
-        after.compose(q, self.config.noise_multiplier, 1);
-        after.epsilon(self.config.delta).0
-    }
-
-    /// The delta the reported epsilons hold at, for an amplified epsilon of `epsilon`.
-    fn delta(&self, epsilon: f64) -> f64 {
-        self.config.delta + (1.0 + epsilon.exp()) * self.too_few
-    }
-
-    /// Charges one private round (multiplier `z`) to each of `clients`.
-    fn charge(&mut self, clients: &[ClientId], z: f64) {
-        for c in clients {
-            *self.participations.entry(c.clone()).or_default().entry(z.to_bits()).or_default() += 1;
-        }
-    }
-
-    /// The largest unamplified epsilon any client has spent: what holds against the server.
-    fn epsilon_server(&self) -> f64 {
-        let mut distinct: Vec<&BTreeMap<u64, u64>> = self.participations.values().collect();
-        distinct.sort();
-        distinct.dedup();
-        distinct
-            .into_iter()
-            .map(|counts| {
-                let mut acc = RdpAccountant::new(dp::default_orders()).expect("default orders are valid");
-                for (z, rounds) in counts {
-                    acc.compose(1.0, f64::from_bits(*z), *rounds);
-                }
-                acc.epsilon(self.config.delta).0
-            })
-            .fold(0.0, f64::max)
     }
 }
 
@@ -488,7 +445,7 @@ impl Server {
                     let enrolled = self.store.lock().expect("store lock").clients()?;
                     let population: Vec<ClientId> = enrolled.into_iter().filter(|c| !c.revoked).map(|c| c.id).collect();
                     let q = (fed.clients_per_round as f64 / population.len().max(1) as f64).min(1.0);
-                    let epsilon = p.epsilon_after(q);
+                    let epsilon = p.account.epsilon_after(q, p.config.noise_multiplier);
                     if let Some(budget) = p.config.epsilon_budget.filter(|b| epsilon > *b) {
                         warn!(
                             round = round_no,
@@ -603,13 +560,16 @@ impl Server {
                 match (privacy.as_mut(), draw.sampling_rate) {
                     (Some(p), Some(q)) => {
                         let z = p.config.noise_multiplier;
-                        p.accountant.compose(q, z, 1);
-                        p.too_few += draw.too_few.unwrap_or(0.0);
-                        if plans_sent {
-                            p.charge(&cohort, z);
-                        }
-                        let epsilon = p.accountant.epsilon(p.config.delta).0;
-                        (Some(q), Some(z), Some(epsilon), Some(p.epsilon_server()), Some(p.delta(epsilon)))
+                        let charged = if plans_sent { &cohort[..] } else { &[] };
+                        p.account.record_round(q, z, draw.too_few.unwrap_or(0.0), charged);
+                        let account = &p.account;
+                        (
+                            Some(q),
+                            Some(z),
+                            Some(account.epsilon()),
+                            Some(account.epsilon_against_server()),
+                            Some(account.delta()),
+                        )
                     }
                     _ => (None, None, None, None, None),
                 };
@@ -1005,6 +965,7 @@ impl Server {
         let mut excluded = self.excluded.lock().expect("excluded lock");
         for (id, what) in cheaters {
             if excluded.insert(id.clone()) {
+                let (id, what) = (escape(id, 64), escape(what, 300));
                 warn!(
                     round,
                     client = %id,
@@ -1072,16 +1033,19 @@ impl Server {
             other => Err(Box::new(other)),
         });
         let t_adverts = Instant::now();
-        let outcome = |server: &SecAggServer| {
-            self.exclude_cheaters(round, &server.cheaters());
-        };
-        let adverts = match server.close_adverts() {
-            Ok(a) => a,
-            Err(e) => {
-                outcome(&server);
-                return abort(e.to_string());
-            }
-        };
+        // Ends a phase: its result, or the round aborted (and whoever cheated so far left out).
+        macro_rules! closed {
+            ($closing:expr) => {
+                match $closing {
+                    Ok(value) => value,
+                    Err(e) => {
+                        self.exclude_cheaters(round, &server.cheaters());
+                        return abort(e.to_string());
+                    }
+                }
+            };
+        }
+        let adverts = closed!(server.close_adverts());
 
         // Phase 2: neighbours' adverts out, sealed shares back.
         let frames = encode_each(adverts, |adverts| ServerMsg::Adverts { round, adverts })?;
@@ -1093,16 +1057,11 @@ impl Server {
             other => Err(Box::new(other)),
         });
         for (client, refused) in server.refusals() {
-            warn!(round, client = %client, "refused the key advert of `{refused}` (bad signature or certificate)");
+            let (client, refused) = (escape(&client, 64), escape(&refused, 64));
+            warn!(round, %client, "refused the key advert of `{refused}` (bad signature or certificate)");
         }
         let t_shares = Instant::now();
-        let inbox = match server.close_shares() {
-            Ok(i) => i,
-            Err(e) => {
-                outcome(&server);
-                return abort(e.to_string());
-            }
-        };
+        let inbox = closed!(server.close_shares());
 
         // Phase 3: shares out, masked inputs back once each client has trained (summed as they
         // arrive), by the round's deadline.
@@ -1116,16 +1075,11 @@ impl Server {
             other => Err(Box::new(other)),
         });
         for (holder, dealer) in server.complaints() {
+            let (holder, dealer) = (escape(&holder, 64), escape(&dealer, 64));
             warn!(round, client = %holder, "the shares `{dealer}` sealed for it do not open or match their commitments");
         }
         let t_masked = Instant::now();
-        let list = match server.close_masked() {
-            Ok(list) => list,
-            Err(e) => {
-                outcome(&server);
-                return abort(e.to_string());
-            }
-        };
+        let list = closed!(server.close_masked());
 
         // Phase 4: the survivor list out (the same for all), confirmations back.
         let frame =
@@ -1141,13 +1095,7 @@ impl Server {
             other => Err(Box::new(other)),
         });
         let t_confirmed = Instant::now();
-        let requests = match server.close_confirmations() {
-            Ok(r) => r,
-            Err(e) => {
-                outcome(&server);
-                return abort(e.to_string());
-            }
-        };
+        let requests = closed!(server.close_confirmations());
 
         // Phase 5: each survivor its neighbours' confirmations, shares back.
         let frames = encode_each(requests, |request| ServerMsg::Unmask { round, request })?;
@@ -1158,19 +1106,17 @@ impl Server {
             match reply {
                 Ok(ClientMsg::Unmask { round: r, reply }) if r == round => {
                     if let Err(e) = server.handle_unmask(&id, reply) {
-                        warn!(round, client = %id, "unmask reply refused: {e}");
+                        warn!(round, client = %escape(&id, 64), "unmask reply refused: {}", escape(&e.to_string(), 300));
                     }
                 }
-                other => warn!(round, client = %id, "no unmask reply: {}", describe(other, "an unmask reply")),
+                other => {
+                    warn!(round, client = %escape(&id, 64), "no unmask reply: {}", describe(other, "an unmask reply"))
+                }
             }
         }
         let t_unmask = Instant::now();
-        let finished = server.finish();
-        outcome(&server);
-        let Unmasked { sum, survivors, cheaters } = match finished {
-            Ok(unmasked) => unmasked,
-            Err(e) => return abort(e.to_string()),
-        };
+        let Unmasked { sum, survivors, cheaters } = closed!(server.finish());
+        self.exclude_cheaters(round, &cheaters);
         debug!(
             round,
             advertise_s = (t_adverts - t_start).as_secs_f64(),
@@ -1470,10 +1416,12 @@ fn feed(
     }
 }
 
+/// Why a reply is not the one wanted, for the logs and the round's record: what the client
+/// wrote is escaped and capped.
 fn describe(reply: Result<ClientMsg, NetError>, wanted: &str) -> String {
     match reply {
-        Ok(ClientMsg::Decline { reason, .. }) => format!("declined: {reason}"),
-        Ok(other) => format!("protocol violation: expected {wanted}, got {other:?}"),
+        Ok(ClientMsg::Decline { reason, .. }) => format!("declined: {}", escape(&reason, 300)),
+        Ok(other) => format!("protocol violation: expected {wanted}, got {}", escape(&format!("{other:?}"), 300)),
         Err(e) => e.to_string(),
     }
 }

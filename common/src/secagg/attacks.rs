@@ -23,6 +23,31 @@ fn strip_masks(s: &Session, j: usize, masked: &[u64], seed: &[u8; 32], pairwise:
     v
 }
 
+/// What the server reads of `group`'s sum: their masked inputs less their seeds and their masks
+/// with the neighbours in `dropped`, whose mask keys it rebuilt. `None` when a seed or a key is
+/// missing (it could not be read).
+fn group_sum(
+    s: &Session,
+    group: &[usize],
+    masked: &BTreeMap<String, MaskedInput>,
+    seeds: &BTreeMap<String, [u8; 32]>,
+    keys: &BTreeMap<String, [u8; 32]>,
+    dropped: &[usize],
+) -> Option<Vec<u64>> {
+    let mask = crypto::modulus_mask(s.setup.params.quantizer.bits);
+    let mut sum = vec![0u64; s.setup.vector_len];
+    for &r in group {
+        let mut pairwise = Vec::new();
+        for &d in s.graph[r].iter().filter(|m| dropped.contains(m)) {
+            let key = KeyPair::from_secret(keys.get(&s.ids[d])?);
+            pairwise.push((d, pairwise_seed(s, &key, d, r)));
+        }
+        let alone = strip_masks(s, r, &masked[&s.ids[r]].values, seeds.get(&s.ids[r])?, &pairwise);
+        sum.iter_mut().zip(alone).for_each(|(acc, v)| *acc = acc.wrapping_add(v) & mask);
+    }
+    Some(sum)
+}
+
 /// The pairwise mask seed of `j` and `m`, from `j`'s rebuilt mask key.
 fn pairwise_seed(s: &Session, key: &KeyPair, j: usize, m: usize) -> [u8; 32] {
     *key.agree(&s.adverts[m].mask_pk, &[&mask_info(&s.session, j, m)[..]]).unwrap()
@@ -403,6 +428,31 @@ fn with_a_bad_advert(weakened: Weakened, server_checks: bool) -> Result<Unmasked
 }
 
 #[test]
+fn f_a_certificate_problem_leaves_its_sender_out_unnamed_and_a_low_order_key_is_named() {
+    let mut s = Session::new(setup(5, 3, 4, 4, 18), 18, Weakened::default());
+    // A certificate that is not this client's (expired, another CA's: the same to the server).
+    let mut stranger = s.adverts[1].clone();
+    stranger.certificate = b"someone else".to_vec();
+    let err = s.server.handle_advert("c001", stranger, &TestPki).unwrap_err();
+    assert!(matches!(err, SecAggError::Peer(ref m) if m.contains("certificate")), "{err}");
+    // A low-order public key, properly signed: no neighbour could agree a key with it.
+    let mut weak = s.adverts[2].clone();
+    weak.mask_pk = [0; 32];
+    let message = advert_message(&s.setup, &s.session, &weak, Weakened::default());
+    weak.signature = TestSigner("c002".into()).sign(&message).unwrap();
+    let err = s.server.handle_advert("c002", weak, &TestPki).unwrap_err();
+    assert!(
+        matches!(err, SecAggError::Cheater { ref client, ref what } if client == "c002" && what.contains("low-order"))
+    );
+    assert_eq!(s.server.cheaters().len(), 1, "the certificate problem named nobody");
+    // An advert in another client's name, with an unknown id, is refused with the id escaped.
+    let mut forged = s.adverts[3].clone();
+    forged.client = "c999\nround complete".into();
+    let err = s.server.handle_advert("c003", forged, &TestPki).unwrap_err().to_string();
+    assert!(err.contains("c999\\nround complete") && !err.contains('\n'), "{err}");
+}
+
+#[test]
 fn f_a_bad_advert_signature_leaves_its_sender_out_not_the_round() {
     let v1 = Weakened { abort_on_bad_advert: true, ..Default::default() };
     let err = with_a_bad_advert(v1, false).unwrap_err();
@@ -487,21 +537,9 @@ fn withheld_shares(weakened: Weakened) -> Result<bool, SecAggError> {
         let request = UnmaskRequest { confirmations: confirmations.clone(), masking: masking.clone() };
         replies.push((s.ids[i].clone(), s.clients[i].handle_unmask(&request, &TestPki)?));
     }
-    let seeds = rebuilt(&replies, t, "seed");
-    let keys = rebuilt(&replies, t, "key");
+    let (seeds, keys) = (rebuilt(&replies, t, "seed"), rebuilt(&replies, t, "key"));
     // The group's masked inputs, less their seeds and their masks with the "dropped" pair.
-    let bits = s.setup.params.quantizer.bits;
-    let mut sum = vec![0u64; s.setup.vector_len];
-    for &r in &group {
-        let id = &s.ids[r];
-        let pairwise: Vec<(usize, [u8; 32])> =
-            dropped.iter().map(|&d| (d, pairwise_seed(&s, &KeyPair::from_secret(&keys[&s.ids[d]]), d, r))).collect();
-        let alone = strip_masks(&s, r, &masked[id].values, &seeds[id], &pairwise);
-        for (acc, v) in sum.iter_mut().zip(alone) {
-            *acc = acc.wrapping_add(v) & crypto::modulus_mask(bits);
-        }
-    }
-    Ok(sum == s.expected(group))
+    Ok(group_sum(&s, &group, &masked, &seeds, &keys, &dropped) == Some(s.expected(group)))
 }
 
 #[test]
@@ -559,8 +597,7 @@ fn split_graph(weakened: Weakened) -> Result<bool, SecAggError> {
         let i = s.index(id);
         replies.push((id.clone(), s.clients[i].handle_unmask(request, &TestPki)?));
     }
-    let seeds = rebuilt(&replies, t, "seed");
-    let keys = rebuilt(&replies, t, "key");
+    let (seeds, keys) = (rebuilt(&replies, t, "seed"), rebuilt(&replies, t, "key"));
     // One part: a survivor and everyone reachable from it among the survivors.
     let start = *survivors.iter().next().unwrap();
     let mut part = vec![start];
@@ -573,20 +610,8 @@ fn split_graph(weakened: Weakened) -> Result<bool, SecAggError> {
         }
         k += 1;
     }
-    let bits = s.setup.params.quantizer.bits;
-    let mut sum = vec![0u64; s.setup.vector_len];
-    for &r in &part {
-        let pairwise: Vec<(usize, [u8; 32])> = s.graph[r]
-            .iter()
-            .filter(|m| cut.contains(m))
-            .map(|&d| (d, pairwise_seed(&s, &KeyPair::from_secret(&keys[&s.ids[d]]), d, r)))
-            .collect();
-        let alone = strip_masks(&s, r, &masked[&s.ids[r]].values, &seeds[&s.ids[r]], &pairwise);
-        for (acc, v) in sum.iter_mut().zip(alone) {
-            *acc = acc.wrapping_add(v) & crypto::modulus_mask(bits);
-        }
-    }
-    Ok(part.len() < s.setup.min_inputs && sum == s.expected(part))
+    let sum = group_sum(&s, &part, &masked, &seeds, &keys, &cut);
+    Ok(part.len() < s.setup.min_inputs && sum == Some(s.expected(part)))
 }
 
 #[test]
@@ -656,16 +681,7 @@ fn regional_lists(weakened: Weakened) -> Result<bool, SecAggError> {
         }
     }
     let seeds = rebuilt(&replies, t, "seed");
-    let bits = s.setup.params.quantizer.bits;
-    let mut sum = vec![0u64; s.setup.vector_len];
-    for &g in &group {
-        let Some(seed) = seeds.get(&s.ids[g]) else { return Ok(false) };
-        let alone = strip_masks(&s, g, &masked[&s.ids[g]].values, seed, &[]);
-        for (acc, v) in sum.iter_mut().zip(alone) {
-            *acc = acc.wrapping_add(v) & crypto::modulus_mask(bits);
-        }
-    }
-    Ok(sum == s.expected(group))
+    Ok(group_sum(&s, &group, &masked, &seeds, &BTreeMap::new(), &[]) == Some(s.expected(group)))
 }
 
 #[test]

@@ -10,7 +10,7 @@ use super::crypto::{self, KeyPair, Secret32};
 use super::graph;
 use super::shamir::{self, Share};
 use super::{
-    advert_message, mask_info, seed_commitment, share_aad, share_commitment, share_key_info, AdvertSigner,
+    advert_message, mask_info, seed_commitment, share_aad, share_commitment, share_key_info, shown, AdvertSigner,
     Confirmation, JoinList, KeyAdvert, MaskedInput, MaskingList, PeerVerifier, SealedShares, SecAggError, SecAggSetup,
     SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
@@ -139,27 +139,18 @@ impl SecAggClient {
         let Phase::Joined { nonce } = self.phase else {
             return Err(SecAggError::Phase("a join list", self.phase.name()));
         };
-        let mut last = None;
-        let mut mine = false;
-        for joined in &list.joined {
-            let i = self.index_of(&joined.client)?;
-            if last.is_some_and(|l| l >= i) {
-                return Err(SecAggError::Server("the join list is not sorted or names a client twice".into()));
-            }
-            last = Some(i);
-            mine |= i == self.me && joined.nonce == nonce;
-        }
+        let indices = self
+            .setup
+            .sorted_indices(list.joined.iter().map(|j| j.client.as_str()))
+            .map_err(|e| SecAggError::Server(format!("the join list: {e}")))?;
+        let mine = indices.iter().zip(&list.joined).any(|(&i, joined)| i == self.me && joined.nonce == nonce);
         if !mine {
             return Err(SecAggError::Server(
                 "the join list does not hold this client's nonce: it would be a session this client did not join"
                     .into(),
             ));
         }
-        self.session = if self.weakened.server_chosen_session {
-            self.setup.session_id(&JoinList { joined: Vec::new() })
-        } else {
-            self.setup.session_id(list)
-        };
+        self.session = self.setup.session_under(list, self.weakened);
         self.graph = self.setup.neighbours(&self.session);
         self.neighbours = self.graph[self.me].iter().copied().collect();
         let mut self_seed = Zeroizing::new([0u8; 32]);
@@ -188,7 +179,7 @@ impl SecAggClient {
     }
 
     fn index_of(&self, id: &str) -> Result<usize, SecAggError> {
-        self.setup.index_of(id).ok_or_else(|| SecAggError::Server(format!("`{id}` is not in the cohort")))
+        self.setup.index_of(id).ok_or_else(|| SecAggError::Server(format!("{} is not in the cohort", shown(id))))
     }
 
     fn id(&self, i: usize) -> &str {
@@ -322,7 +313,7 @@ impl SecAggClient {
         for s in sealed {
             let j = self.index_of(&s.from)?;
             if s.to != self.id(self.me) {
-                return Err(SecAggError::Server(format!("forwarded shares meant for `{}`", s.to)));
+                return Err(SecAggError::Server(format!("forwarded shares meant for {}", shown(&s.to))));
             }
             // Shares from a neighbour this client left out (its advert failed): ignored, and no
             // mask with it (it did not receive this client's shares either).
@@ -370,16 +361,10 @@ impl SecAggClient {
         if !matches!(self.phase, Phase::MaskedSent { .. }) {
             return Err(SecAggError::Phase("a survivor list", self.phase.name()));
         }
-        let mut survivors = Vec::with_capacity(list.survivors.len());
-        for id in &list.survivors {
-            let i = self.index_of(id)?;
-            if survivors.last().is_some_and(|last| *last >= i) {
-                return Err(SecAggError::Server(format!(
-                    "the survivor list is not sorted or names `{id}` twice; refusing it"
-                )));
-            }
-            survivors.push(i);
-        }
+        let survivors = self
+            .setup
+            .sorted_indices(list.survivors.iter().map(String::as_str))
+            .map_err(|e| SecAggError::Server(format!("the survivor list: {e}; refusing it")))?;
         if !survivors.contains(&self.me) {
             return Err(SecAggError::Server("this client is not among the survivors it is asked to confirm".into()));
         }
@@ -441,11 +426,10 @@ impl SecAggClient {
                 confirmed.insert(j);
             }
         }
-        let t = needed;
-        let result = if confirmed.len() < t && !self.weakened.skip_consistency_check {
+        let result = if confirmed.len() < needed && !self.weakened.skip_consistency_check {
             refuse(format!(
-                "only {} of the session's committee confirmed the survivor list this client signed, {t} are needed \
-                 (they dropped, or the server showed clients different lists)",
+                "only {} of the session's committee confirmed the survivor list this client signed, {needed} are \
+                 needed (they dropped, or the server showed clients different lists)",
                 confirmed.len()
             ))
         } else if self.weakened.skip_masking_check {
@@ -497,16 +481,10 @@ impl SecAggClient {
             let Some(list) = request.masking.iter().find(|m| m.client == id) else {
                 return Err(format!("the request lacks survivor `{id}`'s list of whom it masked against"));
             };
-            let mut masked_with = Vec::with_capacity(list.masked_with.len());
-            for m in &list.masked_with {
-                let Some(i) = self.setup.index_of(m) else {
-                    return Err(format!("`{id}`'s masking list names a stranger"));
-                };
-                if masked_with.last().is_some_and(|&l| l >= i) {
-                    return Err(format!("`{id}`'s masking list is not sorted"));
-                }
-                masked_with.push(i);
-            }
+            let masked_with = self
+                .setup
+                .sorted_indices(list.masked_with.iter().map(String::as_str))
+                .map_err(|e| format!("`{id}`'s masking list: {e}"))?;
             let message = MaskingList::signed_message(&self.session, j, &masked_with);
             if let Err(e) = verifier.verify_signature(&peers[&j].certificate, &message, &list.signature) {
                 return Err(format!("`{id}`'s masking list does not verify ({e})"));

@@ -422,6 +422,10 @@ fn settings_that_cannot_give_the_sum_are_refused() {
     s.min_inputs = 11;
     assert!(s.check().unwrap_err().to_string().contains("min_inputs"));
     s.min_inputs = 3;
+    // Every client holds the whole graph: its size is capped, whatever a server sends.
+    let mut huge = setup(100_000, 51, 100, 4, 1);
+    huge.min_inputs = 3;
+    assert!(huge.check().unwrap_err().to_string().contains("more than one session takes"));
     s.params.quantizer.scale = 1e9;
     assert!(matches!(s.check(), Err(SecAggError::Quantize(_))));
 }

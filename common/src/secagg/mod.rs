@@ -217,6 +217,47 @@ impl SecAggSetup {
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.cohort.binary_search_by(|c| c.as_str().cmp(id)).ok()
     }
+
+    /// The indices of a list of cohort members a peer sent, which must be sorted and without
+    /// repeats (join lists, survivor lists, masking lists); the error says what is wrong, with
+    /// the peer's string escaped.
+    pub(crate) fn sorted_indices<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Result<Vec<usize>, String> {
+        let mut indices: Vec<usize> = Vec::new();
+        for id in ids {
+            let i = self.index_of(id).ok_or_else(|| format!("{} is not in the cohort", shown(id)))?;
+            if indices.last().is_some_and(|&last| last >= i) {
+                return Err(format!("the list is not sorted or names {} twice", shown(id)));
+            }
+            indices.push(i);
+        }
+        Ok(indices)
+    }
+
+    /// The session id of `joined` under `weakened` (tests: a session the server alone chose).
+    pub(crate) fn session_under(&self, joined: &JoinList, weakened: Weakened) -> [u8; 32] {
+        if weakened.server_chosen_session {
+            self.session_id(&JoinList { joined: Vec::new() })
+        } else {
+            self.session_id(joined)
+        }
+    }
+}
+
+/// A client id a peer sent, quoted for an error message: escaped and capped.
+pub(crate) fn shown(id: &str) -> String {
+    format!("`{}`", crate::wire::escape(id, 64))
+}
+
+/// `label`, the session id and `numbers` (big-endian): the bytes behind every key derivation,
+/// associated data and signed message of a session, so each is bound to the session and to
+/// what it is for.
+fn bound_to(label: &[u8], session: &[u8; 32], numbers: impl IntoIterator<Item = u64>) -> Vec<u8> {
+    let mut m = label.to_vec();
+    m.extend_from_slice(session);
+    for n in numbers {
+        m.extend_from_slice(&n.to_be_bytes());
+    }
+    m
 }
 
 /// Phase 0: who joined a session with which fresh nonce, sorted by client. The same list goes to
@@ -326,14 +367,8 @@ impl std::fmt::Debug for MaskingList {
 impl MaskingList {
     /// The bytes the signature covers: the session, the client and its masking partners.
     pub fn signed_message(session: &[u8; 32], client: usize, masked_with: &[usize]) -> Vec<u8> {
-        let mut m = b"cohort-secagg-masked-with-v2".to_vec();
-        m.extend_from_slice(session);
-        m.extend_from_slice(&(client as u64).to_be_bytes());
-        m.extend_from_slice(&(masked_with.len() as u64).to_be_bytes());
-        for j in masked_with {
-            m.extend_from_slice(&(*j as u64).to_be_bytes());
-        }
-        m
+        let numbers = [client, masked_with.len()].into_iter().chain(masked_with.iter().copied()).map(|i| i as u64);
+        bound_to(b"cohort-secagg-masked-with-v2", session, numbers)
     }
 }
 
@@ -388,13 +423,8 @@ pub struct SurvivorList {
 impl SurvivorList {
     /// The bytes a client signs to confirm the list.
     pub fn signed_message(session: &[u8; 32], survivors: &[usize]) -> Vec<u8> {
-        let mut m = b"cohort-secagg-survivors-v2".to_vec();
-        m.extend_from_slice(session);
-        m.extend_from_slice(&(survivors.len() as u64).to_be_bytes());
-        for i in survivors {
-            m.extend_from_slice(&(*i as u64).to_be_bytes());
-        }
-        m
+        let numbers = std::iter::once(survivors.len()).chain(survivors.iter().copied()).map(|i| i as u64);
+        bound_to(b"cohort-secagg-survivors-v2", session, numbers)
     }
 }
 
@@ -607,29 +637,17 @@ pub(crate) fn advert_message(
 /// it, so the two messages of one edge never share a key (and the zero nonce stays safe).
 pub(crate) fn share_key_info(session: &[u8; 32], from: usize, to: usize, weakened: Weakened) -> Vec<u8> {
     let (a, b) = if weakened.symmetric_share_keys { (from.min(to), from.max(to)) } else { (from, to) };
-    let mut info = b"shares-v2".to_vec();
-    info.extend_from_slice(session);
-    info.extend_from_slice(&(a as u64).to_be_bytes());
-    info.extend_from_slice(&(b as u64).to_be_bytes());
-    info
+    bound_to(b"shares-v2", session, [a as u64, b as u64])
 }
 
 /// HKDF `info` of the pairwise mask between `a` and `b`: the same from both ends.
 pub(crate) fn mask_info(session: &[u8; 32], a: usize, b: usize) -> Vec<u8> {
-    let mut info = b"mask-v2".to_vec();
-    info.extend_from_slice(session);
-    info.extend_from_slice(&(a.min(b) as u64).to_be_bytes());
-    info.extend_from_slice(&(a.max(b) as u64).to_be_bytes());
-    info
+    bound_to(b"mask-v2", session, [a.min(b) as u64, a.max(b) as u64])
 }
 
 /// Associated data of the shares `from` sends `to`.
 pub(crate) fn share_aad(session: &[u8; 32], from: usize, to: usize) -> Vec<u8> {
-    let mut aad = b"cohort-secagg-shares-v2".to_vec();
-    aad.extend_from_slice(session);
-    aad.extend_from_slice(&(from as u64).to_be_bytes());
-    aad.extend_from_slice(&(to as u64).to_be_bytes());
-    aad
+    bound_to(b"cohort-secagg-shares-v2", session, [from as u64, to as u64])
 }
 
 /// The commitment to one share `from` dealt `to` (`kind`: `seed` or `key`).

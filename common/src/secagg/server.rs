@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::crypto::{self, KeyPair};
 use super::shamir::{self, Share};
 use super::{
-    advert_message, mask_info, seed_commitment, share_commitment, Confirmation, JoinList, Joined, KeyAdvert,
+    advert_message, mask_info, seed_commitment, share_commitment, shown, Confirmation, JoinList, Joined, KeyAdvert,
     MaskedInput, MaskingList, PeerVerifier, Rejection, SealedShares, SecAggError, SecAggSetup, SharedKeys,
     SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
@@ -135,7 +135,9 @@ impl SecAggServer {
     }
 
     fn index(&self, id: &str) -> Result<usize, SecAggError> {
-        self.setup.index_of(id).ok_or_else(|| SecAggError::Peer(format!("`{id}` is not in this session's cohort")))
+        self.setup
+            .index_of(id)
+            .ok_or_else(|| SecAggError::Peer(format!("{} is not in this session's cohort", shown(id))))
     }
 
     fn id(&self, i: usize) -> &str {
@@ -198,11 +200,7 @@ impl SecAggServer {
         }
         let joined = self.joined.iter().map(|(&i, nonce)| Joined { client: self.id(i).to_string(), nonce: *nonce });
         let list = JoinList { joined: joined.collect() };
-        self.session = if self.weakened.server_chosen_session {
-            self.setup.session_id(&JoinList { joined: Vec::new() })
-        } else {
-            self.setup.session_id(&list)
-        };
+        self.session = self.setup.session_under(&list, self.weakened);
         self.graph = self.setup.neighbours(&self.session);
         self.phase = Phase::Advertise;
         Ok(list)
@@ -226,7 +224,7 @@ impl SecAggServer {
         self.expect(Phase::Advertise, "a key advert")?;
         let i = self.index(from)?;
         if advert.client != from {
-            return Err(SecAggError::Peer(format!("`{from}` sent an advert in the name of `{}`", advert.client)));
+            return Err(SecAggError::Peer(format!("`{from}` sent an advert in the name of {}", shown(&advert.client))));
         }
         if advert.certificate.len() > 16 << 10 || advert.signature.len() > 1024 {
             return Err(SecAggError::Peer(format!("`{from}` sent an oversized advert")));
@@ -531,7 +529,7 @@ impl SecAggServer {
         for (kind, shares) in [("seed", &reply.seed_shares), ("key", &reply.key_shares)] {
             for (owner, share) in shares {
                 let Some(j) = self.setup.index_of(owner) else {
-                    problem.get_or_insert(format!("returned a share of `{owner}`, who is not in the cohort"));
+                    problem.get_or_insert(format!("returned a share of {}, who is not in the cohort", shown(owner)));
                     continue;
                 };
                 let allowed = if kind == "seed" { self.survivors.contains(&j) } else { !self.survivors.contains(&j) };
