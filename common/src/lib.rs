@@ -5,15 +5,17 @@
 //! caller opens. The protocol logic lives here as state machines that thin async drivers in
 //! `cohort-server` and `cohort-client` feed (the quinn-proto / quinn split).
 //!
-//! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap.
+//! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap, and
+//!   [`wire::escape`], which every string a peer sent goes through before a log or an error.
 //! - [`model`]: `ModelSpec` (trunk + named heads, shared or personal, from TOML), its candle
 //!   build, the flat `ParamLayout` with one segment per head, and safetensors in and out (the
 //!   spec travels in the file's metadata).
 //! - [`train`]: local SGD over several heads at once (or FedRep's heads-then-trunk order), the
 //!   per-head imbalance losses, evaluation metrics with per-class recall.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
-//! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant, and the client's
-//!   privacy ledger (per participation by default, bound to the federation).
+//! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant, the client's
+//!   privacy ledger (per participation by default, bound to the federation), and the server's
+//!   account ([`dp::ServerAccount`]: epsilon against model observers and against the server).
 //! - [`participant`]: the client's side of a round (plan in, update out; label census and
 //!   federated evaluation; personal heads kept).
 //! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role: sessions the

@@ -95,7 +95,7 @@ pub fn hash(domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 
 /// Encrypts `plaintext` under a key used for this one message, binding `aad`. The zero nonce is
 /// safe only because the caller never uses a key twice: share keys are derived per session and
-/// per direction of an edge ([`super::share_key_info`]).
+/// per direction of an edge (`share_key_info` in the module above).
 pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("32-byte key"));
     let mut buf = plaintext.to_vec();
