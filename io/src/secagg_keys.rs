@@ -64,7 +64,9 @@ pub struct CaVerifier {
 type Checked = HashMap<[u8; 32], (String, Instant)>;
 
 /// How long a certificate that passed the chain check is trusted without checking it again
-/// (its expiry and the CA's are checked again after that).
+/// (its expiry and the CA's are checked again after that). A certificate that expires meanwhile
+/// may therefore still be accepted for up to this long after its expiry: the price of not
+/// re-parsing every peer's chain for each signature of a round.
 pub const CHECKED_FOR: Duration = Duration::from_secs(300);
 /// The most certificates remembered; the memory is cleared when full.
 const MAX_CHECKED: usize = 1 << 16;

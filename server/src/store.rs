@@ -496,6 +496,31 @@ mod tests {
         assert_eq!(store.last_census().unwrap(), Some((11, vec![6, 1, 7])));
     }
 
+    /// Stored metrics read back bit for bit: the test-set loss of round 1 once came back one unit
+    /// in the last place off (serde_json's default float parser is fast, not exact), so what the
+    /// database says differed from what the round reported.
+    #[test]
+    fn stored_metrics_read_back_bit_for_bit() {
+        let mut losses = vec![1.0841400623321533, 0.1 + 0.2, f64::MIN_POSITIVE, 1e308, 5e-324];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let value = f64::from_bits(x);
+            if value.is_finite() {
+                losses.push(value.abs());
+            }
+        }
+        for loss in losses {
+            let mut metrics = Metrics::from_confusion(vec![vec![1, 2], vec![3, 4]], 0.0);
+            metrics.loss = loss;
+            let heads = [HeadMetrics { head: "y".into(), metrics }];
+            let back = metrics_from_json(0, metrics_json(&heads)).unwrap();
+            assert_eq!(back[0].metrics.loss.to_bits(), loss.to_bits(), "{loss:e}");
+        }
+    }
+
     #[test]
     fn databases_from_before_the_privacy_columns_gain_them() {
         let dir = tempfile::tempdir().unwrap();
