@@ -264,6 +264,33 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
 }
 
+/// How much memory bincode may claim per byte of payload. bincode counts what it decodes at its
+/// in-memory size, and a `u64` can arrive as one byte, so honest messages claim up to 8 bytes
+/// per byte received; twice that leaves room.
+const CLAIM_PER_BYTE: usize = 16;
+
+/// Decodes `body` with bincode's limit set from the body's own length: a length prefix inside
+/// the message (a string, a byte vector) can claim at most [`CLAIM_PER_BYTE`] (rounded up to a
+/// power of two) times the bytes that arrived, from 1 KiB, so a 20-byte payload that claims
+/// 250 MB is refused before anything is allocated. bincode takes the limit as a const
+/// parameter, hence one instance per power of two.
+fn decode_limited<M: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<(M, usize), bincode::error::DecodeError> {
+    fn with<M: for<'de> Deserialize<'de>, const LIMIT: usize>(
+        body: &[u8],
+    ) -> Result<(M, usize), bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode::config::standard().with_limit::<LIMIT>())
+    }
+    macro_rules! by_power_of_two {
+        ($($bits:literal)*) => {
+            match (body.len().saturating_mul(CLAIM_PER_BYTE)).max(1 << 10).next_power_of_two().trailing_zeros() {
+                $($bits => with::<M, { 1 << $bits }>(body),)*
+                _ => with::<M, { 1 << 32 }>(body),
+            }
+        };
+    }
+    by_power_of_two!(10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31)
+}
+
 /// A string a peer controls, made safe for a log line or an error: control characters escaped
 /// (no forged lines, no terminal escapes) and at most `max` characters kept.
 pub fn escape(text: &str, max: usize) -> String {
@@ -316,10 +343,14 @@ pub fn decode_payload<M: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<M,
         return Err(WireError::Version { got: version });
     }
     let body = &payload[2..];
-    let (msg, used) = bincode::serde::decode_from_slice(body, bincode_config()).map_err(|e| match e {
+    let (msg, used) = decode_limited(body).map_err(|e| match e {
         bincode::error::DecodeError::UnexpectedEnd { additional } => {
             WireError::Truncated { needed: body.len() + additional, got: body.len() }
         }
+        bincode::error::DecodeError::LimitExceeded => WireError::Malformed(format!(
+            "a length inside the message claims more than the {} bytes that arrived",
+            body.len()
+        )),
         other => WireError::Malformed(other.to_string()),
     })?;
     if used != body.len() {
@@ -420,6 +451,16 @@ mod tests {
         payload.push(252 + 3); // bincode varint marker for u64
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(decode_payload::<TensorBytes>(&payload).is_err());
+    }
+
+    #[test]
+    fn messages_of_every_size_decode_under_the_limit_from_their_length() {
+        for n in [0usize, 1, 15, 16, 17, 1000, 65_536, 1 << 20] {
+            let msg = TensorBytes::from_f32(&vec![0.5; n]);
+            let frame = encode(&msg).unwrap();
+            let back: TensorBytes = decode_frame(&frame, usize::MAX).unwrap();
+            assert_eq!(back, msg);
+        }
     }
 
     #[test]
