@@ -96,33 +96,60 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, FileError> {
     toml::from_str(&text).map_err(|e| FileError::Config { path: path.display().to_string(), message: e.to_string() })
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of
+/// Writes `bytes` to `path` atomically: a new temporary file beside it, fsync, rename, fsync of
 /// the directory. A crash leaves either the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_replacing(path, bytes, 0o644)
+}
+
+/// Writes a secret (a private key) readable by its owner only, atomically. The file is mode 0600
+/// from the moment it exists: it is created exclusively with that mode under an unpredictable
+/// name (no other user can have opened it first, or point that name somewhere else), then renamed
+/// over `path`.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_replacing(path, bytes, 0o600)
+}
+
+/// Writes a new file with `mode` (on Unix; the umask may only narrow it) beside `path` and renames
+/// it over `path`.
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let (tmp, mut file) = loop {
+        let tmp = dir.join(format!(".{name}.{}.tmp", random_suffix()?));
+        match options.open(&tmp) {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(&tmp)(e)),
+        }
+    };
+    let written = file.write_all(bytes).and_then(|_| file.sync_all());
+    drop(file);
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
     }
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
 }
 
-/// Writes a secret (a private key) readable by its owner only (mode 0600), atomically.
-pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    write_atomic(path, bytes)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
-    }
-    Ok(())
+/// 16 random hex digits from the operating system.
+fn random_suffix() -> Result<String, FileError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| FileError::Io {
+        path: "the operating system's random source".into(),
+        source: std::io::Error::other("no randomness for a temporary file name"),
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
@@ -157,5 +184,41 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Another local user polls the directory while keys are written: no file in it, temporary
+    /// or final, is ever readable or writable by anyone but the owner.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_is_never_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let done = AtomicBool::new(false);
+        let (exposed, looks) = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                let (mut exposed, mut looks) = (Vec::new(), 0u64);
+                while !done.load(Ordering::Relaxed) {
+                    for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+                        looks += 1;
+                        if let Ok(meta) = entry.metadata() {
+                            if meta.permissions().mode() & 0o077 != 0 {
+                                exposed.push((entry.file_name(), meta.permissions().mode() & 0o777));
+                            }
+                        }
+                    }
+                }
+                (exposed, looks)
+            });
+            for i in 0..200 {
+                write_secret(&dir.path().join(format!("k{}.key", i % 3)), &[7u8; 4096]).unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+            watcher.join().unwrap()
+        });
+        assert!(looks > 0);
+        assert!(exposed.is_empty(), "seen readable by others: {:?}", &exposed[..exposed.len().min(5)]);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 3, "no temporary file stays behind: {left:?}");
     }
 }
