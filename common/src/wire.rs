@@ -260,6 +260,24 @@ pub enum ClientMsg {
     },
 }
 
+impl ClientMsg {
+    /// The message's name, for logs and errors: a message in the wrong phase is described by
+    /// this, never by its contents (which a peer controls and can make megabytes long).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMsg::Hello { .. } => "a hello",
+            ClientMsg::Update(_) => "an update",
+            ClientMsg::Decline { .. } => "a decline",
+            ClientMsg::Join { .. } => "a join",
+            ClientMsg::Advert { .. } => "a key advert",
+            ClientMsg::Shares { .. } => "shares",
+            ClientMsg::Masked { .. } => "a masked input",
+            ClientMsg::Confirm { .. } => "a confirmation",
+            ClientMsg::Unmask { .. } => "an unmask reply",
+        }
+    }
+}
+
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
 }
@@ -307,6 +325,24 @@ pub fn escape(text: &str, max: usize) -> String {
         }
     }
     out
+}
+
+/// The longest client id.
+pub const MAX_CLIENT_ID: usize = 64;
+
+/// The rule for client ids, which are certificate subjects, file names, database keys and log
+/// fields: 1 to [`MAX_CLIENT_ID`] ASCII letters, digits, '-', '_' or '.'. Checked where an id is
+/// made (enrolment, keygen) and wherever a peer presents one (every connection).
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    if !id.is_empty() && id.len() <= MAX_CLIENT_ID && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "client id `{}` ({} bytes) must be 1-{MAX_CLIENT_ID} ASCII letters, digits, '-', '_' or '.'",
+        escape(id, MAX_CLIENT_ID),
+        id.len()
+    ))
 }
 
 /// Encodes a message as a complete frame (header included).
@@ -460,6 +496,17 @@ mod tests {
             let frame = encode(&msg).unwrap();
             let back: TensorBytes = decode_frame(&frame, usize::MAX).unwrap();
             assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn client_ids_follow_one_rule() {
+        for good in ["a", "hospital-1", "bank_2.eu", &"x".repeat(64)] {
+            assert_eq!(check_client_id(good), Ok(()), "{good}");
+        }
+        for bad in ["", &"x".repeat(65), &"y".repeat(10_000), "a b", "a\nround complete", "é", "a/b", "../x"] {
+            let err = check_client_id(bad).unwrap_err();
+            assert!(err.len() < 200 && !err.contains('\n'), "{err}");
         }
     }
 

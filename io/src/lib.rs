@@ -29,6 +29,7 @@ pub mod secagg_keys;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use cohort_common::wire::check_client_id;
 use cohort_common::wire::{self, WireError, HEADER_BYTES};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -76,19 +77,24 @@ impl NetError {
 /// A string a peer controls, made safe for a log line (the rule lives with the messages).
 pub use cohort_common::wire::escape;
 
-/// TLS alerts that mean the peer refused our certificate become `Unauthorized`.
+/// TLS alerts that mean the peer refused our certificate become `Unauthorized`, with what to do.
 pub fn classify(e: quinn::ConnectionError) -> NetError {
     let text = e.to_string();
-    let refused = ["UnknownCA", "BadCertificate", "CertificateRequired", "certificate", "AccessDenied"];
-    if matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_))
-        && refused.iter().any(|r| text.contains(r))
+    let refused = ["UnknownCA", "BadCertificate", "CertificateRequired", "certificate", "AccessDenied", "Expired"];
+    if !matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_))
+        || !refused.iter().any(|r| text.contains(r))
     {
-        NetError::Unauthorized(format!(
-            "the peer refused this certificate ({text}); is it signed by the operator's CA and not revoked?"
-        ))
-    } else {
-        NetError::Connection(e)
+        return NetError::Connection(e);
     }
+    if text.contains("Expired") {
+        return NetError::Unauthorized(format!(
+            "the peer refused this certificate because it has expired ({text}); renew it: run `cohort-client renew \
+             --config CLIENT.toml` and have the operator sign the request"
+        ));
+    }
+    NetError::Unauthorized(format!(
+        "the peer refused this certificate ({text}); is it signed by the operator's CA, registered and not revoked?"
+    ))
 }
 
 /// A certificate chain, its key and the CA that peers must be signed by.
@@ -143,36 +149,24 @@ impl Identity {
         Ok(Self { chain: certs[..certs.len() - 1].to_vec(), key, ca })
     }
 
-    /// The subject CN of this identity's certificate.
     /// SHA-256 of the CA certificate (DER), in hex: which federation's CA this identity trusts.
     pub fn ca_fingerprint(&self) -> String {
-        ring::digest::digest(&ring::digest::SHA256, self.ca.as_ref())
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(ring::digest::digest(&ring::digest::SHA256, self.ca.as_ref()).as_ref())
     }
 
+    /// The subject CN of this identity's certificate.
     pub fn subject(&self) -> Result<String, NetError> {
         subject_cn(&self.chain[0])
     }
 
+    /// The id, serial, key hash and validity of this identity's certificate.
+    pub fn certificate(&self) -> Result<CertificateFacts, NetError> {
+        CertificateFacts::from_der(&self.chain[0])
+    }
+
     /// Checks that the certificate was signed by the CA and is within its validity period.
     pub fn check_signed_by_ca(&self) -> Result<(), NetError> {
-        let (_, ca) = x509_parser::parse_x509_certificate(&self.ca)
-            .map_err(|e| NetError::Identity(format!("cannot parse the CA certificate: {e}")))?;
-        let (_, leaf) = x509_parser::parse_x509_certificate(&self.chain[0])
-            .map_err(|e| NetError::Identity(format!("cannot parse the certificate: {e}")))?;
-        leaf.verify_signature(Some(ca.public_key())).map_err(|_| {
-            NetError::Identity(format!(
-                "the certificate was not signed by the configured CA ({}); enrol with this federation's operator",
-                ca.subject()
-            ))
-        })?;
-        if !leaf.validity().is_valid() {
-            return Err(NetError::Identity(format!("the certificate is not valid now (valid {:?})", leaf.validity())));
-        }
-        Ok(())
+        check_issued_by(&self.chain[0], &self.ca).map(|_| ())
     }
 
     fn roots(&self) -> Result<rustls::RootCertStore, NetError> {
@@ -195,19 +189,130 @@ pub fn subject_cn(cert: &CertificateDer<'_>) -> Result<String, NetError> {
     Ok(cn.to_string())
 }
 
+/// What the server's registry knows a client certificate by: the client id (its subject CN,
+/// checked against [`check_client_id`]), its serial, the SHA-256 of its public key, and its
+/// validity in Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFacts {
+    pub client: String,
+    /// The serial number in lowercase hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// SHA-256 of the SubjectPublicKeyInfo, in hex: a revoked key cannot be certified again.
+    pub key_hash: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl CertificateFacts {
+    /// From a DER certificate; the id must follow the client id rule.
+    pub fn from_der(cert: &CertificateDer<'_>) -> Result<Self, NetError> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| NetError::Identity(format!("cannot parse the certificate: {e}")))?;
+        let client = subject_cn(cert)?;
+        check_client_id(&client).map_err(|e| NetError::Identity(format!("certificate subject: {e}")))?;
+        let validity = parsed.validity();
+        Ok(Self {
+            client,
+            serial: hex(parsed.tbs_certificate.raw_serial()),
+            key_hash: hex(ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw).as_ref()),
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+}
+
+/// Checks that `leaf` is a client certificate that `ca` signed and that is valid now; returns
+/// what it certifies.
+pub fn check_issued_by(leaf: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> Result<CertificateFacts, NetError> {
+    let (_, ca) = x509_parser::parse_x509_certificate(ca)
+        .map_err(|e| NetError::Identity(format!("cannot parse the CA certificate: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| NetError::Identity(format!("cannot parse the certificate: {e}")))?;
+    parsed.verify_signature(Some(ca.public_key())).map_err(|_| {
+        NetError::Identity(format!(
+            "the certificate was not signed by the configured CA ({}); enrol with this federation's operator",
+            ca.subject()
+        ))
+    })?;
+    if parsed.is_ca() {
+        return Err(NetError::Identity("that is a CA certificate, not a client's".into()));
+    }
+    let facts = CertificateFacts::from_der(leaf)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if now >= facts.not_after {
+        return Err(NetError::Identity(format!(
+            "the certificate of `{}` expired on {}; renew it: run `cohort-client renew --config CLIENT.toml` and have \
+             the operator sign the request",
+            facts.client,
+            utc(facts.not_after)
+        )));
+    }
+    if now < facts.not_before {
+        return Err(NetError::Identity(format!(
+            "the certificate of `{}` is valid only from {}; is this machine's clock right?",
+            facts.client,
+            utc(facts.not_before)
+        )));
+    }
+    Ok(facts)
+}
+
+/// The first certificate of a PEM text.
+pub fn certificate_from_pem(pem: &[u8]) -> Result<CertificateDer<'static>, NetError> {
+    CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or_else(|| NetError::Identity("the file holds no CERTIFICATE block".into()))?
+        .map_err(|e| NetError::Identity(format!("certificate PEM: {e}")))
+}
+
+/// A UTC date and time for people, from Unix seconds ("Nov 30 08:28:08 2026 +00:00").
+pub fn utc(unix: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(unix).map_or_else(|_| format!("{unix} (Unix time)"), |t| t.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The unread data a client's connection may hold at the server before its hello is answered:
+/// the hello fits many times over, and a hundred connections that never say hello pin at most
+/// 25 MiB between them.
+pub const HELLO_RECEIVE_WINDOW: u32 = 256 << 10;
+/// The receive window of a welcomed connection: models of a few MB cross in one window.
+pub const RECEIVE_WINDOW: u32 = 64 << 20;
+/// The receive window of one stream.
+const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+
+fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(3)));
     t.max_idle_timeout(Some(Duration::from_secs(15).try_into().expect("15 s fits a VarInt")));
-    // Models of a few MB should cross in one window.
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(64 << 20);
+    t
+}
+
+/// The server's side of a connection, sized to what the protocol uses: a client opens one
+/// stream, the hello (every later stream is the server's, see [`welcomed`]), no unidirectional
+/// ones, and until its hello is answered it may park only [`HELLO_RECEIVE_WINDOW`] bytes.
+fn server_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = transport();
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.receive_window(HELLO_RECEIVE_WINDOW.into());
     Arc::new(t)
+}
+
+/// A client's connection after the server welcomed it: it may open no more streams, and the
+/// receive window grows to carry updates (on the streams the server opens and reads).
+pub fn welcomed(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(0u32.into());
+    conn.set_receive_window(RECEIVE_WINDOW.into());
 }
 
 /// Socket buffers for QUIC's UDP sockets. A round moves a model to and an update from every
@@ -263,7 +368,7 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, NetErro
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(server_transport());
     Ok(config)
 }
 
@@ -279,18 +384,20 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, NetErro
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(Arc::new(transport()));
     Ok(config)
 }
 
-/// The client id of an authenticated connection: its certificate's subject CN.
-pub fn peer_id(conn: &quinn::Connection) -> Result<String, NetError> {
+/// The certificate an authenticated client presented, with its id checked against the client
+/// id rule: a CA-signed certificate whose subject is empty, 10 kB long or full of control
+/// characters is refused here, whatever the CA signed.
+pub fn peer_certificate(conn: &quinn::Connection) -> Result<CertificateFacts, NetError> {
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| NetError::Identity("the peer presented no certificate".into()))?;
     let leaf = certs.first().ok_or_else(|| NetError::Identity("the peer presented an empty chain".into()))?;
-    subject_cn(leaf)
+    CertificateFacts::from_der(leaf)
 }
 
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (else `default_filter`), in colour

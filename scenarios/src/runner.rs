@@ -15,6 +15,7 @@ use cohort_common::participant::{HeadData, Participant};
 use cohort_io::files::DataSource;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::serve::{RoundReport, ServeSetup, Server};
+use cohort_server::store::Enrolment;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -294,7 +295,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
 
     let dir = tempfile::tempdir().map_err(|e| RunError::Setup(e.to_string()))?;
     let state = StatePaths::new(dir.path());
-    pki::init(&state, &scenario.name, &["localhost".into()]).map_err(|e| RunError::Setup(e.to_string()))?;
+    pki::init(&state, &scenario.name, &["localhost".into()], None).map_err(|e| RunError::Setup(e.to_string()))?;
     let (events_tx, mut events) = mpsc::unbounded_channel::<RoundReport>();
     let initial_model = cohort_common::model::Model::new(&spec, &candle_core::Device::Cpu, federation.seed)
         .map_err(|e| RunError::Setup(e.to_string()))?;
@@ -329,7 +330,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             endpoint = Some(cohort_io::client_endpoint(false).map_err(|e| RunError::Setup(e.to_string()))?);
         }
         let id = format!("client-{i:04}");
-        let bundle = pki::make_bundle(&state, &id).map_err(|e| RunError::Setup(e.to_string()))?;
+        let bundle = pki::make_bundle(&state, &id, pki::CLIENT_DAYS, Enrolment::New)
+            .map_err(|e| RunError::Setup(e.to_string()))?;
         let identity =
             cohort_io::Identity::from_bundle(bundle.as_bytes()).map_err(|e| RunError::Setup(e.to_string()))?;
         let mut keys = cohort_client::secure_keys(&identity).map_err(|e| RunError::Setup(e.to_string()))?;

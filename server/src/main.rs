@@ -8,7 +8,7 @@ use cohort_common::train::per_class;
 use cohort_server::config::ServerConfig;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::serve::{ServeSetup, Server};
-use cohort_server::store::{HeadMetrics, RoundRow, Store};
+use cohort_server::store::{Enrolment, HeadMetrics, RoundRow, Store};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -37,30 +37,70 @@ enum Command {
         /// Host names or IP addresses the clients dial (repeat for several).
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
+        /// Keep the CA off the server: write the CA's key and certificate to this directory (move
+        /// it to another machine), and only the CA certificate to the state directory. Requests
+        /// are then signed there with `sign` and registered here with `enroll --cert`.
+        #[arg(long, value_name = "CA_DIR")]
+        offline_ca: Option<PathBuf>,
     },
-    /// Sign a client's certificate request, or make a key + certificate bundle.
+    /// Enrol a client: sign its request, make a key + certificate bundle, or register a
+    /// certificate the offline CA signed. Only registered certificates are admitted.
     Enroll {
         #[arg(long)]
         state: PathBuf,
-        /// The client's request, made by `cohort-client keygen`.
-        #[arg(long, requires = "out", conflicts_with_all = ["client_id", "bundle"])]
+        /// The client's request, made by `cohort-client keygen` or `cohort-client renew`.
+        #[arg(long, requires = "out", conflicts_with_all = ["client_id", "bundle", "cert"])]
         csr: Option<PathBuf>,
         /// Where to write the signed certificate.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Make a key and certificate for this client id (quick starts, scenarios).
-        #[arg(long, requires = "bundle")]
+        #[arg(long, requires = "bundle", conflicts_with = "cert")]
         client_id: Option<String>,
         /// Where to write the bundle (private key, certificate, CA certificate; mode 0600).
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// Register a certificate signed by the offline CA (`cohort-server sign`).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Lifetime of the certificate in days.
+        #[arg(long, default_value_t = pki::CLIENT_DAYS)]
+        days: u32,
+        /// The client is already enrolled: give it another certificate and keep the old ones
+        /// valid until they expire (renewal).
+        #[arg(long, conflicts_with = "replace")]
+        renew: bool,
+        /// The client is already enrolled: revoke its old certificates at once (a lost or
+        /// stolen key).
+        #[arg(long)]
+        replace: bool,
     },
-    /// Refuse a client from now on.
+    /// Sign a client's request with an offline CA (on the CA's machine; registers nothing).
+    Sign {
+        /// The offline CA directory made by `init --offline-ca`.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the certificate in days.
+        #[arg(long, default_value_t = pki::CLIENT_DAYS)]
+        days: u32,
+    },
+    /// Revoke a client (every certificate it has) or one certificate; a running server closes
+    /// its connection within a second and never samples it again.
     Revoke {
         #[arg(long)]
         state: PathBuf,
+        #[arg(long, required_unless_present_any = ["serial", "cert"], conflicts_with_all = ["serial", "cert"])]
+        client_id: Option<String>,
+        /// One certificate, by serial (hex, as `clients` or `openssl x509 -serial` prints it).
+        #[arg(long, conflicts_with = "cert")]
+        serial: Option<String>,
+        /// One certificate, from its PEM file.
         #[arg(long)]
-        client_id: String,
+        cert: Option<PathBuf>,
     },
     /// Run the federation.
     Serve {
@@ -102,48 +142,121 @@ enum Command {
 fn main() -> Result<()> {
     cohort_io::init_logging("info");
     match Cli::parse().command {
-        Command::Init { state, name, sans } => {
+        Command::Init { state, name, sans, offline_ca } => {
             let paths = StatePaths::new(&state);
-            pki::init(&paths, &name, &sans)?;
+            pki::init(&paths, &name, &sans, offline_ca.as_deref())?;
             Store::open(&paths.database())?;
             println!("created {} (CA, server certificate for {}, cohort.db)", state.display(), sans.join(", "));
-            println!(
-                "next: enroll clients with `cohort-server enroll --state {} --csr CLIENT.csr --out CLIENT.pem`",
-                state.display()
-            );
+            match offline_ca {
+                Some(ca) => {
+                    println!(
+                        "the CA's key is in {}: move that directory to the machine that signs requests, off this \
+                         server. There: `cohort-server sign --ca {} --csr CLIENT.csr --out CLIENT.pem`; here: \
+                         `cohort-server enroll --state {} --cert CLIENT.pem`",
+                        ca.display(),
+                        ca.display(),
+                        state.display()
+                    );
+                }
+                None => println!(
+                    "next: enroll clients with `cohort-server enroll --state {} --csr CLIENT.csr --out CLIENT.pem`",
+                    state.display()
+                ),
+            }
         }
-        Command::Enroll { state, csr, out, client_id, bundle } => {
+        Command::Enroll { state, csr, out, client_id, bundle, cert, days, renew, replace } => {
             let paths = StatePaths::new(&state);
-            let store = Store::open(&paths.database())?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-            match (csr, out, client_id, bundle) {
-                (Some(csr), Some(out), None, None) => {
+            let mode = match (renew, replace) {
+                (true, _) => Enrolment::Renew,
+                (_, true) => Enrolment::Replace,
+                _ => Enrolment::New,
+            };
+            let revoked = match (csr, out, client_id, bundle, cert) {
+                (Some(csr), Some(out), None, None, None) => {
                     let text =
                         std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
-                    let (id, cert) = pki::sign_csr(&paths, &text).with_context(|| format!("{}", csr.display()))?;
-                    cohort_io::files::write_atomic(&out, cert.as_bytes())?;
-                    store.enroll(&id, now)?;
+                    let (pem, facts, revoked) =
+                        pki::enroll_csr(&paths, &text, days, mode).with_context(|| format!("{}", csr.display()))?;
+                    cohort_io::files::write_atomic(&out, pem.as_bytes())?;
                     println!(
-                        "enrolled `{id}`: certificate written to {}; give it and {} to the client",
+                        "enrolled `{}`: certificate {} (valid until {}) written to {}; give it and {} to the client",
+                        facts.client,
+                        facts.serial,
+                        cohort_io::utc(facts.not_after),
                         out.display(),
                         paths.ca_cert().display()
                     );
+                    revoked
                 }
-                (None, None, Some(id), Some(bundle)) => {
-                    let pem = pki::make_bundle(&paths, &id)?;
+                (None, None, Some(id), Some(bundle), None) => {
+                    let pem = pki::make_bundle(&paths, &id, days, mode)?;
                     cohort_io::files::write_secret(&bundle, pem.as_bytes())?;
-                    store.enroll(&id, now)?;
                     println!("enrolled `{id}`: bundle (key, certificate, CA) written to {}", bundle.display());
+                    Vec::new()
                 }
-                _ => bail!("give either --csr FILE --out CERT, or --client-id ID --bundle FILE"),
+                (None, None, None, None, Some(cert)) => {
+                    let text =
+                        std::fs::read_to_string(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+                    let (facts, revoked) =
+                        pki::register(&paths, &text, mode).with_context(|| format!("{}", cert.display()))?;
+                    println!(
+                        "registered certificate {} of `{}` (valid until {})",
+                        facts.serial,
+                        facts.client,
+                        cohort_io::utc(facts.not_after)
+                    );
+                    revoked
+                }
+                _ => bail!("give one of --csr FILE --out CERT, --client-id ID --bundle FILE, or --cert FILE"),
+            };
+            for serial in revoked {
+                println!("revoked the old certificate {serial}");
             }
         }
-        Command::Revoke { state, client_id } => {
+        Command::Sign { ca, csr, out, days } => {
+            let text = std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+            let (pem, facts) =
+                pki::sign_csr(&StatePaths::new(&ca), &text, days).with_context(|| format!("{}", csr.display()))?;
+            cohort_io::files::write_atomic(&out, pem.as_bytes())?;
+            println!(
+                "signed certificate {} of `{}` (valid until {}) to {}; register it on the server with `cohort-server \
+                 enroll --state STATE --cert {}`",
+                facts.serial,
+                facts.client,
+                cohort_io::utc(facts.not_after),
+                out.display(),
+                out.display()
+            );
+        }
+        Command::Revoke { state, client_id, serial, cert } => {
             let store = Store::open(&StatePaths::new(&state).database())?;
-            if !store.revoke(&client_id)? {
-                bail!("no client `{client_id}` is enrolled in {}", state.display());
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            let serial = match cert {
+                Some(path) => {
+                    let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    Some(cohort_io::CertificateFacts::from_der(&cohort_io::certificate_from_pem(&pem)?)?.serial)
+                }
+                None => serial,
+            };
+            match (client_id, serial) {
+                (Some(id), _) => {
+                    if !store.revoke(&id, now)? {
+                        bail!("no client `{id}` is enrolled in {}", state.display());
+                    }
+                    println!(
+                        "revoked `{id}` and every certificate it has: a running server closes its connection within a \
+                         second; enrolling it again takes a new certificate"
+                    );
+                }
+                (None, Some(serial)) => match store.revoke_certificate(&serial, now)? {
+                    Some(id) => println!(
+                        "revoked certificate {serial} of `{id}`: a running server closes a connection made with it \
+                         within a second"
+                    ),
+                    None => bail!("no certificate with serial {serial} is registered in {}", state.display()),
+                },
+                (None, None) => bail!("give --client-id, --serial or --cert"),
             }
-            println!("revoked `{client_id}`: its next connection is refused (a running server drops it at reconnect)");
         }
         Command::Serve { state, config } => serve(state, config)?,
         Command::Status { state } => {
@@ -264,15 +377,30 @@ fn main() -> Result<()> {
         }
         Command::Clients { state } => {
             let store = Store::open(&StatePaths::new(&state).database())?;
-            println!("{:<24} {:>8} {:>7} {:>12}", "client", "revoked", "rounds", "last seen");
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            let certificates = store.certificates()?;
+            println!("{:<24} {:>8} {:>7} {:<28}", "client", "revoked", "rounds", "last seen");
             for c in store.clients()? {
                 println!(
-                    "{:<24} {:>8} {:>7} {:>12}",
-                    c.id,
+                    "{:<24} {:>8} {:>7} {:<28}",
+                    cohort_io::escape(&c.id, 64),
                     if c.revoked { "yes" } else { "no" },
                     c.rounds,
-                    c.last_seen.map_or("never".into(), |t| t.to_string())
+                    c.last_seen.map_or("never".into(), cohort_io::utc)
                 );
+                for cert in certificates.iter().filter(|cert| cert.client == c.id) {
+                    let state = match cert.revoked_at {
+                        Some(at) => format!("revoked {}", cohort_io::utc(at)),
+                        None if cert.not_after <= now => "expired".into(),
+                        None if cert.not_after - now < 30 * 86_400 => "expires soon: renew".into(),
+                        None => "active".into(),
+                    };
+                    println!(
+                        "    certificate {} valid until {} ({state})",
+                        cert.serial,
+                        cohort_io::utc(cert.not_after)
+                    );
+                }
             }
         }
         Command::Export { state, round, out } => {

@@ -1,10 +1,18 @@
 //! The operator's certificate authority: `init` makes a CA and the server certificate,
-//! `enroll` signs clients' requests (or makes a whole bundle for quick starts). All keys are
-//! ECDSA P-256 and are written with mode 0600.
+//! `enroll` signs clients' requests (or makes a whole bundle for quick starts) and registers
+//! each certificate in cohort.db, the only certificates the server admits. All keys are ECDSA
+//! P-256 and are written with mode 0600; every certificate has a random serial and a lifetime
+//! ([`CLIENT_DAYS`] for clients by default).
+//!
+//! The CA key can stay off the server ([`init`] with an offline CA directory): requests are then
+//! signed on the CA's machine ([`sign_csr`]) and the certificates registered on the server
+//! ([`register`]); a server that is broken into cannot mint identities.
 
 use std::path::{Path, PathBuf};
 
+use crate::store::{Enrolment, Store};
 use cohort_io::files::{write_atomic, write_secret, FileError};
+use cohort_io::CertificateFacts;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -22,6 +30,40 @@ pub enum PkiError {
     Missing { path: String, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "{dir} holds no CA key: this federation's CA is kept offline. Sign the request on the CA's machine with \
+         `cohort-server sign --ca CA_DIR --csr CLIENT.csr --out CLIENT.pem`, then register the certificate here with \
+         `cohort-server enroll --state {dir} --cert CLIENT.pem`"
+    )]
+    OfflineCa { dir: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Default lifetime of a client certificate.
+pub const CLIENT_DAYS: u32 = 365;
+/// Lifetime of the server certificate.
+pub const SERVER_DAYS: u32 = 825;
+/// Lifetime of the CA certificate.
+pub const CA_DAYS: u32 = 3650;
+
+/// Validity from five minutes ago (clocks differ) for `days`, and a random serial.
+fn stamp(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
+    if days == 0 || days > 36_500 {
+        return Err(PkiError::Invalid(format!("a certificate lifetime of {days} days; give 1 to 36500")));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(days.into());
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    serial[0] |= 0x40;
+    params.serial_number = Some(serial.to_vec().into());
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// File names inside a server state directory.
@@ -65,28 +107,30 @@ fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(|source| PkiError::Missing { path: path.display().to_string(), source })
 }
 
-/// Client ids are certificate subjects, file names and log fields: keep them plain.
-pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
 /// Creates the CA and the server certificate for `name` with the subject alternative names
-/// `sans` (host names or IP addresses the clients dial).
-pub fn init(state: &StatePaths, name: &str, sans: &[String]) -> Result<(), PkiError> {
-    if state.ca_key().exists() {
-        return Err(PkiError::Exists { path: state.ca_key().display().to_string() });
+/// `sans` (host names or IP addresses the clients dial). With `offline_ca`, the CA's key and
+/// certificate go there (to be moved off this machine) and the state directory gets only the CA
+/// certificate.
+pub fn init(state: &StatePaths, name: &str, sans: &[String], offline_ca: Option<&Path>) -> Result<(), PkiError> {
+    let ca_dir = StatePaths::new(offline_ca.unwrap_or(&state.dir));
+    for key in [ca_dir.ca_key(), state.ca_key(), state.server_key()] {
+        if key.exists() {
+            return Err(PkiError::Exists { path: key.display().to_string() });
+        }
     }
     if sans.is_empty() {
         return Err(PkiError::Invalid("give at least one --san (the host name or IP address clients dial)".into()));
     }
-    std::fs::create_dir_all(&state.dir)
-        .map_err(|source| FileError::Io { path: state.dir.display().to_string(), source })?;
+    for dir in [&state.dir, &ca_dir.dir] {
+        std::fs::create_dir_all(dir).map_err(|source| FileError::Io { path: dir.display().to_string(), source })?;
+    }
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = dn(&format!("{name} Cohort CA"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    stamp(&mut ca_params, CA_DAYS)?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
@@ -94,9 +138,11 @@ pub fn init(state: &StatePaths, name: &str, sans: &[String]) -> Result<(), PkiEr
     let mut params = CertificateParams::new(sans.to_vec())?;
     params.distinguished_name = dn(name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    stamp(&mut params, SERVER_DAYS)?;
     let server_cert = params.signed_by(&server_key, &issuer)?;
 
-    write_secret(&state.ca_key(), ca_key.serialize_pem().as_bytes())?;
+    write_secret(&ca_dir.ca_key(), ca_key.serialize_pem().as_bytes())?;
+    write_atomic(&ca_dir.ca_cert(), ca_cert.pem().as_bytes())?;
     write_atomic(&state.ca_cert(), ca_cert.pem().as_bytes())?;
     write_secret(&state.server_key(), server_key.serialize_pem().as_bytes())?;
     write_atomic(&state.server_cert(), server_cert.pem().as_bytes())?;
@@ -109,9 +155,13 @@ fn dn(common_name: &str) -> DistinguishedName {
     dn
 }
 
-fn issuer(state: &StatePaths) -> Result<Issuer<'static, KeyPair>, PkiError> {
-    let key = KeyPair::from_pem(&read(&state.ca_key())?)?;
-    Ok(Issuer::from_ca_cert_pem(&read(&state.ca_cert())?, key)?)
+/// The CA in `ca` (a state directory, or an offline CA directory) as an issuer.
+fn issuer(ca: &StatePaths) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    if !ca.ca_key().exists() && ca.ca_cert().exists() {
+        return Err(PkiError::OfflineCa { dir: ca.dir.display().to_string() });
+    }
+    let key = KeyPair::from_pem(&read(&ca.ca_key())?)?;
+    Ok(Issuer::from_ca_cert_pem(&read(&ca.ca_cert())?, key)?)
 }
 
 /// Client certificates are valid for client authentication only.
@@ -121,9 +171,18 @@ fn client_usages(params: &mut CertificateParams) {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
 }
 
-/// Signs a client's certificate signing request (PEM); returns the client id (the request's
-/// subject CN) and the certificate PEM.
-pub fn sign_csr(state: &StatePaths, csr_pem: &str) -> Result<(String, String), PkiError> {
+fn check_id(id: &str) -> Result<(), PkiError> {
+    cohort_io::check_client_id(id).map_err(PkiError::Invalid)
+}
+
+fn facts(der: &[u8]) -> Result<CertificateFacts, PkiError> {
+    CertificateFacts::from_der(&der.to_vec().into()).map_err(|e| PkiError::Invalid(e.to_string()))
+}
+
+/// Signs a client's certificate signing request (PEM) with the CA in `ca`, valid for `days`;
+/// returns the certificate PEM and what it certifies. Registers nothing: for an offline CA, or
+/// through [`enroll_csr`].
+pub fn sign_csr(ca: &StatePaths, csr_pem: &str, days: u32) -> Result<(String, CertificateFacts), PkiError> {
     let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
     let id = csr
@@ -136,28 +195,54 @@ pub fn sign_csr(state: &StatePaths, csr_pem: &str) -> Result<(String, String), P
             _ => None,
         })
         .ok_or_else(|| PkiError::Invalid("the request's subject has no common name (the client id)".into()))?;
-    if !is_valid_id(&id) {
-        return Err(PkiError::Invalid(format!("client id `{id}` must be 1-64 ASCII letters, digits, '-', '_' or '.'")));
-    }
+    check_id(&id)?;
     client_usages(&mut csr.params);
-    let cert = csr.signed_by(&issuer(state)?)?;
-    Ok((id, cert.pem()))
+    csr.params.subject_alt_names.clear();
+    stamp(&mut csr.params, days)?;
+    let cert = csr.signed_by(&issuer(ca)?)?;
+    Ok((cert.pem(), facts(cert.der())?))
 }
 
-/// Makes a key and certificate for `client_id` and returns one PEM bundle: private key, client
-/// certificate, CA certificate. For scenarios and quick starts: the key passes through the
-/// operator, which `keygen` + `enroll --csr` avoids.
-pub fn make_bundle(state: &StatePaths, client_id: &str) -> Result<String, PkiError> {
-    if !is_valid_id(client_id) {
-        return Err(PkiError::Invalid(format!(
-            "client id `{client_id}` must be 1-64 ASCII letters, digits, '-', '_' or '.'"
-        )));
-    }
+/// Signs a request with the state directory's CA and registers the certificate in cohort.db;
+/// returns the certificate PEM, what it certifies and the serials the enrolment revoked.
+pub fn enroll_csr(
+    state: &StatePaths,
+    csr_pem: &str,
+    days: u32,
+    mode: Enrolment,
+) -> Result<(String, CertificateFacts, Vec<String>), PkiError> {
+    let (pem, facts) = sign_csr(state, csr_pem, days)?;
+    let revoked = Store::open(&state.database())?.register_certificate(&facts, unix_now(), mode)?;
+    Ok((pem, facts, revoked))
+}
+
+/// Registers a certificate signed elsewhere (by the offline CA): it must be a client certificate
+/// signed by this state directory's CA and valid now.
+pub fn register(
+    state: &StatePaths,
+    cert_pem: &str,
+    mode: Enrolment,
+) -> Result<(CertificateFacts, Vec<String>), PkiError> {
+    let cert = cohort_io::certificate_from_pem(cert_pem.as_bytes()).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    let ca = cohort_io::certificate_from_pem(read(&state.ca_cert())?.as_bytes())
+        .map_err(|e| PkiError::Invalid(format!("{}: {e}", state.ca_cert().display())))?;
+    let facts = cohort_io::check_issued_by(&cert, &ca).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    let revoked = Store::open(&state.database())?.register_certificate(&facts, unix_now(), mode)?;
+    Ok((facts, revoked))
+}
+
+/// Makes a key and certificate for `client_id`, registers the certificate and returns one PEM
+/// bundle: private key, client certificate, CA certificate. For scenarios and quick starts: the
+/// key passes through the operator, which `keygen` + `enroll --csr` avoids.
+pub fn make_bundle(state: &StatePaths, client_id: &str, days: u32, mode: Enrolment) -> Result<String, PkiError> {
+    check_id(client_id)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = dn(client_id);
     client_usages(&mut params);
+    stamp(&mut params, days)?;
     let cert = params.signed_by(&key, &issuer(state)?)?;
+    Store::open(&state.database())?.register_certificate(&facts(cert.der())?, unix_now(), mode)?;
     Ok(format!("{}{}{}", key.serialize_pem(), cert.pem(), read(&state.ca_cert())?))
 }
 
@@ -174,27 +259,46 @@ pub fn server_identity(state: &StatePaths) -> Result<cohort_io::Identity, PkiErr
 mod tests {
     use super::*;
 
+    fn request(id: &str) -> (String, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = dn(id);
+        (params.serialize_request(&key).unwrap().pem().unwrap(), key.serialize_pem())
+    }
+
     #[test]
     fn init_sign_and_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let state = StatePaths::new(dir.path());
-        init(&state, "test", &["localhost".into()]).unwrap();
-        assert!(matches!(init(&state, "test", &["localhost".into()]), Err(PkiError::Exists { .. })));
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name = dn("hospital-1");
-        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-        let key = key.serialize_pem();
-        let (id, cert) = sign_csr(&state, &csr).unwrap();
-        assert_eq!(id, "hospital-1");
+        init(&state, "test", &["localhost".into()], None).unwrap();
+        assert!(matches!(init(&state, "test", &["localhost".into()], None), Err(PkiError::Exists { .. })));
+        let (csr, key) = request("hospital-1");
+        let (cert, facts, revoked) = enroll_csr(&state, &csr, 30, Enrolment::New).unwrap();
+        assert_eq!((facts.client.as_str(), revoked.len()), ("hospital-1", 0));
+        // A lifetime of 30 days from (five minutes before) now, and a random 16-byte serial.
+        let lifetime = facts.not_after - facts.not_before;
+        assert!((30 * 86_400..30 * 86_400 + 400).contains(&lifetime), "{lifetime}");
+        assert_eq!(facts.serial.len(), 32);
         let identity =
             cohort_io::Identity::from_pem(cert.as_bytes(), key.as_bytes(), read(&state.ca_cert()).unwrap().as_bytes())
                 .unwrap();
         assert_eq!(identity.subject().unwrap(), "hospital-1");
-        let bundle = cohort_io::Identity::from_bundle(make_bundle(&state, "bank-2").unwrap().as_bytes()).unwrap();
-        assert_eq!(bundle.subject().unwrap(), "bank-2");
-        assert!(sign_csr(&state, "garbage").unwrap_err().to_string().contains("signing request"));
-        assert!(make_bundle(&state, "bad id!").is_err());
+        identity.check_signed_by_ca().unwrap();
+        // The same id again: refused unless renewed or replaced.
+        let again = enroll_csr(&state, &request("hospital-1").0, 30, Enrolment::New).unwrap_err();
+        assert!(again.to_string().contains("--renew"), "{again}");
+        let (_, _, revoked) = enroll_csr(&state, &request("hospital-1").0, 30, Enrolment::Replace).unwrap();
+        assert_eq!(revoked, vec![facts.serial.clone()]);
+
+        let bundle = make_bundle(&state, "bank-2", CLIENT_DAYS, Enrolment::New).unwrap();
+        assert_eq!(cohort_io::Identity::from_bundle(bundle.as_bytes()).unwrap().subject().unwrap(), "bank-2");
+        assert!(sign_csr(&state, "garbage", 30).unwrap_err().to_string().contains("signing request"));
+        assert!(make_bundle(&state, "bad id!", 30, Enrolment::New).is_err());
+        assert!(make_bundle(&state, "ok", 0, Enrolment::New).is_err());
+        for odd in ["", &"x".repeat(10_000), "a\nround complete round=999"] {
+            let err = enroll_csr(&state, &request(odd).0, 30, Enrolment::New).unwrap_err().to_string();
+            assert!(err.contains("client id") && err.len() < 300, "{err}");
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -202,5 +306,32 @@ mod tests {
                 assert_eq!(std::fs::metadata(k).unwrap().permissions().mode() & 0o777, 0o600);
             }
         }
+    }
+
+    /// With an offline CA the server holds no CA key: it cannot sign (so a compromised server
+    /// mints no identity), and registers only certificates its CA signed.
+    #[test]
+    fn an_offline_ca_signs_and_the_server_only_registers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, ca) = (StatePaths::new(dir.path().join("state")), StatePaths::new(dir.path().join("ca")));
+        init(&state, "test", &["localhost".into()], Some(&ca.dir)).unwrap();
+        assert!(!state.ca_key().exists() && ca.ca_key().exists() && state.ca_cert().exists());
+        let err = make_bundle(&state, "h1", 30, Enrolment::New).unwrap_err();
+        assert!(matches!(err, PkiError::OfflineCa { .. }), "{err}");
+        assert!(err.to_string().contains("cohort-server sign"), "{err}");
+        let (cert, facts) = sign_csr(&ca, &request("h1").0, 30).unwrap();
+        assert!(
+            Store::open(&state.database()).unwrap().certificates().unwrap().is_empty(),
+            "signing registers nothing"
+        );
+        let (registered, _) = register(&state, &cert, Enrolment::New).unwrap();
+        assert_eq!(registered, facts);
+        // A certificate from another CA is not registered.
+        let other = tempfile::tempdir().unwrap();
+        let other = StatePaths::new(other.path());
+        init(&other, "other", &["localhost".into()], None).unwrap();
+        let (foreign, _) = sign_csr(&other, &request("h2").0, 30).unwrap();
+        let err = register(&state, &foreign, Enrolment::New).unwrap_err().to_string();
+        assert!(err.contains("not signed by the configured CA"), "{err}");
     }
 }

@@ -22,10 +22,10 @@ use cohort_common::strategy::Strategy;
 use cohort_common::train::{evaluate, per_class, DeviceData, Metrics};
 use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 use cohort_io::secagg_keys::CaVerifier;
-use cohort_io::{escape, files, peer_id, recv_msg, send_msg, Identity, NetError};
+use cohort_io::{escape, files, peer_certificate, recv_msg, send_msg, Identity, NetError};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Collection, DpConfig, Federation};
 use crate::metrics::ServerMetrics;
 use crate::pki::StatePaths;
-use crate::store::{HeadMetrics, RoundRow, Store, StoreError};
+use crate::store::{Admission, HeadMetrics, RoundRow, Store, StoreError};
 use cohort_common::secagg::quantize::Quantizer;
 
 /// The value of a secure step's outcome; a shutdown (`None`) or a failed round (`Some(Err)`)
@@ -137,6 +137,8 @@ pub struct ServeSetup {
 
 struct Connected {
     conn: quinn::Connection,
+    /// The serial of the certificate it connected with (revocation is by certificate).
+    serial: String,
 }
 
 /// Connected, authenticated clients.
@@ -164,6 +166,25 @@ impl Registry {
         }
         self.changed.notify_waiters();
     }
+    /// Closes and forgets the connections of these certificates; returns their ids and serials.
+    fn close_revoked(&self, serials: &[String]) -> Vec<(ClientId, String)> {
+        let mut clients = self.clients.lock().expect("registry lock");
+        let revoked: Vec<(ClientId, String)> = clients
+            .iter()
+            .filter(|(_, c)| serials.contains(&c.serial))
+            .map(|(id, c)| (id.clone(), c.serial.clone()))
+            .collect();
+        for (id, _) in &revoked {
+            if let Some(c) = clients.remove(id) {
+                c.conn.close(3u32.into(), b"certificate revoked");
+            }
+        }
+        if !revoked.is_empty() {
+            self.changed.notify_waiters();
+        }
+        revoked
+    }
+
     fn remove(&self, id: &str, stable_id: usize) {
         let mut clients = self.clients.lock().expect("registry lock");
         if clients.get(id).is_some_and(|c| c.conn.stable_id() == stable_id) {
@@ -260,8 +281,16 @@ pub struct Server {
 /// The largest label count one client may contribute to a census, per class.
 const CENSUS_MAX_COUNT: f64 = (1u64 << 24) as f64;
 
-/// How long a new connection has to say hello.
+/// How long a new connection has for its handshake and hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections in their handshake or hello at once; more are refused until some finish.
+const MAX_UNWELCOMED: usize = 64;
+/// How often a running server looks for revocations in cohort.db.
+const REVOCATION_POLL: Duration = Duration::from_millis(250);
+/// A client whose certificate expires within this many days is warned about at every connection.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+/// Round reports kept in memory (and returned by [`Server::run`]); every round is in cohort.db.
+const REPORTS_KEPT: usize = 100;
 /// Cap on the messages of a connection's first exchange.
 const HELLO_CAP: usize = 64 << 10;
 
@@ -313,8 +342,9 @@ impl Server {
         self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Accepts clients and runs the configured rounds; returns their reports. Stops early,
-    /// cleanly, when `shutdown` is cancelled.
+    /// Accepts clients and runs the configured rounds; returns the reports of the last
+    /// [`REPORTS_KEPT`] (every round went to `events` and is in cohort.db). Stops early, cleanly,
+    /// when `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
         let accept_stop = shutdown.child_token();
         if let Some(listener) = self.metrics_listener.take() {
@@ -329,6 +359,7 @@ impl Server {
             Arc::from(self.federation_id.as_str()),
             accept_stop.clone(),
         ));
+        tokio::spawn(watch_revocations(self.setup.state.database(), self.registry.clone(), accept_stop.clone()));
         let result = self.run_rounds(&shutdown).await;
         accept_stop.cancel();
         let _ = acceptor.await;
@@ -739,16 +770,17 @@ impl Server {
                         warn!(round = round_no, "{e}");
                     }
                 }
-                Next::Reply(id, Ok(ClientMsg::Decline { reason, .. })) => {
-                    round.handle_dropout(&id, format!("declined: {reason}"))
+                Next::Reply(id, Ok(decline @ ClientMsg::Decline { .. })) => {
+                    round.handle_dropout(&id, describe(Ok(decline), "an update"))
                 }
                 Next::Reply(id, Ok(other)) => {
-                    warn!(round = round_no, client = %id, "protocol violation: expected an update, got {other:?}");
+                    warn!(round = round_no, client = %id, "protocol violation: expected an update, got {}", other.kind());
                     round.handle_dropout(&id, "protocol violation");
                 }
                 Next::Reply(id, Err(e)) => {
-                    info!(round = round_no, client = %id, "dropped: {e}");
-                    round.handle_dropout(&id, e.to_string());
+                    let why = escape(&e.to_string(), 300);
+                    info!(round = round_no, client = %id, "dropped: {why}");
+                    round.handle_dropout(&id, why);
                 }
                 Next::Deadline => break,
                 Next::Shutdown => return Ok(None),
@@ -1236,6 +1268,9 @@ impl Server {
         if let Some(events) = &self.setup.events {
             let _ = events.send(report.clone());
         }
+        if reports.len() == REPORTS_KEPT {
+            reports.remove(0);
+        }
         reports.push(report);
     }
 
@@ -1408,9 +1443,9 @@ fn feed(
     for (id, reply) in replies {
         let why = match reply.map(|msg| accept(&id, msg)) {
             Ok(Ok(Ok(()))) => continue,
-            Ok(Ok(Err(refused))) => refused.to_string(),
+            Ok(Ok(Err(refused))) => escape(&refused.to_string(), 300),
             Ok(Err(other)) => describe(Ok(*other), wanted),
-            Err(e) => e.to_string(),
+            Err(e) => escape(&e.to_string(), 300),
         };
         dropped.insert(id, why);
     }
@@ -1421,8 +1456,8 @@ fn feed(
 fn describe(reply: Result<ClientMsg, NetError>, wanted: &str) -> String {
     match reply {
         Ok(ClientMsg::Decline { reason, .. }) => format!("declined: {}", escape(&reason, 300)),
-        Ok(other) => format!("protocol violation: expected {wanted}, got {}", escape(&format!("{other:?}"), 300)),
-        Err(e) => e.to_string(),
+        Ok(other) => format!("protocol violation: expected {wanted}, got {}", other.kind()),
+        Err(e) => escape(&e.to_string(), 300),
     }
 }
 
@@ -1434,6 +1469,9 @@ async fn ask(conn: &quinn::Connection, frame: &[u8], cap: usize) -> Result<Clien
     recv_msg(&mut recv, cap).await
 }
 
+/// Accepts connections: at most [`MAX_UNWELCOMED`] at a time in their handshake or hello (more
+/// are refused at once, so a flood cannot hold the server's memory), each then served by
+/// [`serve_connection`].
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
@@ -1442,15 +1480,29 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut tasks = JoinSet::new();
+    let unwelcomed = Arc::new(Semaphore::new(MAX_UNWELCOMED));
+    let mut refused_busy = 0u64;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Ok(permit) = unwelcomed.clone().try_acquire_owned() else {
+                    refused_busy += 1;
+                    if refused_busy.is_power_of_two() {
+                        warn!(
+                            remote = %incoming.remote_address(),
+                            "{MAX_UNWELCOMED} connections are in their handshake or hello: refusing new ones ({refused_busy} so \
+                             far); a flood of connections that never say hello looks like this"
+                        );
+                    }
+                    incoming.refuse();
+                    continue;
+                };
                 let (registry, store, stop, federation) =
                     (registry.clone(), store.clone(), stop.clone(), federation.clone());
                 tasks.spawn(async move {
                     tokio::select! {
-                        r = serve_connection(incoming, registry, store, federation) => if let Err(e) = r { info!("connection refused or lost: {e}") },
+                        r = serve_connection(incoming, permit, registry, store, federation) => if let Err(e) = r { info!("connection refused or lost: {e}") },
                         _ = stop.cancelled() => {}
                     }
                 });
@@ -1462,63 +1514,134 @@ async fn accept_loop(
     tasks.shutdown().await;
 }
 
+/// Closes the live connections of certificates revoked in cohort.db (by `cohort-server revoke`
+/// while the server runs) within [`REVOCATION_POLL`]; a revoked client is then neither
+/// registered nor sampled again, and its reconnections are refused.
+async fn watch_revocations(database: std::path::PathBuf, registry: Arc<Registry>, stop: CancellationToken) {
+    let store = match Store::open(&database) {
+        Ok(store) => Arc::new(Mutex::new(store)),
+        Err(e) => {
+            warn!("cannot watch for revocations ({e}); a revoked client is refused when it reconnects");
+            return;
+        }
+    };
+    // Overlap the polls by a few seconds: the revoking command's clock stamps the revocation.
+    let mut since = unix_now() - 5;
+    let mut ticks = tokio::time::interval(REVOCATION_POLL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = unix_now();
+        let store = store.clone();
+        let revoked = tokio::task::spawn_blocking(move || store.lock().expect("store lock").revoked_since(since)).await;
+        match revoked {
+            Ok(Ok(serials)) => {
+                for (id, serial) in registry.close_revoked(&serials) {
+                    warn!(client = %id, serial = %serial, "certificate revoked: connection closed; the client is not sampled again");
+                }
+                since = now - 5;
+            }
+            Ok(Err(e)) => warn!("cannot read revocations: {e}"),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Refuses a connection on the stream of its hello, with a reason the client shows its owner,
+/// without reading the hello.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: String) -> NetError {
+    let _ = send_msg(&mut send, &ServerMsg::Refused { reason: reason.clone() }).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(3u32.into(), b"refused");
+    NetError::Unauthorized(reason)
+}
+
 /// Authenticates a connection (the TLS handshake already checked the certificate against the
-/// CA), exchanges hello/welcome, and keeps the client registered while it stays connected.
+/// CA and its validity), admits only a registered, unrevoked certificate with a valid client id,
+/// exchanges hello/welcome within [`HELLO_TIMEOUT`], and keeps the client registered while it
+/// stays connected.
 async fn serve_connection(
     incoming: quinn::Incoming,
+    unwelcomed: tokio::sync::OwnedSemaphorePermit,
     registry: Arc<Registry>,
     store: Arc<Mutex<Store>>,
     federation: Arc<str>,
 ) -> Result<(), NetError> {
     let remote = incoming.remote_address();
-    let conn = incoming.await.map_err(|e| {
-        debug!(%remote, "handshake failed: {e}");
-        NetError::Connection(e)
-    })?;
-    let id = peer_id(&conn)?;
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| NetError::Stream(format!("client `{id}` did not say hello within {HELLO_TIMEOUT:?}")))?
-        .map_err(NetError::Connection)?;
-    let hello: ClientMsg = tokio::time::timeout(HELLO_TIMEOUT, recv_msg(&mut recv, HELLO_CAP))
-        .await
-        .map_err(|_| NetError::Stream(format!("client `{id}` did not finish its hello in time")))??;
-    let ClientMsg::Hello { device, samples } = hello else {
-        conn.close(1u32.into(), b"expected hello");
-        return Err(NetError::Stream(format!("client `{id}` did not start with hello")));
-    };
-    let revoked = {
-        let store = store.lock().expect("store lock");
-        let revoked = store.is_revoked(&id).unwrap_or(true);
-        if !revoked {
-            let _ = store.client_seen(&id, unix_now());
+    let (conn, id, serial, device, samples) = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let conn = incoming.await.map_err(|e| {
+            debug!(%remote, "handshake failed: {e}");
+            NetError::Connection(e)
+        })?;
+        let (send, mut recv) = conn.accept_bi().await.map_err(NetError::Connection)?;
+        let cert = match peer_certificate(&conn) {
+            Ok(cert) => cert,
+            Err(e) => {
+                let reason = format!("the certificate from {remote} was refused: {e}");
+                return Err(refuse(&conn, send, reason).await);
+            }
+        };
+        let admission = {
+            let store = store.lock().expect("store lock");
+            store.admission(&cert)
+        };
+        let (id, serial) = (cert.client.clone(), cert.serial.clone());
+        let refusal = match admission {
+            Ok(Admission::Admitted) => None,
+            Ok(Admission::Unregistered) => Some(format!(
+                "certificate {serial} of `{id}` is not registered in this federation; the operator enrols the client \
+                 (`cohort-server enroll`) or registers a certificate signed by an offline CA (`cohort-server enroll \
+                 --cert`)"
+            )),
+            Ok(Admission::Revoked { at }) => Some(format!(
+                "certificate {serial} of `{id}` was revoked on {}; the client needs a new certificate from the \
+                 operator (`cohort-client renew`, then `cohort-server enroll --renew`)",
+                cohort_io::utc(at)
+            )),
+            Err(e) => Some(format!("the server cannot check the certificate of `{id}` now ({e}); try again later")),
+        };
+        if let Some(reason) = refusal {
+            return Err(refuse(&conn, send, reason).await);
         }
-        revoked
-    };
-    if revoked {
-        send_msg(
-            &mut send,
-            &ServerMsg::Refused { reason: format!("client `{id}` is revoked; ask the operator to enroll it again") },
-        )
-        .await?;
+        let hello: ClientMsg = recv_msg(&mut recv, HELLO_CAP).await?;
+        let ClientMsg::Hello { device, samples } = hello else {
+            conn.close(1u32.into(), b"expected hello");
+            return Err(NetError::Stream(format!("client `{id}` did not start with hello")));
+        };
+        let days_left = (cert.not_after - unix_now()) / 86_400;
+        if days_left < EXPIRY_WARNING_DAYS {
+            warn!(
+                client = %id,
+                "certificate {serial} expires on {} ({days_left} days); the client renews with `cohort-client renew` \
+                 and the operator signs the request with `cohort-server enroll --renew`",
+                cohort_io::utc(cert.not_after)
+            );
+        }
+        let _ = store.lock().expect("store lock").client_seen(&id, unix_now());
+        let mut send = send;
+        let welcome = ServerMsg::Welcome {
+            client_id: id.clone(),
+            server_name: "cohort".into(),
+            next_round: registry.next_round.load(Ordering::Relaxed),
+            federation: federation.to_string(),
+        };
+        send_msg(&mut send, &welcome).await?;
         let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        conn.close(3u32.into(), b"revoked");
-        return Err(NetError::Unauthorized(format!("client `{id}` is revoked")));
-    }
-    let next_round = registry.next_round.load(Ordering::Relaxed);
-    let welcome = ServerMsg::Welcome {
-        client_id: id.clone(),
-        server_name: "cohort".into(),
-        next_round,
-        federation: federation.to_string(),
-    };
-    send_msg(&mut send, &welcome).await?;
-    let _ = send.finish();
-    info!(client = %id, %remote, %device, samples, "client connected");
-    registry.insert(id.clone(), Connected { conn: conn.clone() });
+        Ok((conn, id, serial, device, samples))
+    })
+    .await
+    .map_err(|_| {
+        NetError::Stream(format!("{remote} did not finish its handshake and hello within {HELLO_TIMEOUT:?}"))
+    })??;
+    drop(unwelcomed);
+    cohort_io::welcomed(&conn);
+    info!(client = %id, %remote, device = %escape(&device, 80), samples, "client connected");
+    registry.insert(id.clone(), Connected { conn: conn.clone(), serial });
     let reason = conn.closed().await;
     registry.remove(&id, conn.stable_id());
-    info!(client = %id, "client disconnected: {reason}");
+    info!(client = %id, "client disconnected: {}", escape(&reason.to_string(), 200));
     Ok(())
 }

@@ -1,10 +1,12 @@
-//! The server's records in SQLite (`cohort.db`): the federation's id, enrolled and revoked
-//! clients, one row per round with its metrics (per head, with per-class recall), checkpoint and
+//! The server's records in SQLite (`cohort.db`): the federation's id, enrolled clients and the
+//! registry of their certificates (the only ones the server admits, each revocable), one row per
+//! round with its metrics (per head, with per-class recall), checkpoint and
 //! privacy spent, and each client's count of private rounds (for the epsilon against the server).
 
 use std::path::Path;
 
 use cohort_common::train::Metrics;
+use cohort_io::CertificateFacts;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +14,54 @@ use serde::{Deserialize, Serialize};
 pub enum StoreError {
     #[error("database {path}: {source}")]
     Sqlite { path: String, source: rusqlite::Error },
+    #[error(
+        "client `{client}` is already enrolled, with {active} active certificate(s); to give it another one while \
+         the old stays valid until it expires, add --renew; to revoke the old one at once (a lost or stolen key), \
+         add --replace"
+    )]
+    AlreadyEnrolled { client: String, active: usize },
+    #[error(
+        "the key of this certificate was revoked (certificate {serial} of `{client}`); the client makes a new key \
+         with `cohort-client keygen` or `cohort-client renew`"
+    )]
+    RevokedKey { client: String, serial: String },
+    #[error("a certificate with serial {serial} is already registered (to `{client}`)")]
+    SerialTaken { client: String, serial: String },
+}
+
+/// How an enrolment treats the client's certificates that are still active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolment {
+    /// A new client: refused if the id already has an active certificate.
+    New,
+    /// Another certificate for the same client (renewal): the old ones stay valid until they expire.
+    Renew,
+    /// The client's old certificates are revoked at once (a lost or stolen key).
+    Replace,
+}
+
+/// Whether the server admits a certificate that the CA signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Not in this federation's registry (signed by the CA for another federation, or never
+    /// registered with `enroll --cert`).
+    Unregistered,
+    Revoked {
+        at: i64,
+    },
+}
+
+/// One registered certificate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CertificateRow {
+    pub serial: String,
+    pub client: String,
+    pub key_hash: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub enrolled_at: i64,
+    pub revoked_at: Option<i64>,
 }
 
 pub struct Store {
@@ -122,6 +172,17 @@ CREATE TABLE IF NOT EXISTS dp_participations (
     rounds INTEGER NOT NULL,
     PRIMARY KEY (client, noise_multiplier)
 );
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    client TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS certificates_by_client ON certificates (client);
+CREATE INDEX IF NOT EXISTS certificates_by_revocation ON certificates (revoked_at);
 CREATE TABLE IF NOT EXISTS label_census (
     round INTEGER PRIMARY KEY,
     clients INTEGER NOT NULL,
@@ -147,6 +208,9 @@ impl Store {
         let p = path.display().to_string();
         let wrap = |source| StoreError::Sqlite { path: p.clone(), source };
         let conn = Connection::open(path).map_err(wrap)?;
+        // The operator's commands (enroll, revoke) write while a server runs: wait for its
+        // transactions instead of failing with "database is locked".
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(wrap)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").map_err(wrap)?;
         conn.execute_batch(SCHEMA).map_err(wrap)?;
         let existing: Vec<String> = conn
@@ -163,42 +227,168 @@ impl Store {
         move |source| StoreError::Sqlite { path: self.path.clone(), source }
     }
 
-    /// Records an enrolment (again: clears a revocation).
-    pub fn enroll(&self, id: &str, now: i64) -> Result<(), StoreError> {
+    /// Registers a certificate the CA signed for `facts.client`, as `mode` says; returns the
+    /// serials it revoked (with [`Enrolment::Replace`]). A key that was ever revoked is refused.
+    pub fn register_certificate(
+        &mut self,
+        facts: &CertificateFacts,
+        now: i64,
+        mode: Enrolment,
+    ) -> Result<Vec<String>, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
+        // Immediate: take the write lock first (waiting for the server's transactions), so the
+        // reads below cannot go stale before the writes.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(wrap)?;
+        let taken: Option<String> = tx
+            .query_row("SELECT client FROM certificates WHERE serial = ?1", params![facts.serial], |r| r.get(0))
+            .optional()
+            .map_err(wrap)?;
+        if let Some(client) = taken {
+            return Err(StoreError::SerialTaken { client, serial: facts.serial.clone() });
+        }
+        let revoked_key: Option<(String, String)> = tx
+            .query_row(
+                "SELECT client, serial FROM certificates WHERE key_hash = ?1 AND revoked_at IS NOT NULL",
+                params![facts.key_hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(wrap)?;
+        if let Some((client, serial)) = revoked_key {
+            return Err(StoreError::RevokedKey { client, serial });
+        }
+        let active: Vec<String> = tx
+            .prepare("SELECT serial FROM certificates WHERE client = ?1 AND revoked_at IS NULL AND not_after > ?2")
+            .and_then(|mut st| st.query_map(params![facts.client, now], |r| r.get(0))?.collect())
+            .map_err(wrap)?;
+        if mode == Enrolment::New && !active.is_empty() {
+            return Err(StoreError::AlreadyEnrolled { client: facts.client.clone(), active: active.len() });
+        }
+        let revoked = if mode == Enrolment::Replace { active } else { Vec::new() };
+        for serial in &revoked {
+            tx.execute("UPDATE certificates SET revoked_at = ?2 WHERE serial = ?1", params![serial, now])
+                .map_err(wrap)?;
+        }
+        tx.execute(
+            "INSERT INTO certificates (serial, client, key_hash, not_before, not_after, enrolled_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![facts.serial, facts.client, facts.key_hash, facts.not_before, facts.not_after, now],
+        )
+        .map_err(wrap)?;
+        tx.execute(
+            "INSERT INTO clients (id, enrolled_at) VALUES (?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET enrolled_at = ?2, revoked = 0",
+            params![facts.client, now],
+        )
+        .map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(revoked)
+    }
+
+    /// Revokes every certificate of a client (and so the client, until it is enrolled again with a
+    /// new certificate); false when no such client is enrolled.
+    pub fn revoke(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         self.conn
             .execute(
-                "INSERT INTO clients (id, enrolled_at) VALUES (?1, ?2)
-                 ON CONFLICT(id) DO UPDATE SET enrolled_at = ?2, revoked = 0",
+                "UPDATE certificates SET revoked_at = ?2 WHERE client = ?1 AND revoked_at IS NULL",
                 params![id, now],
             )
             .map_err(self.wrap())?;
-        Ok(())
-    }
-
-    /// Marks a client revoked; false when no such client is enrolled.
-    pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
         let n = self.conn.execute("UPDATE clients SET revoked = 1 WHERE id = ?1", params![id]).map_err(self.wrap())?;
         Ok(n > 0)
     }
 
-    pub fn is_revoked(&self, id: &str) -> Result<bool, StoreError> {
-        let r: Option<i64> = self
+    /// Revokes one certificate by serial (hex, case and leading zeros as `openssl` may print
+    /// them); returns its client, or `None` when no such certificate is registered. A client left
+    /// with no active certificate is marked revoked.
+    pub fn revoke_certificate(&self, serial: &str, now: i64) -> Result<Option<String>, StoreError> {
+        let wanted = serial.trim().trim_start_matches("0x").to_ascii_lowercase().replace(':', "");
+        let found: Option<(String, String)> = self
             .conn
-            .query_row("SELECT revoked FROM clients WHERE id = ?1", params![id], |r| r.get(0))
+            .query_row(
+                "SELECT serial, client FROM certificates WHERE ltrim(serial, '0') = ltrim(?1, '0')",
+                params![wanted],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(self.wrap())?;
-        Ok(r == Some(1))
-    }
-
-    /// Notes that a client connected (enrolling it if the CA signed it elsewhere).
-    pub fn client_seen(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        let Some((serial, client)) = found else { return Ok(None) };
         self.conn
             .execute(
-                "INSERT INTO clients (id, enrolled_at, last_seen) VALUES (?1, ?2, ?2)
-                 ON CONFLICT(id) DO UPDATE SET last_seen = ?2",
-                params![id, now],
+                "UPDATE certificates SET revoked_at = ?2 WHERE serial = ?1 AND revoked_at IS NULL",
+                params![serial, now],
             )
             .map_err(self.wrap())?;
+        self.conn
+            .execute(
+                "UPDATE clients SET revoked = 1 WHERE id = ?1 AND NOT EXISTS
+                    (SELECT 1 FROM certificates WHERE client = ?1 AND revoked_at IS NULL)",
+                params![client],
+            )
+            .map_err(self.wrap())?;
+        Ok(Some(client))
+    }
+
+    /// Whether the server admits this certificate (its chain and validity were checked in the
+    /// TLS handshake).
+    pub fn admission(&self, facts: &CertificateFacts) -> Result<Admission, StoreError> {
+        let row: Option<(String, Option<i64>)> = self
+            .conn
+            .query_row("SELECT client, revoked_at FROM certificates WHERE serial = ?1", params![facts.serial], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(self.wrap())?;
+        Ok(match row {
+            Some((client, None)) if client == facts.client => Admission::Admitted,
+            Some((client, Some(at))) if client == facts.client => Admission::Revoked { at },
+            _ => Admission::Unregistered,
+        })
+    }
+
+    /// Serials revoked at or after `since` (Unix seconds): what a running server polls for.
+    pub fn revoked_since(&self, since: i64) -> Result<Vec<String>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT serial FROM certificates WHERE revoked_at >= ?1").map_err(self.wrap())?;
+        let rows = stmt
+            .query_map(params![since], |r| r.get(0))
+            .map_err(self.wrap())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.wrap())?;
+        Ok(rows)
+    }
+
+    /// Every registered certificate, by client and expiry.
+    pub fn certificates(&self) -> Result<Vec<CertificateRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT serial, client, key_hash, not_before, not_after, enrolled_at, revoked_at FROM certificates
+                 ORDER BY client, not_after",
+            )
+            .map_err(self.wrap())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(CertificateRow {
+                    serial: r.get(0)?,
+                    client: r.get(1)?,
+                    key_hash: r.get(2)?,
+                    not_before: r.get(3)?,
+                    not_after: r.get(4)?,
+                    enrolled_at: r.get(5)?,
+                    revoked_at: r.get(6)?,
+                })
+            })
+            .map_err(self.wrap())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.wrap())?;
+        Ok(rows)
+    }
+
+    /// Notes that an admitted client connected.
+    pub fn client_seen(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE clients SET last_seen = ?2 WHERE id = ?1", params![id, now]).map_err(self.wrap())?;
         Ok(())
     }
 
@@ -431,16 +621,74 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn facts(client: &str, serial: &str, key: &str) -> CertificateFacts {
+        CertificateFacts {
+            client: client.into(),
+            serial: serial.into(),
+            key_hash: key.into(),
+            not_before: 0,
+            not_after: 1_000,
+        }
+    }
+
+    /// Revocation is by certificate: enrolling an id again never revives an old certificate, a
+    /// revoked key cannot be certified again, and an id is enrolled once unless the operator
+    /// renews or replaces it.
+    #[test]
+    fn certificates_are_admitted_only_while_registered_and_not_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("cohort.db")).unwrap();
+        let stolen = facts("h1", "0a", "k1");
+        assert_eq!(store.admission(&stolen).unwrap(), Admission::Unregistered);
+        store.register_certificate(&stolen, 10, Enrolment::New).unwrap();
+        assert_eq!(store.admission(&stolen).unwrap(), Admission::Admitted);
+        // The same serial presented under another id is not that id's certificate.
+        assert_eq!(store.admission(&facts("h2", "0a", "k1")).unwrap(), Admission::Unregistered);
+        let again = store.register_certificate(&facts("h1", "0b", "k2"), 11, Enrolment::New).unwrap_err();
+        assert!(matches!(again, StoreError::AlreadyEnrolled { active: 1, .. }), "{again}");
+        assert!(matches!(
+            store.register_certificate(&facts("h9", "0a", "k9"), 11, Enrolment::New),
+            Err(StoreError::SerialTaken { .. })
+        ));
+
+        // Revoked, then the id enrolled again: the old certificate stays out.
+        assert!(store.revoke("h1", 12).unwrap());
+        assert_eq!(store.admission(&stolen).unwrap(), Admission::Revoked { at: 12 });
+        assert_eq!(store.revoked_since(12).unwrap(), vec!["0a".to_string()]);
+        assert!(store.revoked_since(13).unwrap().is_empty());
+        store.register_certificate(&facts("h1", "0b", "k2"), 13, Enrolment::New).unwrap();
+        assert_eq!(store.admission(&stolen).unwrap(), Admission::Revoked { at: 12 });
+        assert_eq!(store.admission(&facts("h1", "0b", "k2")).unwrap(), Admission::Admitted);
+        assert!(!store.clients().unwrap()[0].revoked);
+        // The revoked key cannot come back under a new serial.
+        let key = store.register_certificate(&facts("h1", "0c", "k1"), 14, Enrolment::Renew).unwrap_err();
+        assert!(matches!(key, StoreError::RevokedKey { .. }), "{key}");
+
+        // Renewal keeps the old certificate; replacement revokes it.
+        store.register_certificate(&facts("h1", "0d", "k3"), 15, Enrolment::Renew).unwrap();
+        assert_eq!(store.admission(&facts("h1", "0b", "k2")).unwrap(), Admission::Admitted);
+        let revoked = store.register_certificate(&facts("h1", "0e", "k4"), 16, Enrolment::Replace).unwrap();
+        assert_eq!(revoked, vec!["0b".to_string(), "0d".to_string()]);
+        assert_eq!(store.admission(&facts("h1", "0d", "k3")).unwrap(), Admission::Revoked { at: 16 });
+
+        // One certificate by serial, as openssl prints it; the client stays while another is active.
+        assert_eq!(store.revoke_certificate("0x0E", 17).unwrap(), Some("h1".to_string()));
+        assert_eq!(store.revoke_certificate("ff", 17).unwrap(), None);
+        assert!(store.clients().unwrap()[0].revoked, "no active certificate is left");
+        assert_eq!(store.certificates().unwrap().len(), 4, "the refused one is not registered");
+    }
+
     #[test]
     fn clients_and_rounds() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("cohort.db")).unwrap();
-        store.enroll("a", 1).unwrap();
+        store.register_certificate(&facts("a", "01", "ka"), 1, Enrolment::New).unwrap();
+        store.register_certificate(&facts("b", "02", "kb"), 1, Enrolment::New).unwrap();
         store.client_seen("b", 2).unwrap();
-        assert!(store.revoke("a").unwrap());
-        assert!(!store.revoke("zz").unwrap());
-        assert!(store.is_revoked("a").unwrap());
-        assert!(!store.is_revoked("b").unwrap());
+        assert!(store.revoke("a", 3).unwrap());
+        assert!(!store.revoke("zz", 3).unwrap());
+        let revoked: Vec<bool> = store.clients().unwrap().iter().map(|c| c.revoked).collect();
+        assert_eq!(revoked, vec![true, false]);
         let mut row = RoundRow {
             round: 1,
             started_at: 3,

@@ -19,6 +19,7 @@ use cohort::io::Identity;
 use cohort::server::config::{Collection, Federation};
 use cohort::server::pki::{self, StatePaths};
 use cohort::server::serve::{RoundReport, ServeError, ServeSetup, Server};
+use cohort::server::store::Enrolment;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -88,12 +89,14 @@ impl Ca {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = StatePaths::new(dir.path());
-        pki::init(&state, "test", &["localhost".into()]).unwrap();
+        pki::init(&state, "test", &["localhost".into()], None).unwrap();
         Self { dir, state }
     }
 
+    /// A registered certificate for `id` (another one if `id` has some: renewal).
     pub fn client(&self, id: &str) -> Identity {
-        Identity::from_bundle(pki::make_bundle(&self.state, id).unwrap().as_bytes()).unwrap()
+        Identity::from_bundle(pki::make_bundle(&self.state, id, pki::CLIENT_DAYS, Enrolment::Renew).unwrap().as_bytes())
+            .unwrap()
     }
 }
 
