@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cohort_common::participant::Participant;
 use cohort_common::wire::{ClientMsg, ServerMsg, MAX_FRAME_BYTES};
-use cohort_io::{escape, recv_msg, send_msg, Identity, NetError};
+use cohort_io::{escape, recv_msg, send_msg, CertificateFacts, Identity, NetError};
 use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Backoff;
 use crate::ledger::LedgerFile;
+use crate::renew;
 use cohort_common::dp::LedgerRefusal;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,10 @@ pub enum ClientError {
     Refused(String),
     #[error("this client is not authorised: {0}")]
     Unauthorized(String),
+    /// This client's certificate has expired (before start or while running): the message says
+    /// how to renew it.
+    #[error("{0}")]
+    Expired(String),
 }
 
 /// What a running client reports to an observer (tests, `cohort-sim`).
@@ -105,9 +110,68 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVER_SHUTDOWN: &str = "the server shut down";
 /// How long a request (a round plan: the whole model) may take to arrive once its stream opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Why `serve` returned when the certificate expired during a connection.
+const CERTIFICATE_EXPIRED: &str = "this client's certificate expired";
 
-/// Runs until `shutdown` is cancelled or the server refuses this client.
+/// Runs until `shutdown` is cancelled or the server refuses this client. Refuses to start with an
+/// expired certificate ([`ClientError::Expired`]), warns at start, at each reconnection and
+/// daily while connected when it expires within [`renew::EXPIRY_WARNING_DAYS`], and stops when
+/// it expires. Its messages name the configuration `CLIENT.toml`: see [`run_with_config`].
 pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), ClientError> {
+    drive(setup, shutdown, "CLIENT.toml").await
+}
+
+/// [`run`], naming `config` (the daemon's `client.toml`) in the renew commands it gives.
+pub async fn run_with_config(
+    setup: ClientSetup,
+    shutdown: CancellationToken,
+    config: &std::path::Path,
+) -> Result<(), ClientError> {
+    drive(setup, shutdown, &config.display().to_string()).await
+}
+
+/// The certificate's expiry, checked before each connection.
+fn check_expiry(certificate: &CertificateFacts, config: &str) -> Result<(), ClientError> {
+    match renew::unix_now() >= certificate.not_after {
+        true => Err(ClientError::Expired(renew::expired_notice(certificate, config))),
+        false => Ok(()),
+    }
+}
+
+fn warn_if_expiring(certificate: &CertificateFacts, config: &str) {
+    if let Some(notice) = renew::expiring_notice(certificate, renew::unix_now(), config) {
+        warn!("{notice}");
+    }
+}
+
+/// What the daemon makes of the server's refusal of its certificate in the handshake. A refusal
+/// that says the certificate expired becomes [`ClientError::Expired`] with the renew
+/// instructions (this machine found it valid just before dialling, so a clock may be wrong too);
+/// any other is [`ClientError::Unauthorized`].
+pub fn certificate_refusal(refusal: &NetError, certificate: &CertificateFacts, config: &str) -> ClientError {
+    let text = refusal.to_string();
+    if !text.to_ascii_lowercase().contains("expired") {
+        return ClientError::Unauthorized(text);
+    }
+    ClientError::Expired(format!(
+        "the server refused the certificate of `{id}` (serial {serial}) as expired. By this machine's clock it is \
+         valid until {until}: if that is not past, one of the clocks is wrong. To renew it: run `cohort-client \
+         renew --config {config}`, have the operator sign the request, install the certificate with \
+         `cohort-client renew --config {config} --install {id}.renew.pem`, and start the daemon again",
+        id = certificate.client,
+        serial = certificate.serial,
+        until = cohort_io::utc(certificate.not_after),
+    ))
+}
+
+/// How long until the certificate is next looked at while connected: a day, or just past its
+/// expiry if sooner.
+fn next_expiry_check(certificate: &CertificateFacts) -> Duration {
+    let left = (certificate.not_after - renew::unix_now()).max(0) + 1;
+    Duration::from_secs(left.min(86_400) as u64)
+}
+
+async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) -> Result<(), ClientError> {
     let ClientSetup {
         identity,
         server,
@@ -123,6 +187,12 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
         endpoint: shared_endpoint,
         personal_path,
     } = setup;
+    // An expired certificate is refused by the server in the handshake: say so and stop, rather
+    // than dial it again and again.
+    let certificate = identity.certificate()?;
+    check_expiry(&certificate, config)?;
+    warn_if_expiring(&certificate, config);
+    let mut connections = 0u64;
     let ca_fingerprint = identity.ca_fingerprint();
     let mut hooks = Hooks {
         trained: Arc::new(tokio::sync::watch::channel(0).0),
@@ -154,6 +224,9 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
         if shutdown.is_cancelled() {
             break Ok(());
         }
+        if let Err(e) = check_expiry(&certificate, config) {
+            break Err(e);
+        }
         let connected = tokio::select! {
             r = connect(&endpoint, &quic_config, server, &server_name, &hello) => r,
             _ = shutdown.cancelled() => break Ok(()),
@@ -164,11 +237,18 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
                 hooks.joined_at = next_round;
                 hooks.federation = cohort_common::dp::federation_key(&ca_fingerprint, &federation);
                 info!(%server, next_round, federation = %escape(&federation, 64), "connected");
+                connections += 1;
+                if connections > 1 {
+                    warn_if_expiring(&certificate, config);
+                }
                 emit(ClientEvent::Connected);
-                let reason = serve(&conn, &participant, &hooks, &shutdown).await;
+                let reason = serve(&conn, &participant, &hooks, &shutdown, &certificate, config).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
                 if shutdown.is_cancelled() {
                     break Ok(());
+                }
+                if reason == CERTIFICATE_EXPIRED {
+                    break Err(ClientError::Expired(renew::expired_notice(&certificate, config)));
                 }
                 if reason.starts_with(SERVER_SHUTDOWN) {
                     info!("the server shut down; reconnecting until it is back");
@@ -176,7 +256,10 @@ pub async fn run(setup: ClientSetup, shutdown: CancellationToken) -> Result<(), 
                     warn!("connection lost ({}); reconnecting", escape(&reason, 300));
                 }
             }
-            Err(ClientError::Net(e)) if e.is_unauthorized() => break Err(ClientError::Unauthorized(e.to_string())),
+            Err(ClientError::Net(e)) if e.is_unauthorized() => {
+                warn!("the server refused this client's certificate: {}", escape(&e.to_string(), 400));
+                break Err(certificate_refusal(&e, &certificate, config));
+            }
             Err(e @ (ClientError::Refused(_) | ClientError::Unauthorized(_))) => break Err(e),
             Err(e) => {
                 let delay = backoff_delay(&backoff, attempt, &mut rand::rng());
@@ -232,22 +315,38 @@ async fn connect(
             debug!(client_id = %escape(&client_id, 64), next_round, "welcomed");
             Ok((conn, next_round, federation))
         }
-        Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(reason)),
-        Ok(Ok(other)) => Err(NetError::Stream(format!("expected welcome, got {other:?}")).into()),
+        // The reason is the server's text: escaped and capped before it reaches a log or a terminal.
+        Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(escape(&reason, 500))),
+        Ok(Ok(_)) => Err(NetError::Stream("expected welcome, got another message".into()).into()),
     }
 }
 
-/// Answers the server's requests until the connection ends; returns why it ended.
+/// Answers the server's requests until the connection ends; returns why it ended. Warns daily
+/// while the certificate expires within [`renew::EXPIRY_WARNING_DAYS`], and closes the
+/// connection when it expires.
 async fn serve(
     conn: &quinn::Connection,
     participant: &Arc<Participant>,
     hooks: &Hooks,
     shutdown: &CancellationToken,
+    certificate: &CertificateFacts,
+    config: &str,
 ) -> String {
     // Handlers live in this set: when the daemon stops, they stop with it.
     let mut handlers = JoinSet::new();
+    let expiry_check = tokio::time::sleep(next_expiry_check(certificate));
+    tokio::pin!(expiry_check);
     loop {
         tokio::select! {
+            () = &mut expiry_check => {
+                if renew::unix_now() >= certificate.not_after {
+                    warn!(serial = %certificate.serial, "the certificate expired; closing the connection");
+                    conn.close(0u32.into(), b"client certificate expired");
+                    return CERTIFICATE_EXPIRED.into();
+                }
+                warn_if_expiring(certificate, config);
+                expiry_check.as_mut().reset(tokio::time::Instant::now() + next_expiry_check(certificate));
+            }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let participant = participant.clone();
@@ -289,7 +388,7 @@ async fn answer(
         | ServerMsg::Shares { round, .. }
         | ServerMsg::Survivors { round, .. }
         | ServerMsg::Unmask { round, .. } => *round,
-        other => return Err(NetError::Stream(format!("unexpected request {other:?}"))),
+        other => return Err(NetError::Stream(format!("unexpected request {}", escape(&format!("{other:?}"), 200)))),
     };
     let plan = match &msg {
         ServerMsg::Plan(plan) => {

@@ -4,10 +4,17 @@
 //!
 //! - [`config`]: `client.toml` (server, identity, data, device, reconnection).
 //! - [`daemon`]: the driver: dial, hello, answer round plans with updates computed by
-//!   `cohort_common::participant::Participant`, reconnect with backoff, stop cleanly.
+//!   `cohort_common::participant::Participant`, reconnect with backoff, stop cleanly; it refuses
+//!   to run with an expired certificate, warns while it expires within 30 days, and stops (with
+//!   the renew instructions) when it expires while connected.
 //! - [`device`]: `auto | cpu | cuda:N` to a candle device.
 //! - [`ledger`]: the client's own privacy ledger, which declines rounds past its budget (charged
 //!   per round it trains in, unless the data owner trusts the server's sampler).
+//! - [`renew`]: `cohort-client renew`: a new key and request for the same id, then the
+//!   operator's certificate checked (same id, the pending key, the CA, valid now) and installed
+//!   over the identity files; the warnings `check` and the daemon give within
+//!   [`renew::EXPIRY_WARNING_DAYS`] of expiry, and the refusal once it has expired.
+//! - [`keygen`]: a private key and certificate signing request for a new client id.
 //! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked.
 //! - [`evaluate_model`]: `cohort-client evaluate`, a global model on this client's own data.
 //!
@@ -22,6 +29,7 @@
 pub mod config;
 pub mod daemon;
 pub mod ledger;
+pub mod renew;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cohort_client::config::ClientConfig;
+use cohort_client::renew::{self, Renewal};
 use cohort_common::model::ModelSpec;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Renew this client's certificate: a new key and request for the same id (give the request to
+    /// the operator), then `--install` the certificate they sign. The daemon keeps running with
+    /// the current certificate until it is restarted.
+    Renew {
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the pending `ID.renew.key` (mode 0600) and `ID.renew.csr` are kept (default:
+        /// beside the current key); give the same with `--install`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The certificate the operator signed from `ID.renew.csr`: checked, then installed with the
+        /// pending key in place of the identity files `client.toml` names.
+        #[arg(long)]
+        install: Option<PathBuf>,
+    },
     /// Check the configuration, certificates and data, and say what is wrong.
     Check {
         #[arg(long)]
@@ -60,9 +76,7 @@ fn main() -> Result<()> {
     cohort_io::init_logging("info");
     match Cli::parse().command {
         Command::Keygen { id, out } => {
-            if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || id.is_empty() || id.len() > 64 {
-                bail!("client id `{id}` must be 1-64 ASCII letters, digits, '-', '_' or '.'");
-            }
+            cohort_io::check_client_id(&id).map_err(anyhow::Error::msg)?;
             let (key, csr) = cohort_client::keygen(&id)?;
             let key_path = out.join(format!("{id}.key"));
             let csr_path = out.join(format!("{id}.csr"));
@@ -77,8 +91,8 @@ fn main() -> Result<()> {
                 csr_path.display()
             );
         }
-        Command::Run { config } => {
-            let config = ClientConfig::load(&config)?;
+        Command::Run { config: path } => {
+            let config = ClientConfig::load(&path)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 let setup = cohort_client::setup_from_config(&config).await?;
@@ -90,16 +104,76 @@ fn main() -> Result<()> {
                     tracing::info!("shutting down");
                     signal.cancel();
                 });
-                cohort_client::daemon::run(setup, shutdown).await?;
+                cohort_client::daemon::run_with_config(setup, shutdown, &path).await?;
                 anyhow::Ok(())
             })?;
+        }
+        Command::Renew { config, out, install } => {
+            let renewal = Renewal::from_config(&config, out.as_deref())?;
+            match install {
+                None => {
+                    let started = renewal.start()?;
+                    let current = &started.current;
+                    println!(
+                        "renewing `{}`: the current certificate {} is valid until {}",
+                        current.client,
+                        current.serial,
+                        cohort_io::utc(current.not_after)
+                    );
+                    println!("{}", renewal.instructions(&started));
+                }
+                Some(cert) => {
+                    let pem = std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+                    let installed =
+                        renewal.install(&pem).with_context(|| format!("cannot install {}", cert.display()))?;
+                    let (old, new) = (&installed.previous, &installed.installed);
+                    let written: Vec<String> = installed.written.iter().map(|p| p.display().to_string()).collect();
+                    println!(
+                        "installed certificate {} of `{}` (valid until {}) with its new key in {}",
+                        new.serial,
+                        new.client,
+                        cohort_io::utc(new.not_after),
+                        written.join(" and ")
+                    );
+                    println!(
+                        "it replaces certificate {} (valid until {}); removed the pending {}",
+                        old.serial,
+                        cohort_io::utc(old.not_after),
+                        installed.removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
+                    );
+                    println!(
+                        "restart the daemon to use it (`cohort-client run --config {}` or its service); a running \
+                         daemon keeps the old certificate until then",
+                        config.display()
+                    );
+                }
+            }
         }
         Command::Check { config: path } => {
             let config = ClientConfig::load(&path)?;
             let identity = config.identity.load().context("identity")?;
-            let id = identity.subject()?;
+            let facts = identity.certificate().context("identity")?;
+            let id = facts.client.clone();
+            let config_name = path.display().to_string();
+            if let renew::Expiry::Expired = renew::expiry(&facts, renew::unix_now()) {
+                bail!("{}", renew::expired_notice(&facts, &config_name));
+            }
             identity.check_signed_by_ca().with_context(|| format!("certificate of `{id}`"))?;
             println!("identity: `{id}`, certificate signed by the configured CA");
+            println!("          serial {}, valid until {}", facts.serial, cohort_io::utc(facts.not_after));
+            if let Some(warning) = renew::expiring_notice(&facts, renew::unix_now(), &config_name) {
+                println!("warning:  {warning}");
+            }
+            let pending = Renewal::new(&path, config.identity.clone(), None).pending(&id);
+            if pending.key.exists() {
+                println!(
+                    "renewal:  pending ({} and {}); install the operator's certificate with `cohort-client renew \
+                     --config {config_name} --install {}`",
+                    pending.key.display(),
+                    pending.csr.display(),
+                    pending.certificate
+                );
+            }
             for head in config.head_data()? {
                 println!(
                     "data:     {} examples of shape {:?} for head {}, label counts {:?}",

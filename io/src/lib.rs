@@ -80,13 +80,15 @@ pub use cohort_common::wire::escape;
 /// TLS alerts that mean the peer refused our certificate become `Unauthorized`, with what to do.
 pub fn classify(e: quinn::ConnectionError) -> NetError {
     let text = e.to_string();
-    let refused = ["UnknownCA", "BadCertificate", "CertificateRequired", "certificate", "AccessDenied", "Expired"];
+    let lower = text.to_ascii_lowercase();
+    let refused = ["unknownca", "badcertificate", "certificaterequired", "certificate", "accessdenied", "expired"];
     if !matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_))
-        || !refused.iter().any(|r| text.contains(r))
+        || !refused.iter().any(|r| lower.contains(r))
     {
         return NetError::Connection(e);
     }
-    if text.contains("Expired") {
+    // rustls says "certificate expired" (and the alert is CertificateExpired).
+    if lower.contains("expired") {
         return NetError::Unauthorized(format!(
             "the peer refused this certificate because it has expired ({text}); renew it: run `cohort-client renew \
              --config CLIENT.toml` and have the operator sign the request"
