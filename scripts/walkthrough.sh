@@ -2,7 +2,8 @@
 # The README's deployment walk-through, run for real on loopback (three clients, secure
 # aggregation): init, keygen, enroll, serve,
 # check, run (scraping /metrics meanwhile), then status, rounds, clients and export, the exported model loaded with Python's
-# `safetensors` package and evaluated by a client on its own data. Usage: scripts/walkthrough.sh [BIN_DIR] (default target/debug).
+# `safetensors` package and evaluated by a client on its own data; then the identity chores: a second enrolment
+# refused, renew, revoke, and an offline CA. Usage: scripts/walkthrough.sh [BIN_DIR] (default target/debug).
 set -euo pipefail
 BIN=${1:-target/debug}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -106,4 +107,37 @@ PY
 "$BIN/cohort-client" evaluate --config "$WORK/hospital-a/client.toml" --model "$WORK/model.safetensors" \
   | tee "$WORK/evaluate.txt"
 grep -q "^digit .* 10000 examples: accuracy" "$WORK/evaluate.txt"
+
+# Identities. Enrolling an enrolled id again is refused unless the operator renews or replaces it.
+if "$BIN/cohort-server" enroll --state "$WORK/server" --csr "$WORK/hospital-a/hospital-a.csr" \
+  --out "$WORK/again.pem" 2>"$WORK/again.txt"; then
+  echo "a second enrolment of hospital-a was accepted" >&2
+  exit 1
+fi
+grep -q -- "--renew" "$WORK/again.txt"
+# Renewal: a new key and request at the data owner, signed with --renew, installed over the old.
+"$BIN/cohort-client" renew --config "$WORK/hospital-a/client.toml"
+"$BIN/cohort-server" enroll --state "$WORK/server" --csr "$WORK/hospital-a/hospital-a.renew.csr" \
+  --out "$WORK/hospital-a/hospital-a.renew.pem" --renew
+"$BIN/cohort-client" renew --config "$WORK/hospital-a/client.toml" --install "$WORK/hospital-a/hospital-a.renew.pem"
+"$BIN/cohort-client" check --config "$WORK/hospital-a/client.toml"
+# Revocation, of a client (every certificate it has) and of one certificate by serial.
+"$BIN/cohort-server" revoke --state "$WORK/server" --client-id hospital-c
+OLD_A=$("$BIN/cohort-server" clients --state "$WORK/server" | awk '/certificate .*active/ {print $2; exit}')
+"$BIN/cohort-server" revoke --state "$WORK/server" --serial "$OLD_A"
+"$BIN/cohort-server" clients --state "$WORK/server" | tee "$WORK/clients.txt"
+grep -q "^hospital-c .* yes" "$WORK/clients.txt"
+# An offline CA: the server's state directory holds no CA key, so it signs nothing itself.
+"$BIN/cohort-server" init --state "$WORK/server2" --name demo2 --san localhost --offline-ca "$WORK/offline-ca"
+test ! -e "$WORK/server2/ca.key"
+"$BIN/cohort-client" keygen --id lab-1 --out "$WORK/lab-1"
+if "$BIN/cohort-server" enroll --state "$WORK/server2" --csr "$WORK/lab-1/lab-1.csr" --out "$WORK/lab-1/lab-1.pem" \
+  2>"$WORK/offline.txt"; then
+  echo "a server without the CA key signed a request" >&2
+  exit 1
+fi
+grep -q "cohort-server sign" "$WORK/offline.txt"
+"$BIN/cohort-server" sign --ca "$WORK/offline-ca" --csr "$WORK/lab-1/lab-1.csr" --out "$WORK/lab-1/lab-1.pem"
+"$BIN/cohort-server" enroll --state "$WORK/server2" --cert "$WORK/lab-1/lab-1.pem"
+"$BIN/cohort-server" clients --state "$WORK/server2"
 echo "walkthrough: ok"
