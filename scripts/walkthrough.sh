@@ -38,8 +38,12 @@ TOML
 
 for id in hospital-a hospital-b hospital-c; do
   mkdir -p "$WORK/$id"
-  "$BIN/cohort-client" keygen --id "$id" --out "$WORK/$id"
-  "$BIN/cohort-server" enroll --state "$WORK/server" --csr "$WORK/$id/$id.csr" --out "$WORK/$id/$id.pem"
+  "$BIN/cohort-client" keygen --id "$id" --out "$WORK/$id" | tee "$WORK/$id/keygen.txt"
+  "$BIN/cohort-server" enroll --state "$WORK/server" --csr "$WORK/$id/$id.csr" --out "$WORK/$id/$id.pem" \
+    | tee "$WORK/$id/enroll.txt"
+  # The operator checks that the request it signed is the one the data owner made.
+  KEY_HASH=$(grep -o 'key SHA-256 [0-9a-f]*' "$WORK/$id/keygen.txt" | cut -d' ' -f3)
+  grep -q "key SHA-256 $KEY_HASH " "$WORK/$id/enroll.txt"
   cp "$WORK/server/ca.pem" "$WORK/$id/ca.pem"
   cat > "$WORK/$id/client.toml" <<TOML
 server = "127.0.0.1:$PORT"

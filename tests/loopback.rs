@@ -209,7 +209,7 @@ async fn a_client_reconnects_after_the_server_restarts_and_the_optimizer_resumes
 async fn a_revoked_client_is_refused_with_a_reason() {
     let ca = Ca::new();
     let identity = ca.client("former");
-    let store = Store::open(&ca.state.database()).unwrap();
+    let mut store = Store::open(&ca.state.database()).unwrap();
     assert!(store.revoke("former", 0).unwrap());
     let server = start_server(&ca, localhost(), federation(1, 1, 1), None);
     let client = start_client(identity, server.addr, dataset(10, 1));

@@ -154,7 +154,7 @@ async fn a_renewed_client_keeps_its_id_gets_a_new_serial_and_completes_a_round()
     }
 
     // The old certificates are revoked: only the renewed ones can take part.
-    let store = Store::open(&ca.state.database()).unwrap();
+    let mut store = Store::open(&ca.state.database()).unwrap();
     for (_, old) in &renewed {
         store.revoke_certificate(old, 1).unwrap().unwrap();
     }

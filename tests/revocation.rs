@@ -7,6 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cohort::client::daemon::{ClientError, ClientEvent};
+use cohort::common::wire::{self, ClientMsg, ServerMsg};
+use cohort::io::{client_config, recv_msg};
 use cohort::server::pki;
 use cohort::server::store::{Enrolment, Store};
 use support::*;
@@ -40,7 +42,7 @@ async fn a_revoked_certificate_is_closed_within_a_second_and_never_sampled_again
     assert_eq!((first.cohort, first.participants), (3, 3), "{first:?}");
 
     // The operator revokes the certificate, as `cohort-server revoke --serial` does.
-    let store = Store::open(&ca.state.database()).unwrap();
+    let mut store = Store::open(&ca.state.database()).unwrap();
     assert_eq!(store.revoke_certificate(&serial, unix_now()).unwrap().as_deref(), Some("leaving"));
     let revoked_at = Instant::now();
     revoked.wait_for(5, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
@@ -86,7 +88,7 @@ async fn a_revoked_certificate_is_closed_within_a_second_and_never_sampled_again
 async fn enrolling_an_id_again_does_not_revive_its_old_certificate() {
     let ca = Ca::new();
     let stolen = ca.client("h1");
-    let store = Store::open(&ca.state.database()).unwrap();
+    let mut store = Store::open(&ca.state.database()).unwrap();
     assert!(store.revoke("h1", unix_now()).unwrap());
     let fresh = pki::make_bundle(&ca.state, "h1", pki::CLIENT_DAYS, Enrolment::New).unwrap();
     let fresh = cohort::io::Identity::from_bundle(fresh.as_bytes()).unwrap();
@@ -107,4 +109,36 @@ async fn enrolling_an_id_again_does_not_revive_its_old_certificate() {
     // Enrolling an id that has an active certificate is refused unless renewed or replaced.
     let again = pki::make_bundle(&ca.state, "h1", pki::CLIENT_DAYS, Enrolment::New).unwrap_err();
     assert!(again.to_string().contains("--replace"), "{again}");
+}
+
+/// A thief that starts its hello, stalls while the operator revokes the certificate, and
+/// finishes the hello after the revocation watch has run: it is refused, not welcomed and
+/// registered. Guards the admission check after the hello and the registry's refusal of serials
+/// revoked meanwhile (without them the thief was welcomed and sampled round after round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_finished_after_the_revocation_is_refused() {
+    let ca = Ca::new();
+    let mut fed = federation(1_000_000, 2, 1);
+    fed.start_after_clients = Some(1);
+    let server = start_server(&ca, localhost(), fed, None);
+    let thief = ca.client("thief");
+    let serial = thief.certificate().unwrap().serial;
+    let endpoint = cohort::io::client_endpoint(false).unwrap();
+    let conn = endpoint.connect_with(client_config(&thief).unwrap(), server.addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let frame = wire::encode(&ClientMsg::Hello { device: "cpu".into(), samples: 10 }).unwrap();
+    send.write_all(&frame[..2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut store = Store::open(&ca.state.database()).unwrap();
+    store.revoke_certificate(&serial, unix_now()).unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await; // the revocation watch has run
+    send.write_all(&frame[2..]).await.unwrap();
+    let _ = send.finish();
+    match recv_msg::<ServerMsg>(&mut recv, 1 << 16).await {
+        Ok(ServerMsg::Refused { reason }) => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("a certificate revoked during its hello was not refused: {other:?}"),
+    }
+    server.shutdown.cancel();
+    let _ = server.task.await;
 }

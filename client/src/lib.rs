@@ -107,6 +107,13 @@ pub fn keygen(client_id: &str) -> Result<(String, String), rcgen::Error> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// The SHA-256 of a private key's public half (as `cohort-server enroll` and `sign` print it):
+/// the data owner tells the operator, who checks that the request signed is the one made here.
+pub fn key_hash(key_pem: &str) -> Result<String, rcgen::Error> {
+    use rcgen::PublicKeyData;
+    Ok(cohort_io::key_hash(&rcgen::KeyPair::from_pem(key_pem)?.subject_public_key_info()))
+}
+
 /// The file in the state directory that keeps personal heads across restarts.
 pub const PERSONAL_HEADS_FILE: &str = "personal-heads.safetensors";
 

@@ -87,6 +87,11 @@ fn main() -> Result<()> {
             cohort_io::files::write_atomic(&csr_path, csr.as_bytes())?;
             println!("wrote {} (keep it here) and {}", key_path.display(), csr_path.display());
             println!(
+                "key SHA-256 {}: tell the operator by another channel; `cohort-server enroll` or `sign` prints it \
+                 for the request it signs, and they must match",
+                cohort_client::key_hash(&key)?
+            );
+            println!(
                 "send {} to the operator; they run `cohort-server enroll --csr {id}.csr --out {id}.pem`",
                 csr_path.display()
             );
@@ -121,6 +126,13 @@ fn main() -> Result<()> {
                         cohort_io::utc(current.not_after)
                     );
                     println!("{}", renewal.instructions(&started));
+                    let key = std::fs::read_to_string(&started.pending.key)
+                        .with_context(|| format!("cannot read {}", started.pending.key.display()))?;
+                    println!(
+                        "the new key's SHA-256 is {}: tell the operator by another channel, to compare with what \
+                         `cohort-server enroll` or `sign` prints",
+                        cohort_client::key_hash(&key)?
+                    );
                 }
                 Some(cert) => {
                     let pem = std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;

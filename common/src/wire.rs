@@ -309,8 +309,16 @@ fn decode_limited<M: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<(M, usize
     by_power_of_two!(10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31)
 }
 
-/// A string a peer controls, made safe for a log line or an error: control characters escaped
-/// (no forged lines, no terminal escapes) and at most `max` characters kept.
+/// Characters that change how a line reads without being seen: line and paragraph separators,
+/// bidirectional overrides and isolates (which can reorder a log line), zero-width characters
+/// and the byte-order mark.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+}
+
+/// A string a peer controls, made safe for a log line or an error: control characters and
+/// invisible formatting characters escaped (no forged lines, no terminal escapes, no reordered
+/// text) and at most `max` characters kept.
 pub fn escape(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max) + 3);
     for (i, c) in text.chars().enumerate() {
@@ -318,7 +326,7 @@ pub fn escape(text: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        if c.is_control() || is_invisible_format(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -515,6 +523,7 @@ mod tests {
         assert_eq!(escape("ok\nround complete round=999\u{1b}[2J", 100), "ok\\nround complete round=999\\u{1b}[2J");
         assert_eq!(escape(&"x".repeat(10_000), 8), "xxxxxxxx…");
         assert_eq!(escape("héllo", 8), "héllo");
+        assert_eq!(escape("a\u{2028}b\u{202e}c\u{2066}d\u{200b}", 20), "a\\u{2028}b\\u{202e}c\\u{2066}d\\u{200b}");
     }
 
     #[test]

@@ -77,26 +77,46 @@ impl NetError {
 /// A string a peer controls, made safe for a log line (the rule lives with the messages).
 pub use cohort_common::wire::escape;
 
-/// TLS alerts that mean the peer refused our certificate become `Unauthorized`, with what to do.
+/// The TLS alert a connection error carries, if it is one: QUIC reports alert `n` as the
+/// transport error code `0x100 + n` (RFC 9001, 4.8).
+fn tls_alert(e: &quinn::ConnectionError) -> Option<u64> {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        _ => return None,
+    };
+    (0x100..0x200).contains(&code).then(|| code - 0x100)
+}
+
+/// TLS alerts that mean the peer refused our certificate, or that we refused the peer's, become
+/// `Unauthorized`, with what to do. For the peer's alerts the code decides, not the text that
+/// comes with it (which the peer writes); our own TLS errors (a server certificate our CA did
+/// not sign) say so in rustls's words.
 pub fn classify(e: quinn::ConnectionError) -> NetError {
-    let text = e.to_string();
-    let lower = text.to_ascii_lowercase();
-    let refused = ["unknownca", "badcertificate", "certificaterequired", "certificate", "accessdenied", "expired"];
-    if !matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_))
-        || !refused.iter().any(|r| lower.contains(r))
-    {
-        return NetError::Connection(e);
+    const CERTIFICATE_EXPIRED: u64 = 45;
+    // bad_certificate, unsupported_certificate, certificate_revoked, certificate_unknown,
+    // unknown_ca, access_denied, certificate_required (RFC 8446, 6).
+    const REFUSED: [u64; 7] = [42, 43, 44, 46, 48, 49, 116];
+    let text = escape(&e.to_string(), 300);
+    if let (quinn::ConnectionError::TransportError(local), Some(_)) = (&e, tls_alert(&e)) {
+        if local.reason.contains("certificate") {
+            return NetError::Unauthorized(format!(
+                "this client refused the server's certificate ({text}); is the CA certificate in its identity the \
+                 federation's, and the server name right?"
+            ));
+        }
     }
-    // rustls says "certificate expired" (and the alert is CertificateExpired).
-    if lower.contains("expired") {
-        return NetError::Unauthorized(format!(
+    match tls_alert(&e) {
+        Some(CERTIFICATE_EXPIRED) => NetError::Unauthorized(format!(
             "the peer refused this certificate because it has expired ({text}); renew it: run `cohort-client renew \
              --config CLIENT.toml` and have the operator sign the request"
-        ));
+        )),
+        Some(alert) if REFUSED.contains(&alert) => NetError::Unauthorized(format!(
+            "the peer refused this certificate ({text}); is it signed by the operator's CA, registered and not \
+             revoked?"
+        )),
+        _ => NetError::Connection(e),
     }
-    NetError::Unauthorized(format!(
-        "the peer refused this certificate ({text}); is it signed by the operator's CA, registered and not revoked?"
-    ))
 }
 
 /// A certificate chain, its key and the CA that peers must be signed by.
@@ -216,7 +236,7 @@ impl CertificateFacts {
         Ok(Self {
             client,
             serial: hex(parsed.tbs_certificate.raw_serial()),
-            key_hash: hex(ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw).as_ref()),
+            key_hash: key_hash(parsed.public_key().raw),
             not_before: validity.not_before.timestamp(),
             not_after: validity.not_after.timestamp(),
         })
@@ -238,6 +258,10 @@ pub fn check_issued_by(leaf: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> Re
     })?;
     if parsed.is_ca() {
         return Err(NetError::Identity("that is a CA certificate, not a client's".into()));
+    }
+    let client_auth = parsed.extended_key_usage().ok().flatten().is_none_or(|eku| eku.value.client_auth);
+    if !client_auth {
+        return Err(NetError::Identity("the certificate is not for client authentication (extended key usage)".into()));
     }
     let facts = CertificateFacts::from_der(leaf)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
@@ -272,6 +296,12 @@ pub fn utc(unix: i64) -> String {
     x509_parser::time::ASN1Time::from_timestamp(unix).map_or_else(|_| format!("{unix} (Unix time)"), |t| t.to_string())
 }
 
+/// SHA-256 of a SubjectPublicKeyInfo (DER), in hex: how a key is named in the registry, and what
+/// the data owner and the operator compare to know that the request signed is the one made.
+pub fn key_hash(subject_public_key_info: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, subject_public_key_info).as_ref())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -296,6 +326,9 @@ fn transport() -> quinn::TransportConfig {
     t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
     t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(64 << 20);
+    // The protocol sends no datagrams: buffer none (quinn's default keeps 1.25 MB of unread
+    // ones per connection, which a peer could fill).
+    t.datagram_receive_buffer_size(None);
     t
 }
 

@@ -179,8 +179,10 @@ fn main() -> Result<()> {
                         pki::enroll_csr(&paths, &text, days, mode).with_context(|| format!("{}", csr.display()))?;
                     cohort_io::files::write_atomic(&out, pem.as_bytes())?;
                     println!(
-                        "enrolled `{}`: certificate {} (valid until {}) written to {}; give it and {} to the client",
+                        "enrolled `{}` with the key SHA-256 {} (compare it with what the data owner's keygen printed): \
+                         certificate {} (valid until {}) written to {}; give it and {} to the client",
                         facts.client,
+                        facts.key_hash,
                         facts.serial,
                         cohort_io::utc(facts.not_after),
                         out.display(),
@@ -219,17 +221,19 @@ fn main() -> Result<()> {
                 pki::sign_csr(&StatePaths::new(&ca), &text, days).with_context(|| format!("{}", csr.display()))?;
             cohort_io::files::write_atomic(&out, pem.as_bytes())?;
             println!(
-                "signed certificate {} of `{}` (valid until {}) to {}; register it on the server with `cohort-server \
-                 enroll --state STATE --cert {}`",
+                "signed certificate {} of `{}` for the key SHA-256 {} (compare it with what the data owner's keygen \
+                 printed: a request that came through the server could be another's) (valid until {}) to {}; register \
+                 it on the server with `cohort-server enroll --state STATE --cert {}`",
                 facts.serial,
                 facts.client,
+                facts.key_hash,
                 cohort_io::utc(facts.not_after),
                 out.display(),
                 out.display()
             );
         }
         Command::Revoke { state, client_id, serial, cert } => {
-            let store = Store::open(&StatePaths::new(&state).database())?;
+            let mut store = Store::open(&StatePaths::new(&state).database())?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
             let serial = match cert {
                 Some(path) => {

@@ -112,6 +112,11 @@ fn read(path: &Path) -> Result<String, PkiError> {
 /// certificate go there (to be moved off this machine) and the state directory gets only the CA
 /// certificate.
 pub fn init(state: &StatePaths, name: &str, sans: &[String], offline_ca: Option<&Path>) -> Result<(), PkiError> {
+    if offline_ca.is_some_and(|dir| same_dir(dir, &state.dir)) {
+        return Err(PkiError::Invalid(
+            "--offline-ca names the state directory itself: give a directory to move off the server".into(),
+        ));
+    }
     let ca_dir = StatePaths::new(offline_ca.unwrap_or(&state.dir));
     for key in [ca_dir.ca_key(), state.ca_key(), state.server_key()] {
         if key.exists() {
@@ -147,6 +152,11 @@ pub fn init(state: &StatePaths, name: &str, sans: &[String], offline_ca: Option<
     write_secret(&state.server_key(), server_key.serialize_pem().as_bytes())?;
     write_atomic(&state.server_cert(), server_cert.pem().as_bytes())?;
     Ok(())
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    canonical(a) == canonical(b)
 }
 
 fn dn(common_name: &str) -> DistinguishedName {
@@ -314,6 +324,7 @@ mod tests {
     fn an_offline_ca_signs_and_the_server_only_registers() {
         let dir = tempfile::tempdir().unwrap();
         let (state, ca) = (StatePaths::new(dir.path().join("state")), StatePaths::new(dir.path().join("ca")));
+        assert!(init(&state, "test", &["localhost".into()], Some(&state.dir)).is_err());
         init(&state, "test", &["localhost".into()], Some(&ca.dir)).unwrap();
         assert!(!state.ca_key().exists() && ca.ca_key().exists() && state.ca_cert().exists());
         let err = make_bundle(&state, "h1", 30, Enrolment::New).unwrap_err();

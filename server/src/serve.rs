@@ -145,6 +145,12 @@ struct Connected {
 #[derive(Default)]
 struct Registry {
     clients: Mutex<HashMap<ClientId, Connected>>,
+    /// Serials revoked while this server runs (as the revocation watch has read them): never
+    /// registered, whenever their hello completes. Locked after `clients`, never before.
+    revoked: Mutex<std::collections::HashSet<String>>,
+    /// Connections past their handshake and not yet welcomed, by id: one per identity (a newer
+    /// one closes the older), so one identity cannot hold the slots of connections in their hello.
+    greeting: Mutex<HashMap<ClientId, quinn::Connection>>,
     changed: Notify,
     /// The first round a client connecting now can be sampled for (its welcome says so).
     next_round: AtomicU64,
@@ -160,15 +166,24 @@ impl Registry {
     fn connection(&self, id: &str) -> Option<quinn::Connection> {
         self.clients.lock().expect("registry lock").get(id).map(|c| c.conn.clone())
     }
-    fn insert(&self, id: ClientId, client: Connected) {
-        if let Some(old) = self.clients.lock().expect("registry lock").insert(id, client) {
+    /// Registers a welcomed connection (replacing an older one of the same id); false, and
+    /// nothing registered, when its certificate was revoked meanwhile.
+    fn insert(&self, id: ClientId, client: Connected) -> bool {
+        let mut clients = self.clients.lock().expect("registry lock");
+        if self.revoked.lock().expect("revoked lock").contains(&client.serial) {
+            return false;
+        }
+        if let Some(old) = clients.insert(id, client) {
             old.conn.close(2u32.into(), b"replaced by a newer connection");
         }
+        drop(clients);
         self.changed.notify_waiters();
+        true
     }
     /// Closes and forgets the connections of these certificates; returns their ids and serials.
     fn close_revoked(&self, serials: &[String]) -> Vec<(ClientId, String)> {
         let mut clients = self.clients.lock().expect("registry lock");
+        self.revoked.lock().expect("revoked lock").extend(serials.iter().cloned());
         let revoked: Vec<(ClientId, String)> = clients
             .iter()
             .filter(|(_, c)| serials.contains(&c.serial))
@@ -183,6 +198,16 @@ impl Registry {
             self.changed.notify_waiters();
         }
         revoked
+    }
+
+    /// Notes a connection of `id` in its hello, closing an older one of the same id; the guard
+    /// forgets it when dropped.
+    fn greet(&self, id: &str, conn: &quinn::Connection) -> Greeting<'_> {
+        let older = self.greeting.lock().expect("greeting lock").insert(id.to_string(), conn.clone());
+        if let Some(older) = older.filter(|c| c.stable_id() != conn.stable_id()) {
+            older.close(2u32.into(), b"replaced by a newer connection");
+        }
+        Greeting { registry: self, id: id.to_string(), stable_id: conn.stable_id() }
     }
 
     fn remove(&self, id: &str, stable_id: usize) {
@@ -206,6 +231,22 @@ impl Registry {
                 _ = tokio::time::sleep_until(deadline) => return self.len(),
                 _ = shutdown.cancelled() => return self.len(),
             }
+        }
+    }
+}
+
+/// A connection in its hello, forgotten by the registry when this is dropped.
+struct Greeting<'a> {
+    registry: &'a Registry,
+    id: ClientId,
+    stable_id: usize,
+}
+
+impl Drop for Greeting<'_> {
+    fn drop(&mut self) {
+        let mut greeting = self.registry.greeting.lock().expect("greeting lock");
+        if greeting.get(&self.id).is_some_and(|c| c.stable_id() == self.stable_id) {
+            greeting.remove(&self.id);
         }
     }
 }
@@ -283,6 +324,8 @@ const CENSUS_MAX_COUNT: f64 = (1u64 << 24) as f64;
 
 /// How long a new connection has for its handshake and hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long of that the TLS handshake may take (a round trip or two for an honest client).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections in their handshake or hello at once; more are refused until some finish.
 const MAX_UNWELCOMED: usize = 64;
 /// How often a running server looks for revocations in cohort.db.
@@ -1486,6 +1529,12 @@ async fn accept_loop(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // A stateless retry first (one round trip, no state kept): a slot then goes only
+                // to an address that answers, so spoofed Initial packets cannot fill them.
+                if !incoming.remote_address_validated() && incoming.may_retry() {
+                    let _ = incoming.retry();
+                    continue;
+                }
                 let Ok(permit) = unwelcomed.clone().try_acquire_owned() else {
                     refused_busy += 1;
                     if refused_busy.is_power_of_two() {
@@ -1502,7 +1551,10 @@ async fn accept_loop(
                     (registry.clone(), store.clone(), stop.clone(), federation.clone());
                 tasks.spawn(async move {
                     tokio::select! {
-                        r = serve_connection(incoming, permit, registry, store, federation) => if let Err(e) = r { info!("connection refused or lost: {e}") },
+                        // The error can hold the peer's own words (its close reason): escaped.
+                        r = serve_connection(incoming, permit, registry, store, federation) => if let Err(e) = r {
+                            info!("connection refused or lost: {}", escape(&e.to_string(), 300))
+                        },
                         _ = stop.cancelled() => {}
                     }
                 });
@@ -1525,23 +1577,26 @@ async fn watch_revocations(database: std::path::PathBuf, registry: Arc<Registry>
             return;
         }
     };
-    // Overlap the polls by a few seconds: the revoking command's clock stamps the revocation.
-    let mut since = unix_now() - 5;
+    // Revocations are numbered: poll past the last one seen (from the first, so the registry
+    // knows every serial revoked before this server started too).
+    let mut after = 0;
     let mut ticks = tokio::time::interval(REVOCATION_POLL);
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let now = unix_now();
         let store = store.clone();
-        let revoked = tokio::task::spawn_blocking(move || store.lock().expect("store lock").revoked_since(since)).await;
+        let revoked =
+            tokio::task::spawn_blocking(move || store.lock().expect("store lock").revocations_after(after)).await;
         match revoked {
-            Ok(Ok(serials)) => {
+            Ok(Ok(revocations)) => {
+                let Some(&(last, _)) = revocations.last() else { continue };
+                after = last;
+                let serials: Vec<String> = revocations.into_iter().map(|(_, serial)| serial).collect();
                 for (id, serial) in registry.close_revoked(&serials) {
                     warn!(client = %id, serial = %serial, "certificate revoked: connection closed; the client is not sampled again");
                 }
-                since = now - 5;
             }
             Ok(Err(e)) => warn!("cannot read revocations: {e}"),
             Err(_) => return,
@@ -1572,12 +1627,19 @@ async fn serve_connection(
 ) -> Result<(), NetError> {
     let remote = incoming.remote_address();
     let (conn, id, serial, device, samples) = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let conn = incoming.await.map_err(|e| {
-            debug!(%remote, "handshake failed: {e}");
-            NetError::Connection(e)
-        })?;
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
+            .await
+            .map_err(|_| {
+                NetError::Stream(format!("{remote} did not finish its handshake within {HANDSHAKE_TIMEOUT:?}"))
+            })?
+            .map_err(|e| {
+                debug!(%remote, "handshake failed: {}", escape(&e.to_string(), 300));
+                NetError::Connection(e)
+            })?;
+        let cert = peer_certificate(&conn);
+        let _greeting = cert.as_ref().ok().map(|cert| registry.greet(&cert.client, &conn));
         let (send, mut recv) = conn.accept_bi().await.map_err(NetError::Connection)?;
-        let cert = match peer_certificate(&conn) {
+        let cert = match cert {
             Ok(cert) => cert,
             Err(e) => {
                 let reason = format!("the certificate from {remote} was refused: {e}");
@@ -1611,6 +1673,12 @@ async fn serve_connection(
             conn.close(1u32.into(), b"expected hello");
             return Err(NetError::Stream(format!("client `{id}` did not start with hello")));
         };
+        // Admitted again now: the certificate may have been revoked while the hello was slow.
+        let admitted = store.lock().expect("store lock").admission(&cert);
+        if !matches!(admitted, Ok(Admission::Admitted)) {
+            let reason = format!("certificate {serial} of `{id}` was revoked; the client needs a new certificate");
+            return Err(refuse(&conn, send, reason).await);
+        }
         let days_left = (cert.not_after - unix_now()) / 86_400;
         if days_left < EXPIRY_WARNING_DAYS {
             warn!(
@@ -1639,7 +1707,10 @@ async fn serve_connection(
     drop(unwelcomed);
     cohort_io::welcomed(&conn);
     info!(client = %id, %remote, device = %escape(&device, 80), samples, "client connected");
-    registry.insert(id.clone(), Connected { conn: conn.clone(), serial });
+    if !registry.insert(id.clone(), Connected { conn: conn.clone(), serial: serial.clone() }) {
+        conn.close(3u32.into(), b"certificate revoked");
+        return Err(NetError::Unauthorized(format!("certificate {serial} of `{id}` was revoked during its hello")));
+    }
     let reason = conn.closed().await;
     registry.remove(&id, conn.stable_id());
     info!(client = %id, "client disconnected: {}", escape(&reason.to_string(), 200));

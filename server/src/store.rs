@@ -52,6 +52,11 @@ pub enum Admission {
     },
 }
 
+/// Revokes the certificates `condition` selects (with its parameters), numbering each revocation.
+const REVOKE: &str = "UPDATE certificates SET revoked_at = ?1,
+    revocation = (SELECT COALESCE(MAX(revocation), 0) FROM certificates) + 1
+    WHERE serial = ?2 AND revoked_at IS NULL";
+
 /// One registered certificate.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CertificateRow {
@@ -179,10 +184,12 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_before INTEGER NOT NULL,
     not_after INTEGER NOT NULL,
     enrolled_at INTEGER NOT NULL,
-    revoked_at INTEGER
+    revoked_at INTEGER,
+    -- 1, 2, 3... in the order of revocation: what a running server polls past (a clock could
+    -- go back, and a revoking command can wait for the lock after reading it).
+    revocation INTEGER UNIQUE
 );
 CREATE INDEX IF NOT EXISTS certificates_by_client ON certificates (client);
-CREATE INDEX IF NOT EXISTS certificates_by_revocation ON certificates (revoked_at);
 CREATE TABLE IF NOT EXISTS label_census (
     round INTEGER PRIMARY KEY,
     clients INTEGER NOT NULL,
@@ -267,8 +274,7 @@ impl Store {
         }
         let revoked = if mode == Enrolment::Replace { active } else { Vec::new() };
         for serial in &revoked {
-            tx.execute("UPDATE certificates SET revoked_at = ?2 WHERE serial = ?1", params![serial, now])
-                .map_err(wrap)?;
+            tx.execute(REVOKE, params![now, serial]).map_err(wrap)?;
         }
         tx.execute(
             "INSERT INTO certificates (serial, client, key_hash, not_before, not_after, enrolled_at)
@@ -288,45 +294,47 @@ impl Store {
 
     /// Revokes every certificate of a client (and so the client, until it is enrolled again with a
     /// new certificate); false when no such client is enrolled.
-    pub fn revoke(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        self.conn
-            .execute(
-                "UPDATE certificates SET revoked_at = ?2 WHERE client = ?1 AND revoked_at IS NULL",
-                params![id, now],
-            )
-            .map_err(self.wrap())?;
-        let n = self.conn.execute("UPDATE clients SET revoked = 1 WHERE id = ?1", params![id]).map_err(self.wrap())?;
+    pub fn revoke(&mut self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(wrap)?;
+        let serials: Vec<String> = tx
+            .prepare("SELECT serial FROM certificates WHERE client = ?1 AND revoked_at IS NULL ORDER BY serial")
+            .and_then(|mut st| st.query_map(params![id], |r| r.get(0))?.collect())
+            .map_err(wrap)?;
+        for serial in &serials {
+            tx.execute(REVOKE, params![now, serial]).map_err(wrap)?;
+        }
+        let n = tx.execute("UPDATE clients SET revoked = 1 WHERE id = ?1", params![id]).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
         Ok(n > 0)
     }
 
     /// Revokes one certificate by serial (hex, case and leading zeros as `openssl` may print
     /// them); returns its client, or `None` when no such certificate is registered. A client left
     /// with no active certificate is marked revoked.
-    pub fn revoke_certificate(&self, serial: &str, now: i64) -> Result<Option<String>, StoreError> {
+    pub fn revoke_certificate(&mut self, serial: &str, now: i64) -> Result<Option<String>, StoreError> {
         let wanted = serial.trim().trim_start_matches("0x").to_ascii_lowercase().replace(':', "");
-        let found: Option<(String, String)> = self
-            .conn
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(wrap)?;
+        let found: Option<(String, String)> = tx
             .query_row(
                 "SELECT serial, client FROM certificates WHERE ltrim(serial, '0') = ltrim(?1, '0')",
                 params![wanted],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
-            .map_err(self.wrap())?;
+            .map_err(wrap)?;
         let Some((serial, client)) = found else { return Ok(None) };
-        self.conn
-            .execute(
-                "UPDATE certificates SET revoked_at = ?2 WHERE serial = ?1 AND revoked_at IS NULL",
-                params![serial, now],
-            )
-            .map_err(self.wrap())?;
-        self.conn
-            .execute(
-                "UPDATE clients SET revoked = 1 WHERE id = ?1 AND NOT EXISTS
-                    (SELECT 1 FROM certificates WHERE client = ?1 AND revoked_at IS NULL)",
-                params![client],
-            )
-            .map_err(self.wrap())?;
+        tx.execute(REVOKE, params![now, serial]).map_err(wrap)?;
+        tx.execute(
+            "UPDATE clients SET revoked = 1 WHERE id = ?1 AND NOT EXISTS
+                (SELECT 1 FROM certificates WHERE client = ?1 AND revoked_at IS NULL)",
+            params![client],
+        )
+        .map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
         Ok(Some(client))
     }
 
@@ -347,12 +355,15 @@ impl Store {
         })
     }
 
-    /// Serials revoked at or after `since` (Unix seconds): what a running server polls for.
-    pub fn revoked_since(&self, since: i64) -> Result<Vec<String>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT serial FROM certificates WHERE revoked_at >= ?1").map_err(self.wrap())?;
+    /// Certificates revoked after revocation number `after`, with their numbers, in order: what a
+    /// running server polls for (0 for all).
+    pub fn revocations_after(&self, after: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT revocation, serial FROM certificates WHERE revocation > ?1 ORDER BY revocation")
+            .map_err(self.wrap())?;
         let rows = stmt
-            .query_map(params![since], |r| r.get(0))
+            .query_map(params![after], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(self.wrap())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.wrap())?;
@@ -654,8 +665,8 @@ mod tests {
         // Revoked, then the id enrolled again: the old certificate stays out.
         assert!(store.revoke("h1", 12).unwrap());
         assert_eq!(store.admission(&stolen).unwrap(), Admission::Revoked { at: 12 });
-        assert_eq!(store.revoked_since(12).unwrap(), vec!["0a".to_string()]);
-        assert!(store.revoked_since(13).unwrap().is_empty());
+        assert_eq!(store.revocations_after(0).unwrap(), vec![(1, "0a".to_string())]);
+        assert!(store.revocations_after(1).unwrap().is_empty());
         store.register_certificate(&facts("h1", "0b", "k2"), 13, Enrolment::New).unwrap();
         assert_eq!(store.admission(&stolen).unwrap(), Admission::Revoked { at: 12 });
         assert_eq!(store.admission(&facts("h1", "0b", "k2")).unwrap(), Admission::Admitted);
@@ -676,6 +687,9 @@ mod tests {
         assert_eq!(store.revoke_certificate("ff", 17).unwrap(), None);
         assert!(store.clients().unwrap()[0].revoked, "no active certificate is left");
         assert_eq!(store.certificates().unwrap().len(), 4, "the refused one is not registered");
+        // Revocations are numbered in order, whatever the clock said.
+        let numbered: Vec<i64> = store.revocations_after(1).unwrap().iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbered, vec![2, 3, 4]);
     }
 
     #[test]
