@@ -5,8 +5,10 @@
 //! caller opens. The protocol logic lives here as state machines that thin async drivers in
 //! `cohort-server` and `cohort-client` feed (the quinn-proto / quinn split).
 //!
-//! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap, and
-//!   [`wire::escape`], which every string a peer sent goes through before a log or an error.
+//! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap (and length
+//!   claims inside a message bounded by the payload's own length), [`wire::escape`], which every
+//!   string a peer sent goes through before a log or an error, and [`wire::check_client_id`], the
+//!   one rule for client ids.
 //! - [`model`]: `ModelSpec` (trunk + named heads, shared or personal, from TOML), its candle
 //!   build, the flat `ParamLayout` with one segment per head, and safetensors in and out (the
 //!   spec travels in the file's metadata).

@@ -7,14 +7,20 @@
 //!   (separate files or one bundle), with errors that say which part is wrong.
 //! - [`server_config`] / [`client_config`]: QUIC over rustls with ring's provider, TLS 1.3
 //!   only, ALPN `cohort/1`, and mutual TLS: the server refuses, in the handshake, any client
-//!   whose certificate the operator's CA did not sign.
-//! - [`peer_id`]: the client id (certificate subject CN) of an authenticated connection.
+//!   whose certificate the operator's CA did not sign or that is not valid now. The server's
+//!   transport lets a client open one stream (its hello) and park 256 KiB before [`welcomed`]
+//!   opens the window, and buffers no datagrams; [`classify`] tells a refused certificate (by
+//!   its TLS alert) from a lost connection.
+//! - [`CertificateFacts`]: what a client certificate certifies (id under the one id rule,
+//!   serial, key hash, validity), of a connection ([`peer_certificate`]) or a file
+//!   ([`check_issued_by`]); [`utc`] prints its dates.
 //! - [`send_msg`] / [`recv_msg`]: one framed message on a QUIC stream, with a size cap.
 //! - [`secagg_keys`]: signing key adverts with the certificate key, checking peers against the CA
 //!   (a certificate that passed is remembered for five minutes). [`escape`] (from
 //!   `cohort_common::wire`) makes peer strings safe for logs.
 //! - [`files`]: data sets named in configuration files (IDX or CSV, gzipped or not), TOML
-//!   configuration read with the file named in every error, and atomic writes.
+//!   configuration read with the file named in every error, atomic writes, and secrets that are
+//!   mode 0600 from the moment they exist.
 //!
 //! ```no_run
 //! # async fn demo(identity: cohort_io::Identity) -> Result<(), cohort_io::NetError> {

@@ -386,7 +386,7 @@ impl Server {
     }
 
     /// Accepts clients and runs the configured rounds; returns the reports of the last
-    /// [`REPORTS_KEPT`] (every round went to `events` and is in cohort.db). Stops early, cleanly,
+    /// 100 (every round went to `events` and is in cohort.db). Stops early, cleanly,
     /// when `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
         let accept_stop = shutdown.child_token();
