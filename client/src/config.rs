@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cohort_io::files::{read_toml, DataSource, FileError};
+use cohort_io::files::{DataSource, FileError};
 use cohort_io::Identity;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -185,32 +185,40 @@ impl PrivacyBudget {
 impl ClientConfig {
     /// Reads the file; relative paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<Self, FileError> {
-        let mut config: ClientConfig = read_toml(path)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| FileError::Io { path: path.display().to_string(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base).map_err(|message| FileError::Config { path: path.display().to_string(), message })
+    }
+
+    /// Parses the text of `client.toml` and checks it: everything [`ClientConfig::load`] does
+    /// but reading the file. Relative paths in it are made relative to `base`; no file it names
+    /// is read. The error names the field.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, String> {
+        let mut config: ClientConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         config.identity = config.identity.resolve(base);
         config.data = config.data.resolve(base);
         for head in &mut config.heads {
             head.data = head.data.take().map(|d| d.resolve(base));
         }
         config.state_dir = config.state_dir.map(|d| if d.is_relative() { base.join(d) } else { d });
-        let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
         if config.reconnect.initial_ms == 0 || config.reconnect.max_ms < config.reconnect.initial_ms {
-            return Err(bad("reconnect: initial_ms must be > 0 and max_ms >= initial_ms".into()));
+            return Err("reconnect: initial_ms must be > 0 and max_ms >= initial_ms".into());
         }
         if config.privacy.is_some() && config.state_dir.is_none() {
-            return Err(bad("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into()));
+            return Err("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into());
         }
         if config.min_sum_clients < cohort_common::participant::MIN_TRAIN_INPUTS {
-            return Err(bad(format!(
+            return Err(format!(
                 "min_sum_clients = {} must be at least 2: a sum of one update is the update",
                 config.min_sum_clients
-            )));
+            ));
         }
         if !(0.0..0.5).contains(&config.validation_fraction) {
-            return Err(bad(format!("validation_fraction = {} must be in [0, 0.5)", config.validation_fraction)));
+            return Err(format!("validation_fraction = {} must be in [0, 0.5)", config.validation_fraction));
         }
         if !config.server.contains(':') {
-            return Err(bad(format!("server = `{}` needs a port, like `fl.example.org:4433`", config.server)));
+            return Err(format!("server = `{}` needs a port, like `fl.example.org:4433`", config.server));
         }
         Ok(config)
     }

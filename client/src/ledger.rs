@@ -35,18 +35,7 @@ impl LedgerFile {
         let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
         let fresh = PrivacyLedger::new(max_epsilon, delta, accounting).map_err(|e| bad(format!("privacy: {e}")))?;
         let ledger = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let mut kept: PrivacyLedger = serde_json::from_slice(&bytes).map_err(|e| {
-                    bad(format!(
-                        "the privacy ledger is unreadable ({e}); it records what this client has spent, so restore \
-                         it from a backup (removing it forgets the spending)"
-                    ))
-                })?;
-                if kept.max_epsilon != max_epsilon {
-                    kept.exhausted = false;
-                }
-                PrivacyLedger { max_epsilon, delta, accounting, ..kept }
-            }
+            Ok(bytes) => parse_ledger(&bytes, fresh).map_err(bad)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => fresh,
             Err(source) => return Err(FileError::Io { path: path.display().to_string(), source }),
         };
@@ -67,6 +56,58 @@ impl LedgerFile {
     }
 }
 
+/// Reads the bytes of a ledger file kept by an earlier run; `configured` is the ledger the
+/// config makes (its budget, delta and accounting replace the kept ones; what was spent is kept,
+/// and a changed budget lifts the exhaustion). The error says what to do.
+pub fn parse_ledger(bytes: &[u8], configured: PrivacyLedger) -> Result<PrivacyLedger, String> {
+    let mut kept: PrivacyLedger = serde_json::from_slice(bytes).map_err(|e| {
+        format!(
+            "the privacy ledger is unreadable ({e}); it records what this client has spent, so restore it from a \
+             backup (removing it forgets the spending)"
+        )
+    })?;
+    check_kept(&kept).map_err(|problem| {
+        format!(
+            "the privacy ledger is damaged ({problem}); it records what this client has spent, so restore it from a \
+             backup (removing it forgets the spending)"
+        )
+    })?;
+    if kept.max_epsilon != configured.max_epsilon {
+        kept.exhausted = false;
+    }
+    let PrivacyLedger { max_epsilon, delta, accounting, .. } = configured;
+    Ok(PrivacyLedger { max_epsilon, delta, accounting, ..kept })
+}
+
+/// What a ledger this client wrote always holds: every entry a round of real noise (a sampling
+/// rate in (0, 1], a positive noise multiplier) over an ordered range of rounds, and a number of
+/// rounds charged in all that can be counted.
+fn check_kept(ledger: &PrivacyLedger) -> Result<(), String> {
+    let mut charged = 0u64;
+    for (i, s) in ledger.spent.iter().enumerate() {
+        if !(s.sampling_rate > 0.0 && s.sampling_rate <= 1.0) {
+            return Err(format!("spent[{i}].sampling_rate = {} is not in (0, 1]", s.sampling_rate));
+        }
+        if !(s.noise_multiplier.is_finite() && s.noise_multiplier > 0.0) {
+            return Err(format!("spent[{i}].noise_multiplier = {} is not a positive number", s.noise_multiplier));
+        }
+        if s.first_round > s.last_round {
+            return Err(format!("spent[{i}] runs from round {} back to round {}", s.first_round, s.last_round));
+        }
+        // `steps` 0: every round of the range (ledgers written before it was kept).
+        let rounds = if s.steps == 0 { (s.last_round - s.first_round).saturating_add(1) } else { s.steps };
+        charged =
+            charged.checked_add(rounds).ok_or_else(|| format!("spent[{i}] charges more rounds than can be counted"))?;
+    }
+    if let Some(a) = ledger.federations.iter().find(|a| !(0.0..=1.0).contains(&a.max_sampling_rate)) {
+        return Err(format!(
+            "the sampling rate {} of federation `{}` is not in [0, 1]",
+            a.max_sampling_rate, a.federation
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +122,32 @@ mod tests {
             sampling_rate: 0.5,
             expected_clients: 2.0,
         }
+    }
+
+    #[test]
+    fn a_ledger_with_impossible_entries_is_refused_not_counted() {
+        // Found by the `ledger` fuzz target: two entries whose steps add past u64::MAX made
+        // counting the rounds charged overflow.
+        let overflow: &[u8] = br#"{"max_epsilon":8.0,"delta":1e-5,"spent":[
+            {"first_round":1,"last_round":2,"sampling_rate":1.0,"noise_multiplier":2.0,"steps":18446744073709551615},
+            {"first_round":1,"last_round":2,"sampling_rate":1.0,"noise_multiplier":2.0,"steps":18446744073709551615}],
+            "exhausted":false}"#;
+        let configured = || PrivacyLedger::new(8.0, 1e-5, Accounting::Participations).unwrap();
+        let err = parse_ledger(overflow, configured()).unwrap_err();
+        assert!(err.contains("damaged") && err.contains("spent[1]"), "{err}");
+        for (entry, field) in [
+            (r#""sampling_rate":-1.0,"noise_multiplier":2.0"#, "sampling_rate"),
+            (r#""sampling_rate":1.0,"noise_multiplier":0.0"#, "noise_multiplier"),
+        ] {
+            let text = format!(
+                r#"{{"max_epsilon":8.0,"delta":1e-5,"spent":[{{"first_round":1,"last_round":1,{entry}}}],"exhausted":false}}"#
+            );
+            let err = parse_ledger(text.as_bytes(), configured()).unwrap_err();
+            assert!(err.contains(field), "{err}");
+        }
+        let backwards = br#"{"max_epsilon":8.0,"delta":1e-5,"spent":[
+            {"first_round":5,"last_round":1,"sampling_rate":1.0,"noise_multiplier":2.0}],"exhausted":false}"#;
+        assert!(parse_ledger(backwards, configured()).unwrap_err().contains("back to round 1"));
     }
 
     #[test]

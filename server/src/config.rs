@@ -9,7 +9,7 @@ use cohort_common::secagg::quantize::Quantizer;
 use cohort_common::secagg::{crypto, SecAggParams, SecAggSetup};
 use cohort_common::strategy::StrategyConfig;
 use cohort_common::train::{CountScope, TrainConfig};
-use cohort_io::files::{read_toml, DataSource, FileError};
+use cohort_io::files::{DataSource, FileError};
 use serde::{Deserialize, Serialize};
 
 fn default_listen() -> SocketAddr {
@@ -394,12 +394,23 @@ pub struct ServerConfig {
     pub federation: Federation,
 }
 
+impl ServerConfigFile {
+    /// Parses the text of `server.toml` and checks its federation: everything `load` does but
+    /// reading the files (this one and the model spec it names). The error names the field.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let file: ServerConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        file.federation.check()?;
+        Ok(file)
+    }
+}
+
 impl ServerConfig {
     pub fn load(path: &Path) -> Result<Self, FileError> {
-        let file: ServerConfigFile = read_toml(path)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| FileError::Io { path: path.display().to_string(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
-        file.federation.check().map_err(bad)?;
+        let file = ServerConfigFile::from_toml(&text).map_err(bad)?;
         let model_path = base.join(&file.model);
         let text = std::fs::read_to_string(&model_path)
             .map_err(|source| FileError::Io { path: model_path.display().to_string(), source })?;
