@@ -249,11 +249,12 @@ async fn garbage_length_bombs_and_slow_frames_are_dropped_alone() {
         (1..=2).map(|i| start_client(ca.client(&format!("honest-{i}")), addr, dataset(40, i))).collect();
 
     // A hello a byte per 100 ms: 1,000 bytes announced would take 100 s.
+    // (An identity of its own: a newer connection of an identity in its hello closes the older.)
     let rogue = ca.client("rogue");
     let slow_hello = {
-        let rogue = rogue.clone();
+        let slow = ca.client("slow-hello");
         tokio::spawn(async move {
-            let conn = dial(&endpoint(), &rogue, addr).await.unwrap();
+            let conn = dial(&endpoint(), &slow, addr).await.unwrap();
             let (mut send, _recv) = conn.open_bi().await.unwrap();
             let started = Instant::now();
             let mut bytes = frame(&vec![b'a'; 1000]).into_iter();
