@@ -19,7 +19,8 @@
 #   -l, --list         list the targets and exit
 #   -- ARGS            passed to libFuzzer as they are (e.g. -- -seed=1 -timeout=30)
 #
-# Targets run one after another, each with its own -max_len and -rss_limit_mb=2048. Corpora
+# Targets run one after another, each with its own -max_len, -rss_limit_mb=2048 and, for the
+# text formats, a dictionary of their keys and edge values (fuzz/dicts). Corpora
 # grow in fuzz/corpus/TARGET (ignored by git), seeded from fuzz/seeds/TARGET when it exists;
 # crashes, timeouts and out-of-memory inputs land in fuzz/artifacts/TARGET/, with the log
 # (fuzz/artifacts/TARGET/fuzz.log). For each target the script prints the executions, the

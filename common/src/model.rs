@@ -158,6 +158,7 @@ impl ModelSpec {
         }
         let mut seen = std::collections::HashSet::new();
         let mut params = 0usize;
+        let mut cells = 0usize;
         let trunk_out = infer_shapes_counting(&self.input_shape, &self.trunk, "trunk", &mut params)?;
         for (i, head) in self.heads.iter().enumerate() {
             let place = format!("heads[{i}] ({})", head.name);
@@ -182,6 +183,19 @@ impl ModelSpec {
                     ),
                 ));
             }
+            // The output layer onto the classes, which `Model::new` adds: its parameters count too.
+            let output = LayerSpec::Linear { out: head.classes };
+            infer_shapes_counting(&out, std::slice::from_ref(&output), &format!("{place} output"), &mut params)?;
+            cells = cells.saturating_add(head.classes.saturating_mul(head.classes));
+            if cells > MAX_CONFUSION_CELLS {
+                return Err(invalid(
+                    &place,
+                    format!(
+                        "the heads' confusion matrices (classes squared, summed over the heads) would hold more than \
+                         {MAX_CONFUSION_CELLS} cells; a federated evaluation builds and sums them"
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -189,6 +203,11 @@ impl ModelSpec {
 
 /// The largest model a spec may describe: its parameters must fit in one wire frame.
 pub const MAX_PARAMETERS: usize = crate::wire::MAX_FRAME_BYTES / 4 - (1 << 16);
+
+/// The most cells the confusion matrices of a model's heads may hold together (the sum of each
+/// head's classes squared): a federated evaluation builds them on every client and sums them
+/// securely, 128 MiB of counts at most (4,096 classes for a single head).
+pub const MAX_CONFUSION_CELLS: usize = 1 << 24;
 
 /// Parameters a layer adds for a given input shape (weights and biases).
 fn layer_parameters(shape: &[usize], layer: &LayerSpec) -> usize {
@@ -233,8 +252,10 @@ fn infer_shapes_counting(input: &[usize], layers: &[LayerSpec], place: &str, par
                 if *out_channels == 0 || *kernel == 0 || *stride == 0 {
                     return Err(err("out_channels, kernel and stride must be > 0".into()));
                 }
-                let h = shape[1] + 2 * padding;
-                let w = shape[2] + 2 * padding;
+                let padded = |side: usize| padding.checked_mul(2).and_then(|p| p.checked_add(side));
+                let (Some(h), Some(w)) = (padded(shape[1]), padded(shape[2])) else {
+                    return Err(err(format!("padding = {padding} is too large")));
+                };
                 if h < *kernel || w < *kernel {
                     return Err(err(format!("kernel {kernel} is larger than the padded input {h}x{w}")));
                 }
@@ -718,6 +739,30 @@ mod tests {
         assert_eq!(a.flat().unwrap(), b.flat().unwrap());
         assert!(b.set_flat(&[0.0; 3]).is_err());
         assert!(b.load_safetensors(b"not a safetensors file").is_err());
+    }
+
+    #[test]
+    fn specs_that_would_overflow_or_allocate_without_bound_are_refused() {
+        // Found in review, confirmed with the `model_spec_toml` target: a padding near i64::MAX
+        // overflowed the padded size (a panic in a debug build, a wrong shape in a release one).
+        let padding = "name='x'\ninput_shape=[1,4,4]\n[[trunk]]\nkind='conv2d'\nout_channels=1\nkernel=1\n\
+                       padding=9223372036854775807\n[[heads]]\nname='a'\nclasses=2\n";
+        let err = ModelSpec::from_toml(padding).unwrap_err().to_string();
+        assert!(err.contains("padding = 9223372036854775807 is too large"), "{err}");
+        // Found by the `model_spec_toml` fuzz target (minimised): the heads' output layers were
+        // not counted, so a spec of a few bytes described a model of any size (this one 67.6
+        // million parameters, `classes = 1000000000` 8 billion: 32 GB to build).
+        let big_head = "name=''\ninput_shape=[7]\n[[heads]]\nname='r'\nclasses=8454567";
+        let err = ModelSpec::from_toml(big_head).unwrap_err().to_string();
+        assert!(err.contains("heads[0] (r) output") && err.contains("exceed"), "{err}");
+        // Found with the `frame_server_msg` target: a secure evaluation of a head of 20,000
+        // classes (100,000 parameters, a 400 kB plan) made the client build a 3.2 GB confusion
+        // matrix.
+        let many_classes = "name='x'\ninput_shape=[4]\n[[heads]]\nname='a'\nclasses=20000\n";
+        let err = ModelSpec::from_toml(many_classes).unwrap_err().to_string();
+        assert!(err.contains("confusion matrices"), "{err}");
+        let largest = "name='x'\ninput_shape=[4]\n[[heads]]\nname='a'\nclasses=4096\n";
+        assert!(ModelSpec::from_toml(largest).is_ok());
     }
 
     #[test]

@@ -101,10 +101,7 @@ fn handle(msg: ClientMsg) {
             server.close_joins().expect("everybody joined");
             let _ = server.handle_advert(ME, advert, &Pki);
         }
-        ClientMsg::Shares { .. }
-        | ClientMsg::Masked { .. }
-        | ClientMsg::Confirm { .. }
-        | ClientMsg::Unmask { .. } => {}
+        ClientMsg::Shares { .. } | ClientMsg::Masked { .. } | ClientMsg::Confirm { .. } | ClientMsg::Unmask { .. } => {}
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use cohort_common::dp::{AdaptiveClip, DpPlan};
 use cohort_common::model::ModelSpec;
 use cohort_common::secagg::quantize::Quantizer;
-use cohort_common::secagg::{crypto, SecAggParams, SecAggSetup};
+use cohort_common::secagg::{crypto, SecAggParams, SecAggSetup, MAX_COHORT};
 use cohort_common::strategy::StrategyConfig;
 use cohort_common::train::{CountScope, TrainConfig};
 use cohort_io::files::{DataSource, FileError};
@@ -325,6 +325,13 @@ impl Federation {
             if !(s.phase_timeout_secs.is_finite() && s.phase_timeout_secs > 0.0) || s.sample_cap == 0 {
                 return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
             }
+            // Checked before the trial cohort below is built: one id per client.
+            if self.clients_per_round > MAX_COHORT {
+                return Err(format!(
+                    "federation.clients_per_round = {} is more than a secure session takes ({MAX_COHORT} clients)",
+                    self.clients_per_round
+                ));
+            }
             let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
             s.setup(0, cohort, 1, s.clip)
                 .check()
@@ -483,6 +490,19 @@ mod tests {
             let err = ServerConfig::load(&path).err().unwrap().to_string();
             assert!(err.contains("server.toml") && err.contains(field), "{train}: {err}");
         }
+    }
+
+    #[test]
+    fn a_huge_secure_cohort_is_an_error_not_an_allocation() {
+        // Found in review, confirmed with the `server_config_toml` target: the check built a
+        // trial cohort of clients_per_round ids before asking whether a secure session takes that
+        // many (3.2 TB for this one).
+        let text = "model = 'm.toml'\n[federation]\nrounds = 1\nclients_per_round = 100000000000\n";
+        let err = ServerConfigFile::from_toml(text).err().unwrap();
+        assert!(err.contains("clients_per_round = 100000000000 is more than a secure session takes"), "{err}");
+        let plain =
+            "model = 'm.toml'\n[federation]\nrounds = 1\nclients_per_round = 100000000000\ncollection = 'plain'\n";
+        assert!(ServerConfigFile::from_toml(plain).is_ok());
     }
 
     #[test]
