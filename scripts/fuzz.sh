@@ -22,8 +22,8 @@
 # Targets run one after another, each with its own -max_len, -rss_limit_mb=2048 and, for the
 # text formats, a dictionary of their keys and edge values (fuzz/dicts). Corpora
 # grow in fuzz/corpus/TARGET (ignored by git), seeded from fuzz/seeds/TARGET when it exists;
-# crashes, timeouts and out-of-memory inputs land in fuzz/artifacts/TARGET/, with the log
-# (fuzz/artifacts/TARGET/fuzz.log). For each target the script prints the executions, the
+# crashes, timeouts and out-of-memory inputs land in fuzz/artifacts/TARGET/, with the run's log
+# (fuzz/artifacts/TARGET/fuzz-DATE-PID.log). For each target the script prints the executions, the
 # seconds, the final coverage (cov: edges, ft: features), the corpus size and whether it
 # crashed; it exits 1 when any target crashed. Reproduce a crash with
 #   fuzz/target/x86_64-unknown-linux-gnu/release/TARGET fuzz/artifacts/TARGET/crash-...
@@ -97,7 +97,7 @@ for target in "${chosen[@]}"; do
     mkdir -p "$corpus" "$artifacts"
     dirs=("$corpus")
     [[ -d fuzz/seeds/$target ]] && dirs+=("$PWD/fuzz/seeds/$target")
-    log=$artifacts/fuzz.log
+    log=$artifacts/fuzz-$(date +%Y%m%d-%H%M%S)-$$.log # one per run: runs never share a log
     args=(-runs="$runs" -max_len="$(field_of "$target" 2)" -rss_limit_mb=2048 -print_final_stats=1
         -artifact_prefix="$artifacts/")
     dict=$(field_of "$target" 3)

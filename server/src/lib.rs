@@ -38,6 +38,7 @@
 //! ```
 
 pub mod config;
+mod connections;
 pub mod metrics;
 pub mod pki;
 pub mod serve;
