@@ -1,8 +1,8 @@
 //! Hostile peers over real QUIC on loopback, while honest clients of the same federation keep
 //! completing rounds: garbage and random frames on the hello stream, a frame header claiming
 //! u32::MAX, hellos whose string claims 250 MB, slow frames, parked streams, a pre-hello flood,
-//! 4 MB declines and 4 MB messages of the wrong kind round after round, duplicate identities and
-//! certificates with odd subjects.
+//! 4 MB declines and 4 MB messages of the wrong kind round after round, duplicate identities,
+//! certificates with odd subjects, and hellos of other protocol versions.
 //!
 //! Each test names the protection it guards and asserts something that fails without it. What
 //! the server logs is captured (one subscriber for the whole binary) so that the tests can check
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use cohort::client::daemon::ClientEvent;
 use cohort::common::secagg::{SealedShares, SharedKeys};
-use cohort::common::wire::{ClientMsg, ServerMsg, TensorBytes, Update, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use cohort::io::{client_config, recv_msg, send_msg, CertificateFacts, Identity, NetError};
+use cohort::common::wire::{self, ClientMsg, ServerMsg, TensorBytes, Update, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use cohort::io::{client_config, recv_msg, recv_payload, send_msg, CertificateFacts, Identity, NetError};
 use cohort::server::config::{Collection, SecAggConfig};
 use cohort::server::pki;
 use cohort::server::serve::RoundReport;
@@ -821,5 +821,51 @@ async fn odd_subjects_and_unregistered_certificates_are_refused() {
     let seen: Vec<&str> = clients.iter().filter(|c| c.last_seen.is_some()).map(|c| c.id.as_str()).collect();
     assert_eq!(seen, vec!["honest"], "only the honest client was ever welcomed");
     assert!(!clients.iter().any(|c| c.id == "not-enrolled"));
+    assert_logs_are_clean();
+}
+
+/// Raw clients that say hello in another protocol version: an older one (2) and a newer one.
+/// Guards the frozen hello and refusal (docs/protocol.md): the server reads a hello of any
+/// version and answers one of another version with a refusal encoded in the client's own
+/// version, which names both versions and what to install, then closes the connection; an
+/// honest client of this version still completes its round. Without them the server failed to
+/// decode the hello and closed the connection without a word the client could read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_of_another_protocol_version_gets_a_refusal_in_that_version() {
+    captured_logs();
+    let ca = Ca::new();
+    let mut fed = federation(1, 1, 1);
+    fed.start_after_clients = Some(1);
+    let mut server = start_server(&ca, localhost(), fed, None);
+    let peers = endpoint();
+    let other = ca.client("other-version");
+    for version in [2, PROTOCOL_VERSION + 1] {
+        let conn = dial(&peers, &other, server.addr).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // The hello as a client of `version` frames it (its body is frozen: the same in all).
+        let mut frame = wire::encode(&ClientMsg::Hello { device: "cpu".into(), samples: 10 }).unwrap();
+        frame[4..6].copy_from_slice(&version.to_be_bytes());
+        send.write_all(&frame).await.unwrap();
+        let _ = send.finish();
+        let payload = tokio::time::timeout(Duration::from_secs(10), recv_payload(&mut recv, 64 << 10))
+            .await
+            .expect("no answer to a hello of another version")
+            .unwrap_or_else(|e| panic!("version {version}: the server answered nothing readable: {e}"));
+        let (answered_in, reason) = wire::decode_refusal(&payload).unwrap();
+        assert_eq!(answered_in, version, "the refusal is not in the client's version");
+        let expected = format!("this client speaks Cohort protocol {version}, the server speaks {PROTOCOL_VERSION}: ");
+        assert!(reason.starts_with(&expected), "{reason}");
+        assert!(
+            reason.contains(&format!("install a cohort-client that speaks protocol {PROTOCOL_VERSION}")),
+            "{reason}"
+        );
+        assert!(closed_within(&conn, 5).await.is_some(), "version {version}: the connection stayed open");
+    }
+    let honest = start_client(ca.client("honest"), server.addr, dataset(40, 1));
+    let report = next_report(&mut server, 60).await;
+    assert!(report.completed && report.participants == 1, "{report:?}");
+    server.task.await.unwrap().unwrap();
+    honest.stop().await;
+    assert!(captured_logs().contains("refusing client `other-version`: this client speaks Cohort protocol 2"));
     assert_logs_are_clean();
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_common::participant::Participant;
-use cohort_common::wire::{ClientMsg, ServerMsg, MAX_FRAME_BYTES};
+use cohort_common::wire::{self, ClientMsg, ServerMsg, WireError, MAX_FRAME_BYTES};
 use cohort_io::{escape, recv_msg, send_msg, CertificateFacts, Identity, NetError};
 use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
@@ -260,7 +260,11 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                 warn!("the server refused this client's certificate: {}", escape(&e.to_string(), 400));
                 break Err(certificate_refusal(&e, &certificate, config));
             }
-            Err(e @ (ClientError::Refused(_) | ClientError::Unauthorized(_))) => break Err(e),
+            Err(e @ (ClientError::Refused(_) | ClientError::Unauthorized(_))) => {
+                // The refusal is the server's text, escaped when it arrived; this daemon stops.
+                warn!("{e}; stopping");
+                break Err(e);
+            }
             Err(e) => {
                 let delay = backoff_delay(&backoff, attempt, &mut rand::rng());
                 attempt = attempt.saturating_add(1);
@@ -310,6 +314,11 @@ async fn connect(
     };
     match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
         Err(_) => Err(NetError::Stream("the server did not answer hello in time".into()).into()),
+        // A server of another version answers in this client's version (docs/protocol.md); one
+        // that answers in its own predates that rule, and will not understand this client either.
+        Ok(Err(NetError::Wire(WireError::Version { got }))) => {
+            Err(ClientError::Refused(wire::server_version_mismatch(got)))
+        }
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(ServerMsg::Welcome { client_id, next_round, federation, .. })) => {
             debug!(client_id = %escape(&client_id, 64), next_round, "welcomed");

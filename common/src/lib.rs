@@ -6,9 +6,12 @@
 //! `cohort-server` and `cohort-client` feed (the quinn-proto / quinn split).
 //!
 //! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap (and length
-//!   claims inside a message bounded by the payload's own length), [`wire::escape`], which every
-//!   string a peer sent goes through before a log or an error, and [`wire::check_client_id`], the
-//!   one rule for client ids.
+//!   claims inside a message bounded by the payload's own length), the frozen hello and refusal
+//!   that peers of any version read, golden bytes for every message, [`wire::escape`], which
+//!   every string a peer sent goes through before a log or an error, [`wire::ClientId`] and
+//!   [`wire::check_client_id`], the one rule for client ids. It needs neither `train` nor candle:
+//!   plans carry [`wire::TrainTerms`], which [`train_terms`] converts to and from
+//!   `train::TrainConfig`.
 //! - [`model`]: `ModelSpec` (trunk + named heads, shared or personal, from TOML), its candle
 //!   build, the flat `ParamLayout` with one segment per head, and safetensors in and out (the
 //!   spec travels in the file's metadata).
@@ -41,6 +44,7 @@ pub mod round;
 pub mod secagg;
 pub mod strategy;
 pub mod train;
+pub mod train_terms;
 pub mod wire;
 
 /// The bundled McMahan et al. 2017 model specs.

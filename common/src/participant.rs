@@ -18,7 +18,7 @@ use crate::data::Dataset;
 use crate::dp;
 use crate::model::{Model, ModelError, ModelSpec, Segment};
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SecAggClient, SecAggError};
-use crate::train::{self, DeviceData, TrainError};
+use crate::train::{self, DeviceData, TrainConfig, TrainError};
 use crate::wire::{ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes, Update, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -504,8 +504,9 @@ impl Participant {
     /// ([`train::TrainConfig::census_heads`]), one after another; zeros for heads it does not label.
     fn census_counts(&self, plan: &RoundPlan) -> Result<Vec<u64>, ParticipantError> {
         let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+        let train = TrainConfig::try_from(&plan.train).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
         let mut all = Vec::new();
-        for head in plan.train.census_heads(&spec) {
+        for head in train.census_heads(&spec) {
             let first = spec.heads.first().is_some_and(|h| h.name == head.name);
             let mut counts = vec![0u64; head.classes];
             for task in self.tasks.iter().filter(|t| t.head.as_deref().map_or(first, |h| h == head.name)) {
@@ -565,7 +566,8 @@ impl Participant {
     /// Trains on the plan and returns the update.
     pub fn handle_plan(&self, plan: &RoundPlan) -> Result<Update, ParticipantError> {
         let started = Instant::now();
-        plan.train.check().map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+        let train = TrainConfig::try_from(&plan.train).map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
+        train.check().map_err(|e| ParticipantError::BadPlan(e.to_string()))?;
         let seed = plan.seed ^ fnv1a(self.id.as_bytes());
         let samples = self.samples();
         if self.synthetic {
@@ -603,7 +605,7 @@ impl Participant {
         self.put_personal_heads(&personal_segments, &mut start);
         local.model.set_flat(&start)?;
         let heads: Vec<(usize, &DeviceData)> = local.data.iter().map(|(h, d)| (*h, d)).collect();
-        let stats = train::train_heads(&local.model, &heads, &plan.train, seed, plan.class_counts.as_deref())?;
+        let stats = train::train_heads(&local.model, &heads, &train, seed, plan.class_counts.as_deref())?;
         let mut delta = local.model.flat_delta(&start)?;
         let mut segment_samples = local.segment_samples.clone();
         {
@@ -687,14 +689,13 @@ mod tests {
     use crate::dp::DpPlan;
     use crate::model::{vectors_from_safetensors, vectors_to_safetensors};
     use crate::secagg::quantize::Quantizer;
-    use crate::train::TrainConfig;
 
     fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
         RoundPlan {
             round: 3,
             model_spec: spec.into(),
             params: TensorBytes::from_f32(&params),
-            train: TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, ..Default::default() },
+            train: (&TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, ..Default::default() }).into(),
             seed: 1,
             deadline_ms: 1000,
             secure: None,
@@ -849,11 +850,11 @@ mod tests {
         let global = LossConfig { scope: CountScope::Global, ..Default::default() };
         let mut census = plan(spec_toml, Vec::new());
         census.task = Task::CountLabels;
-        census.train.head_loss.insert("b".into(), global);
+        census.train.head_loss.insert("b".into(), (&global).into());
         assert_eq!(p.census_counts(&census).unwrap(), vec![1, 1, 3], "head b only, both of its data sets");
-        census.train.loss = global;
+        census.train.loss = (&global).into();
         assert_eq!(p.census_counts(&census).unwrap(), vec![0, 0, 1, 1, 3], "head a (not labelled here), then b");
-        census.train.loss = LossConfig::default();
+        census.train.loss = (&LossConfig::default()).into();
         census.train.head_loss.clear();
         assert!(p.census_counts(&census).unwrap().is_empty(), "no head has global scope");
     }
@@ -971,7 +972,7 @@ mod tests {
         };
         let secure = |mut p: RoundPlan, task: Task, setup: SecAggSetup, segments: Vec<usize>| {
             p.task = task;
-            p.train.loss = LossConfig { scope: CountScope::Global, ..Default::default() };
+            p.train.loss = (&LossConfig { scope: CountScope::Global, ..Default::default() }).into();
             p.secure = Some(Box::new(SecurePlan { setup, sample_cap: 10, segments, dp: None }));
             p
         };

@@ -29,10 +29,7 @@ use std::time::{Duration, Instant};
 use rand::seq::IndexedRandom;
 use rand::Rng;
 
-use crate::wire::Update;
-
-/// A client's identity: the subject of its certificate.
-pub type ClientId = String;
+use crate::wire::{ClientId, Update};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RoundError {

@@ -15,6 +15,7 @@ use cohort_common::dp::{Accounting, PrivacyLedger};
 use cohort_common::model::ModelSpec;
 use cohort_common::participant::{Participant, SecureKeys};
 use cohort_common::secagg::{AdvertSigner, PeerVerifier, Rejection};
+use cohort_common::train::TrainConfig;
 use cohort_common::wire::{self, ClientMsg, ServerMsg, HEADER_BYTES, MAX_FRAME_BYTES};
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
@@ -81,7 +82,9 @@ fn inspect(msg: &ServerMsg, ledger: &mut PrivacyLedger) {
             if let Ok(params) = plan.params.to_f32() {
                 assert_eq!(params.len(), plan.params.len());
             }
-            let _ = plan.train.check();
+            if let Ok(train) = TrainConfig::try_from(&plan.train) {
+                let _ = train.check();
+            }
             if let Some(secure) = &plan.secure {
                 let _ = secure.setup.check();
                 if let Some(dp) = &secure.dp {

@@ -485,10 +485,17 @@ pub async fn send_msg<M: Serialize>(send: &mut quinn::SendStream, msg: &M) -> Re
 /// Reads one framed message of at most `cap` payload bytes; the length is checked before
 /// anything is allocated.
 pub async fn recv_msg<M: DeserializeOwned>(recv: &mut quinn::RecvStream, cap: usize) -> Result<M, NetError> {
+    Ok(wire::decode_payload(&recv_payload(recv, cap).await?)?)
+}
+
+/// Reads one frame's payload (version and message, not decoded) of at most `cap` bytes; the
+/// length is checked before anything is allocated. For a hello, which is decoded under any
+/// version (`wire::decode_hello`).
+pub async fn recv_payload(recv: &mut quinn::RecvStream, cap: usize) -> Result<Vec<u8>, NetError> {
     let mut header = [0u8; HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(NetError::from_read)?;
     let len = wire::payload_len(header, cap)?;
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(NetError::from_read)?;
-    Ok(wire::decode_payload(&payload)?)
+    Ok(payload)
 }

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cohort_common::round::ClientId;
-use cohort_common::wire::{ClientMsg, ServerMsg};
-use cohort_io::{escape, peer_certificate, recv_msg, send_msg, NetError};
+use cohort_common::wire::{self, ClientId, ServerMsg, PROTOCOL_VERSION, REPLACED_CLOSE_CODE, REPLACED_CLOSE_REASON};
+use cohort_io::{escape, peer_certificate, recv_payload, send_msg, NetError};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +70,7 @@ impl Registry {
             return false;
         }
         if let Some(old) = clients.insert(id, client) {
-            old.conn.close(2u32.into(), b"replaced by a newer connection");
+            old.conn.close(REPLACED_CLOSE_CODE.into(), REPLACED_CLOSE_REASON.as_bytes());
         }
         drop(clients);
         self.changed.notify_waiters();
@@ -102,7 +101,7 @@ impl Registry {
     fn greet(&self, id: &str, conn: &quinn::Connection) -> Greeting<'_> {
         let older = self.greeting.lock().expect("greeting lock").insert(id.to_string(), conn.clone());
         if let Some(older) = older.filter(|c| c.stable_id() != conn.stable_id()) {
-            older.close(2u32.into(), b"replaced by a newer connection");
+            older.close(REPLACED_CLOSE_CODE.into(), REPLACED_CLOSE_REASON.as_bytes());
         }
         Greeting { registry: self, id: id.to_string(), stable_id: conn.stable_id() }
     }
@@ -240,9 +239,12 @@ pub(crate) async fn watch_revocations(database: std::path::PathBuf, registry: Ar
 }
 
 /// Refuses a connection on the stream of its hello, with a reason the client shows its owner,
-/// without reading the hello.
-async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: String) -> NetError {
-    let _ = send_msg(&mut send, &ServerMsg::Refused { reason: reason.clone() }).await;
+/// encoded in protocol `version` (the client's: the refusal is frozen, so a client of any
+/// version reads it).
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, version: u16, reason: String) -> NetError {
+    if let Ok(frame) = wire::encode_refusal(version, &reason) {
+        let _ = send.write_all(&frame).await;
+    }
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     conn.close(3u32.into(), b"refused");
@@ -250,9 +252,10 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: S
 }
 
 /// Authenticates a connection (the TLS handshake already checked the certificate against the
-/// CA and its validity), admits only a registered, unrevoked certificate with a valid client id,
-/// exchanges hello/welcome within [`HELLO_TIMEOUT`], and keeps the client registered while it
-/// stays connected.
+/// CA and its validity), reads the hello under any version and refuses another version in the
+/// client's own (docs/protocol.md), admits only a registered, unrevoked certificate with a valid
+/// client id, exchanges hello/welcome within [`HELLO_TIMEOUT`], and keeps the client registered
+/// while it stays connected.
 async fn serve_connection(
     incoming: quinn::Incoming,
     unwelcomed: tokio::sync::OwnedSemaphorePermit,
@@ -274,11 +277,26 @@ async fn serve_connection(
         let cert = peer_certificate(&conn);
         let _greeting = cert.as_ref().ok().map(|cert| registry.greet(&cert.client, &conn));
         let (send, mut recv) = conn.accept_bi().await.map_err(NetError::Connection)?;
+        // The hello first, read under whatever version its frame names (the hello is frozen):
+        // every refusal below then goes out in the client's own version, which it can read.
+        let hello = match wire::decode_hello(&recv_payload(&mut recv, HELLO_CAP).await?) {
+            Ok(hello) => hello,
+            Err(e) => {
+                conn.close(1u32.into(), b"expected hello");
+                return Err(NetError::Stream(format!("{remote} did not start with a hello: {e}")));
+            }
+        };
+        if hello.version != PROTOCOL_VERSION {
+            let reason = wire::version_refusal(hello.version);
+            let who = cert.as_ref().map_or_else(|_| "a client".to_string(), |c| format!("client `{}`", c.client));
+            warn!(%remote, device = %escape(&hello.device, 80), "refusing {who}: {reason}");
+            return Err(refuse(&conn, send, hello.version, reason).await);
+        }
         let cert = match cert {
             Ok(cert) => cert,
             Err(e) => {
                 let reason = format!("the certificate from {remote} was refused: {e}");
-                return Err(refuse(&conn, send, reason).await);
+                return Err(refuse(&conn, send, hello.version, reason).await);
             }
         };
         let admission = {
@@ -300,19 +318,9 @@ async fn serve_connection(
             )),
             Err(e) => Some(format!("the server cannot check the certificate of `{id}` now ({e}); try again later")),
         };
+        // (Admitted after the hello: a certificate revoked while its hello was slow is refused.)
         if let Some(reason) = refusal {
-            return Err(refuse(&conn, send, reason).await);
-        }
-        let hello: ClientMsg = recv_msg(&mut recv, HELLO_CAP).await?;
-        let ClientMsg::Hello { device, samples } = hello else {
-            conn.close(1u32.into(), b"expected hello");
-            return Err(NetError::Stream(format!("client `{id}` did not start with hello")));
-        };
-        // Admitted again now: the certificate may have been revoked while the hello was slow.
-        let admitted = store.lock().expect("store lock").admission(&cert);
-        if !matches!(admitted, Ok(Admission::Admitted)) {
-            let reason = format!("certificate {serial} of `{id}` was revoked; the client needs a new certificate");
-            return Err(refuse(&conn, send, reason).await);
+            return Err(refuse(&conn, send, hello.version, reason).await);
         }
         let days_left = (cert.not_after - crate::serve::unix_now()) / 86_400;
         if days_left < EXPIRY_WARNING_DAYS {
@@ -333,7 +341,7 @@ async fn serve_connection(
         };
         send_msg(&mut send, &welcome).await?;
         let _ = send.finish();
-        Ok((conn, id, serial, device, samples))
+        Ok((conn, id, serial, hello.device, hello.samples))
     })
     .await
     .map_err(|_| {

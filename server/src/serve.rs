@@ -14,13 +14,13 @@ use cohort_common::data::Dataset;
 use cohort_common::dp::{self, ServerAccount};
 use cohort_common::model::{vectors_from_safetensors, vectors_to_safetensors, Model, ModelSpec};
 use cohort_common::round::{
-    cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, ClientId, Collector, PlainCollector, Poll, Round,
+    cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, Collector, PlainCollector, Poll, Round,
     RoundError, RoundOutcome,
 };
 use cohort_common::secagg::{weighted_mean_from_sum, SecAggError, SecAggServer, SecAggSetup, Unmasked};
 use cohort_common::strategy::Strategy;
 use cohort_common::train::{evaluate, per_class, DeviceData, Metrics};
-use cohort_common::wire::{self, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
+use cohort_common::wire::{self, ClientId, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 use cohort_io::secagg_keys::CaVerifier;
 use cohort_io::{escape, files, recv_msg, Identity, NetError};
 use rand::{Rng, SeedableRng};
@@ -452,7 +452,7 @@ impl Server {
                 round: round_no,
                 model_spec: spec_toml.clone(),
                 params: TensorBytes::from_f32(&global),
-                train: fed.train.clone(),
+                train: (&fed.train).into(),
                 seed: plan_seed(fed.seed, round_no),
                 deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
                 secure: None,
@@ -836,7 +836,7 @@ impl Server {
             round,
             model_spec: spec_toml,
             params,
-            train: fed.train.clone(),
+            train: (&fed.train).into(),
             seed: plan_seed(fed.seed, round),
             deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
             secure: Some(Box::new(SecurePlan {

@@ -70,7 +70,7 @@ pub fn first_plan(fed: &Federation) -> (Vec<f32>, RoundPlan) {
         round: 1,
         model_spec: spec().to_toml(),
         params: TensorBytes::from_f32(&initial),
-        train: fed.train.clone(),
+        train: (&fed.train).into(),
         seed: plan_seed(fed.seed, 1),
         deadline_ms: 1000,
         secure: None,

@@ -74,7 +74,7 @@ pub use server::{SecAggServer, Unmasked};
 
 use serde::{Deserialize, Serialize};
 
-use crate::round::ClientId;
+use crate::wire::ClientId;
 use quantize::{QuantizeError, Quantizer};
 use shamir::Share;
 

@@ -6,6 +6,19 @@
 //! and rejects truncated input and trailing bytes with a typed [`WireError`].
 //!
 //! Tensors travel as raw little-endian `f32` bytes ([`TensorBytes`]), never element by element.
+//!
+//! **What never changes** (docs/protocol.md): the frame envelope (length, then version), the
+//! encoding of [`ClientMsg::Hello`] (variant 0: a string, an integer) and that of
+//! [`ServerMsg::Refused`] (variant 2: a string). A server reads the hello of a client of any
+//! version with [`decode_hello`], and refuses one of another version with [`encode_refusal`],
+//! encoded under the client's version, which that client can read whatever its version. Every
+//! other message may change, and any change to the bytes of one (the golden tests in
+//! `wire/golden.rs`) bumps [`PROTOCOL_VERSION`].
+//!
+//! The messages use types of their own ([`TrainTerms`] for the training settings), never
+//! configuration types, so `wire` needs neither `train` nor candle. The secure-aggregation and
+//! DP types nested in them (`secagg::SecAggSetup` and its `Quantizer`, `dp::DpPlan`, the phase
+//! messages) belong to the state machines that check them; the golden tests cover their bytes.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,13 +26,28 @@ use crate::dp::DpPlan;
 use crate::secagg::{
     JoinList, KeyAdvert, MaskedInput, SealedShares, SecAggSetup, SharedKeys, SurvivorList, UnmaskReply, UnmaskRequest,
 };
-use crate::train::TrainConfig;
 
-/// The protocol version this build speaks. Peers with another version are refused.
+mod terms;
+pub use terms::{LossScope, LossTerms, LossWeighting, TrainTerms};
+
+#[cfg(test)]
+mod golden;
+
+/// A client's identity: the subject of its certificate ([`check_client_id`] is its rule).
+pub type ClientId = String;
+
+/// The protocol version this build speaks. Peers with another version are refused, in their
+/// own version (see [`encode_refusal`]).
+///
+/// Version 3: the first under the rules of docs/protocol.md: the frame envelope, the hello and
+/// the refusal are frozen, a hello of any version is read and one of another version refused
+/// in that version, and every message's bytes are pinned by golden tests. The plan's training
+/// settings became the protocol's own [`TrainTerms`] (whose bytes equal those of version 2's
+/// `TrainConfig`), so that a configuration field can no longer change the protocol unseen.
 /// Version 2: SecAgg+ sessions the clients join with nonces, adverts with seed commitments,
 /// direction-bound share keys, share commitments, signed masking lists, the consistency phase,
 /// DP vectors without per-segment counts, the federation id in the welcome.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// ALPN identifier used on the QUIC connection.
 pub const ALPN: &[u8] = b"cohort/1";
 /// The hard cap on one frame's payload: enough for models of tens of millions of parameters.
@@ -42,7 +70,18 @@ pub enum WireError {
     Malformed(String),
     #[error("tensor payload of {0} bytes is not a whole number of f32 values")]
     TensorLength(usize),
+    #[error("the first message of a connection must be a hello")]
+    NotHello,
+    #[error("expected a refusal")]
+    NotRefusal,
 }
+
+/// The application close code with which a server closes a client's connection when a newer
+/// connection with the same client id replaces it (in its hello or after its welcome). A client
+/// daemon that sees it knows that another daemon holds its identity.
+pub const REPLACED_CLOSE_CODE: u32 = 2;
+/// The close reason that goes with [`REPLACED_CLOSE_CODE`].
+pub const REPLACED_CLOSE_REASON: &str = "replaced by a newer connection";
 
 /// Raw little-endian `f32` values.
 #[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -98,7 +137,8 @@ pub struct RoundPlan {
     pub model_spec: String,
     /// The global parameters, flattened in `ParamLayout` order.
     pub params: TensorBytes,
-    pub train: TrainConfig,
+    /// The training settings (the server's `[federation.train]`).
+    pub train: TrainTerms,
     /// Seed for the client's data shuffling and dropout this round.
     pub seed: u64,
     /// Milliseconds the client has from receiving the plan to deliver its update.
@@ -355,8 +395,14 @@ pub fn check_client_id(id: &str) -> Result<(), String> {
 
 /// Encodes a message as a complete frame (header included).
 pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, WireError> {
+    encode_as(PROTOCOL_VERSION, msg)
+}
+
+/// Encodes a message as a frame of protocol `version`: only the frozen messages are sent under
+/// another version than this build's.
+fn encode_as<M: Serialize>(version: u16, msg: &M) -> Result<Vec<u8>, WireError> {
     let mut out = vec![0u8; HEADER_BYTES];
-    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     bincode::serde::encode_into_std_write(msg, &mut out, bincode_config())
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     let len = out.len() - HEADER_BYTES;
@@ -377,16 +423,26 @@ pub fn payload_len(header: [u8; HEADER_BYTES], cap: usize) -> Result<usize, Wire
     Ok(len)
 }
 
+/// The protocol version of a payload (without header): the frozen envelope, readable whatever
+/// version wrote the rest.
+pub fn payload_version(payload: &[u8]) -> Result<u16, WireError> {
+    match payload {
+        [a, b, ..] => Ok(u16::from_be_bytes([*a, *b])),
+        _ => Err(WireError::Truncated { needed: 2, got: payload.len() }),
+    }
+}
+
 /// Decodes one payload (without header): version check, message, no trailing bytes.
 pub fn decode_payload<M: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<M, WireError> {
-    if payload.len() < 2 {
-        return Err(WireError::Truncated { needed: 2, got: payload.len() });
-    }
-    let version = u16::from_be_bytes([payload[0], payload[1]]);
+    let version = payload_version(payload)?;
     if version != PROTOCOL_VERSION {
         return Err(WireError::Version { got: version });
     }
-    let body = &payload[2..];
+    decode_body(&payload[2..])
+}
+
+/// Decodes a message body (after the version): the whole body, bounded by its own length.
+fn decode_body<M: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<M, WireError> {
     let (msg, used) = decode_limited(body).map_err(|e| match e {
         bincode::error::DecodeError::UnexpectedEnd { additional } => {
             WireError::Truncated { needed: body.len() + additional, got: body.len() }
@@ -401,6 +457,91 @@ pub fn decode_payload<M: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<M,
         return Err(WireError::Trailing(body.len() - used));
     }
     Ok(msg)
+}
+
+/// The variant number bincode writes first for an enum: [`ClientMsg::Hello`]'s. Frozen.
+const HELLO_VARIANT: u32 = 0;
+/// [`ServerMsg::Refused`]'s variant number. Frozen.
+const REFUSED_VARIANT: u32 = 2;
+
+/// The variant number at the start of a message body.
+fn variant_of(body: &[u8]) -> Result<u32, WireError> {
+    let config = bincode::config::standard().with_limit::<16>();
+    match bincode::serde::decode_from_slice::<u32, _>(body, config) {
+        Ok((variant, _)) => Ok(variant),
+        Err(bincode::error::DecodeError::UnexpectedEnd { additional }) => {
+            Err(WireError::Truncated { needed: body.len() + additional, got: body.len() })
+        }
+        Err(e) => Err(WireError::Malformed(e.to_string())),
+    }
+}
+
+/// A hello as a server of any version reads it: the version of its frame (the version the
+/// client speaks) and its fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub device: String,
+    pub samples: u64,
+}
+
+/// Reads the first message of a connection as a hello, whatever version its frame names: the
+/// hello's encoding is frozen ([`ClientMsg::Hello`]: variant 0, the device, the samples), so a
+/// server can read a client of any version and answer it in that version.
+pub fn decode_hello(payload: &[u8]) -> Result<Hello, WireError> {
+    let version = payload_version(payload)?;
+    let body = &payload[2..];
+    if variant_of(body)? != HELLO_VARIANT {
+        return Err(WireError::NotHello);
+    }
+    let (_, device, samples): (u32, String, u64) = decode_body(body)?;
+    Ok(Hello { version, device, samples })
+}
+
+/// A refusal as a frame of protocol `version`: what a server sends a client that speaks
+/// `version`, which reads it as its own [`ServerMsg::Refused`] (frozen: variant 2, the reason).
+pub fn encode_refusal(version: u16, reason: &str) -> Result<Vec<u8>, WireError> {
+    encode_as(version, &(REFUSED_VARIANT, reason))
+}
+
+/// Reads a refusal of any version (tests, tools): the version of its frame and the reason, which
+/// the peer wrote (escape it before showing it).
+pub fn decode_refusal(payload: &[u8]) -> Result<(u16, String), WireError> {
+    let version = payload_version(payload)?;
+    let body = &payload[2..];
+    if variant_of(body)? != REFUSED_VARIANT {
+        return Err(WireError::NotRefusal);
+    }
+    let (_, reason): (u32, String) = decode_body(body)?;
+    Ok((version, reason))
+}
+
+/// The reason a server gives a client that speaks protocol `client`, not this build's: both
+/// versions, and what to install.
+pub fn version_refusal(client: u16) -> String {
+    let server = PROTOCOL_VERSION;
+    if client < server {
+        format!(
+            "this client speaks Cohort protocol {client}, the server speaks {server}: install a cohort-client that \
+             speaks protocol {server}"
+        )
+    } else {
+        format!(
+            "this client speaks Cohort protocol {client}, the server speaks {server}: the server is older than this \
+             client; install a cohort-client that speaks protocol {server}, or ask the operator to upgrade the server \
+             to one that speaks protocol {client}"
+        )
+    }
+}
+
+/// What a client says when the server answers its hello in protocol `server`, not this build's
+/// (a server that predates the refusal in the client's own version).
+pub fn server_version_mismatch(server: u16) -> String {
+    let client = PROTOCOL_VERSION;
+    format!(
+        "the server speaks Cohort protocol {server}, this client speaks {client}: install a cohort-client that \
+         speaks protocol {server}, or ask the operator to upgrade the server to one that speaks protocol {client}"
+    )
 }
 
 /// Decodes exactly one whole frame (header and payload) from `bytes`.
@@ -489,6 +630,56 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_of_another_version_is_read_and_refused_in_that_version() {
+        // A client of version 1 (the frozen hello under its version).
+        let frame = encode_as(1, &ClientMsg::Hello { device: "gpu".into(), samples: 42 }).unwrap();
+        let payload = &frame[HEADER_BYTES..];
+        assert_eq!(decode_payload::<ClientMsg>(payload), Err(WireError::Version { got: 1 }));
+        let hello = decode_hello(payload).unwrap();
+        assert_eq!(hello, Hello { version: 1, device: "gpu".into(), samples: 42 });
+
+        // The server's refusal, in version 1: the old client decodes it as its own refusal.
+        let reason = version_refusal(hello.version);
+        assert_eq!(
+            reason,
+            format!(
+                "this client speaks Cohort protocol 1, the server speaks {PROTOCOL_VERSION}: install a cohort-client \
+                 that speaks protocol {PROTOCOL_VERSION}"
+            )
+        );
+        let refusal = encode_refusal(hello.version, &reason).unwrap();
+        assert_eq!(payload_version(&refusal[HEADER_BYTES..]), Ok(1));
+        assert_eq!(decode_refusal(&refusal[HEADER_BYTES..]), Ok((1, reason.clone())));
+        // Its body is this build's `ServerMsg::Refused` (the same under every version).
+        let ours = encode(&ServerMsg::Refused { reason: reason.clone() }).unwrap();
+        assert_eq!(refusal[HEADER_BYTES + 2..], ours[HEADER_BYTES + 2..]);
+
+        // A newer client hears that the server is older.
+        let newer = version_refusal(PROTOCOL_VERSION + 1);
+        assert!(newer.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)) && newer.contains("upgrade"), "{newer}");
+    }
+
+    #[test]
+    fn a_first_message_that_is_not_a_hello_is_refused_by_kind() {
+        let frame = encode(&sample_update()).unwrap();
+        assert_eq!(decode_hello(&frame[HEADER_BYTES..]), Err(WireError::NotHello));
+        let refusal = encode(&ServerMsg::Refused { reason: "x".into() }).unwrap();
+        assert_eq!(decode_hello(&refusal[HEADER_BYTES..]), Err(WireError::NotHello));
+        assert_eq!(decode_refusal(&frame[HEADER_BYTES..]), Err(WireError::NotRefusal));
+        for cut in 0..frame.len() - HEADER_BYTES {
+            assert!(decode_hello(&frame[HEADER_BYTES..HEADER_BYTES + cut]).is_err());
+        }
+        // A hello whose device string claims 250 MB in a few bytes is refused before allocating.
+        let mut bomb = PROTOCOL_VERSION.to_be_bytes().to_vec();
+        bomb.extend_from_slice(&[0, 252]);
+        bomb.extend_from_slice(&250_000_000u32.to_le_bytes());
+        bomb.extend_from_slice(b"abc");
+        assert!(
+            matches!(decode_hello(&bomb), Err(WireError::Malformed(m)) if m.contains("claims more than the 9 bytes"))
+        );
+    }
+
+    #[test]
     fn huge_length_prefix_inside_payload_is_an_error_not_an_allocation() {
         // A ByteBuf announcing 2^60 bytes inside a tiny frame.
         let mut payload = PROTOCOL_VERSION.to_be_bytes().to_vec();
@@ -535,6 +726,8 @@ mod tests {
     proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_hello(&bytes);
+            let _ = decode_refusal(&bytes);
             let _ = decode_frame::<ClientMsg>(&bytes, MAX_FRAME_BYTES);
             let _ = decode_frame::<ServerMsg>(&bytes, MAX_FRAME_BYTES);
             let _ = decode_payload::<ServerMsg>(&bytes);
