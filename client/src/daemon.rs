@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_common::participant::Participant;
-use cohort_common::wire::{self, ClientMsg, ServerMsg, WireError, MAX_FRAME_BYTES};
+use cohort_common::wire::{self, ClientMsg, ServerMsg, WireError, MAX_FRAME_BYTES, REPLACED_CLOSE_CODE};
 use cohort_io::{escape, recv_msg, send_msg, CertificateFacts, Identity, NetError};
 use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
@@ -32,6 +32,10 @@ pub enum ClientError {
     /// how to renew it.
     #[error("{0}")]
     Expired(String),
+    /// Another daemon with this client id kept replacing this one's connection at the server
+    /// ([`MAX_REPLACEMENTS`] times in a row): the message says so and what to do.
+    #[error("{0}")]
+    DuplicateIdentity(String),
 }
 
 /// What a running client reports to an observer (tests, `cohort-sim`).
@@ -112,6 +116,38 @@ const SERVER_SHUTDOWN: &str = "the server shut down";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Why `serve` returned when the certificate expired during a connection.
 const CERTIFICATE_EXPIRED: &str = "this client's certificate expired";
+/// Connections in a row that a newer connection with this client id may replace before the
+/// daemon stops: two daemons with one identity evict each other, so one of them must go.
+pub const MAX_REPLACEMENTS: u32 = 3;
+
+/// True when the server closed the connection because a newer one with this client id replaced
+/// it (another daemon with this identity connected).
+fn replaced_by_another(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == REPLACED_CLOSE_CODE.into())
+}
+
+/// What a daemon says when another daemon with its id took its connection.
+fn duplicate_notice(id: &str) -> String {
+    format!(
+        "another daemon with id {id} is connected to the server (it replaced this one's connection); stop one of \
+         them"
+    )
+}
+
+/// After the `replaced`-th replacement in a row: how long to wait before dialling again (growing,
+/// with jitter, so the two daemons stop evicting each other at once), or, at
+/// [`MAX_REPLACEMENTS`], the error that stops this daemon.
+fn after_replacement(replaced: u32, id: &str, backoff: &Backoff, rng: &mut impl Rng) -> Result<Duration, ClientError> {
+    let notice = duplicate_notice(id);
+    if replaced >= MAX_REPLACEMENTS {
+        return Err(ClientError::DuplicateIdentity(format!(
+            "{notice}: this daemon stops after {replaced} replacements in a row"
+        )));
+    }
+    let delay = backoff_delay(backoff, replaced, rng);
+    warn!("{notice}; dialling again in {:.1} s", delay.as_secs_f64());
+    Ok(delay)
+}
 
 /// Runs until `shutdown` is cancelled or the server refuses this client. Refuses to start with an
 /// expired certificate ([`ClientError::Expired`]), warns at start, at each reconnection and
@@ -220,6 +256,8 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
         }
     };
     let mut attempt = 0u32;
+    // Connections in a row closed because a newer one with this id replaced them.
+    let mut replaced = 0u32;
     let result = loop {
         if shutdown.is_cancelled() {
             break Ok(());
@@ -242,7 +280,7 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                     warn_if_expiring(&certificate, config);
                 }
                 emit(ClientEvent::Connected);
-                let reason = serve(&conn, &participant, &hooks, &shutdown, &certificate, config).await;
+                let (reason, was_replaced) = serve(&conn, &participant, &hooks, &shutdown, &certificate, config).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
                 if shutdown.is_cancelled() {
                     break Ok(());
@@ -250,10 +288,35 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                 if reason == CERTIFICATE_EXPIRED {
                     break Err(ClientError::Expired(renew::expired_notice(&certificate, config)));
                 }
+                if was_replaced {
+                    replaced += 1;
+                    // (A statement of its own: the thread's rng must not live across the await.)
+                    let next = after_replacement(replaced, &certificate.client, &backoff, &mut rand::rng());
+                    match next {
+                        Ok(delay) => tokio::select! {
+                            _ = tokio::time::sleep(delay) => continue,
+                            _ = shutdown.cancelled() => break Ok(()),
+                        },
+                        Err(e) => break Err(e),
+                    }
+                }
+                replaced = 0;
                 if reason.starts_with(SERVER_SHUTDOWN) {
                     info!("the server shut down; reconnecting until it is back");
                 } else {
                     warn!("connection lost ({}); reconnecting", escape(&reason, 300));
+                }
+            }
+            // Replaced in its hello by a newer connection with this id.
+            Err(ClientError::Net(NetError::Connection(e))) if replaced_by_another(&e) => {
+                replaced += 1;
+                let next = after_replacement(replaced, &certificate.client, &backoff, &mut rand::rng());
+                match next {
+                    Ok(delay) => tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break Ok(()),
+                    },
+                    Err(e) => break Err(e),
                 }
             }
             Err(ClientError::Net(e)) if e.is_unauthorized() => {
@@ -330,7 +393,8 @@ async fn connect(
     }
 }
 
-/// Answers the server's requests until the connection ends; returns why it ended. Warns daily
+/// Answers the server's requests until the connection ends; returns why it ended, and whether
+/// the server closed it because a newer connection with this client id replaced it. Warns daily
 /// while the certificate expires within [`renew::EXPIRY_WARNING_DAYS`], and closes the
 /// connection when it expires.
 async fn serve(
@@ -340,7 +404,7 @@ async fn serve(
     shutdown: &CancellationToken,
     certificate: &CertificateFacts,
     config: &str,
-) -> String {
+) -> (String, bool) {
     // Handlers live in this set: when the daemon stops, they stop with it.
     let mut handlers = JoinSet::new();
     let expiry_check = tokio::time::sleep(next_expiry_check(certificate));
@@ -351,7 +415,7 @@ async fn serve(
                 if renew::unix_now() >= certificate.not_after {
                     warn!(serial = %certificate.serial, "the certificate expired; closing the connection");
                     conn.close(0u32.into(), b"client certificate expired");
-                    return CERTIFICATE_EXPIRED.into();
+                    return (CERTIFICATE_EXPIRED.into(), false);
                 }
                 warn_if_expiring(certificate, config);
                 expiry_check.as_mut().reset(tokio::time::Instant::now() + next_expiry_check(certificate));
@@ -367,14 +431,14 @@ async fn serve(
                     });
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into() => {
-                    return format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason));
+                    return (format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason)), false);
                 }
-                Err(e) => return e.to_string(),
+                Err(e) => return (e.to_string(), replaced_by_another(&e)),
             },
             Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
             _ = shutdown.cancelled() => {
                 conn.close(0u32.into(), b"client shutting down");
-                return "shutdown".into();
+                return ("shutdown".into(), false);
             }
         }
     }
