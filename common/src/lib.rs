@@ -23,6 +23,13 @@
 //!   account ([`dp::ServerAccount`]: epsilon against model observers and against the server).
 //! - [`participant`]: the client's side of a round (plan in, update out; label census and
 //!   federated evaluation; personal heads kept).
+//! - [`session`]: the client's side of a round as a sans-IO state machine ([`session::ClientSession`]):
+//!   requests and job results in; replies, jobs to run and privacy-ledger saves out. It owns the
+//!   plan checks, the privacy ledger's admission, the SecAgg+ client sessions and every decline
+//!   with its reason.
+//! - [`trainer`]: the client's computation with candle ([`trainer::Trainer`]): its data per head,
+//!   the model cache, the validation split and personal heads; runs the session's jobs (train,
+//!   count labels, evaluate), blocking, on the driver's blocking thread.
 //! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role: sessions the
 //!   clients join with nonces, a committee-signed survivor list, cheaters named; its attack
 //!   tests play the server or a client doing its worst.
@@ -42,9 +49,11 @@ pub mod model;
 pub mod participant;
 pub mod round;
 pub mod secagg;
+pub mod session;
 pub mod strategy;
 pub mod train;
 pub mod train_terms;
+pub mod trainer;
 pub mod wire;
 
 /// The bundled McMahan et al. 2017 model specs.

@@ -3,8 +3,8 @@
 //! message handed to a client as the daemon hands it: the nested data parsed (the plan's model
 //! spec with `ModelSpec::from_toml`, its parameters with `TensorBytes::to_f32`, its training
 //! config, secure setup and DP plan checked, the DP plan charged to a privacy ledger), then
-//! `Participant::handle` (with synthetic training, and `train_secure` after a secure plan it
-//! joins, as the daemon calls it).
+//! `ClientSession::handle`, with every job it asks for run at once by a `Trainer` with
+//! synthetic training and its result handed back, as the daemon drives them.
 #![no_main]
 
 use std::sync::Arc;
@@ -13,9 +13,10 @@ use candle_core::Device;
 use cohort_common::data::Dataset;
 use cohort_common::dp::{Accounting, PrivacyLedger};
 use cohort_common::model::ModelSpec;
-use cohort_common::participant::{Participant, SecureKeys};
 use cohort_common::secagg::{AdvertSigner, PeerVerifier, Rejection};
+use cohort_common::session::{Action, ClientSession, SecureKeys};
 use cohort_common::train::TrainConfig;
+use cohort_common::trainer::Trainer;
 use cohort_common::wire::{self, ClientMsg, ServerMsg, HEADER_BYTES, MAX_FRAME_BYTES};
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
@@ -51,16 +52,15 @@ impl PeerVerifier for Pki {
     }
 }
 
-fn participant() -> Participant {
+fn client() -> (ClientSession, Trainer) {
     let features: Vec<f32> = (0..24).map(|i| i as f32 / 24.0).collect();
     let data = Dataset::new(features, vec![4], vec![0, 1, 2, 0, 1, 2], 3).expect("a valid data set");
     let pki = Arc::new(Pki);
-    Participant::new(ME, Arc::new(data), Device::Cpu)
-        .with_synthetic_updates()
-        .with_secure_keys(SecureKeys { signer: pki.clone(), verifier: pki })
+    let session = ClientSession::new(ME).with_secure_keys(SecureKeys { signer: pki.clone(), verifier: pki });
+    (session, Trainer::new(ME, Arc::new(data), Device::Cpu).with_synthetic_updates())
 }
 
-/// What the client parses of a message before the participant sees it; `ledger` is the
+/// What the client parses of a message before the session sees it; `ledger` is the
 /// client's privacy ledger (with sampled-rounds accounting, which charges the rounds the
 /// server's round numbers skip).
 fn inspect(msg: &ServerMsg, ledger: &mut PrivacyLedger) {
@@ -102,10 +102,11 @@ fn inspect(msg: &ServerMsg, ledger: &mut PrivacyLedger) {
 
 fuzz_target!(|data: &[u8]| {
     let _ = wire::decode_frame::<ServerMsg>(data, MAX_FRAME_BYTES);
-    let client = participant();
+    let (mut session, mut trainer) = client();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
     let mut ledger = PrivacyLedger::new(8.0, 1e-5, Accounting::SampledRounds).expect("a valid budget");
     let mut rest = data;
+    let mut token = 0;
     while rest.len() >= HEADER_BYTES {
         let header = [rest[0], rest[1], rest[2], rest[3]];
         let Ok(len) = wire::payload_len(header, MAX_FRAME_BYTES) else { return };
@@ -113,9 +114,22 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[HEADER_BYTES + len..];
         let Ok(msg) = wire::decode_payload::<ServerMsg>(payload) else { continue };
         inspect(&msg, &mut ledger);
-        let reply = client.handle(&msg, &mut rng);
-        if let (ServerMsg::Plan(plan), Ok(ClientMsg::Join { .. })) = (&msg, &reply) {
-            client.train_secure(plan, &mut rng);
+        if session.handle(token, msg, &mut rng).is_err() {
+            continue;
+        }
+        token += 1;
+        while let Some(action) = session.poll_action() {
+            match action {
+                // Replies are the frame_client_msg target's business; each one must encode.
+                Action::Reply { msg, .. } => {
+                    let _ = wire::encode::<ClientMsg>(&msg);
+                }
+                Action::Run(job) => {
+                    let result = trainer.run(&job).map_err(|e| e.to_string());
+                    session.job_done(job.id, result, &mut rng).expect("a job the session started");
+                }
+                Action::SaveLedger { .. } => unreachable!("this client keeps no ledger"),
+            }
         }
     }
 });
