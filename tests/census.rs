@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
-use cohort::common::participant::HeadData;
 use cohort::common::train::{ClassWeighting, CountScope, LossConfig};
+use cohort::common::trainer::HeadData;
 use cohort::server::config::{Collection, SecAggConfig};
 use cohort::server::store::Store;
 use support::*;

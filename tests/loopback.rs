@@ -11,9 +11,9 @@ use std::time::Duration;
 use candle_core::Device;
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::common::model::{flat_from_safetensors, vectors_from_safetensors, Model};
-use cohort::common::participant::Participant;
 use cohort::common::round::plan_seed;
 use cohort::common::strategy::StrategyConfig;
+use cohort::common::trainer::Trainer;
 use cohort::common::wire::{self, ClientMsg, ServerMsg};
 use cohort::io::{client_config, recv_msg, send_msg, Identity};
 use cohort::server::config::Federation;
@@ -42,8 +42,8 @@ async fn three_clients_complete_a_round_equal_to_the_weighted_average() {
     let mut expected = vec![0f64; initial.len()];
     let total: f64 = sizes.iter().map(|&(_, n)| n as f64).sum();
     for &(i, n) in &sizes {
-        let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
-        let delta = p.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
+        let mut p = Trainer::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
+        let delta = p.train(&plan).unwrap().delta.to_f32().unwrap();
         for (e, (g, d)) in expected.iter_mut().zip(initial.iter().zip(&delta)) {
             *e += (n as f64 / total) * (*g + *d) as f64;
         }
@@ -197,8 +197,8 @@ async fn a_client_reconnects_after_the_server_restarts_and_the_optimizer_resumes
     plan.round = 2;
     plan.seed = plan_seed(fed.seed, 2);
     plan.params = wire::TensorBytes::from_f32(&global1);
-    let steadfast = Participant::new("steadfast", Arc::new(dataset(30, 3)), Device::Cpu);
-    let d2 = steadfast.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
+    let mut steadfast = Trainer::new("steadfast", Arc::new(dataset(30, 3)), Device::Cpu);
+    let d2 = steadfast.train(&plan).unwrap().delta.to_f32().unwrap();
     let worst = (0..d2.len()).map(|i| ((global1[i] + 0.9 * m1[i] + d2[i]) - global2[i]).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-5, "round 2 differs from momentum resumed by {worst}");
     let momentum = m1.iter().map(|m| (0.9 * m).abs()).fold(0f32, f32::max);

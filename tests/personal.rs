@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use cohort::common::model::vectors_from_safetensors;
 use cohort::common::model::{flat_from_safetensors, Model, ModelSpec};
-use cohort::common::participant::HeadData;
+use cohort::common::trainer::HeadData;
 use support::*;
 
 const PERSONAL_SPEC: &str = "name = 'tiny-personal'\ninput_shape = [4]\n[[trunk]]\nkind = 'linear'\nout = 8\n\

@@ -11,7 +11,7 @@ use cohort::client::ledger::LedgerFile;
 use cohort::common::dp::Accounting;
 use cohort::common::dp::{clip_l2, default_orders, RdpAccountant};
 use cohort::common::model::{flat_from_safetensors, Model};
-use cohort::common::participant::Participant;
+use cohort::common::trainer::Trainer;
 use cohort::server::config::{Collection, DpConfig, Federation, SecAggConfig};
 use cohort::server::store::Store;
 use support::*;
@@ -51,8 +51,8 @@ async fn the_global_model_moves_by_the_mean_of_the_clipped_updates() {
     let deltas: Vec<Vec<f32>> = sizes
         .iter()
         .map(|&(i, n)| {
-            let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
-            p.handle_plan(&plan).unwrap().delta.to_f32().unwrap()
+            let mut p = Trainer::new(format!("client-{i}"), Arc::new(dataset(n, i)), Device::Cpu);
+            p.train(&plan).unwrap().delta.to_f32().unwrap()
         })
         .collect();
     let mut norms: Vec<f64> =

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use cohort::client::daemon::{FaultHook, Step};
 use cohort::common::model::{flat_from_safetensors, Model};
-use cohort::common::participant::Participant;
+use cohort::common::trainer::Trainer;
 use cohort::server::config::{Collection, SecAggConfig};
 use support::*;
 
@@ -51,8 +51,8 @@ async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
     let mut numerator = vec![0f64; initial.len()];
     let mut total = 0f64;
     for &(i, n) in sizes.iter().filter(|(i, _)| *i != 3) {
-        let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
-        let delta = p.handle_plan(&plan).unwrap().delta.to_f32().unwrap();
+        let mut p = Trainer::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
+        let delta = p.train(&plan).unwrap().delta.to_f32().unwrap();
         let w = (n as f64 / 100.0).min(1.0);
         total += w;
         for (acc, d) in numerator.iter_mut().zip(&delta) {
@@ -78,8 +78,8 @@ fn weighted_mean(plan: &cohort::common::wire::RoundPlan, sizes: &[(usize, usize)
     let mut numerator = vec![0f64; plan.params.len()];
     let mut total = 0f64;
     for &(i, n) in sizes {
-        let p = Participant::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
-        let delta = p.handle_plan(plan).unwrap().delta.to_f32().unwrap();
+        let mut p = Trainer::new(format!("client-{i}"), Arc::new(dataset(n, i as u64)), Device::Cpu);
+        let delta = p.train(plan).unwrap().delta.to_f32().unwrap();
         let w = (n as f64 / 100.0).min(1.0);
         total += w;
         numerator.iter_mut().zip(&delta).for_each(|(acc, d)| *acc += w * *d as f64);

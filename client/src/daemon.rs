@@ -1,24 +1,28 @@
-//! The client driver: dial the server, say hello, answer each round plan on its stream with
-//! an update computed by [`Participant`] on a blocking thread, reconnect with backoff and
-//! jitter when the connection is lost, and stop cleanly on shutdown.
+//! The client driver: dial the server, say hello, feed each request to the client's
+//! [`ClientSession`] and carry out what it asks (replies on the request's stream, jobs run by the
+//! [`Trainer`] on a blocking thread, the privacy ledger written before the reply that depends on
+//! it), reconnect with backoff and jitter when the connection is lost, and stop cleanly on
+//! shutdown.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_common::participant::Participant;
+use cohort_common::dp::PrivacyLedger;
+use cohort_common::session::{Action, ClientSession, Job, JobId, JobKind, JobResult, Token};
+use cohort_common::trainer::Trainer;
 use cohort_common::wire::{self, ClientMsg, ServerMsg, WireError, MAX_FRAME_BYTES, REPLACED_CLOSE_CODE};
 use cohort_io::{escape, recv_msg, send_msg, CertificateFacts, Identity, NetError};
 use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Backoff;
 use crate::ledger::LedgerFile;
 use crate::renew;
-use cohort_common::dp::LedgerRefusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -38,12 +42,14 @@ pub enum ClientError {
     DuplicateIdentity(String),
 }
 
-/// What a running client reports to an observer (tests, `cohort-sim`).
+/// What a running client reports to an observer (tests, `cohort-sim`). `ReplySent` is any reply
+/// to a request of `round` (an update, a key advert, a decline, ...): `kind` says which, in the
+/// words of `ClientMsg::kind`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
     Connected,
     PlanReceived { round: u64 },
-    UpdateSent { round: u64 },
+    ReplySent { round: u64, kind: &'static str },
     Disconnected { reason: String },
 }
 
@@ -52,7 +58,11 @@ pub struct ClientSetup {
     pub identity: Identity,
     pub server: SocketAddr,
     pub server_name: String,
-    pub participant: Participant,
+    /// The client's side of each round: plan checks, secure sessions, declines. The daemon
+    /// gives it the ledger's spending (see `ledger`).
+    pub session: ClientSession,
+    /// The client's data and model: runs the session's jobs.
+    pub trainer: Trainer,
     pub device_name: String,
     pub backoff: Backoff,
     /// Limits how many clients of one process train at once (simulations).
@@ -71,7 +81,8 @@ pub struct ClientSetup {
     pub personal_path: Option<std::path::PathBuf>,
 }
 
-/// The ledger, shared by the request handlers.
+/// The ledger file: the session charges the ledger; the daemon writes each charge here before
+/// the reply that depends on it (and tests read it back).
 pub type SharedLedger = Arc<std::sync::Mutex<LedgerFile>>;
 
 /// Which reply a client has just sent.
@@ -92,21 +103,15 @@ pub type FaultHook = Arc<dyn Fn(u64, Step) -> bool + Send + Sync>;
 /// Rewrites the reply to a request of `round` before it is sent (a cheating client, in tests).
 pub type TamperHook = Arc<dyn Fn(u64, &mut ClientMsg) + Send + Sync>;
 
-/// What the per-request handlers share.
+/// What the driver and its reply tasks share.
 #[derive(Clone)]
 struct Hooks {
-    /// The last round whose secure training finished (so a handler can await it without holding
-    /// a blocking thread: a simulation runs more clients than the blocking pool has threads).
-    trained: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Simulations: how many clients of this process run a job at once.
     gate: Option<Arc<Semaphore>>,
     events: Option<mpsc::UnboundedSender<ClientEvent>>,
     fault: Option<FaultHook>,
     tamper: Option<TamperHook>,
     ledger: Option<SharedLedger>,
-    /// The first round of the current connection (from the server's welcome).
-    joined_at: u64,
-    /// The federation the ledger charges: the CA this client trusts and the server's id.
-    federation: String,
     personal_path: Option<std::path::PathBuf>,
 }
 
@@ -212,7 +217,8 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
         identity,
         server,
         server_name,
-        participant,
+        session,
+        trainer,
         device_name,
         backoff,
         train_gate,
@@ -230,25 +236,20 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
     warn_if_expiring(&certificate, config);
     let mut connections = 0u64;
     let ca_fingerprint = identity.ca_fingerprint();
-    let mut hooks = Hooks {
-        trained: Arc::new(tokio::sync::watch::channel(0).0),
-        gate: train_gate,
-        events: events.clone(),
-        fault,
-        tamper,
-        ledger,
-        joined_at: 0,
-        federation: String::new(),
-        personal_path,
+    // A client with a ledger file starts from what it has spent.
+    let session = match &ledger {
+        Some(file) => session.with_ledger(file.lock().expect("ledger lock").ledger().clone()),
+        None => session,
     };
+    let hooks = Hooks { gate: train_gate, events: events.clone(), fault, tamper, ledger, personal_path };
     let owns_endpoint = shared_endpoint.is_none();
     let endpoint = match shared_endpoint {
         Some(e) => e,
         None => cohort_io::client_endpoint(server.is_ipv6())?,
     };
     let quic_config = cohort_io::client_config(&identity)?;
-    let samples = participant.samples();
-    let participant = Arc::new(participant);
+    let samples = trainer.samples();
+    let mut core = Core::new(session, trainer);
     let hello = ClientMsg::Hello { device: device_name, samples };
     let emit = |e: ClientEvent| {
         if let Some(tx) = &events {
@@ -272,15 +273,14 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
         match connected {
             Ok((conn, next_round, federation)) => {
                 attempt = 0;
-                hooks.joined_at = next_round;
-                hooks.federation = cohort_common::dp::federation_key(&ca_fingerprint, &federation);
+                core.session.connected(next_round, cohort_common::dp::federation_key(&ca_fingerprint, &federation));
                 info!(%server, next_round, federation = %escape(&federation, 64), "connected");
                 connections += 1;
                 if connections > 1 {
                     warn_if_expiring(&certificate, config);
                 }
                 emit(ClientEvent::Connected);
-                let (reason, was_replaced) = serve(&conn, &participant, &hooks, &shutdown, &certificate, config).await;
+                let (reason, was_replaced) = serve(&conn, &mut core, &hooks, &shutdown, &certificate, config).await;
                 emit(ClientEvent::Disconnected { reason: reason.clone() });
                 if shutdown.is_cancelled() {
                     break Ok(());
@@ -397,16 +397,24 @@ async fn connect(
 /// the server closed it because a newer connection with this client id replaced it. Warns daily
 /// while the certificate expires within [`renew::EXPIRY_WARNING_DAYS`], and closes the
 /// connection when it expires.
+///
+/// This is the session's driver: requests are read on tasks of their own and fed to the
+/// session here, one at a time; its actions are carried out in order (replies sent on their
+/// request's stream by tasks of their own, jobs run one at a time on a blocking thread, the
+/// privacy ledger written before anything after it); job results go back to the session. A job
+/// outlives the connection it started on: its result is fed to the session on the next one.
 async fn serve(
     conn: &quinn::Connection,
-    participant: &Arc<Participant>,
+    core: &mut Core,
     hooks: &Hooks,
     shutdown: &CancellationToken,
     certificate: &CertificateFacts,
     config: &str,
 ) -> (String, bool) {
-    // Handlers live in this set: when the daemon stops, they stop with it.
-    let mut handlers = JoinSet::new();
+    // Readers, senders and their streams live here: when the connection ends, they end with it.
+    let mut readers = JoinSet::new();
+    let mut senders = JoinSet::new();
+    let mut streams = Streams::new();
     let expiry_check = tokio::time::sleep(next_expiry_check(certificate));
     tokio::pin!(expiry_check);
     loop {
@@ -422,20 +430,48 @@ async fn serve(
             }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    let participant = participant.clone();
-                    let (hooks, conn) = (hooks.clone(), conn.clone());
-                    handlers.spawn(async move {
-                        if let Err(e) = answer(send, recv, participant, &hooks, &conn).await {
-                            warn!("request failed: {}", escape(&e.to_string(), 300));
-                        }
-                    });
+                    readers.spawn(read_request(send, recv));
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into() => {
                     return (format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason)), false);
                 }
                 Err(e) => return (e.to_string(), replaced_by_another(&e)),
             },
-            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+            Some(read) = readers.join_next(), if !readers.is_empty() => match read {
+                Ok((send, Ok(msg))) => {
+                    let token = core.next_token();
+                    let round = request_round(&msg);
+                    if let (ServerMsg::Plan(_), Some(tx)) = (&msg, &hooks.events) {
+                        let _ = tx.send(ClientEvent::PlanReceived { round });
+                    }
+                    match core.session.handle(token, msg, &mut rand::rng()) {
+                        Ok(()) => {
+                            streams.insert(token, (send, round));
+                        }
+                        // The stream is dropped unanswered.
+                        Err(e) => warn!("request refused: {}", escape(&e.to_string(), 300)),
+                    }
+                    core.pump(&mut streams, &mut senders, hooks).await;
+                }
+                Ok((_, Err(e))) => warn!("request failed: {}", escape(&e.to_string(), 300)),
+                Err(e) => warn!("request task failed: {e}"),
+            },
+            done = core.job_finished(), if core.is_running() => {
+                core.job_done(done);
+                core.pump(&mut streams, &mut senders, hooks).await;
+            }
+            Some(sent) = senders.join_next(), if !senders.is_empty() => match sent {
+                Ok(Ok(Sent::Crash { round, step })) => {
+                    warn!(round, ?step, "simulated crash");
+                    // What a crash loses: the secure round in progress (and the connection).
+                    core.session.abandon_round();
+                    core.pump(&mut streams, &mut senders, hooks).await;
+                    conn.close(99u32.into(), b"simulated crash");
+                }
+                Ok(Ok(Sent::Sent)) => {}
+                Ok(Err(e)) => warn!("reply failed: {}", escape(&e.to_string(), 300)),
+                Err(e) => warn!("reply task failed: {e}"),
+            },
             _ = shutdown.cancelled() => {
                 conn.close(0u32.into(), b"client shutting down");
                 return ("shutdown".into(), false);
@@ -444,95 +480,57 @@ async fn serve(
     }
 }
 
-async fn answer(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    participant: Arc<Participant>,
-    hooks: &Hooks,
-    conn: &quinn::Connection,
-) -> Result<(), NetError> {
-    let msg: ServerMsg = tokio::time::timeout(REQUEST_TIMEOUT, recv_msg(&mut recv, MAX_FRAME_BYTES))
-        .await
-        .map_err(|_| NetError::Stream(format!("the server's request did not arrive within {REQUEST_TIMEOUT:?}")))??;
-    let round = match &msg {
+/// The send half of each request waiting for its reply, with the request's round.
+type Streams = HashMap<Token, (quinn::SendStream, u64)>;
+
+/// The round a request belongs to (0 for what is no request: the session refuses it).
+fn request_round(msg: &ServerMsg) -> u64 {
+    match msg {
         ServerMsg::Plan(p) => p.round,
         ServerMsg::Joined { round, .. }
         | ServerMsg::Adverts { round, .. }
         | ServerMsg::Shares { round, .. }
         | ServerMsg::Survivors { round, .. }
         | ServerMsg::Unmask { round, .. } => *round,
-        other => return Err(NetError::Stream(format!("unexpected request {}", escape(&format!("{other:?}"), 200)))),
-    };
-    let plan = match &msg {
-        ServerMsg::Plan(plan) => {
-            if let Some(tx) = &hooks.events {
-                let _ = tx.send(ClientEvent::PlanReceived { round });
-            }
-            Some(plan.clone())
-        }
-        _ => None,
-    };
-    // A client with a privacy budget takes part only in private rounds, and only while its
-    // ledger allows: otherwise it declines before any training.
-    if let (Some(plan), Some(ledger)) = (&plan, &hooks.ledger) {
-        let decision = match plan.secure.as_ref().and_then(|s| s.dp) {
-            Some(dp) => {
-                // The ledger is written and synced before the answer: off the runtime.
-                let (ledger, joined_at, federation) = (ledger.clone(), hooks.joined_at, hooks.federation.clone());
-                tokio::task::spawn_blocking(move || {
-                    ledger.lock().expect("ledger lock").admit(&federation, round, joined_at, &dp)
-                })
-                .await
-                .map_err(|e| NetError::Stream(format!("ledger task failed: {e}")))?
-            }
-            None => Err(LedgerRefusal::NoNoise { round }.into()),
-        };
-        match decision {
-            Ok(epsilon) => info!(round, epsilon = format!("{epsilon:.3}"), "privacy ledger: taking part"),
-            Err(e) => {
-                warn!(round, "declining the round: {}", escape(&e.to_string(), 300));
-                send_msg(&mut send, &ClientMsg::Decline { round, reason: e.to_string() }).await?;
-                let _ = send.finish();
-                return Ok(());
-            }
-        }
+        _ => 0,
     }
-    let secure_plan = plan.as_ref().filter(|p| p.secure.is_some()).cloned();
-    // Plain rounds train here, behind the gate; secure rounds answer with keys first.
-    let _permit = match (&hooks.gate, plan.is_some() && secure_plan.is_none()) {
-        (Some(g), true) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
-        _ => None,
-    };
-    if let ServerMsg::Shares { round, .. } = &msg {
-        if participant.is_training(*round) {
-            let mut trained = hooks.trained.subscribe();
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, trained.wait_for(|r| *r >= *round)).await;
+}
+
+/// Reads one request (a round plan is the whole model: it may take a while, not for ever).
+async fn read_request(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> (quinn::SendStream, Result<ServerMsg, NetError>) {
+    let msg = tokio::time::timeout(REQUEST_TIMEOUT, recv_msg(&mut recv, MAX_FRAME_BYTES)).await.unwrap_or_else(|_| {
+        Err(NetError::Stream(format!("the server's request did not arrive within {REQUEST_TIMEOUT:?}")))
+    });
+    (send, msg)
+}
+
+/// What became of a reply.
+enum Sent {
+    Sent,
+    /// The fault hook crashed the client after this reply.
+    Crash {
+        round: u64,
+        step: Step,
+    },
+}
+
+/// Sends one reply (rewritten by the tamper hook, if any), reports it, and asks the fault hook.
+async fn send_reply(
+    mut send: quinn::SendStream,
+    round: u64,
+    mut reply: ClientMsg,
+    hooks: Hooks,
+) -> Result<Sent, NetError> {
+    match &reply {
+        ClientMsg::Decline { reason, .. } => warn!(round, "declining the round: {}", escape(reason, 300)),
+        ClientMsg::Update(update) => {
+            info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained")
         }
+        _ => {}
     }
-    let shared = participant.clone();
-    let personal_path = hooks.personal_path.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let outcome = shared.handle(&msg, &mut rand::rng());
-        if let Ok(ClientMsg::Update(_)) = &outcome {
-            keep_personal_heads(&shared, personal_path.as_deref());
-        }
-        outcome
-    })
-    .await
-    .map_err(|e| NetError::Stream(format!("request task failed: {e}")))?;
-    let joined = secure_plan.is_some() && matches!(outcome, Ok(ClientMsg::Join { .. }));
-    let mut reply = match outcome {
-        Ok(reply) => {
-            if let ClientMsg::Update(update) = &reply {
-                info!(round, loss = update.train_loss, seconds = format!("{:.2}", update.train_seconds), "trained");
-            }
-            reply
-        }
-        Err(e) => {
-            warn!(round, "declining the round: {}", escape(&e.to_string(), 300));
-            ClientMsg::Decline { round, reason: e.to_string() }
-        }
-    };
     let step = match &reply {
         ClientMsg::Update(_) => Some(Step::Update),
         ClientMsg::Join { .. } => Some(Step::Join),
@@ -549,51 +547,159 @@ async fn answer(
     send_msg(&mut send, &reply).await?;
     let _ = send.finish();
     if let Some(tx) = &hooks.events {
-        let _ = tx.send(ClientEvent::UpdateSent { round });
+        let _ = tx.send(ClientEvent::ReplySent { round, kind: reply.kind() });
     }
     if let (Some(fault), Some(step)) = (&hooks.fault, step) {
         if fault(round, step) {
             // Let the reply leave, then vanish without a goodbye.
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-            warn!(round, ?step, "simulated crash");
-            participant.abandon_round();
-            conn.close(99u32.into(), b"simulated crash");
-            return Ok(());
+            return Ok(Sent::Crash { round, step });
         }
     }
-    // A secure round trains while the keys are exchanged; the masked input waits for it.
-    if let (Some(plan), true) = (secure_plan, joined) {
-        let _permit = match &hooks.gate {
-            Some(g) => Some(g.clone().acquire_owned().await.map_err(|e| NetError::Stream(e.to_string()))?),
-            None => None,
-        };
-        let started = std::time::Instant::now();
-        // Signalled from the training thread itself: if this handler is aborted (the connection
-        // dropped), the training still finishes and a later request on a new connection is not
-        // left waiting for a signal that never comes.
-        let signal = hooks.trained.clone();
-        let personal_path = hooks.personal_path.clone();
-        let trained = tokio::task::spawn_blocking(move || {
-            participant.train_secure(&plan, &mut rand::rng());
-            signal.send_modify(|r| *r = (*r).max(round));
-            keep_personal_heads(&participant, personal_path.as_deref());
-        })
-        .await;
-        trained.map_err(|e| NetError::Stream(format!("training task failed: {e}")))?;
-        info!(round, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "trained");
+    Ok(Sent::Sent)
+}
+
+/// What a finished job hands back: the trainer (lost if the task failed, with why) and the result.
+type Finished = (JobId, Result<(Trainer, JobResult), String>);
+
+/// What the task of a job returns: the trainer and the result, or why the task failed.
+type Ran = Result<(Trainer, JobResult), JoinError>;
+
+/// The client's state across connections: the session, the trainer (away on a blocking thread
+/// while it runs a job), the jobs waiting for it, and the job running.
+struct Core {
+    session: ClientSession,
+    trainer: Option<Trainer>,
+    queue: VecDeque<Job>,
+    running: Option<(Job, std::time::Instant, JoinHandle<Ran>)>,
+    next_token: Token,
+}
+
+impl Core {
+    fn new(session: ClientSession, trainer: Trainer) -> Self {
+        Self { session, trainer: Some(trainer), queue: VecDeque::new(), running: None, next_token: 0 }
     }
-    Ok(())
+
+    /// A token no request of any connection has had.
+    fn next_token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Waits for the running job (call only while [`Core::is_running`]).
+    async fn job_finished(&mut self) -> Finished {
+        let (job, _, handle) = self.running.as_mut().expect("a job is running");
+        let id = job.id;
+        match handle.await {
+            Ok(Ok(done)) => (id, Ok(done)),
+            Ok(Err(e)) | Err(e) => (id, Err(e.to_string())),
+        }
+    }
+
+    /// Takes the trainer back and hands the result to the session.
+    fn job_done(&mut self, (id, joined): Finished) {
+        let (job, started, _) = self.running.take().expect("a job was running");
+        let result = match joined {
+            Ok((trainer, result)) => {
+                self.trainer = Some(trainer);
+                result
+            }
+            Err(e) => Err(format!("the training task failed ({e})")),
+        };
+        let seconds = format!("{:.2}", started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => info!(round = job.plan.round, kind = ?job.kind, seconds, "job done"),
+            Err(why) => warn!(round = job.plan.round, kind = ?job.kind, "job failed: {}", escape(why, 300)),
+        }
+        if let Err(e) = self.session.job_done(id, result, &mut rand::rng()) {
+            warn!("{e}");
+        }
+    }
+
+    /// Carries out the session's actions in order (see `cohort_common::session`), then starts
+    /// the next job if none is running.
+    async fn pump(&mut self, streams: &mut Streams, senders: &mut JoinSet<Result<Sent, NetError>>, hooks: &Hooks) {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Reply { to, msg } => match streams.remove(&to) {
+                    Some((send, round)) => {
+                        senders.spawn(send_reply(send, round, msg, hooks.clone()));
+                    }
+                    // A request of a connection that has ended: its stream went with it.
+                    None => debug!(kind = msg.kind(), "reply to a request of an earlier connection dropped"),
+                },
+                Action::Run(job) => self.queue.push_back(job),
+                // Written (and synced) before the next action: the reply after it depends on it.
+                Action::SaveLedger { ledger, round, before } => {
+                    let epsilon = ledger.epsilon();
+                    match save_ledger(hooks.ledger.clone(), ledger).await {
+                        Ok(()) => info!(round, epsilon = format!("{epsilon:.3}"), "privacy ledger recorded"),
+                        Err(why) => {
+                            warn!(round, "{}", escape(&why, 300));
+                            self.session.ledger_not_saved(round, before, &why);
+                        }
+                    }
+                }
+            }
+        }
+        self.start_next_job(hooks);
+    }
+
+    /// Starts the next job on a blocking thread (behind the gate, in simulations), with the
+    /// trainer; after training, the personal heads are kept.
+    fn start_next_job(&mut self, hooks: &Hooks) {
+        if self.running.is_some() {
+            return;
+        }
+        let Some(job) = self.queue.pop_front() else { return };
+        let Some(mut trainer) = self.trainer.take() else {
+            let why = "this client's trainer was lost when a training task failed; restart the daemon".to_string();
+            if let Err(e) = self.session.job_done(job.id, Err(why), &mut rand::rng()) {
+                warn!("{e}");
+            }
+            return;
+        };
+        let (gate, personal_path, run) = (hooks.gate.clone(), hooks.personal_path.clone(), job.clone());
+        let handle = tokio::spawn(async move {
+            let _permit = match gate {
+                Some(g) => g.acquire_owned().await.ok(),
+                None => None,
+            };
+            tokio::task::spawn_blocking(move || {
+                let result = trainer.run(&run).map_err(|e| e.to_string());
+                if run.kind == JobKind::Train && result.is_ok() {
+                    keep_personal_heads(&trainer, personal_path.as_deref());
+                }
+                (trainer, result)
+            })
+            .await
+        });
+        self.running = Some((job, std::time::Instant::now(), handle));
+    }
+}
+
+/// Writes the privacy ledger the session charged (atomically, off the runtime); the error says
+/// why it could not.
+async fn save_ledger(file: Option<SharedLedger>, ledger: PrivacyLedger) -> Result<(), String> {
+    let Some(file) = file else { return Err("this client has no ledger file".into()) };
+    tokio::task::spawn_blocking(move || file.lock().expect("ledger lock").record(ledger).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| format!("the ledger task failed: {e}"))?
 }
 
 /// Writes the personal heads to the state directory (atomically), if the model has any.
 /// Blocking: call it on a blocking thread.
-fn keep_personal_heads(participant: &Participant, path: Option<&std::path::Path>) {
+fn keep_personal_heads(trainer: &Trainer, path: Option<&std::path::Path>) {
     let Some(path) = path else { return };
-    let heads = participant.personal_heads();
+    let heads = trainer.personal_heads();
     if heads.is_empty() {
         return;
     }
-    let bytes = cohort_common::model::vectors_to_safetensors(&heads);
+    let bytes = cohort_common::model::vectors_to_safetensors(heads);
     if let Err(e) = cohort_io::files::write_atomic(path, &bytes) {
         warn!("cannot keep the personal heads: {e}");
     }

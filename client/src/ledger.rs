@@ -54,6 +54,15 @@ impl LedgerFile {
         files::write_atomic(&self.path, &json)?;
         Ok(decision?)
     }
+
+    /// Keeps `ledger` (as the client's session charged it: see
+    /// `cohort_common::session::Action::SaveLedger`) and writes it before returning.
+    pub fn record(&mut self, ledger: PrivacyLedger) -> Result<(), LedgerError> {
+        let json = serde_json::to_vec_pretty(&ledger).expect("the ledger serializes");
+        self.ledger = ledger;
+        files::write_atomic(&self.path, &json)?;
+        Ok(())
+    }
 }
 
 /// Reads the bytes of a ledger file kept by an earlier run; `configured` is the ledger the

@@ -3,13 +3,16 @@
 //! The data owner's side of Cohort: the daemon `cohort-client` and the library it is made of.
 //!
 //! - [`config`]: `client.toml` (server, identity, data, device, reconnection).
-//! - [`daemon`]: the driver: dial, hello, answer round plans with updates computed by
-//!   `cohort_common::participant::Participant`, reconnect with backoff, stop cleanly; it refuses
-//!   to run with an expired certificate, warns while it expires within 30 days, and stops (with
-//!   the renew instructions) when it expires while connected.
+//! - [`daemon`]: the driver of `cohort_common::session::ClientSession`: dial, hello, feed it the
+//!   server's requests, send its replies, run its jobs on `cohort_common::trainer::Trainer` on a
+//!   blocking thread, write the privacy ledger before the reply that depends on it, reconnect
+//!   with backoff, stop cleanly; it refuses to run with an expired certificate, warns while it
+//!   expires within 30 days, and stops (with the renew instructions) when it expires while
+//!   connected.
 //! - [`device`]: `auto | cpu | cuda:N` to a candle device.
-//! - [`ledger`]: the client's own privacy ledger, which declines rounds past its budget (charged
-//!   per round it trains in, unless the data owner trusts the server's sampler).
+//! - [`ledger`]: the file that keeps the client's own privacy ledger (which the session charges
+//!   per round it trains in, unless the data owner trusts the server's sampler, and which
+//!   declines rounds past its budget).
 //! - [`renew`]: `cohort-client renew`: a new key and request for the same id, then the
 //!   operator's certificate checked (same id, the pending key, the CA, valid now) and installed
 //!   over the identity files; the warnings `check` and the daemon give within
@@ -36,8 +39,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cohort_common::model::{flat_from_safetensors, spec_from_safetensors, Model, ModelSpec};
-use cohort_common::participant::{Participant, SecureKeys};
+use cohort_common::session::{ClientSession, SecureKeys};
 use cohort_common::train::Metrics;
+use cohort_common::trainer::Trainer;
 
 pub mod device {
     //! Which device trains: `auto`, `cpu` or `cuda:N`.
@@ -194,10 +198,10 @@ pub fn evaluate_model(
     let params = flat_from_safetensors(&layout, &bytes).map_err(|e| bad(e.to_string()))?;
     let (device, _) = device::select(&config.device)?;
     let (_, personal) = personal_heads(config)?;
-    let participant = Participant::with_heads("local", config.head_data()?, device)
+    let mut trainer = Trainer::with_heads("local", config.head_data()?, device)
         .with_personal_heads(personal)
         .with_validation_fraction(config.validation_fraction);
-    let heads = participant.evaluate(&spec.to_toml(), &params).map_err(|e| bad(e.to_string()))?;
+    let heads = trainer.evaluate(&spec.to_toml(), &params).map_err(|e| bad(e.to_string()))?;
     let on = if config.validation_fraction > 0.0 { "validation split" } else { "training data" };
     Ok(LocalEvaluation { spec, on, heads })
 }
@@ -230,11 +234,10 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         identity,
         server,
         server_name: config.server_name(),
-        participant: Participant::with_heads(id, heads, device)
-            .with_secure_keys(keys)
+        session: ClientSession::new(id.clone()).with_secure_keys(keys).with_min_sum_clients(config.min_sum_clients),
+        trainer: Trainer::with_heads(id, heads, device)
             .with_personal_heads(personal)
-            .with_validation_fraction(config.validation_fraction)
-            .with_min_sum_clients(config.min_sum_clients),
+            .with_validation_fraction(config.validation_fraction),
         device_name,
         backoff: config.reconnect,
         train_gate: None,

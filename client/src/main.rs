@@ -101,7 +101,7 @@ fn main() -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 let setup = cohort_client::setup_from_config(&config).await?;
-                tracing::info!(device = %setup.device_name, samples = setup.participant.samples(), server = %setup.server, "starting");
+                tracing::info!(device = %setup.device_name, samples = setup.trainer.samples(), server = %setup.server, "starting");
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 tokio::spawn(async move {

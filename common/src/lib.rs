@@ -21,8 +21,6 @@
 //! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant, the client's
 //!   privacy ledger (per participation by default, bound to the federation), and the server's
 //!   account ([`dp::ServerAccount`]: epsilon against model observers and against the server).
-//! - [`participant`]: the client's side of a round (plan in, update out; label census and
-//!   federated evaluation; personal heads kept).
 //! - [`session`]: the client's side of a round as a sans-IO state machine ([`session::ClientSession`]):
 //!   requests and job results in; replies, jobs to run and privacy-ledger saves out. It owns the
 //!   plan checks, the privacy ledger's admission, the SecAgg+ client sessions and every decline
@@ -46,7 +44,6 @@
 pub mod data;
 pub mod dp;
 pub mod model;
-pub mod participant;
 pub mod round;
 pub mod secagg;
 pub mod session;

@@ -49,6 +49,9 @@ struct Local {
     segment_samples: Vec<u64>,
 }
 
+/// The personal heads one training trained, by name.
+type Trained = Vec<(String, Vec<f32>)>;
+
 /// Labelled examples for one head of the model; `head: None` is the model's first head.
 #[derive(Debug, Clone)]
 pub struct HeadData {
@@ -302,7 +305,7 @@ impl Trainer {
         plan: &RoundPlan,
         train: &TrainConfig,
         seed: u64,
-    ) -> Result<(Update, Vec<(String, Vec<f32>)>), TrainerError> {
+    ) -> Result<(Update, Trained), TrainerError> {
         let local = self.local_for(slot, &plan.model_spec)?;
         let global = plan.params.to_f32()?;
         let expected = local.model.layout().total_len();

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use cohort_client::config::Backoff;
 use cohort_client::daemon::{self, ClientSetup, FaultHook, Step};
 use cohort_common::data::Dataset;
-use cohort_common::participant::{HeadData, Participant};
+use cohort_common::session::ClientSession;
+use cohort_common::trainer::{HeadData, Trainer};
 use cohort_io::files::DataSource;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::serve::{RoundReport, ServeSetup, Server};
@@ -341,17 +342,17 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             identity,
             server: addr,
             server_name: "localhost".into(),
-            participant: {
+            session: ClientSession::new(id.clone()).with_secure_keys(keys),
+            trainer: {
                 let mut p = match task_of(i) {
-                    None => Participant::new(id, Arc::new(train.subset(part)), device.clone()),
+                    None => Trainer::new(id, Arc::new(train.subset(part)), device.clone()),
                     Some(task) => {
                         let kept = task.examples_per_client.map_or(part.len(), |n| n.min(part.len()));
                         let data = labelled(&train.subset(&part[..kept]), task)?;
                         let head = HeadData { head: Some(task.head.clone()), data: Arc::new(data) };
-                        Participant::with_heads(id, vec![head], device.clone())
+                        Trainer::with_heads(id, vec![head], device.clone())
                     }
                 }
-                .with_secure_keys(keys)
                 .with_validation_fraction(scenario.data.validation_fraction);
                 if synthetic {
                     p = p.with_synthetic_updates();

@@ -10,10 +10,11 @@ use cohort::client::config::Backoff;
 use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultHook, SharedLedger, TamperHook};
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
-use cohort::common::participant::{HeadData, Participant};
+use cohort::common::session::ClientSession;
 use cohort::common::round::plan_seed;
 use cohort::common::strategy::StrategyConfig;
 use cohort::common::train::TrainConfig;
+use cohort::common::trainer::{HeadData, Trainer};
 use cohort::common::wire::{RoundPlan, Task, TensorBytes};
 use cohort::io::Identity;
 use cohort::server::config::{Collection, Federation};
@@ -198,8 +199,8 @@ pub fn start_private_client(
 /// A client that rewrites its replies with `tamper` before sending them (a cheater).
 pub fn start_cheating_client(identity: Identity, addr: SocketAddr, data: Dataset, tamper: TamperHook) -> RunningClient {
     let id = identity.subject().unwrap();
-    let participant = Participant::new(id, Arc::new(data), Device::Cpu);
-    spawn(identity, addr, participant, None, None, None, Some(tamper))
+    let trainer = Trainer::new(id, Arc::new(data), Device::Cpu);
+    spawn(identity, addr, trainer, None, None, None, Some(tamper))
 }
 
 /// A client labelling several heads, keeping its personal heads at `personal_path`.
@@ -210,8 +211,8 @@ pub fn start_multitask_client(
     personal_path: std::path::PathBuf,
 ) -> RunningClient {
     let id = identity.subject().unwrap();
-    let participant = Participant::with_heads(id, heads, Device::Cpu);
-    spawn(identity, addr, participant, None, None, Some(personal_path), None)
+    let trainer = Trainer::with_heads(id, heads, Device::Cpu);
+    spawn(identity, addr, trainer, None, None, Some(personal_path), None)
 }
 
 fn spawn_client(
@@ -222,13 +223,13 @@ fn spawn_client(
     ledger: Option<SharedLedger>,
 ) -> RunningClient {
     let id = identity.subject().unwrap();
-    spawn(identity, addr, Participant::new(id, Arc::new(data), Device::Cpu), fault, ledger, None, None)
+    spawn(identity, addr, Trainer::new(id, Arc::new(data), Device::Cpu), fault, ledger, None, None)
 }
 
 fn spawn(
     identity: Identity,
     addr: SocketAddr,
-    participant: Participant,
+    trainer: Trainer,
     fault: Option<FaultHook>,
     ledger: Option<SharedLedger>,
     personal_path: Option<std::path::PathBuf>,
@@ -236,11 +237,13 @@ fn spawn(
 ) -> RunningClient {
     let (tx, events) = mpsc::unbounded_channel();
     let keys = cohort::client::secure_keys(&identity).unwrap();
+    let id = identity.subject().unwrap();
     let setup = ClientSetup {
         identity,
         server: addr,
         server_name: "localhost".into(),
-        participant: participant.with_secure_keys(keys),
+        session: ClientSession::new(id).with_secure_keys(keys),
+        trainer,
         device_name: "cpu".into(),
         backoff: Backoff { initial_ms: 50, max_ms: 400 },
         train_gate: None,
