@@ -95,17 +95,21 @@ fn tls_alert(e: &quinn::ConnectionError) -> Option<u64> {
 }
 
 /// TLS alerts that mean the peer refused our certificate, or that we refused the peer's, become
-/// `Unauthorized`, with what to do. For the peer's alerts the code decides, not the text that
-/// comes with it (which the peer writes); our own TLS errors (a server certificate our CA did
-/// not sign) say so in rustls's words.
+/// `Unauthorized`, with what to do. The alert code decides, never the text that comes with it
+/// (the peer writes its own; ours is rustls's wording, which may change).
 pub fn classify(e: quinn::ConnectionError) -> NetError {
     const CERTIFICATE_EXPIRED: u64 = 45;
     // bad_certificate, unsupported_certificate, certificate_revoked, certificate_unknown,
     // unknown_ca, access_denied, certificate_required (RFC 8446, 6).
     const REFUSED: [u64; 7] = [42, 43, 44, 46, 48, 49, 116];
     let text = escape(&e.to_string(), 300);
-    if let (quinn::ConnectionError::TransportError(local), Some(_)) = (&e, tls_alert(&e)) {
-        if local.reason.contains("certificate") {
+    // decrypt_error: a signature in the certificate chain does not verify (a CA of the same name
+    // that did not sign it).
+    const DECRYPT_ERROR: u64 = 51;
+    // A local transport error carrying a certificate alert is our own TLS stack refusing the
+    // peer's certificate: the alert code decides, as for the peer's alerts.
+    if let (quinn::ConnectionError::TransportError(_), Some(alert)) = (&e, tls_alert(&e)) {
+        if alert == CERTIFICATE_EXPIRED || alert == DECRYPT_ERROR || REFUSED.contains(&alert) {
             return NetError::Unauthorized(format!(
                 "this client refused the server's certificate ({text}); is the CA certificate in its identity the \
                  federation's, and the server name right?"
