@@ -221,6 +221,9 @@ async fn garbage_length_bombs_and_slow_frames_are_dropped_alone() {
     let ca = Ca::new();
     let rounds = 8;
     let mut fed = federation(rounds, 10, 2);
+    // The hostile peers are sampled every round, however often they fail (no backoff), so
+    // every round meets them.
+    fed.backoff.after_failures = u32::MAX;
     fed.start_after_clients = Some(3);
     fed.round_timeout_secs = 2.0;
     let mut server = start_server(&ca, localhost(), fed, None);
@@ -591,6 +594,9 @@ async fn oversized_declines_and_wrong_phase_messages_round_after_round() {
     let ca = Ca::new();
     let rounds = 4;
     let mut fed = federation(rounds, 10, 3);
+    // The hostile peers are sampled every round, however often they fail (no backoff), so
+    // every round meets them.
+    fed.backoff.after_failures = u32::MAX;
     fed.collection = Collection::Secure;
     // A complete graph of 10 with t = 5: every honest client keeps 5 honest neighbours when the
     // four hostile ones drop.
@@ -669,6 +675,9 @@ async fn round_history_in_memory_is_bounded() {
     captured_logs();
     let ca = Ca::new();
     let mut fed = federation(105, 2, 1);
+    // The hostile peers are sampled every round, however often they fail (no backoff), so
+    // every round meets them.
+    fed.backoff.after_failures = u32::MAX;
     fed.train.epochs = 1;
     let mut server = start_server(&ca, localhost(), fed, None);
     let reason = Arc::new(poisoned_reason(900_000));

@@ -105,7 +105,7 @@ pub struct ClientConfig {
 }
 
 fn min_sum_clients() -> usize {
-    cohort_common::coordinator::MIN_TRAIN_INPUTS
+    cohort_common::secagg::MIN_TRAIN_INPUTS
 }
 
 /// `[[heads]]`: one head this client labels.
@@ -208,7 +208,7 @@ impl ClientConfig {
         if config.privacy.is_some() && config.state_dir.is_none() {
             return Err("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into());
         }
-        if config.min_sum_clients < cohort_common::coordinator::MIN_TRAIN_INPUTS {
+        if config.min_sum_clients < cohort_common::secagg::MIN_TRAIN_INPUTS {
             return Err(format!(
                 "min_sum_clients = {} must be at least 2: a sum of one update is the update",
                 config.min_sum_clients

@@ -7,11 +7,12 @@
 //!
 //! - [`wire`]: versioned messages and length-prefixed frames with a hard size cap (and length
 //!   claims inside a message bounded by the payload's own length), the frozen hello and refusal
-//!   that peers of any version read, golden bytes for every message, [`wire::escape`], which
-//!   every string a peer sent goes through before a log or an error, [`wire::ClientId`] and
-//!   [`wire::check_client_id`], the one rule for client ids. It needs neither `train` nor candle:
+//!   that peers of any version read, golden bytes for every message. It needs neither `train` nor candle:
 //!   plans carry [`wire::TrainTerms`], which [`train_terms`] converts to and from
 //!   `train::TrainConfig`.
+//! - [`peer`]: what a peer is called and how its words reach a log: [`peer::ClientId`], the one
+//!   rule for client ids ([`peer::check_client_id`]) and [`peer::escape`], which every string a
+//!   peer sent goes through before a log or an error (a leaf module; `wire` re-exports them).
 //! - [`model`]: `ModelSpec` (trunk + named heads, shared or personal, from TOML), its candle
 //!   build, the flat `ParamLayout` with one segment per head, and safetensors in and out (the
 //!   spec travels in the file's metadata).
@@ -31,7 +32,14 @@
 //! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role: sessions the
 //!   clients join with nonces, a committee-signed survivor list, cheaters named; its attack
 //!   tests play the server or a client doing its worst.
-//! - [`round`]: the server's round state machine and the collection seam.
+//! - [`coordinator`]: the server's whole federation as a sans-IO state machine
+//!   ([`coordinator::Coordinator`]): sampling and who is left out, plans, plain and secure rounds
+//!   with every phase and deadline, the label census, federated evaluation, dropouts and their
+//!   reasons, decoding, DP accounting and the budget stop, the strategy step, when to stop; and
+//!   the `[federation]` settings ([`coordinator::config`]). Its tests run whole federations with
+//!   client sessions on a virtual clock.
+//! - [`round`]: one plain round (updates checked and summed in the clear), cohort sampling and
+//!   the derived seeds.
 //! - [`strategy`]: server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi) and their state.
 //!
 //! ```
@@ -41,9 +49,11 @@
 //! assert_eq!(back, ClientMsg::Hello { device: "cpu".into(), samples: 600 });
 //! ```
 
+pub mod coordinator;
 pub mod data;
 pub mod dp;
 pub mod model;
+pub mod peer;
 pub mod round;
 pub mod secagg;
 pub mod session;

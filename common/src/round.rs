@@ -1,10 +1,12 @@
-//! The server's round state machine, free of I/O.
+//! One plain round, free of I/O, and cohort sampling.
 //!
-//! A [`Round`] is created for a selected cohort with a deadline, fed updates and dropouts by
-//! the server driver (`handle_update`, `handle_dropout`), polled with the current time
-//! (`poll`), and finished into a [`RoundOutcome`]. How updates are combined sits behind the
-//! [`Collector`] seam: [`PlainCollector`] sums weighted deltas in the clear; secure aggregation
-//! plugs in a collector that only ever holds masked vectors.
+//! A [`Round`] is created by the [`Coordinator`](crate::coordinator::Coordinator) for a
+//! selected cohort with a deadline, fed updates and dropouts (`handle_update`,
+//! `handle_dropout`), polled with the current time (`poll`), and finished into a
+//! [`RoundOutcome`]. How updates are combined sits behind the [`Collector`] seam:
+//! [`PlainCollector`] sums weighted deltas in the clear. (Secure rounds are the coordinator's
+//! `SecureSum`, which only ever holds the running sum of masked vectors.) [`select_cohort`],
+//! [`poisson_cohort`] and the derived seeds are the sampling rules the coordinator applies.
 //!
 //! ```
 //! use std::time::{Duration, Instant};

@@ -43,10 +43,10 @@ use std::sync::Arc;
 use rand::CryptoRng;
 use zeroize::Zeroizing;
 
-use crate::coordinator::{MIN_COUNT_INPUTS, MIN_TRAIN_INPUTS};
 use crate::dp::{self, LedgerRefusal, PrivacyLedger};
 use crate::model::ModelSpec;
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SealedShares, SecAggClient, SecAggError};
+use crate::secagg::{MIN_COUNT_INPUTS, MIN_TRAIN_INPUTS};
 use crate::train::TrainConfig;
 use crate::wire::{escape, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, Update};
 

@@ -47,7 +47,7 @@ pub(crate) struct Registry {
     /// Connections past their handshake and not yet welcomed, by id: one per identity (a newer
     /// one closes the older), so one identity cannot hold the slots of connections in their hello.
     greeting: Mutex<HashMap<ClientId, quinn::Connection>>,
-    changed: Notify,
+    pub(crate) changed: Notify,
     /// The first round a client connecting now can be sampled for (its welcome says so).
     pub(crate) next_round: AtomicU64,
 }
@@ -110,23 +110,8 @@ impl Registry {
         let mut clients = self.clients.lock().expect("registry lock");
         if clients.get(id).is_some_and(|c| c.conn.stable_id() == stable_id) {
             clients.remove(id);
-        }
-    }
-
-    /// Waits until `n` clients are connected; returns how many are.
-    pub(crate) async fn wait_for(&self, n: usize, timeout: Duration, shutdown: &CancellationToken) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.changed.notified();
-            let have = self.len();
-            if have >= n {
-                return have;
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => return self.len(),
-                _ = shutdown.cancelled() => return self.len(),
-            }
+            drop(clients);
+            self.changed.notify_waiters();
         }
     }
 }

@@ -9,9 +9,16 @@
 //! - [`config`]: `server.toml` and its `[federation]` table.
 //! - [`store`]: SQLite records (`cohort.db`): clients, the registry of their certificates (the
 //!   only ones admitted; revocation is by certificate), rounds.
-//! - [`serve`]: the driver: QUIC endpoint with mutual TLS, bounded connections (a cap on those
-//!   that have not said hello, one per identity, revoked ones closed within a second), and the
-//!   loop that feeds `cohort_common::round` with updates, then checkpoints, evaluates and records.
+//! - [`serve`]: the driver of the federation's state machine
+//!   (`cohort_common::coordinator::Coordinator`): an event loop (replies first, then clients
+//!   coming and going, then the timer) that sends each request on a stream, hands back replies,
+//!   writes checkpoints and records rounds; it makes no protocol decision.
+//! - `connections` (private): the QUIC accept loop with its bounds (a cap on connections that
+//!   have not said hello, one per identity, deadlines), admission of registered, unrevoked
+//!   certificates, the hello and welcome, the registry of connected clients, and the watch that
+//!   closes revoked ones within a second.
+//! - `publish` (private): test-set evaluation off the loop, then reports, logs and metrics in
+//!   round order.
 //! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
 //!   accuracy, epsilon against model observers and against the server, cheaters caught, clients
 //!   connected.
@@ -41,5 +48,6 @@ pub mod config;
 mod connections;
 pub mod metrics;
 pub mod pki;
+mod publish;
 pub mod serve;
 pub mod store;

@@ -383,15 +383,20 @@ fn main() -> Result<()> {
             let store = Store::open(&StatePaths::new(&state).database())?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
             let certificates = store.certificates()?;
-            println!("{:<24} {:>8} {:>7} {:<28}", "client", "revoked", "rounds", "last seen");
+            println!("{:<24} {:>8} {:>7} {:>8} {:<28}", "client", "revoked", "rounds", "declines", "last seen");
             for c in store.clients()? {
                 println!(
-                    "{:<24} {:>8} {:>7} {:<28}",
+                    "{:<24} {:>8} {:>7} {:>8} {:<28}",
                     cohort_io::escape(&c.id, 64),
                     if c.revoked { "yes" } else { "no" },
                     c.rounds,
+                    c.declines,
                     c.last_seen.map_or("never".into(), cohort_io::utc)
                 );
+                if let Some((round, why)) = &c.last_dropout {
+                    // Stored escaped and capped by the coordinator; escaped again for the terminal.
+                    println!("    last left out in round {round}: {}", cohort_io::escape(why, 300));
+                }
                 for cert in certificates.iter().filter(|cert| cert.client == c.id) {
                     let state = match cert.revoked_at {
                         Some(at) => format!("revoked {}", cohort_io::utc(at)),

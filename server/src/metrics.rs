@@ -1,7 +1,8 @@
 //! The Prometheus endpoint: `GET /metrics` on `metrics_listen` (server.toml), in the text
 //! exposition format.
 //!
-//! [`ServerMetrics`] holds the figures (rounds, their length and participants, dropouts, per-head
+//! [`ServerMetrics`] holds the figures (rounds, their length and participants, dropouts, declines
+//! by site, per-head
 //! accuracy on the test sets and from federated evaluation, epsilon against each adversary,
 //! clients caught cheating, clients connected); the
 //! round loop updates them from each [`RoundReport`]. [`respond`] is the whole HTTP exchange as
@@ -37,6 +38,8 @@ pub struct ServerMetrics {
     round_seconds: FloatGauge,
     participants: Gauge,
     dropouts: Counter,
+    /// By `client`: the sites that declined a plan (a round, a census or an evaluation).
+    declines: Family<Vec<(String, String)>, Counter>,
     train_loss: FloatGauge,
     /// By `against`: `models` (anyone who sees only the models; amplified by sampling) and
     /// `server` (the server, which knows every sample: the most any client has spent).
@@ -60,6 +63,7 @@ impl Default for ServerMetrics {
             round_seconds: FloatGauge::default(),
             participants: Gauge::default(),
             dropouts: Counter::default(),
+            declines: Family::default(),
             train_loss: FloatGauge::default(),
             epsilon: ByHead::default(),
             cheaters: Counter::default(),
@@ -120,6 +124,11 @@ impl Default for ServerMetrics {
         );
         registry.register("rounds", "Rounds finished, by status", metrics.rounds.clone());
         registry.register("dropouts", "Sampled clients that did not finish their round", metrics.dropouts.clone());
+        registry.register(
+            "declines",
+            "Plans a site declined (a round, a census or an evaluation), by client; the reasons are in the log",
+            metrics.declines.clone(),
+        );
         metrics
     }
 }
@@ -160,6 +169,12 @@ impl ServerMetrics {
             self.federated_accuracy.get_or_create(&head(name)).set(m.accuracy);
             self.federated_balanced_accuracy.get_or_create(&head(name)).set(m.balanced_accuracy);
         }
+    }
+
+    /// A site declined a plan. (Client ids are checked at every connection: letters, digits,
+    /// '-', '_' and '.', so they are safe as label values.)
+    pub fn declined(&self, client: &str) {
+        self.declines.get_or_create(&vec![("client".to_string(), client.to_string())]).inc();
     }
 
     /// The exposition text, with `connected` clients.
@@ -326,10 +341,11 @@ mod tests {
             epsilon_server: Some(3.5),
             delta: Some(1e-5),
             cheaters: vec![("c8".into(), "returned a bad share".into())],
-            clip: None,
-            unclipped: None,
+            ..RoundReport::default()
         };
         metrics.record(&report, "digit");
+        metrics.declined("hospital-b");
+        metrics.declined("hospital-b");
         let text = metrics.render(3);
         for line in [
             "cohort_round 7",
@@ -339,6 +355,7 @@ mod tests {
             "cohort_epsilon{against=\"models\"} 1.25",
             "cohort_epsilon{against=\"server\"} 3.5",
             "cohort_cheaters_total 1",
+            "cohort_declines_total{client=\"hospital-b\"} 2",
             "cohort_clients_connected 3",
             "cohort_test_accuracy{head=\"digit\"} 0.875",
             "cohort_test_accuracy{head=\"parity\"} 0.875",

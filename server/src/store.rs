@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use cohort_common::coordinator::RoundReport;
 use cohort_common::train::Metrics;
 use cohort_io::CertificateFacts;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -82,6 +83,10 @@ pub struct ClientRow {
     pub revoked: bool,
     pub last_seen: Option<i64>,
     pub rounds: i64,
+    /// Rounds (and censuses or evaluations recorded with them) the site declined.
+    pub declines: i64,
+    /// The last time it did not take part when sampled: the round and why.
+    pub last_dropout: Option<(u64, String)>,
 }
 
 /// One round, completed or aborted.
@@ -120,6 +125,42 @@ pub struct RoundRow {
     pub head_tests: Vec<HeadMetrics>,
     /// Federated evaluation: every head on the clients' own validation data (summed securely).
     pub federated: Vec<HeadMetrics>,
+}
+
+impl RoundRow {
+    /// The row of a finished round (test metrics come later, with
+    /// [`Store::set_test_metrics`]).
+    pub fn from_report(r: &RoundReport, started_at: i64, checkpoint: Option<String>) -> Self {
+        RoundRow {
+            round: r.round,
+            started_at,
+            seconds: r.seconds,
+            status: if r.completed { "completed" } else { "aborted" }.into(),
+            cohort: r.cohort,
+            participants: r.participants,
+            dropped: r.dropped.len(),
+            train_loss: r.train_loss,
+            test_accuracy: None,
+            test_loss: None,
+            balanced_accuracy: None,
+            macro_f1: None,
+            checkpoint,
+            note: r.note.clone(),
+            sampling_rate: r.sampling_rate,
+            noise_multiplier: r.noise_multiplier,
+            epsilon: r.epsilon,
+            epsilon_server: r.epsilon_server,
+            too_few_probability: r.too_few_probability,
+            clip: r.clip,
+            unclipped: r.unclipped,
+            head_tests: Vec::new(),
+            federated: r
+                .federated
+                .iter()
+                .map(|(head, metrics)| HeadMetrics { head: head.clone(), metrics: metrics.clone() })
+                .collect(),
+        }
+    }
 }
 
 /// One head's metrics: accuracy, balanced accuracy, macro-F1, per-class recall, confusion.
@@ -166,6 +207,13 @@ CREATE TABLE IF NOT EXISTS rounds (
     macro_f1 REAL,
     checkpoint TEXT,
     note TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS dropouts (
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    declined INTEGER NOT NULL,
+    PRIMARY KEY (round, client)
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -406,16 +454,26 @@ impl Store {
     pub fn clients(&self) -> Result<Vec<ClientRow>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, enrolled_at, revoked, last_seen, rounds FROM clients ORDER BY id")
+            .prepare(
+                "SELECT id, enrolled_at, revoked, last_seen, rounds,
+                    (SELECT COUNT(*) FROM dropouts d WHERE d.client = c.id AND d.declined = 1),
+                    (SELECT d.round FROM dropouts d WHERE d.client = c.id ORDER BY d.round DESC LIMIT 1),
+                    (SELECT d.reason FROM dropouts d WHERE d.client = c.id ORDER BY d.round DESC LIMIT 1)
+                 FROM clients c ORDER BY id",
+            )
             .map_err(self.wrap())?;
         let rows = stmt
             .query_map([], |r| {
+                let last_round: Option<i64> = r.get(6)?;
+                let last_reason: Option<String> = r.get(7)?;
                 Ok(ClientRow {
                     id: r.get(0)?,
                     enrolled_at: r.get(1)?,
                     revoked: r.get::<_, i64>(2)? == 1,
                     last_seen: r.get(3)?,
                     rounds: r.get(4)?,
+                    declines: r.get(5)?,
+                    last_dropout: last_round.zip(last_reason).map(|(round, why)| (round as u64, why)),
                 })
             })
             .map_err(self.wrap())?
@@ -456,12 +514,15 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records a round, credits its participants and charges the clients whose data a private
-    /// round used (`charged`, at the row's noise multiplier), in one transaction.
+    /// Records a round, credits its participants, keeps why each sampled client did not take
+    /// part (`dropped`: client and reason, escaped by the coordinator; a reason starting with
+    /// "declined: " is a decline) and charges the clients whose data a private round used
+    /// (`charged`, at the row's noise multiplier), in one transaction.
     pub fn record_round(
         &mut self,
         row: &RoundRow,
         participants: &[String],
+        dropped: &[(String, String)],
         charged: &[String],
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
@@ -502,6 +563,13 @@ impl Store {
         .map_err(wrap)?;
         for p in participants {
             tx.execute("UPDATE clients SET rounds = rounds + 1 WHERE id = ?1", params![p]).map_err(wrap)?;
+        }
+        for (client, reason) in dropped {
+            tx.execute(
+                "INSERT OR REPLACE INTO dropouts (round, client, reason, declined) VALUES (?1, ?2, ?3, ?4)",
+                params![row.round as i64, client, reason, reason.starts_with("declined: ") as i64],
+            )
+            .map_err(wrap)?;
         }
         if let Some(z) = row.noise_multiplier {
             for c in charged {
@@ -608,6 +676,15 @@ impl Store {
             .optional()
             .map_err(self.wrap())?;
         Ok(row.and_then(|(round, json)| serde_json::from_str(&json).ok().map(|c| (round as u64, c))))
+    }
+
+    /// How many rounds completed (aborted rounds do not count toward `federation.rounds`).
+    pub fn completed_rounds(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM rounds WHERE status = 'completed'", [], |r| r.get(0))
+            .map_err(self.wrap())?;
+        Ok(n as u64)
     }
 
     /// The last round number recorded (completed or aborted) and the last completed round
@@ -731,7 +808,8 @@ mod tests {
                 metrics: Metrics::from_confusion(vec![vec![3, 1], vec![0, 2]], 0.0),
             }],
         };
-        store.record_round(&row, &["b".into()], &["a".into(), "b".into()]).unwrap();
+        let declined = [("a".to_string(), "declined: its data do not fit".to_string())];
+        store.record_round(&row, &["b".into()], &declined, &["a".into(), "b".into()]).unwrap();
         let parity =
             HeadMetrics { head: "parity".into(), metrics: Metrics::from_confusion(vec![vec![5, 0], vec![1, 4]], 2.0) };
         store.set_test_metrics(1, Some(&parity.metrics), std::slice::from_ref(&parity)).unwrap();
@@ -743,7 +821,8 @@ mod tests {
         row.round = 2;
         row.status = "aborted".into();
         row.checkpoint = None;
-        store.record_round(&row, &[], &["b".into()]).unwrap();
+        let missed = [("a".to_string(), "missed the 30 s deadline for an update".to_string())];
+        store.record_round(&row, &[], &missed, &["b".into()]).unwrap();
         assert_eq!(store.rounds().unwrap().len(), 2);
         assert_eq!(store.dp_participations().unwrap(), vec![("a".into(), 1.0, 1), ("b".into(), 1.0, 2)]);
         assert_eq!(store.rounds().unwrap()[0].epsilon_server, Some(0.9));
@@ -751,6 +830,9 @@ mod tests {
         assert_eq!((id.as_str(), store.federation_id(|| "f2".into()).unwrap().as_str()), ("f1", "f1"));
         assert_eq!(store.resume_point().unwrap(), (2, Some((1, "checkpoints/round-000001.safetensors".into()))));
         assert_eq!(store.clients().unwrap()[1].rounds, 1);
+        let a = &store.clients().unwrap()[0];
+        assert_eq!(a.declines, 1, "why each site did not take part is kept");
+        assert_eq!(a.last_dropout, Some((2, "missed the 30 s deadline for an update".to_string())));
         assert_eq!(store.rounds().unwrap()[0].epsilon, Some(0.5));
         assert_eq!(store.last_census().unwrap(), None);
         store.record_census(1, 3, &[5, 0, 7]).unwrap();

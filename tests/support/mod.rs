@@ -11,11 +11,10 @@ use cohort::client::daemon::{self, ClientError, ClientEvent, ClientSetup, FaultH
 use cohort::common::data::Dataset;
 use cohort::common::model::ModelSpec;
 use cohort::common::session::ClientSession;
-use cohort::common::round::plan_seed;
 use cohort::common::strategy::StrategyConfig;
 use cohort::common::train::TrainConfig;
 use cohort::common::trainer::{HeadData, Trainer};
-use cohort::common::wire::{RoundPlan, Task, TensorBytes};
+use cohort::common::wire::{RoundPlan, ServerMsg};
 use cohort::io::Identity;
 use cohort::server::config::{Collection, Federation};
 use cohort::server::pki::{self, StatePaths};
@@ -61,24 +60,57 @@ pub fn federation(rounds: u64, clients: usize, min: usize) -> Federation {
         strategy: StrategyConfig::default(),
         dp: None,
         evaluate_every: None,
+        max_consecutive_aborts: 5,
+        backoff: Default::default(),
     }
 }
 
-/// The global model before round 1 and the plain plan of round 1, as the server makes them.
+/// The global model before round 1 and the plan of round 1 for a plain federation `fed`, made
+/// by the coordinator itself (so tests never re-implement plan building).
 pub fn first_plan(fed: &Federation) -> (Vec<f32>, RoundPlan) {
-    let initial = cohort::common::model::Model::new(&spec(), &Device::Cpu, fed.seed).unwrap().flat().unwrap();
-    let plan = RoundPlan {
-        round: 1,
-        model_spec: spec().to_toml(),
-        params: TensorBytes::from_f32(&initial),
-        train: (&fed.train).into(),
-        seed: plan_seed(fed.seed, 1),
-        deadline_ms: 1000,
-        secure: None,
-        task: Task::Train,
-        class_counts: None,
+    use cohort::common::coordinator::{Coordinator, CoordinatorSetup, Output, Resume};
+    let model = cohort::common::model::Model::new(&spec(), &Device::Cpu, fed.seed).unwrap();
+    let initial = model.flat().unwrap();
+    let mut fed = fed.clone();
+    fed.collection = Collection::Plain;
+    fed.dp = None;
+    let setup = CoordinatorSetup {
+        federation: fed.clone(),
+        spec: spec(),
+        segments: model.layout().segments().to_vec(),
+        initial: initial.clone(),
+        resume: Resume::default(),
+        verifier: std::sync::Arc::new(NoVerifier),
+        rng: Box::new(rand::rngs::StdRng::seed_from_u64(1)),
     };
+    let now = std::time::Instant::now();
+    let mut coordinator = Coordinator::new(setup, now).unwrap();
+    for i in 0..fed.start_after_clients.unwrap_or(fed.min_clients).max(fed.min_clients) {
+        coordinator.client_connected(&format!("client-{i}"), now);
+    }
+    coordinator.handle_timeout(now);
+    let plan = std::iter::from_fn(|| coordinator.poll_output())
+        .find_map(|o| match o {
+            Output::Send(request) => match request.msg.as_ref() {
+                ServerMsg::Plan(plan) => Some(plan.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("the first round's plan");
     (initial, plan)
+}
+
+/// Plain federations check no signatures.
+struct NoVerifier;
+
+impl cohort::common::secagg::PeerVerifier for NoVerifier {
+    fn verify(&self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), cohort::common::secagg::Rejection> {
+        Err(cohort::common::secagg::Rejection::Signature("plain federations check no signatures".into()))
+    }
+    fn verify_signature(&self, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), String> {
+        Err("plain federations check no signatures".into())
+    }
 }
 
 pub struct Ca {

@@ -74,7 +74,7 @@ pub use server::{SecAggServer, Unmasked};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::ClientId;
+use crate::peer::ClientId;
 use quantize::{QuantizeError, Quantizer};
 use shamir::Share;
 
@@ -245,7 +245,7 @@ impl SecAggSetup {
 
 /// A client id a peer sent, quoted for an error message: escaped and capped.
 pub(crate) fn shown(id: &str) -> String {
-    format!("`{}`", crate::wire::escape(id, 64))
+    format!("`{}`", crate::peer::escape(id, 64))
 }
 
 /// `label`, the session id and `numbers` (big-endian): the bytes behind every key derivation,
@@ -554,6 +554,14 @@ pub trait PeerVerifier {
     /// already accepted in this session.
     fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
 }
+
+/// The fewest inputs of a secure sum of counts (a label census, a federated evaluation): a sum
+/// of one or two clients' histograms is (nearly) each of them. The coordinator never asks for
+/// less, and a client never sends counts into less.
+pub const MIN_COUNT_INPUTS: usize = 3;
+
+/// The fewest inputs of a secure sum of updates: a sum of one is the update.
+pub const MIN_TRAIN_INPUTS: usize = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SecAggError {

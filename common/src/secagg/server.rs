@@ -12,7 +12,7 @@ use super::{
     MaskedInput, MaskingList, PeerVerifier, Rejection, SealedShares, SecAggError, SecAggSetup, SharedKeys,
     SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
-use crate::wire::ClientId;
+use crate::peer::ClientId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

@@ -1,0 +1,457 @@
+//! The `[federation]` table (of `server.toml` and of scenarios): rounds, cohorts, collection,
+//! secure aggregation, differential privacy, the training terms, the server optimizer, and how
+//! the coordinator treats sites that fail. Everything here is a protocol setting the
+//! [`super::Coordinator`] acts on; where to listen and which files to read stay in the server.
+
+use crate::dp::{AdaptiveClip, DpPlan};
+use crate::model::ModelSpec;
+use crate::secagg::quantize::Quantizer;
+use crate::secagg::{crypto, SecAggParams, SecAggSetup, MAX_COHORT};
+use crate::strategy::StrategyConfig;
+use crate::train::{CountScope, TrainConfig};
+use serde::{Deserialize, Serialize};
+fn ten() -> usize {
+    10
+}
+fn one() -> usize {
+    1
+}
+fn round_timeout() -> f64 {
+    120.0
+}
+fn wait_for_clients() -> f64 {
+    600.0
+}
+
+/// How collected updates are combined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Collection {
+    /// SecAgg+: the server learns only the sum of the cohort's updates.
+    #[default]
+    Secure,
+    /// The server sees each update: for debugging and comparison only.
+    Plain,
+}
+
+fn degree() -> usize {
+    8
+}
+fn threshold() -> usize {
+    5
+}
+fn tolerance() -> f64 {
+    0.3
+}
+fn bits() -> u32 {
+    32
+}
+fn clip() -> f64 {
+    4.0
+}
+fn sample_cap() -> u64 {
+    10_000
+}
+fn phase_timeout() -> f64 {
+    30.0
+}
+
+/// `[federation.secagg]`: secure aggregation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggConfig {
+    /// Neighbours per client (k); the graph is complete for cohorts of at most k + 1.
+    #[serde(default = "degree")]
+    pub degree: usize,
+    /// Shares needed to rebuild a secret (t): more than k / 2.
+    #[serde(default = "threshold")]
+    pub threshold: usize,
+    /// Fraction of a neighbourhood that may drop with the sum still exact.
+    #[serde(default = "tolerance")]
+    pub dropout_tolerance: f64,
+    /// Modulus 2^bits: 32 or 64.
+    #[serde(default = "bits")]
+    pub bits: u32,
+    /// Each coordinate of a weighted update is clipped to [-clip, clip] before quantization
+    /// (with `[federation.dp]`, the range comes from the DP clip and noise instead).
+    #[serde(default = "clip")]
+    pub clip: f64,
+    /// Sample count that earns a client the full FedAvg weight (weights = min(samples / cap, 1)).
+    #[serde(default = "sample_cap")]
+    pub sample_cap: u64,
+    /// Seconds each key-exchange and unmasking phase may take.
+    #[serde(default = "phase_timeout")]
+    pub phase_timeout_secs: f64,
+}
+
+impl Default for SecAggConfig {
+    fn default() -> Self {
+        Self {
+            degree: degree(),
+            threshold: threshold(),
+            dropout_tolerance: tolerance(),
+            bits: bits(),
+            clip: clip(),
+            sample_cap: sample_cap(),
+            phase_timeout_secs: phase_timeout(),
+        }
+    }
+}
+
+impl SecAggConfig {
+    /// The setup of one secure round for `cohort` (sorted) summing vectors of `vector_len` whose
+    /// coordinates lie in `[-range, range]`. The scale is the largest that cannot wrap the
+    /// modulus, halved for rounding headroom.
+    ///
+    /// A cohort smaller than the configured one (a site offline or backing off, a Poisson
+    /// sample) has a smaller neighbourhood k: the threshold comes down with it to what the
+    /// dropout tolerance leaves, and where that would be k / 2 or less (a neighbourhood of two
+    /// or three) to the least secure value, more than half of k, with no dropout tolerated. The
+    /// shares the server can collect for one client never reach the threshold for both of its
+    /// secrets either way.
+    pub fn setup(&self, round: u64, cohort: Vec<String>, vector_len: usize, range: f64) -> SecAggSetup {
+        let n = cohort.len().max(1) as f64;
+        let scale = ((crypto::modulus_mask(self.bits) as f64) / (n * 2.0 * range) / 2.0).floor().max(1.0);
+        let k = self.degree.min(cohort.len().saturating_sub(1));
+        let tolerated = ((k as f64) * (1.0 - self.dropout_tolerance)).floor() as usize;
+        let (threshold, dropout_tolerance) = if k >= self.degree {
+            (self.threshold, self.dropout_tolerance)
+        } else if tolerated * 2 > k {
+            (self.threshold.min(tolerated), self.dropout_tolerance)
+        } else {
+            (self.threshold.min(k / 2 + 1), 0.0)
+        };
+        SecAggSetup {
+            round,
+            params: SecAggParams {
+                threshold,
+                degree: self.degree,
+                dropout_tolerance,
+                quantizer: Quantizer { bits: self.bits, clip: range, scale, wrap: false },
+            },
+            purpose: String::new(),
+            cohort,
+            vector_len,
+            min_inputs: 1,
+        }
+    }
+}
+
+fn delta() -> f64 {
+    1e-5
+}
+fn target_quantile() -> f64 {
+    0.5
+}
+fn clip_learning_rate() -> f64 {
+    0.2
+}
+
+/// `[federation.dp.adaptive]`: adaptive clipping (Andrew et al. 2021).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipConfig {
+    /// The quantile of update norms the clip norm tracks.
+    #[serde(default = "target_quantile")]
+    pub target_quantile: f64,
+    /// eta in C <- C exp(-eta (b - target_quantile)).
+    #[serde(default = "clip_learning_rate")]
+    pub learning_rate: f64,
+}
+
+impl Default for AdaptiveClipConfig {
+    fn default() -> Self {
+        Self { target_quantile: target_quantile(), learning_rate: clip_learning_rate() }
+    }
+}
+
+/// `[federation.dp]`: clipping and user-level differential privacy (needs secure collection).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// L2 bound on each client's update (the initial one with adaptive clipping).
+    pub clip: f64,
+    /// z: the sum of a round carries Gaussian noise of standard deviation z * clip. 0 clips
+    /// without noise and makes no privacy claim.
+    #[serde(default)]
+    pub noise_multiplier: f64,
+    /// Clip the trunk and each head separately (bounds clip * sqrt(len / total)).
+    #[serde(default)]
+    pub per_segment: bool,
+    #[serde(default = "delta")]
+    pub delta: f64,
+    /// Stop before a round that would take epsilon past this.
+    #[serde(default)]
+    pub epsilon_budget: Option<f64>,
+    /// Noise on the count of unclipped updates (default max(clients_per_round / 20, z)).
+    #[serde(default)]
+    pub count_noise: Option<f64>,
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveClipConfig>,
+}
+
+impl DpConfig {
+    pub fn count_noise(&self, clients_per_round: usize) -> f64 {
+        self.count_noise.unwrap_or((clients_per_round as f64 / 20.0).max(self.noise_multiplier))
+    }
+
+    /// The plan of one round with clip norm `clip`, noise divisor `min_survivors`, sampling
+    /// rate `q` and `expected_clients` (what every sum is divided by).
+    pub fn plan(
+        &self,
+        clip: f64,
+        clients_per_round: usize,
+        min_survivors: usize,
+        q: f64,
+        expected_clients: f64,
+    ) -> DpPlan {
+        DpPlan {
+            clip,
+            per_segment: self.per_segment,
+            noise_multiplier: self.noise_multiplier,
+            count_noise: self.count_noise(clients_per_round),
+            min_survivors,
+            sampling_rate: q,
+            expected_clients: expected_clients.max(1.0),
+        }
+    }
+
+    /// The clip norm after a round in which a noisy fraction `unclipped` of the updates were at
+    /// most `clip`.
+    pub fn next_clip(&self, clip: f64, unclipped: f64) -> f64 {
+        match &self.adaptive {
+            Some(a) => {
+                AdaptiveClip { clip, eta: a.learning_rate, target_quantile: a.target_quantile }.update(unclipped)
+            }
+            None => clip,
+        }
+    }
+
+    fn check(&self, fed: &Federation) -> Result<(), String> {
+        if fed.collection != Collection::Secure {
+            return Err("federation.dp needs collection = \"secure\": each client adds only a share of the noise, \
+                        so only the sum is private"
+                .into());
+        }
+        self.plan(self.clip, fed.clients_per_round, fed.min_clients, 1.0, fed.clients_per_round as f64)
+            .check()
+            .map_err(|e| e.to_string())?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!(
+                "delta = {} must be between 0 and 1 (typically below 1 / enrolled clients)",
+                self.delta
+            ));
+        }
+        if let Some(budget) = self.epsilon_budget {
+            if !(budget.is_finite() && budget > 0.0) {
+                return Err(format!("epsilon_budget = {budget} must be a positive number"));
+            }
+            if self.noise_multiplier == 0.0 {
+                return Err("epsilon_budget needs noise_multiplier > 0: without noise epsilon is infinite".into());
+            }
+        }
+        if let Some(a) = &self.adaptive {
+            if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                return Err(format!("adaptive.target_quantile = {} must be between 0 and 1", a.target_quantile));
+            }
+            if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                return Err(format!("adaptive.learning_rate = {} must be positive", a.learning_rate));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rounds of a federation; the `[federation]` table of `server.toml` and of scenarios.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Federation {
+    /// Rounds to run (in total, counting rounds run before a restart).
+    pub rounds: u64,
+    /// Cohort size: how many connected clients are sampled each round.
+    #[serde(default = "ten")]
+    pub clients_per_round: usize,
+    /// Fewest updates that make a round; fewer and the round aborts, the model unchanged.
+    #[serde(default = "one")]
+    pub min_clients: usize,
+    /// Wait for this many connected clients before the first round (default: min_clients).
+    #[serde(default)]
+    pub start_after_clients: Option<usize>,
+    /// Seconds a cohort has to deliver its updates.
+    #[serde(default = "round_timeout")]
+    pub round_timeout_secs: f64,
+    /// Seconds to wait for enough connected clients before giving up.
+    #[serde(default = "wait_for_clients")]
+    pub wait_for_clients_secs: f64,
+    /// Seed of the model initialisation, the cohort sampling and the clients' shuffling.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub collection: Collection,
+    #[serde(default)]
+    pub secagg: SecAggConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    /// Clipping and differential privacy; off when absent.
+    #[serde(default)]
+    pub dp: Option<DpConfig>,
+    /// Federated evaluation after every this many rounds: the round's participants evaluate the
+    /// new model on their own validation data and their confusion matrices are summed securely.
+    #[serde(default)]
+    pub evaluate_every: Option<u64>,
+    /// Aborted rounds do not count toward `rounds`; this many aborted in a row stop the server,
+    /// saying why the last one aborted.
+    #[serde(default = "max_consecutive_aborts")]
+    pub max_consecutive_aborts: u64,
+    /// How sites that decline or fail round after round are left out for a while.
+    #[serde(default)]
+    pub backoff: SiteBackoff,
+}
+
+fn max_consecutive_aborts() -> u64 {
+    5
+}
+fn after_failures() -> u32 {
+    2
+}
+fn backoff_initial() -> f64 {
+    30.0
+}
+fn backoff_max() -> f64 {
+    1800.0
+}
+
+/// `[federation.backoff]`: a site that declines or fails `after_failures` sessions in a row (a
+/// round, a label census or an evaluation; being offline when sampled does not count) is not
+/// sampled for `initial_secs`, doubling with each further failure up to `max_secs`. One session
+/// it completes clears its record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteBackoff {
+    #[serde(default = "after_failures")]
+    pub after_failures: u32,
+    #[serde(default = "backoff_initial")]
+    pub initial_secs: f64,
+    #[serde(default = "backoff_max")]
+    pub max_secs: f64,
+}
+
+impl Default for SiteBackoff {
+    fn default() -> Self {
+        Self { after_failures: after_failures(), initial_secs: backoff_initial(), max_secs: backoff_max() }
+    }
+}
+
+impl SiteBackoff {
+    /// How long a site with `failures` failures in a row is left out (zero: it is not).
+    pub fn exclusion(&self, failures: u32) -> std::time::Duration {
+        if failures < self.after_failures.max(1) {
+            return std::time::Duration::ZERO;
+        }
+        let doublings = (failures - self.after_failures.max(1)).min(30);
+        let secs = (self.initial_secs * f64::from(1u32 << doublings)).min(self.max_secs);
+        std::time::Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+impl Federation {
+    /// Checks the values together; the message names the field.
+    /// The checks that need the model: every head named in the config exists.
+    pub fn check_model(&self, spec: &ModelSpec) -> Result<(), String> {
+        self.train.check_heads(spec).map_err(|e| format!("federation.train: {e}"))
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.rounds == 0 {
+            return Err("federation.rounds must be at least 1".into());
+        }
+        if self.clients_per_round == 0 {
+            return Err("federation.clients_per_round must be at least 1".into());
+        }
+        if self.min_clients == 0 || self.min_clients > self.clients_per_round {
+            return Err(format!(
+                "federation.min_clients = {} must be between 1 and clients_per_round = {}",
+                self.min_clients, self.clients_per_round
+            ));
+        }
+        for (name, v) in
+            [("round_timeout_secs", self.round_timeout_secs), ("wait_for_clients_secs", self.wait_for_clients_secs)]
+        {
+            if !(v.is_finite() && v > 0.0 && v < 1e7) {
+                return Err(format!("federation.{name} = {v} must be a positive number of seconds"));
+            }
+        }
+        self.train.check().map_err(|e| format!("federation.train: {e}"))?;
+        if self.max_consecutive_aborts == 0 {
+            return Err("federation.max_consecutive_aborts must be at least 1".into());
+        }
+        let b = &self.backoff;
+        if !(b.initial_secs.is_finite() && b.initial_secs >= 0.0 && b.max_secs.is_finite() && b.max_secs >= 0.0)
+            || b.max_secs > 1e7
+        {
+            return Err(format!(
+                "federation.backoff: initial_secs = {} and max_secs = {} must be non-negative numbers of seconds",
+                b.initial_secs, b.max_secs
+            ));
+        }
+        if self.collection == Collection::Secure {
+            let s = &self.secagg;
+            if !(s.phase_timeout_secs.is_finite() && s.phase_timeout_secs > 0.0) || s.sample_cap == 0 {
+                return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
+            }
+            // Checked before the trial cohort below is built: one id per client.
+            if self.clients_per_round > MAX_COHORT {
+                return Err(format!(
+                    "federation.clients_per_round = {} is more than a secure session takes ({MAX_COHORT} clients)",
+                    self.clients_per_round
+                ));
+            }
+            // The settings as written, for a full cohort: a threshold that the configured degree
+            // cannot meet is the operator's mistake, even though smaller cohorts adapt it.
+            let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
+            let mut setup = s.setup(0, cohort, 1, s.clip);
+            setup.params.threshold = s.threshold;
+            setup.params.dropout_tolerance = s.dropout_tolerance;
+            setup
+                .check()
+                .map_err(|e| format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round))?;
+        }
+        self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
+        if let Some(dp) = &self.dp {
+            dp.check(self).map_err(|e| format!("federation.dp: {e}"))?;
+        }
+        if let Some(every) = self.evaluate_every {
+            if every == 0 || self.collection != Collection::Secure {
+                return Err(format!(
+                    "federation.evaluate_every = {every} must be at least 1, with collection = \"secure\" (a \
+                     client's confusion matrix reveals its labels, so only sums may leave it)"
+                ));
+            }
+            if self.dp.is_some() {
+                return Err("federation.evaluate_every cannot be used with federation.dp: the confusion sums are \
+                            not differentially private"
+                    .into());
+            }
+        }
+        let global = std::iter::once(("loss".to_string(), &self.train.loss))
+            .chain(self.train.head_loss.iter().map(|(head, loss)| (format!("head_loss.{head}"), loss)))
+            .find(|(_, loss)| loss.scope == CountScope::Global);
+        if let Some((place, _)) = global {
+            if self.collection != Collection::Secure {
+                return Err(format!(
+                    "federation.train.{place}.scope = \"global\" sums the clients' label counts, which only \
+                     secure aggregation may do: set collection = \"secure\""
+                ));
+            }
+            if self.dp.is_some() {
+                return Err(format!(
+                    "federation.train.{place}.scope = \"global\" cannot be used with federation.dp: the label \
+                     census is not differentially private and its cost is not accounted"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
