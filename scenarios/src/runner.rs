@@ -52,9 +52,10 @@ pub struct RunOptions {
     pub only_task: Option<String>,
 }
 
-/// One round of the report.
+/// One round in the simulator's JSON report and table: a compact view of the coordinator's
+/// [`RoundReport`] (the one record of a round), made by `From`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ReportRound {
+pub struct RoundSummary {
     pub round: u64,
     pub completed: bool,
     pub participants: usize,
@@ -83,6 +84,31 @@ pub struct ReportRound {
     pub cheaters: usize,
 }
 
+impl From<&RoundReport> for RoundSummary {
+    fn from(r: &RoundReport) -> Self {
+        RoundSummary {
+            round: r.round,
+            completed: r.completed,
+            participants: r.participants,
+            dropped: r.dropped.len(),
+            seconds: r.seconds,
+            train_loss: r.train_loss,
+            test_accuracy: r.test.as_ref().map(|m| m.accuracy),
+            test_loss: r.test.as_ref().map(|m| m.loss),
+            balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
+            macro_f1: r.test.as_ref().map(|m| m.macro_f1),
+            per_class_recall: r.test.as_ref().map(|m| m.per_class_recall.clone()),
+            head_accuracy: r.head_tests.iter().map(|(h, m)| (h.clone(), m.accuracy)).collect(),
+            federated: r.federated.iter().map(|(h, m)| (h.clone(), m.accuracy, m.balanced_accuracy)).collect(),
+            epsilon: r.epsilon,
+            epsilon_server: r.epsilon_server,
+            clip: r.clip,
+            unclipped: r.unclipped,
+            cheaters: r.cheaters.len(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: Scenario,
@@ -90,7 +116,7 @@ pub struct Report {
     pub model_params: usize,
     pub train_examples: usize,
     pub test_examples: usize,
-    pub rounds: Vec<ReportRound>,
+    pub rounds: Vec<RoundSummary>,
     pub final_accuracy: Option<f64>,
     pub best_accuracy: Option<f64>,
     /// First round whose test accuracy reached `target_accuracy`.
@@ -407,26 +433,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let mut rounds = Vec::new();
     let mut last_delta = None;
     while let Some(r) = events.recv().await {
-        let row = ReportRound {
-            round: r.round,
-            completed: r.completed,
-            participants: r.participants,
-            dropped: r.dropped.len(),
-            seconds: r.seconds,
-            train_loss: r.train_loss,
-            test_accuracy: r.test.as_ref().map(|m| m.accuracy),
-            test_loss: r.test.as_ref().map(|m| m.loss),
-            balanced_accuracy: r.test.as_ref().map(|m| m.balanced_accuracy),
-            macro_f1: r.test.as_ref().map(|m| m.macro_f1),
-            per_class_recall: r.test.as_ref().map(|m| m.per_class_recall.clone()),
-            head_accuracy: r.head_tests.iter().map(|(h, m)| (h.clone(), m.accuracy)).collect(),
-            federated: r.federated.iter().map(|(h, m)| (h.clone(), m.accuracy, m.balanced_accuracy)).collect(),
-            epsilon: r.epsilon,
-            epsilon_server: r.epsilon_server,
-            clip: r.clip,
-            unclipped: r.unclipped,
-            cheaters: r.cheaters.len(),
-        };
+        let row = RoundSummary::from(&r);
         if let Some(delta) = r.delta {
             last_delta = Some(delta);
         }
