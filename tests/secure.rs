@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use cohort::client::daemon::{FaultHook, Step};
 use cohort::common::model::{flat_from_safetensors, Model};
+use cohort::common::secagg::Phase;
 use cohort::common::trainer::Trainer;
 use cohort::server::config::{Collection, SecAggConfig};
 use support::*;
@@ -31,8 +32,8 @@ async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
         .iter()
         .map(|&(i, n)| {
             let fault = match i {
-                3 => Some(crash_at(Step::Shares)),
-                7 => Some(crash_at(Step::Masked)),
+                3 => Some(crash_at(Step::Secure(Phase::ShareKeys))),
+                7 => Some(crash_at(Step::Secure(Phase::MaskedInput))),
                 _ => None,
             };
             start_client_with(ca.client(&format!("client-{i}")), server.addr, dataset(n, i as u64), fault)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_common::dp::PrivacyLedger;
+use cohort_common::secagg::Phase;
 use cohort_common::session::{Action, ClientSession, Job, JobId, JobKind, JobResult, Token};
 use cohort_common::trainer::Trainer;
 use cohort_common::wire::{self, ClientMsg, ServerMsg, WireError, MAX_FRAME_BYTES, REPLACED_CLOSE_CODE};
@@ -85,16 +86,12 @@ pub struct ClientSetup {
 /// the reply that depends on it (and tests read it back).
 pub type SharedLedger = Arc<std::sync::Mutex<LedgerFile>>;
 
-/// Which reply a client has just sent.
+/// Which reply a client has just sent: a plain round's update, or its answer in a phase of a
+/// secure sum (the phases are named once, in [`Phase`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Update,
-    Join,
-    Advert,
-    Shares,
-    Masked,
-    Confirm,
-    Unmask,
+    Secure(Phase),
 }
 
 /// Decides, after a reply of `Step` in `round`, whether the client crashes now.
@@ -533,12 +530,12 @@ async fn send_reply(
     }
     let step = match &reply {
         ClientMsg::Update(_) => Some(Step::Update),
-        ClientMsg::Join { .. } => Some(Step::Join),
-        ClientMsg::Advert { .. } => Some(Step::Advert),
-        ClientMsg::Shares { .. } => Some(Step::Shares),
-        ClientMsg::Masked { .. } => Some(Step::Masked),
-        ClientMsg::Confirm { .. } => Some(Step::Confirm),
-        ClientMsg::Unmask { .. } => Some(Step::Unmask),
+        ClientMsg::Join { .. } => Some(Step::Secure(Phase::Join)),
+        ClientMsg::Advert { .. } => Some(Step::Secure(Phase::Advertise)),
+        ClientMsg::Shares { .. } => Some(Step::Secure(Phase::ShareKeys)),
+        ClientMsg::Masked { .. } => Some(Step::Secure(Phase::MaskedInput)),
+        ClientMsg::Confirm { .. } => Some(Step::Secure(Phase::Confirm)),
+        ClientMsg::Unmask { .. } => Some(Step::Secure(Phase::Unmask)),
         _ => None,
     };
     if let Some(tamper) = &hooks.tamper {

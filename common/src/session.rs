@@ -64,7 +64,7 @@ pub type JobId = u64;
 pub enum SessionError {
     /// The server sent a plan that cannot be followed, or one this client declines.
     #[error("the round plan is invalid: {0}")]
-    BadPlan(String),
+    BadPlan(#[from] PlanRefusal),
     /// A secure-aggregation message from the server (or a neighbour) did not check out.
     #[error("secure aggregation: {0}")]
     SecAgg(#[from] SecAggError),
@@ -80,6 +80,56 @@ pub enum SessionError {
     /// The driver misused the session (a bug in the driver, not the server's doing).
     #[error("client session misused: {0}")]
     Misuse(String),
+}
+
+/// Why this client refuses a plan (each is the server's doing: it is declined with this text).
+/// Strings in it that the server chose are escaped and capped.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum PlanRefusal {
+    #[error("the model spec does not parse: {0}")]
+    Spec(String),
+    #[error("the training terms: {0}")]
+    Terms(String),
+    #[error(
+        "the server asks for label counts or confusion matrices outside secure aggregation; they reveal this \
+         client's data"
+    )]
+    CountsInTheClear,
+    #[error("the round is secure but this client has no certificate key to sign with")]
+    NoKey,
+    #[error("the secure session is a `{session}` sum of round {session_round}, but the plan is a `{plan}` of round {plan_round}")]
+    SessionMismatch { session: String, session_round: u64, plan: &'static str, plan_round: u64 },
+    #[error("{what} {len} counts; the plan's vector has {vector_len}")]
+    CountLength { what: &'static str, len: usize, vector_len: usize },
+    #[error("secure vector length {vector_len} does not fit {params} parameters in {segments} segments")]
+    VectorLength { vector_len: usize, params: usize, segments: usize },
+    #[error(
+        "the plan would unmask counts of as few as {min_inputs} clients; this client sends counts only into sums \
+         of at least {floor}"
+    )]
+    CountSumTooSmall { min_inputs: usize, floor: usize },
+    #[error(
+        "the plan would unmask sums of as few as {min_inputs} updates; this client sends its update only into \
+         sums of at least {floor} (min_sum_clients)"
+    )]
+    UpdateSumTooSmall { min_inputs: usize, floor: usize },
+    #[error("differential privacy: {0}")]
+    Dp(#[from] dp::DpError),
+    #[error("the quantizer range {clip} is narrower than the clipped, noised values need ({needed})")]
+    QuantizerRange { clip: f64, needed: f64 },
+    #[error("the quantizer of a private round clamps values, which would cut this client's noise")]
+    QuantizerClamps,
+    #[error("the noise is calibrated to sums of at least {calibrated} inputs, but the session would unmask sums of {min_inputs}")]
+    NoiseCalibration { calibrated: usize, min_inputs: usize },
+    #[error(
+        "this client already joined the {purpose} sum of round {round}; it joins each round's sum once (a second \
+         sum of the same update would give it away by difference)"
+    )]
+    AlreadyJoined { purpose: String, round: u64 },
+    #[error("round {0}: shares were already sent")]
+    SharesAlreadySent(u64),
+    #[error("no secure round {0} in progress")]
+    NoSecureRound(u64),
 }
 
 impl SessionError {
@@ -399,29 +449,19 @@ impl ClientSession {
         let round = plan.round;
         let Some(secure) = plan.secure.as_deref() else {
             if plan.task != Task::Train {
-                return Err(SessionError::BadPlan(
-                    "the server asks for label counts or confusion matrices outside secure aggregation; they \
-                     reveal this client's data"
-                        .into(),
-                ));
+                return Err(PlanRefusal::CountsInTheClear.into());
             }
             self.admit(to, &plan)?;
             self.start_job(to, Arc::new(plan), Waiting::Plain { to, round });
             return Ok(None);
         };
         if self.keys.is_none() {
-            return Err(SessionError::BadPlan(
-                "the round is secure but this client has no certificate key to sign with".into(),
-            ));
+            return Err(PlanRefusal::NoKey.into());
         }
         self.check_secure_plan(&plan, secure)?;
         let purpose = secure.setup.purpose.clone();
         if let Some(last) = self.joined.get(&purpose).filter(|last| round <= **last) {
-            return Err(SessionError::BadPlan(format!(
-                "this client already joined the {} sum of round {last}; it joins each round's sum once (a second \
-                 sum of the same update would give it away by difference)",
-                escape(&purpose, 32)
-            )));
+            return Err(PlanRefusal::AlreadyJoined { purpose: escape(&purpose, 32), round: *last }.into());
         }
         // Keys first (nothing charged if the setup is refused), then the ledger.
         let (client, nonce) = SecAggClient::join(&self.id, secure.setup.clone(), rng)?;
@@ -475,7 +515,7 @@ impl ClientSession {
                 s.input = Input::Failed(why.clone());
                 return Err(SessionError::Job(why));
             }
-            Input::Masked => return Err(SessionError::BadPlan(format!("round {round}: shares were already sent"))),
+            Input::Masked => return Err(PlanRefusal::SharesAlreadySent(round).into()),
             Input::Computing => unreachable!("parked by the caller"),
         };
         let input = s.client.handle_shares(shares, &input, keys.signer.as_ref())?;
@@ -504,15 +544,14 @@ impl ClientSession {
     /// noise is calibrated to can be unmasked).
     fn check_secure_plan(&self, plan: &RoundPlan, secure: &SecurePlan) -> Result<(), SessionError> {
         let setup = &secure.setup;
-        let bad = |m: String| Err(SessionError::BadPlan(m));
+        let bad = |refusal: PlanRefusal| Err(SessionError::BadPlan(refusal));
         if setup.round != plan.round || setup.purpose != plan.task.purpose() {
-            return bad(format!(
-                "the secure session is a `{}` sum of round {}, but the plan is a `{}` of round {}",
-                escape(&setup.purpose, 32),
-                setup.round,
-                plan.task.purpose(),
-                plan.round
-            ));
+            return bad(PlanRefusal::SessionMismatch {
+                session: escape(&setup.purpose, 32),
+                session_round: setup.round,
+                plan: plan.task.purpose(),
+                plan_round: plan.round,
+            });
         }
         let params = plan.params.len();
         match plan.task {
@@ -523,56 +562,46 @@ impl ClientSession {
                     ("an evaluation sums", confusion_cells(plan)?)
                 };
                 if setup.vector_len != len || secure.dp.is_some() {
-                    return bad(format!("{what} {len} counts; the plan's vector has {}", setup.vector_len));
+                    return bad(PlanRefusal::CountLength { what, len, vector_len: setup.vector_len });
                 }
                 let floor = MIN_COUNT_INPUTS.max(self.min_sum_clients);
                 if setup.min_inputs < floor {
-                    return bad(format!(
-                        "the plan would unmask counts of as few as {} clients; this client sends counts only into sums \
-                         of at least {floor}",
-                        setup.min_inputs
-                    ));
+                    return bad(PlanRefusal::CountSumTooSmall { min_inputs: setup.min_inputs, floor });
                 }
             }
             Task::Train => {
                 if secure.segments.iter().sum::<usize>() != params
                     || setup.vector_len != SecurePlan::vector_len(params, secure.segments.len(), secure.dp.is_some())
                 {
-                    return bad(format!(
-                        "secure vector length {} does not fit {params} parameters in {} segments",
-                        setup.vector_len,
-                        secure.segments.len()
-                    ));
+                    return bad(PlanRefusal::VectorLength {
+                        vector_len: setup.vector_len,
+                        params,
+                        segments: secure.segments.len(),
+                    });
                 }
                 if setup.min_inputs < self.min_sum_clients {
-                    return bad(format!(
-                        "the plan would unmask sums of as few as {} updates; this client sends its update only into \
-                         sums of at least {} (min_sum_clients)",
-                        setup.min_inputs, self.min_sum_clients
-                    ));
+                    return bad(PlanRefusal::UpdateSumTooSmall {
+                        min_inputs: setup.min_inputs,
+                        floor: self.min_sum_clients,
+                    });
                 }
             }
         }
         if let Some(dp) = &secure.dp {
-            dp.check().map_err(|e| SessionError::BadPlan(format!("differential privacy: {e}")))?;
+            dp.check().map_err(PlanRefusal::Dp)?;
             let quantizer = &setup.params.quantizer;
             let needed = dp.coordinate_range();
             if quantizer.clip < needed {
-                return bad(format!(
-                    "the quantizer range {} is narrower than the clipped, noised values need ({needed})",
-                    quantizer.clip
-                ));
+                return bad(PlanRefusal::QuantizerRange { clip: quantizer.clip, needed });
             }
             if !quantizer.wrap {
-                return bad(
-                    "the quantizer of a private round clamps values, which would cut this client's noise".into()
-                );
+                return bad(PlanRefusal::QuantizerClamps);
             }
             if setup.min_inputs < dp.min_survivors {
-                return bad(format!(
-                    "the noise is calibrated to sums of at least {} inputs, but the session would unmask sums of {}",
-                    dp.min_survivors, setup.min_inputs
-                ));
+                return bad(PlanRefusal::NoiseCalibration {
+                    calibrated: dp.min_survivors,
+                    min_inputs: setup.min_inputs,
+                });
             }
         }
         Ok(())
@@ -589,24 +618,24 @@ impl ClientSession {
 }
 
 fn no_keys() -> SessionError {
-    SessionError::BadPlan("this client has no certificate key".into())
+    PlanRefusal::NoKey.into()
 }
 
 fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut SecureRound, SessionError> {
     match slot {
         Some(s) if s.client.round() == round => Ok(s),
-        _ => Err(SessionError::BadPlan(format!("no secure round {round} in progress"))),
+        _ => Err(PlanRefusal::NoSecureRound(round).into()),
     }
 }
 
 /// What every plan must parse to before a job is started for it (parse, don't validate): the
 /// model spec, and for training and a census the training terms (checked for training).
 fn check_plan(plan: &RoundPlan) -> Result<(), SessionError> {
-    ModelSpec::from_toml(&plan.model_spec).map_err(|e| SessionError::BadPlan(e.to_string()))?;
+    ModelSpec::from_toml(&plan.model_spec).map_err(|e| PlanRefusal::Spec(e.to_string()))?;
     if plan.task != Task::Evaluate {
-        let train = TrainConfig::try_from(&plan.train).map_err(|e| SessionError::BadPlan(e.to_string()))?;
+        let train = TrainConfig::try_from(&plan.train).map_err(|e| PlanRefusal::Terms(e.to_string()))?;
         if plan.task == Task::Train {
-            train.check().map_err(|e| SessionError::BadPlan(e.to_string()))?;
+            train.check().map_err(|e| PlanRefusal::Terms(e.to_string()))?;
         }
     }
     Ok(())
@@ -615,15 +644,15 @@ fn check_plan(plan: &RoundPlan) -> Result<(), SessionError> {
 /// The number of label counts a census of the plan sends: the classes of each head it counts
 /// ([`TrainConfig::census_heads`]).
 fn census_len(plan: &RoundPlan) -> Result<usize, SessionError> {
-    let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| SessionError::BadPlan(e.to_string()))?;
-    let train = TrainConfig::try_from(&plan.train).map_err(|e| SessionError::BadPlan(e.to_string()))?;
+    let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| PlanRefusal::Spec(e.to_string()))?;
+    let train = TrainConfig::try_from(&plan.train).map_err(|e| PlanRefusal::Terms(e.to_string()))?;
     Ok(train.census_heads(&spec).iter().map(|h| h.classes).sum())
 }
 
 /// The number of confusion counts an evaluation of the plan's model sends: the sum of each
 /// head's classes squared.
 pub fn confusion_cells(plan: &RoundPlan) -> Result<usize, SessionError> {
-    let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| SessionError::BadPlan(e.to_string()))?;
+    let spec = ModelSpec::from_toml(&plan.model_spec).map_err(|e| PlanRefusal::Spec(e.to_string()))?;
     Ok(spec.heads.iter().map(|h| h.classes * h.classes).sum())
 }
 

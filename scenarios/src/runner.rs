@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use cohort_client::config::Backoff;
 use cohort_client::daemon::{self, ClientSetup, FaultHook, Step};
 use cohort_common::data::Dataset;
+use cohort_common::secagg::Phase;
 use cohort_common::session::ClientSession;
 use cohort_common::trainer::{HeadData, Trainer};
 use cohort_io::files::DataSource;
@@ -567,7 +568,13 @@ impl Crashes {
                 let need = this.quota.saturating_sub(*doomed);
                 if need > 0 && rng.random_range(0..left) < need {
                     *doomed += 1;
-                    let steps = [Step::Advert, Step::Shares, Step::Masked, Step::Unmask, Step::Update];
+                    let steps = [
+                        Step::Secure(Phase::Advertise),
+                        Step::Secure(Phase::ShareKeys),
+                        Step::Secure(Phase::MaskedInput),
+                        Step::Secure(Phase::Unmask),
+                        Step::Update,
+                    ];
                     Some(steps[rng.random_range(0..4)])
                 } else {
                     None

@@ -20,7 +20,7 @@ use cohort_common::coordinator::{
 use cohort_common::data::Dataset;
 use cohort_common::model::{vectors_from_safetensors, vectors_to_safetensors, Model, ModelSpec};
 use cohort_common::train::TrainError;
-use cohort_common::wire::{self, ClientId, ClientMsg, ServerMsg};
+use cohort_common::wire::{self, ClientId, ClientMsg, ServerMsg, Task};
 use cohort_io::secagg_keys::CaVerifier;
 use cohort_io::{files, recv_msg, Identity, NetError};
 use rand::{Rng, SeedableRng};
@@ -178,6 +178,13 @@ impl Server {
     /// What cohort.db and the checkpoint files remember of earlier runs.
     fn resume(&self, model: &Model) -> Result<Resume, ServeError> {
         let store = self.store.lock().expect("store lock");
+        let interrupted = store.mark_interrupted()?;
+        if interrupted > 0 {
+            warn!(
+                "{interrupted} round(s) were in progress when the server last stopped: recorded as interrupted, their \
+                 samples accounted"
+            );
+        }
         let (last_round, done) = store.resume_point()?;
         let mut resume = Resume {
             last_round,
@@ -274,6 +281,10 @@ impl Server {
             let connected: BTreeSet<ClientId> = self.registry.ids().into_iter().collect();
             for gone in told.difference(&connected) {
                 coordinator.client_disconnected(gone);
+            }
+            if connected.difference(&told).next().is_some() {
+                // A newly enrolled client may be among them: the population of private rounds.
+                coordinator.set_enrolled(self.enrolled()?);
             }
             for new in connected.difference(&told) {
                 coordinator.client_connected(new, now);
@@ -382,8 +393,15 @@ impl Server {
         coordinator: &mut Coordinator,
     ) -> Result<(), ServeError> {
         match event {
-            Event::RoundStarted { round, task, cohort } => {
-                debug!(round, task = task.purpose(), ?cohort, "round starts")
+            Event::RoundStarted { round, task, cohort, sampling_rate, noise_multiplier, too_few_probability } => {
+                debug!(round, task = task.purpose(), ?cohort, "round starts");
+                // Write-ahead for private rounds: the sample and the charges are stored before
+                // any plan goes out, so a crash mid-round loses no accounting.
+                if let (Task::Train, Some(z)) = (task, noise_multiplier) {
+                    let store = self.store.clone();
+                    let row = RoundRow::started(round, unix_now(), cohort.len(), sampling_rate, z, too_few_probability);
+                    blocking(move || store.lock().expect("store lock").record_round(&row, &[], &[], &cohort)).await??;
+                }
             }
             Event::Declined { round, task, client, reason } => {
                 self.metrics.declined(&client);
@@ -456,10 +474,10 @@ impl Server {
     /// Records a round in the database, off the runtime (SQLite syncs every commit).
     async fn record(&self, r: &RoundReport, started_at: i64, checkpoint: Option<String>) -> Result<(), ServeError> {
         let row = RoundRow::from_report(r, started_at, checkpoint);
-        let (store, participants, charged) = (self.store.clone(), r.participant_ids.clone(), r.charged.clone());
+        let (store, participants) = (self.store.clone(), r.participant_ids.clone());
         let dropped = r.dropped.clone();
-        blocking(move || store.lock().expect("store lock").record_round(&row, &participants, &dropped, &charged))
-            .await??;
+        // Private participations were charged when the round started (`Event::RoundStarted`).
+        blocking(move || store.lock().expect("store lock").record_round(&row, &participants, &dropped, &[])).await??;
         Ok(())
     }
 }

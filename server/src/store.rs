@@ -128,6 +128,43 @@ pub struct RoundRow {
 }
 
 impl RoundRow {
+    /// The write-ahead row of a private round whose plans are about to go out (status
+    /// `started`): its sample is accounted even if the server stops before the round ends.
+    pub fn started(
+        round: u64,
+        started_at: i64,
+        cohort: usize,
+        sampling_rate: Option<f64>,
+        noise_multiplier: f64,
+        too_few_probability: Option<f64>,
+    ) -> Self {
+        RoundRow {
+            round,
+            started_at,
+            seconds: 0.0,
+            status: "started".into(),
+            cohort,
+            participants: 0,
+            dropped: 0,
+            train_loss: None,
+            test_accuracy: None,
+            test_loss: None,
+            balanced_accuracy: None,
+            macro_f1: None,
+            checkpoint: None,
+            note: String::new(),
+            sampling_rate,
+            noise_multiplier: Some(noise_multiplier),
+            epsilon: None,
+            epsilon_server: None,
+            too_few_probability,
+            clip: None,
+            unclipped: None,
+            head_tests: Vec::new(),
+            federated: Vec::new(),
+        }
+    }
+
     /// The row of a finished round (test metrics come later, with
     /// [`Store::set_test_metrics`]).
     pub fn from_report(r: &RoundReport, started_at: i64, checkpoint: Option<String>) -> Self {
@@ -678,6 +715,21 @@ impl Store {
         Ok(row.and_then(|(round, json)| serde_json::from_str(&json).ok().map(|c| (round as u64, c))))
     }
 
+    /// Marks the rounds a server was running when it stopped (status `started`) as
+    /// `interrupted`: their samples and charges are already recorded, and their numbers are not
+    /// reused. Call it when a server starts, never from a command that may run beside one.
+    pub fn mark_interrupted(&self) -> Result<usize, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE rounds SET status = 'interrupted', note = 'the server stopped during this round; its sample \
+                 is accounted and its number is not reused' WHERE status = 'started'",
+                [],
+            )
+            .map_err(self.wrap())?;
+        Ok(n)
+    }
+
     /// How many rounds completed (aborted rounds do not count toward `federation.rounds`).
     pub fn completed_rounds(&self) -> Result<u64, StoreError> {
         let n: i64 = self
@@ -830,6 +882,16 @@ mod tests {
         assert_eq!((id.as_str(), store.federation_id(|| "f2".into()).unwrap().as_str()), ("f1", "f1"));
         assert_eq!(store.resume_point().unwrap(), (2, Some((1, "checkpoints/round-000001.safetensors".into()))));
         assert_eq!(store.clients().unwrap()[1].rounds, 1);
+        // A private round that started (write-ahead: sample and charges) and never finished: on
+        // the next start it is marked interrupted, accounted, and its number stays used.
+        let started = RoundRow::started(3, 4, 2, Some(0.1), 1.0, Some(1e-9));
+        store.record_round(&started, &[], &[], &["a".into()]).unwrap();
+        assert_eq!(store.mark_interrupted().unwrap(), 1);
+        let interrupted = &store.rounds().unwrap()[2];
+        assert_eq!((interrupted.status.as_str(), interrupted.sampling_rate), ("interrupted", Some(0.1)));
+        assert_eq!(store.dp_participations().unwrap(), vec![("a".into(), 1.0, 2), ("b".into(), 1.0, 2)]);
+        assert_eq!(store.completed_rounds().unwrap(), 1, "only completed rounds count toward federation.rounds");
+        assert_eq!(store.resume_point().unwrap().0, 3, "the interrupted round's number is not reused");
         let a = &store.clients().unwrap()[0];
         assert_eq!(a.declines, 1, "why each site did not take part is kept");
         assert_eq!(a.last_dropout, Some((2, "missed the 30 s deadline for an update".to_string())));

@@ -99,33 +99,49 @@ impl Default for SecAggConfig {
 }
 
 impl SecAggConfig {
+    /// The settings as written (the quantizer is per round).
+    #[cfg(test)]
+    fn params(&self) -> SecAggParams {
+        SecAggParams {
+            threshold: self.threshold,
+            degree: self.degree,
+            dropout_tolerance: self.dropout_tolerance,
+            quantizer: Quantizer { bits: self.bits, clip: 1.0, scale: 1.0, wrap: false },
+        }
+    }
+
     /// The setup of one secure round for `cohort` (sorted) summing vectors of `vector_len` whose
     /// coordinates lie in `[-range, range]`. The scale is the largest that cannot wrap the
     /// modulus, halved for rounding headroom.
     ///
-    /// A cohort smaller than the configured one (a site offline or backing off, a Poisson
-    /// sample) has a smaller neighbourhood k: the threshold comes down with it to what the
-    /// dropout tolerance leaves, and where that would be k / 2 or less (a neighbourhood of two
-    /// or three) to the least secure value, more than half of k, with no dropout tolerated. The
-    /// shares the server can collect for one client never reach the threshold for both of its
-    /// secrets either way.
+    /// A cohort that does not fit the configured degree (smaller than `degree + 1`: a site
+    /// offline, a Poisson sample) gets the largest degree k that fits it (one less when k would
+    /// be odd with an odd cohort, which no graph has), and the threshold `min(threshold, k)`, but
+    /// never k / 2 or less (the bound the secret sharing's security needs: the shares the server
+    /// can collect for one client never reach it for both of its secrets). The dropout tolerance
+    /// comes down instead, to what that threshold leaves: collusion resistance is kept before
+    /// robustness.
     pub fn setup(&self, round: u64, cohort: Vec<String>, vector_len: usize, range: f64) -> SecAggSetup {
         let n = cohort.len().max(1) as f64;
         let scale = ((crypto::modulus_mask(self.bits) as f64) / (n * 2.0 * range) / 2.0).floor().max(1.0);
-        let k = self.degree.min(cohort.len().saturating_sub(1));
-        let tolerated = ((k as f64) * (1.0 - self.dropout_tolerance)).floor() as usize;
-        let (threshold, dropout_tolerance) = if k >= self.degree {
-            (self.threshold, self.dropout_tolerance)
-        } else if tolerated * 2 > k {
-            (self.threshold.min(tolerated), self.dropout_tolerance)
+        let size = cohort.len();
+        let mut k = self.degree.min(size.saturating_sub(1));
+        if k % 2 == 1 && size % 2 == 1 && k + 1 != size {
+            k -= 1;
+        }
+        let (degree, threshold, dropout_tolerance) = if k == self.degree {
+            (self.degree, self.threshold, self.dropout_tolerance)
         } else {
-            (self.threshold.min(k / 2 + 1), 0.0)
+            let threshold = self.threshold.min(k).max(k / 2 + 1);
+            // floor(k (1 - tolerance)) must stay at least the threshold.
+            let allowed = (k.saturating_sub(threshold)) as f64 / k.max(1) as f64;
+            (k, threshold, self.dropout_tolerance.min((allowed - 1e-9).max(0.0)))
         };
         SecAggSetup {
             round,
             params: SecAggParams {
                 threshold,
-                degree: self.degree,
+                degree,
                 dropout_tolerance,
                 quantizer: Quantizer { bits: self.bits, clip: range, scale, wrap: false },
             },
@@ -453,5 +469,39 @@ impl Federation {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every cohort size a federation can meet (a site offline, a Poisson sample far above or
+    /// below the configured size) gets a setup the secure session accepts, with a threshold
+    /// above half the neighbourhood; a full cohort keeps the configured settings.
+    #[test]
+    fn every_cohort_size_gets_a_secure_setup_that_checks() {
+        for (degree, threshold, dropout_tolerance) in [(8, 5, 0.3), (5, 3, 0.3), (4, 3, 0.25), (2, 2, 0.0), (9, 5, 0.4)]
+        {
+            let config = SecAggConfig { degree, threshold, dropout_tolerance, ..SecAggConfig::default() };
+            for n in 2..60 {
+                let cohort: Vec<String> = (0..n).map(|i| format!("c{i:03}")).collect();
+                let mut setup = config.setup(1, cohort, 10, 1.0);
+                setup.min_inputs = 2;
+                let k = setup.effective_degree();
+                let odd_graph = degree % 2 == 1 && n % 2 == 1 && degree + 1 != n;
+                assert!(setup.check().is_ok(), "degree {degree}, n {n}: {:?}", setup.check());
+                if n > degree && !odd_graph {
+                    assert_eq!(setup.params, SecAggParams { quantizer: setup.params.quantizer, ..config.params() });
+                    continue;
+                }
+                assert!(
+                    setup.params.threshold * 2 > k,
+                    "degree {degree}, n {n}: t {} of k {k}",
+                    setup.params.threshold
+                );
+                assert!(setup.params.threshold >= threshold.min(k), "the threshold only comes down to fit k");
+            }
+        }
     }
 }

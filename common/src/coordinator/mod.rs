@@ -49,7 +49,6 @@ use crate::train::Metrics;
 use crate::wire::{escape, ClientId, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 
 use config::{Collection, DpConfig, Federation};
-pub use secure::SecurePhase;
 use secure::{Failed, SecureSum, Summed};
 
 /// Identifies one request, so its reply is matched to it (and a late reply to an earlier
@@ -167,8 +166,18 @@ pub struct Checkpoint {
 /// What the driver is told.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A round's plans went out.
-    RoundStarted { round: u64, task: Task, cohort: Vec<ClientId> },
+    /// A session's plans are about to go out (they follow this event in the output queue). For
+    /// a differentially private round this is the write-ahead record: the driver stores the
+    /// round's sample and charges `cohort` before sending anything, so a crash mid-round loses no
+    /// accounting (and the round number is not reused).
+    RoundStarted {
+        round: u64,
+        task: Task,
+        cohort: Vec<ClientId>,
+        sampling_rate: Option<f64>,
+        noise_multiplier: Option<f64>,
+        too_few_probability: Option<f64>,
+    },
     /// A site said it will not take part (its reason escaped and capped).
     Declined { round: u64, task: Task, client: ClientId, reason: String },
     /// A site failed `failures` sessions in a row and is not sampled for `for_secs`.
@@ -421,7 +430,7 @@ impl Coordinator {
         let restored = resume.optimizer.as_ref().map(|state| strategy.restore(state));
         let privacy = fed.dp.as_ref().map(|c| Privacy::resume(c, &resume.privacy, &resume.participations));
         let census = if fed.train.census_heads(&spec).is_empty() { None } else { resume.census.clone() };
-        let needed = fed.start_after_clients.unwrap_or(fed.min_clients).max(fed.min_clients);
+        let needed = fed.start_after_clients.unwrap_or(fed.min_clients).max(min_cohort(&fed));
         let give_up = now + Duration::from_secs_f64(fed.wait_for_clients_secs);
         let done = resume.completed >= fed.rounds;
         let mut coordinator = Self {
@@ -629,7 +638,7 @@ impl Coordinator {
         }
         let (needed, give_up, started) = match &self.state {
             State::Waiting { needed, give_up, started } => (*needed, *give_up, *started),
-            _ => (self.fed.min_clients, None, now),
+            _ => (min_cohort(&self.fed), None, now),
         };
         let eligible = self.eligible_online(now);
         if eligible.len() < needed {
@@ -744,7 +753,14 @@ impl Coordinator {
             task,
             class_counts: None,
         };
-        self.out.event(Event::RoundStarted { round, task, cohort: cohort.clone() });
+        self.out.event(Event::RoundStarted {
+            round,
+            task,
+            cohort: cohort.clone(),
+            sampling_rate: None,
+            noise_multiplier: None,
+            too_few_probability: None,
+        });
         self.secure_sum(plan, cohort, min_inputs, now).map_err(|f| f.note)
     }
 
@@ -795,8 +811,10 @@ impl Coordinator {
         };
         // Differential privacy: Poisson sampling from every enrolled client, so that the
         // accountant's amplification holds.
+        // Every connected client was admitted, so it is enrolled even if the driver's list is
+        // older than its enrolment.
         let population: Vec<ClientId> =
-            if self.enrolled.is_empty() { self.online.iter().cloned().collect() } else { self.enrolled.clone() };
+            self.enrolled.iter().chain(&self.online).cloned().collect::<BTreeSet<_>>().into_iter().collect();
         let q = (fed.clients_per_round as f64 / population.len().max(1) as f64).min(1.0);
         let epsilon = p.account.epsilon_after(q, p.config.noise_multiplier);
         if let Some(budget) = p.config.epsilon_budget.filter(|b| epsilon > *b) {
@@ -817,7 +835,7 @@ impl Coordinator {
         // A round is skipped when too few sampled clients can take part: that depends on the
         // sample, so its chance is added to delta (computed before sampling).
         let reachable = population.iter().filter(|id| eligible_online.contains(id)).count();
-        let too_few = dp::too_few_probability(reachable, q, fed.min_clients);
+        let too_few = dp::too_few_probability(reachable, q, min_cohort(fed));
         if too_few > p.config.delta / fed.rounds as f64 && !p.warned_too_few {
             p.warned_too_few = true;
             self.out.notice(
@@ -876,21 +894,29 @@ impl Coordinator {
             class_counts: self.census.as_ref().map(|(_, counts)| counts.clone()),
         };
         let cohort = draw.cohort.clone();
-        if cohort.len() < fed.min_clients {
+        if cohort.len() < min_cohort(fed) {
             // Too few sampled clients can take part: no plans go out, so no privacy is spent
             // but the round's sample.
             let note = format!(
                 "{} sampled sites can take part, {} are needed{}",
                 cohort.len(),
-                fed.min_clients,
+                min_cohort(fed),
                 describe_left_out(&draw.offline)
             );
             return self.abort(round, now, &draw, note, BTreeMap::new(), Vec::new(), false, now);
         }
-        self.out.event(Event::RoundStarted { round, task: Task::Train, cohort: cohort.clone() });
+        let started = Event::RoundStarted {
+            round,
+            task: Task::Train,
+            cohort: cohort.clone(),
+            sampling_rate: draw.sampling_rate,
+            noise_multiplier: draw.sampling_rate.and(self.privacy.as_ref().map(|p| p.config.noise_multiplier)),
+            too_few_probability: draw.too_few,
+        };
         let timeout = Duration::from_secs_f64(fed.round_timeout_secs);
         let collecting = match fed.collection {
             Collection::Plain => {
+                self.out.event(started);
                 let collector: Box<dyn Collector> = Box::new(PlainCollector::new(&self.segments));
                 let round_state =
                     Round::new(round, cohort.clone(), now, timeout, &self.segments, fed.min_clients, collector);
@@ -917,12 +943,20 @@ impl Coordinator {
                     segments: self.segments.clone(),
                     dp,
                 });
+                // Checked before any plan goes out: a round whose session cannot start sends none
+                // (and charges nobody).
+                if let Err(e) = secure.setup.check() {
+                    let note = format!("the secure session cannot start: {e}");
+                    return self.abort(round, now, &draw, note, BTreeMap::new(), Vec::new(), false, now);
+                }
                 plan.secure = Some(secure.clone());
+                self.out.event(started);
                 let min_survivors = fed.min_clients;
                 match self.secure_sum(plan, cohort, min_survivors, now) {
                     Ok(sum) => Collecting::Secure { sum: Box::new(sum), secure },
+                    // Unreachable after the check above: no plan went out.
                     Err(failed) => {
-                        return self.abort(round, now, &draw, failed.note, failed.dropped, failed.cheaters, true, now);
+                        return self.abort(round, now, &draw, failed.note, failed.dropped, failed.cheaters, false, now);
                     }
                 }
             }
@@ -973,16 +1007,17 @@ impl Coordinator {
                 return self.abort(round, started, &draw, note, dropped, cheaters, true, now)
             }
         };
+        // The step first: if it fails, the round aborts having been settled and accounted once.
+        let mut global = self.global.as_ref().clone();
+        if let Err(e) = self.strategy.apply(&mut global, &aggregate.mean_delta) {
+            let note = format!("the server optimizer cannot apply the sum: {e}");
+            return self.abort(round, started, &draw, note, dropped, cheaters, true, now);
+        }
         self.settle(&participants, &dropped, &cheaters, round, now);
         let (privacy, charged) = self.account(&draw, true);
         let clip = self.privacy.as_ref().map(|p| p.clip);
         if let (Some(p), Some(unclipped)) = (self.privacy.as_mut(), unclipped) {
             p.clip = p.config.next_clip(p.clip, unclipped);
-        }
-        let mut global = self.global.as_ref().clone();
-        if let Err(e) = self.strategy.apply(&mut global, &aggregate.mean_delta) {
-            let note = format!("the server optimizer cannot apply the sum: {e}");
-            return self.abort(round, started, &draw, note, dropped, cheaters, false, now);
         }
         self.global = Arc::new(global);
         self.completed += 1;
@@ -1211,6 +1246,15 @@ struct Spent {
     epsilon: Option<f64>,
     epsilon_server: Option<f64>,
     delta: Option<f64>,
+}
+
+/// The fewest sites a round starts with: `min_clients`, and for secure collection at least
+/// [`MIN_TRAIN_INPUTS`] (a secure sum of one is the update, and no session takes one).
+fn min_cohort(fed: &Federation) -> usize {
+    match fed.collection {
+        Collection::Secure => fed.min_clients.max(MIN_TRAIN_INPUTS),
+        Collection::Plain => fed.min_clients,
+    }
 }
 
 /// The quantizer of sums of counts: exact whole numbers up to 2^24 each.

@@ -7,52 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::secagg::{PeerVerifier, SecAggError, SecAggServer, Unmasked};
+use crate::secagg::{PeerVerifier, Phase, SecAggError, SecAggServer, Unmasked};
 use crate::wire::{escape, ClientId, ClientMsg, RoundPlan, ServerMsg, Task};
 
 use super::{Outbox, RequestId};
-
-/// The phases of a secure sum, in order, named for people.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecurePhase {
-    /// Plans out, nonces back.
-    Join,
-    /// The join list out, signed key adverts back.
-    Advertise,
-    /// The neighbours' adverts out, sealed shares back.
-    ShareKeys,
-    /// The shares out, masked inputs back (once each client has trained).
-    MaskedInput,
-    /// The survivor list out, signed confirmations back.
-    Confirm,
-    /// The confirmations out, shares for unmasking back.
-    Unmask,
-}
-
-impl SecurePhase {
-    /// What the phase waits for, for logs and reports.
-    pub fn wanted(self) -> &'static str {
-        match self {
-            SecurePhase::Join => "a nonce (its answer to the plan)",
-            SecurePhase::Advertise => "a key advert",
-            SecurePhase::ShareKeys => "sealed shares",
-            SecurePhase::MaskedInput => "a masked input",
-            SecurePhase::Confirm => "a confirmation of the survivor list",
-            SecurePhase::Unmask => "shares for unmasking",
-        }
-    }
-
-    /// Where in the session it is, in plain words.
-    pub fn describe(self) -> &'static str {
-        match self {
-            SecurePhase::Join => "when the plans went out",
-            SecurePhase::Advertise | SecurePhase::ShareKeys => "during the key exchange",
-            SecurePhase::MaskedInput => "while collecting the masked updates",
-            SecurePhase::Confirm => "while the survivors confirmed who is in the sum",
-            SecurePhase::Unmask => "while unmasking the sum",
-        }
-    }
-}
 
 /// What a finished sum gives the coordinator.
 #[derive(Debug)]
@@ -78,10 +36,13 @@ pub(crate) struct SecureSum {
     task: Task,
     server: SecAggServer,
     cohort: Vec<ClientId>,
-    phase: SecurePhase,
+    phase: Phase,
     /// Who the current phase still waits for, and the request each answers.
     waiting: BTreeMap<ClientId, RequestId>,
     dropped: BTreeMap<ClientId, String>,
+    /// Survivors that sent no usable unmask reply: the sum does not need them all, but if it
+    /// fails they are why (a client that withholds its shares must not abort rounds unnamed).
+    unmask_missing: BTreeMap<ClientId, String>,
     deadline: Instant,
     /// The masked inputs are due by the round's deadline (the clients train meanwhile).
     round_deadline: Instant,
@@ -124,9 +85,10 @@ impl SecureSum {
             task: plan.task,
             server,
             cohort: cohort.clone(),
-            phase: SecurePhase::Join,
+            phase: Phase::Join,
             waiting: BTreeMap::new(),
             dropped: BTreeMap::new(),
+            unmask_missing: BTreeMap::new(),
             deadline: (now + phase_timeout).min(round_deadline),
             round_deadline,
             phase_timeout,
@@ -171,31 +133,32 @@ impl SecureSum {
             Ok(msg) => {
                 let kind = msg.kind();
                 let result = match (self.phase, msg) {
-                    (SecurePhase::Join, ClientMsg::Join { round: r, nonce }) if r == round => {
+                    (Phase::Join, ClientMsg::Join { round: r, nonce }) if r == round => {
                         Some(self.server.handle_join(from, nonce))
                     }
-                    (SecurePhase::Advertise, ClientMsg::Advert { round: r, advert }) if r == round => {
+                    (Phase::Advertise, ClientMsg::Advert { round: r, advert }) if r == round => {
                         Some(self.server.handle_advert(from, advert, verifier))
                     }
-                    (SecurePhase::ShareKeys, ClientMsg::Shares { round: r, keys }) if r == round => {
+                    (Phase::ShareKeys, ClientMsg::Shares { round: r, keys }) if r == round => {
                         Some(self.server.handle_shares(from, keys))
                     }
-                    (SecurePhase::MaskedInput, ClientMsg::Masked { round: r, input }) if r == round => {
+                    (Phase::MaskedInput, ClientMsg::Masked { round: r, input }) if r == round => {
                         Some(self.server.handle_masked(from, input, verifier))
                     }
-                    (SecurePhase::Confirm, ClientMsg::Confirm { round: r, signature }) if r == round => {
+                    (Phase::Confirm, ClientMsg::Confirm { round: r, signature }) if r == round => {
                         Some(self.server.handle_confirmation(from, signature, verifier))
                     }
-                    (SecurePhase::Unmask, ClientMsg::Unmask { round: r, reply }) if r == round => {
+                    (Phase::Unmask, ClientMsg::Unmask { round: r, reply }) if r == round => {
                         // A refused unmask reply leaves the sum to the other neighbours.
-                        if let Err(e) = self.server.handle_unmask(from, reply) {
+                        let refused = self.server.handle_unmask(from, reply);
+                        if let Err(e) = &refused {
                             out.notice(
                                 round,
                                 Some(from),
                                 format!("unmask reply refused: {}", escape(&e.to_string(), 300)),
                             );
                         }
-                        Some(Ok(()))
+                        Some(refused)
                     }
                     _ => None,
                 };
@@ -207,7 +170,9 @@ impl SecureSum {
             }
         };
         if let Err(why) = accepted {
-            if self.phase != SecurePhase::Unmask {
+            if self.phase == Phase::Unmask {
+                self.unmask_missing.insert(from.to_string(), why);
+            } else {
                 self.dropped.insert(from.to_string(), why);
             }
         }
@@ -231,22 +196,24 @@ impl SecureSum {
     fn close_phase(&mut self, now: Instant, out: &mut Outbox) -> Option<Result<Summed, Failed>> {
         let late = format!("missed the {:.0} s deadline for {}", self.phase_length.as_secs_f64(), self.phase.wanted());
         for (id, _) in std::mem::take(&mut self.waiting) {
-            if self.phase != SecurePhase::Unmask {
+            if self.phase == Phase::Unmask {
+                self.unmask_missing.insert(id, late.clone());
+            } else {
                 self.dropped.insert(id, late.clone());
             }
         }
         let round = self.round;
         let phase = self.phase;
         let next = match phase {
-            SecurePhase::Join => self.server.close_joins().map(|list| {
+            Phase::Join => self.server.close_joins().map(|list| {
                 let to: Vec<ClientId> = list.joined.iter().map(|j| j.client.clone()).collect();
                 let msg = Arc::new(ServerMsg::Joined { round, list });
                 to.into_iter().map(|id| (id, msg.clone())).collect::<Vec<_>>()
             }),
-            SecurePhase::Advertise => self.server.close_adverts().map(|adverts| {
+            Phase::Advertise => self.server.close_adverts().map(|adverts| {
                 adverts.into_iter().map(|(id, adverts)| (id, Arc::new(ServerMsg::Adverts { round, adverts }))).collect()
             }),
-            SecurePhase::ShareKeys => {
+            Phase::ShareKeys => {
                 for (client, refused) in self.server.refusals() {
                     let text =
                         format!("refused the key advert of `{}` (bad signature or certificate)", escape(&refused, 64));
@@ -256,7 +223,7 @@ impl SecureSum {
                     inbox.into_iter().map(|(id, shares)| (id, Arc::new(ServerMsg::Shares { round, shares }))).collect()
                 })
             }
-            SecurePhase::MaskedInput => {
+            Phase::MaskedInput => {
                 for (holder, dealer) in self.server.complaints() {
                     let text = format!(
                         "the shares `{}` sealed for it do not open or match their commitments",
@@ -270,31 +237,34 @@ impl SecureSum {
                     to.into_iter().map(|id| (id, msg.clone())).collect()
                 })
             }
-            SecurePhase::Confirm => self.server.close_confirmations().map(|requests| {
+            Phase::Confirm => self.server.close_confirmations().map(|requests| {
                 requests.into_iter().map(|(id, request)| (id, Arc::new(ServerMsg::Unmask { round, request }))).collect()
             }),
-            SecurePhase::Unmask => return Some(self.finish()),
+            Phase::Unmask => return Some(self.finish()),
         };
         let requests = match next {
             Ok(requests) => requests,
             Err(e) => return Some(Err(self.failed(phase, &e))),
         };
         self.phase = match phase {
-            SecurePhase::Join => SecurePhase::Advertise,
-            SecurePhase::Advertise => SecurePhase::ShareKeys,
-            SecurePhase::ShareKeys => SecurePhase::MaskedInput,
-            SecurePhase::MaskedInput => SecurePhase::Confirm,
-            SecurePhase::Confirm | SecurePhase::Unmask => SecurePhase::Unmask,
+            Phase::Join => Phase::Advertise,
+            Phase::Advertise => Phase::ShareKeys,
+            Phase::ShareKeys => Phase::MaskedInput,
+            Phase::MaskedInput => Phase::Confirm,
+            Phase::Confirm | Phase::Unmask => Phase::Unmask,
         };
         // The deadline of a phase starts when its requests go out; the masked inputs are due
         // by the round's deadline, since the clients train until then.
         (self.deadline, self.phase_length) = match self.phase {
-            SecurePhase::MaskedInput => {
-                (self.round_deadline.max(now), self.round_deadline.saturating_duration_since(now))
+            // At least a phase's time, however long the earlier phases took: a straggler that
+            // answers each phase at its deadline cannot squeeze this one to nothing.
+            Phase::MaskedInput => {
+                let deadline = self.round_deadline.max(now + self.phase_timeout);
+                (deadline, deadline.saturating_duration_since(now))
             }
             _ => (now + self.phase_timeout, self.phase_timeout),
         };
-        let cap = if self.phase == SecurePhase::MaskedInput { self.masked_cap } else { SMALL_REPLY };
+        let cap = if self.phase == Phase::MaskedInput { self.masked_cap } else { SMALL_REPLY };
         for (id, msg) in requests {
             let request = out.send(&id, msg, cap, self.deadline);
             self.waiting.insert(id, request);
@@ -308,7 +278,7 @@ impl SecureSum {
     fn finish(&mut self) -> Result<Summed, Failed> {
         let Unmasked { sum, survivors, cheaters } = match self.server.finish() {
             Ok(unmasked) => unmasked,
-            Err(e) => return Err(self.failed(SecurePhase::Unmask, &e)),
+            Err(e) => return Err(self.failed(Phase::Unmask, &e)),
         };
         if survivors.len() < self.min_survivors {
             let mut failed = self.failed_with(format!(
@@ -332,7 +302,11 @@ impl SecureSum {
     }
 
     /// The session ends at `phase` with `error`: say so in plain words, naming the sites.
-    fn failed(&mut self, phase: SecurePhase, error: &SecAggError) -> Failed {
+    fn failed(&mut self, phase: Phase, error: &SecAggError) -> Failed {
+        if phase == Phase::Unmask {
+            let missing = std::mem::take(&mut self.unmask_missing);
+            self.dropped.extend(missing);
+        }
         let what = match error {
             SecAggError::Abort(why) => why.clone(),
             other => other.to_string(),

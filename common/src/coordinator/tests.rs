@@ -17,6 +17,7 @@ use super::*;
 use crate::data::Dataset;
 use crate::model::{Model, ModelSpec};
 use crate::secagg::harness::{TestPki, TestSigner};
+use crate::secagg::Phase;
 use crate::session::{Action, ClientSession, Job, SecureKeys};
 use crate::train::{CountScope, LossConfig, TrainConfig};
 use crate::trainer::{HeadData, Trainer};
@@ -29,9 +30,11 @@ struct Behaviour {
     /// Declines every plan with this reason.
     decline: Option<String>,
     /// Vanishes (its connection lost) when it receives this phase's request of this round.
-    vanish_at: Option<(u64, SecurePhase)>,
+    vanish_at: Option<(u64, Phase)>,
     /// Never answers this phase's request of this round (but stays connected).
-    silent_at: Option<(u64, SecurePhase)>,
+    silent_at: Option<(u64, Phase)>,
+    /// Never answers this phase's request from this round on.
+    silent_from: Option<(u64, Phase)>,
     /// How long each reply takes to arrive.
     latency: Duration,
 }
@@ -46,14 +49,14 @@ struct Site {
 }
 
 /// The phase a request belongs to.
-fn phase_of(msg: &ServerMsg) -> SecurePhase {
+fn phase_of(msg: &ServerMsg) -> Phase {
     match msg {
-        ServerMsg::Plan(_) => SecurePhase::Join,
-        ServerMsg::Joined { .. } => SecurePhase::Advertise,
-        ServerMsg::Adverts { .. } => SecurePhase::ShareKeys,
-        ServerMsg::Shares { .. } => SecurePhase::MaskedInput,
-        ServerMsg::Survivors { .. } => SecurePhase::Confirm,
-        _ => SecurePhase::Unmask,
+        ServerMsg::Plan(_) => Phase::Join,
+        ServerMsg::Joined { .. } => Phase::Advertise,
+        ServerMsg::Adverts { .. } => Phase::ShareKeys,
+        ServerMsg::Shares { .. } => Phase::MaskedInput,
+        ServerMsg::Survivors { .. } => Phase::Confirm,
+        _ => Phase::Unmask,
     }
 }
 
@@ -180,7 +183,8 @@ impl Sim {
             self.coordinator.client_disconnected(&to);
             return;
         }
-        if site.behaviour.silent_at == Some((round, phase)) {
+        let silent_from = site.behaviour.silent_from.is_some_and(|(from, p)| p == phase && round >= from);
+        if site.behaviour.silent_at == Some((round, phase)) || silent_from {
             return;
         }
         let arrival = self.now + site.behaviour.latency;
@@ -302,14 +306,7 @@ fn plain_rounds_average_real_training() {
 /// aborted rounds do not use up `rounds`.
 #[test]
 fn secure_rounds_survive_or_abort_clearly_with_a_dropout_at_every_phase() {
-    let phases = [
-        SecurePhase::Join,
-        SecurePhase::Advertise,
-        SecurePhase::ShareKeys,
-        SecurePhase::MaskedInput,
-        SecurePhase::Confirm,
-        SecurePhase::Unmask,
-    ];
+    let phases = [Phase::Join, Phase::Advertise, Phase::ShareKeys, Phase::MaskedInput, Phase::Confirm, Phase::Unmask];
     for (i, phase) in phases.into_iter().enumerate() {
         let mut sites: Vec<(String, Behaviour)> = (0..6).map(|i| (format!("c{i:03}"), Behaviour::default())).collect();
         sites[1].1.vanish_at = Some((2, phase));
@@ -321,14 +318,14 @@ fn secure_rounds_survive_or_abort_clearly_with_a_dropout_at_every_phase() {
         assert!(two.completed, "{phase:?}: {two:?}");
         // Before it masked its input a vanished site is simply not in the sum; after, its
         // input is in it and the unmasking phase (which it misses) does not need it.
-        let in_sum = matches!(phase, SecurePhase::Confirm | SecurePhase::Unmask);
+        let in_sum = matches!(phase, Phase::Confirm | Phase::Unmask);
         assert_eq!(two.participants, if in_sum { 6 } else { 5 }, "{phase:?}");
         if !in_sum {
             assert!(two.dropped.iter().any(|(id, why)| id == "c001" && why.contains("connection lost")), "{two:?}");
         }
         let three = sim.reports.iter().find(|r| r.round == 3).unwrap();
         assert!(three.completed, "{phase:?}: {three:?}");
-        if phase != SecurePhase::Unmask && phase != SecurePhase::Confirm {
+        if phase != Phase::Unmask && phase != Phase::Confirm {
             assert!(
                 three.dropped.iter().any(|(id, why)| id == "c002" && why.contains("missed the")),
                 "{phase:?}: {three:?}"
@@ -346,8 +343,8 @@ fn a_dropout_that_aborts_a_round_names_the_sites_and_the_round_does_not_count() 
     // unmasking has too few shares.
     let mut sites: Vec<(String, Behaviour)> =
         ["hospital-a", "hospital-b", "hospital-c"].iter().map(|s| (s.to_string(), Behaviour::default())).collect();
-    sites[0].1.silent_at = Some((2, SecurePhase::Advertise));
-    sites[1].1.silent_at = Some((2, SecurePhase::Advertise));
+    sites[0].1.silent_at = Some((2, Phase::Advertise));
+    sites[1].1.silent_at = Some((2, Phase::Advertise));
     let mut fed = federation(Collection::Secure, 3, 3);
     fed.backoff = SiteBackoff { after_failures: 3, ..SiteBackoff::default() };
     let mut sim = Sim::with_sites(fed, SPEC, 5, sites, false);
@@ -452,6 +449,17 @@ fn differential_privacy_is_accounted_every_round_and_the_budget_stops_the_federa
     let sizes: std::collections::BTreeSet<usize> = sim.reports.iter().map(|r| r.charged.len()).collect();
     assert!(sizes.len() > 1, "{sizes:?}");
     assert!(sim.reports.iter().filter(|r| r.completed).all(|r| r.charged.len() >= 3));
+    // Write-ahead: each private round's start carries its sample and the sites charged, before
+    // any of its plans (the driver stores them first, so a crash loses no accounting).
+    for report in sim.reports.iter().filter(|r| !r.charged.is_empty()) {
+        let started = sim.events.iter().find_map(|e| match e {
+            Event::RoundStarted { round, cohort, noise_multiplier, sampling_rate, .. } if *round == report.round => {
+                Some((cohort.clone(), *noise_multiplier, *sampling_rate))
+            }
+            _ => None,
+        });
+        assert_eq!(started, Some((report.charged.clone(), Some(2.0), Some(0.25))), "round {}", report.round);
+    }
     let notes: Vec<&str> = sim.reports.iter().map(|r| r.note.as_str()).collect();
     assert!(sim.completed().len() > 5, "{notes:#?}");
 }
@@ -508,6 +516,55 @@ fn too_few_clients_stop_the_federation_after_the_wait() {
     assert_eq!(stop, StopReason::NotEnoughClients { connected: 1, needed: 2, waited_secs: 30.0 });
 }
 
+/// Review finding: with secure collection and the default `min_clients = 1`, one connected site
+/// made a cohort of one, whose session cannot start; five such aborts in milliseconds stopped
+/// the server before a second site connected. A secure round now waits for two.
+#[test]
+fn a_secure_federation_waits_for_two_sites_even_with_min_clients_one() {
+    let mut fed = federation(Collection::Secure, 3, 3);
+    fed.min_clients = 1;
+    let mut sim = Sim::new(fed, SPEC, 1, 1, false);
+    let stop = sim.run(Duration::from_secs(1_000));
+    assert_eq!(stop, StopReason::NotEnoughClients { connected: 1, needed: 2, waited_secs: 30.0 });
+    assert!(sim.reports.is_empty(), "no round was tried with one site: {:?}", sim.reports);
+}
+
+/// Review finding: a survivor that withholds its shares for unmasking made the sum fail without
+/// being named, so it never backed off and aborted rounds for ever. It is now named in the
+/// abort and its failures count.
+#[test]
+fn a_site_withholding_its_unmask_shares_is_named_and_backs_off() {
+    let mut sites: Vec<(String, Behaviour)> = (0..3).map(|i| (format!("c{i:03}"), Behaviour::default())).collect();
+    sites[1].1.silent_at = Some((1, Phase::Unmask));
+    sites[1].1.silent_from = Some((2, Phase::Unmask));
+    let mut fed = federation(Collection::Secure, 2, 3);
+    fed.backoff = SiteBackoff { after_failures: 2, initial_secs: 600.0, max_secs: 600.0 };
+    fed.max_consecutive_aborts = 10;
+    let mut sim = Sim::with_sites(fed, SPEC, 3, sites, false);
+    sim.run(Duration::from_secs(100_000));
+    count(&sim);
+    let first = &sim.reports[0];
+    assert!(!first.completed, "{first:?}");
+    assert!(first.note.contains("c001 missed the 5 s deadline for shares for unmasking"), "{}", first.note);
+    let backed_off = sim.events.iter().any(|e| matches!(e, Event::BackingOff { client, .. } if client == "c001"));
+    assert!(backed_off, "the withholder backs off after failing twice");
+}
+
+/// Review finding: a straggler that answers each phase just before its deadline used to leave
+/// the masked-input phase no time at all (its deadline was the round's, already past), and every
+/// honest site was dropped for "missing" it. The phase now gets at least a phase's time.
+#[test]
+fn a_straggler_cannot_squeeze_the_masked_input_phase_to_nothing() {
+    let mut sites: Vec<(String, Behaviour)> = (0..4).map(|i| (format!("c{i:03}"), Behaviour::default())).collect();
+    sites[3].1.latency = Duration::from_millis(4_900);
+    let mut fed = federation(Collection::Secure, 2, 4);
+    fed.round_timeout_secs = 12.0;
+    let mut sim = Sim::with_sites(fed, SPEC, 4, sites, false);
+    assert_eq!(sim.run(Duration::from_secs(100_000)), StopReason::Finished { rounds: 2 });
+    count(&sim);
+    assert!(sim.reports.iter().all(|r| r.completed && r.participants == 4), "{:?}", sim.reports);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -519,8 +576,8 @@ proptest! {
         faults in proptest::collection::vec((0usize..6, 1u64..8, 0usize..6, any::<bool>()), 0..6),
         seed in any::<u64>(),
     ) {
-        let phases = [SecurePhase::Join, SecurePhase::Advertise, SecurePhase::ShareKeys,
-            SecurePhase::MaskedInput, SecurePhase::Confirm, SecurePhase::Unmask];
+        let phases = [Phase::Join, Phase::Advertise, Phase::ShareKeys,
+            Phase::MaskedInput, Phase::Confirm, Phase::Unmask];
         let mut sites: Vec<(String, Behaviour)> = (0..6).map(|i| (format!("c{i:03}"), Behaviour::default())).collect();
         for (site, round, phase, vanish) in faults {
             if vanish {

@@ -43,6 +43,7 @@ struct SharePair {
     key: Share,
 }
 
+/// Where this client's session stands, with what each step keeps.
 enum Phase {
     Joined { nonce: [u8; 32] },
     Advertised,
@@ -53,13 +54,14 @@ enum Phase {
 }
 
 impl Phase {
+    /// The name of the phase the session is in, in the vocabulary of [`super::Phase`].
     fn name(&self) -> &'static str {
         match self {
-            Phase::Joined { .. } => "join",
-            Phase::Advertised => "advertise keys",
-            Phase::SharesSent { .. } => "share keys",
-            Phase::MaskedSent { .. } => "masked input",
-            Phase::Confirmed { .. } => "consistency",
+            Phase::Joined { .. } => super::Phase::Join.name(),
+            Phase::Advertised => super::Phase::Advertise.name(),
+            Phase::SharesSent { .. } => super::Phase::ShareKeys.name(),
+            Phase::MaskedSent { .. } => super::Phase::MaskedInput.name(),
+            Phase::Confirmed { .. } => super::Phase::Confirm.name(),
             Phase::Done => "done",
         }
     }

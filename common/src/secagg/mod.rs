@@ -555,6 +555,61 @@ pub trait PeerVerifier {
     fn verify_signature(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
 }
 
+/// The phases of a secure sum, in order: one vocabulary for the server state machine, the
+/// coordinator that drives it, the client daemon's fault hooks and the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Plans out, nonces back.
+    Join,
+    /// The join list out, signed key adverts back.
+    Advertise,
+    /// The neighbours' adverts out, sealed shares back.
+    ShareKeys,
+    /// The shares out, masked inputs back (once each client has trained).
+    MaskedInput,
+    /// The survivor list out, signed confirmations back.
+    Confirm,
+    /// The confirmations out, shares for unmasking back.
+    Unmask,
+}
+
+impl Phase {
+    /// The phase's short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Join => "join",
+            Phase::Advertise => "advertise keys",
+            Phase::ShareKeys => "share keys",
+            Phase::MaskedInput => "masked input",
+            Phase::Confirm => "confirm the survivors",
+            Phase::Unmask => "unmask",
+        }
+    }
+
+    /// What the phase waits for, for logs and reports.
+    pub fn wanted(self) -> &'static str {
+        match self {
+            Phase::Join => "a nonce (its answer to the plan)",
+            Phase::Advertise => "a key advert",
+            Phase::ShareKeys => "sealed shares",
+            Phase::MaskedInput => "a masked input",
+            Phase::Confirm => "a confirmation of the survivor list",
+            Phase::Unmask => "shares for unmasking",
+        }
+    }
+
+    /// Where in the session it is, in plain words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Phase::Join => "when the plans went out",
+            Phase::Advertise | Phase::ShareKeys => "during the key exchange",
+            Phase::MaskedInput => "while collecting the masked updates",
+            Phase::Confirm => "while the survivors confirmed who is in the sum",
+            Phase::Unmask => "while unmasking the sum",
+        }
+    }
+}
+
 /// The fewest inputs of a secure sum of counts (a label census, a federated evaluation): a sum
 /// of one or two clients' histograms is (nearly) each of them. The coordinator never asks for
 /// less, and a client never sends counts into less.

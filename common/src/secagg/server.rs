@@ -9,35 +9,10 @@ use super::crypto::{self, KeyPair};
 use super::shamir::{self, Share};
 use super::{
     advert_message, mask_info, seed_commitment, share_commitment, shown, Confirmation, JoinList, Joined, KeyAdvert,
-    MaskedInput, MaskingList, PeerVerifier, Rejection, SealedShares, SecAggError, SecAggSetup, SharedKeys,
+    MaskedInput, MaskingList, PeerVerifier, Phase, Rejection, SealedShares, SecAggError, SecAggSetup, SharedKeys,
     SurvivorList, UnmaskReply, UnmaskRequest, Weakened,
 };
 use crate::peer::ClientId;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Join,
-    Advertise,
-    Share,
-    Masked,
-    Consistency,
-    Unmask,
-    Done,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Join => "join",
-            Phase::Advertise => "advertise keys",
-            Phase::Share => "share keys",
-            Phase::Masked => "masked input",
-            Phase::Consistency => "consistency",
-            Phase::Unmask => "unmask",
-            Phase::Done => "done",
-        }
-    }
-}
 
 /// The commitments of the pair of shares one client dealt another.
 #[derive(Clone, Copy)]
@@ -62,7 +37,8 @@ pub struct SecAggServer {
     /// Known once the joins close; zero before.
     session: [u8; 32],
     graph: Vec<Vec<usize>>,
-    phase: Phase,
+    /// `None` once finished (or aborted).
+    phase: Option<Phase>,
     adverts: BTreeMap<usize, KeyAdvert>,
     /// Shares from each sender (U2 = the keys), until they are routed.
     outgoing: BTreeMap<usize, Vec<SealedShares>>,
@@ -91,7 +67,7 @@ impl std::fmt::Debug for SecAggServer {
         f.debug_struct("SecAggServer")
             .field("round", &self.setup.round)
             .field("purpose", &self.setup.purpose)
-            .field("phase", &self.phase.name())
+            .field("phase", &self.phase.map_or("done", Phase::name))
             .field("cohort", &self.setup.cohort.len())
             .finish_non_exhaustive()
     }
@@ -107,7 +83,7 @@ impl SecAggServer {
             joined: BTreeMap::new(),
             session: [0; 32],
             graph: Vec::new(),
-            phase: Phase::Join,
+            phase: Some(Phase::Join),
             adverts: BTreeMap::new(),
             outgoing: BTreeMap::new(),
             dealt: BTreeMap::new(),
@@ -145,15 +121,15 @@ impl SecAggServer {
     }
 
     fn expect(&self, phase: Phase, what: &'static str) -> Result<(), SecAggError> {
-        if self.phase == phase {
+        if self.phase == Some(phase) {
             Ok(())
         } else {
-            Err(SecAggError::Phase(what, self.phase.name()))
+            Err(SecAggError::Phase(what, self.phase.map_or("done", Phase::name)))
         }
     }
 
     fn abort(&mut self, why: String) -> SecAggError {
-        self.phase = Phase::Done;
+        self.phase = None;
         SecAggError::Abort(why)
     }
 
@@ -202,7 +178,7 @@ impl SecAggServer {
         let list = JoinList { joined: joined.collect() };
         self.session = self.setup.session_under(&list, self.weakened);
         self.graph = self.setup.neighbours(&self.session);
-        self.phase = Phase::Advertise;
+        self.phase = Some(Phase::Advertise);
         Ok(list)
     }
 
@@ -262,7 +238,7 @@ impl SecAggServer {
             let n = self.adverts.len();
             return Err(self.abort(format!("{n} clients advertised valid keys; at least {} are needed", t + 1)));
         }
-        self.phase = Phase::Share;
+        self.phase = Some(Phase::ShareKeys);
         Ok(self
             .adverts
             .keys()
@@ -275,7 +251,7 @@ impl SecAggServer {
 
     /// Phase 2: takes a client's sealed shares (checking their addresses) and its refusals.
     pub fn handle_shares(&mut self, from: &str, keys: SharedKeys) -> Result<(), SecAggError> {
-        self.expect(Phase::Share, "sealed shares")?;
+        self.expect(Phase::ShareKeys, "sealed shares")?;
         let i = self.index(from)?;
         if !self.adverts.contains_key(&i) {
             return Err(SecAggError::Peer(format!("`{from}` sent shares without advertising keys")));
@@ -312,7 +288,7 @@ impl SecAggServer {
     /// Ends phase 2: for each client that sent shares, the shares addressed to it by the
     /// others that did (U2).
     pub fn close_shares(&mut self) -> Result<BTreeMap<String, Vec<SealedShares>>, SecAggError> {
-        self.expect(Phase::Share, "closing the shares")?;
+        self.expect(Phase::ShareKeys, "closing the shares")?;
         let t = self.setup.params.threshold;
         if self.outgoing.len() < t + 1 {
             let n = self.outgoing.len();
@@ -362,7 +338,7 @@ impl SecAggServer {
                 }
             }
         }
-        self.phase = Phase::Masked;
+        self.phase = Some(Phase::MaskedInput);
         Ok(inbox)
     }
 
@@ -384,7 +360,7 @@ impl SecAggServer {
         input: MaskedInput,
         verifier: &dyn PeerVerifier,
     ) -> Result<(), SecAggError> {
-        self.expect(Phase::Masked, "a masked input")?;
+        self.expect(Phase::MaskedInput, "a masked input")?;
         let i = self.index(from)?;
         if !self.shared(i) {
             return Err(SecAggError::Peer(format!("`{from}` sent a masked input without sharing keys")));
@@ -427,13 +403,13 @@ impl SecAggServer {
 
     /// Ends phase 3: the survivor list (the same for every survivor), if it is long enough.
     pub fn close_masked(&mut self) -> Result<SurvivorList, SecAggError> {
-        self.expect(Phase::Masked, "closing the masked inputs")?;
+        self.expect(Phase::MaskedInput, "closing the masked inputs")?;
         let needed = self.setup.params.threshold.max(self.setup.min_inputs);
         if self.survivors.len() < needed {
             let n = self.survivors.len();
             return Err(self.abort(format!("{n} clients sent masked inputs; at least {needed} are needed")));
         }
-        self.phase = Phase::Consistency;
+        self.phase = Some(Phase::Confirm);
         Ok(SurvivorList { survivors: self.survivors() })
     }
 
@@ -444,7 +420,7 @@ impl SecAggServer {
         signature: Vec<u8>,
         verifier: &dyn PeerVerifier,
     ) -> Result<(), SecAggError> {
-        self.expect(Phase::Consistency, "a confirmation")?;
+        self.expect(Phase::Confirm, "a confirmation")?;
         let i = self.index(from)?;
         if !self.survivors.contains(&i) || self.confirmations.contains_key(&i) {
             return Err(SecAggError::Peer(format!("`{from}` is not a survivor or confirmed twice")));
@@ -472,7 +448,7 @@ impl SecAggServer {
     /// for all) and its surviving neighbours' masking lists. Aborts when the committee's quorum
     /// did not confirm: no client would reveal anything.
     pub fn close_confirmations(&mut self) -> Result<BTreeMap<String, UnmaskRequest>, SecAggError> {
-        self.expect(Phase::Consistency, "closing the confirmations")?;
+        self.expect(Phase::Confirm, "closing the confirmations")?;
         let committee = self.setup.committee(&self.session);
         let quorum = self.setup.quorum(committee.len());
         let confirmations = self.confirmations_of(&committee);
@@ -483,7 +459,7 @@ impl SecAggServer {
                 committee.len()
             )));
         }
-        self.phase = Phase::Unmask;
+        self.phase = Some(Phase::Unmask);
         Ok(self
             .confirmations
             .keys()
@@ -645,7 +621,7 @@ impl SecAggServer {
                 crypto::apply_mask(&mut sum, &seed, bits, m > j);
             }
         }
-        self.phase = Phase::Done;
+        self.phase = None;
         // Masks hide any residue, so nobody can check one input's range; but the sum of n
         // in-range inputs lies in [0, n max_code]. A sum outside it holds an out-of-range input
         // (whose sender cannot be told): the round's sum is not used. (A private round wraps by
