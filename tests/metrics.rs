@@ -15,7 +15,13 @@ async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await.unwrap().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await.unwrap() {
+        Ok(_) => {}
+        // A connection closed unanswered with our request unread is reset, not finished (seen
+        // under load in CI): both are "closed unanswered".
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && response.is_empty() => {}
+        Err(e) => panic!("reading the response: {e}"),
+    }
     String::from_utf8(response).unwrap()
 }
 
