@@ -1,7 +1,7 @@
 //! One plain round, free of I/O, and cohort sampling.
 //!
-//! A [`Round`] is created by the [`Coordinator`](crate::coordinator::Coordinator) for a
-//! selected cohort with a deadline, fed updates and dropouts (`handle_update`,
+//! A [`Round`] is created by the coordinator (`coordinator::Coordinator`, which uses this
+//! module) for a selected cohort with a deadline, fed updates and dropouts (`handle_update`,
 //! `handle_dropout`), polled with the current time (`poll`), and finished into a
 //! [`RoundOutcome`]. How updates are combined sits behind the [`Collector`] seam:
 //! [`PlainCollector`] sums weighted deltas in the clear. (Secure rounds are the coordinator's

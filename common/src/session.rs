@@ -8,7 +8,7 @@
 //! which session, and every decline with its reason. It does no I/O and no training: no candle,
 //! no locks, no clock. The driver (`cohort-client`'s daemon, or the socket-free federation
 //! harness in the coordinator's tests) moves bytes and files and runs the jobs on a
-//! [`Trainer`](crate::trainer::Trainer):
+//! `trainer::Trainer` (named, not linked: the trainer depends on this module, not the reverse):
 //!
 //! ```text
 //! loop {

@@ -17,6 +17,8 @@
 //!   have not said hello, one per identity, deadlines), admission of registered, unrevoked
 //!   certificates, the hello and welcome, the registry of connected clients, and the watch that
 //!   closes revoked ones within a second.
+//! - `resume` (private): what cohort.db and the checkpoint files remember of earlier runs, for
+//!   the coordinator (interrupted rounds marked first).
 //! - `publish` (private): test-set evaluation off the loop, then reports, logs and metrics in
 //!   round order.
 //! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
@@ -49,5 +51,6 @@ mod connections;
 pub mod metrics;
 pub mod pki;
 mod publish;
+mod resume;
 pub mod serve;
 pub mod store;

@@ -7,7 +7,7 @@
 //! publishes reports and metrics. It makes no protocol decision: who is sampled, what a plan
 //! holds, when a phase ends, why a round aborted and when to stop are the coordinator's.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use cohort_common::coordinator::{
-    Checkpoint, Coordinator, CoordinatorSetup, Event, Output, PrivacyRow, Request, RequestId, Resume, StopReason,
+    Checkpoint, Coordinator, CoordinatorSetup, Event, Output, Request, RequestId, StopReason,
 };
 use cohort_common::data::Dataset;
-use cohort_common::model::{vectors_from_safetensors, vectors_to_safetensors, Model, ModelSpec};
+use cohort_common::model::{vectors_to_safetensors, Model, ModelSpec};
 use cohort_common::train::TrainError;
 use cohort_common::wire::{self, ClientId, ClientMsg, ServerMsg, Task};
 use cohort_io::secagg_keys::CaVerifier;
@@ -175,68 +175,6 @@ impl Server {
         result
     }
 
-    /// What cohort.db and the checkpoint files remember of earlier runs.
-    fn resume(&self, model: &Model) -> Result<Resume, ServeError> {
-        let store = self.store.lock().expect("store lock");
-        let interrupted = store.mark_interrupted()?;
-        if interrupted > 0 {
-            warn!(
-                "{interrupted} round(s) were in progress when the server last stopped: recorded as interrupted, their \
-                 samples accounted"
-            );
-        }
-        let (last_round, done) = store.resume_point()?;
-        let mut resume = Resume {
-            last_round,
-            completed: store.completed_rounds()?,
-            privacy: store
-                .rounds()?
-                .iter()
-                .map(|r| PrivacyRow {
-                    sampling_rate: r.sampling_rate,
-                    noise_multiplier: r.noise_multiplier,
-                    too_few_probability: r.too_few_probability,
-                    clip: r.clip,
-                    unclipped: r.unclipped,
-                })
-                .collect(),
-            participations: store.dp_participations()?,
-            census: store.last_census()?,
-            ..Resume::default()
-        };
-        drop(store);
-        if let Some((round, checkpoint)) = done {
-            let path = self.setup.state.dir.join(checkpoint);
-            let damaged = |problem: String| ServeError::Checkpoint { path: path.display().to_string(), problem };
-            let bytes = std::fs::read(&path).map_err(|e| damaged(e.to_string()))?;
-            model.load_safetensors(&bytes).map_err(|e| damaged(e.to_string()))?;
-            resume.params = Some(model.flat()?);
-            info!(round, checkpoint = %path.display(), "resuming from the last completed round");
-            resume.optimizer = self.saved_optimizer(round, model.layout().total_len())?;
-        }
-        Ok(resume)
-    }
-
-    /// The server optimizer's state saved with round `round`'s checkpoint. A missing file (an
-    /// older state directory) restarts the optimizer from zero, with a warning; a damaged one is
-    /// an error.
-    fn saved_optimizer(&self, round: u64, params: usize) -> Result<Option<BTreeMap<String, Vec<f32>>>, ServeError> {
-        if self.setup.federation.strategy.build(params).map(|s| s.state().is_empty()).unwrap_or(true) {
-            return Ok(None);
-        }
-        let path = self.setup.state.optimizer_checkpoint(round);
-        if !path.exists() {
-            warn!(round, "no saved state of the server optimizer for round {round}; it starts from zero");
-            return Ok(None);
-        }
-        let damaged = |problem: String| ServeError::Checkpoint {
-            path: path.display().to_string(),
-            problem: format!("{problem}; remove the file to restart the server optimizer from zero"),
-        };
-        let bytes = std::fs::read(&path).map_err(|e| damaged(e.to_string()))?;
-        Ok(Some(vectors_from_safetensors(&bytes).map_err(|e| damaged(e.to_string()))?))
-    }
-
     fn enrolled(&self) -> Result<Vec<ClientId>, ServeError> {
         let clients = self.store.lock().expect("store lock").clients()?;
         Ok(clients.into_iter().filter(|c| !c.revoked).map(|c| c.id).collect())
@@ -246,7 +184,7 @@ impl Server {
     async fn drive(&self, shutdown: &CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
         let fed = &self.setup.federation;
         let model = Arc::new(Model::new(&self.setup.spec, &Device::Cpu, fed.seed)?);
-        let resume = self.resume(&model)?;
+        let resume = crate::resume::resume(&self.store, &self.setup, &model)?;
         let setup = CoordinatorSetup {
             federation: fed.clone(),
             spec: self.setup.spec.clone(),
