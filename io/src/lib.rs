@@ -50,6 +50,9 @@ pub enum NetError {
     Tls(String),
     #[error("cannot bind the UDP socket: {0}")]
     Bind(std::io::Error),
+    /// Binding a given address failed: the message names it and what to do.
+    #[error("cannot listen on {addr} (UDP): {source}; is another server (or another program) using that port? Choose another `listen` address or stop it")]
+    BindAddress { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
     #[error("connection lost: {0}")]
@@ -374,7 +377,7 @@ pub fn bind_udp(addr: std::net::SocketAddr) -> Result<std::net::UdpSocket, NetEr
     }
     let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
-    socket.bind(&addr.into()).map_err(NetError::Bind)?;
+    socket.bind(&addr.into()).map_err(|source| NetError::BindAddress { addr, source })?;
     Ok(socket.into())
 }
 
@@ -502,4 +505,18 @@ pub async fn recv_payload(recv: &mut quinn::RecvStream, cap: usize) -> Result<Ve
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(NetError::from_read)?;
     Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15: a port in use said only "cannot bind the UDP socket: Address in use".
+    #[test]
+    fn a_listen_address_in_use_is_named() {
+        let taken = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = bind_udp(addr).unwrap_err().to_string();
+        assert!(err.contains(&addr.to_string()) && err.contains("listen"), "{err}");
+    }
 }

@@ -132,6 +132,14 @@ mod tests {
     }
 
     #[test]
+    fn a_phase_timeout_past_any_deadline_is_refused() {
+        // Issue 15: 1e19 passed the check and panicked the server when round 1 set its deadline.
+        let text = "model = 'm.toml'\n[federation]\nrounds = 1\n[federation.secagg]\nphase_timeout_secs = 1e19\n";
+        let err = ServerConfigFile::from_toml(text).err().unwrap();
+        assert!(err.contains("phase_timeout_secs = 10000000000000000000 must be"), "{err}");
+    }
+
+    #[test]
     fn a_huge_secure_cohort_is_an_error_not_an_allocation() {
         // Found in review, confirmed with the `server_config_toml` target: the check built a
         // trial cohort of clients_per_round ids before asking whether a secure session takes that

@@ -17,8 +17,9 @@
 //!   have not said hello, one per identity, deadlines), admission of registered, unrevoked
 //!   certificates, the hello and welcome, the registry of connected clients, and the watch that
 //!   closes revoked ones within a second.
-//! - `resume` (private): what cohort.db and the checkpoint files remember of earlier runs, for
-//!   the coordinator (interrupted rounds marked first).
+//! - [`resume`]: what cohort.db and the checkpoint files remember of earlier runs, for
+//!   the coordinator (interrupted rounds marked first), and [`resume::read_checkpoint`], which
+//!   checks a checkpoint's name and contents before it is resumed from or exported.
 //! - `publish` (private): test-set evaluation off the loop, then reports, logs and metrics in
 //!   round order.
 //! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
@@ -51,6 +52,6 @@ mod connections;
 pub mod metrics;
 pub mod pki;
 mod publish;
-mod resume;
+pub mod resume;
 pub mod serve;
 pub mod store;

@@ -233,7 +233,7 @@ fn main() -> Result<()> {
             );
         }
         Command::Revoke { state, client_id, serial, cert } => {
-            let mut store = Store::open(&StatePaths::new(&state).database())?;
+            let mut store = Store::open_existing(&StatePaths::new(&state).database())?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
             let serial = match cert {
                 Some(path) => {
@@ -312,7 +312,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Rounds { state, json } => {
-            let store = Store::open(&StatePaths::new(&state).database())?;
+            let store = Store::open_existing(&StatePaths::new(&state).database())?;
             let rounds = store.rounds()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
@@ -380,7 +380,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Clients { state } => {
-            let store = Store::open(&StatePaths::new(&state).database())?;
+            let store = Store::open_existing(&StatePaths::new(&state).database())?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
             let certificates = store.certificates()?;
             println!("{:<24} {:>8} {:>7} {:>8} {:<28}", "client", "revoked", "rounds", "declines", "last seen");
@@ -414,7 +414,7 @@ fn main() -> Result<()> {
         }
         Command::Export { state, round, out } => {
             let paths = StatePaths::new(&state);
-            let store = Store::open(&paths.database())?;
+            let store = Store::open_existing(&paths.database())?;
             let rounds = store.rounds()?;
             let row = match round {
                 Some(n) => rounds
@@ -424,8 +424,7 @@ fn main() -> Result<()> {
                 None => rounds.iter().rev().find(|r| r.status == "completed").context("no completed round yet")?,
             };
             let Some(checkpoint) = &row.checkpoint else { bail!("round {} was aborted; it has no model", row.round) };
-            let bytes =
-                std::fs::read(paths.dir.join(checkpoint)).with_context(|| format!("cannot read {checkpoint}"))?;
+            let (bytes, _) = cohort_server::resume::read_checkpoint(&paths, checkpoint, None)?;
             cohort_io::files::write_atomic(&out, &bytes)?;
             println!("wrote the global model after round {} to {}", row.round, out.display());
         }

@@ -16,6 +16,11 @@ pub enum StoreError {
     #[error("database {path}: {source}")]
     Sqlite { path: String, source: rusqlite::Error },
     #[error(
+        "there is no {path}: is `--state` the directory `cohort-server init` made? (run `cohort-server init --state \
+         DIR --name NAME --san HOST` to make one)"
+    )]
+    Missing { path: String },
+    #[error(
         "client `{client}` is already enrolled, with {active} active certificate(s); to give it another one while \
          the old stays valid until it expires, add --renew; to revoke the old one at once (a lost or stolen key), \
          add --replace"
@@ -296,6 +301,16 @@ const ADDED_ROUND_COLUMNS: [(&str, &str); 9] = [
 ];
 
 impl Store {
+    /// Opens the database of an existing state directory; a missing one is an error (the
+    /// operator's commands never create a database where `init` did not make one).
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing { path: path.display().to_string() });
+        }
+        Self::open(path)
+    }
+
+    /// Opens the database, creating it (and its tables) if needed.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let p = path.display().to_string();
         let wrap = |source| StoreError::Sqlite { path: p.clone(), source };
@@ -819,6 +834,19 @@ mod tests {
         // Revocations are numbered in order, whatever the clock said.
         let numbered: Vec<i64> = store.revocations_after(1).unwrap().iter().map(|(n, _)| *n).collect();
         assert_eq!(numbered, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn commands_never_create_a_database_where_init_made_none() {
+        // Issue 15: `revoke` on an empty directory created a database, and `rounds` on a missing
+        // one printed "Error code 14: Unable to open the database file".
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.db");
+        let err = Store::open_existing(&path).err().unwrap().to_string();
+        assert!(err.contains("cohort-server init") && err.contains("cohort.db"), "{err}");
+        assert!(!path.exists(), "nothing was created");
+        Store::open(&path).unwrap();
+        assert!(Store::open_existing(&path).is_ok());
     }
 
     #[test]

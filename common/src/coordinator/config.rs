@@ -414,8 +414,16 @@ impl Federation {
         }
         if self.collection == Collection::Secure {
             let s = &self.secagg;
-            if !(s.phase_timeout_secs.is_finite() && s.phase_timeout_secs > 0.0) || s.sample_cap == 0 {
-                return Err("federation.secagg: phase_timeout_secs and sample_cap must be positive".into());
+            // Below 1e7 s (four months), like the other timeouts: a huge value overflowed the
+            // deadline arithmetic when round 1 started.
+            if !(s.phase_timeout_secs.is_finite() && s.phase_timeout_secs > 0.0 && s.phase_timeout_secs < 1e7) {
+                return Err(format!(
+                    "federation.secagg.phase_timeout_secs = {} must be a positive number of seconds below 1e7",
+                    s.phase_timeout_secs
+                ));
+            }
+            if s.sample_cap == 0 {
+                return Err("federation.secagg.sample_cap must be at least 1".into());
             }
             // Checked before the trial cohort below is built: one id per client.
             if self.clients_per_round > MAX_COHORT {
