@@ -10,11 +10,45 @@ use std::sync::Arc;
 use cohort_common::trainer::HeadData;
 
 /// The certificate and key, as separate PEM files or as one bundle.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, untagged)]
+///
+/// `[identity]` takes exactly one of two shapes: `bundle` alone, or `cert`, `key` and `ca`
+/// together. Any other key is refused with a message that names it and both shapes.
+#[derive(Debug, Clone)]
 pub enum IdentityFiles {
     Bundle { bundle: PathBuf },
     Files { cert: PathBuf, key: PathBuf, ca: PathBuf },
+}
+
+/// The shapes `[identity]` accepts, in the words of its error messages.
+const IDENTITY_SHAPES: &str = "`[identity]` takes either `bundle = \"ID.pem\"` (one PEM file with the certificate, \
+     key and CA) or all three of `cert = \"ID.crt\"`, `key = \"ID.key\"` and `ca = \"ca.crt\"`";
+
+impl<'de> Deserialize<'de> for IdentityFiles {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // Two steps: the keys as given, then the shape they make. (An untagged enum can only say
+        // that the table matched neither shape.)
+        let mut table = std::collections::BTreeMap::<String, PathBuf>::deserialize(deserializer)?;
+        if let Some(unknown) = table.keys().find(|k| !["bundle", "cert", "key", "ca"].contains(&k.as_str())) {
+            return Err(D::Error::custom(format!("unknown key `{unknown}` in `[identity]`; {IDENTITY_SHAPES}")));
+        }
+        let (bundle, cert, key, ca) =
+            (table.remove("bundle"), table.remove("cert"), table.remove("key"), table.remove("ca"));
+        match (bundle, cert, key, ca) {
+            (Some(bundle), None, None, None) => Ok(IdentityFiles::Bundle { bundle }),
+            (None, Some(cert), Some(key), Some(ca)) => Ok(IdentityFiles::Files { cert, key, ca }),
+            (Some(_), ..) => Err(D::Error::custom(format!(
+                "`[identity]` has `bundle` and also `cert`, `key` or `ca`; give one shape: {IDENTITY_SHAPES}"
+            ))),
+            (None, cert, key, ca) => {
+                let missing: Vec<&str> = [("cert", cert.is_none()), ("key", key.is_none()), ("ca", ca.is_none())]
+                    .into_iter()
+                    .filter_map(|(name, absent)| absent.then_some(name))
+                    .collect();
+                Err(D::Error::custom(format!("`[identity]` lacks `{}`; {IDENTITY_SHAPES}", missing.join("`, `"))))
+            }
+        }
+    }
 }
 
 impl IdentityFiles {
@@ -173,6 +207,18 @@ pub struct PrivacyBudget {
 }
 
 impl PrivacyBudget {
+    /// The one check of `[privacy]`, made by `check` and `run` alike (through
+    /// [`ClientConfig::from_toml`]): the ledger's own rules, so a budget the ledger would refuse
+    /// at start never passes the check. NaN, infinite, zero or negative `max_epsilon` is refused,
+    /// and `delta` outside (0, 1).
+    pub fn check(&self) -> Result<(), String> {
+        cohort_common::dp::PrivacyLedger::new(self.max_epsilon, self.delta, self.accounting()).map(|_| ()).map_err(
+            |e| {
+                format!("[privacy]: {e}; set `max_epsilon` to the most epsilon this client may spend (for example 8.0)")
+            },
+        )
+    }
+
     pub fn accounting(&self) -> cohort_common::dp::Accounting {
         if self.trust_server_sampling {
             cohort_common::dp::Accounting::SampledRounds
@@ -180,6 +226,35 @@ impl PrivacyBudget {
             cohort_common::dp::Accounting::Participations
         }
     }
+}
+
+/// The most classes a client's data (and a head's label `map`) may have: as many as one head of
+/// a model spec can have, whose confusion matrix (classes squared) must fit in
+/// [`cohort_common::model::MAX_CONFUSION_CELLS`]. A larger number is a mistake, and one the
+/// client would try to allocate counts for (`classes = 10^15` aborted it).
+pub const MAX_CLASSES: usize = cohort_common::model::MAX_CONFUSION_CELLS.isqrt();
+
+/// Refuses a data source with more than [`MAX_CLASSES`] classes; `place` names its table.
+fn check_classes(source: &DataSource, place: &str) -> Result<(), String> {
+    let (field, classes) = match source {
+        DataSource::Idx { classes, .. } => ("classes", *classes),
+        DataSource::Csv { options, .. } => match (&options.label_values, options.classes) {
+            (Some(values), _) => ("label_values", values.len()),
+            (None, Some(classes)) => ("classes", classes),
+            (None, None) => return Ok(()),
+        },
+    };
+    if classes > MAX_CLASSES {
+        let given = match field {
+            "classes" => format!("classes = {classes}"),
+            _ => format!("label_values has {classes} values"),
+        };
+        return Err(format!(
+            "{place}: {given}, more than the {MAX_CLASSES} classes a model head can have; set it to the number of \
+             distinct labels in the data"
+        ));
+    }
+    Ok(())
 }
 
 impl ClientConfig {
@@ -205,8 +280,24 @@ impl ClientConfig {
         if config.reconnect.initial_ms == 0 || config.reconnect.max_ms < config.reconnect.initial_ms {
             return Err("reconnect: initial_ms must be > 0 and max_ms >= initial_ms".into());
         }
-        if config.privacy.is_some() && config.state_dir.is_none() {
-            return Err("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into());
+        if let Some(privacy) = &config.privacy {
+            privacy.check()?;
+            if config.state_dir.is_none() {
+                return Err("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into());
+            }
+        }
+        check_classes(&config.data, "[data]")?;
+        for head in &config.heads {
+            let place = format!("[[heads]] `{}`", head.name);
+            if let Some(data) = &head.data {
+                check_classes(data, &format!("{place} data"))?;
+            }
+            if let Some(class) = head.map.iter().flatten().find(|&&c| c as usize >= MAX_CLASSES) {
+                return Err(format!(
+                    "{place}: map has the class {class}, and a head has at most {MAX_CLASSES} classes; map each label \
+                     of the data to one of the head's classes, 0 to its number of classes - 1"
+                ));
+            }
         }
         if config.min_sum_clients < cohort_common::secagg::MIN_TRAIN_INPUTS {
             return Err(format!(
@@ -262,5 +353,83 @@ mod tests {
         let short = "[[heads]]\nname = 'parity'\nmap = [0, 1]\n";
         let err = config(dir.path(), short).unwrap().head_data().unwrap_err().to_string();
         assert!(err.contains("parity") && err.contains("one entry per class"), "{err}");
+    }
+
+    /// `client.toml` with `identity` and `extra` (tables after `[data]`) spliced in.
+    fn parse(identity: &str, data: &str, extra: &str) -> Result<ClientConfig, String> {
+        let text = format!(
+            "server = 'fl.example.org:4433'\nstate_dir = 'state'\nidentity = {identity}\n\
+             [data]\nformat = 'csv'\npath = 'd.csv'\nlabel_column = 'digit'\n{data}\n{extra}"
+        );
+        ClientConfig::from_toml(&text, Path::new("/etc/cohort"))
+    }
+
+    const BUNDLE: &str = "{ bundle = 'me.pem' }";
+
+    #[test]
+    fn classes_and_label_maps_past_a_heads_limit_are_refused() {
+        assert_eq!(MAX_CLASSES, 4096);
+        parse(BUNDLE, "classes = 4096", "").unwrap();
+        // 10^15 classes aborted the client (allocation failure) when it counted its labels.
+        let err = parse(BUNDLE, "classes = 1000000000000000", "").unwrap_err();
+        assert!(err.contains("[data]: classes = 1000000000000000") && err.contains("4096"), "{err}");
+        let err = parse(BUNDLE, "classes = 4097", "").unwrap_err();
+        assert!(err.contains("[data]: classes = 4097"), "{err}");
+        let values = format!("label_values = {:?}", (0..5000).collect::<Vec<i64>>());
+        let err = parse(BUNDLE, &values, "").unwrap_err();
+        assert!(err.contains("[data]: label_values has 5000 values") && err.contains("4096"), "{err}");
+
+        let idx = "[[heads]]\nname = 'scan'\ndata = { format = 'idx', images = 'i', labels = 'l', classes = 100000 }";
+        let err = parse(BUNDLE, "classes = 10", idx).unwrap_err();
+        assert!(err.contains("[[heads]] `scan` data: classes = 100000"), "{err}");
+
+        // A map onto class 4294967295 made a head of 2^32 classes: 32 GiB of label counts.
+        let map = "[[heads]]\nname = 'parity'\nmap = [0, 1, 0, 1, 0, 1, 0, 1, 0, 4294967295]";
+        let err = parse(BUNDLE, "classes = 10", map).unwrap_err();
+        assert!(err.contains("[[heads]] `parity`: map has the class 4294967295") && err.contains("4096"), "{err}");
+        parse(BUNDLE, "classes = 10", "[[heads]]\nname = 'parity'\nmap = [0, 1, 0, 1, 0, 1, 0, 1, 0, 4095]").unwrap();
+    }
+
+    #[test]
+    fn a_budget_the_ledger_would_refuse_fails_the_check() {
+        // `check` and `run` both load through `from_toml`: NaN passed `check` and failed `run`.
+        parse(BUNDLE, "classes = 10", "[privacy]\nmax_epsilon = 8.0").unwrap();
+        for bad in ["nan", "inf", "-inf", "0.0", "-1.0"] {
+            let err = parse(BUNDLE, "classes = 10", &format!("[privacy]\nmax_epsilon = {bad}")).unwrap_err();
+            assert!(err.starts_with("[privacy]: max_epsilon = "), "{bad}: {err}");
+            assert!(err.contains("must be a positive number") && err.contains("for example 8.0"), "{bad}: {err}");
+        }
+        let err = parse(BUNDLE, "classes = 10", "[privacy]\nmax_epsilon = 8.0\ndelta = 1.5").unwrap_err();
+        assert!(err.contains("[privacy]: delta = 1.5"), "{err}");
+    }
+
+    #[test]
+    fn identity_errors_name_the_key_and_the_accepted_shapes() {
+        let files = "{ cert = 'me.crt', key = 'me.key', ca = 'ca.crt' }";
+        match parse(files, "classes = 10", "").unwrap().identity {
+            IdentityFiles::Files { cert, key, ca } => {
+                assert_eq!(
+                    (cert, key, ca),
+                    ("/etc/cohort/me.crt".into(), "/etc/cohort/me.key".into(), "/etc/cohort/ca.crt".into())
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse(BUNDLE, "classes = 10", "").unwrap().identity, IdentityFiles::Bundle { .. }));
+
+        let shapes =
+            |err: &str| err.contains("`bundle") && err.contains("`cert") && err.contains("`key") && err.contains("`ca");
+        for (identity, says) in [
+            ("{ bundel = 'me.pem' }", "unknown key `bundel` in `[identity]`"),
+            ("{ cert = 'a', key = 'b', ca = 'c', chain = 'd' }", "unknown key `chain` in `[identity]`"),
+            ("{ cert = 'a', key = 'b' }", "`[identity]` lacks `ca`"),
+            ("{ cert = 'a' }", "`[identity]` lacks `key`, `ca`"),
+            ("{}", "`[identity]` lacks `cert`, `key`, `ca`"),
+            ("{ bundle = 'a', cert = 'b' }", "has `bundle` and also"),
+        ] {
+            let err = parse(identity, "classes = 10", "").unwrap_err();
+            assert!(err.contains(says) && shapes(&err), "{identity}: {err}");
+            assert!(!err.contains("untagged"), "{identity}: {err}");
+        }
     }
 }
