@@ -32,6 +32,7 @@ enum Command {
     },
     /// Run the daemon: connect, train when asked, reconnect when the connection is lost.
     Run {
+        /// The client's configuration file (`client.toml`); paths in it are relative to it.
         #[arg(long)]
         config: PathBuf,
     },
@@ -39,6 +40,7 @@ enum Command {
     /// the operator), then `--install` the certificate they sign. The daemon keeps running with
     /// the current certificate until it is restarted.
     Renew {
+        /// The client's configuration file (`client.toml`); paths in it are relative to it.
         #[arg(long)]
         config: PathBuf,
         /// Where the pending `ID.renew.key` (mode 0600) and `ID.renew.csr` are kept (default:
@@ -52,15 +54,17 @@ enum Command {
     },
     /// Check the configuration, certificates and data, and say what is wrong.
     Check {
+        /// The client's configuration file (`client.toml`) to check; paths in it are relative to it.
         #[arg(long)]
         config: PathBuf,
     },
     /// Evaluate a global model (from `cohort-server export`) on this client's own data, with its
     /// personal heads: per head, accuracy, balanced accuracy, macro-F1 and recall per class.
     Evaluate {
+        /// The client's configuration file (`client.toml`); paths in it are relative to it.
         #[arg(long)]
         config: PathBuf,
-        /// The model file.
+        /// The model file to evaluate (from `cohort-server export`).
         #[arg(long)]
         model: PathBuf,
         /// The model spec (TOML), for files that do not carry one.
@@ -245,4 +249,28 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every option of every subcommand has a line of help (`--config`, `--out` had none).
+    #[test]
+    fn every_option_of_every_command_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut undocumented = Vec::new();
+        for command in cli.get_subcommands() {
+            assert!(command.get_about().is_some(), "`{}` has no help", command.get_name());
+            for arg in command.get_arguments().filter(|a| a.get_id() != "help" && a.get_id() != "version") {
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    undocumented.push(format!("{} --{}", command.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(undocumented.is_empty(), "options without help: {undocumented:?}");
+    }
 }
