@@ -13,7 +13,10 @@ use cohort_common::dp::PrivacyLedger;
 use cohort_common::secagg::Phase;
 use cohort_common::session::{Action, ClientSession, Job, JobId, JobKind, JobResult, Token};
 use cohort_common::trainer::Trainer;
-use cohort_common::wire::{self, ClientMsg, ServerMsg, WireError, MAX_FRAME_BYTES, REPLACED_CLOSE_CODE};
+use cohort_common::wire::{
+    self, ClientMsg, ServerMsg, WireError, FINISHED_CLOSE_REASON, MAX_FRAME_BYTES, REPLACED_CLOSE_CODE,
+    SHUTDOWN_CLOSE_CODE,
+};
 use cohort_io::{escape, recv_msg, send_msg, CertificateFacts, Identity, NetError};
 use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
@@ -118,6 +121,9 @@ const SERVER_SHUTDOWN: &str = "the server shut down";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Why `serve` returned when the certificate expired during a connection.
 const CERTIFICATE_EXPIRED: &str = "this client's certificate expired";
+/// Why `serve` returned when the server closed the connection because the federation is finished
+/// ([`FINISHED_CLOSE_REASON`]): the daemon stops instead of reconnecting.
+const FEDERATION_FINISHED: &str = "the federation is finished";
 /// Connections in a row that a newer connection with this client id may replace before the
 /// daemon stops: two daemons with one identity evict each other, so one of them must go.
 pub const MAX_REPLACEMENTS: u32 = 3;
@@ -126,6 +132,22 @@ pub const MAX_REPLACEMENTS: u32 = 3;
 /// it (another daemon with this identity connected).
 fn replaced_by_another(e: &quinn::ConnectionError) -> bool {
     matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == REPLACED_CLOSE_CODE.into())
+}
+
+/// What `serve` makes of the end of its connection: why it ended, in words (a stop of the server
+/// starts with [`SERVER_SHUTDOWN`]; the end of the federation is [`FEDERATION_FINISHED`]), and
+/// whether a newer connection with this client id replaced it.
+fn connection_ended(e: &quinn::ConnectionError) -> (String, bool) {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == SHUTDOWN_CLOSE_CODE.into() => {
+            if c.reason == FINISHED_CLOSE_REASON.as_bytes() {
+                (FEDERATION_FINISHED.into(), false)
+            } else {
+                (format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason)), false)
+            }
+        }
+        e => (e.to_string(), replaced_by_another(e)),
+    }
 }
 
 /// What a daemon says when another daemon with its id took its connection.
@@ -151,7 +173,8 @@ fn after_replacement(replaced: u32, id: &str, backoff: &Backoff, rng: &mut impl 
     Ok(delay)
 }
 
-/// Runs until `shutdown` is cancelled or the server refuses this client. Refuses to start with an
+/// Runs until `shutdown` is cancelled, the server refuses this client, or the server says the
+/// federation is finished ([`FINISHED_CLOSE_REASON`]: `Ok`). Refuses to start with an
 /// expired certificate ([`ClientError::Expired`]), warns at start, at each reconnection and
 /// daily while connected when it expires within [`renew::EXPIRY_WARNING_DAYS`], and stops when
 /// it expires. Its messages name the configuration `CLIENT.toml`: see [`run_with_config`].
@@ -284,6 +307,13 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                 }
                 if reason == CERTIFICATE_EXPIRED {
                     break Err(ClientError::Expired(renew::expired_notice(&certificate, config)));
+                }
+                if reason == FEDERATION_FINISHED {
+                    info!(
+                        "the server says the federation is finished; stopping. Start the daemon again to take part \
+                         in another federation"
+                    );
+                    break Ok(());
                 }
                 if was_replaced {
                     replaced += 1;
@@ -429,10 +459,7 @@ async fn serve(
                 Ok((send, recv)) => {
                     readers.spawn(read_request(send, recv));
                 }
-                Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into() => {
-                    return (format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason)), false);
-                }
-                Err(e) => return (e.to_string(), replaced_by_another(&e)),
+                Err(e) => return connection_ended(&e),
             },
             Some(read) = readers.join_next(), if !readers.is_empty() => match read {
                 Ok((send, Ok(msg))) => {
@@ -718,5 +745,30 @@ mod tests {
         let late: Vec<u64> = (0..20).map(|_| backoff_delay(&b, 10, &mut rng).as_millis() as u64).collect();
         assert!(late.iter().any(|&d| d > 500), "delays reach toward the cap: {late:?}");
         assert!(late.windows(2).any(|w| w[0] != w[1]), "delays are jittered: {late:?}");
+    }
+
+    fn closed(code: u32, reason: &'static str) -> quinn::ConnectionError {
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: code.into(),
+            reason: reason.as_bytes().into(),
+        })
+    }
+
+    /// The end of the federation stops the daemon (`drive` breaks with `Ok` on
+    /// `FEDERATION_FINISHED`); any other stop of the server is a restart to wait for. Before, every
+    /// close with the shutdown code was a restart: the daemon logged "reconnecting" forever.
+    #[test]
+    fn the_end_of_the_federation_is_told_from_a_restart() {
+        let finished = connection_ended(&closed(SHUTDOWN_CLOSE_CODE, FINISHED_CLOSE_REASON));
+        assert_eq!(finished, (FEDERATION_FINISHED.to_string(), false));
+        let restart = connection_ended(&closed(SHUTDOWN_CLOSE_CODE, "server shutting down"));
+        assert_eq!(restart, (format!("{SERVER_SHUTDOWN} (server shutting down)"), false));
+        assert_ne!(restart.0, FEDERATION_FINISHED);
+        // The finished reason with another code is not the end of the federation.
+        let other = connection_ended(&closed(7, FINISHED_CLOSE_REASON));
+        assert_ne!(other.0, FEDERATION_FINISHED);
+        assert!(!other.0.starts_with(SERVER_SHUTDOWN), "{other:?}");
+        let replaced = connection_ended(&closed(REPLACED_CLOSE_CODE, wire::REPLACED_CLOSE_REASON));
+        assert!(replaced.1, "{replaced:?}");
     }
 }

@@ -84,6 +84,15 @@ pub const REPLACED_CLOSE_CODE: u32 = 2;
 /// The close reason that goes with [`REPLACED_CLOSE_CODE`].
 pub const REPLACED_CLOSE_REASON: &str = "replaced by a newer connection";
 
+/// The application close code with which a server closes its endpoint when it stops: the code of
+/// every stop, a restart as well as the end of the federation. What follows a stop is in the
+/// reason: [`FINISHED_CLOSE_REASON`], or any other (a restart: clients dial again).
+pub const SHUTDOWN_CLOSE_CODE: u32 = 0;
+/// The close reason, with [`SHUTDOWN_CLOSE_CODE`], of a server that stops because the federation
+/// is finished (its last round done) and will not be back for it: a client daemon that sees it
+/// stops instead of reconnecting. The reason of any other stop must differ from it.
+pub const FINISHED_CLOSE_REASON: &str = "the federation is finished";
+
 /// Raw little-endian `f32` values.
 #[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct TensorBytes(#[serde(with = "serde_bytes")] Vec<u8>);
