@@ -350,6 +350,11 @@ fn main() -> Result<()> {
                         g(r.epsilon_server),
                         g(r.clip)
                     );
+                    // Why a round did not complete, in the coordinator's words (escaped when
+                    // recorded; escaped again for the terminal).
+                    if !r.note.is_empty() {
+                        println!("       {}", cohort_io::escape(&r.note, 600));
+                    }
                 }
                 if rounds.iter().any(|r| r.epsilon.is_some()) {
                     println!(

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::serve::RoundReport;
+use crate::store::RoundRow;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 type ByHead = Family<Vec<(String, String)>, FloatGauge>;
@@ -40,12 +41,14 @@ pub struct ServerMetrics {
     dropouts: Counter,
     /// By `client`: the sites that declined a plan (a round, a census or an evaluation).
     declines: Family<Vec<(String, String)>, Counter>,
-    train_loss: FloatGauge,
+    /// Unlabelled families: exported only once a round sets them (plain rounds report a loss,
+    /// DP rounds a clip norm), never as a 0 that does not apply.
+    train_loss: ByHead,
     /// By `against`: `models` (anyone who sees only the models; amplified by sampling) and
     /// `server` (the server, which knows every sample: the most any client has spent).
     epsilon: ByHead,
     cheaters: Counter,
-    clip: FloatGauge,
+    clip: ByHead,
     connected: Gauge,
     test_accuracy: ByHead,
     test_balanced_accuracy: ByHead,
@@ -64,10 +67,10 @@ impl Default for ServerMetrics {
             participants: Gauge::default(),
             dropouts: Counter::default(),
             declines: Family::default(),
-            train_loss: FloatGauge::default(),
+            train_loss: ByHead::default(),
             epsilon: ByHead::default(),
             cheaters: Counter::default(),
-            clip: FloatGauge::default(),
+            clip: ByHead::default(),
             connected: Gauge::default(),
             test_accuracy: ByHead::default(),
             test_balanced_accuracy: ByHead::default(),
@@ -83,12 +86,12 @@ impl Default for ServerMetrics {
         ] {
             registry.register(name, help, gauge.clone());
         }
-        for (name, help, gauge) in [
-            ("round_seconds", "Length of the last round", &metrics.round_seconds),
-            ("train_loss", "Mean training loss the last round's clients reported", &metrics.train_loss),
+        registry.register("round_seconds", "Length of the last round", metrics.round_seconds.clone());
+        for (name, help, family) in [
+            ("train_loss", "Mean training loss the last plain round's clients reported", &metrics.train_loss),
             ("clip_norm", "The last DP round's clipping norm", &metrics.clip),
         ] {
-            registry.register(name, help, gauge.clone());
+            registry.register(name, help, family.clone());
         }
         for (name, help, family) in [
             ("test_accuracy", "Accuracy of each head on the server's test sets", &metrics.test_accuracy),
@@ -147,7 +150,7 @@ impl ServerMetrics {
         self.participants.set(report.participants as i64);
         self.dropouts.inc_by(report.dropped.len() as u64);
         if let Some(loss) = report.train_loss {
-            self.train_loss.set(loss);
+            self.train_loss.get_or_create(&Vec::new()).set(loss);
         }
         for (against, epsilon) in [("models", report.epsilon), ("server", report.epsilon_server)] {
             if let Some(epsilon) = epsilon {
@@ -156,7 +159,7 @@ impl ServerMetrics {
         }
         self.cheaters.inc_by(report.cheaters.len() as u64);
         if let Some(clip) = report.clip {
-            self.clip.set(clip);
+            self.clip.get_or_create(&Vec::new()).set(clip);
         }
         let tests =
             report.test.iter().map(|m| (first_head, m)).chain(report.head_tests.iter().map(|(h, m)| (h.as_str(), m)));
@@ -168,6 +171,46 @@ impl ServerMetrics {
         for (name, m) in &report.federated {
             self.federated_accuracy.get_or_create(&head(name)).set(m.accuracy);
             self.federated_balanced_accuracy.get_or_create(&head(name)).set(m.balanced_accuracy);
+        }
+    }
+
+    /// Takes in the rounds recorded before this server started, so that a restart does not reset
+    /// the round, the counters or the last figures to 0.
+    pub fn resume(&self, rows: &[RoundRow], first_head: &str) {
+        for row in rows {
+            let status = if row.status == "completed" { "completed" } else { "aborted" };
+            self.rounds.get_or_create(&vec![("status".to_string(), status.to_string())]).inc();
+            self.dropouts.inc_by(row.dropped as u64);
+        }
+        let Some(last) = rows.last() else { return };
+        self.round.set(last.round as i64);
+        self.round_seconds.set(last.seconds);
+        self.participants.set(last.participants as i64);
+        let latest = |f: &dyn Fn(&RoundRow) -> Option<f64>| rows.iter().rev().find_map(f);
+        if let Some(loss) = latest(&|r| r.train_loss) {
+            self.train_loss.get_or_create(&Vec::new()).set(loss);
+        }
+        if let Some(clip) = latest(&|r| r.clip) {
+            self.clip.get_or_create(&Vec::new()).set(clip);
+        }
+        for (against, epsilon) in [("models", latest(&|r| r.epsilon)), ("server", latest(&|r| r.epsilon_server))] {
+            if let Some(epsilon) = epsilon {
+                self.epsilon.get_or_create(&vec![("against".to_string(), against.to_string())]).set(epsilon);
+            }
+        }
+        if let Some(row) = rows.iter().rev().find(|r| r.test_accuracy.is_some() || !r.head_tests.is_empty()) {
+            let first = row.test_accuracy.map(|a| (first_head, a, row.balanced_accuracy, row.macro_f1));
+            for (name, accuracy, balanced, f1) in first.into_iter().chain(row.head_tests.iter().map(|h| {
+                (h.head.as_str(), h.metrics.accuracy, Some(h.metrics.balanced_accuracy), Some(h.metrics.macro_f1))
+            })) {
+                self.test_accuracy.get_or_create(&head(name)).set(accuracy);
+                if let Some(b) = balanced {
+                    self.test_balanced_accuracy.get_or_create(&head(name)).set(b);
+                }
+                if let Some(f) = f1 {
+                    self.test_macro_f1.get_or_create(&head(name)).set(f);
+                }
+            }
         }
     }
 
@@ -318,6 +361,56 @@ mod tests {
         assert_eq!(respond(b"", body).status, "400 Bad Request");
         let bytes = String::from_utf8(ok.to_bytes()).unwrap();
         assert!(bytes.starts_with("HTTP/1.1 200 OK\r\n") && bytes.contains("content-length: 15\r\n"), "{bytes}");
+    }
+
+    /// Issue 15: after a restart /metrics said `cohort_round 0` with its counters at 0, and a
+    /// `cohort_train_loss 0.0` and `cohort_clip_norm 0.0` where they did not apply.
+    #[test]
+    fn metrics_resume_from_the_record_and_export_nothing_that_does_not_apply() {
+        let fresh = ServerMetrics::default().render(0);
+        for absent in ["cohort_train_loss", "cohort_clip_norm", "cohort_epsilon"] {
+            assert!(!fresh.lines().any(|l| l.starts_with(absent)), "{absent} exported before it applies:\n{fresh}");
+        }
+        let row = |round: u64, status: &str, dropped: usize| RoundRow {
+            round,
+            started_at: 0,
+            seconds: 0.5,
+            status: status.into(),
+            cohort: 3,
+            participants: 2,
+            dropped,
+            train_loss: None,
+            test_accuracy: Some(0.75),
+            test_loss: Some(0.5),
+            balanced_accuracy: Some(0.7),
+            macro_f1: Some(0.7),
+            checkpoint: None,
+            note: String::new(),
+            sampling_rate: None,
+            noise_multiplier: None,
+            epsilon: Some(1.5),
+            epsilon_server: Some(2.5),
+            too_few_probability: None,
+            clip: Some(0.8),
+            unclipped: None,
+            head_tests: Vec::new(),
+            federated: Vec::new(),
+        };
+        let metrics = ServerMetrics::default();
+        metrics.resume(&[row(1, "completed", 1), row(2, "aborted", 3), row(3, "completed", 0)], "digit");
+        let text = metrics.render(0);
+        for line in [
+            "cohort_round 3",
+            "cohort_rounds_total{status=\"completed\"} 2",
+            "cohort_rounds_total{status=\"aborted\"} 1",
+            "cohort_dropouts_total 4",
+            "cohort_epsilon{against=\"server\"} 2.5",
+            "cohort_clip_norm{} 0.8",
+            "cohort_test_accuracy{head=\"digit\"} 0.75",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+        assert!(!text.lines().any(|l| l.starts_with("cohort_train_loss")), "no plain round, no loss:\n{text}");
     }
 
     #[test]

@@ -196,6 +196,9 @@ impl Server {
             rng: Box::new(rand::rngs::StdRng::from_os_rng()),
         };
         let mut coordinator = Coordinator::new(setup, Instant::now()).map_err(|e| ServeError::Config(e.to_string()))?;
+        // The figures of earlier runs: a restart does not reset /metrics to round 0.
+        let first_head = self.setup.spec.heads.first().map_or("", |h| h.name.as_str());
+        self.metrics.resume(&self.store.lock().expect("store lock").rounds()?, first_head);
         coordinator.set_enrolled(self.enrolled()?);
         let collection = match fed.collection {
             Collection::Plain => "plain (the server sees each update; for debugging and comparison only)",
