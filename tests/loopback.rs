@@ -167,12 +167,15 @@ async fn a_client_reconnects_after_the_server_restarts_and_the_optimizer_resumes
         strategy: StrategyConfig::FedAvgM { server_lr: 1.0, momentum: 0.9 },
         ..federation(rounds, 1, 1)
     };
-    let mut first = start_server(&ca, localhost(), with_momentum(1), None);
+    let mut first = start_server(&ca, localhost(), with_momentum(2), None);
     let addr = first.addr;
     let mut client = start_client(ca.client("steadfast"), addr, dataset(30, 3));
     client.wait_for(20, |e| *e == ClientEvent::Connected).await;
     assert!(next_report(&mut first, 30).await.completed);
-    first.task.await.unwrap().unwrap(); // one round configured: the server stops
+    // The operator stops the server after round 1 (round 2 is abandoned, not recorded): a
+    // restart, not the end of the federation, so the client waits and dials again.
+    first.shutdown.cancel();
+    first.task.await.unwrap().unwrap();
     client.wait_for(20, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
 
     // Same state directory and address, two rounds in total: it resumes at round 2.
@@ -243,4 +246,25 @@ async fn a_test_set_with_more_classes_than_its_head_is_refused_at_start() {
     .expect("refused")
     .to_string();
     assert!(err.contains("head `y` has 5 classes, the head has 3"), "{err}");
+}
+
+/// Issue 15: after the federation ended, the daemons logged "reconnecting" for ever. The server
+/// now closes with "the federation is finished", and the daemons stop cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stop_when_the_federation_is_finished() {
+    let ca = Ca::new();
+    let server = start_server(&ca, localhost(), federation(2, 2, 2), None);
+    let clients = start_sized_clients(&ca, server.addr, &[(1, 30), (2, 30)]);
+    server.task.await.unwrap().unwrap();
+    for mut client in clients {
+        let stopped = tokio::time::timeout(Duration::from_secs(10), &mut client.task).await;
+        assert!(matches!(stopped, Ok(Ok(Ok(())))), "the daemon did not stop by itself: {stopped:?}");
+        let mut reasons = Vec::new();
+        while let Ok(event) = client.events.try_recv() {
+            if let ClientEvent::Disconnected { reason } = event {
+                reasons.push(reason);
+            }
+        }
+        assert!(reasons.iter().any(|r| r.contains("the federation is finished")), "{reasons:?}");
+    }
 }

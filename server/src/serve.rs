@@ -96,6 +96,9 @@ pub struct Server {
     verifier: CaVerifier,
     /// This federation's id (kept in cohort.db), sent in every welcome.
     federation_id: String,
+    /// The federation is over (every round completed, or the privacy budget spent): clients are
+    /// told so when the server closes, and stop.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 /// A reply, or why none came, for the coordinator.
@@ -136,6 +139,7 @@ impl Server {
             metrics_listener,
             verifier,
             federation_id,
+            finished: Default::default(),
         })
     }
 
@@ -167,10 +171,17 @@ impl Server {
         ));
         tokio::spawn(watch_revocations(self.setup.state.database(), self.registry.clone(), accept_stop.clone()));
         let result = self.drive(&shutdown).await;
+        // Clients stop for good only when the federation is over; any other stop (a signal, an
+        // error the operator fixes) is one they wait out, dialling again. Said before the
+        // connection tasks end: dropping a connection's last handle closes it without a reason.
+        let reason = match self.finished.load(Ordering::Relaxed) {
+            true => wire::FINISHED_CLOSE_REASON.as_bytes(),
+            false => b"server shutting down".as_slice(),
+        };
+        self.endpoint.close(wire::SHUTDOWN_CLOSE_CODE.into(), reason);
         accept_stop.cancel();
         let _ = acceptor.await;
         self.registry.clients.lock().expect("registry lock").clear();
-        self.endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         result
     }
@@ -266,10 +277,12 @@ impl Server {
                 Ok(reports)
             }
             Some(StopReason::Finished { rounds }) => {
+                self.finished.store(true, Ordering::Relaxed);
                 info!(rounds, "every configured round is complete");
                 Ok(reports)
             }
             Some(reason @ StopReason::Budget { .. }) => {
+                self.finished.store(true, Ordering::Relaxed);
                 warn!("{reason}");
                 Ok(reports)
             }
