@@ -28,7 +28,11 @@ pub enum TrainError {
     Config(String),
     #[error("the data do not fit the model: {0}")]
     Data(String),
-    #[error("training diverged: the loss became {0}; lower the learning rate")]
+    #[error(
+        "training diverged: the loss became {0}. Likely causes: a learning rate too high for this data \
+         (federation.train.lr), or, in a private federation, noise too large for the cohort (see the server's \
+         warning about federation.dp.noise_multiplier and clients_per_round)"
+    )]
     Diverged(f32),
     #[error(transparent)]
     Model(#[from] ModelError),

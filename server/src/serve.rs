@@ -109,6 +109,10 @@ impl Server {
     pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
         setup.federation.check().map_err(ServeError::Config)?;
         setup.federation.check_model(&setup.spec).map_err(ServeError::Config)?;
+        let params = Model::new(&setup.spec, &Device::Cpu, 0)?.layout().total_len();
+        if let Some(warning) = setup.federation.noise_warning(params) {
+            warn!("{warning}");
+        }
         let first = setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();
         let tests = setup.test_data.iter().map(|d| (&first, d)).chain(setup.head_tests.iter().map(|(h, d)| (h, d)));
         for (name, data) in tests {

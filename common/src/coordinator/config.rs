@@ -373,6 +373,26 @@ impl SiteBackoff {
 }
 
 impl Federation {
+    /// With differential privacy, a warning when the noise on each round's mean update is larger
+    /// than the largest update itself: every client's update is clipped to L2 norm `clip`, and
+    /// the mean carries Gaussian noise of norm about `z * clip * sqrt(params) / E` (E the expected
+    /// clients per round). Past 1 the model mostly learns noise (DP-FedAvg needs large cohorts).
+    pub fn noise_warning(&self, params: usize) -> Option<String> {
+        let dp = self.dp.as_ref().filter(|dp| dp.noise_multiplier > 0.0)?;
+        let expected = self.clients_per_round.max(1) as f64;
+        let ratio = dp.noise_multiplier * (params as f64).sqrt() / expected;
+        (ratio > 1.0).then(|| {
+            let needed = (dp.noise_multiplier * (params as f64).sqrt()).ceil();
+            format!(
+                "federation.dp: the noise on each round's mean update is about {ratio:.1} times the largest update \
+                 (noise_multiplier {} over a model of {params} parameters, {} clients per round): the model will \
+                 mostly learn noise. DP-FedAvg needs cohorts of about {needed:.0} clients or more for this model and \
+                 noise, or a smaller noise_multiplier (with a smaller privacy guarantee)",
+                dp.noise_multiplier, self.clients_per_round
+            )
+        })
+    }
+
     /// Checks the values together; the message names the field.
     /// The checks that need the model: every head named in the config exists.
     pub fn check_model(&self, spec: &ModelSpec) -> Result<(), String> {
@@ -483,6 +503,27 @@ impl Federation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 15: the README's DP example wrecked a small federation (loss 944, then NaN) without
+    /// a word about the noise.
+    #[test]
+    fn noise_far_above_the_signal_is_warned_about() {
+        let mut fed: Federation = toml::from_str("rounds = 3\nclients_per_round = 10\n").unwrap();
+        assert_eq!(fed.noise_warning(199_210), None, "no DP, no warning");
+        fed.dp = Some(DpConfig {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            per_segment: false,
+            delta: 1e-5,
+            epsilon_budget: None,
+            count_noise: None,
+            adaptive: None,
+        });
+        let warning = fed.noise_warning(199_210).unwrap();
+        assert!(warning.contains("44.6 times") && warning.contains("447 clients"), "{warning}");
+        fed.clients_per_round = 1000;
+        assert_eq!(fed.noise_warning(199_210), None, "a large cohort averages the noise down");
+    }
 
     /// Every cohort size a federation can meet (a site offline, a Poisson sample far above or
     /// below the configured size) gets a setup the secure session accepts, with a threshold
