@@ -29,6 +29,7 @@ struct Cli {
 enum Command {
     /// Create a state directory with a CA and the server certificate.
     Init {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
         /// The federation's name (the server certificate's subject).
@@ -46,6 +47,7 @@ enum Command {
     /// Enrol a client: sign its request, make a key + certificate bundle, or register a
     /// certificate the offline CA signed. Only registered certificates are admitted.
     Enroll {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
         /// The client's request, made by `cohort-client keygen` or `cohort-client renew`.
@@ -80,8 +82,10 @@ enum Command {
         /// The offline CA directory made by `init --offline-ca`.
         #[arg(long)]
         ca: PathBuf,
+        /// The client's request, made by `cohort-client keygen` or `cohort-client renew`.
         #[arg(long)]
         csr: PathBuf,
+        /// Where to write the signed certificate (then `enroll --cert` it on the server).
         #[arg(long)]
         out: PathBuf,
         /// Lifetime of the certificate in days.
@@ -91,8 +95,10 @@ enum Command {
     /// Revoke a client (every certificate it has) or one certificate; a running server closes
     /// its connection within a second and never samples it again.
     Revoke {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
+        /// The client to revoke, with every certificate it has (its certificate subject).
         #[arg(long, required_unless_present_any = ["serial", "cert"], conflicts_with_all = ["serial", "cert"])]
         client_id: Option<String>,
         /// One certificate, by serial (hex, as `clients` or `openssl x509 -serial` prints it).
@@ -104,18 +110,22 @@ enum Command {
     },
     /// Run the federation.
     Serve {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
+        /// The server's configuration (server.toml: listen address, model spec, test set, federation).
         #[arg(long)]
         config: PathBuf,
     },
     /// Summarise the state directory.
     Status {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
     },
     /// List the recorded rounds.
     Rounds {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
         /// Print JSON instead of a table.
@@ -124,16 +134,19 @@ enum Command {
     },
     /// List enrolled clients.
     Clients {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
     },
     /// Write a round's global model as safetensors.
     Export {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
         /// The round (default: the last completed one).
         #[arg(long)]
         round: Option<u64>,
+        /// Where to write the model (safetensors, with the model spec in its metadata).
         #[arg(long)]
         out: PathBuf,
     },
@@ -469,4 +482,27 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         tracing::info!("shutting down: the current round is abandoned, completed rounds are saved");
         shutdown.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Issue 15: `--state`, `--out`, `--client-id` and others had no help text.
+    #[test]
+    fn every_option_of_every_command_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut undocumented = Vec::new();
+        for command in cli.get_subcommands() {
+            assert!(command.get_about().is_some(), "`{}` has no help", command.get_name());
+            for arg in command.get_arguments().filter(|a| a.get_id() != "help" && a.get_id() != "version") {
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    undocumented.push(format!("{} --{}", command.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(undocumented.is_empty(), "options without help: {undocumented:?}");
+    }
 }
