@@ -100,4 +100,11 @@ async fn peer_strings_with_newlines_and_escapes_are_logged_escaped() {
     // The peer strings are there, escaped.
     assert!(log.contains("cpu\\nINFO round complete"), "the hello's device is logged escaped:\n{log}");
     assert!(log.contains("evil\\nINFO round complete"), "the odd subject is logged escaped:\n{log}");
+    // Issue 15: the data owner sees each plan (round, task, model, size, epochs, how it is
+    // collected) and what was sent.
+    let plan = log.lines().find(|l| l.contains("plan received")).unwrap_or_else(|| panic!("no plan line:\n{log}"));
+    for field in ["round=1", "task=\"train\"", "parameters=", "epochs=", "plain (the server sees the update)"] {
+        assert!(plan.contains(field), "`{field}` missing from {plan}");
+    }
+    assert!(log.lines().any(|l| l.contains("sent the update") && l.contains("bytes=")), "no sent line:\n{log}");
 }

@@ -465,8 +465,11 @@ async fn serve(
                 Ok((send, Ok(msg))) => {
                     let token = core.next_token();
                     let round = request_round(&msg);
-                    if let (ServerMsg::Plan(_), Some(tx)) = (&msg, &hooks.events) {
-                        let _ = tx.send(ClientEvent::PlanReceived { round });
+                    if let ServerMsg::Plan(plan) = &msg {
+                        describe_plan(plan);
+                        if let Some(tx) = &hooks.events {
+                            let _ = tx.send(ClientEvent::PlanReceived { round });
+                        }
                     }
                     match core.session.handle(token, msg, &mut rand::rng()) {
                         Ok(()) => {
@@ -541,6 +544,33 @@ enum Sent {
     },
 }
 
+/// The data owner's line for each plan: which round, what it asks, of which model, how it will
+/// be collected. Everything in it comes from the server: the spec's name is escaped and capped.
+fn describe_plan(plan: &cohort_common::wire::RoundPlan) {
+    let model = cohort_common::model::ModelSpec::from_toml(&plan.model_spec)
+        .map(|spec| escape(&spec.name, 64))
+        .unwrap_or_else(|_| "(a spec this client cannot read)".into());
+    let collection = match plan.secure.as_deref() {
+        None => "plain (the server sees the update)".to_string(),
+        Some(secure) => match &secure.dp {
+            Some(dp) => format!(
+                "secure, with differential privacy (clip {:.3}, noise multiplier {}, at most {} inputs unmasked together)",
+                dp.clip, dp.noise_multiplier, secure.setup.min_inputs
+            ),
+            None => format!("secure (sums of at least {} clients)", secure.setup.min_inputs),
+        },
+    };
+    info!(
+        round = plan.round,
+        task = plan.task.purpose(),
+        model = %model,
+        parameters = plan.params.len(),
+        epochs = plan.train.epochs,
+        batch_size = plan.train.batch_size,
+        "plan received: {collection}"
+    );
+}
+
 /// Sends one reply (rewritten by the tamper hook, if any), reports it, and asks the fault hook.
 async fn send_reply(
     mut send: quinn::SendStream,
@@ -568,8 +598,17 @@ async fn send_reply(
     if let Some(tamper) = &hooks.tamper {
         tamper(round, &mut reply);
     }
-    send_msg(&mut send, &reply).await?;
+    let frame = wire::encode(&reply).map_err(NetError::from)?;
+    let bytes = frame.len();
+    send.write_all(&frame).await.map_err(|e| NetError::Stream(e.to_string()))?;
     let _ = send.finish();
+    match &reply {
+        ClientMsg::Update(_) => info!(round, bytes, "sent the update (plain collection: the server sees it)"),
+        ClientMsg::Masked { .. } => {
+            info!(round, bytes, "sent the masked update (the server learns only the sum of the cohort's)")
+        }
+        _ => debug!(round, bytes, kind = reply.kind(), "sent"),
+    }
     if let Some(tx) = &hooks.events {
         let _ = tx.send(ClientEvent::ReplySent { round, kind: reply.kind() });
     }
