@@ -698,9 +698,14 @@ impl Core {
                 Action::Run(job) => self.queue.push_back(job),
                 // Written (and synced) before the next action: the reply after it depends on it.
                 Action::SaveLedger { ledger, round, before } => {
-                    let epsilon = ledger.epsilon();
+                    let (epsilon, budget) = (ledger.epsilon(), ledger.max_epsilon);
                     match save_ledger(hooks.ledger.clone(), ledger).await {
-                        Ok(()) => info!(round, epsilon = format!("{epsilon:.3}"), "privacy ledger recorded"),
+                        Ok(()) => info!(
+                            round,
+                            "privacy ledger recorded: epsilon {epsilon:.3} spent of this client's budget of {budget} \
+                             ({:.3} left)",
+                            (budget - epsilon).max(0.0)
+                        ),
                         Err(why) => {
                             warn!(round, "{}", escape(&why, 300));
                             self.session.ledger_not_saved(round, before, &why);
