@@ -65,6 +65,12 @@ async fn a_small_non_iid_federation_learns_and_writes_its_report() {
     }
     let svg = std::fs::read_to_string(out.path().join("accuracy.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("test accuracy per round"));
+    // Issue 15: the simulator kept no trained model. It writes the last round's global model,
+    // which the spec in its metadata rebuilds.
+    let model = std::fs::read(out.path().join("model.safetensors")).unwrap();
+    let spec = cohort::common::model::spec_from_safetensors(&model).unwrap().expect("the spec travels with it");
+    let rebuilt = cohort::common::model::Model::new(&spec, &candle_core::Device::Cpu, 0).unwrap();
+    rebuilt.load_safetensors(&model).unwrap();
 
     // Same seed, same federation: the run is reproducible.
     let again = runner::run(&scenario, &RunOptions::default()).await.unwrap();

@@ -23,7 +23,7 @@ enum Command {
     Run {
         /// The scenario (TOML), e.g. scenarios/quickstart.toml.
         file: PathBuf,
-        /// Write report.json and accuracy.svg here.
+        /// Write report.json, accuracy.svg and the final model (model.safetensors) here.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Override the number of rounds.
@@ -172,7 +172,8 @@ fn main() -> Result<()> {
     }
     if let Some(dir) = out {
         cohort_scenarios::report::write(&report, &dir)?;
-        println!("wrote {} and {}", dir.join("report.json").display(), dir.join("accuracy.svg").display());
+        let model = if report.final_model.is_some() { " and the final model, model.safetensors" } else { "" };
+        println!("wrote {}, {}{model}", dir.join("report.json").display(), dir.join("accuracy.svg").display());
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Writing a run's outputs: `report.json` and the accuracy-per-round plot (SVG).
+//! Writing a run's outputs: `report.json`, the accuracy-per-round plot (SVG) and the final
+//! global model (`model.safetensors`).
 
 use std::path::Path;
 
@@ -6,7 +7,8 @@ use plotters::prelude::*;
 
 use crate::runner::{Report, RunError};
 
-/// Writes `report.json` and `accuracy.svg` into `dir`.
+/// Writes `report.json`, `accuracy.svg` and, when a round completed, `model.safetensors` (the
+/// final global model, with its spec in the metadata) into `dir`.
 pub fn write(report: &Report, dir: &Path) -> Result<(), RunError> {
     let err = |path: &Path, problem: String| RunError::Report { path: path.display().to_string(), problem };
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e.to_string()))?;
@@ -15,6 +17,10 @@ pub fn write(report: &Report, dir: &Path) -> Result<(), RunError> {
     cohort_io::files::write_atomic(&json_path, json.as_bytes()).map_err(|e| err(&json_path, e.to_string()))?;
     let plot_path = dir.join("accuracy.svg");
     plot(report, &plot_path).map_err(|e| err(&plot_path, e))?;
+    if let Some(model) = &report.final_model {
+        let model_path = dir.join("model.safetensors");
+        cohort_io::files::write_atomic(&model_path, model).map_err(|e| err(&model_path, e.to_string()))?;
+    }
     Ok(())
 }
 

@@ -135,6 +135,10 @@ pub struct Report {
     /// Each personal head's largest change in the server's last checkpoint against the initial
     /// model: 0 when no client ever sent it.
     pub personal_heads_moved: Vec<(String, f64)>,
+    /// The global model after the last completed round (safetensors, the spec in its metadata),
+    /// checked as the server's `export` checks it; written to `--out` as `model.safetensors`.
+    #[serde(skip)]
+    pub final_model: Option<Vec<u8>>,
 }
 
 /// Simulated clients train in parallel, one per core; candle's own threads inside each
@@ -483,6 +487,16 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     served??;
 
     let last_completed = rounds.iter().rev().find(|r| r.completed).map(|r| r.round);
+    // Read now: the server's state directory is temporary.
+    let final_model = match last_completed {
+        Some(round) => {
+            let name = format!("checkpoints/round-{round:06}.safetensors");
+            let (bytes, _) = cohort_server::resume::read_checkpoint(&state, &name, None)
+                .map_err(|e| RunError::Setup(format!("the final model: {e}")))?;
+            Some(bytes)
+        }
+        None => None,
+    };
     let personal_heads_moved = match last_completed {
         Some(round) => personal_heads_moved(&initial_model, &state.checkpoint(round))?,
         None => Vec::new(),
@@ -505,6 +519,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         delta: last_delta,
         device: device_name,
         personal_heads_moved,
+        final_model,
         rounds,
         scenario: Scenario { federation, ..scenario.clone() },
     })
