@@ -228,6 +228,33 @@ impl PrivacyBudget {
     }
 }
 
+/// `cohort-client evaluate --data FILE`: another labelled data set to evaluate a model on (a
+/// `[data]` table as in client.toml, paths relative to FILE), for head `head` (default: the
+/// model's first).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationData {
+    pub data: DataSource,
+    #[serde(default)]
+    pub head: Option<String>,
+}
+
+impl EvaluationData {
+    /// Reads and checks FILE (the same class limits as client.toml).
+    pub fn load(path: &Path) -> Result<Self, FileError> {
+        let parsed: Self = cohort_io::files::read_toml(path)?;
+        check_classes(&parsed.data, "[data]")
+            .map_err(|message| FileError::Config { path: path.display().to_string(), message })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(Self { data: parsed.data.resolve(base), head: parsed.head })
+    }
+
+    /// Loads the data set, for its head.
+    pub fn head_data(&self) -> Result<HeadData, FileError> {
+        Ok(HeadData { head: self.head.clone(), data: Arc::new(self.data.load()?) })
+    }
+}
+
 /// The most classes a client's data (and a head's label `map`) may have: as many as one head of
 /// a model spec can have, whose confusion matrix (classes squared) must fit in
 /// [`cohort_common::model::MAX_CONFUSION_CELLS`]. A larger number is a mistake, and one the

@@ -19,7 +19,8 @@
 //!   [`renew::EXPIRY_WARNING_DAYS`] of expiry, and the refusal once it has expired.
 //! - [`keygen`]: a private key and certificate signing request for a new client id.
 //! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked.
-//! - [`evaluate_model`]: `cohort-client evaluate`, a global model on this client's own data.
+//! - [`evaluate_model`]: `cohort-client evaluate`, a global model on this client's own data, or
+//!   on another labelled data set (`--data`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -173,8 +174,9 @@ fn personal_heads(
 /// client's data where it labels the head.
 pub struct LocalEvaluation {
     pub spec: ModelSpec,
-    /// `validation split` or `training data`: what the metrics were computed on.
-    pub on: &'static str,
+    /// What the metrics were computed on: `validation split`, `training data`, or the data
+    /// `--data` named.
+    pub on: String,
     pub heads: Vec<(String, Option<Metrics>)>,
 }
 
@@ -185,6 +187,7 @@ pub fn evaluate_model(
     config: &config::ClientConfig,
     model_path: &Path,
     spec: Option<ModelSpec>,
+    other: Option<(config::EvaluationData, &Path)>,
 ) -> Result<LocalEvaluation, SetupError> {
     let bad = |problem: String| SetupError::Model { path: model_path.display().to_string(), problem };
     let bytes = std::fs::read(model_path).map_err(|e| bad(e.to_string()))?;
@@ -198,11 +201,20 @@ pub fn evaluate_model(
     let params = flat_from_safetensors(&layout, &bytes).map_err(|e| bad(e.to_string()))?;
     let (device, _) = device::select(&config.device)?;
     let (_, personal) = personal_heads(config)?;
-    let mut trainer = Trainer::with_heads("local", config.head_data()?, device)
-        .with_personal_heads(personal)
-        .with_validation_fraction(config.validation_fraction);
+    let (mut trainer, on) = match other {
+        // Another labelled data set, whole (a held-out set of the site, another site's test set).
+        Some((data, path)) => (
+            Trainer::with_heads("local", vec![data.head_data()?], device).with_personal_heads(personal),
+            format!("data in {}", path.display()),
+        ),
+        None => (
+            Trainer::with_heads("local", config.head_data()?, device)
+                .with_personal_heads(personal)
+                .with_validation_fraction(config.validation_fraction),
+            if config.validation_fraction > 0.0 { "validation split" } else { "training data" }.to_string(),
+        ),
+    };
     let heads = trainer.evaluate(&spec.to_toml(), &params).map_err(|e| bad(e.to_string()))?;
-    let on = if config.validation_fraction > 0.0 { "validation split" } else { "training data" };
     Ok(LocalEvaluation { spec, on, heads })
 }
 
@@ -282,7 +294,7 @@ mod tests {
         std::fs::write(&model_path, model.to_safetensors().unwrap()).unwrap();
 
         let config = client(dir.path(), "");
-        let evaluation = evaluate_model(&config, &model_path, None).unwrap();
+        let evaluation = evaluate_model(&config, &model_path, None, None).unwrap();
         assert_eq!(evaluation.spec, spec, "the spec travels in the file");
         assert_eq!(evaluation.on, "training data");
         let names: Vec<&str> = evaluation.heads.iter().map(|(h, _)| h.as_str()).collect();
@@ -311,10 +323,31 @@ mod tests {
         let saved = BTreeMap::from([("y".to_string(), always_one)]);
         std::fs::write(state.join(PERSONAL_HEADS_FILE), vectors_to_safetensors(&saved)).unwrap();
         let without = client(dir.path(), "validation_fraction = 0.25");
-        let exported_head = evaluate_model(&without, &model_path, None).unwrap().heads[0].1.clone().unwrap();
+        let exported_head = evaluate_model(&without, &model_path, None, None).unwrap().heads[0].1.clone().unwrap();
         let config = client(dir.path(), "state_dir = 'state'\nvalidation_fraction = 0.25");
-        let evaluation = evaluate_model(&config, &model_path, None).unwrap();
+        let evaluation = evaluate_model(&config, &model_path, None, None).unwrap();
         assert_eq!(evaluation.on, "validation split");
+
+        // Issue 15: another data set than the client's own (`--data`): its whole set, for head y.
+        let rows: String = (0..8).map(|i| format!("{},{},1\n", i as f32 / 8.0, 0.5)).collect();
+        std::fs::write(dir.path().join("held-out.csv"), format!("a,b,label\n{rows}")).unwrap();
+        let other = dir.path().join("held-out.toml");
+        std::fs::write(
+            &other,
+            "head = 'y'\n[data]\nformat = 'csv'\npath = 'held-out.csv'\nlabel_column = 'label'\nclasses = 2\n",
+        )
+        .unwrap();
+        let data = config::EvaluationData::load(&other).unwrap();
+        let elsewhere = evaluate_model(&config, &model_path, None, Some((data, &other))).unwrap();
+        assert!(elsewhere.on.contains("held-out.toml"), "{}", elsewhere.on);
+        assert_eq!(elsewhere.heads[0].1.as_ref().unwrap().examples, 8, "all 8 rows, no split");
+        std::fs::write(
+            &other,
+            "[data]\nformat = 'csv'\npath = 'held-out.csv'\nlabel_column = 'label'\nclasses = 99999999\n",
+        )
+        .unwrap();
+        let err = config::EvaluationData::load(&other).err().unwrap().to_string();
+        assert!(err.contains("held-out.toml") && err.contains("4096"), "{err}");
         let y = evaluation.heads[0].1.clone().unwrap();
         assert_eq!(y.examples, 5, "every fourth row");
         assert_eq!(y.confusion.iter().map(|row| row[0]).sum::<u64>(), 0, "the personal head predicts 1 only");
@@ -330,11 +363,11 @@ mod tests {
             .map(|(e, v)| (e.name.clone(), v.as_tensor().clone()))
             .collect();
         std::fs::write(&bare, safetensors::tensor::serialize(tensors, None).unwrap()).unwrap();
-        let err = evaluate_model(&config, &bare, None).err().unwrap().to_string();
+        let err = evaluate_model(&config, &bare, None, None).err().unwrap().to_string();
         assert!(err.contains("bare.safetensors") && err.contains("--spec"), "{err}");
-        assert!(evaluate_model(&config, &bare, Some(spec.clone())).is_ok());
+        assert!(evaluate_model(&config, &bare, Some(spec.clone()), None).is_ok());
         std::fs::write(&bare, b"not a model").unwrap();
-        let err = evaluate_model(&config, &bare, None).err().unwrap().to_string();
+        let err = evaluate_model(&config, &bare, None, None).err().unwrap().to_string();
         assert!(err.contains("bare.safetensors"), "{err}");
     }
 }

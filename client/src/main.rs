@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use cohort_client::config::ClientConfig;
+use cohort_client::config::{ClientConfig, EvaluationData};
 use cohort_client::renew::{self, Renewal};
 use cohort_common::model::ModelSpec;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +70,10 @@ enum Command {
         /// The model spec (TOML), for files that do not carry one.
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// Evaluate on this data set instead of the client's own: a file with a `[data]` table as
+        /// in client.toml (paths relative to it) and an optional `head = "NAME"`.
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Print JSON (with the confusion matrices).
         #[arg(long)]
         json: bool,
@@ -204,7 +208,7 @@ fn main() -> Result<()> {
             println!("server:   {} (certificate name {})", config.server, config.server_name());
             println!("ok");
         }
-        Command::Evaluate { config: path, model, spec, json } => {
+        Command::Evaluate { config: path, model, spec, data, json } => {
             let config = ClientConfig::load(&path)?;
             let spec = match spec {
                 Some(p) => {
@@ -213,7 +217,8 @@ fn main() -> Result<()> {
                 }
                 None => None,
             };
-            let evaluation = cohort_client::evaluate_model(&config, &model, spec)?;
+            let other = data.as_deref().map(|p| Ok::<_, anyhow::Error>((EvaluationData::load(p)?, p))).transpose()?;
+            let evaluation = cohort_client::evaluate_model(&config, &model, spec, other)?;
             if json {
                 let heads: Vec<_> = evaluation
                     .heads
@@ -227,10 +232,10 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             println!(
-                "model:    `{}` from {}, on this client's {}",
+                "model:    `{}` from {}, on {}",
                 evaluation.spec.name,
                 model.display(),
-                evaluation.on
+                if data.is_some() { evaluation.on.clone() } else { format!("this client's {}", evaluation.on) }
             );
             for (head, metrics) in &evaluation.heads {
                 match metrics {
