@@ -110,7 +110,9 @@ impl Server {
         setup.federation.check().map_err(ServeError::Config)?;
         setup.federation.check_model(&setup.spec).map_err(ServeError::Config)?;
         let params = Model::new(&setup.spec, &Device::Cpu, 0)?.layout().total_len();
-        if let Some(warning) = setup.federation.noise_warning(params) {
+        for warning in
+            [setup.federation.noise_warning(params), setup.federation.small_cohort_warning()].into_iter().flatten()
+        {
             warn!("{warning}");
         }
         let first = setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();

@@ -373,6 +373,19 @@ impl SiteBackoff {
 }
 
 impl Federation {
+    /// A warning for secure federations whose sum reveals a member's update: with two sites in a
+    /// cohort, each learns the other's update by subtracting its own from the sum.
+    pub fn small_cohort_warning(&self) -> Option<String> {
+        (self.collection == Collection::Secure && self.clients_per_round <= 2).then(|| {
+            format!(
+                "federation.clients_per_round = {}: with two sites in a round, each learns the other's update from the \
+                 sum (the sum minus its own); secure aggregation protects updates only from the server there. Use at \
+                 least 3 sites per round, or accept this between the two data owners",
+                self.clients_per_round
+            )
+        })
+    }
+
     /// With differential privacy, a warning when the noise on each round's mean update is larger
     /// than the largest update itself: every client's update is clipped to L2 norm `clip`, and
     /// the mean carries Gaussian noise of norm about `z * clip * sqrt(params) / E` (E the expected
@@ -458,9 +471,21 @@ impl Federation {
             let mut setup = s.setup(0, cohort, 1, s.clip);
             setup.params.threshold = s.threshold;
             setup.params.dropout_tolerance = s.dropout_tolerance;
-            setup
-                .check()
-                .map_err(|e| format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round))?;
+            let k = setup.effective_degree();
+            setup.check().map_err(|e| match k < s.degree {
+                // The configured degree does not fit the cohort: say so instead of quoting a
+                // degree the file does not have.
+                true => format!(
+                    "federation.secagg: a cohort of clients_per_round = {} gives each client {k} neighbours (degree = \
+                     {} needs cohorts of at least {}), and {e}; set threshold and dropout_tolerance for {k} \
+                     neighbours (threshold more than half of them, dropout_tolerance = 0 for the smallest cohorts), \
+                     or sample more clients per round",
+                    self.clients_per_round,
+                    s.degree,
+                    s.degree + 1
+                ),
+                false => format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round),
+            })?;
         }
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
         if let Some(dp) = &self.dp {
@@ -523,6 +548,27 @@ mod tests {
         assert!(warning.contains("44.6 times") && warning.contains("447 clients"), "{warning}");
         fed.clients_per_round = 1000;
         assert_eq!(fed.noise_warning(199_210), None, "a large cohort averages the noise down");
+    }
+
+    /// Issue 15: a 2-site federation was refused with "threshold = 5 must be more than half of
+    /// the degree 1" while the file said degree 8; and nothing said that with two sites each
+    /// learns the other's update.
+    #[test]
+    fn small_consortia_get_plain_words() {
+        let two: Federation = toml::from_str("rounds = 3\nclients_per_round = 2\n").unwrap();
+        let err = two.check().unwrap_err();
+        assert!(err.contains("a cohort of clients_per_round = 2 gives each client 1 neighbours"), "{err}");
+        assert!(err.contains("degree = 8 needs cohorts of at least 9"), "{err}");
+        let ok: Federation = toml::from_str(
+            "rounds = 3\nclients_per_round = 2\n[federation.secagg]\nthreshold = 1\ndropout_tolerance = 0.0\n"
+                .replace("[federation.secagg]", "[secagg]")
+                .as_str(),
+        )
+        .unwrap();
+        assert_eq!(ok.check(), Ok(()));
+        assert!(ok.small_cohort_warning().unwrap().contains("each learns the other's update"));
+        let three: Federation = toml::from_str("rounds = 3\nclients_per_round = 3\n").unwrap();
+        assert_eq!(three.small_cohort_warning(), None);
     }
 
     /// Every cohort size a federation can meet (a site offline, a Poisson sample far above or
