@@ -125,18 +125,6 @@ async fn hostile_peer(ca: &Ca, id: &str, addr: SocketAddr, reply: Replier) -> to
     tokio::spawn(answer_requests(conn, reply))
 }
 
-fn round_of(request: &ServerMsg) -> u64 {
-    match request {
-        ServerMsg::Plan(plan) => plan.round,
-        ServerMsg::Joined { round, .. }
-        | ServerMsg::Adverts { round, .. }
-        | ServerMsg::Shares { round, .. }
-        | ServerMsg::Survivors { round, .. }
-        | ServerMsg::Unmask { round, .. } => *round,
-        _ => 0,
-    }
-}
-
 /// About 4 MB of sealed shares, a message of the wrong kind for any request but the adverts.
 fn big_shares(round: u64) -> ClientMsg {
     let share = SealedShares {
@@ -609,10 +597,12 @@ async fn oversized_declines_and_wrong_phase_messages_round_after_round() {
     let reason = Arc::new(poisoned_reason(4_000_000));
     let decline: Replier = {
         let reason = reason.clone();
-        Arc::new(move |request| Some(ClientMsg::Decline { round: round_of(request), reason: reason.to_string() }))
+        Arc::new(move |request| {
+            Some(ClientMsg::Decline { round: request.request_round().unwrap_or(0), reason: reason.to_string() })
+        })
     };
-    let shares: Replier = Arc::new(|request| Some(big_shares(round_of(request))));
-    let update: Replier = Arc::new(|request| Some(big_update(round_of(request))));
+    let shares: Replier = Arc::new(|request| Some(big_shares(request.request_round().unwrap_or(0))));
+    let update: Replier = Arc::new(|request| Some(big_update(request.request_round().unwrap_or(0))));
     // Joins with a fresh nonce, then answers the next phase with `then`.
     let join_then = |then: Replier| -> Replier {
         Arc::new(move |request| match request {
@@ -623,9 +613,9 @@ async fn oversized_declines_and_wrong_phase_messages_round_after_round() {
     // The joiner answers the key-advert request with a decline in odd rounds, an update in even.
     let joiner_then: Replier = {
         let decline = decline.clone();
-        Arc::new(move |request| match round_of(request) % 2 {
+        Arc::new(move |request| match request.request_round().unwrap_or(0) % 2 {
             1 => decline(request),
-            _ => Some(big_update(round_of(request))),
+            _ => Some(big_update(request.request_round().unwrap_or(0))),
         })
     };
     let hostile = [
@@ -685,7 +675,9 @@ async fn round_history_in_memory_is_bounded() {
         &ca,
         "decliner",
         server.addr,
-        Arc::new(move |request| Some(ClientMsg::Decline { round: round_of(request), reason: reason.to_string() })),
+        Arc::new(move |request| {
+            Some(ClientMsg::Decline { round: request.request_round().unwrap_or(0), reason: reason.to_string() })
+        }),
     )
     .await;
     let client = start_client(ca.client("honest"), server.addr, dataset(16, 1));

@@ -464,7 +464,7 @@ async fn serve(
             Some(read) = readers.join_next(), if !readers.is_empty() => match read {
                 Ok((send, Ok(msg))) => {
                     let token = core.next_token();
-                    let round = request_round(&msg);
+                    let round = msg.request_round().unwrap_or(0);
                     if let ServerMsg::Plan(plan) = &msg {
                         describe_plan(plan);
                         if let Some(tx) = &hooks.events {
@@ -509,19 +509,6 @@ async fn serve(
 
 /// The send half of each request waiting for its reply, with the request's round.
 type Streams = HashMap<Token, (quinn::SendStream, u64)>;
-
-/// The round a request belongs to (0 for what is no request: the session refuses it).
-fn request_round(msg: &ServerMsg) -> u64 {
-    match msg {
-        ServerMsg::Plan(p) => p.round,
-        ServerMsg::Joined { round, .. }
-        | ServerMsg::Adverts { round, .. }
-        | ServerMsg::Shares { round, .. }
-        | ServerMsg::Survivors { round, .. }
-        | ServerMsg::Unmask { round, .. } => *round,
-        _ => 0,
-    }
-}
 
 /// Reads one request (a round plan is the whole model: it may take a while, not for ever).
 async fn read_request(

@@ -303,14 +303,8 @@ impl ClientSession {
     /// training is done; a masked input when the round's input is ready). An error means the
     /// message is no request: nothing is queued for it.
     pub fn handle(&mut self, to: Token, msg: ServerMsg, rng: &mut impl CryptoRng) -> Result<(), SessionError> {
-        let round = match &msg {
-            ServerMsg::Plan(p) => p.round,
-            ServerMsg::Joined { round, .. }
-            | ServerMsg::Adverts { round, .. }
-            | ServerMsg::Shares { round, .. }
-            | ServerMsg::Survivors { round, .. }
-            | ServerMsg::Unmask { round, .. } => *round,
-            other => return Err(SessionError::NotARequest(escape(&format!("{other:?}"), 200))),
+        let Some(round) = msg.request_round() else {
+            return Err(SessionError::NotARequest(escape(&format!("{msg:?}"), 200)));
         };
         let reply = match msg {
             ServerMsg::Plan(plan) => self.plan(to, plan, rng),
@@ -710,23 +704,9 @@ mod tests {
     use crate::dp::{Accounting, DpPlan};
     use crate::secagg::harness::{setup, TestPki, TestSigner};
     use crate::secagg::quantize::Quantizer;
+    use crate::trainer::tests::plan;
     use crate::trainer::Trainer;
-    use crate::wire::TensorBytes;
     use candle_core::Device;
-
-    fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
-        RoundPlan {
-            round: 3,
-            model_spec: spec.into(),
-            params: TensorBytes::from_f32(&params),
-            train: (&TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, ..Default::default() }).into(),
-            seed: 1,
-            deadline_ms: 1000,
-            secure: None,
-            task: Task::Train,
-            class_counts: None,
-        }
-    }
 
     /// A session and its trainer, driven as the daemon drives them: each request gets a fresh
     /// token, replies are collected by token, jobs wait until the test runs them, ledger saves

@@ -383,12 +383,13 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{vectors_from_safetensors, vectors_to_safetensors};
     use crate::wire::Task;
 
-    fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
+    /// A plain plan of round 3 for `spec` with `params` (the session's tests use it too).
+    pub(crate) fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
         RoundPlan {
             round: 3,
             model_spec: spec.into(),

@@ -60,18 +60,6 @@ fn phase_of(msg: &ServerMsg) -> Phase {
     }
 }
 
-fn round_of(msg: &ServerMsg) -> u64 {
-    match msg {
-        ServerMsg::Plan(p) => p.round,
-        ServerMsg::Joined { round, .. }
-        | ServerMsg::Adverts { round, .. }
-        | ServerMsg::Shares { round, .. }
-        | ServerMsg::Survivors { round, .. }
-        | ServerMsg::Unmask { round, .. } => *round,
-        _ => 0,
-    }
-}
-
 /// A whole federation in one loop.
 struct Sim {
     coordinator: Coordinator,
@@ -167,7 +155,7 @@ impl Sim {
     fn deliver(&mut self, request: Request) {
         self.requests += 1;
         let Request { id, to, msg, .. } = request;
-        let (round, phase) = (round_of(&msg), phase_of(&msg));
+        let (round, phase) = (msg.request_round().unwrap_or(0), phase_of(&msg));
         let site = self.sites.get_mut(&to).expect("requests go to known sites");
         if !site.online {
             self.in_flight.push((self.now, id, to, Err("disconnected".into())));

@@ -310,6 +310,22 @@ pub enum ClientMsg {
     },
 }
 
+impl ServerMsg {
+    /// The round a request belongs to; `None` for what is no request (a welcome, a refusal).
+    /// One place for the rule that every client daemon, harness and test uses.
+    pub fn request_round(&self) -> Option<u64> {
+        match self {
+            ServerMsg::Plan(plan) => Some(plan.round),
+            ServerMsg::Joined { round, .. }
+            | ServerMsg::Adverts { round, .. }
+            | ServerMsg::Shares { round, .. }
+            | ServerMsg::Survivors { round, .. }
+            | ServerMsg::Unmask { round, .. } => Some(*round),
+            ServerMsg::Welcome { .. } | ServerMsg::Refused { .. } => None,
+        }
+    }
+}
+
 impl ClientMsg {
     /// The message's name, for logs and errors: a message in the wrong phase is described by
     /// this, never by its contents (which a peer controls and can make megabytes long).

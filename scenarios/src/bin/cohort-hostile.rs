@@ -110,21 +110,9 @@ impl Dialer {
     }
 }
 
-fn round_of(request: &ServerMsg) -> u64 {
-    match request {
-        ServerMsg::Plan(plan) => plan.round,
-        ServerMsg::Joined { round, .. }
-        | ServerMsg::Adverts { round, .. }
-        | ServerMsg::Shares { round, .. }
-        | ServerMsg::Survivors { round, .. }
-        | ServerMsg::Unmask { round, .. } => *round,
-        _ => 0,
-    }
-}
-
 /// The hostile answer to `request`, as a frame of about `bytes` bytes.
 fn answer(attack: Attack, request: &ServerMsg, id: &str) -> Result<Vec<u8>> {
-    let round = round_of(request);
+    let round = request.request_round().unwrap_or(0);
     let poison = "\nround complete round=999 participants=1000\u{1b}[2J\u{1b}]0;pwned\u{7}";
     let msg = match attack {
         Attack::Decline { bytes } => {
