@@ -107,14 +107,12 @@ pub struct Aggregate {
     pub contributors: usize,
 }
 
-/// The seam where plain and secure collection differ.
+/// How a plain round combines what it accepts (the secure sum is the coordinator's `SecureSum`).
 pub trait Collector: Send {
     /// Takes one client's checked update.
     fn accept(&mut self, client: &str, update: ClientUpdate) -> Result<(), RoundError>;
     /// Combines what was accepted; `None` when nothing was.
     fn finish(self: Box<Self>) -> Option<Aggregate>;
-    /// Says in the logs which kind of collection runs.
-    fn describe(&self) -> &'static str;
 }
 
 /// Plain weighted FedAvg collection: the server sees each update. For debugging and comparison.
@@ -171,10 +169,6 @@ impl Collector for PlainCollector {
         }
         Some(Aggregate { mean_delta, total_weight: self.totals[0], contributors: self.contributors })
     }
-
-    fn describe(&self) -> &'static str {
-        "plain (the server sees each update; for debugging and comparison only)"
-    }
 }
 
 /// Where a cohort member stands in the round.
@@ -200,12 +194,8 @@ pub struct RoundOutcome {
     pub aggregate: Aggregate,
     pub reported: Vec<ClientId>,
     pub dropped: Vec<(ClientId, String)>,
-    /// Mean of the clients' training losses (plain collection only: a secure round reveals none).
+    /// Mean of the clients' training losses.
     pub mean_train_loss: Option<f32>,
-    /// DP rounds: the noisy fraction of updates the clip norm did not clip.
-    pub unclipped: Option<f64>,
-    /// Clients caught cheating in secure aggregation, with what they did.
-    pub cheaters: Vec<(ClientId, String)>,
 }
 
 pub struct Round {
@@ -250,9 +240,6 @@ impl Round {
     }
     pub fn status(&self, client: &str) -> Option<&ClientStatus> {
         self.statuses.get(client)
-    }
-    pub fn collection(&self) -> &'static str {
-        self.collector.describe()
     }
 
     /// Checks and takes an update. A bad update drops its sender and is an error; the round
@@ -347,8 +334,6 @@ impl Round {
             aggregate,
             reported,
             dropped,
-            unclipped: None,
-            cheaters: Vec::new(),
         })
     }
 }
