@@ -1127,27 +1127,20 @@ impl Coordinator {
             round,
             completed: false,
             cohort: draw.cohort.len() + draw.offline.len(),
-            participants: 0,
             declined: declined_of(&all_dropped),
             dropped: all_dropped,
             seconds: now.saturating_duration_since(started).as_secs_f64(),
-            train_loss: None,
-            test: None,
-            eval_seconds: None,
-            head_tests: Vec::new(),
-            federated: Vec::new(),
             note: note.clone(),
             epsilon: privacy.epsilon,
             epsilon_server: privacy.epsilon_server,
             delta: privacy.delta,
             cheaters,
-            clip: None,
-            unclipped: None,
             sampling_rate: draw.sampling_rate,
             noise_multiplier: privacy.noise_multiplier,
             too_few_probability: draw.too_few,
-            participant_ids: Vec::new(),
             charged,
+            // No participants, loss, metrics or clip: nothing was summed.
+            ..RoundReport::default()
         });
         self.aborts_in_a_row += 1;
         self.finish_round(report, None, now);
