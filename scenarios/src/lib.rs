@@ -3,6 +3,9 @@
 //! Whole simulated federations in one process, over real QUIC with mutual TLS on loopback,
 //! for tests and benchmarks; the runner behind `cohort-sim`.
 //!
+//! - [`bundled`]: the scenarios and model specs compiled in, and where the data sets are found.
+//! - [`fleet`]: writes what a real fleet needs (a server state directory, and per client its
+//!   identity, `client.toml` and data partition): `cohort-sim fleet`.
 //! - [`scenario`]: the scenario file (model, clients, data, partition, `[federation]`).
 //! - [`runner`]: sets up a CA, a server and the client daemons, runs every round and
 //!   collects a [`runner::Report`].
@@ -18,6 +21,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bundled;
+pub mod fleet;
 pub mod report;
 pub mod runner;
 pub mod scenario;

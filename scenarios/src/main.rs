@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use cohort_scenarios::fleet::{FleetOptions, FleetPartition};
 use cohort_scenarios::runner::{self, RunOptions};
 use cohort_scenarios::scenario::Scenario;
 
@@ -21,7 +22,8 @@ struct Cli {
 enum Command {
     /// Run a scenario file.
     Run {
-        /// The scenario (TOML), e.g. scenarios/quickstart.toml.
+        /// The scenario (TOML), e.g. scenarios/quickstart.toml, or the name of a bundled one
+        /// (`quickstart`; `cohort-sim scenarios` lists them), which needs no file.
         file: PathBuf,
         /// Write report.json, accuracy.svg and the final model (model.safetensors) here.
         #[arg(long)]
@@ -32,7 +34,9 @@ enum Command {
         /// Override the seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// Folder holding the bundled data sets (default: the source tree's scenarios/data).
+        /// Folder holding the data sets (mnist/, winequality/). Default: $COHORT_DATA, else
+        /// <exe>/../share/cohort/data, /usr/local/share/cohort/data, /usr/share/cohort/data, else the
+        /// source tree this binary was built from.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Override a scenario value: `--set federation.train.loss.weighting=inverse_frequency`.
@@ -42,6 +46,16 @@ enum Command {
         #[arg(long, value_name = "HEAD")]
         only_task: Option<String>,
     },
+    /// List the bundled scenarios, or print one (to copy and edit).
+    Scenarios {
+        /// The bundled scenario to print.
+        name: Option<String>,
+    },
+    /// Write what a fleet of real processes needs (a Kubernetes Indexed Job, or machines of
+    /// their own): OUT/server/ (state directory with the CA and every client enrolled,
+    /// server.toml, model.toml, test set) and per client OUT/clients/I/ (client.toml, identity
+    /// bundle, data partition), and OUT/fleet.json.
+    Fleet(FleetArgs),
     /// The epsilon a DP federation would spend: Poisson sampling of `per_round` of `clients`
     /// clients each round, Gaussian noise with multiplier `noise`, composed over `rounds`;
     /// against anyone who sees only the models, and against the server (a typical client and
@@ -80,6 +94,44 @@ enum Command {
     },
 }
 
+/// `cohort-sim fleet`'s options.
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// An empty or new folder to write to.
+    #[arg(long)]
+    out: PathBuf,
+    /// The scenario (file or bundled name) whose model, federation and data it uses.
+    #[arg(long, default_value = "quickstart")]
+    scenario: PathBuf,
+    /// Number of clients (default: the scenario's); the cohort is lowered to it if larger.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// `iid`, `non-iid` (two label shards per client) or `scenario` (its [partition]).
+    #[arg(long, default_value = "scenario")]
+    partition: FleetPartition,
+    /// A name or address on the server certificate (repeat); the first is the one clients dial.
+    #[arg(long = "san", value_name = "HOST", default_value = "localhost")]
+    sans: Vec<String>,
+    /// The server's UDP port.
+    #[arg(long, default_value_t = 4433)]
+    port: u16,
+    /// `host:port` the clients dial (default: the first --san and --port).
+    #[arg(long)]
+    server: Option<String>,
+    /// The server's Prometheus endpoint (`metrics_listen`), e.g. 0.0.0.0:9464.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Each client's `state_dir` (relative: beside its client.toml).
+    #[arg(long, default_value = "state")]
+    client_state_dir: String,
+    /// Folder holding mnist/ (default: searched as for `run`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Override a scenario value (see `run`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
 fn main() -> Result<()> {
     cohort_io::init_logging("error");
     let (file, out, rounds, seed, data, overrides, only_task) = match Cli::parse().command {
@@ -92,9 +144,15 @@ fn main() -> Result<()> {
         Command::TrainBench { model, device, batch_size, examples, epochs, runs, data } => {
             return train_bench(&model, &device, batch_size, examples, epochs, runs, data)
         }
+        Command::Scenarios { name } => return scenarios(name.as_deref()),
+        Command::Fleet(args) => return fleet(args),
     };
     cohort_scenarios::runner::one_thread_per_client();
-    let scenario = Scenario::load_with(&file, &overrides)?;
+    let (scenario, stood_in) = Scenario::open(&file, &overrides)?;
+    // Named by a path that is not there (scenarios/quickstart.toml outside the source tree).
+    if let (Some(name), true) = (stood_in, file.components().count() > 1 || file.extension().is_some()) {
+        eprintln!("{} is not a file: running the bundled scenario `{name}`", file.display());
+    }
     let options = RunOptions { seed, rounds, data_dir: data, progress: true, table: true, only_task };
     // The blocking pool only runs short protocol steps (training is gated to one per core): a
     // small pool keeps thousands of simulated clients from growing hundreds of threads, each
@@ -194,7 +252,7 @@ fn train_bench(
     };
     let spec = cohort_common::model::ModelSpec::from_toml(spec)?;
     let (device, device_name) = cohort_client::device::select(device)?;
-    let dir = data.unwrap_or_else(runner::default_data_dir).join("mnist");
+    let dir = runner::data_dir_for("mnist", data.as_deref())?.join("mnist");
     let mnist = cohort_io::files::DataSource::Idx {
         images: dir.join("train-images.idx3-ubyte.gz"),
         labels: dir.join("train-labels.idx1-ubyte.gz"),
@@ -213,6 +271,76 @@ fn train_bench(
         t.rates[t.rates.len() - 1]
     );
     Ok(())
+}
+
+fn fleet(args: FleetArgs) -> Result<()> {
+    let scenario = cohort_scenarios::fleet::open_scenario(&args.scenario, args.clients, &args.overrides)
+        .map_err(anyhow::Error::msg)?;
+    let options = FleetOptions {
+        out: args.out,
+        scenario,
+        clients: None,
+        partition: args.partition,
+        sans: args.sans,
+        port: args.port,
+        server: args.server,
+        metrics_listen: args.metrics_listen,
+        client_state_dir: args.client_state_dir,
+        data_dir: args.data,
+    };
+    let summary = cohort_scenarios::fleet::write_fleet(&options).map_err(anyhow::Error::msg)?;
+    println!(
+        "wrote a fleet of {} clients for scenario `{}` ({} training examples, {} test) to {}",
+        summary.clients.len(),
+        summary.scenario,
+        summary.train_examples,
+        summary.test_examples,
+        options.out.display()
+    );
+    let server_state = options.out.join(&summary.server_state);
+    println!(
+        "server: cohort-server serve --state {} --config {}",
+        server_state.display(),
+        options.out.join(&summary.server_config).display()
+    );
+    println!(
+        "client I: cohort-client run --config {}  (clients dial {})",
+        options.out.join("clients/I/client.toml").display(),
+        summary.server
+    );
+    println!(
+        "the CA key is {}: move it off the server once no more clients are to be enrolled",
+        server_state.join("ca.key").display()
+    );
+    Ok(())
+}
+
+fn scenarios(name: Option<&str>) -> Result<()> {
+    use cohort_scenarios::bundled;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = match name {
+        Some(name) => {
+            let text = bundled::scenario(name).ok_or_else(|| {
+                anyhow::anyhow!("no bundled scenario `{name}`; the bundled ones are {}", bundled::scenario_names())
+            })?;
+            write!(out, "{text}")
+        }
+        None => bundled::SCENARIOS
+            .iter()
+            .try_for_each(|(name, text)| {
+                let description = Scenario::parse_bundled(text, name, &[]).map(|s| s.description).unwrap_or_default();
+                writeln!(out, "{name:<26} {description}")
+            })
+            .and_then(|_| {
+                writeln!(out, "run one with `cohort-sim run NAME`; print it with `cohort-sim scenarios NAME`")
+            }),
+    };
+    // A reader that stops early (`| head`) is no error.
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn epsilon(clients: u64, per_round: u64, noise: f64, rounds: u64, delta: f64) -> Result<()> {

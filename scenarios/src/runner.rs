@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::bundled::{self, DataSearch};
 use crate::scenario::Scenario;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +43,7 @@ pub enum RunError {
 pub struct RunOptions {
     pub seed: Option<u64>,
     pub rounds: Option<u64>,
-    /// Folder with the bundled data sets (default: the crate's `data/`).
+    /// Folder with the data sets (default: searched, see [`data_dir_for`]).
     pub data_dir: Option<PathBuf>,
     /// Show a progress bar (when stderr is a terminal).
     pub progress: bool,
@@ -158,11 +159,20 @@ const CLIENTS_PER_ENDPOINT: usize = 50;
 /// Above this many clients, each rebuilds its model every round instead of keeping it.
 const KEEP_MODELS_UP_TO: usize = 1000;
 
-/// The bundled data folder.
+/// The data folder that holds MNIST, searched as [`DataSearch::from_environment`] says
+/// (`COHORT_DATA`, beside the executable, system-wide, the source tree); the source tree's
+/// `scenarios/data` when none does.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("COHORT_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data"))
+    DataSearch::from_environment(None).find(&bundled::MNIST).unwrap_or_else(|_| bundled::compiled_in_data_dir())
+}
+
+/// The data folder for a scenario's `data.dataset`: `explicit` (`--data`) or else the first
+/// place of [`DataSearch::from_environment`] that has it; the error names every place looked.
+pub fn data_dir_for(dataset: &str, explicit: Option<&Path>) -> Result<PathBuf, RunError> {
+    match bundled::DataSet::named(dataset) {
+        Some(set) => DataSearch::from_environment(explicit).find(&set).map_err(RunError::Data),
+        None => Ok(explicit.map_or_else(bundled::compiled_in_data_dir, Path::to_path_buf)),
+    }
 }
 
 fn load_mnist(dir: &Path, train: bool) -> Result<Dataset, RunError> {
@@ -270,7 +280,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         let parts = vec![(0..n).collect::<Vec<_>>(); scenario.clients];
         (one, None, parts)
     } else {
-        let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
+        let data_dir = data_dir_for(&scenario.data.dataset, options.data_dir.as_deref())?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let (train, test) = if scenario.data.dataset == "winequality" {
             stratified_split(&load_winequality(&data_dir)?, scenario.data.test_fraction, &mut rng)

@@ -144,6 +144,10 @@ pub struct Scenario {
     /// Where the scenario was read from (for relative paths); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,
+    /// A scenario compiled into the binary ([`crate::bundled`]): the model specs it names are
+    /// the bundled ones, not files.
+    #[serde(skip)]
+    pub bundled: bool,
 }
 
 impl Scenario {
@@ -165,7 +169,39 @@ impl Scenario {
         Self::parse_with(&text, path, overrides)
     }
 
+    /// `cohort-sim run FILE`: the scenario file FILE with `overrides`, or, when there is no such
+    /// file, the bundled scenario that FILE names (`quickstart`, `quickstart.toml` or
+    /// `scenarios/quickstart.toml`), so that an installed binary runs them without the source
+    /// tree. The second value says which bundled scenario stood in for a missing file.
+    pub fn open(file: &Path, overrides: &[String]) -> Result<(Self, Option<&'static str>), ScenarioError> {
+        if file.exists() {
+            return Ok((Self::load_with(file, overrides)?, None));
+        }
+        let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let Some((name, text)) = crate::bundled::SCENARIOS.iter().find(|(n, _)| *n == stem) else {
+            return Err(ScenarioError::Invalid {
+                path: file.display().to_string(),
+                message: format!(
+                    "no such file, and not the name of a bundled scenario ({}; `cohort-sim scenarios` lists them)",
+                    crate::bundled::scenario_names()
+                ),
+            });
+        };
+        let mut s = Self::parse_bundled(text, name, overrides)?;
+        s.bundled = true;
+        Ok((s, Some(name)))
+    }
+
+    /// Parses bundled scenario `name` (its text from [`crate::bundled::SCENARIOS`]).
+    pub fn parse_bundled(text: &str, name: &str, overrides: &[String]) -> Result<Self, ScenarioError> {
+        Self::parse_inner(text, &Path::new("<bundled>").join(format!("{name}.toml")), overrides, true)
+    }
+
     pub fn parse_with(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, ScenarioError> {
+        Self::parse_inner(text, origin, overrides, false)
+    }
+
+    fn parse_inner(text: &str, origin: &Path, overrides: &[String], bundled: bool) -> Result<Self, ScenarioError> {
         let bad = |message: String| ScenarioError::Invalid { path: origin.display().to_string(), message };
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         for assignment in overrides {
@@ -173,6 +209,7 @@ impl Scenario {
         }
         let mut s: Scenario = doc.try_into().map_err(|e: toml::de::Error| bad(e.to_string()))?;
         s.origin = origin.to_path_buf();
+        s.bundled = bundled;
         if s.clients == 0 {
             return Err(bad("clients must be at least 1".into()));
         }
@@ -225,9 +262,18 @@ impl Scenario {
     /// The model spec the scenario names.
     pub fn model_spec(&self) -> Result<ModelSpec, ScenarioError> {
         let bad = |message: String| ScenarioError::Invalid { path: self.origin.display().to_string(), message };
-        let text = match self.model.as_str() {
+        ModelSpec::from_toml(&self.model_spec_text()?).map_err(|e| bad(format!("model `{}`: {e}", self.model)))
+    }
+
+    /// The text of the model spec the scenario names (a bundled spec, or the file's).
+    pub fn model_spec_text(&self) -> Result<String, ScenarioError> {
+        let bad = |message: String| ScenarioError::Invalid { path: self.origin.display().to_string(), message };
+        Ok(match self.model.as_str() {
             "mnist-2nn" => cohort_common::specs::MNIST_2NN.to_string(),
             "mnist-cnn" => cohort_common::specs::MNIST_CNN.to_string(),
+            path if self.bundled => crate::bundled::model(path)
+                .ok_or_else(|| bad(format!("model = `{path}`: not a bundled model spec")))?
+                .to_string(),
             path => {
                 let p = self.origin.parent().unwrap_or(Path::new(".")).join(path);
                 std::fs::read_to_string(&p).map_err(|e| {
@@ -237,8 +283,7 @@ impl Scenario {
                     ))
                 })?
             }
-        };
-        ModelSpec::from_toml(&text).map_err(|e| bad(format!("model `{}`: {e}", self.model)))
+        })
     }
 }
 
@@ -292,6 +337,15 @@ mod tests {
             }
         }
         assert!(n >= 4, "found {n} scenarios");
+        // The same, compiled in: no file is read for them or the model specs they name.
+        for (name, text) in crate::bundled::SCENARIOS {
+            let s = Scenario::parse_bundled(text, name, &[]).unwrap_or_else(|e| panic!("{e}"));
+            assert!(s.bundled && s.model_spec().is_ok(), "{name}");
+        }
+        let (s, stood_in) = Scenario::open(Path::new("/nowhere/scenarios/winequality.toml"), &[]).unwrap();
+        assert_eq!((s.name.as_str(), stood_in), ("winequality", Some("winequality")));
+        let err = Scenario::open(Path::new("/nowhere/quick.toml"), &[]).unwrap_err().to_string();
+        assert!(err.contains("/nowhere/quick.toml") && err.contains("quickstart"), "{err}");
     }
 
     #[test]
