@@ -57,7 +57,7 @@ async fn the_server_learns_only_the_population_histogram() {
     let ca = Ca::new();
     let mut fed = federation(2, 3, 3);
     fed.collection = Collection::Secure;
-    fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
+    fed.secagg = SecAggConfig { degree: 2, threshold: Some(2), dropout_tolerance: Some(0.0), ..Default::default() };
     fed.train.loss.weighting = ClassWeighting::InverseFrequency;
     fed.train.loss.scope = CountScope::Global;
     fed.train.loss.recount_every = Some(1);
@@ -100,7 +100,7 @@ async fn a_census_counts_each_head_with_global_scope() {
     let spec = ModelSpec::from_toml(&format!("{SPEC}[[heads]]\nname = 'odd'\nclasses = 2\n")).unwrap();
     let mut fed = federation(1, 3, 3);
     fed.collection = Collection::Secure;
-    fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
+    fed.secagg = SecAggConfig { degree: 2, threshold: Some(2), dropout_tolerance: Some(0.0), ..Default::default() };
     let global =
         LossConfig { weighting: ClassWeighting::InverseFrequency, scope: CountScope::Global, ..Default::default() };
     fed.train.head_loss.insert("odd".into(), global);

@@ -16,7 +16,7 @@ async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {
     let ca = Ca::new();
     let mut fed = federation(1, 3, 3);
     fed.collection = Collection::Secure;
-    fed.secagg = SecAggConfig { degree: 2, threshold: 2, dropout_tolerance: 0.0, ..Default::default() };
+    fed.secagg = SecAggConfig { degree: 2, threshold: Some(2), dropout_tolerance: Some(0.0), ..Default::default() };
     fed.evaluate_every = Some(1);
     let server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, Some(dataset(90, 9)));
     let sizes = [(1u64, 30usize), (2, 45), (3, 60)];

@@ -399,6 +399,7 @@ fn unlimited_server(ca: &Ca) -> SocketAddr {
                     server_name: "unlimited".into(),
                     next_round: 1,
                     federation: "x".into(),
+                    run: String::new(),
                 };
                 let _ = send_msg(&mut send, &welcome).await;
                 conn.closed().await;
@@ -588,7 +589,7 @@ async fn oversized_declines_and_wrong_phase_messages_round_after_round() {
     fed.collection = Collection::Secure;
     // A complete graph of 10 with t = 5: every honest client keeps 5 honest neighbours when the
     // four hostile ones drop.
-    fed.secagg = SecAggConfig { degree: 9, threshold: 5, dropout_tolerance: 0.4, ..Default::default() };
+    fed.secagg = SecAggConfig { degree: 9, threshold: Some(5), dropout_tolerance: Some(0.4), ..Default::default() };
     fed.secagg.phase_timeout_secs = 10.0;
     fed.round_timeout_secs = 30.0;
     let mut server = start_server(&ca, localhost(), fed, None);

@@ -235,10 +235,14 @@ async fn a_test_set_with_more_classes_than_its_head_is_refused_at_start() {
         state: cohort::server::pki::StatePaths::new(ca.dir.path()),
         identity: pki::server_identity(&ca.state).unwrap(),
         listen: localhost(),
-        spec: spec(),
-        federation: federation(1, 1, 1),
-        test_data: Some(wide),
-        head_tests: Vec::new(),
+        run: Some(cohort::server::serve::RunSetup {
+            name: "main".into(),
+            spec: spec(),
+            federation: federation(1, 1, 1),
+            test_data: Some(wide),
+            head_tests: Vec::new(),
+        }),
+        keep_serving: false,
         events: None,
         metrics_listen: None,
     })

@@ -20,7 +20,7 @@ use support::*;
 fn private_federation(rounds: u64, clients: usize, min: usize, clip: f64, z: f64) -> Federation {
     let mut fed = federation(rounds, clients, min);
     fed.collection = Collection::Secure;
-    fed.secagg = SecAggConfig { degree: 3, threshold: 2, ..Default::default() };
+    fed.secagg = SecAggConfig { degree: 3, threshold: Some(2), ..Default::default() };
     fed.secagg.phase_timeout_secs = 10.0;
     fed.round_timeout_secs = 30.0;
     fed.dp = Some(DpConfig {
@@ -63,7 +63,7 @@ async fn the_global_model_moves_by_the_mean_of_the_clipped_updates() {
 
     let mut fed = private_federation(1, 3, 3, clip, 0.0);
     fed.secagg.degree = 2;
-    fed.secagg.dropout_tolerance = 0.0;
+    fed.secagg.dropout_tolerance = Some(0.0);
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
     let clients = start_sized_clients(&ca, server.addr, &sizes);
     let report = next_report(&mut server, 60).await;
@@ -145,7 +145,7 @@ async fn sampled_run(seed: u64) -> (Sampled, Vec<LedgerFile>, String, Ca) {
     let mut fed = private_federation(5, 6, 4, 1.0, 1.0);
     fed.seed = seed;
     fed.start_after_clients = Some(8);
-    fed.secagg = SecAggConfig { degree: 4, threshold: 3, dropout_tolerance: 0.0, ..Default::default() };
+    fed.secagg = SecAggConfig { degree: 4, threshold: Some(3), dropout_tolerance: Some(0.0), ..Default::default() };
     fed.secagg.phase_timeout_secs = 10.0;
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed, None);
     let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -190,8 +190,9 @@ async fn sampled_run(seed: u64) -> (Sampled, Vec<LedgerFile>, String, Ca) {
 /// twice, sample differently, and v1's replay does not give the cohorts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_cohorts_cannot_be_recomputed_and_ledgers_charge_each_participation() {
-    use cohort::common::dp::federation_key;
+    use cohort::common::dp::{federation_key, run_key};
     use cohort::common::round::poisson_cohort;
+    use cohort::server::config::DEFAULT_RUN;
     use rand::SeedableRng;
     logs();
     let seed = 42;
@@ -208,7 +209,8 @@ async fn private_cohorts_cannot_be_recomputed_and_ledgers_charge_each_participat
 
     // Each client's ledger charged exactly its participations, unamplified, in this federation.
     let identity = ca.client("client-0");
-    let key = federation_key(&identity.ca_fingerprint(), &federation);
+    // One account per run: round numbers start again in each run of a federation.
+    let key = run_key(&federation_key(&identity.ca_fingerprint(), &federation), DEFAULT_RUN);
     for (i, ledger) in ledgers.iter().enumerate() {
         let k = first.values().filter(|s| s.contains(&format!("client-{i}"))).count() as u64;
         let ledger = ledger.ledger();

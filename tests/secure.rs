@@ -20,8 +20,13 @@ async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
     let ca = Ca::new();
     let mut fed = federation(1, 10, 5);
     fed.collection = Collection::Secure;
-    fed.secagg =
-        SecAggConfig { degree: 8, threshold: 5, dropout_tolerance: 0.3, sample_cap: 100, ..Default::default() };
+    fed.secagg = SecAggConfig {
+        degree: 8,
+        threshold: Some(5),
+        dropout_tolerance: Some(0.3),
+        sample_cap: 100,
+        ..Default::default()
+    };
     fed.round_timeout_secs = 30.0;
     fed.secagg.phase_timeout_secs = 10.0;
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed.clone(), Some(dataset(300, 77)));
@@ -109,8 +114,13 @@ async fn a_client_returning_a_corrupt_share_is_named_excluded_and_the_sums_stay_
     let ca = Ca::new();
     let mut fed = federation(2, 7, 5);
     fed.collection = Collection::Secure;
-    fed.secagg =
-        SecAggConfig { degree: 4, threshold: 3, dropout_tolerance: 0.25, sample_cap: 100, ..Default::default() };
+    fed.secagg = SecAggConfig {
+        degree: 4,
+        threshold: Some(3),
+        dropout_tolerance: Some(0.25),
+        sample_cap: 100,
+        ..Default::default()
+    };
     fed.round_timeout_secs = 30.0;
     fed.secagg.phase_timeout_secs = 10.0;
     let mut server = start_server(&ca, "127.0.0.1:0".parse().unwrap(), fed.clone(), None);

@@ -136,6 +136,28 @@ pub struct ClientConfig {
     /// counts and confusion matrices at least 3), whatever the server asks.
     #[serde(default = "min_sum_clients")]
     pub min_sum_clients: usize,
+    /// Which runs this site takes part in.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// `[policy]`: which of the federation's runs this site takes part in. The server hosts many
+/// runs one after another; a plan outside the policy is declined with the reason.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The model names (a model spec's `name`) this site trains; absent: any model.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// The most epsilon one run may spend of `[privacy] max_epsilon` (needs `[privacy]`).
+    #[serde(default)]
+    pub max_epsilon_per_run: Option<f64>,
+}
+
+impl Policy {
+    pub fn run_policy(&self) -> cohort_common::session::RunPolicy {
+        cohort_common::session::RunPolicy { models: self.models.clone(), max_epsilon_per_run: self.max_epsilon_per_run }
+    }
 }
 
 fn min_sum_clients() -> usize {
@@ -312,6 +334,31 @@ impl ClientConfig {
             if config.state_dir.is_none() {
                 return Err("[privacy] needs state_dir: the privacy ledger is kept there across restarts".into());
             }
+        }
+        if let Some(cap) = config.policy.max_epsilon_per_run {
+            if !(cap.is_finite() && cap > 0.0) {
+                return Err(format!("[policy]: max_epsilon_per_run = {cap} must be a positive number"));
+            }
+            match &config.privacy {
+                None => {
+                    return Err("[policy]: max_epsilon_per_run needs [privacy] (the ledger that counts what each run \
+                                spends); add [privacy] with max_epsilon"
+                        .into())
+                }
+                Some(p) if cap > p.max_epsilon => {
+                    return Err(format!(
+                        "[policy]: max_epsilon_per_run = {cap} is more than [privacy] max_epsilon = {}; a run can \
+                         never spend more than the whole budget",
+                        p.max_epsilon
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if config.policy.models.as_ref().is_some_and(|m| m.is_empty()) {
+            return Err("[policy]: models = [] accepts no run at all; list the model names this site trains, or \
+                        leave models out to accept any"
+                .into());
         }
         check_classes(&config.data, "[data]")?;
         for head in &config.heads {

@@ -291,10 +291,20 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
             _ = shutdown.cancelled() => break Ok(()),
         };
         match connected {
-            Ok((conn, next_round, federation)) => {
+            Ok((conn, next_round, federation, run)) => {
                 attempt = 0;
-                core.session.connected(next_round, cohort_common::dp::federation_key(&ca_fingerprint, &federation));
-                info!(%server, next_round, federation = %escape(&federation, 64), "connected");
+                let key = cohort_common::dp::federation_key(&ca_fingerprint, &federation);
+                core.session.connected(next_round, key, run.clone());
+                match run.is_empty() {
+                    true => info!(%server, federation = %escape(&federation, 64), "connected; no run in progress"),
+                    false => info!(
+                        %server,
+                        federation = %escape(&federation, 64),
+                        run = %escape(&run, 64),
+                        next_round,
+                        "connected"
+                    ),
+                }
                 connections += 1;
                 if connections > 1 {
                     warn_if_expiring(&certificate, config);
@@ -390,7 +400,7 @@ async fn connect(
     server: SocketAddr,
     server_name: &str,
     hello: &ClientMsg,
-) -> Result<(quinn::Connection, u64, String), ClientError> {
+) -> Result<(quinn::Connection, u64, String, String), ClientError> {
     let conn = endpoint
         .connect_with(config.clone(), server, server_name)
         .map_err(NetError::from)?
@@ -410,9 +420,12 @@ async fn connect(
             Err(ClientError::Refused(wire::server_version_mismatch(got)))
         }
         Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(ServerMsg::Welcome { client_id, next_round, federation, .. })) => {
+        Ok(Ok(ServerMsg::Welcome { client_id, next_round, federation, run, .. })) => {
             debug!(client_id = %escape(&client_id, 64), next_round, "welcomed");
-            Ok((conn, next_round, federation))
+            // The run names the ledger's account: one this client would refuse in a plan is
+            // taken as no run (the plan itself is then declined).
+            let run = if run.is_empty() || wire::check_run_name(&run).is_ok() { run } else { String::new() };
+            Ok((conn, next_round, federation, run))
         }
         // The reason is the server's text: escaped and capped before it reaches a log or a terminal.
         Ok(Ok(ServerMsg::Refused { reason })) => Err(ClientError::Refused(escape(&reason, 500))),
@@ -548,6 +561,7 @@ fn describe_plan(plan: &cohort_common::wire::RoundPlan) {
         },
     };
     info!(
+        run = %escape(&plan.run, 64),
         round = plan.round,
         task = plan.task.purpose(),
         model = %model,

@@ -65,6 +65,49 @@ impl LedgerFile {
     }
 }
 
+/// The ledger in words, for `cohort-client ledger`: the whole budget, then what each account
+/// (one run of one federation) has spent, in the order first charged.
+pub fn describe(ledger: &PrivacyLedger) -> Vec<String> {
+    let spent = ledger.epsilon();
+    let mut lines = vec![format!(
+        "budget:   epsilon {} at delta {}; spent {spent:.3}, left {:.3}{} (accounting: {})",
+        ledger.max_epsilon,
+        ledger.delta,
+        (ledger.max_epsilon - spent).max(0.0),
+        if ledger.exhausted { "; exhausted: this client takes part in no more private rounds" } else { "" },
+        match ledger.accounting {
+            Accounting::Participations => "each round taken part in, at full cost",
+            Accounting::SampledRounds => "every round since joining, amplified by the server's sampling",
+        }
+    )];
+    let mut keys: Vec<&str> = Vec::new();
+    for s in &ledger.spent {
+        if !keys.contains(&s.federation.as_str()) {
+            keys.push(&s.federation);
+        }
+    }
+    if keys.is_empty() {
+        lines.push("spent:    nothing yet".into());
+    }
+    for key in keys {
+        let entries: Vec<_> = ledger.spent.iter().filter(|s| s.federation == key).collect();
+        let rounds: u64 = entries.iter().map(|s| s.count()).sum();
+        let first = entries.iter().map(|s| s.first_round).min().unwrap_or(0);
+        let last = entries.iter().map(|s| s.last_round).max().unwrap_or(0);
+        let (federation, run) = match key.rsplit_once("/run:") {
+            Some((federation, run)) => (federation, run),
+            None => (key, "(before runs were named)"),
+        };
+        lines.push(format!(
+            "run {}: epsilon {:.3} over {rounds} round(s) charged, rounds {first}-{last} ({})",
+            cohort_io::escape(run, 64),
+            ledger.epsilon_under(key),
+            cohort_io::escape(federation, 120)
+        ));
+    }
+    lines
+}
+
 /// Reads the bytes of a ledger file kept by an earlier run; `configured` is the ledger the
 /// config makes (its budget, delta and accounting replace the kept ones; what was spent is kept,
 /// and a changed budget lifts the exhaustion). The error says what to do.

@@ -246,7 +246,10 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
         identity,
         server,
         server_name: config.server_name(),
-        session: ClientSession::new(id.clone()).with_secure_keys(keys).with_min_sum_clients(config.min_sum_clients),
+        session: ClientSession::new(id.clone())
+            .with_secure_keys(keys)
+            .with_min_sum_clients(config.min_sum_clients)
+            .with_policy(config.policy.run_policy()),
         trainer: Trainer::with_heads(id, heads, device)
             .with_personal_heads(personal)
             .with_validation_fraction(config.validation_fraction),

@@ -58,6 +58,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show the privacy ledger: the budget, what each run has spent, and what is left.
+    Ledger {
+        /// The client's configuration file (`client.toml`); its `[privacy]` and `state_dir` say
+        /// where the ledger is.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the ledger file's JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a global model (from `cohort-server export`) on this client's own data, with its
     /// personal heads: per head, accuracy, balanced accuracy, macro-F1 and recall per class.
     Evaluate {
@@ -169,6 +179,34 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Command::Ledger { config: path, json } => {
+            let config = ClientConfig::load(&path)?;
+            let (Some(privacy), Some(state_dir)) = (&config.privacy, &config.state_dir) else {
+                println!(
+                    "this client has no privacy budget ([privacy] in {}): it takes part in plain and secure rounds \
+                     alike, and nothing is charged",
+                    path.display()
+                );
+                return Ok(());
+            };
+            let file = cohort_client::ledger::LedgerFile::open(
+                state_dir,
+                privacy.max_epsilon,
+                privacy.delta,
+                privacy.accounting(),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(file.ledger())?);
+            } else {
+                println!("ledger:   {}", state_dir.join(cohort_client::ledger::LEDGER_FILE).display());
+                for line in cohort_client::ledger::describe(file.ledger()) {
+                    println!("{line}");
+                }
+                if let Some(cap) = config.policy.max_epsilon_per_run {
+                    println!("policy:   at most epsilon {cap} per run");
+                }
+            }
+        }
         Command::Check { config: path } => {
             let config = ClientConfig::load(&path)?;
             let identity = config.identity.load().context("identity")?;
@@ -206,6 +244,10 @@ fn main() -> Result<()> {
             let (_, device) = cohort_client::device::select(&config.device)?;
             println!("device:   {device}");
             println!("server:   {} (certificate name {})", config.server, config.server_name());
+            let models = config.policy.models.as_ref().map_or("any model".to_string(), |m| m.join(", "));
+            let per_run =
+                config.policy.max_epsilon_per_run.map_or(String::new(), |e| format!("; at most epsilon {e} per run"));
+            println!("policy:   runs of {models}{per_run}");
             println!("ok");
         }
         Command::Evaluate { config: path, model, spec, data, json } => {

@@ -574,7 +574,8 @@ pub struct Spent {
 }
 
 impl Spent {
-    fn count(&self) -> u64 {
+    /// How many rounds (mechanisms) the entry charges.
+    pub fn count(&self) -> u64 {
         if self.steps == 0 {
             self.last_round.saturating_add(1).saturating_sub(self.first_round)
         } else {
@@ -598,11 +599,19 @@ pub fn federation_key(ca_fingerprint: &str, federation_id: &str) -> String {
     format!("ca:{ca_fingerprint}/federation:{federation_id}")
 }
 
+/// The key a client's ledger charges one run of a federation under: round numbers start again at
+/// 1 in every run, so each run is an account of its own (epsilon composes over all of them).
+pub fn run_key(federation_key: &str, run: &str) -> String {
+    format!("{federation_key}/run:{run}")
+}
+
 /// Why a client declines a round.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LedgerRefusal {
     #[error("round {round} would take this client's epsilon to {would_be:.3}, past its budget of {max_epsilon} (delta {delta}); it takes no further part in private rounds")]
     OverBudget { round: u64, would_be: f64, max_epsilon: f64, delta: f64 },
+    #[error("round {round} would take this client's epsilon in this run to {would_be:.3}, past its limit per run of {max_epsilon} (policy.max_epsilon_per_run); it takes no further part in this run's private rounds")]
+    RunOverBudget { round: u64, would_be: f64, max_epsilon: f64 },
     #[error("this client's privacy budget of epsilon {max_epsilon} is spent ({spent:.3}); it takes no further part in private rounds")]
     Exhausted { max_epsilon: f64, spent: f64 },
     #[error("round {round} is not differentially private (no DP settings, or noise_multiplier 0): this client has a privacy budget and takes part only in private rounds")]
@@ -702,6 +711,25 @@ impl PrivacyLedger {
     /// (and with sampled-rounds accounting, the rounds since the last one counted); the caller
     /// persists the ledger before answering.
     pub fn admit(&mut self, federation: &str, round: u64, joined_at: u64, plan: &DpPlan) -> Result<f64, LedgerRefusal> {
+        self.admit_within(federation, round, joined_at, plan, None)
+    }
+
+    /// Epsilon spent under one key (one run: [`run_key`]) alone.
+    pub fn epsilon_under(&self, federation: &str) -> f64 {
+        self.epsilon_of(&self.spent.iter().filter(|s| s.federation == federation).cloned().collect::<Vec<_>>())
+    }
+
+    /// [`PrivacyLedger::admit`], and with `per_key_cap` also declines a round that would take
+    /// the epsilon spent under `federation` alone (one run) past that cap. Such a refusal closes
+    /// only that run: the client takes part in other runs while its whole budget lasts.
+    pub fn admit_within(
+        &mut self,
+        federation: &str,
+        round: u64,
+        joined_at: u64,
+        plan: &DpPlan,
+        per_key_cap: Option<f64>,
+    ) -> Result<f64, LedgerRefusal> {
         if self.exhausted {
             return Err(LedgerRefusal::Exhausted { max_epsilon: self.max_epsilon, spent: self.epsilon() });
         }
@@ -725,6 +753,15 @@ impl PrivacyLedger {
                 max_epsilon: self.max_epsilon,
                 delta: self.delta,
             });
+        }
+        if let Some(cap) = per_key_cap {
+            let in_run: Vec<Spent> = candidate.iter().filter(|s| s.federation == federation).cloned().collect();
+            let would_be = self.epsilon_of(&in_run);
+            if would_be.is_nan() || would_be > cap {
+                let spent_already: Vec<Spent> = added.into_iter().filter(|s| s.last_round < round).collect();
+                self.record(spent_already, account);
+                return Err(LedgerRefusal::RunOverBudget { round, would_be, max_epsilon: cap });
+            }
         }
         self.record(added, account);
         Ok(would_be)

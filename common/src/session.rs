@@ -48,7 +48,7 @@ use crate::model::ModelSpec;
 use crate::secagg::{self, AdvertSigner, PeerVerifier, SealedShares, SecAggClient, SecAggError};
 use crate::secagg::{MIN_COUNT_INPUTS, MIN_TRAIN_INPUTS};
 use crate::train::TrainConfig;
-use crate::wire::{escape, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, Update};
+use crate::wire::{self, escape, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, Update};
 
 /// The driver's handle for one request (a stream): the reply to it names the same token. Tokens
 /// must not be reused while a reply to them may still come.
@@ -71,6 +71,9 @@ pub enum SessionError {
     /// The privacy ledger declines the round.
     #[error(transparent)]
     Budget(#[from] LedgerRefusal),
+    /// The data owner's policy declines the run ([`RunPolicy`]).
+    #[error(transparent)]
+    Policy(#[from] PolicyRefusal),
     /// This client's own computation for the round failed.
     #[error("training failed: {0}")]
     Job(String),
@@ -86,6 +89,8 @@ pub enum SessionError {
 /// Strings in it that the server chose are escaped and capped.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum PlanRefusal {
+    #[error("{0}")]
+    Run(String),
     #[error("the model spec does not parse: {0}")]
     Spec(String),
     #[error("the training terms: {0}")]
@@ -130,6 +135,40 @@ pub enum PlanRefusal {
     SharesAlreadySent(u64),
     #[error("no secure round {0} in progress")]
     NoSecureRound(u64),
+}
+
+/// Which runs a data owner takes part in (`[policy]` in client.toml). A federation hosts many
+/// runs under one CA; the server decides what runs, and each site decides what it joins.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunPolicy {
+    /// The model names (a model spec's `name`) this site trains; `None`: any.
+    pub models: Option<Vec<String>>,
+    /// The most epsilon one run may spend of this site's budget; `None`: the whole budget.
+    pub max_epsilon_per_run: Option<f64>,
+}
+
+/// Why the data owner's policy declines a plan (not the server's fault: it may run what it likes).
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum PolicyRefusal {
+    #[error("run `{run}` trains model `{model}`, which this site's policy.models ({accepted}) does not list")]
+    Model { run: String, model: String, accepted: String },
+}
+
+impl RunPolicy {
+    /// Whether the plan's run is one this site takes part in (the per-run epsilon is the
+    /// ledger's to check, when it admits the round).
+    pub fn check(&self, plan: &RoundPlan) -> Result<(), PolicyRefusal> {
+        let Some(models) = &self.models else { return Ok(()) };
+        let model = ModelSpec::from_toml(&plan.model_spec).map(|s| s.name).unwrap_or_default();
+        if models.contains(&model) {
+            return Ok(());
+        }
+        Err(PolicyRefusal::Model {
+            run: escape(&plan.run, 64),
+            model: escape(&model, 64),
+            accepted: models.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
+        })
+    }
 }
 
 impl SessionError {
@@ -231,13 +270,18 @@ pub struct ClientSession {
     /// The last round of each kind of secure sum (by purpose) this client joined: it joins each
     /// at most once, and never an earlier one. Two sums of the same update (training is seeded
     /// by the plan) over overlapping cohorts would give it away by their difference.
-    joined: BTreeMap<String, u64>,
+    /// Keyed by run, then purpose: each run numbers its rounds from 1.
+    joined: BTreeMap<(String, String), u64>,
+    /// Which runs, models and per-run spending this data owner accepts.
+    policy: RunPolicy,
     secure: Option<SecureRound>,
     ledger: Option<PrivacyLedger>,
     /// The federation the ledger charges (see [`dp::federation_key`]) and the first round of
     /// the current connection: set by [`ClientSession::connected`].
     federation: String,
     joined_at: u64,
+    /// The run in progress when this connection was welcomed (`joined_at` is its round).
+    welcome_run: String,
     jobs: BTreeMap<JobId, Waiting>,
     next_job: JobId,
     actions: VecDeque<Action>,
@@ -251,10 +295,12 @@ impl ClientSession {
             keys: None,
             min_sum_clients: MIN_TRAIN_INPUTS,
             joined: BTreeMap::new(),
+            policy: RunPolicy::default(),
             secure: None,
             ledger: None,
             federation: String::new(),
             joined_at: 0,
+            welcome_run: String::new(),
             jobs: BTreeMap::new(),
             next_job: 0,
             actions: VecDeque::new(),
@@ -282,6 +328,12 @@ impl ClientSession {
         self
     }
 
+    /// The data owner's policy on runs ([`RunPolicy`]): plans outside it are declined.
+    pub fn with_policy(mut self, policy: RunPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// The privacy ledger as this session has charged it, if the client has one.
     pub fn ledger(&self) -> Option<&PrivacyLedger> {
         self.ledger.as_ref()
@@ -289,9 +341,11 @@ impl ClientSession {
 
     /// A new connection: `federation` is the key the ledger charges ([`dp::federation_key`]),
     /// `next_round` the server's next round (the ledger charges sampled rounds from there).
-    pub fn connected(&mut self, next_round: u64, federation: String) {
+    /// `run` the run in progress (empty if none), whose round `next_round` is.
+    pub fn connected(&mut self, next_round: u64, federation: String, run: String) {
         self.joined_at = next_round;
         self.federation = federation;
+        self.welcome_run = run;
     }
 
     /// The next thing the driver must do.
@@ -440,6 +494,7 @@ impl ClientSession {
         rng: &mut impl CryptoRng,
     ) -> Result<Option<ClientMsg>, SessionError> {
         check_plan(&plan)?;
+        self.policy.check(&plan)?;
         let round = plan.round;
         let Some(secure) = plan.secure.as_deref() else {
             if plan.task != Task::Train {
@@ -453,14 +508,14 @@ impl ClientSession {
             return Err(PlanRefusal::NoKey.into());
         }
         self.check_secure_plan(&plan, secure)?;
-        let purpose = secure.setup.purpose.clone();
-        if let Some(last) = self.joined.get(&purpose).filter(|last| round <= **last) {
-            return Err(PlanRefusal::AlreadyJoined { purpose: escape(&purpose, 32), round: *last }.into());
+        let sum = (plan.run.clone(), secure.setup.purpose.clone());
+        if let Some(last) = self.joined.get(&sum).filter(|last| round <= **last) {
+            return Err(PlanRefusal::AlreadyJoined { purpose: escape(&sum.1, 32), round: *last }.into());
         }
         // Keys first (nothing charged if the setup is refused), then the ledger.
         let (client, nonce) = SecAggClient::join(&self.id, secure.setup.clone(), rng)?;
         self.admit(to, &plan)?;
-        self.joined.insert(purpose, round);
+        self.joined.insert(sum, round);
         let plan = Arc::new(plan);
         let job = self.start_job(to, plan.clone(), Waiting::Secure);
         let replaced = self.secure.replace(SecureRound { client, plan, job, input: Input::Computing, parked: None });
@@ -478,7 +533,11 @@ impl ClientSession {
         let Some(dp) = plan.secure.as_ref().and_then(|s| s.dp) else {
             return Err(LedgerRefusal::NoNoise { round: plan.round }.into());
         };
-        let decision = ledger.admit(&self.federation, plan.round, self.joined_at, &dp);
+        // Each run is an account of its own (its rounds start at 1); a run that started after
+        // this connection was welcomed had this client in its population from its first round.
+        let key = dp::run_key(&self.federation, &plan.run);
+        let joined_at = if plan.run == self.welcome_run { self.joined_at } else { 1 };
+        let decision = ledger.admit_within(&key, plan.round, joined_at, &dp, self.policy.max_epsilon_per_run);
         // Saved whatever the decision: a refusal past the budget marks the ledger exhausted.
         self.actions.push_back(Action::SaveLedger { ledger: ledger.clone(), round: plan.round, before: to });
         decision.map(|_| ()).map_err(SessionError::from)
@@ -625,6 +684,7 @@ fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut Secur
 /// What every plan must parse to before a job is started for it (parse, don't validate): the
 /// model spec, and for training and a census the training terms (checked for training).
 fn check_plan(plan: &RoundPlan) -> Result<(), SessionError> {
+    wire::check_run_name(&plan.run).map_err(PlanRefusal::Run)?;
     ModelSpec::from_toml(&plan.model_spec).map_err(|e| PlanRefusal::Spec(e.to_string()))?;
     if plan.task != Task::Evaluate {
         let train = TrainConfig::try_from(&plan.train).map_err(|e| PlanRefusal::Terms(e.to_string()))?;
@@ -871,7 +931,7 @@ mod tests {
         let mut rng = rand::rng();
         let ledger = PrivacyLedger::new(5.0, 1e-5, Accounting::Participations).unwrap();
         let mut p = client(ClientSession::new("c000").with_ledger(ledger));
-        p.session.connected(1, "ca:ab/federation:cd".into());
+        p.session.connected(1, "ca:ab/federation:cd".into(), "trial".into());
 
         let to = p.send(ServerMsg::Plan(plan(SPEC, vec![0.0; 6])), &mut rng);
         let err = p.reply(to).unwrap().unwrap_err();
@@ -896,6 +956,77 @@ mod tests {
         let to = p.send(ServerMsg::Plan(private_train(round + 1)), &mut rng);
         assert!(p.reply(to).unwrap().unwrap_err().contains("is spent"));
         assert_eq!(p.session.ledger().unwrap().rounds_charged(), round - 2);
+    }
+
+    /// Runs (issue 15): each run numbers its rounds from 1, so the one-sum-per-round rule and the
+    /// ledger count per run. Attack: a server that replays a round of the same run is still
+    /// refused; a plan with a run name that is no name is refused before anything is charged.
+    #[test]
+    fn each_run_counts_its_own_rounds_and_a_replay_within_one_is_refused() {
+        let mut rng = rand::rng();
+        let ledger = PrivacyLedger::new(50.0, 1e-5, Accounting::Participations).unwrap();
+        let keys = SecureKeys { signer: Arc::new(TestSigner("c000".into())), verifier: Arc::new(TestPki) };
+        let mut p = client(ClientSession::new("c000").with_secure_keys(keys).with_ledger(ledger));
+        p.session.connected(5, "ca:ab/federation:cd".into(), "first".into());
+        let mut first = private_train(5);
+        first.run = "first".into();
+        assert!(matches!(p.ask(ServerMsg::Plan(first.clone()), &mut rng), Ok(ClientMsg::Join { .. })));
+        let err = p.ask(ServerMsg::Plan(first), &mut rng).unwrap_err();
+        assert!(err.contains("already joined the train sum of round 5"), "{err}");
+        // The next run starts at round 1: a sum of its own, and an account of its own, charged
+        // from its first round (this client was connected when it started).
+        let mut second = private_train(1);
+        second.run = "second".into();
+        assert!(matches!(p.ask(ServerMsg::Plan(second), &mut rng), Ok(ClientMsg::Join { .. })));
+        let ledger = p.session.ledger().unwrap();
+        let keys: Vec<&str> = ledger.spent.iter().map(|s| s.federation.as_str()).collect();
+        assert_eq!(keys, ["ca:ab/federation:cd/run:first", "ca:ab/federation:cd/run:second"]);
+        assert_eq!(ledger.rounds_charged(), 2);
+        for bad in ["", "../x", ".hidden", "a\nb", &"r".repeat(65)] {
+            let mut plan = private_train(2);
+            plan.run = bad.into();
+            let err = p.ask(ServerMsg::Plan(plan), &mut rng).unwrap_err();
+            assert!(err.contains("is not 1 to 64 letters"), "{bad:?}: {err}");
+        }
+        assert_eq!(p.session.ledger().unwrap().rounds_charged(), 2, "refused plans charge nothing");
+    }
+
+    /// The data owner's policy (issue 15): runs of models it does not list are declined, saying
+    /// why, with nothing charged; a run that would pass the per-run epsilon cap is declined while
+    /// another run still takes part. Without the cap, the same plan would be admitted.
+    #[test]
+    fn the_site_policy_declines_other_models_and_runs_past_their_cap() {
+        let mut rng = rand::rng();
+        let session = |policy: RunPolicy| {
+            let ledger = PrivacyLedger::new(50.0, 1e-5, Accounting::Participations).unwrap();
+            let keys = SecureKeys { signer: Arc::new(TestSigner("c000".into())), verifier: Arc::new(TestPki) };
+            let mut p =
+                client(ClientSession::new("c000").with_secure_keys(keys).with_ledger(ledger).with_policy(policy));
+            p.session.connected(1, "ca:ab/federation:cd".into(), String::new());
+            p
+        };
+        let mut p = session(RunPolicy { models: Some(vec!["mnist-2nn".into()]), max_epsilon_per_run: None });
+        let err = p.ask(ServerMsg::Plan(private_train(1)), &mut rng).unwrap_err();
+        assert!(err.contains("trains model `t`, which this site's policy.models (`mnist-2nn`) does not list"), "{err}");
+        assert_eq!(p.session.ledger().unwrap().rounds_charged(), 0);
+        let mut p = session(RunPolicy { models: Some(vec!["t".into()]), max_epsilon_per_run: None });
+        assert!(p.ask(ServerMsg::Plan(private_train(1)), &mut rng).is_ok(), "a listed model is accepted");
+
+        // One round at z = 1 costs about 4.3 (delta 1e-5); a cap of 6 admits one round per run.
+        let capped = RunPolicy { models: None, max_epsilon_per_run: Some(6.0) };
+        let mut p = session(capped);
+        let round = |run: &str, n: u64| {
+            let mut plan = private_train(n);
+            plan.run = run.into();
+            ServerMsg::Plan(plan)
+        };
+        assert!(p.ask(round("a", 1), &mut rng).is_ok());
+        let err = p.ask(round("a", 2), &mut rng).unwrap_err();
+        assert!(err.contains("past its limit per run of 6"), "{err}");
+        assert!(p.ask(round("b", 1), &mut rng).is_ok(), "another run still takes part");
+        let mut uncapped = session(RunPolicy::default());
+        assert!(uncapped.ask(round("a", 1), &mut rng).is_ok());
+        assert!(uncapped.ask(round("a", 2), &mut rng).is_ok(), "without the cap the second round is admitted");
     }
 
     /// A ledger the driver cannot write: the round's key advert and job are withdrawn, and the

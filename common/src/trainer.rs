@@ -392,6 +392,7 @@ pub(crate) mod tests {
     pub(crate) fn plan(spec: &str, params: Vec<f32>) -> RoundPlan {
         RoundPlan {
             round: 3,
+            run: "trial".into(),
             model_spec: spec.into(),
             params: TensorBytes::from_f32(&params),
             train: (&TrainConfig { epochs: 1, batch_size: 2, lr: 0.1, ..Default::default() }).into(),

@@ -16,7 +16,7 @@ use cohort_common::session::ClientSession;
 use cohort_common::trainer::{HeadData, Trainer};
 use cohort_io::files::DataSource;
 use cohort_server::pki::{self, StatePaths};
-use cohort_server::serve::{RoundReport, ServeSetup, Server};
+use cohort_server::serve::{RoundReport, RunSetup, ServeSetup, Server};
 use cohort_server::store::Enrolment;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -345,10 +345,14 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let server = Server::bind(ServeSetup {
         identity: pki::server_identity(&state).map_err(|e| RunError::Setup(e.to_string()))?,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        spec,
-        federation: federation.clone(),
-        test_data: test.clone(),
-        head_tests: head_tests.clone(),
+        run: Some(RunSetup {
+            name: scenario.name.clone(),
+            spec,
+            federation: federation.clone(),
+            test_data: test.clone(),
+            head_tests: head_tests.clone(),
+        }),
+        keep_serving: false,
         events: Some(events_tx),
         state: StatePaths::new(dir.path()),
         metrics_listen: None,

@@ -359,9 +359,12 @@ mod tests {
         assert!(err.contains("iidd"), "{err}");
         let err = Scenario::parse(&base.replace("mnist-2nn", "mnist-3nn"), p).unwrap_err().to_string();
         assert!(err.contains("mnist-3nn"), "{err}");
-        // Secure aggregation's defaults (degree 8, threshold 5) cannot serve a cohort of 5.
+        // Secure aggregation's defaults fit a cohort of 5 (threshold and tolerance are derived);
+        // a threshold written for degree 8 does not.
+        let secure = base.replace("collection='plain'", "collection='secure'");
+        assert!(Scenario::parse(&secure, p).is_ok());
         let err =
-            Scenario::parse(&base.replace("collection='plain'", "collection='secure'"), p).unwrap_err().to_string();
+            Scenario::parse(&format!("{secure}\n[federation.secagg]\nthreshold = 5\n"), p).unwrap_err().to_string();
         assert!(err.contains("federation.secagg") && err.contains("threshold"), "{err}");
         let err = Scenario::parse(&base.replace("mnist-2nn", "mnist-3nn"), p).unwrap_err().to_string();
         assert!(err.contains("mnist-3nn"), "{err}");

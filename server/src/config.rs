@@ -14,30 +14,67 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
 
-/// `server.toml` as written by the operator.
+/// The name of the run server.toml describes, unless it says `run = "..."`.
+pub const DEFAULT_RUN: &str = "main";
+
+/// `server.toml` as written by the operator: where to listen, and optionally a run (a model and
+/// its `[federation]`) that the server runs first. Further runs are submitted to the running
+/// server with `cohort-server submit` (a run file: the same `model`, `test_data` and
+/// `[federation]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfigFile {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The model spec (TOML), relative to this file.
-    pub model: PathBuf,
-    /// An operator test set to evaluate the global model on after each round.
-    #[serde(default)]
-    pub test_data: Option<DataSource>,
     /// Serve Prometheus metrics here (`GET /metrics`).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The name of this file's run (default [`DEFAULT_RUN`]).
+    #[serde(default)]
+    pub run: Option<String>,
+    /// The model spec (TOML), relative to this file.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// An operator test set to evaluate the global model on after each round.
+    #[serde(default)]
+    pub test_data: Option<DataSource>,
+    #[serde(default)]
+    pub federation: Option<Federation>,
+    /// After the last run, wait for more (`true`; the default when this file has no run) or
+    /// end the federation (`false`; the default when it has one): clients are then told the
+    /// federation is finished, and stop.
+    #[serde(default)]
+    pub keep_serving: Option<bool>,
+}
+
+/// A run file (`cohort-server submit --config`), or the run part of server.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfigFile {
+    /// The model spec (TOML), relative to this file.
+    pub model: PathBuf,
+    #[serde(default)]
+    pub test_data: Option<DataSource>,
+    pub federation: Federation,
+}
+
+/// A run read, checked and with its model spec loaded.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub name: String,
+    pub spec: ModelSpec,
+    /// With absolute paths.
+    pub test_data: Option<DataSource>,
     pub federation: Federation,
 }
 
 /// `server.toml` read, checked and with its files loaded.
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    pub spec: ModelSpec,
-    pub test_data: Option<DataSource>,
     pub metrics_listen: Option<SocketAddr>,
-    pub federation: Federation,
+    /// The run this file describes, run first.
+    pub run: Option<RunConfig>,
+    pub keep_serving: bool,
 }
 
 impl ServerConfigFile {
@@ -45,31 +82,101 @@ impl ServerConfigFile {
     /// reading the files (this one and the model spec it names). The error names the field.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let file: ServerConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        match (&file.model, &file.federation) {
+            (Some(_), Some(federation)) => federation.check()?,
+            (None, None) if file.test_data.is_none() && file.run.is_none() => {}
+            (None, _) => {
+                return Err("a run in server.toml needs `model` (the model spec) and a [federation] table; leave \
+                            `run`, `test_data` and [federation] out to host submitted runs only"
+                    .into())
+            }
+            (Some(_), None) => {
+                return Err("`model` needs a [federation] table (rounds, clients per round, ...)".into());
+            }
+        }
+        if let Some(name) = &file.run {
+            cohort_common::wire::check_run_name(name)?;
+        }
+        Ok(file)
+    }
+}
+
+impl RunConfigFile {
+    /// Parses a run file's text and checks its federation. The error names the field.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let file: RunConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
         file.federation.check()?;
         Ok(file)
     }
 }
 
+fn read(path: &Path) -> Result<String, FileError> {
+    std::fs::read_to_string(path).map_err(|source| FileError::Io { path: path.display().to_string(), source })
+}
+
+impl RunConfig {
+    /// Reads a run file and the model spec it names (relative to it).
+    pub fn load(path: &Path, name: &str) -> Result<Self, FileError> {
+        let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
+        cohort_common::wire::check_run_name(name).map_err(bad)?;
+        let file = RunConfigFile::from_toml(&read(path)?).map_err(bad)?;
+        Self::from_parts(path, name, file.model, file.test_data, file.federation)
+    }
+
+    fn from_parts(
+        path: &Path,
+        name: &str,
+        model: PathBuf,
+        test_data: Option<DataSource>,
+        federation: Federation,
+    ) -> Result<Self, FileError> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        let model_path = base.join(model);
+        let spec = ModelSpec::from_toml(&read(&model_path)?)
+            .map_err(|e| FileError::Config { path: model_path.display().to_string(), message: e.to_string() })?;
+        federation
+            .check_model(&spec)
+            .map_err(|message| FileError::Config { path: path.display().to_string(), message })?;
+        Ok(Self { name: name.into(), spec, test_data: test_data.map(|d| d.resolve(&base)), federation })
+    }
+
+    /// The run file a submitted run keeps in its directory: this run's settings with the model
+    /// spec beside it (`model.toml`) and absolute data paths, so later edits to the operator's
+    /// files do not change a submitted run. `original` is the text it was read from.
+    pub fn to_run_file(&self, original: &str) -> Result<String, String> {
+        let mut table: toml::Table = toml::from_str(original).map_err(|e| e.to_string())?;
+        table.insert("model".into(), toml::Value::String(RUN_MODEL_FILE.into()));
+        match &self.test_data {
+            Some(data) => {
+                table.insert("test_data".into(), toml::Value::try_from(data).map_err(|e| e.to_string())?);
+            }
+            None => {
+                table.remove("test_data");
+            }
+        }
+        toml::to_string(&table).map_err(|e| e.to_string())
+    }
+}
+
+/// The model spec's file name in a submitted run's directory.
+pub const RUN_MODEL_FILE: &str = "model.toml";
+/// The run file's name in a submitted run's directory.
+pub const RUN_FILE: &str = "run.toml";
+
 impl ServerConfig {
     pub fn load(path: &Path) -> Result<Self, FileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| FileError::Io { path: path.display().to_string(), source })?;
-        let base = path.parent().unwrap_or(Path::new("."));
         let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
-        let file = ServerConfigFile::from_toml(&text).map_err(bad)?;
-        let model_path = base.join(&file.model);
-        let text = std::fs::read_to_string(&model_path)
-            .map_err(|source| FileError::Io { path: model_path.display().to_string(), source })?;
-        let spec = ModelSpec::from_toml(&text)
-            .map_err(|e| FileError::Config { path: model_path.display().to_string(), message: e.to_string() })?;
-        file.federation.check_model(&spec).map_err(bad)?;
-        Ok(Self {
-            listen: file.listen,
-            spec,
-            test_data: file.test_data.map(|d| d.resolve(base)),
-            metrics_listen: file.metrics_listen,
-            federation: file.federation,
-        })
+        let file = ServerConfigFile::from_toml(&read(path)?).map_err(bad)?;
+        let run = match (file.model, file.federation) {
+            (Some(model), Some(federation)) => {
+                let name = file.run.unwrap_or_else(|| DEFAULT_RUN.into());
+                Some(RunConfig::from_parts(path, &name, model, file.test_data, federation)?)
+            }
+            _ => None,
+        };
+        let keep_serving = file.keep_serving.unwrap_or(run.is_none());
+        Ok(Self { listen: file.listen, metrics_listen: file.metrics_listen, run, keep_serving })
     }
 }
 
@@ -94,8 +201,10 @@ mod tests {
         assert!(err.contains("missing.toml"), "{err}");
         std::fs::write(&path, "model = 'm.toml'\n[federation]\nrounds = 3\n").unwrap();
         let ok = ServerConfig::load(&path).unwrap();
-        assert_eq!(ok.spec.name, "mnist-2nn");
-        assert_eq!(ok.federation.clients_per_round, 10);
+        let run = ok.run.unwrap();
+        assert_eq!((run.name.as_str(), run.spec.name.as_str()), (DEFAULT_RUN, "mnist-2nn"));
+        assert_eq!(run.federation.clients_per_round, 10);
+        assert!(!ok.keep_serving, "a server.toml with a run ends the federation after it");
         for (dp, field) in [
             ("collection = 'plain'\n[federation.dp]\nclip = 1.0", "collection = \"secure\""),
             ("[federation.dp]\nclip = 0.0", "clip = 0"),
@@ -112,7 +221,7 @@ mod tests {
             "model = 'm.toml'\n[federation]\nrounds = 3\n[federation.dp]\nclip = 1.0\nnoise_multiplier = 1.0\n",
         )
         .unwrap();
-        let dp = ServerConfig::load(&path).unwrap().federation.dp.unwrap();
+        let dp = ServerConfig::load(&path).unwrap().run.unwrap().federation.dp.unwrap();
         assert_eq!(dp.count_noise(10), 1.0, "small cohorts default to count noise z");
         assert_eq!(dp.count_noise(600), 30.0, "Andrew et al.: clients_per_round / 20");
         for (train, field) in [

@@ -50,6 +50,8 @@ pub(crate) struct Registry {
     pub(crate) changed: Notify,
     /// The first round a client connecting now can be sampled for (its welcome says so).
     pub(crate) next_round: AtomicU64,
+    /// The run in progress (empty between runs): a welcome names it, with `next_round`.
+    pub(crate) run: Mutex<String>,
 }
 
 impl Registry {
@@ -323,6 +325,7 @@ async fn serve_connection(
             server_name: "cohort".into(),
             next_round: registry.next_round.load(Ordering::Relaxed),
             federation: federation.to_string(),
+            run: registry.run.lock().expect("registry lock").clone(),
         };
         send_msg(&mut send, &welcome).await?;
         let _ = send.finish();

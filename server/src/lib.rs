@@ -6,10 +6,13 @@
 //!   `enroll` (sign a client's request or make a bundle, and register the certificate),
 //!   `register` (a certificate the offline CA signed), certificate lifetimes, the state
 //!   directory's file names.
-//! - [`config`]: `server.toml` and its `[federation]` table.
-//! - [`store`]: SQLite records (`cohort.db`): clients, the registry of their certificates (the
+//! - [`config`]: `server.toml` (where to listen, and optionally a run) and run files (a model,
+//!   its test set and its `[federation]` table).
+//! - [`store`]: SQLite records (`cohort.db`): the runs, clients, the registry of their certificates (the
 //!   only ones admitted; revocation is by certificate), rounds.
-//! - [`serve`]: the driver of the federation's state machine
+//! - [`serve`]: hosts the federation's runs one after another (server.toml's, then those
+//!   `cohort-server submit` queued in cohort.db), keeping the endpoint and connections between
+//!   them; for each run, the driver of its state machine
 //!   (`cohort_common::coordinator::Coordinator`): an event loop (replies first, then clients
 //!   coming and going, then the timer) that sends each request on a stream, hands back replies,
 //!   writes checkpoints and records rounds; it makes no protocol decision.
@@ -22,23 +25,22 @@
 //!   checks a checkpoint's name and contents before it is resumed from or exported.
 //! - `publish` (private): test-set evaluation off the loop, then reports, logs and metrics in
 //!   round order.
+//! - [`live`]: `live.json`, what the running server is doing, for `cohort-server status`.
 //! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
 //!   accuracy, epsilon against model observers and against the server, cheaters caught, clients
 //!   connected.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use cohort_server::{config::ServerConfig, pki::{self, StatePaths}, serve::{Server, ServeSetup}};
+//! use cohort_server::{config::ServerConfig, pki::{self, StatePaths}, serve::{RunSetup, Server, ServeSetup}};
 //! let state = StatePaths::new("state");
 //! pki::init(&state, "demo", &["localhost".into()], None)?;
 //! let config = ServerConfig::load("server.toml".as_ref())?;
 //! let server = Server::bind(ServeSetup {
 //!     identity: pki::server_identity(&state)?,
 //!     listen: config.listen,
-//!     spec: config.spec,
-//!     test_data: config.test_data.map(|d| d.load()).transpose()?,
-//!     head_tests: Vec::new(),
-//!     federation: config.federation,
+//!     run: config.run.map(RunSetup::load).transpose()?,
+//!     keep_serving: config.keep_serving,
 //!     state,
 //!     events: None,
 //!     metrics_listen: config.metrics_listen,
@@ -49,6 +51,7 @@
 
 pub mod config;
 mod connections;
+pub mod live;
 pub mod metrics;
 pub mod pki;
 mod publish;

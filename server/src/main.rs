@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cohort_common::train::per_class;
-use cohort_server::config::ServerConfig;
+use cohort_server::config::{RunConfig, ServerConfig, RUN_FILE, RUN_MODEL_FILE};
+use cohort_server::live::LiveStatus;
 use cohort_server::pki::{self, StatePaths};
-use cohort_server::serve::{ServeSetup, Server};
-use cohort_server::store::{Enrolment, HeadMetrics, RoundRow, Store};
+use cohort_server::serve::{RunSetup, ServeSetup, Server};
+use cohort_server::store::{Enrolment, HeadMetrics, RoundRow, RunRow, RunStatus, Store};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -117,17 +118,65 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Summarise the state directory.
+    /// Submit a run (a model and its federation settings) to the federation: a running server
+    /// starts it after the runs before it, keeping its clients connected.
+    Submit {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
+        #[arg(long)]
+        state: PathBuf,
+        /// The run's name (letters, digits, `-`, `_`, `.`): clients' logs and ledgers show it.
+        #[arg(long)]
+        run: String,
+        /// The run file: `model` (the model spec, relative to this file), optional `test_data`, and
+        /// a [federation] table, as in server.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the federation's runs: queued, running, finished, stopped or failed.
+    Runs {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
+        #[arg(long)]
+        state: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a run: a queued one is taken off the queue, a running one stops within a second (its
+    /// round in progress is abandoned; completed rounds are kept) and the next run starts.
+    Stop {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
+        #[arg(long)]
+        state: PathBuf,
+        /// The run to stop.
+        #[arg(long)]
+        run: String,
+    },
+    /// Queue a stopped or failed run again: it resumes from its last checkpoint.
+    Resume {
+        /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
+        #[arg(long)]
+        state: PathBuf,
+        /// The run to queue again.
+        #[arg(long)]
+        run: String,
+    },
+    /// Summarise the state directory and what the running server is doing.
     Status {
         /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
+        /// The run (`cohort-server runs` lists them; default: the one running, or the last that ran).
+        #[arg(long)]
+        run: Option<String>,
     },
     /// List the recorded rounds.
     Rounds {
         /// The server's state directory (`init` makes it: CA, server certificate, cohort.db).
         #[arg(long)]
         state: PathBuf,
+        /// The run (`cohort-server runs` lists them; default: the one running, or the last that ran).
+        #[arg(long)]
+        run: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -146,6 +195,9 @@ enum Command {
         /// The round (default: the last completed one).
         #[arg(long)]
         round: Option<u64>,
+        /// The run (`cohort-server runs` lists them; default: the one running, or the last that ran).
+        #[arg(long)]
+        run: Option<String>,
         /// Where to write the model (safetensors, with the model spec in its metadata).
         #[arg(long)]
         out: PathBuf,
@@ -276,57 +328,45 @@ fn main() -> Result<()> {
             }
         }
         Command::Serve { state, config } => serve(state, config)?,
-        Command::Status { state } => {
-            let paths = StatePaths::new(&state);
-            if !paths.database().exists() {
-                bail!(
-                    "{} has no cohort.db; run `cohort-server init --state {}` first",
-                    state.display(),
-                    state.display()
-                );
-            }
-            let store = Store::open(&paths.database())?;
-            let clients = store.clients()?;
-            let rounds = store.rounds()?;
-            let completed = rounds.iter().filter(|r| r.status == "completed").count();
-            println!("state:    {}", state.display());
-            println!(
-                "clients:  {} enrolled, {} revoked",
-                clients.iter().filter(|c| !c.revoked).count(),
-                clients.iter().filter(|c| c.revoked).count()
-            );
-            println!(
-                "rounds:   {} recorded, {completed} completed, {} aborted",
-                rounds.len(),
-                rounds.len() - completed
-            );
-            if let Some(last) = rounds.iter().rev().find(|r| r.status == "completed") {
-                let acc = last.test_accuracy.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
-                println!(
-                    "last:     round {} ({} participants, {:.2} s, test accuracy {acc})",
-                    last.round, last.participants, last.seconds
-                );
-            }
-            if let Some(last) = rounds.iter().rev().find(|r| r.epsilon.is_some()) {
-                let (eps, z) = (last.epsilon.unwrap_or(f64::NAN), last.noise_multiplier.unwrap_or(f64::NAN));
-                let against_server = last.epsilon_server.map_or("-".into(), |e| format!("{e:.3}"));
-                let clip = last.clip.map_or("-".into(), |c| format!("{c:.4}"));
-                let too_few: f64 = rounds.iter().filter_map(|r| r.too_few_probability).sum();
-                println!(
-                    "privacy:  after round {}: epsilon {eps:.3} against anyone who sees only the models (amplified by \
-                     sampling), {against_server} against the server (the most any client spent); noise multiplier {z}, \
-                     clip norm {clip}",
-                    last.round
-                );
-                println!(
-                    "          delta: the configured one + {:.2e} (chance of too-small samples x (1 + e^epsilon))",
-                    too_few * (1.0 + eps.exp())
-                );
+        Command::Submit { state, run, config } => submit(&StatePaths::new(&state), &run, &config)?,
+        Command::Runs { state, json } => {
+            let store = Store::open_existing(&StatePaths::new(&state).database())?;
+            let runs = store.runs()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                print_runs(&StatePaths::new(&state), &runs);
             }
         }
-        Command::Rounds { state, json } => {
+        Command::Stop { state, run } => {
             let store = Store::open_existing(&StatePaths::new(&state).database())?;
-            let rounds = store.rounds()?;
+            let row = store.request_stop(&run, unix_now())?;
+            match row.status {
+                RunStatus::Queued => println!("run `{run}` was queued: it is stopped, and will not start"),
+                RunStatus::Running => println!(
+                    "asked the server to stop run `{run}`: it stops within a second (a round in progress is \
+                     abandoned; completed rounds are kept), and the next queued run starts"
+                ),
+                other => println!("run `{run}` is already {}", other.as_str()),
+            }
+        }
+        Command::Resume { state, run } => {
+            let store = Store::open_existing(&StatePaths::new(&state).database())?;
+            let row = store
+                .run(&run)?
+                .with_context(|| format!("there is no run named `{run}` (`cohort-server runs` lists them)"))?;
+            match row.status {
+                RunStatus::Queued | RunStatus::Running => println!("run `{run}` is already {}", row.status.as_str()),
+                _ => {
+                    store.set_run_status(&run, RunStatus::Queued, "queued again by the operator", unix_now())?;
+                    println!("run `{run}` is queued again: it resumes from its last checkpoint when its turn comes");
+                }
+            }
+        }
+        Command::Status { state, run } => status(&StatePaths::new(&state), run)?,
+        Command::Rounds { state, json, run } => {
+            let (records, _) = run_records(&StatePaths::new(&state), run)?;
+            let rounds = Store::open_existing(&records.database())?.rounds()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
             } else {
@@ -430,8 +470,8 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Command::Export { state, round, out } => {
-            let paths = StatePaths::new(&state);
+        Command::Export { state, round, out, run } => {
+            let (paths, run) = run_records(&StatePaths::new(&state), run)?;
             let store = Store::open_existing(&paths.database())?;
             let rounds = store.rounds()?;
             let row = match round {
@@ -444,7 +484,8 @@ fn main() -> Result<()> {
             let Some(checkpoint) = &row.checkpoint else { bail!("round {} was aborted; it has no model", row.round) };
             let (bytes, _) = cohort_server::resume::read_checkpoint(&paths, checkpoint, None)?;
             cohort_io::files::write_atomic(&out, &bytes)?;
-            println!("wrote the global model after round {} to {}", row.round, out.display());
+            let of_run = run.map(|r| format!(" of run `{}`", r.name)).unwrap_or_default();
+            println!("wrote the global model after round {}{of_run} to {}", row.round, out.display());
         }
     }
     Ok(())
@@ -454,7 +495,7 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
     let config = ServerConfig::load(&config_path)?;
     let paths = StatePaths::new(&state);
     let identity = pki::server_identity(&paths)?;
-    let test_data = config.test_data.as_ref().map(|d| d.load()).transpose()?;
+    let run = config.run.map(RunSetup::load).transpose()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -463,10 +504,8 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
             state: paths,
             identity,
             listen: config.listen,
-            spec: config.spec,
-            federation: config.federation,
-            test_data,
-            head_tests: Vec::new(),
+            run,
+            keep_serving: config.keep_serving,
             events: None,
             metrics_listen: config.metrics_listen,
         })?;
@@ -474,6 +513,174 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
         tracing::info!(rounds = reports.len(), "done");
         anyhow::Ok(())
     })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `submit`: checks the run file and its model as `serve` would, keeps a copy of both in the
+/// run's directory (later edits to the operator's files do not change a submitted run), and
+/// queues it.
+fn submit(paths: &StatePaths, name: &str, config: &std::path::Path) -> Result<()> {
+    let store = Store::open_existing(&paths.database())?;
+    let run = RunConfig::load(config, name)?;
+    if store.run(name)?.is_some() {
+        bail!("there is already a run named `{name}`; choose another name (`cohort-server runs` lists them)");
+    }
+    // The test set is read now, so a wrong path is found before the run's turn.
+    RunSetup::load(run.clone()).with_context(|| format!("{}", config.display()))?;
+    let dir = paths.run(name);
+    if dir.dir.exists() {
+        bail!(
+            "{} exists but no run `{name}` is recorded (left by an earlier submission that failed?); remove it or \
+             choose another name",
+            dir.dir.display()
+        );
+    }
+    let original = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
+    let run_file = run.to_run_file(&original).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    std::fs::create_dir_all(&dir.dir).with_context(|| format!("cannot create {}", dir.dir.display()))?;
+    cohort_io::files::write_atomic(&dir.dir.join(RUN_MODEL_FILE), run.spec.to_toml().as_bytes())?;
+    cohort_io::files::write_atomic(&dir.dir.join(RUN_FILE), run_file.as_bytes())?;
+    let relative = format!("runs/{name}");
+    store.submit_run(name, &relative, &run.spec.name, run.federation.rounds, unix_now())?;
+    let ahead = store
+        .runs()?
+        .iter()
+        .filter(|r| r.name != name && matches!(r.status, RunStatus::Queued | RunStatus::Running))
+        .count();
+    println!(
+        "submitted run `{name}` (model `{}`, {} round(s)) with {ahead} run(s) ahead of it; a running server starts it \
+         in turn (`cohort-server runs --state {}` shows where it stands)",
+        run.spec.name,
+        run.federation.rounds,
+        paths.dir.display()
+    );
+    Ok(())
+}
+
+/// The records of run `name`, or (without one) of the run in progress or the last that ran;
+/// a state directory from before runs were recorded has its own.
+fn run_records(paths: &StatePaths, name: Option<String>) -> Result<(StatePaths, Option<RunRow>)> {
+    let store = Store::open_existing(&paths.database())?;
+    let runs = store.runs()?;
+    let row = match name {
+        Some(name) => Some(
+            runs.into_iter()
+                .find(|r| r.name == name)
+                .with_context(|| format!("there is no run named `{name}` (`cohort-server runs` lists them)"))?,
+        ),
+        None => runs.into_iter().filter(|r| r.started_at.is_some()).max_by_key(|r| r.started_at),
+    };
+    Ok((row.as_ref().map_or_else(|| paths.clone(), |r| paths.records_of(&r.dir)), row))
+}
+
+fn print_runs(paths: &StatePaths, runs: &[RunRow]) {
+    println!("{:<20} {:<9} {:<16} {:>11} {:>9} {:<20}", "run", "status", "model", "rounds", "accuracy", "submitted");
+    for run in runs {
+        let records = paths.records_of(&run.dir);
+        let recorded = Store::open_existing(&records.database()).and_then(|s| s.rounds()).unwrap_or_default();
+        let completed = recorded.iter().filter(|r| r.status == "completed").count();
+        let accuracy = recorded
+            .iter()
+            .rev()
+            .find_map(|r| r.test_accuracy)
+            .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+        println!(
+            "{:<20} {:<9} {:<16} {:>11} {:>9} {:<20}",
+            cohort_io::escape(&run.name, 64),
+            run.status.as_str(),
+            cohort_io::escape(&run.model, 64),
+            format!("{completed}/{}", run.rounds),
+            accuracy,
+            cohort_io::utc(run.submitted_at)
+        );
+        if !run.note.is_empty() {
+            println!("    {}", cohort_io::escape(&run.note, 600));
+        }
+    }
+}
+
+/// `status`: the running server (from its live file), the runs, the clients, and the rounds of
+/// one run.
+fn status(paths: &StatePaths, run: Option<String>) -> Result<()> {
+    let store = Store::open_existing(&paths.database())?;
+    let now = unix_now();
+    println!("state:    {}", paths.dir.display());
+    match LiveStatus::read(&paths.live()) {
+        Some(live) if live.is_running(now) => {
+            println!(
+                "server:   running (pid {}, listening on {}{}), {} client(s) connected (as of {} s ago)",
+                live.pid,
+                live.listen,
+                live.metrics.as_ref().map(|m| format!(", metrics on {m}")).unwrap_or_default(),
+                live.connected,
+                (now - live.updated_at).max(0)
+            );
+            match (&live.run, &live.activity) {
+                (Some(run), Some(activity)) => println!("now:      run `{run}`: {activity}"),
+                _ => println!("now:      between runs, waiting for one to be submitted (`cohort-server submit`)"),
+            }
+        }
+        Some(live) => println!("server:   not running (last seen {})", cohort_io::utc(live.updated_at)),
+        None => println!("server:   not running (it has never served from this directory)"),
+    }
+    let clients = store.clients()?;
+    println!(
+        "clients:  {} enrolled, {} revoked",
+        clients.iter().filter(|c| !c.revoked).count(),
+        clients.iter().filter(|c| c.revoked).count()
+    );
+    let runs = store.runs()?;
+    if !runs.is_empty() {
+        let count = |s: RunStatus| runs.iter().filter(|r| r.status == s).count();
+        println!(
+            "runs:     {} queued, {} running, {} finished, {} stopped, {} failed (`cohort-server runs` lists them)",
+            count(RunStatus::Queued),
+            count(RunStatus::Running),
+            count(RunStatus::Finished),
+            count(RunStatus::Stopped),
+            count(RunStatus::Failed)
+        );
+    }
+    let (records, row) = run_records(paths, run)?;
+    let rounds = Store::open_existing(&records.database()).and_then(|s| s.rounds()).unwrap_or_default();
+    if let Some(row) = &row {
+        println!("run:      `{}` (model `{}`), {}", row.name, cohort_io::escape(&row.model, 64), row.status.as_str());
+    }
+    let count = |status: &str| rounds.iter().filter(|r| r.status == status).count();
+    let (completed, started) = (count("completed"), count("started"));
+    let in_progress = if started > 0 { format!(", {started} in progress") } else { String::new() };
+    println!(
+        "rounds:   {} recorded, {completed} completed{in_progress}, {} aborted or interrupted",
+        rounds.len(),
+        rounds.len() - completed - started
+    );
+    if let Some(last) = rounds.iter().rev().find(|r| r.status == "completed") {
+        let acc = last.test_accuracy.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+        println!(
+            "last:     round {} ({} participants, {:.2} s, test accuracy {acc})",
+            last.round, last.participants, last.seconds
+        );
+    }
+    if let Some(last) = rounds.iter().rev().find(|r| r.epsilon.is_some()) {
+        let (eps, z) = (last.epsilon.unwrap_or(f64::NAN), last.noise_multiplier.unwrap_or(f64::NAN));
+        let against_server = last.epsilon_server.map_or("-".into(), |e| format!("{e:.3}"));
+        let clip = last.clip.map_or("-".into(), |c| format!("{c:.4}"));
+        let too_few: f64 = rounds.iter().filter_map(|r| r.too_few_probability).sum();
+        println!(
+            "privacy:  after round {}: epsilon {eps:.3} against anyone who sees only the models (amplified by \
+             sampling), {against_server} against the server (the most any client spent); noise multiplier {z}, \
+             clip norm {clip}",
+            last.round
+        );
+        println!(
+            "          delta: the configured one + {:.2e} (chance of too-small samples x (1 + e^epsilon))",
+            too_few * (1.0 + eps.exp())
+        );
+    }
+    Ok(())
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

@@ -97,6 +97,23 @@ impl StatePaths {
     pub fn checkpoint(&self, round: u64) -> PathBuf {
         self.checkpoints().join(format!("round-{round:06}.safetensors"))
     }
+    /// What the running server is doing (`cohort-server status` reads it).
+    pub fn live(&self) -> PathBuf {
+        self.dir.join("live.json")
+    }
+    /// Where a submitted run keeps its files: its run file and model spec, and records laid
+    /// out as a state directory's own (`cohort.db`, `checkpoints/`).
+    pub fn run(&self, name: &str) -> StatePaths {
+        StatePaths::new(self.dir.join("runs").join(name))
+    }
+    /// The records of a run whose `dir` (as cohort.db's runs table gives it) is `dir`: '' for
+    /// server.toml's run, whose records are this directory's own.
+    pub fn records_of(&self, dir: &str) -> StatePaths {
+        match dir {
+            "" => self.clone(),
+            dir => StatePaths::new(self.dir.join(dir)),
+        }
+    }
     /// The server optimizer's state after `round` (FedAvgM, FedAdam, FedYogi).
     pub fn optimizer_checkpoint(&self, round: u64) -> PathBuf {
         self.checkpoints().join(format!("round-{round:06}.optimizer.safetensors"))

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::metrics::ServerMetrics;
-use crate::serve::{blocking, test_head, RoundReport, ServeError, ServeSetup};
+use crate::serve::{blocking, test_head, RoundReport, RunSetup, ServeError};
 use crate::store::{HeadMetrics, Store};
 
 /// The first head on the test set, the other heads on theirs, and the seconds it took.
@@ -32,6 +32,7 @@ pub(crate) struct Finished {
 
 /// See the module documentation.
 pub(crate) struct Publisher {
+    run: String,
     model: Arc<Model>,
     test: Option<Arc<DeviceData>>,
     head_tests: Arc<Vec<(usize, String, DeviceData)>>,
@@ -45,7 +46,8 @@ pub(crate) struct Publisher {
 impl Publisher {
     #[allow(clippy::type_complexity)]
     pub(crate) fn start(
-        setup: &ServeSetup,
+        setup: &RunSetup,
+        events: Option<mpsc::UnboundedSender<RoundReport>>,
         store: &Arc<Mutex<Store>>,
         metrics: &Arc<ServerMetrics>,
     ) -> Result<
@@ -60,13 +62,14 @@ impl Publisher {
             head_tests.push((test_head(&setup.spec, name, data)?, name.clone(), DeviceData::new(data, &model)?));
         }
         let mut publisher = Publisher {
+            run: setup.name.clone(),
             model,
             test,
             head_tests: Arc::new(head_tests),
             first_head: setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default(),
             store: store.clone(),
             metrics: metrics.clone(),
-            events: setup.events.clone(),
+            events,
             reports: VecDeque::new(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
@@ -110,6 +113,7 @@ impl Publisher {
         }
         match &report.test {
             Some(m) => info!(
+                run = %self.run,
                 round = report.round,
                 participants = report.participants,
                 seconds = format!("{:.3}", report.seconds),
@@ -121,6 +125,7 @@ impl Publisher {
                 "round complete"
             ),
             None => info!(
+                run = %self.run,
                 round = report.round,
                 completed = report.completed,
                 participants = report.participants,

@@ -11,12 +11,17 @@ use cohort_common::model::{spec_from_safetensors, vectors_from_safetensors, Mode
 use tracing::{info, warn};
 
 use crate::pki::StatePaths;
-use crate::serve::{ServeError, ServeSetup};
+use crate::serve::{RunSetup, ServeError};
 use crate::store::Store;
 
 /// What cohort.db and the checkpoint files remember of earlier runs. Rounds a server was
 /// running when it stopped are marked interrupted first (their samples are already accounted).
-pub(crate) fn resume(store: &Mutex<Store>, setup: &ServeSetup, model: &Model) -> Result<Resume, ServeError> {
+pub(crate) fn resume(
+    store: &Mutex<Store>,
+    run: &RunSetup,
+    paths: &StatePaths,
+    model: &Model,
+) -> Result<Resume, ServeError> {
     let store = store.lock().expect("store lock");
     let interrupted = store.mark_interrupted()?;
     if interrupted > 0 {
@@ -46,11 +51,16 @@ pub(crate) fn resume(store: &Mutex<Store>, setup: &ServeSetup, model: &Model) ->
     };
     drop(store);
     if let Some((round, checkpoint)) = done {
-        let (bytes, params) = read_checkpoint(&setup.state, &checkpoint, Some(model))?;
+        let (bytes, params) = read_checkpoint(paths, &checkpoint, Some(model))?;
         drop(bytes);
         resume.params = Some(params);
-        info!(round, checkpoint = %setup.state.dir.join(&checkpoint).display(), "resuming from the last completed round");
-        resume.optimizer = saved_optimizer(setup, round, model.layout().total_len())?;
+        info!(
+            run = %run.name,
+            round,
+            checkpoint = %paths.dir.join(&checkpoint).display(),
+            "resuming from the last completed round"
+        );
+        resume.optimizer = saved_optimizer(run, paths, round, model.layout().total_len())?;
     }
     Ok(resume)
 }
@@ -103,14 +113,15 @@ pub fn read_checkpoint(
 /// older state directory) restarts the optimizer from zero, with a warning; a damaged one is
 /// an error.
 fn saved_optimizer(
-    setup: &ServeSetup,
+    run: &RunSetup,
+    paths: &StatePaths,
     round: u64,
     params: usize,
 ) -> Result<Option<BTreeMap<String, Vec<f32>>>, ServeError> {
-    if setup.federation.strategy.build(params).map(|s| s.state().is_empty()).unwrap_or(true) {
+    if run.federation.strategy.build(params).map(|s| s.state().is_empty()).unwrap_or(true) {
         return Ok(None);
     }
-    let path = setup.state.optimizer_checkpoint(round);
+    let path = paths.optimizer_checkpoint(round);
     if !path.exists() {
         warn!(round, "no saved state of the server optimizer for round {round}; it starts from zero");
         return Ok(None);

@@ -1,5 +1,7 @@
-//! The server driver: it runs the federation's state machine
-//! ([`cohort_common::coordinator::Coordinator`]) and moves what it asks for. It tells the
+//! The server driver: it hosts the federation's runs, one after another (server.toml's first,
+//! then those submitted with `cohort-server submit`, in order), keeping its endpoint, its
+//! clients' connections and the CA between them. For each run it drives the run's state
+//! machine ([`cohort_common::coordinator::Coordinator`]) and moves what it asks for. It tells the
 //! coordinator who is connected (from the [`Registry`] the connection tasks keep), sends each
 //! request on a new stream of its client's connection and hands back the reply (or why none
 //! came), keeps the coordinator's timer, writes checkpoints, records rounds and censuses in
@@ -31,12 +33,16 @@ use tracing::{debug, info, warn};
 
 pub use cohort_common::coordinator::RoundReport;
 
-use crate::config::{Collection, Federation};
+use crate::config::{Collection, Federation, RunConfig, RUN_FILE};
 use crate::connections::{accept_loop, watch_revocations, Registry};
+use crate::live::LiveStatus;
 use crate::metrics::ServerMetrics;
 use crate::pki::StatePaths;
 use crate::publish::{Finished, Publisher};
-use crate::store::{RoundRow, Store, StoreError};
+use crate::store::{RoundRow, RunRow, RunStatus, Store, StoreError};
+
+/// How often a running server looks for submitted runs and stop requests in cohort.db.
+const RUN_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -69,15 +75,74 @@ pub struct ServeSetup {
     pub state: StatePaths,
     pub identity: Identity,
     pub listen: SocketAddr,
+    /// The run server.toml describes, run first (`None`: submitted runs only).
+    pub run: Option<RunSetup>,
+    /// After the last run, wait for more (`true`), or end the federation: clients are told it
+    /// is finished, and stop.
+    pub keep_serving: bool,
+    /// Receives a report after every round.
+    pub events: Option<mpsc::UnboundedSender<RoundReport>>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// One run: a model, its federation settings and its test sets.
+pub struct RunSetup {
+    /// Its name ([`wire::check_run_name`]): plans carry it, and a submitted run's records are in
+    /// `runs/NAME` under the state directory.
+    pub name: String,
     pub spec: ModelSpec,
     pub federation: Federation,
     pub test_data: Option<Dataset>,
     /// Test sets of other heads, by head name (multi-task models).
     pub head_tests: Vec<(String, Dataset)>,
-    /// Receives a report after every round.
-    pub events: Option<mpsc::UnboundedSender<RoundReport>>,
-    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
-    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl RunSetup {
+    /// A run as its config describes it, with its test set loaded.
+    pub fn load(config: RunConfig) -> Result<Self, ServeError> {
+        let test_data = config.test_data.as_ref().map(|d| d.load()).transpose()?;
+        Ok(Self {
+            name: config.name,
+            spec: config.spec,
+            federation: config.federation,
+            test_data,
+            head_tests: Vec::new(),
+        })
+    }
+
+    /// Checks the run before it starts, and warns about what the operator should know.
+    fn check(&self) -> Result<(), ServeError> {
+        wire::check_run_name(&self.name).map_err(ServeError::Config)?;
+        self.federation.check().map_err(ServeError::Config)?;
+        self.federation.check_model(&self.spec).map_err(ServeError::Config)?;
+        let params = Model::new(&self.spec, &Device::Cpu, 0)?.layout().total_len();
+        for warning in
+            [self.federation.noise_warning(params), self.federation.small_cohort_warning()].into_iter().flatten()
+        {
+            warn!(run = %self.name, "{warning}");
+        }
+        let first = self.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();
+        let tests = self.test_data.iter().map(|d| (&first, d)).chain(self.head_tests.iter().map(|(h, d)| (h, d)));
+        for (name, data) in tests {
+            test_head(&self.spec, name, data)?;
+        }
+        Ok(())
+    }
+}
+
+/// A run being driven: where its records are, and its database.
+struct RunContext {
+    paths: StatePaths,
+    store: Arc<Mutex<Store>>,
+}
+
+/// How a run's drive ended without an error.
+enum RunEnd {
+    /// Every configured round completed, or the privacy budget is spent.
+    Finished,
+    /// The operator stopped the run, or the server is shutting down.
+    Interrupted,
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -96,9 +161,11 @@ pub struct Server {
     verifier: CaVerifier,
     /// This federation's id (kept in cohort.db), sent in every welcome.
     federation_id: String,
-    /// The federation is over (every round completed, or the privacy budget spent): clients are
-    /// told so when the server closes, and stop.
+    /// The federation is over (every run done, and the server does not keep serving): clients
+    /// are told so when the server closes, and stop.
     finished: std::sync::atomic::AtomicBool,
+    /// What `cohort-server status` shows of the running server (`live.json`).
+    live: Arc<Mutex<LiveStatus>>,
 }
 
 /// A reply, or why none came, for the coordinator.
@@ -107,20 +174,19 @@ type Reply = (RequestId, ClientId, Result<ClientMsg, String>);
 impl Server {
     /// Binds the QUIC endpoint (call inside a tokio runtime).
     pub fn bind(setup: ServeSetup) -> Result<Self, ServeError> {
-        setup.federation.check().map_err(ServeError::Config)?;
-        setup.federation.check_model(&setup.spec).map_err(ServeError::Config)?;
-        let params = Model::new(&setup.spec, &Device::Cpu, 0)?.layout().total_len();
-        for warning in
-            [setup.federation.noise_warning(params), setup.federation.small_cohort_warning()].into_iter().flatten()
-        {
-            warn!("{warning}");
-        }
-        let first = setup.spec.heads.first().map(|h| h.name.clone()).unwrap_or_default();
-        let tests = setup.test_data.iter().map(|d| (&first, d)).chain(setup.head_tests.iter().map(|(h, d)| (h, d)));
-        for (name, data) in tests {
-            test_head(&setup.spec, name, data)?;
+        if let Some(run) = &setup.run {
+            run.check()?;
         }
         let store = Store::open(&setup.state.database())?;
+        let requeued = store.requeue_interrupted_runs()?;
+        if requeued > 0 {
+            warn!(
+                "{requeued} run(s) were running when the server last stopped: they resume from their last checkpoint"
+            );
+        }
+        if let Some(run) = &setup.run {
+            store.queue_config_run(&run.name, &run.spec.name, run.federation.rounds, unix_now())?;
+        }
         let federation_id = store.federation_id(|| {
             let bytes: [u8; 16] = rand::rngs::StdRng::from_os_rng().random();
             bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -146,6 +212,7 @@ impl Server {
             verifier,
             federation_id,
             finished: Default::default(),
+            live: Arc::default(),
         })
     }
 
@@ -176,7 +243,18 @@ impl Server {
             accept_stop.clone(),
         ));
         tokio::spawn(watch_revocations(self.setup.state.database(), self.registry.clone(), accept_stop.clone()));
-        let result = self.drive(&shutdown).await;
+        {
+            let mut live = self.live.lock().expect("live lock");
+            live.listen = self.local_addr().to_string();
+            live.metrics = self.metrics_addr().map(|a| a.to_string());
+        }
+        let live_writer = tokio::spawn(crate::live::keep_written(
+            self.setup.state.live(),
+            self.live.clone(),
+            self.registry.clone(),
+            accept_stop.clone(),
+        ));
+        let result = self.host(&shutdown).await;
         // Clients stop for good only when the federation is over; any other stop (a signal, an
         // error the operator fixes) is one they wait out, dialling again. Said before the
         // connection tasks end: dropping a connection's last handle closes it without a reason.
@@ -189,7 +267,131 @@ impl Server {
         let _ = acceptor.await;
         self.registry.clients.lock().expect("registry lock").clear();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = live_writer.await;
         result
+    }
+
+    /// Runs the queued runs in order; then ends the federation, or waits for more runs.
+    /// Returns the last run's reports. An error in server.toml's run stops the server (the
+    /// operator fixes its file); a submitted run's marks that run failed and the next one starts.
+    async fn host(&self, shutdown: &CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
+        let mut cheaters = BTreeSet::new();
+        let mut reports = Vec::new();
+        self.resume_metrics()?;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(reports);
+            }
+            let queued =
+                self.store.lock().expect("store lock").runs()?.into_iter().find(|r| r.status == RunStatus::Queued);
+            let Some(row) = queued else {
+                if !self.setup.keep_serving {
+                    self.finished.store(true, Ordering::Relaxed);
+                    return Ok(reports);
+                }
+                self.set_live(None, None);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(reports),
+                    _ = tokio::time::sleep(RUN_POLL) => continue,
+                }
+            };
+            let from_config = row.dir.is_empty();
+            let loaded = match (&self.setup.run, from_config) {
+                (Some(run), true) if run.name == row.name => Ok(None),
+                (_, true) => Err(ServeError::Config(format!(
+                    "run `{}` was described by server.toml, which no longer has it; `cohort-server resume --run {}` \
+                     after putting it back",
+                    row.name, row.name
+                ))),
+                (_, false) => self.load_submitted(&row).map(Some),
+            };
+            let owned;
+            let setup = match loaded {
+                Ok(Some(run)) => {
+                    owned = run;
+                    &owned
+                }
+                Ok(None) => self.setup.run.as_ref().expect("matched above"),
+                Err(e) => {
+                    warn!(run = %row.name, "the run cannot start: {e}");
+                    self.set_run_status(&row.name, RunStatus::Failed, &e.to_string())?;
+                    continue;
+                }
+            };
+            let paths = match from_config {
+                true => self.setup.state.clone(),
+                false => self.setup.state.run(&row.name),
+            };
+            self.set_run_status(&row.name, RunStatus::Running, "")?;
+            info!(run = %row.name, model = %setup.spec.name, rounds = setup.federation.rounds, "run starts");
+            let stop = shutdown.child_token();
+            match self.drive(setup, paths, shutdown, &stop, &mut cheaters).await {
+                Ok((RunEnd::Finished, last)) => {
+                    reports = last;
+                    info!(run = %row.name, "run finished");
+                    self.set_run_status(&row.name, RunStatus::Finished, "")?;
+                }
+                Ok((RunEnd::Interrupted, last)) if shutdown.is_cancelled() => {
+                    // Left `running`: the next start queues it again, and it resumes.
+                    return Ok(last);
+                }
+                Ok((RunEnd::Interrupted, last)) => {
+                    reports = last;
+                    info!(run = %row.name, "run stopped by the operator; `cohort-server resume` queues it again");
+                    self.set_run_status(&row.name, RunStatus::Stopped, "stopped by the operator")?;
+                }
+                Err(e) => {
+                    self.set_run_status(&row.name, RunStatus::Failed, &e.to_string())?;
+                    if from_config {
+                        return Err(e);
+                    }
+                    warn!(run = %row.name, "the run failed: {e}; `cohort-server resume` queues it again");
+                }
+            }
+        }
+    }
+
+    /// A submitted run, from the files `submit` wrote in its directory.
+    fn load_submitted(&self, row: &RunRow) -> Result<RunSetup, ServeError> {
+        let file = self.setup.state.run(&row.name).dir.join(RUN_FILE);
+        let config = RunConfig::load(&file, &row.name)?;
+        let run = RunSetup::load(config)?;
+        run.check()?;
+        Ok(run)
+    }
+
+    fn set_run_status(&self, name: &str, status: RunStatus, note: &str) -> Result<(), ServeError> {
+        self.store.lock().expect("store lock").set_run_status(name, status, note, unix_now())?;
+        Ok(())
+    }
+
+    /// The figures of earlier runs: a restart does not reset /metrics to round 0.
+    fn resume_metrics(&self) -> Result<(), ServeError> {
+        let runs = self.store.lock().expect("store lock").runs()?;
+        let mut rows = Vec::new();
+        let mut first_head = String::new();
+        for run in runs.iter().filter(|r| r.started_at.is_some()) {
+            let records = self.setup.state.records_of(&run.dir);
+            if !records.database().is_file() {
+                continue;
+            }
+            rows.extend(Store::open_existing(&records.database())?.rounds()?);
+        }
+        if runs.is_empty() {
+            // A state directory from before runs were recorded.
+            rows = self.store.lock().expect("store lock").rounds()?;
+        }
+        if let Some(run) = &self.setup.run {
+            first_head = run.spec.heads.first().map_or(String::new(), |h| h.name.clone());
+        }
+        self.metrics.resume(&rows, &first_head);
+        Ok(())
+    }
+
+    fn set_live(&self, run: Option<&str>, activity: Option<String>) {
+        let mut live = self.live.lock().expect("live lock");
+        live.run = run.map(str::to_string);
+        live.activity = activity;
     }
 
     fn enrolled(&self) -> Result<Vec<ClientId>, ServeError> {
@@ -197,14 +399,32 @@ impl Server {
         Ok(clients.into_iter().filter(|c| !c.revoked).map(|c| c.id).collect())
     }
 
-    /// The event loop: replies first, then connections coming and going, then the timer.
-    async fn drive(&self, shutdown: &CancellationToken) -> Result<Vec<RoundReport>, ServeError> {
-        let fed = &self.setup.federation;
-        let model = Arc::new(Model::new(&self.setup.spec, &Device::Cpu, fed.seed)?);
-        let resume = crate::resume::resume(&self.store, &self.setup, &model)?;
+    /// One run's event loop: replies first, then connections coming and going, then the timer.
+    /// `end_run` ends the run early (the operator's `stop`, or `shutdown`).
+    async fn drive(
+        &self,
+        run: &RunSetup,
+        paths: StatePaths,
+        shutdown: &CancellationToken,
+        end_run: &CancellationToken,
+        cheaters: &mut BTreeSet<ClientId>,
+    ) -> Result<(RunEnd, Vec<RoundReport>), ServeError> {
+        let fed = &run.federation;
+        let store = match paths.dir == self.setup.state.dir {
+            true => self.store.clone(),
+            false => {
+                std::fs::create_dir_all(&paths.dir)
+                    .map_err(|source| files::FileError::Io { path: paths.dir.display().to_string(), source })?;
+                Arc::new(Mutex::new(Store::open(&paths.database())?))
+            }
+        };
+        let ctx = RunContext { paths, store };
+        let model = Arc::new(Model::new(&run.spec, &Device::Cpu, fed.seed)?);
+        let resume = crate::resume::resume(&ctx.store, run, &ctx.paths, &model)?;
         let setup = CoordinatorSetup {
+            run: run.name.clone(),
             federation: fed.clone(),
-            spec: self.setup.spec.clone(),
+            spec: run.spec.clone(),
             segments: model.layout().segments().to_vec(),
             initial: model.flat()?,
             resume,
@@ -213,26 +433,26 @@ impl Server {
             rng: Box::new(rand::rngs::StdRng::from_os_rng()),
         };
         let mut coordinator = Coordinator::new(setup, Instant::now()).map_err(|e| ServeError::Config(e.to_string()))?;
-        // The figures of earlier runs: a restart does not reset /metrics to round 0.
-        let first_head = self.setup.spec.heads.first().map_or("", |h| h.name.as_str());
-        self.metrics.resume(&self.store.lock().expect("store lock").rounds()?, first_head);
+        coordinator.exclude_cheaters(cheaters.iter().cloned());
         coordinator.set_enrolled(self.enrolled()?);
+        *self.registry.run.lock().expect("registry lock") = run.name.clone();
         let collection = match fed.collection {
             Collection::Plain => "plain (the server sees each update; for debugging and comparison only)",
             Collection::Secure => "secure (SecAgg+: the server learns only the sum of each cohort's updates)",
         };
         let params = model.layout().total_len();
-        info!(addr = %self.local_addr(), model = %self.setup.spec.name, params, collection, "serving");
+        info!(addr = %self.local_addr(), run = %run.name, model = %run.spec.name, params, collection, "serving");
         if fed.collection == Collection::Plain {
             warn!("plain collection: the server sees every client's update; use it for debugging and comparison only");
         }
-        let (publisher, published) = Publisher::start(&self.setup, &self.store, &self.metrics)?;
+        let (publisher, published) = Publisher::start(run, self.setup.events.clone(), &ctx.store, &self.metrics)?;
         let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
         let mut requests = JoinSet::new();
         let mut encoded: Option<(Arc<ServerMsg>, Arc<Vec<u8>>)> = None;
         let mut told: BTreeSet<ClientId> = BTreeSet::new();
         let changed = self.registry.changed.notified();
         tokio::pin!(changed);
+        let mut stop_poll = tokio::time::interval(RUN_POLL);
         let stopped = loop {
             changed.as_mut().enable();
             let now = Instant::now();
@@ -253,44 +473,64 @@ impl Server {
                 match output {
                     Output::Send(request) => self.send(request, &mut encoded, &mut requests, &reply_tx),
                     Output::Event(Event::Stopped(reason)) => stop = Some(reason),
-                    Output::Event(event) => self.act(event, &model, &publisher, &mut coordinator).await?,
+                    Output::Event(Event::Cheater { round, client, what }) => {
+                        cheaters.insert(client.clone());
+                        self.act(&ctx, Event::Cheater { round, client, what }, &model, &publisher, &mut coordinator)
+                            .await?
+                    }
+                    Output::Event(event) => self.act(&ctx, event, &model, &publisher, &mut coordinator).await?,
                 }
             }
             self.registry.next_round.store(coordinator.next_round(), Ordering::Relaxed);
+            self.set_live(Some(&run.name), Some(coordinator.activity().to_string()));
             if let Some(reason) = stop {
                 break Some(reason);
             }
             let timer = coordinator.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break None,
+                _ = end_run.cancelled() => break None,
                 Some((request, from, reply)) = replies.recv() => {
                     coordinator.handle_reply(request, &from, reply, Instant::now());
                 }
                 _ = &mut changed => changed.set(self.registry.changed.notified()),
                 _ = sleep_until(timer) => coordinator.handle_timeout(Instant::now()),
                 Some(_) = requests.join_next(), if !requests.is_empty() => {}
+                _ = stop_poll.tick() => {
+                    let store = self.store.clone();
+                    let name = run.name.clone();
+                    let row = blocking(move || store.lock().expect("store lock").run(&name)).await??;
+                    if row.is_some_and(|r| r.stop_requested) {
+                        end_run.cancel();
+                    }
+                }
             }
         };
         requests.shutdown().await;
         drop(publisher);
         let reports = published.await.map_err(|e| ServeError::Config(format!("the report task failed: {e}")))??;
+        self.set_live(None, None);
         match stopped {
             None => {
-                info!(
-                    "shutdown requested: a round in progress is abandoned and not recorded; it reruns after a restart"
-                );
-                Ok(reports)
+                match shutdown.is_cancelled() {
+                    true => info!(
+                        run = %run.name,
+                        "shutdown requested: a round in progress is abandoned and not recorded; it reruns after a \
+                         restart"
+                    ),
+                    false => {
+                        info!(run = %run.name, "stop requested: a round in progress is abandoned and not recorded")
+                    }
+                }
+                Ok((RunEnd::Interrupted, reports))
             }
             Some(StopReason::Finished { rounds }) => {
-                self.finished.store(true, Ordering::Relaxed);
-                info!(rounds, "every configured round is complete");
-                Ok(reports)
+                info!(run = %run.name, rounds, "every configured round is complete");
+                Ok((RunEnd::Finished, reports))
             }
             Some(reason @ StopReason::Budget { .. }) => {
-                self.finished.store(true, Ordering::Relaxed);
-                warn!("{reason}");
-                Ok(reports)
+                warn!(run = %run.name, "{reason}");
+                Ok((RunEnd::Finished, reports))
             }
             Some(StopReason::TooManyAborts { .. }) => {
                 let reason = stopped.expect("matched").to_string();
@@ -347,6 +587,7 @@ impl Server {
     /// Carries out what the coordinator reports: logs, records, checkpoints.
     async fn act(
         &self,
+        ctx: &RunContext,
         event: Event,
         model: &Arc<Model>,
         publisher: &mpsc::UnboundedSender<Finished>,
@@ -358,7 +599,7 @@ impl Server {
                 // Write-ahead for private rounds: the sample and the charges are stored before
                 // any plan goes out, so a crash mid-round loses no accounting.
                 if let (Task::Train, Some(z)) = (task, noise_multiplier) {
-                    let store = self.store.clone();
+                    let store = ctx.store.clone();
                     let row = RoundRow::started(round, unix_now(), cohort.len(), sampling_rate, z, too_few_probability);
                     blocking(move || store.lock().expect("store lock").record_round(&row, &[], &[], &cohort)).await??;
                 }
@@ -381,7 +622,7 @@ impl Server {
             Event::Notice { round, client: Some(client), text } => warn!(round, %client, "{text}"),
             Event::Notice { round, client: None, text } => warn!(round, "{text}"),
             Event::CensusDone { round, clients, counts } => {
-                let store = self.store.clone();
+                let store = ctx.store.clone();
                 let recorded = counts.clone();
                 blocking(move || store.lock().expect("store lock").record_census(round, clients, &recorded)).await??;
                 info!(round, clients, ?counts, "label census: the population's label counts");
@@ -393,14 +634,14 @@ impl Server {
             Event::RoundFinished { report, checkpoint } => {
                 let started_at = unix_now() - report.seconds as i64;
                 let relative = match &checkpoint {
-                    Some(checkpoint) => Some(self.write_checkpoint(report.round, checkpoint, model).await?),
+                    Some(checkpoint) => Some(self.write_checkpoint(ctx, report.round, checkpoint, model).await?),
                     None => {
                         warn!(round = report.round, "{}", report.note);
                         None
                     }
                 };
                 // Recorded before evaluation: a crash during evaluation loses no round.
-                self.record(&report, started_at, relative).await?;
+                self.record(ctx, &report, started_at, relative).await?;
                 coordinator.set_enrolled(self.enrolled()?);
                 let params = checkpoint.map(|c| c.params);
                 let _ = publisher.send(Finished { report: *report, params });
@@ -413,12 +654,13 @@ impl Server {
     /// Writes the global model (and the server optimizer's state) of a completed round.
     async fn write_checkpoint(
         &self,
+        ctx: &RunContext,
         round: u64,
         checkpoint: &Checkpoint,
         model: &Arc<Model>,
     ) -> Result<String, ServeError> {
         model.set_flat(&checkpoint.params)?;
-        let (state, model, optimizer) = (self.setup.state.clone(), model.clone(), checkpoint.optimizer.clone());
+        let (state, model, optimizer) = (ctx.paths.clone(), model.clone(), checkpoint.optimizer.clone());
         // Serialising and syncing a large model takes a while: off the runtime.
         blocking(move || -> Result<(), ServeError> {
             if !optimizer.is_empty() {
@@ -432,9 +674,15 @@ impl Server {
     }
 
     /// Records a round in the database, off the runtime (SQLite syncs every commit).
-    async fn record(&self, r: &RoundReport, started_at: i64, checkpoint: Option<String>) -> Result<(), ServeError> {
+    async fn record(
+        &self,
+        ctx: &RunContext,
+        r: &RoundReport,
+        started_at: i64,
+        checkpoint: Option<String>,
+    ) -> Result<(), ServeError> {
         let row = RoundRow::from_report(r, started_at, checkpoint);
-        let (store, participants) = (self.store.clone(), r.participant_ids.clone());
+        let (store, participants) = (ctx.store.clone(), r.participant_ids.clone());
         let dropped = r.dropped.clone();
         // Private participations were charged when the round started (`Event::RoundStarted`).
         blocking(move || store.lock().expect("store lock").record_round(&row, &participants, &dropped, &[])).await??;

@@ -33,6 +33,10 @@ pub enum StoreError {
     RevokedKey { client: String, serial: String },
     #[error("a certificate with serial {serial} is already registered (to `{client}`)")]
     SerialTaken { client: String, serial: String },
+    #[error("there is already a run named `{name}`; choose another name (`cohort-server runs` lists them)")]
+    RunExists { name: String },
+    #[error("there is no run named `{name}` (`cohort-server runs` lists them)")]
+    NoRun { name: String },
 }
 
 /// How an enrolment treats the client's certificates that are still active.
@@ -285,7 +289,76 @@ CREATE TABLE IF NOT EXISTS label_census (
     clients INTEGER NOT NULL,
     counts TEXT NOT NULL
 );
+-- The runs this federation hosts, in the order they run (by position). `dir` is where a run's
+-- records are, relative to the state directory: '' for server.toml's run, runs/NAME otherwise.
+CREATE TABLE IF NOT EXISTS runs (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    dir TEXT NOT NULL,
+    model TEXT NOT NULL,
+    rounds INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    submitted_at INTEGER NOT NULL,
+    started_at INTEGER,
+    ended_at INTEGER,
+    note TEXT NOT NULL DEFAULT ''
+);
 ";
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Waiting for its turn.
+    Queued,
+    Running,
+    /// Every configured round completed (or its privacy budget was spent).
+    Finished,
+    /// Stopped by the operator (`cohort-server stop`); `resume` queues it again.
+    Stopped,
+    /// It could not go on (see its note); `resume` queues it again.
+    Failed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Finished => "finished",
+            RunStatus::Stopped => "stopped",
+            RunStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Finished, RunStatus::Stopped, RunStatus::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+/// One run as cohort.db records it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RunRow {
+    pub name: String,
+    /// Where its records and checkpoints are, relative to the state directory ('' for the
+    /// run of server.toml, whose records are the state directory's own).
+    pub dir: String,
+    pub model: String,
+    pub rounds: u64,
+    #[serde(serialize_with = "status_text")]
+    pub status: RunStatus,
+    pub stop_requested: bool,
+    pub submitted_at: i64,
+    pub started_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub note: String,
+}
+
+fn status_text<S: serde::Serializer>(status: &RunStatus, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(status.as_str())
+}
 
 /// Columns added after the first schema: databases that lack them get them on open.
 const ADDED_ROUND_COLUMNS: [(&str, &str); 9] = [
@@ -550,6 +623,118 @@ impl Store {
             .execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('federation_id', ?1)", params![fresh()])
             .map_err(self.wrap())?;
         Ok(read()?.expect("just inserted"))
+    }
+
+    /// Adds a run at the end of the queue. The error says if the name is taken.
+    pub fn submit_run(&self, name: &str, dir: &str, model: &str, rounds: u64, now: i64) -> Result<(), StoreError> {
+        let inserted = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO runs (name, dir, model, rounds, status, submitted_at) VALUES (?1, ?2, ?3, ?4, \
+                 'queued', ?5)",
+                params![name, dir, model, rounds as i64, now],
+            )
+            .map_err(self.wrap())?;
+        if inserted == 0 {
+            return Err(StoreError::RunExists { name: name.into() });
+        }
+        Ok(())
+    }
+
+    /// The run of server.toml: recorded the first time, and queued again at every start (its
+    /// records say how far it got; raising its `rounds` continues it).
+    pub fn queue_config_run(&self, name: &str, model: &str, rounds: u64, now: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO runs (name, dir, model, rounds, status, submitted_at) VALUES (?1, '', ?2, ?3, 'queued', \
+                 ?4) ON CONFLICT (name) DO UPDATE SET model = ?2, rounds = ?3, status = 'queued', stop_requested = 0, \
+                 note = '' WHERE dir = ''",
+                params![name, model, rounds as i64, now],
+            )
+            .map_err(self.wrap())?;
+        match self.run(name)? {
+            Some(run) if !run.dir.is_empty() => Err(StoreError::RunExists { name: name.into() }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every run, in queue order.
+    pub fn runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, dir, model, rounds, status, stop_requested, submitted_at, started_at, ended_at, note \
+                 FROM runs ORDER BY position",
+            )
+            .map_err(self.wrap())?;
+        let rows = stmt
+            .query_map([], |r| {
+                let status: String = r.get(4)?;
+                Ok(RunRow {
+                    name: r.get(0)?,
+                    dir: r.get(1)?,
+                    model: r.get(2)?,
+                    rounds: r.get::<_, i64>(3)? as u64,
+                    status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
+                    stop_requested: r.get::<_, i64>(5)? != 0,
+                    submitted_at: r.get(6)?,
+                    started_at: r.get(7)?,
+                    ended_at: r.get(8)?,
+                    note: r.get(9)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.wrap())?;
+        Ok(rows)
+    }
+
+    pub fn run(&self, name: &str) -> Result<Option<RunRow>, StoreError> {
+        Ok(self.runs()?.into_iter().find(|r| r.name == name))
+    }
+
+    /// Records where a run stands (with a note: why it stopped or failed).
+    pub fn set_run_status(&self, name: &str, status: RunStatus, note: &str, now: i64) -> Result<(), StoreError> {
+        let sql = match status {
+            RunStatus::Running => {
+                "UPDATE runs SET status = ?2, note = ?3, started_at = COALESCE(started_at, ?4), \
+                                   ended_at = NULL WHERE name = ?1"
+            }
+            RunStatus::Queued => {
+                "UPDATE runs SET status = ?2, note = ?3, stop_requested = 0, ended_at = NULL \
+                                  WHERE name = ?1 AND ?4 = ?4"
+            }
+            _ => "UPDATE runs SET status = ?2, note = ?3, stop_requested = 0, ended_at = ?4 WHERE name = ?1",
+        };
+        self.conn.execute(sql, params![name, status.as_str(), note, now]).map_err(self.wrap())?;
+        Ok(())
+    }
+
+    /// Asks the running server to stop run `name` (a queued one is stopped at once). Returns
+    /// the run as it stood.
+    pub fn request_stop(&self, name: &str, now: i64) -> Result<RunRow, StoreError> {
+        let run = self.run(name)?.ok_or_else(|| StoreError::NoRun { name: name.into() })?;
+        match run.status {
+            RunStatus::Queued => self.set_run_status(name, RunStatus::Stopped, "stopped by the operator", now)?,
+            RunStatus::Running => {
+                self.conn
+                    .execute("UPDATE runs SET stop_requested = 1 WHERE name = ?1", params![name])
+                    .map_err(self.wrap())?;
+            }
+            _ => {}
+        }
+        Ok(run)
+    }
+
+    /// Runs a server found `running` when it started were interrupted: they go back to the
+    /// queue, where they resume from their records.
+    pub fn requeue_interrupted_runs(&self) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE runs SET status = 'queued', note = 'interrupted; resumes from its last checkpoint' WHERE \
+                 status = 'running'",
+                [],
+            )
+            .map_err(self.wrap())
     }
 
     /// Each client's private rounds: `(client, noise multiplier, rounds)`.

@@ -16,9 +16,9 @@ use cohort::common::train::TrainConfig;
 use cohort::common::trainer::{HeadData, Trainer};
 use cohort::common::wire::{RoundPlan, ServerMsg};
 use cohort::io::Identity;
-use cohort::server::config::{Collection, Federation};
+use cohort::server::config::{Collection, Federation, DEFAULT_RUN};
 use cohort::server::pki::{self, StatePaths};
-use cohort::server::serve::{RoundReport, ServeError, ServeSetup, Server};
+use cohort::server::serve::{RoundReport, RunSetup, ServeError, ServeSetup, Server};
 use cohort::server::store::Enrolment;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
@@ -75,6 +75,7 @@ pub fn first_plan(fed: &Federation) -> (Vec<f32>, RoundPlan) {
     fed.collection = Collection::Plain;
     fed.dp = None;
     let setup = CoordinatorSetup {
+        run: cohort::server::config::DEFAULT_RUN.into(),
         federation: fed.clone(),
         spec: spec(),
         segments: model.layout().segments().to_vec(),
@@ -172,10 +173,14 @@ pub fn start_server_with_metrics(
             state: StatePaths::new(ca.dir.path()),
             identity: pki::server_identity(&ca.state).unwrap(),
             listen,
-            spec: spec.clone(),
-            federation: federation.clone(),
-            test_data: test_data.clone(),
-            head_tests: Vec::new(),
+            run: Some(RunSetup {
+                name: DEFAULT_RUN.into(),
+                spec: spec.clone(),
+                federation: federation.clone(),
+                test_data: test_data.clone(),
+                head_tests: Vec::new(),
+            }),
+            keep_serving: false,
             events: Some(tx.clone()),
             metrics_listen,
         });

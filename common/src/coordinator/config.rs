@@ -63,12 +63,19 @@ pub struct SecAggConfig {
     /// Neighbours per client (k); the graph is complete for cohorts of at most k + 1.
     #[serde(default = "degree")]
     pub degree: usize,
-    /// Shares needed to rebuild a secret (t): more than k / 2.
-    #[serde(default = "threshold")]
-    pub threshold: usize,
-    /// Fraction of a neighbourhood that may drop with the sum still exact.
-    #[serde(default = "tolerance")]
-    pub dropout_tolerance: f64,
+    /// Shares needed to rebuild a secret (t): more than k / 2. Absent: derived from the
+    /// neighbourhood each cohort gets (5 of 8 neighbours; more than half of fewer).
+    #[serde(default)]
+    pub threshold: Option<usize>,
+    /// Fraction of a neighbourhood that may drop with the sum still exact. Absent: 0.3, or less
+    /// where a small neighbourhood leaves less (0 for two or three sites).
+    #[serde(default)]
+    pub dropout_tolerance: Option<f64>,
+    /// Accept secure sums of two updates (two sites per round, or a round where only two
+    /// remain): each of the two then learns the other's update from the sum. Without it, a
+    /// federation of two sites per round is refused and a secure sum needs three inputs.
+    #[serde(default)]
+    pub allow_two_site_sums: bool,
     /// Modulus 2^bits: 32 or 64.
     #[serde(default = "bits")]
     pub bits: u32,
@@ -88,8 +95,9 @@ impl Default for SecAggConfig {
     fn default() -> Self {
         Self {
             degree: degree(),
-            threshold: threshold(),
-            dropout_tolerance: tolerance(),
+            threshold: None,
+            dropout_tolerance: None,
+            allow_two_site_sums: false,
             bits: bits(),
             clip: clip(),
             sample_cap: sample_cap(),
@@ -103,9 +111,9 @@ impl SecAggConfig {
     #[cfg(test)]
     fn params(&self) -> SecAggParams {
         SecAggParams {
-            threshold: self.threshold,
+            threshold: self.threshold.unwrap_or(threshold()),
             degree: self.degree,
-            dropout_tolerance: self.dropout_tolerance,
+            dropout_tolerance: self.dropout_tolerance.unwrap_or(tolerance()),
             quantizer: Quantizer { bits: self.bits, clip: 1.0, scale: 1.0, wrap: false },
         }
     }
@@ -129,14 +137,20 @@ impl SecAggConfig {
         if k % 2 == 1 && size % 2 == 1 && k + 1 != size {
             k -= 1;
         }
-        let (degree, threshold, dropout_tolerance) = if k == self.degree {
-            (self.degree, self.threshold, self.dropout_tolerance)
-        } else {
-            let threshold = self.threshold.min(k).max(k / 2 + 1);
-            // floor(k (1 - tolerance)) must stay at least the threshold.
-            let allowed = (k.saturating_sub(threshold)) as f64 / k.max(1) as f64;
-            (k, threshold, self.dropout_tolerance.min((allowed - 1e-9).max(0.0)))
+        // What the file gives is kept for the configured degree (the check says if it cannot
+        // hold); what it leaves out, and everything for a smaller neighbourhood, is derived.
+        let as_written = k == self.degree;
+        let threshold = match self.threshold {
+            Some(t) if as_written => t,
+            t => t.unwrap_or(threshold()).min(k).max(k / 2 + 1),
         };
+        // floor(k (1 - tolerance)) must stay at least the threshold.
+        let allowed = (k.saturating_sub(threshold)) as f64 / k.max(1) as f64;
+        let dropout_tolerance = match self.dropout_tolerance {
+            Some(d) if as_written => d,
+            d => d.unwrap_or(tolerance()).min((allowed - 1e-9).max(0.0)),
+        };
+        let degree = k;
         SecAggSetup {
             round,
             params: SecAggParams {
@@ -375,6 +389,15 @@ impl SiteBackoff {
 impl Federation {
     /// A warning for secure federations whose sum reveals a member's update: with two sites in a
     /// cohort, each learns the other's update by subtracting its own from the sum.
+    /// The fewest updates a secure training sum may hold: three, unless the operator accepted
+    /// sums of two (`allow_two_site_sums`), where each of the two learns the other's update.
+    pub fn min_secure_sum(&self) -> usize {
+        match self.secagg.allow_two_site_sums {
+            true => crate::secagg::MIN_TRAIN_INPUTS,
+            false => crate::secagg::MIN_TRAIN_INPUTS + 1,
+        }
+    }
+
     pub fn small_cohort_warning(&self) -> Option<String> {
         (self.collection == Collection::Secure && self.clients_per_round <= 2).then(|| {
             format!(
@@ -469,8 +492,12 @@ impl Federation {
             // cannot meet is the operator's mistake, even though smaller cohorts adapt it.
             let cohort = (0..self.clients_per_round).map(|i| format!("{i:08}")).collect();
             let mut setup = s.setup(0, cohort, 1, s.clip);
-            setup.params.threshold = s.threshold;
-            setup.params.dropout_tolerance = s.dropout_tolerance;
+            if let Some(t) = s.threshold {
+                setup.params.threshold = t;
+            }
+            if let Some(d) = s.dropout_tolerance {
+                setup.params.dropout_tolerance = d;
+            }
             let k = setup.effective_degree();
             setup.check().map_err(|e| match k < s.degree {
                 // The configured degree does not fit the cohort: say so instead of quoting a
@@ -486,6 +513,15 @@ impl Federation {
                 ),
                 false => format!("federation.secagg (with clients_per_round = {}): {e}", self.clients_per_round),
             })?;
+        }
+        if self.collection == Collection::Secure && self.clients_per_round <= 2 && !self.secagg.allow_two_site_sums {
+            return Err(format!(
+                "federation.clients_per_round = {}: with two sites in a round, each learns the other's update from \
+                 the sum (the sum minus its own), so secure aggregation protects updates only from the server. \
+                 Sample at least 3 sites per round, or, if both data owners accept that, set \
+                 federation.secagg.allow_two_site_sums = true",
+                self.clients_per_round
+            ));
         }
         self.strategy.build(0).map_err(|e| format!("federation.strategy: {e}"))?;
         if let Some(dp) = &self.dp {
@@ -555,20 +591,30 @@ mod tests {
     /// learns the other's update.
     #[test]
     fn small_consortia_get_plain_words() {
+        // Two sites: refused unless the operator accepts that each learns the other's update.
         let two: Federation = toml::from_str("rounds = 3\nclients_per_round = 2\n").unwrap();
         let err = two.check().unwrap_err();
-        assert!(err.contains("a cohort of clients_per_round = 2 gives each client 1 neighbours"), "{err}");
-        assert!(err.contains("degree = 8 needs cohorts of at least 9"), "{err}");
-        let ok: Federation = toml::from_str(
-            "rounds = 3\nclients_per_round = 2\n[federation.secagg]\nthreshold = 1\ndropout_tolerance = 0.0\n"
-                .replace("[federation.secagg]", "[secagg]")
-                .as_str(),
-        )
-        .unwrap();
+        assert!(err.contains("each learns the other's update") && err.contains("allow_two_site_sums = true"), "{err}");
+        // With consent, the defaults fit two sites: threshold and tolerance follow the cohort.
+        let ok: Federation =
+            toml::from_str("rounds = 3\nclients_per_round = 2\n[secagg]\nallow_two_site_sums = true\n").unwrap();
         assert_eq!(ok.check(), Ok(()));
         assert!(ok.small_cohort_warning().unwrap().contains("each learns the other's update"));
+        // Three sites with every secure-aggregation default: no setting to write.
         let three: Federation = toml::from_str("rounds = 3\nclients_per_round = 3\n").unwrap();
+        assert_eq!(three.check(), Ok(()));
         assert_eq!(three.small_cohort_warning(), None);
+        let setup = three.secagg.setup(1, vec!["a".into(), "b".into(), "c".into()], 4, 1.0);
+        assert_eq!((setup.params.degree, setup.params.threshold, setup.params.dropout_tolerance), (2, 2, 0.0));
+        // What the operator writes is kept, and a threshold the cohort cannot meet is named.
+        let written: Federation = toml::from_str(
+            "rounds = 3\nclients_per_round = 2\n[secagg]\nallow_two_site_sums = true\nthreshold = 5\n\
+             dropout_tolerance = 0.3\n",
+        )
+        .unwrap();
+        let err = written.check().unwrap_err();
+        assert!(err.contains("a cohort of clients_per_round = 2 gives each client 1 neighbours"), "{err}");
+        assert!(err.contains("degree = 8 needs cohorts of at least 9"), "{err}");
     }
 
     /// Every cohort size a federation can meet (a site offline, a Poisson sample far above or
@@ -578,7 +624,12 @@ mod tests {
     fn every_cohort_size_gets_a_secure_setup_that_checks() {
         for (degree, threshold, dropout_tolerance) in [(8, 5, 0.3), (5, 3, 0.3), (4, 3, 0.25), (2, 2, 0.0), (9, 5, 0.4)]
         {
-            let config = SecAggConfig { degree, threshold, dropout_tolerance, ..SecAggConfig::default() };
+            let config = SecAggConfig {
+                degree,
+                threshold: Some(threshold),
+                dropout_tolerance: Some(dropout_tolerance),
+                ..SecAggConfig::default()
+            };
             for n in 2..60 {
                 let cohort: Vec<String> = (0..n).map(|i| format!("c{i:03}")).collect();
                 let mut setup = config.setup(1, cohort, 10, 1.0);

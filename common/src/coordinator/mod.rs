@@ -43,10 +43,10 @@ use crate::round::{
     Round, RoundError,
 };
 use crate::secagg::quantize::Quantizer;
-use crate::secagg::{weighted_mean_from_sum, PeerVerifier, SecAggSetup, MIN_COUNT_INPUTS, MIN_TRAIN_INPUTS};
+use crate::secagg::{weighted_mean_from_sum, PeerVerifier, SecAggSetup, MIN_COUNT_INPUTS};
 use crate::strategy::Strategy;
 use crate::train::Metrics;
-use crate::wire::{escape, ClientId, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
+use crate::wire::{self, escape, ClientId, ClientMsg, RoundPlan, SecurePlan, ServerMsg, Task, TensorBytes};
 
 use config::{Collection, DpConfig, Federation};
 use secure::{Failed, SecureSum, Summed};
@@ -263,6 +263,8 @@ pub struct PrivacyRow {
 
 /// Everything a coordinator starts from.
 pub struct CoordinatorSetup {
+    /// The run's name ([`wire::check_run_name`]), sent in every plan.
+    pub run: String,
     pub federation: Federation,
     pub spec: ModelSpec,
     /// The model's segments (trunk, then heads), from its layout.
@@ -275,6 +277,54 @@ pub struct CoordinatorSetup {
     /// Randomness for differentially private sampling: it must come from the OS in a server
     /// (nobody may redraw a sample); tests pass a seeded generator.
     pub rng: Box<dyn CryptoRng + Send>,
+}
+
+/// What the federation is doing ([`Coordinator::activity`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Activity {
+    /// Waiting until `needed` eligible clients are connected.
+    Waiting {
+        needed: usize,
+        eligible: usize,
+    },
+    /// The next round starts shortly.
+    BetweenRounds {
+        next_round: u64,
+    },
+    /// The label census before `round`, waiting for `phase`.
+    Census {
+        round: u64,
+        phase: &'static str,
+    },
+    /// Round `round` of a cohort of `cohort` clients, waiting for `phase`.
+    Training {
+        round: u64,
+        cohort: usize,
+        phase: &'static str,
+    },
+    /// Round `round` is summed; its federated evaluation runs.
+    Evaluating {
+        round: u64,
+    },
+    Stopped,
+}
+
+impl std::fmt::Display for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Activity::Waiting { needed, eligible } => {
+                write!(f, "waiting for clients ({eligible} eligible connected, {needed} needed)")
+            }
+            Activity::BetweenRounds { next_round } => write!(f, "round {next_round} starts shortly"),
+            Activity::Census { round, phase } => write!(f, "label census before round {round}, waiting for {phase}"),
+            Activity::Training { round, cohort, phase } => {
+                write!(f, "round {round}, {cohort} clients sampled, waiting for {phase}")
+            }
+            Activity::Evaluating { round } => write!(f, "round {round}: federated evaluation"),
+            Activity::Stopped => write!(f, "stopped"),
+        }
+    }
 }
 
 /// Local misuse: a setup that cannot run.
@@ -381,6 +431,7 @@ enum State {
 
 /// The federation's state machine. See the module documentation.
 pub struct Coordinator {
+    run: String,
     fed: Federation,
     spec: ModelSpec,
     spec_toml: String,
@@ -412,9 +463,35 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// Leaves out clients caught cheating before this coordinator ran (in an earlier run of the
+    /// same server): they are not sampled again while the server runs.
+    pub fn exclude_cheaters(&mut self, cheaters: impl IntoIterator<Item = ClientId>) {
+        self.cheaters.extend(cheaters);
+    }
+
+    /// What the federation is doing now, for the operator's `status`.
+    pub fn activity(&self) -> Activity {
+        match &self.state {
+            State::Waiting { needed, .. } => Activity::Waiting { needed: *needed, eligible: self.online.len() },
+            State::Next => Activity::BetweenRounds { next_round: self.last_round + 1 },
+            State::Census { round, sum } => Activity::Census { round: *round, phase: sum.phase().wanted() },
+            State::Training(t) => Activity::Training {
+                round: t.number,
+                cohort: t.draw.cohort.len(),
+                phase: match &t.collecting {
+                    Collecting::Plain { .. } => "updates",
+                    Collecting::Secure { sum, .. } => sum.phase().wanted(),
+                },
+            },
+            State::Evaluating(e) => Activity::Evaluating { round: e.report.round },
+            State::Stopped => Activity::Stopped,
+        }
+    }
+
     /// Checks the setup; the federation starts by waiting for its first clients.
     pub fn new(setup: CoordinatorSetup, now: Instant) -> Result<Self, CoordinatorError> {
-        let CoordinatorSetup { federation: fed, spec, segments, initial, resume, verifier, rng } = setup;
+        let CoordinatorSetup { run, federation: fed, spec, segments, initial, resume, verifier, rng } = setup;
+        wire::check_run_name(&run).map_err(CoordinatorError::Config)?;
         fed.check().map_err(CoordinatorError::Config)?;
         fed.check_model(&spec).map_err(CoordinatorError::Config)?;
         let param_len: usize = segments.iter().map(|s| s.len).sum();
@@ -434,6 +511,7 @@ impl Coordinator {
         let give_up = now + Duration::from_secs_f64(fed.wait_for_clients_secs);
         let done = resume.completed >= fed.rounds;
         let mut coordinator = Self {
+            run,
             spec_toml: spec.to_toml(),
             personal: segments.iter().filter(|s| s.personal).map(|s| s.offset..s.offset + s.len).collect(),
             segments: segments.iter().map(|s| s.len).collect(),
@@ -739,6 +817,7 @@ impl Coordinator {
         setup.params.quantizer = count_quantizer();
         let plan = RoundPlan {
             round,
+            run: self.run.clone(),
             model_spec: self.spec_toml.clone(),
             params,
             train: (&self.fed.train).into(),
@@ -884,6 +963,7 @@ impl Coordinator {
         let param_len: usize = self.segments.iter().sum();
         let mut plan = RoundPlan {
             round,
+            run: self.run.clone(),
             model_spec: self.spec_toml.clone(),
             params: TensorBytes::from_f32(&self.global),
             train: (&fed.train).into(),
@@ -933,7 +1013,7 @@ impl Coordinator {
                 });
                 let range = dp.as_ref().map_or(fed.secagg.clip, |d| d.coordinate_range());
                 let vector_len = SecurePlan::vector_len(param_len, self.segments.len(), dp.is_some());
-                let min_inputs = fed.min_clients.max(MIN_TRAIN_INPUTS).min(cohort.len());
+                let min_inputs = fed.min_clients.max(fed.min_secure_sum()).min(cohort.len());
                 let mut setup = self.session_setup(round, Task::Train, &cohort, vector_len, range, min_inputs);
                 // Private rounds wrap out-of-range values instead of clamping: no noise is cut.
                 setup.params.quantizer.wrap = dp.is_some();
@@ -1245,7 +1325,7 @@ struct Spent {
 /// [`MIN_TRAIN_INPUTS`] (a secure sum of one is the update, and no session takes one).
 fn min_cohort(fed: &Federation) -> usize {
     match fed.collection {
-        Collection::Secure => fed.min_clients.max(MIN_TRAIN_INPUTS),
+        Collection::Secure => fed.min_clients.max(fed.min_secure_sum()),
         Collection::Plain => fed.min_clients,
     }
 }

@@ -59,6 +59,11 @@ pub(crate) struct SecureSum {
 const SMALL_REPLY: usize = 4 << 20;
 
 impl SecureSum {
+    /// The phase the sum is in.
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase
+    }
+
     /// Starts the session: the plan goes out to the cohort now, and the phase's deadline
     /// starts now.
     #[allow(clippy::too_many_arguments)]

@@ -87,8 +87,13 @@ fn federation(collection: Collection, rounds: u64, clients: usize) -> Federation
     // Small cohorts take a complete graph (degree 2, all shares needed); larger ones tolerate a
     // quarter of each neighbourhood dropping.
     let (degree, threshold, dropout_tolerance) = if clients <= 4 { (2, 2, 0.0) } else { (4, 3, 0.25) };
-    fed.secagg =
-        SecAggConfig { degree, threshold, dropout_tolerance, phase_timeout_secs: 5.0, ..SecAggConfig::default() };
+    fed.secagg = SecAggConfig {
+        degree,
+        threshold: Some(threshold),
+        dropout_tolerance: Some(dropout_tolerance),
+        phase_timeout_secs: 5.0,
+        ..SecAggConfig::default()
+    };
     fed.train = TrainConfig { epochs: 1, batch_size: 4, ..TrainConfig::default() };
     fed
 }
@@ -110,6 +115,7 @@ impl Sim {
         let model = Model::new(&spec, &Device::Cpu, fed.seed).unwrap();
         let now = Instant::now();
         let setup = CoordinatorSetup {
+            run: "trial".into(),
             federation: fed,
             segments: model.layout().segments().to_vec(),
             initial: model.flat().unwrap(),
@@ -350,6 +356,27 @@ fn a_dropout_that_aborts_a_round_names_the_sites_and_the_round_does_not_count() 
     assert_eq!(sim.reports.last().unwrap().round, 4);
 }
 
+/// Sums of two (issue 15): in a secure round of two sites, each learns the other's update from
+/// the sum (the sum minus its own). Attack: only two of a federation's sites are online, and the
+/// server would sum their updates. Unless the operator accepted that (`allow_two_site_sums`),
+/// no round starts with fewer than three; with it, rounds of two complete.
+#[test]
+fn a_sum_of_two_updates_needs_the_operators_consent() {
+    let mut fed = federation(Collection::Secure, 1, 3);
+    fed.min_clients = 2;
+    fed.start_after_clients = Some(2);
+    let mut sim = Sim::new(fed.clone(), SPEC, 2, 3, false);
+    let stop = sim.run(Duration::from_secs(100_000));
+    assert_eq!(stop, StopReason::NotEnoughClients { connected: 2, needed: 3, waited_secs: 30.0 });
+    assert!(sim.reports.is_empty(), "a round of two was tried: {:?}", sim.reports);
+
+    fed.secagg.allow_two_site_sums = true;
+    let mut sim = Sim::new(fed, SPEC, 2, 3, false);
+    assert_eq!(sim.run(Duration::from_secs(100_000)), StopReason::Finished { rounds: 1 });
+    let round1 = sim.reports.iter().find(|r| r.round == 1).unwrap();
+    assert!(round1.completed && round1.participants == 2, "{round1:?}");
+}
+
 /// Failure 1 of the issue: a site whose data do not fit declines every round. Its reason
 /// reaches the server (events and reports), it backs off, aborted rounds do not use up
 /// `rounds`, and after `max_consecutive_aborts` the federation stops saying why.
@@ -506,14 +533,15 @@ fn too_few_clients_stop_the_federation_after_the_wait() {
 
 /// Review finding: with secure collection and the default `min_clients = 1`, one connected site
 /// made a cohort of one, whose session cannot start; five such aborts in milliseconds stopped
-/// the server before a second site connected. A secure round now waits for two.
+/// the server before a second site connected. A secure round now waits for three (two with the
+/// operator's consent to sums of two).
 #[test]
-fn a_secure_federation_waits_for_two_sites_even_with_min_clients_one() {
+fn a_secure_federation_waits_for_three_sites_even_with_min_clients_one() {
     let mut fed = federation(Collection::Secure, 3, 3);
     fed.min_clients = 1;
     let mut sim = Sim::new(fed, SPEC, 1, 1, false);
     let stop = sim.run(Duration::from_secs(1_000));
-    assert_eq!(stop, StopReason::NotEnoughClients { connected: 1, needed: 2, waited_secs: 30.0 });
+    assert_eq!(stop, StopReason::NotEnoughClients { connected: 1, needed: 3, waited_secs: 30.0 });
     assert!(sim.reports.is_empty(), "no round was tried with one site: {:?}", sim.reports);
 }
 

@@ -40,6 +40,9 @@ pub use crate::peer::{check_client_id, escape, ClientId, MAX_CLIENT_ID};
 /// The protocol version this build speaks. Peers with another version are refused, in their
 /// own version (see [`encode_refusal`]).
 ///
+/// Version 4: a federation hosts many runs, one after another: the plan names its run
+/// ([`RoundPlan::run`]; round numbers start again at 1 in each run) and the welcome names the
+/// run in progress, so a client's ledger and its one-sum-per-round rule count per run.
 /// Version 3: the first under the rules of docs/protocol.md: the frame envelope, the hello and
 /// the refusal are frozen, a hello of any version is read and one of another version refused
 /// in that version, and every message's bytes are pinned by golden tests. The plan's training
@@ -48,9 +51,29 @@ pub use crate::peer::{check_client_id, escape, ClientId, MAX_CLIENT_ID};
 /// Version 2: SecAgg+ sessions the clients join with nonces, adverts with seed commitments,
 /// direction-bound share keys, share commitments, signed masking lists, the consistency phase,
 /// DP vectors without per-segment counts, the federation id in the welcome.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// ALPN identifier used on the QUIC connection.
 pub const ALPN: &[u8] = b"cohort/1";
+/// The longest run name.
+pub const MAX_RUN_NAME: usize = 64;
+
+/// A run's name: 1 to [`MAX_RUN_NAME`] letters, digits, `-`, `_` or `.`, not starting with a
+/// dot. It names a directory on the server and shows in clients' logs and ledgers, so nothing
+/// else is allowed. The error says what is wrong (with the name escaped).
+pub fn check_run_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_RUN_NAME
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "run name `{}` is not 1 to {MAX_RUN_NAME} letters, digits, `-`, `_` or `.` (not starting with `.`)",
+            escape(name, 80)
+        )),
+    }
+}
+
 /// The hard cap on one frame's payload: enough for models of tens of millions of parameters.
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
 /// Bytes in a frame header.
@@ -143,6 +166,9 @@ impl std::fmt::Debug for Blob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundPlan {
     pub round: u64,
+    /// The run this round belongs to ([`check_run_name`]): a federation hosts runs one after
+    /// another, each numbering its rounds from 1.
+    pub run: String,
     /// The model spec as TOML; the client parses (and so validates) it.
     pub model_spec: String,
     /// The global parameters, flattened in `ParamLayout` order.
@@ -247,7 +273,9 @@ pub enum ServerMsg {
     /// `next_round` lets a client's privacy ledger count rounds from the one it joined at;
     /// `federation` is the server's random federation id, which the ledger binds its account to
     /// (with the fingerprint of the CA the client trusts).
-    Welcome { client_id: String, server_name: String, next_round: u64, federation: String },
+    /// `run` is the run in progress ([`check_run_name`]; empty while none is), whose round
+    /// `next_round` is.
+    Welcome { client_id: String, server_name: String, next_round: u64, federation: String, run: String },
     /// Asks the client to train this round.
     Plan(RoundPlan),
     /// The server refuses the client (wrong version, revoked, duplicate connection).
