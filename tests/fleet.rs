@@ -77,9 +77,10 @@ fn a_fleet_of_three_loads_and_splits_the_data_exactly() {
         assert_eq!((summary.train_examples, summary.test_examples), (3000, 500));
 
         let server = cohort::server::config::ServerConfig::load(&out.join("server/server.toml")).unwrap();
-        assert_eq!(server.federation.clients_per_round, 3, "the cohort is fitted to the fleet");
         assert_eq!(server.metrics_listen, Some("0.0.0.0:9464".parse().unwrap()));
-        assert_eq!(server.test_data.unwrap().load().unwrap().len(), 500);
+        let run = server.run.expect("the fleet's server.toml has its run");
+        assert_eq!(run.federation.clients_per_round, 3, "the cohort is fitted to the fleet");
+        assert_eq!(run.test_data.unwrap().load().unwrap().len(), 500);
         assert!(out.join("server/ca.pem").is_file() && out.join("server/cohort.db").is_file());
 
         let mut seen = Vec::new();
