@@ -2,7 +2,8 @@
 //!
 //! The data owner's side of Cohort: the daemon `cohort-client` and the library it is made of.
 //!
-//! - [`config`]: `client.toml` (server, identity, data, device, reconnection).
+//! - [`config`]: `client.toml` (server, identity, data, device, reconnection, privacy budget, and
+//!   the `[policy]` of runs this site joins).
 //! - [`daemon`]: the driver of `cohort_common::session::ClientSession`: dial, hello, feed it the
 //!   server's requests, send its replies, run its jobs on `cohort_common::trainer::Trainer` on a
 //!   blocking thread, write the privacy ledger before the reply that depends on it, reconnect
@@ -12,7 +13,10 @@
 //! - [`device`]: `auto | cpu | cuda:N` to a candle device.
 //! - [`ledger`]: the file that keeps the client's own privacy ledger (which the session charges
 //!   per round it trains in, unless the data owner trusts the server's sampler, and which
-//!   declines rounds past its budget).
+//!   declines rounds past its budget), and [`ledger::describe`] for `cohort-client ledger`: what
+//!   each run spent and what is left.
+//! - [`progress`]: the progress of local training, as a bar on a terminal or a log line every
+//!   ten seconds.
 //! - [`renew`]: `cohort-client renew`: a new key and request for the same id, then the
 //!   operator's certificate checked (same id, the pending key, the CA, valid now) and installed
 //!   over the identity files; the warnings `check` and the daemon give within
@@ -33,6 +37,7 @@
 pub mod config;
 pub mod daemon;
 pub mod ledger;
+pub mod progress;
 pub mod renew;
 
 use std::collections::BTreeMap;
@@ -251,6 +256,7 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
             .with_min_sum_clients(config.min_sum_clients)
             .with_policy(config.policy.run_policy()),
         trainer: Trainer::with_heads(id, heads, device)
+            .with_progress(progress::observer())
             .with_personal_heads(personal)
             .with_validation_fraction(config.validation_fraction),
         device_name,

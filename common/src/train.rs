@@ -511,6 +511,27 @@ pub fn train_heads(
     seed: u64,
     census: Option<&[u64]>,
 ) -> Result<TrainStats> {
+    train_heads_observed(model, heads, config, seed, census, None)
+}
+
+/// Where a training run stands: `step` of `steps` optimizer steps done (every epoch of every
+/// phase counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainProgress {
+    pub step: usize,
+    pub steps: usize,
+}
+
+/// [`train_heads`], telling `progress` after every step (for a data owner's progress display;
+/// the observer should be cheap: it runs on the training thread).
+pub fn train_heads_observed(
+    model: &Model,
+    heads: &[(usize, &DeviceData)],
+    config: &TrainConfig,
+    seed: u64,
+    census: Option<&[u64]>,
+    progress: Option<&(dyn Fn(TrainProgress) + Sync)>,
+) -> Result<TrainStats> {
     config.check()?;
     if heads.is_empty() {
         return Err(TrainError::Data("no head to train".into()));
@@ -533,6 +554,7 @@ pub fn train_heads(
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let steps_per_epoch = tasks.iter().map(|t| t.order.len().div_ceil(config.batch_size)).max().unwrap_or(0);
+    let total_steps = steps_per_epoch * phases.iter().map(|(_, epochs)| *epochs).sum::<usize>();
     let (mut steps, mut examples) = (0usize, 0usize);
     // The loss is summed on the device and read once an epoch: reading it every step would stall
     // a GPU on a copy to the host.
@@ -578,6 +600,9 @@ pub fn train_heads(
                 loss_sum = (loss_sum + (total.detach() * seen as f64)?)?;
                 examples += seen;
                 steps += 1;
+                if let Some(progress) = progress {
+                    progress(TrainProgress { step: steps, steps: total_steps });
+                }
             }
             mean_loss = loss_sum.to_scalar::<f32>()? / examples as f32;
             if !mean_loss.is_finite() {

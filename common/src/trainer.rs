@@ -17,7 +17,7 @@ use candle_core::Device;
 use crate::data::Dataset;
 use crate::model::{Model, ModelError, ModelSpec, Segment};
 use crate::session::{confusion_cells, Job, JobKind, JobOutput};
-use crate::train::{self, DeviceData, TrainConfig, TrainError};
+use crate::train::{self, DeviceData, TrainConfig, TrainError, TrainProgress};
 use crate::wire::{RoundPlan, TensorBytes, Update, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,12 @@ pub struct Trainer {
     personal: BTreeMap<String, Vec<f32>>,
     /// Held-out examples per head for federated evaluation (empty: evaluate on `tasks`).
     validation: Vec<HeadData>,
+    /// Told how far each training job has got (the data owner's progress display).
+    progress: Option<ProgressObserver>,
 }
+
+/// A progress display: told the round and where its training stands after every step.
+pub type ProgressObserver = Arc<dyn Fn(u64, TrainProgress) + Send + Sync>;
 
 impl Trainer {
     pub fn new(id: impl Into<String>, data: Arc<Dataset>, device: Device) -> Self {
@@ -90,7 +95,14 @@ impl Trainer {
             keep_model: true,
             personal: BTreeMap::new(),
             validation: Vec::new(),
+            progress: None,
         }
+    }
+
+    /// Tells `observer` how far each round's training has got, after every step.
+    pub fn with_progress(mut self, observer: ProgressObserver) -> Self {
+        self.progress = Some(observer);
+        self
     }
 
     /// Benchmarks of the protocol alone: answer plans with seeded random updates (normal, standard
@@ -322,7 +334,11 @@ impl Trainer {
         self.put_personal_heads(&personal_segments, &mut start);
         local.model.set_flat(&start)?;
         let heads: Vec<(usize, &DeviceData)> = local.data.iter().map(|(h, d)| (*h, d)).collect();
-        let stats = train::train_heads(&local.model, &heads, train, seed, plan.class_counts.as_deref())?;
+        let round = plan.round;
+        let observe = self.progress.as_ref().map(|p| move |at: TrainProgress| p(round, at));
+        let observe = observe.as_ref().map(|o| o as &(dyn Fn(TrainProgress) + Sync));
+        let stats =
+            train::train_heads_observed(&local.model, &heads, train, seed, plan.class_counts.as_deref(), observe)?;
         let mut delta = local.model.flat_delta(&start)?;
         let mut segment_samples = local.segment_samples.clone();
         let mut personal = Vec::with_capacity(personal_segments.len());
@@ -402,6 +418,25 @@ pub(crate) mod tests {
             task: Task::Train,
             class_counts: None,
         }
+    }
+
+    /// The progress display is told every step of a round, numbered to the total over every
+    /// epoch and phase (FedRep's heads-then-trunk schedule included).
+    #[test]
+    fn progress_is_reported_for_every_step_of_every_phase() {
+        let spec_toml = "name='t'\ninput_shape=[2]\n[[heads]]\nname='y'\nclasses=2";
+        let data = Dataset::new(vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5], vec![2], vec![0, 1, 0], 2).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let mut p = Trainer::new("c1", Arc::new(data), Device::Cpu)
+            .with_progress(Arc::new(move |round, at| log.lock().unwrap().push((round, at.step, at.steps))));
+        let mut plan = plan(spec_toml, vec![0.0; 6]);
+        plan.train =
+            (&TrainConfig { epochs: 2, head_epochs: Some(1), batch_size: 2, lr: 0.1, ..Default::default() }).into();
+        p.train(&plan).unwrap();
+        // 3 examples in batches of 2: 2 steps per epoch, 1 head epoch + 2 trunk epochs.
+        let expected: Vec<(u64, usize, usize)> = (1..=6).map(|step| (3, step, 6)).collect();
+        assert_eq!(*seen.lock().unwrap(), expected);
     }
 
     #[test]
