@@ -25,6 +25,7 @@
 //!   checks a checkpoint's name and contents before it is resumed from or exported.
 //! - `publish` (private): test-set evaluation off the loop, then reports, logs and metrics in
 //!   round order.
+//! - [`runs`]: `submit`, `stop`, `resume` of runs, and where a run's records are.
 //! - [`live`]: `live.json`, what the running server is doing, for `cohort-server status`.
 //! - [`metrics`]: the Prometheus endpoint (`metrics_listen`): rounds, dropouts, per-head
 //!   accuracy, epsilon against model observers and against the server, cheaters caught, clients
@@ -56,5 +57,6 @@ pub mod metrics;
 pub mod pki;
 mod publish;
 pub mod resume;
+pub mod runs;
 pub mod serve;
 pub mod store;

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cohort_common::train::per_class;
-use cohort_server::config::{RunConfig, ServerConfig, RUN_FILE, RUN_MODEL_FILE};
+use cohort_server::config::ServerConfig;
 use cohort_server::live::LiveStatus;
 use cohort_server::pki::{self, StatePaths};
+use cohort_server::runs;
 use cohort_server::serve::{RunSetup, ServeSetup, Server};
 use cohort_server::store::{Enrolment, HeadMetrics, RoundRow, RunRow, RunStatus, Store};
 use tokio_util::sync::CancellationToken;
@@ -328,7 +329,18 @@ fn main() -> Result<()> {
             }
         }
         Command::Serve { state, config } => serve(state, config)?,
-        Command::Submit { state, run, config } => submit(&StatePaths::new(&state), &run, &config)?,
+        Command::Submit { state, run, config } => {
+            let paths = StatePaths::new(&state);
+            let submitted = runs::submit(&paths, &run, &config)?;
+            println!(
+                "submitted run `{run}` (model `{}`, {} round(s)) with {} run(s) ahead of it; a running server starts \
+                 it in turn (`cohort-server runs --state {}` shows where it stands)",
+                submitted.model,
+                submitted.rounds,
+                submitted.ahead,
+                state.display()
+            );
+        }
         Command::Runs { state, json } => {
             let store = Store::open_existing(&StatePaths::new(&state).database())?;
             let runs = store.runs()?;
@@ -339,8 +351,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Stop { state, run } => {
-            let store = Store::open_existing(&StatePaths::new(&state).database())?;
-            let row = store.request_stop(&run, unix_now())?;
+            let row = runs::stop(&StatePaths::new(&state), &run)?;
             match row.status {
                 RunStatus::Queued => println!("run `{run}` was queued: it is stopped, and will not start"),
                 RunStatus::Running => println!(
@@ -351,21 +362,15 @@ fn main() -> Result<()> {
             }
         }
         Command::Resume { state, run } => {
-            let store = Store::open_existing(&StatePaths::new(&state).database())?;
-            let row = store
-                .run(&run)?
-                .with_context(|| format!("there is no run named `{run}` (`cohort-server runs` lists them)"))?;
+            let row = runs::resume(&StatePaths::new(&state), &run)?;
             match row.status {
                 RunStatus::Queued | RunStatus::Running => println!("run `{run}` is already {}", row.status.as_str()),
-                _ => {
-                    store.set_run_status(&run, RunStatus::Queued, "queued again by the operator", unix_now())?;
-                    println!("run `{run}` is queued again: it resumes from its last checkpoint when its turn comes");
-                }
+                _ => println!("run `{run}` is queued again: it resumes from its last checkpoint when its turn comes"),
             }
         }
         Command::Status { state, run } => status(&StatePaths::new(&state), run)?,
         Command::Rounds { state, json, run } => {
-            let (records, _) = run_records(&StatePaths::new(&state), run)?;
+            let (records, _) = runs::records(&StatePaths::new(&state), run.as_deref())?;
             let rounds = Store::open_existing(&records.database())?.rounds()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rounds)?);
@@ -471,7 +476,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Export { state, round, out, run } => {
-            let (paths, run) = run_records(&StatePaths::new(&state), run)?;
+            let (paths, run) = runs::records(&StatePaths::new(&state), run.as_deref())?;
             let store = Store::open_existing(&paths.database())?;
             let rounds = store.rounds()?;
             let row = match round {
@@ -517,63 +522,6 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-/// `submit`: checks the run file and its model as `serve` would, keeps a copy of both in the
-/// run's directory (later edits to the operator's files do not change a submitted run), and
-/// queues it.
-fn submit(paths: &StatePaths, name: &str, config: &std::path::Path) -> Result<()> {
-    let store = Store::open_existing(&paths.database())?;
-    let run = RunConfig::load(config, name)?;
-    if store.run(name)?.is_some() {
-        bail!("there is already a run named `{name}`; choose another name (`cohort-server runs` lists them)");
-    }
-    // The test set is read now, so a wrong path is found before the run's turn.
-    RunSetup::load(run.clone()).with_context(|| format!("{}", config.display()))?;
-    let dir = paths.run(name);
-    if dir.dir.exists() {
-        bail!(
-            "{} exists but no run `{name}` is recorded (left by an earlier submission that failed?); remove it or \
-             choose another name",
-            dir.dir.display()
-        );
-    }
-    let original = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
-    let run_file = run.to_run_file(&original).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
-    std::fs::create_dir_all(&dir.dir).with_context(|| format!("cannot create {}", dir.dir.display()))?;
-    cohort_io::files::write_atomic(&dir.dir.join(RUN_MODEL_FILE), run.spec.to_toml().as_bytes())?;
-    cohort_io::files::write_atomic(&dir.dir.join(RUN_FILE), run_file.as_bytes())?;
-    let relative = format!("runs/{name}");
-    store.submit_run(name, &relative, &run.spec.name, run.federation.rounds, unix_now())?;
-    let ahead = store
-        .runs()?
-        .iter()
-        .filter(|r| r.name != name && matches!(r.status, RunStatus::Queued | RunStatus::Running))
-        .count();
-    println!(
-        "submitted run `{name}` (model `{}`, {} round(s)) with {ahead} run(s) ahead of it; a running server starts it \
-         in turn (`cohort-server runs --state {}` shows where it stands)",
-        run.spec.name,
-        run.federation.rounds,
-        paths.dir.display()
-    );
-    Ok(())
-}
-
-/// The records of run `name`, or (without one) of the run in progress or the last that ran;
-/// a state directory from before runs were recorded has its own.
-fn run_records(paths: &StatePaths, name: Option<String>) -> Result<(StatePaths, Option<RunRow>)> {
-    let store = Store::open_existing(&paths.database())?;
-    let runs = store.runs()?;
-    let row = match name {
-        Some(name) => Some(
-            runs.into_iter()
-                .find(|r| r.name == name)
-                .with_context(|| format!("there is no run named `{name}` (`cohort-server runs` lists them)"))?,
-        ),
-        None => runs.into_iter().filter(|r| r.started_at.is_some()).max_by_key(|r| r.started_at),
-    };
-    Ok((row.as_ref().map_or_else(|| paths.clone(), |r| paths.records_of(&r.dir)), row))
 }
 
 fn print_runs(paths: &StatePaths, runs: &[RunRow]) {
@@ -644,7 +592,7 @@ fn status(paths: &StatePaths, run: Option<String>) -> Result<()> {
             count(RunStatus::Failed)
         );
     }
-    let (records, row) = run_records(paths, run)?;
+    let (records, row) = runs::records(paths, run.as_deref())?;
     let rounds = Store::open_existing(&records.database()).and_then(|s| s.rounds()).unwrap_or_default();
     if let Some(row) = &row {
         println!("run:      `{}` (model `{}`), {}", row.name, cohort_io::escape(&row.model, 64), row.status.as_str());

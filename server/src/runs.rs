@@ -1,0 +1,102 @@
+//! The federation's runs as the operator manages them while the server serves: [`submit`] (a
+//! run file and its model, checked as `serve` would, copied into `runs/NAME/`, queued),
+//! [`stop`], [`resume`], and [`records`] (where a run's rounds and checkpoints are). Each is a
+//! plain write to or read of cohort.db; the running server picks the changes up within a second
+//! (`serve::Server::host`).
+
+use std::path::Path;
+
+use cohort_io::files::{self, FileError};
+
+use crate::config::{RunConfig, RUN_FILE, RUN_MODEL_FILE};
+use crate::pki::StatePaths;
+use crate::serve::{unix_now, RunSetup, ServeError};
+use crate::store::{RunRow, RunStatus, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Files(#[from] FileError),
+    /// The run's test set or model does not load (the message names the file).
+    #[error("{0}")]
+    Setup(#[from] ServeError),
+    #[error(
+        "{dir} exists but no run `{name}` is recorded (left by an earlier submission that failed?); remove it or \
+         choose another name"
+    )]
+    Leftover { dir: String, name: String },
+}
+
+/// What [`submit`] queued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitted {
+    pub model: String,
+    pub rounds: u64,
+    /// Runs queued or running before it.
+    pub ahead: usize,
+}
+
+/// Checks run file `config` and its model as `serve` would (the test set is read now, so a
+/// wrong path is found before the run's turn), keeps a copy of both in `runs/NAME/` (later edits
+/// to the operator's files change nothing), and queues the run.
+pub fn submit(paths: &StatePaths, name: &str, config: &Path) -> Result<Submitted, RunsError> {
+    let store = Store::open_existing(&paths.database())?;
+    let run = RunConfig::load(config, name)?;
+    if store.run(name)?.is_some() {
+        return Err(StoreError::RunExists { name: name.into() }.into());
+    }
+    RunSetup::load(run.clone())?;
+    let dir = paths.run(name);
+    if dir.dir.exists() {
+        return Err(RunsError::Leftover { dir: dir.dir.display().to_string(), name: name.into() });
+    }
+    let original = std::fs::read_to_string(config)
+        .map_err(|source| FileError::Io { path: config.display().to_string(), source })?;
+    let run_file = run
+        .to_run_file(&original)
+        .map_err(|message| FileError::Config { path: config.display().to_string(), message })?;
+    std::fs::create_dir_all(&dir.dir)
+        .map_err(|source| FileError::Io { path: dir.dir.display().to_string(), source })?;
+    files::write_atomic(&dir.dir.join(RUN_MODEL_FILE), run.spec.to_toml().as_bytes())?;
+    files::write_atomic(&dir.dir.join(RUN_FILE), run_file.as_bytes())?;
+    store.submit_run(name, &format!("runs/{name}"), &run.spec.name, run.federation.rounds, unix_now())?;
+    let ahead = store
+        .runs()?
+        .iter()
+        .filter(|r| r.name != name && matches!(r.status, RunStatus::Queued | RunStatus::Running))
+        .count();
+    Ok(Submitted { model: run.spec.name, rounds: run.federation.rounds, ahead })
+}
+
+/// Stops run `name`: a queued one at once, a running one within a second (the server abandons
+/// its round in progress and keeps every completed one). Returns the run as it stood.
+pub fn stop(paths: &StatePaths, name: &str) -> Result<RunRow, RunsError> {
+    Ok(Store::open_existing(&paths.database())?.request_stop(name, unix_now())?)
+}
+
+/// Queues a stopped, failed or finished run again: it resumes from its last checkpoint (a
+/// finished one finishes again at once unless its rounds were raised). Returns the run as it
+/// stood; a queued or running one is left as it is.
+pub fn resume(paths: &StatePaths, name: &str) -> Result<RunRow, RunsError> {
+    let store = Store::open_existing(&paths.database())?;
+    let row = store.run(name)?.ok_or_else(|| StoreError::NoRun { name: name.into() })?;
+    if !matches!(row.status, RunStatus::Queued | RunStatus::Running) {
+        store.set_run_status(name, RunStatus::Queued, "queued again by the operator", unix_now())?;
+    }
+    Ok(row)
+}
+
+/// Where the records of run `name` are, or (without a name) of the run in progress or the last
+/// that ran; a state directory from before runs were recorded has its own.
+pub fn records(paths: &StatePaths, name: Option<&str>) -> Result<(StatePaths, Option<RunRow>), RunsError> {
+    let runs = Store::open_existing(&paths.database())?.runs()?;
+    let row = match name {
+        Some(name) => {
+            Some(runs.into_iter().find(|r| r.name == name).ok_or_else(|| StoreError::NoRun { name: name.into() })?)
+        }
+        None => runs.into_iter().filter(|r| r.started_at.is_some()).max_by_key(|r| r.started_at),
+    };
+    Ok((row.as_ref().map_or_else(|| paths.clone(), |r| paths.records_of(&r.dir)), row))
+}
