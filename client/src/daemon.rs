@@ -44,6 +44,10 @@ pub enum ClientError {
     /// ([`MAX_REPLACEMENTS`] times in a row): the message says so and what to do.
     #[error("{0}")]
     DuplicateIdentity(String),
+    /// The connection ended without a word from the server and the server has not answered
+    /// since, for [`GIVE_UP_AFTER`]: the message says so and what it may mean.
+    #[error("{0}")]
+    ServerGone(String),
 }
 
 /// What a running client reports to an observer (tests, `cohort-sim`). `ReplySent` is any reply
@@ -124,9 +128,24 @@ const CERTIFICATE_EXPIRED: &str = "this client's certificate expired";
 /// Why `serve` returned when the server closed the connection because the federation is finished
 /// ([`FINISHED_CLOSE_REASON`]): the daemon stops instead of reconnecting.
 const FEDERATION_FINISHED: &str = "the federation is finished";
+const FINISHED_NOTICE: &str =
+    "the server says the federation is finished; stopping. Start the daemon again to take part in another federation";
 /// Connections in a row that a newer connection with this client id may replace before the
 /// daemon stops: two daemons with one identity evict each other, so one of them must go.
 pub const MAX_REPLACEMENTS: u32 = 3;
+/// How long a daemon keeps dialling a server that has not answered since its connection ended
+/// without a close. A server that stops closes its connections with a reason: "server shutting
+/// down" promises a restart (the daemon dials until it is back), "finished" stops the daemon. A
+/// connection that times out instead is a crash, a network fault, or a close that was lost; a
+/// crashed server is restarted within minutes, while a finished one never answers again, so the
+/// daemon stops after this long rather than dial it for ever.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
+
+/// True when the server closed the connection because the federation is finished.
+fn federation_finished(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c)
+        if c.error_code == SHUTDOWN_CLOSE_CODE.into() && c.reason == FINISHED_CLOSE_REASON.as_bytes())
+}
 
 /// True when the server closed the connection because a newer one with this client id replaced
 /// it (another daemon with this identity connected).
@@ -139,12 +158,9 @@ fn replaced_by_another(e: &quinn::ConnectionError) -> bool {
 /// whether a newer connection with this client id replaced it.
 fn connection_ended(e: &quinn::ConnectionError) -> (String, bool) {
     match e {
+        e if federation_finished(e) => (FEDERATION_FINISHED.into(), false),
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == SHUTDOWN_CLOSE_CODE.into() => {
-            if c.reason == FINISHED_CLOSE_REASON.as_bytes() {
-                (FEDERATION_FINISHED.into(), false)
-            } else {
-                (format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason)), false)
-            }
+            (format!("{SERVER_SHUTDOWN} ({})", String::from_utf8_lossy(&c.reason)), false)
         }
         e => (e.to_string(), replaced_by_another(e)),
     }
@@ -279,6 +295,8 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
     let mut attempt = 0u32;
     // Connections in a row closed because a newer one with this id replaced them.
     let mut replaced = 0u32;
+    // When the last connection ended without a close from the server (see GIVE_UP_AFTER).
+    let mut lost_without_word: Option<tokio::time::Instant> = None;
     let result = loop {
         if shutdown.is_cancelled() {
             break Ok(());
@@ -293,6 +311,7 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
         match connected {
             Ok((conn, next_round, federation, run)) => {
                 attempt = 0;
+                lost_without_word = None;
                 let key = cohort_common::dp::federation_key(&ca_fingerprint, &federation);
                 core.session.connected(next_round, key, run.clone());
                 match run.is_empty() {
@@ -319,10 +338,7 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                     break Err(ClientError::Expired(renew::expired_notice(&certificate, config)));
                 }
                 if reason == FEDERATION_FINISHED {
-                    info!(
-                        "the server says the federation is finished; stopping. Start the daemon again to take part \
-                         in another federation"
-                    );
+                    info!("{FINISHED_NOTICE}");
                     break Ok(());
                 }
                 if was_replaced {
@@ -341,8 +357,16 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                 if reason.starts_with(SERVER_SHUTDOWN) {
                     info!("the server shut down; reconnecting until it is back");
                 } else {
+                    lost_without_word = Some(tokio::time::Instant::now());
                     warn!("connection lost ({}); reconnecting", escape(&reason, 300));
                 }
+            }
+            // Closed in its hello by a server that is ending the federation (this daemon missed
+            // the close of its previous connection, or dialled as the server stopped).
+            Err(ClientError::Net(NetError::Connection(e))) if federation_finished(&e) => {
+                emit(ClientEvent::Disconnected { reason: FEDERATION_FINISHED.into() });
+                info!("{FINISHED_NOTICE}");
+                break Ok(());
             }
             // Replaced in its hello by a newer connection with this id.
             Err(ClientError::Net(NetError::Connection(e))) if replaced_by_another(&e) => {
@@ -366,6 +390,16 @@ async fn drive(setup: ClientSetup, shutdown: CancellationToken, config: &str) ->
                 break Err(e);
             }
             Err(e) => {
+                if let Some(since) = lost_without_word.filter(|since| since.elapsed() >= GIVE_UP_AFTER) {
+                    let minutes = since.elapsed().as_secs() / 60;
+                    let e = escape(&e.to_string(), 300);
+                    warn!("cannot reach the server ({e}); stopping");
+                    break Err(ClientError::ServerGone(format!(
+                        "the connection to the server at {server} was lost without a word from it and the server has \
+                         not answered for {minutes} minutes; the federation may have finished (a close that never \
+                         arrived) or the server may be down: start the daemon again to dial it again"
+                    )));
+                }
                 let delay = backoff_delay(&backoff, attempt, &mut rand::rng());
                 attempt = attempt.saturating_add(1);
                 info!(
@@ -412,7 +446,13 @@ async fn connect(
         let _ = send.finish();
         recv_msg::<ServerMsg>(&mut recv, 64 << 10).await
     };
-    match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+    let answer = tokio::time::timeout(HELLO_TIMEOUT, hello).await;
+    // A server ending the federation closes connections in their hello too: its reason, rather
+    // than the stream error it caused, tells the daemon to stop.
+    if let Some(closed) = conn.close_reason().filter(federation_finished) {
+        return Err(NetError::Connection(closed).into());
+    }
+    match answer {
         Err(_) => Err(NetError::Stream("the server did not answer hello in time".into()).into()),
         // A server of another version answers in this client's version (docs/protocol.md); one
         // that answers in its own predates that rule, and will not understand this client either.

@@ -108,6 +108,20 @@ impl Registry {
         Greeting { registry: self, id: id.to_string(), stable_id: conn.stable_id() }
     }
 
+    /// Closes every welcomed connection and every one in its hello with `code` and `reason`, at
+    /// once: `Endpoint::close` only queues the close for each connection's driver task, and a
+    /// connection whose last handle is dropped before its driver ran closes with code 0 and no
+    /// reason, which a daemon takes for a restart (and dials a finished server for ever). Closing
+    /// each handle here settles the reason before any handle goes.
+    pub(crate) fn close_all(&self, code: u32, reason: &[u8]) {
+        for client in self.clients.lock().expect("registry lock").values() {
+            client.conn.close(code.into(), reason);
+        }
+        for conn in self.greeting.lock().expect("greeting lock").values() {
+            conn.close(code.into(), reason);
+        }
+    }
+
     fn remove(&self, id: &str, stable_id: usize) {
         let mut clients = self.clients.lock().expect("registry lock");
         if clients.get(id).is_some_and(|c| c.conn.stable_id() == stable_id) {

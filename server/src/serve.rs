@@ -43,6 +43,9 @@ use crate::store::{RoundRow, RunRow, RunStatus, Store, StoreError};
 
 /// How often a running server looks for submitted runs and stop requests in cohort.db.
 const RUN_POLL: Duration = Duration::from_secs(1);
+/// How long a stopping server waits for its connections to drain (three probe timeouts each:
+/// milliseconds on a LAN, a few seconds on a congested path) before it exits.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -258,15 +261,24 @@ impl Server {
         // Clients stop for good only when the federation is over; any other stop (a signal, an
         // error the operator fixes) is one they wait out, dialling again. Said before the
         // connection tasks end: dropping a connection's last handle closes it without a reason.
+        // Each connection is closed through its own handle, which takes effect at once;
+        // `Endpoint::close` only queues the close for the connections' driver tasks (a
+        // connection dropped first said nothing), and covers those still in their handshake
+        // and refuses new ones.
         let reason = match self.finished.load(Ordering::Relaxed) {
             true => wire::FINISHED_CLOSE_REASON.as_bytes(),
             false => b"server shutting down".as_slice(),
         };
+        self.registry.close_all(wire::SHUTDOWN_CLOSE_CODE, reason);
         self.endpoint.close(wire::SHUTDOWN_CLOSE_CODE.into(), reason);
         accept_stop.cancel();
         let _ = acceptor.await;
+        // (Again for any welcomed while the acceptor stopped.)
+        self.registry.close_all(wire::SHUTDOWN_CLOSE_CODE, reason);
         self.registry.clients.lock().expect("registry lock").clear();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // Until every connection has drained: in its closing period a connection sends the close
+        // again to a client whose packets show that it missed the first one.
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         let _ = live_writer.await;
         result
     }
