@@ -1,7 +1,7 @@
 //! Data sets in memory, their loaders and the partitioners used by simulations.
 //!
-//! Loaders parse from readers the caller opens (IDX for MNIST, CSV with a header); `origin`
-//! names the file in every error, with the field, line or column at fault. Partitioners split
+//! Loaders parse from readers the caller opens (IDX for MNIST, CSV with a header, NumPy `.npy`
+//! in [`npy`]); `origin` names the file in every error, with the field, line or column at fault. Partitioners split
 //! example indices across clients the way the federated-learning literature does: IID, label
 //! shards (McMahan et al. 2017) and Dirichlet(alpha) label skew; all are seeded.
 
@@ -11,6 +11,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_distr::{Distribution, Gamma};
 use serde::{Deserialize, Serialize};
+
+pub mod npy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -349,6 +351,33 @@ impl Partition {
             }
         }
     }
+
+    /// [`Partition::split`], then whatever it left over (a remainder of an IID split, unused
+    /// shards) dealt round-robin, so that every index lands on exactly one client; an error when
+    /// a client would get no example.
+    pub fn split_all(
+        &self,
+        labels: &[u32],
+        classes: usize,
+        clients: usize,
+        rng: &mut impl Rng,
+    ) -> Result<Vec<Vec<usize>>> {
+        let mut parts = self.split(labels, classes, clients, rng)?;
+        let mut taken = vec![false; labels.len()];
+        for &i in parts.iter().flatten() {
+            taken[i] = true;
+        }
+        for (k, i) in (0..labels.len()).filter(|&i| !taken[i]).enumerate() {
+            parts[k % clients].push(i);
+        }
+        if let Some(empty) = parts.iter().position(Vec::is_empty) {
+            return Err(DataError::Partition(format!(
+                "client {empty} gets no examples of the {}: fewer clients, more data, or a larger alpha",
+                labels.len()
+            )));
+        }
+        Ok(parts)
+    }
 }
 
 #[cfg(test)]
@@ -448,6 +477,12 @@ mod tests {
         let dir = Partition::Dirichlet { alpha: 0.1 }.split(&labels, 10, 10, &mut rng).unwrap();
         check_disjoint(&dir, 1000);
         assert_eq!(dir.iter().map(Vec::len).sum::<usize>(), 1000);
+
+        let all = Partition::Iid.split_all(&labels[..995], 10, 10, &mut rng).unwrap();
+        check_disjoint(&all, 995);
+        assert_eq!(all.iter().map(Vec::len).sum::<usize>(), 995, "the remainder is dealt too");
+        let err = Partition::Dirichlet { alpha: 0.01 }.split_all(&labels[..20], 10, 10, &mut rng).unwrap_err();
+        assert!(err.to_string().contains("gets no examples"), "{err}");
 
         let again = Partition::Iid.split(&labels, 10, 10, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
         assert_eq!(again, iid);
