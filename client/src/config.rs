@@ -292,10 +292,21 @@ fn check_classes(source: &DataSource, place: &str) -> Result<(), String> {
             (None, Some(classes)) => ("classes", classes),
             (None, None) => return Ok(()),
         },
+        // Without `classes`, the loaders refuse labels past the same limit.
+        DataSource::Npy { classes, .. } | DataSource::Npz { classes, .. } => match classes {
+            Some(classes) => ("classes", *classes),
+            None => return Ok(()),
+        },
+        // Without `classes`, the loader refuses more class folders than the same limit.
+        DataSource::Images(folder) => match &folder.classes {
+            Some(names) => ("class names", names.len()),
+            None => return Ok(()),
+        },
     };
     if classes > MAX_CLASSES {
         let given = match field {
             "classes" => format!("classes = {classes}"),
+            "class names" => format!("classes lists {classes} names"),
             _ => format!("label_values has {classes} values"),
         };
         return Err(format!(
@@ -456,6 +467,19 @@ mod tests {
         let idx = "[[heads]]\nname = 'scan'\ndata = { format = 'idx', images = 'i', labels = 'l', classes = 100000 }";
         let err = parse(BUNDLE, "classes = 10", idx).unwrap_err();
         assert!(err.contains("[[heads]] `scan` data: classes = 100000"), "{err}");
+        for (data, given) in [
+            ("{ format = 'npy', x = 'x.npy', y = 'y.npy', classes = 5000 }", "classes = 5000"),
+            ("{ format = 'npz', path = 'd.npz', classes = 5000 }", "classes = 5000"),
+            ("{ format = 'images', dir = 'train', classes = [NAMES] }", "classes lists 4097 names"),
+        ] {
+            let names: Vec<String> = (0..4097).map(|i| format!("'c{i}'")).collect();
+            let head = format!("[[heads]]\nname = 'scan'\ndata = {}", data.replace("NAMES", &names.join(", ")));
+            let err = parse(BUNDLE, "classes = 10", &head).unwrap_err();
+            assert!(err.contains(&format!("[[heads]] `scan` data: {given}")) && err.contains("4096"), "{err}");
+        }
+        parse(BUNDLE, "classes = 10", "[[heads]]\nname = 'scan'\ndata = { format = 'images', dir = 'train' }").unwrap();
+        // The loaders refuse as many classes without `classes` (labels past it, class folders).
+        assert_eq!(cohort_io::files::images::MAX_CLASSES, MAX_CLASSES);
 
         // A map onto class 4294967295 made a head of 2^32 classes: 32 GiB of label counts.
         let map = "[[heads]]\nname = 'parity'\nmap = [0, 1, 0, 1, 0, 1, 0, 1, 0, 4294967295]";

@@ -232,6 +232,11 @@ fn main() -> Result<()> {
                     pending.certificate
                 );
             }
+            println!("source:   {}", config.data.describe());
+            for head in config.heads.iter().filter(|h| h.data.is_some()) {
+                let source = head.data.as_ref().map(|d| d.describe()).unwrap_or_default();
+                println!("          head `{}`: {source}", head.name);
+            }
             for head in config.head_data()? {
                 println!(
                     "data:     {} examples of shape {:?} for head {}, label counts {:?}",

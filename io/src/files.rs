@@ -1,11 +1,18 @@
 //! Files the drivers read and write: data sets named in configuration, TOML configuration
 //! and atomic writes.
+//!
+//! Data sets ([`DataSource`]): IDX (MNIST), CSV, NumPy `.npy` pairs and `.npz` archives, and
+//! image folders ([`images`]), each with bounds checked before memory is committed.
+
+pub mod images;
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use cohort_common::data::npy::{self, NpyArray};
 use cohort_common::data::{self, CsvOptions, DataError, Dataset};
+use images::ImageFolder;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +33,24 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
 fn default_classes() -> usize {
     10
 }
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+fn default_npy_bytes() -> u64 {
+    npy::MAX_NPY_BYTES
+}
+fn is_default_npy_bytes(b: &u64) -> bool {
+    *b == npy::MAX_NPY_BYTES
+}
+fn x_name() -> String {
+    "x".into()
+}
+fn y_name() -> String {
+    "y".into()
+}
 
 /// Where a data set lives; paths are relative to the configuration file that names them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +69,38 @@ pub enum DataSource {
         #[serde(flatten)]
         options: CsvOptions,
     },
+    /// Image files, one sub-folder of `dir` per class (PNG and JPEG).
+    Images(ImageFolder),
+    /// NumPy arrays: features `x` (`[n, ...]`: float32, float64 or uint8) and integer labels `y`
+    /// (`[n]`), each a `.npy` file (optionally gzipped).
+    Npy {
+        x: PathBuf,
+        y: PathBuf,
+        /// Default: the largest label + 1; set it to the federation's number of classes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        classes: Option<usize>,
+        /// Divide uint8 features by 255 (to [0, 1], as IDX images are); floats are kept as they are.
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        scale: bool,
+        /// The most data bytes either array may announce.
+        #[serde(default = "default_npy_bytes", skip_serializing_if = "is_default_npy_bytes")]
+        max_bytes: u64,
+    },
+    /// `x` and `y` as above, two arrays of one `.npz` archive (`np.savez` or `np.savez_compressed`).
+    Npz {
+        path: PathBuf,
+        #[serde(default = "x_name")]
+        x: String,
+        #[serde(default = "y_name")]
+        y: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        classes: Option<usize>,
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        scale: bool,
+        /// The most bytes either array may take, uncompressed (checked before inflating it).
+        #[serde(default = "default_npy_bytes", skip_serializing_if = "is_default_npy_bytes")]
+        max_bytes: u64,
+    },
 }
 
 impl DataSource {
@@ -59,9 +116,39 @@ impl DataSource {
                 fix(images);
                 fix(labels);
             }
-            DataSource::Csv { path, .. } => fix(path),
+            DataSource::Csv { path, .. } | DataSource::Npz { path, .. } => fix(path),
+            DataSource::Images(folder) => fix(&mut folder.dir),
+            DataSource::Npy { x, y, .. } => {
+                fix(x);
+                fix(y);
+            }
         }
         self
+    }
+
+    /// One line on where the data are, for `cohort-client check` (image folders: which folder is
+    /// which class).
+    pub fn describe(&self) -> String {
+        match self {
+            DataSource::Idx { images, labels, classes } => {
+                format!("IDX images {} and labels {}, {classes} classes", images.display(), labels.display())
+            }
+            DataSource::Csv { path, options } => {
+                format!("CSV {}, labels in `{}`", path.display(), options.label_column)
+            }
+            DataSource::Images(folder) => folder.describe(),
+            DataSource::Npy { x, y, classes, .. } => format!(
+                "NumPy features {} and labels {}, {}",
+                x.display(),
+                y.display(),
+                classes.map_or("classes from the largest label".into(), |c| format!("{c} classes"))
+            ),
+            DataSource::Npz { path, x, y, classes, .. } => format!(
+                "NumPy archive {}, features `{x}` and labels `{y}`, {}",
+                path.display(),
+                classes.map_or("classes from the largest label".into(), |c| format!("{c} classes"))
+            ),
+        }
     }
 
     /// Reads the data set.
@@ -75,8 +162,55 @@ impl DataSource {
             DataSource::Csv { path, options } => {
                 Ok(data::read_csv(open_maybe_gz(path)?, options, &path.display().to_string())?)
             }
+            DataSource::Images(folder) => folder.load(),
+            DataSource::Npy { x, y, classes, scale, max_bytes } => {
+                let (xo, yo) = (x.display().to_string(), y.display().to_string());
+                let xa = npy::read_npy(open_maybe_gz(x)?, *max_bytes, &xo)?;
+                let ya = npy::read_npy(open_maybe_gz(y)?, *max_bytes, &yo)?;
+                Ok(npy::dataset_from_npy(&xa, &ya, *classes, *scale, &xo, &yo)?)
+            }
+            DataSource::Npz { path, x, y, classes, scale, max_bytes } => {
+                let file = File::open(path).map_err(io_err(path))?;
+                let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| FileError::Config {
+                    path: path.display().to_string(),
+                    message: format!("not a readable .npz (zip) archive: {e}"),
+                })?;
+                let xa = npz_array(&mut archive, path, x, *max_bytes)?;
+                let ya = npz_array(&mut archive, path, y, *max_bytes)?;
+                let (xo, yo) = (format!("{}:{x}", path.display()), format!("{}:{y}", path.display()));
+                Ok(npy::dataset_from_npy(&xa, &ya, *classes, *scale, &xo, &yo)?)
+            }
         }
     }
+}
+
+/// Reads array `name` (the entry `name.npy`, or `name` as given) of a `.npz` archive. Its
+/// uncompressed size, as the archive says, must be within `max_bytes` (and a header) before a
+/// byte is inflated, and no more than that is ever read from it.
+fn npz_array<R: Read + std::io::Seek>(
+    archive: &mut zip::ZipArchive<R>,
+    path: &Path,
+    name: &str,
+    max_bytes: u64,
+) -> Result<NpyArray, FileError> {
+    let origin = format!("{}:{name}", path.display());
+    let bad = |problem: String| FileError::Data(DataError::Format { origin: origin.clone(), problem });
+    let entry = [format!("{name}.npy"), name.to_string()].into_iter().find(|n| archive.index_for_name(n).is_some());
+    let Some(entry) = entry else {
+        let names: Vec<String> = archive.file_names().take(20).filter_map(Result::ok).map(|n| n.into_owned()).collect();
+        return Err(bad(format!("no array `{name}` in the archive (it holds {})", names.join(", "))));
+    };
+    let file = archive.by_name(&entry).map_err(|e| bad(format!("cannot read entry {entry}: {e}")))?;
+    let limit = max_bytes.saturating_add((npy::MAX_HEADER_BYTES + 12) as u64);
+    if file.size() > limit {
+        return Err(bad(format!(
+            "entry {entry} inflates to {} bytes ({} compressed), more than max_bytes = {max_bytes}; raise max_bytes if              the array is that large and the machine has the memory",
+            file.size(),
+            file.compressed_size()
+        )));
+    }
+    let declared = file.size();
+    Ok(npy::read_npy(file.take(declared), max_bytes, &origin)?)
 }
 
 /// Opens a file, decompressing it on the fly when its name ends in `.gz`.
@@ -184,6 +318,109 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `[data]` table parsed as client.toml has it, paths made relative to `dir`.
+    fn source(dir: &Path, table: &str) -> Result<DataSource, String> {
+        #[derive(Deserialize)]
+        struct File {
+            data: DataSource,
+        }
+        toml::from_str::<File>(&format!("[data]\n{table}")).map(|f| f.data.resolve(dir)).map_err(|e| e.to_string())
+    }
+
+    fn npz(entries: &[(&str, &[u8], zip::CompressionMethod)]) -> Vec<u8> {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, bytes, method) in entries {
+            zip.start_file(*name, zip::write::SimpleFileOptions::default().compression_method(*method)).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn npy_and_npz_sources_load_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let x = npy::write_npy("|u1", &[4, 2], &[0, 255, 51, 102, 1, 2, 3, 4]);
+        let y = npy::npy_i64(&[4], &[1, 0, 2, 1]);
+        std::fs::write(d.join("x.npy"), &x).unwrap();
+        std::fs::write(d.join("y.npy"), &y).unwrap();
+        let plain = source(d, "format = 'npy'\nx = 'x.npy'\ny = 'y.npy'").unwrap();
+        let ds = plain.load().unwrap();
+        assert_eq!((ds.len(), ds.classes, ds.feature_shape.clone(), ds.features[1]), (4, 3, vec![2], 1.0));
+        let raw = source(d, "format = 'npy'\nx = 'x.npy'\ny = 'y.npy'\nclasses = 10\nscale = false").unwrap();
+        assert_eq!((raw.load().unwrap().features[1], raw.load().unwrap().classes), (255.0, 10));
+        assert!(plain.describe().contains("x.npy") && plain.describe().contains("classes from the largest label"));
+
+        use zip::CompressionMethod::{Deflated, Stored};
+        std::fs::write(d.join("saved.npz"), npz(&[("x.npy", &x, Stored), ("y.npy", &y, Stored)])).unwrap();
+        std::fs::write(d.join("packed.npz"), npz(&[("images.npy", &x, Deflated), ("labels.npy", &y, Deflated)]))
+            .unwrap();
+        let saved = source(d, "format = 'npz'\npath = 'saved.npz'").unwrap();
+        assert_eq!(saved.load().unwrap(), ds);
+        let packed = source(d, "format = 'npz'\npath = 'packed.npz'\nx = 'images'\ny = 'labels.npy'").unwrap();
+        assert_eq!(packed.load().unwrap(), ds);
+
+        // Every kind of source survives TOML both ways (server.toml's run files are written so).
+        let images = source(d, "format = 'images'\ndir = 'train'\nclasses = ['a', 'b']\nsize = [28, 28]").unwrap();
+        for s in [plain, raw, saved, packed, images] {
+            let text = toml::to_string(&toml::Table::from_iter([("data".into(), toml::Value::try_from(&s).unwrap())]))
+                .unwrap();
+            assert_eq!(source(Path::new("/elsewhere"), text.trim_start_matches("[data]\n")).unwrap(), s, "{text}");
+        }
+        let err = source(d, "format = 'images'\ndir = 'train'\nsizes = [28, 28]").unwrap_err();
+        assert!(err.contains("unknown field `sizes`"), "{err}");
+        let err = source(d, "format = 'npy'\nx = 'x.npy'").unwrap_err();
+        assert!(err.contains("missing field `y`"), "{err}");
+    }
+
+    #[test]
+    fn damaged_npy_and_npz_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let x = npy::npy_f32(&[3, 2], &[0.5; 6]);
+        let y = npy::npy_i64(&[3], &[0, 1, 7]);
+        std::fs::write(d.join("x.npy"), &x).unwrap();
+        std::fs::write(d.join("short.npy"), &x[..x.len() - 1]).unwrap();
+        std::fs::write(d.join("y.npy"), &y).unwrap();
+        std::fs::write(d.join("yf.npy"), npy::npy_f32(&[3], &[0.0, 1.0, 1.0])).unwrap();
+        std::fs::write(d.join("text.npy"), "a,b\n1,2\n").unwrap();
+        let load = |table: &str| source(d, table).unwrap().load().unwrap_err().to_string();
+        let e = load("format = 'npy'\nx = 'short.npy'\ny = 'y.npy'");
+        assert!(e.contains("short.npy") && e.contains("truncated"), "{e}");
+        let e = load("format = 'npy'\nx = 'text.npy'\ny = 'y.npy'");
+        assert!(e.contains("text.npy") && e.contains("magic"), "{e}");
+        let e = load("format = 'npy'\nx = 'x.npy'\ny = 'yf.npy'");
+        assert!(e.contains("yf.npy") && e.contains("integers"), "{e}");
+        let e = load("format = 'npy'\nx = 'x.npy'\ny = 'y.npy'\nclasses = 3");
+        assert!(e.contains("y.npy") && e.contains("label 7 at index 2"), "{e}");
+        let e = load("format = 'npy'\nx = 'x.npy'\ny = 'missing.npy'");
+        assert!(e.contains("missing.npy"), "{e}");
+
+        // Not a zip; a zip without the array; an entry the header says is shorter than it is.
+        let e = load("format = 'npz'\npath = 'text.npy'");
+        assert!(e.contains("text.npy") && e.contains("not a readable .npz"), "{e}");
+        std::fs::write(d.join("other.npz"), npz(&[("a.npy", &x, zip::CompressionMethod::Stored)])).unwrap();
+        let e = load("format = 'npz'\npath = 'other.npz'");
+        assert!(e.contains("other.npz:x") && e.contains("no array `x`") && e.contains("a.npy"), "{e}");
+
+        // A zip bomb: 16 MiB of zeros deflate to some 16 KiB; refused before inflating.
+        let mut big = npy::write_npy("|u1", &[16 << 20], &[]);
+        big.resize(big.len() + (16 << 20), 0);
+        let bomb =
+            npz(&[("x.npy", &big, zip::CompressionMethod::Deflated), ("y.npy", &y, zip::CompressionMethod::Stored)]);
+        assert!(bomb.len() < 100_000, "{}", bomb.len());
+        std::fs::write(d.join("bomb.npz"), &bomb).unwrap();
+        let e = load("format = 'npz'\npath = 'bomb.npz'\nmax_bytes = 1048576");
+        assert!(e.contains("bomb.npz:x") && e.contains("inflates to 16777344 bytes") && e.contains("max_bytes"), "{e}");
+        // The same entry claiming (in the central directory) to be small: no more than that is read.
+        let mut liar = bomb.clone();
+        let central = liar.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+        liar[central + 24..central + 28].copy_from_slice(&1000u32.to_le_bytes());
+        std::fs::write(d.join("liar.npz"), &liar).unwrap();
+        let e = load("format = 'npz'\npath = 'liar.npz'");
+        assert!(e.contains("liar.npz:x") && e.contains("truncated") && e.contains("has 872"), "{e}");
     }
 
     /// Another local user polls the directory while keys are written: no file in it, temporary
