@@ -6,6 +6,7 @@
 //! - [`bundled`]: the scenarios and model specs compiled in, and where the data sets are found.
 //! - [`fleet`]: writes what a real fleet needs (a server state directory, and per client its
 //!   identity, `client.toml` and data partition): `cohort-sim fleet`.
+//! - [`split`]: a data set cut into per-client NumPy parts for trials: `cohort-sim split`.
 //! - [`scenario`]: the scenario file (model, clients, data, partition, `[federation]`).
 //! - [`runner`]: sets up a CA, a server and the client daemons, runs every round and
 //!   collects a [`runner::Report`].
@@ -26,4 +27,5 @@ pub mod fleet;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod split;
 pub mod throughput;

@@ -56,6 +56,27 @@ enum Command {
     /// server.toml, model.toml, test set) and per client OUT/clients/I/ (client.toml, identity
     /// bundle, data partition), and OUT/fleet.json.
     Fleet(FleetArgs),
+    /// Split a data set (a `[data]` table, as in client.toml) into per-client parts for trials:
+    /// OUT/client-I/x.npy and y.npy, and OUT/client-I.data.toml, a `[data]` table that reads them.
+    /// Every example goes to exactly one client.
+    Split {
+        /// A TOML file with a `[data]` table (a client.toml will do); paths are relative to it.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        clients: usize,
+        /// A new or empty folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// `iid` (shuffled, equal parts) or `dirichlet` (per class, Dirichlet(alpha) shares).
+        #[arg(long, default_value = "iid")]
+        partition: String,
+        /// Dirichlet concentration: small is skewed (0.1), large near IID (100).
+        #[arg(long)]
+        alpha: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// The epsilon a DP federation would spend: Poisson sampling of `per_round` of `clients`
     /// clients each round, Gaussian noise with multiplier `noise`, composed over `rounds`;
     /// against anyone who sees only the models, and against the server (a typical client and
@@ -146,6 +167,9 @@ fn main() -> Result<()> {
         }
         Command::Scenarios { name } => return scenarios(name.as_deref()),
         Command::Fleet(args) => return fleet(args),
+        Command::Split { data, clients, out, partition, alpha, seed } => {
+            return split(data, clients, out, &partition, alpha, seed)
+        }
     };
     cohort_scenarios::runner::one_thread_per_client();
     let (scenario, stood_in) = Scenario::open(&file, &overrides)?;
@@ -312,6 +336,30 @@ fn fleet(args: FleetArgs) -> Result<()> {
         "the CA key is {}: move it off the server once no more clients are to be enrolled",
         server_state.join("ca.key").display()
     );
+    Ok(())
+}
+
+fn split(data: PathBuf, clients: usize, out: PathBuf, partition: &str, alpha: Option<f64>, seed: u64) -> Result<()> {
+    use cohort_common::data::Partition;
+    let partition = match (partition, alpha) {
+        ("iid", None) => Partition::Iid,
+        ("iid", Some(_)) => anyhow::bail!("--alpha is for --partition dirichlet"),
+        ("dirichlet", Some(alpha)) => Partition::Dirichlet { alpha },
+        ("dirichlet", None) => anyhow::bail!("--partition dirichlet needs --alpha (0.1: skewed, 100: near IID)"),
+        (other, _) => anyhow::bail!("--partition `{other}`: use iid or dirichlet"),
+    };
+    let options = cohort_scenarios::split::SplitOptions { data, clients, out, partition, seed };
+    let parts = cohort_scenarios::split::split(&options).map_err(anyhow::Error::msg)?;
+    for part in &parts {
+        println!(
+            "client {}: {} examples, label counts {:?}, {}",
+            part.index,
+            part.examples,
+            part.label_counts,
+            part.snippet.display()
+        );
+    }
+    println!("wrote {} parts of {} to {}", parts.len(), options.data.display(), options.out.display());
     Ok(())
 }
 
