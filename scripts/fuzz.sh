@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every decoder of peer and file input (cargo-fuzz, libFuzzer): wire
-# frames both ways, safetensors files, model specs, server.toml, client.toml, CSV and IDX data,
+# frames both ways, safetensors files, model specs, server.toml, client.toml, CSV, IDX and .npy data,
 # the client's privacy ledger. The targets live in fuzz/fuzz_targets/ (one per decoder).
 #
 # Needs the nightly toolchain and cargo-fuzz:
@@ -38,6 +38,7 @@ TARGETS=(
     ledger:65536:ledger.dict
     idx:1048576:
     csv:1048576:
+    npy:1048576:npy.dict
     client_config_toml:65536:toml.dict
     server_config_toml:65536:toml.dict
     model_spec_toml:65536:toml.dict
