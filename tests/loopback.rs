@@ -11,7 +11,7 @@ use std::time::Duration;
 use candle_core::Device;
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::common::model::{flat_from_safetensors, vectors_from_safetensors, Model};
-use cohort::common::round::plan_seed;
+use cohort::common::round::{plan_seed, run_seed};
 use cohort::common::strategy::StrategyConfig;
 use cohort::common::trainer::Trainer;
 use cohort::common::wire::{self, ClientMsg, ServerMsg};
@@ -198,7 +198,7 @@ async fn a_client_reconnects_after_the_server_restarts_and_the_optimizer_resumes
     let fed = with_momentum(2);
     let (_, mut plan) = first_plan(&fed);
     plan.round = 2;
-    plan.seed = plan_seed(fed.seed, 2);
+    plan.seed = plan_seed(run_seed(fed.seed, cohort::server::config::DEFAULT_RUN), 2);
     plan.params = wire::TensorBytes::from_f32(&global1);
     let mut steadfast = Trainer::new("steadfast", Arc::new(dataset(30, 3)), Device::Cpu);
     let d2 = steadfast.train(&plan).unwrap().delta.to_f32().unwrap();

@@ -49,7 +49,8 @@ async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
 async fn runs_are_submitted_stopped_and_resumed_while_the_server_serves() {
     let ca = Ca::new();
     let files = tempfile::tempdir().unwrap();
-    let server = Server::bind(ServeSetup {
+    // A server that hosts submitted runs only, and keeps serving after the last.
+    let host = || ServeSetup {
         state: StatePaths::new(ca.dir.path()),
         identity: cohort::server::pki::server_identity(&ca.state).unwrap(),
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -57,12 +58,15 @@ async fn runs_are_submitted_stopped_and_resumed_while_the_server_serves() {
         keep_serving: true,
         events: None,
         metrics_listen: None,
-    })
-    .unwrap();
+    };
+    let server = Server::bind(host()).unwrap();
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
     let clients = start_sized_clients(&ca, addr, &[(0, 40), (1, 40), (2, 40)]);
+    // One server per state directory: a second is refused before it writes anything.
+    let err = Server::bind(host()).err().expect("a second server on one state directory").to_string();
+    assert!(err.contains("another cohort-server (pid") && err.contains("serves"), "{err}");
 
     let long = runs::submit(&ca.state, "long", &run_file(files.path(), "long", 400)).unwrap();
     assert_eq!((long.rounds, long.ahead), (400, 0));

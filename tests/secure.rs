@@ -160,7 +160,8 @@ async fn a_client_returning_a_corrupt_share_is_named_excluded_and_the_sums_stay_
     assert!(second.cheaters.is_empty());
     let mut plan = plan;
     plan.round = 2;
-    plan.seed = cohort::common::round::plan_seed(fed.seed, 2);
+    let seed = cohort::common::round::run_seed(fed.seed, cohort::server::config::DEFAULT_RUN);
+    plan.seed = cohort::common::round::plan_seed(seed, 2);
     plan.params = cohort::common::wire::TensorBytes::from_f32(&after_first);
     let others: Vec<(usize, usize)> = sizes.iter().copied().filter(|(i, _)| *i != 3).collect();
     let error = worst(&checkpoint(&ca, 2), &after_first, &weighted_mean(&plan, &others));

@@ -160,8 +160,10 @@ impl Policy {
     }
 }
 
+/// Three by default: in a sum of two, each of the two learns the other's update. A data owner
+/// who accepts that (a two-site consortium) sets 2, as the operator sets `allow_two_site_sums`.
 fn min_sum_clients() -> usize {
-    cohort_common::secagg::MIN_TRAIN_INPUTS
+    cohort_common::secagg::MIN_TRAIN_INPUTS + 1
 }
 
 /// `[[heads]]`: one head this client labels.

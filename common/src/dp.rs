@@ -740,6 +740,21 @@ impl PrivacyLedger {
         let (added, account) = self.charge(federation, round, joined_at, plan);
         let mut candidate = self.spent.clone();
         candidate.extend(added.iter().cloned());
+        // The run's cap first: a round it refuses must not exhaust the whole budget, which other
+        // runs may still use.
+        if let Some(cap) = per_key_cap {
+            let in_run: Vec<Spent> = candidate.iter().filter(|s| s.federation == federation).cloned().collect();
+            let would_be = self.epsilon_of(&in_run);
+            if would_be.is_nan() || would_be > cap {
+                // The rounds before this one were spent already (sampled-rounds accounting).
+                let spent_already: Vec<Spent> = added.into_iter().filter(|s| s.last_round < round).collect();
+                self.record(spent_already, account);
+                if self.epsilon() > self.max_epsilon {
+                    self.exhausted = true;
+                }
+                return Err(LedgerRefusal::RunOverBudget { round, would_be, max_epsilon: cap });
+            }
+        }
         let would_be = self.epsilon_of(&candidate);
         // A NaN (which a valid plan cannot produce) refuses too.
         if would_be.is_nan() || would_be > self.max_epsilon {
@@ -753,15 +768,6 @@ impl PrivacyLedger {
                 max_epsilon: self.max_epsilon,
                 delta: self.delta,
             });
-        }
-        if let Some(cap) = per_key_cap {
-            let in_run: Vec<Spent> = candidate.iter().filter(|s| s.federation == federation).cloned().collect();
-            let would_be = self.epsilon_of(&in_run);
-            if would_be.is_nan() || would_be > cap {
-                let spent_already: Vec<Spent> = added.into_iter().filter(|s| s.last_round < round).collect();
-                self.record(spent_already, account);
-                return Err(LedgerRefusal::RunOverBudget { round, would_be, max_epsilon: cap });
-            }
         }
         self.record(added, account);
         Ok(would_be)
@@ -795,6 +801,32 @@ impl PrivacyLedger {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// Review finding (issue 15): a round that the per-run cap refuses was checked against the
+    /// whole budget first, and past it marked the ledger exhausted, so a cheap round of another
+    /// run that fitted was refused for good. The cap decides first.
+    #[test]
+    fn a_round_the_run_cap_refuses_does_not_exhaust_the_whole_budget() {
+        let plan = |z: f64| DpPlan {
+            clip: 1.0,
+            per_segment: false,
+            noise_multiplier: z,
+            count_noise: z,
+            min_survivors: 3,
+            sampling_rate: 1.0,
+            expected_clients: 3.0,
+        };
+        let mut ledger = PrivacyLedger::new(9.0, 1e-5, Accounting::Participations).unwrap();
+        let (a, b, c) = (run_key("f", "a"), run_key("f", "b"), run_key("f", "c"));
+        ledger.admit_within(&a, 1, 1, &plan(1.0), Some(6.0)).unwrap();
+        ledger.admit_within(&b, 1, 1, &plan(1.0), Some(6.0)).unwrap();
+        let refused = ledger.admit_within(&a, 2, 1, &plan(1.0), Some(6.0)).unwrap_err();
+        assert!(matches!(refused, LedgerRefusal::RunOverBudget { .. }), "{refused}");
+        assert!(!ledger.exhausted, "only run a is closed");
+        let cheap = ledger.admit_within(&c, 1, 1, &plan(20.0), Some(6.0));
+        assert!(cheap.is_ok(), "a cheap round of run c still fits: {cheap:?}");
+        assert!(ledger.epsilon() <= 9.0);
+    }
 
     #[test]
     fn known_answer_of_two_composed_mechanisms() {

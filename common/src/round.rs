@@ -80,6 +80,20 @@ fn derived_seed(label: &[u8], federation_seed: u64, round: u64) -> u64 {
     u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
 }
 
+/// The seed of run `run` of a federation with `federation.seed`: the run's plan and
+/// (non-private) cohort seeds derive from it, so two runs with the same settings train with
+/// different shuffles and never ask for the same computation (the same updates summed over two
+/// cohorts that differ by one site would give that site's update away by difference; a client
+/// refuses such a repeat whatever the server says, `session::PlanRefusal::SameInput`).
+pub fn run_seed(federation_seed: u64, run: &str) -> u64 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(b"cohort-run-seed-v1");
+    context.update(&federation_seed.to_be_bytes());
+    context.update(run.as_bytes());
+    let digest = context.finish();
+    u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
+}
+
 /// The seed of round `round`'s plan: clients derive their shuffling from it and their id.
 pub fn plan_seed(federation_seed: u64, round: u64) -> u64 {
     derived_seed(b"cohort-plan-seed-v2", federation_seed, round)

@@ -131,6 +131,12 @@ pub enum PlanRefusal {
          sum of the same update would give it away by difference)"
     )]
     AlreadyJoined { purpose: String, round: u64 },
+    #[error(
+        "the plan asks for the same computation (model, parameters, seed and settings) as the sum this client \
+         joined in run `{run}`, round {round}; a second sum of the same update over another cohort would give it \
+         away by difference"
+    )]
+    SameInput { run: String, round: u64 },
     #[error("round {0}: shares were already sent")]
     SharesAlreadySent(u64),
     #[error("no secure round {0} in progress")]
@@ -272,6 +278,10 @@ pub struct ClientSession {
     /// by the plan) over overlapping cohorts would give it away by their difference.
     /// Keyed by run, then purpose: each run numbers its rounds from 1.
     joined: BTreeMap<(String, String), u64>,
+    /// What each secure sum this client joined asked it to compute ([`input_fingerprint`]),
+    /// with the sum's run and round, oldest first: the same computation in another run's sum
+    /// is refused, whatever the run and round are called.
+    summed: VecDeque<([u8; 32], String, u64)>,
     /// Which runs, models and per-run spending this data owner accepts.
     policy: RunPolicy,
     secure: Option<SecureRound>,
@@ -295,6 +305,7 @@ impl ClientSession {
             keys: None,
             min_sum_clients: MIN_TRAIN_INPUTS,
             joined: BTreeMap::new(),
+            summed: VecDeque::new(),
             policy: RunPolicy::default(),
             secure: None,
             ledger: None,
@@ -512,10 +523,18 @@ impl ClientSession {
         if let Some(last) = self.joined.get(&sum).filter(|last| round <= **last) {
             return Err(PlanRefusal::AlreadyJoined { purpose: escape(&sum.1, 32), round: *last }.into());
         }
+        let fingerprint = input_fingerprint(&plan);
+        if let Some((_, run, round)) = self.summed.iter().find(|(f, ..)| *f == fingerprint) {
+            return Err(PlanRefusal::SameInput { run: escape(run, 64), round: *round }.into());
+        }
         // Keys first (nothing charged if the setup is refused), then the ledger.
         let (client, nonce) = SecAggClient::join(&self.id, secure.setup.clone(), rng)?;
         self.admit(to, &plan)?;
         self.joined.insert(sum, round);
+        if self.summed.len() == MAX_REMEMBERED_SUMS {
+            self.summed.pop_front();
+        }
+        self.summed.push_back((fingerprint, plan.run.clone(), round));
         let plan = Arc::new(plan);
         let job = self.start_job(to, plan.clone(), Waiting::Secure);
         let replaced = self.secure.replace(SecureRound { client, plan, job, input: Input::Computing, parked: None });
@@ -679,6 +698,26 @@ fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut Secur
         Some(s) if s.client.round() == round => Ok(s),
         _ => Err(PlanRefusal::NoSecureRound(round).into()),
     }
+}
+
+/// How many secure sums' inputs a session remembers ([`ClientSession`]'s `summed`): 32 bytes
+/// each, 2 MiB in all; a server would have to run this many rounds to make one forgotten.
+pub const MAX_REMEMBERED_SUMS: usize = 65_536;
+
+/// What a plan asks this client to compute, whatever its run, round, deadline and session: a
+/// digest of the task, the model spec, the global parameters, the seed, the training terms and
+/// the label counts. Two plans with the same fingerprint make the same input.
+fn input_fingerprint(plan: &RoundPlan) -> [u8; 32] {
+    let mut same = plan.clone();
+    (same.round, same.run, same.deadline_ms, same.secure) = (0, String::new(), 0, None);
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    match wire::encode(&ServerMsg::Plan(same)) {
+        Ok(bytes) => context.update(&bytes),
+        // A plan that arrived was decoded from a frame, so it encodes; were it not, every such
+        // plan shares one digest (refusing more, never less).
+        Err(_) => context.update(b"unencodable"),
+    }
+    context.finish().as_ref().try_into().expect("32 bytes")
 }
 
 /// What every plan must parse to before a job is started for it (parse, don't validate): the
@@ -860,6 +899,9 @@ mod tests {
         s.min_inputs = 2;
         let mut p = plan(SPEC, vec![0.0; 6]);
         p.round = round;
+        // A server's plan seed follows the round (`round::plan_seed`): each round is another
+        // computation.
+        p.seed = round;
         p.secure = Some(Box::new(SecurePlan { setup: s, sample_cap: 10, segments, dp: None }));
         p
     }
@@ -971,12 +1013,19 @@ mod tests {
         let mut first = private_train(5);
         first.run = "first".into();
         assert!(matches!(p.ask(ServerMsg::Plan(first.clone()), &mut rng), Ok(ClientMsg::Join { .. })));
-        let err = p.ask(ServerMsg::Plan(first), &mut rng).unwrap_err();
+        let err = p.ask(ServerMsg::Plan(first.clone()), &mut rng).unwrap_err();
         assert!(err.contains("already joined the train sum of round 5"), "{err}");
+        // Review finding: the same computation (model, parameters, seed, settings) in another run
+        // is the same update; a second sum of it over another cohort would give it away.
+        let mut replay = first;
+        (replay.run, replay.round) = ("second".into(), 1);
+        replay.secure.as_mut().unwrap().setup.round = 1;
+        let err = p.ask(ServerMsg::Plan(replay.clone()), &mut rng).unwrap_err();
+        assert!(err.contains("same computation") && err.contains("run `first`, round 5"), "{err}");
         // The next run starts at round 1: a sum of its own, and an account of its own, charged
         // from its first round (this client was connected when it started).
-        let mut second = private_train(1);
-        second.run = "second".into();
+        let mut second = replay;
+        second.seed = 2;
         assert!(matches!(p.ask(ServerMsg::Plan(second), &mut rng), Ok(ClientMsg::Join { .. })));
         let ledger = p.session.ledger().unwrap();
         let keys: Vec<&str> = ledger.spent.iter().map(|s| s.federation.as_str()).collect();
@@ -1018,6 +1067,7 @@ mod tests {
         let round = |run: &str, n: u64| {
             let mut plan = private_train(n);
             plan.run = run.into();
+            plan.seed = crate::round::plan_seed(crate::round::run_seed(0, run), n);
             ServerMsg::Plan(plan)
         };
         assert!(p.ask(round("a", 1), &mut rng).is_ok());
@@ -1145,6 +1195,11 @@ mod tests {
         private.secure.as_mut().unwrap().setup.min_inputs = 3;
         private.round = 4;
         private.secure.as_mut().unwrap().setup.round = 4;
+        // The plan of round 3 was joined (and failed): the same computation again is refused
+        // even with noise added; the next round's plan is another computation.
+        let err = p.ask(ServerMsg::Plan(private.clone()), &mut rng).unwrap_err();
+        assert!(err.contains("same computation"), "{err}");
+        private.seed = 4;
         assert!(p.ask(ServerMsg::Plan(private.clone()), &mut rng).is_ok());
         // The same round's sum a second time (a difference of two sums gives the update away),
         // or an earlier one, is refused.

@@ -334,12 +334,17 @@ async fn serve_connection(
         }
         let _ = store.lock().expect("store lock").client_seen(&id, crate::serve::unix_now());
         let mut send = send;
+        // The run and its next round, read under the run's lock as the server sets them.
+        let (run, next_round) = {
+            let run = registry.run.lock().expect("registry lock");
+            (run.clone(), registry.next_round.load(Ordering::Relaxed))
+        };
         let welcome = ServerMsg::Welcome {
             client_id: id.clone(),
             server_name: "cohort".into(),
-            next_round: registry.next_round.load(Ordering::Relaxed),
+            next_round,
             federation: federation.to_string(),
-            run: registry.run.lock().expect("registry lock").clone(),
+            run,
         };
         send_msg(&mut send, &welcome).await?;
         let _ = send.finish();

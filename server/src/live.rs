@@ -41,7 +41,9 @@ pub struct LiveStatus {
 impl LiveStatus {
     /// Whether a server is running now, by the file's state and age.
     pub fn is_running(&self, now: i64) -> bool {
-        self.state == "serving" && now - self.updated_at <= LIVE_STALE_SECS
+        // In either direction: a file from the future (a clock stepped back, or an edited file)
+        // is no proof of life either.
+        self.state == "serving" && (now - self.updated_at).abs() <= LIVE_STALE_SECS
     }
 
     /// Reads the file; `None` when there is none, or it is unreadable (a server writes it whole).

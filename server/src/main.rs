@@ -354,10 +354,19 @@ fn main() -> Result<()> {
             let row = runs::stop(&StatePaths::new(&state), &run)?;
             match row.status {
                 RunStatus::Queued => println!("run `{run}` was queued: it is stopped, and will not start"),
-                RunStatus::Running => println!(
-                    "asked the server to stop run `{run}`: it stops within a second (a round in progress is \
-                     abandoned; completed rounds are kept), and the next queued run starts"
-                ),
+                RunStatus::Running => {
+                    println!(
+                        "asked the server to stop run `{run}`: it stops within a second (a round in progress is \
+                         abandoned; completed rounds are kept), and the next queued run starts"
+                    );
+                    if row.dir.is_empty() {
+                        println!(
+                            "note: `{run}` is server.toml's run; with no other run queued, a server without \
+                             `keep_serving = true` then ends the federation and its clients stop. It stays stopped \
+                             across restarts until `cohort-server resume --run {run}`"
+                        );
+                    }
+                }
                 other => println!("run `{run}` is already {}", other.as_str()),
             }
         }
@@ -365,6 +374,10 @@ fn main() -> Result<()> {
             let row = runs::resume(&StatePaths::new(&state), &run)?;
             match row.status {
                 RunStatus::Queued | RunStatus::Running => println!("run `{run}` is already {}", row.status.as_str()),
+                RunStatus::Finished => println!(
+                    "run `{run}` is queued again: it finishes at once unless its rounds were raised (in server.toml \
+                     for server.toml's run)"
+                ),
                 _ => println!("run `{run}` is queued again: it resumes from its last checkpoint when its turn comes"),
             }
         }
@@ -618,14 +631,39 @@ fn status(paths: &StatePaths, run: Option<String>) -> Result<()> {
         let clip = last.clip.map_or("-".into(), |c| format!("{c:.4}"));
         let too_few: f64 = rounds.iter().filter_map(|r| r.too_few_probability).sum();
         println!(
-            "privacy:  after round {}: epsilon {eps:.3} against anyone who sees only the models (amplified by \
-             sampling), {against_server} against the server (the most any client spent); noise multiplier {z}, \
-             clip norm {clip}",
+            "privacy:  in this run, after round {}: epsilon {eps:.3} against anyone who sees only the models \
+             (amplified by sampling), {against_server} against the server (the most any client spent); noise \
+             multiplier {z}, clip norm {clip}",
             last.round
         );
         println!(
             "          delta: the configured one + {:.2e} (chance of too-small samples x (1 + e^epsilon))",
             too_few * (1.0 + eps.exp())
+        );
+    }
+    // Runs on the same sites compose: what the most-used client spent over all of them.
+    let mut per_client: std::collections::BTreeMap<String, Vec<(f64, f64, u64)>> = Default::default();
+    let mut private_runs = 0;
+    for run in &runs {
+        let records = paths.records_of(&run.dir);
+        let Ok(participations) = Store::open_existing(&records.database()).and_then(|s| s.dp_participations()) else {
+            continue;
+        };
+        private_runs += usize::from(!participations.is_empty());
+        for (client, z, n) in participations {
+            per_client.entry(client).or_default().push((1.0, z, n));
+        }
+    }
+    if private_runs > 1 {
+        let (client, most) = per_client
+            .into_iter()
+            .map(|(c, m)| (c, cohort_common::dp::composed_epsilon(m, 1e-5)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or_default();
+        println!(
+            "          over all {private_runs} private runs: epsilon {most:.3} against the server at delta 1e-5 (the \
+             most any client spent: `{}`); each run's budget counts its own rounds only",
+            cohort_io::escape(&client, 64)
         );
     }
     Ok(())

@@ -48,17 +48,23 @@ pub fn submit(paths: &StatePaths, name: &str, config: &Path) -> Result<Submitted
         return Err(StoreError::RunExists { name: name.into() }.into());
     }
     RunSetup::load(run.clone())?;
-    let dir = paths.run(name);
-    if dir.dir.exists() {
-        return Err(RunsError::Leftover { dir: dir.dir.display().to_string(), name: name.into() });
-    }
     let original = std::fs::read_to_string(config)
         .map_err(|source| FileError::Io { path: config.display().to_string(), source })?;
     let run_file = run
         .to_run_file(&original)
         .map_err(|message| FileError::Config { path: config.display().to_string(), message })?;
-    std::fs::create_dir_all(&dir.dir)
-        .map_err(|source| FileError::Io { path: dir.dir.display().to_string(), source })?;
+    let dir = paths.run(name);
+    let runs_dir = paths.dir.join("runs");
+    std::fs::create_dir_all(&runs_dir)
+        .map_err(|source| FileError::Io { path: runs_dir.display().to_string(), source })?;
+    // Created, not found: of two `submit`s of one name at once, one gets the directory.
+    match std::fs::create_dir(&dir.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(RunsError::Leftover { dir: dir.dir.display().to_string(), name: name.into() });
+        }
+        Err(source) => return Err(FileError::Io { path: dir.dir.display().to_string(), source }.into()),
+    }
     files::write_atomic(&dir.dir.join(RUN_MODEL_FILE), run.spec.to_toml().as_bytes())?;
     files::write_atomic(&dir.dir.join(RUN_FILE), run_file.as_bytes())?;
     store.submit_run(name, &format!("runs/{name}"), &run.spec.name, run.federation.rounds, unix_now())?;
@@ -96,7 +102,11 @@ pub fn records(paths: &StatePaths, name: Option<&str>) -> Result<(StatePaths, Op
         Some(name) => {
             Some(runs.into_iter().find(|r| r.name == name).ok_or_else(|| StoreError::NoRun { name: name.into() })?)
         }
-        None => runs.into_iter().filter(|r| r.started_at.is_some()).max_by_key(|r| r.started_at),
+        // The run in progress, else the one that started last.
+        None => runs
+            .into_iter()
+            .filter(|r| r.started_at.is_some())
+            .max_by_key(|r| (r.status == RunStatus::Running, r.started_at)),
     };
     Ok((row.as_ref().map_or_else(|| paths.clone(), |r| paths.records_of(&r.dir)), row))
 }

@@ -169,6 +169,33 @@ pub struct Server {
     finished: std::sync::atomic::AtomicBool,
     /// What `cohort-server status` shows of the running server (`live.json`).
     live: Arc<Mutex<LiveStatus>>,
+    /// `serve.lock` in the state directory, held while this server lives.
+    _lock: std::fs::File,
+}
+
+/// Takes `serve.lock` in the state directory: one server per state directory. The lock is the
+/// operating system's (released when the process ends, however it ends); the file holds the pid
+/// for the message a second server gets.
+fn lock_state(state: &StatePaths) -> Result<std::fs::File, ServeError> {
+    let path = state.dir.join("serve.lock");
+    let io = |source: std::io::Error| files::FileError::Io { path: path.display().to_string(), source };
+    let mut file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(ServeError::Config(format!(
+                "another cohort-server (pid {}) serves {}; stop it first, or give this one another state directory",
+                cohort_io::escape(holder.trim(), 20),
+                state.dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e).into()),
+    }
+    use std::io::{Seek, Write};
+    file.set_len(0).and_then(|_| file.rewind()).and_then(|_| write!(file, "{}", std::process::id())).map_err(io)?;
+    Ok(file)
 }
 
 /// A reply, or why none came, for the coordinator.
@@ -180,6 +207,10 @@ impl Server {
         if let Some(run) = &setup.run {
             run.check()?;
         }
+        // One server per state directory, and nothing written before it holds it and its
+        // address: a second `serve` that fails must not requeue the first one's runs.
+        let lock = lock_state(&setup.state)?;
+        let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
         let store = Store::open(&setup.state.database())?;
         let requeued = store.requeue_interrupted_runs()?;
         if requeued > 0 {
@@ -195,7 +226,6 @@ impl Server {
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         })?;
         let verifier = CaVerifier::new(&setup.identity);
-        let endpoint = cohort_io::server_endpoint(&setup.identity, setup.listen)?;
         let metrics_listener = match setup.metrics_listen {
             Some(addr) => Some(
                 std::net::TcpListener::bind(addr)
@@ -206,6 +236,7 @@ impl Server {
             None => None,
         };
         Ok(Self {
+            _lock: lock,
             endpoint,
             setup,
             store: Arc::new(Mutex::new(store)),
@@ -334,7 +365,10 @@ impl Server {
                 true => self.setup.state.clone(),
                 false => self.setup.state.run(&row.name),
             };
-            self.set_run_status(&row.name, RunStatus::Running, "")?;
+            // Unless the operator stopped it while it loaded.
+            if !self.store.lock().expect("store lock").start_run(&row.name, unix_now())? {
+                continue;
+            }
             info!(run = %row.name, model = %setup.spec.name, rounds = setup.federation.rounds, "run starts");
             let stop = shutdown.child_token();
             match self.drive(setup, paths, shutdown, &stop, &mut cheaters).await {
@@ -400,6 +434,13 @@ impl Server {
         Ok(())
     }
 
+    /// What a welcome says: the run in progress and its next round (both cleared between runs).
+    fn set_welcome(&self, run: &str, next_round: u64) {
+        let mut current = self.registry.run.lock().expect("registry lock");
+        *current = run.to_string();
+        self.registry.next_round.store(next_round, Ordering::Relaxed);
+    }
+
     fn set_live(&self, run: Option<&str>, activity: Option<String>) {
         let mut live = self.live.lock().expect("live lock");
         live.run = run.map(str::to_string);
@@ -447,7 +488,8 @@ impl Server {
         let mut coordinator = Coordinator::new(setup, Instant::now()).map_err(|e| ServeError::Config(e.to_string()))?;
         coordinator.exclude_cheaters(cheaters.iter().cloned());
         coordinator.set_enrolled(self.enrolled()?);
-        *self.registry.run.lock().expect("registry lock") = run.name.clone();
+        // Together: a welcome names the run with that run's next round.
+        self.set_welcome(&run.name, coordinator.next_round());
         let collection = match fed.collection {
             Collection::Plain => "plain (the server sees each update; for debugging and comparison only)",
             Collection::Secure => "secure (SecAgg+: the server learns only the sum of each cohort's updates)",
@@ -522,6 +564,7 @@ impl Server {
         drop(publisher);
         let reports = published.await.map_err(|e| ServeError::Config(format!("the report task failed: {e}")))??;
         self.set_live(None, None);
+        self.set_welcome("", 0);
         match stopped {
             None => {
                 match shutdown.is_cancelled() {

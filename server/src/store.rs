@@ -642,13 +642,14 @@ impl Store {
     }
 
     /// The run of server.toml: recorded the first time, and queued again at every start (its
-    /// records say how far it got; raising its `rounds` continues it).
+    /// records say how far it got; raising its `rounds` continues it), unless the operator
+    /// stopped it (`resume` queues it again).
     pub fn queue_config_run(&self, name: &str, model: &str, rounds: u64, now: i64) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO runs (name, dir, model, rounds, status, submitted_at) VALUES (?1, '', ?2, ?3, 'queued', \
                  ?4) ON CONFLICT (name) DO UPDATE SET model = ?2, rounds = ?3, status = 'queued', stop_requested = 0, \
-                 note = '' WHERE dir = ''",
+                 note = '' WHERE dir = '' AND status != 'stopped'",
                 params![name, model, rounds as i64, now],
             )
             .map_err(self.wrap())?;
@@ -695,9 +696,9 @@ impl Store {
     /// Records where a run stands (with a note: why it stopped or failed).
     pub fn set_run_status(&self, name: &str, status: RunStatus, note: &str, now: i64) -> Result<(), StoreError> {
         let sql = match status {
+            // `started_at` is the last start: the run in progress, or the last that ran.
             RunStatus::Running => {
-                "UPDATE runs SET status = ?2, note = ?3, started_at = COALESCE(started_at, ?4), \
-                                   ended_at = NULL WHERE name = ?1"
+                "UPDATE runs SET status = ?2, note = ?3, started_at = ?4, ended_at = NULL WHERE name = ?1"
             }
             RunStatus::Queued => {
                 "UPDATE runs SET status = ?2, note = ?3, stop_requested = 0, ended_at = NULL \
@@ -723,6 +724,20 @@ impl Store {
             _ => {}
         }
         Ok(run)
+    }
+
+    /// Takes run `name` from the queue to running, unless the operator stopped it meanwhile (a
+    /// `stop` of a queued run can land while the server loads it). Returns whether it may start.
+    pub fn start_run(&self, name: &str, now: i64) -> Result<bool, StoreError> {
+        let started = self
+            .conn
+            .execute(
+                "UPDATE runs SET status = 'running', note = '', started_at = ?2, ended_at = NULL WHERE name = ?1 AND \
+                 status = 'queued' AND stop_requested = 0",
+                params![name, now],
+            )
+            .map_err(self.wrap())?;
+        Ok(started == 1)
     }
 
     /// Runs a server found `running` when it started were interrupted: they go back to the
@@ -969,6 +984,32 @@ mod tests {
             not_before: 0,
             not_after: 1_000,
         }
+    }
+
+    /// Review findings (issue 15): a `stop` of a queued run that lands while the server loads it
+    /// holds (the server starts only what is still queued), and an operator's stop of
+    /// server.toml's run survives the restart that queues that run again.
+    #[test]
+    fn a_stopped_run_stays_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cohort.db")).unwrap();
+        store.submit_run("late", "runs/late", "m", 3, 1).unwrap();
+        store.request_stop("late", 2).unwrap();
+        assert!(!store.start_run("late", 3).unwrap(), "stopped while it loaded: not started");
+        assert_eq!(store.run("late").unwrap().unwrap().status, RunStatus::Stopped);
+        store.submit_run("next", "runs/next", "m", 3, 1).unwrap();
+        assert!(store.start_run("next", 4).unwrap());
+        assert_eq!(store.run("next").unwrap().unwrap().status, RunStatus::Running);
+
+        store.queue_config_run("main", "m", 3, 1).unwrap();
+        store.set_run_status("main", RunStatus::Stopped, "stopped by the operator", 5).unwrap();
+        store.queue_config_run("main", "m", 3, 6).unwrap();
+        assert_eq!(store.run("main").unwrap().unwrap().status, RunStatus::Stopped, "a restart leaves it stopped");
+        store.set_run_status("main", RunStatus::Finished, "", 7).unwrap();
+        store.queue_config_run("main", "m", 4, 8).unwrap();
+        assert_eq!(store.run("main").unwrap().unwrap().status, RunStatus::Queued, "a finished one continues");
+        let err = store.queue_config_run("next", "m", 3, 9).unwrap_err().to_string();
+        assert!(err.contains("already a run named `next`"), "a submitted run's name: {err}");
     }
 
     /// Revocation is by certificate: enrolling an id again never revives an old certificate, a

@@ -37,9 +37,6 @@ pub enum Collection {
 fn degree() -> usize {
     8
 }
-fn threshold() -> usize {
-    5
-}
 fn tolerance() -> f64 {
     0.3
 }
@@ -111,7 +108,7 @@ impl SecAggConfig {
     #[cfg(test)]
     fn params(&self) -> SecAggParams {
         SecAggParams {
-            threshold: self.threshold.unwrap_or(threshold()),
+            threshold: self.threshold.unwrap_or(self.degree / 2 + 1),
             degree: self.degree,
             dropout_tolerance: self.dropout_tolerance.unwrap_or(tolerance()),
             quantizer: Quantizer { bits: self.bits, clip: 1.0, scale: 1.0, wrap: false },
@@ -140,9 +137,12 @@ impl SecAggConfig {
         // What the file gives is kept for the configured degree (the check says if it cannot
         // hold); what it leaves out, and everything for a smaller neighbourhood, is derived.
         let as_written = k == self.degree;
+        // Derived: the least threshold the secret sharing's security allows (more than half the
+        // neighbourhood: 5 of 8), which leaves the most room for dropouts.
         let threshold = match self.threshold {
             Some(t) if as_written => t,
-            t => t.unwrap_or(threshold()).min(k).max(k / 2 + 1),
+            Some(t) => t.min(k).max(k / 2 + 1),
+            None => k / 2 + 1,
         };
         // floor(k (1 - tolerance)) must stay at least the threshold.
         let allowed = (k.saturating_sub(threshold)) as f64 / k.max(1) as f64;

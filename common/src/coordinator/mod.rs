@@ -39,8 +39,8 @@ use serde::Serialize;
 use crate::dp::{self, ServerAccount};
 use crate::model::{ModelSpec, Segment};
 use crate::round::{
-    cohort_seed, plan_seed, poisson_cohort, select_cohort, Aggregate, ClientStatus, Collector, PlainCollector, Poll,
-    Round, RoundError,
+    cohort_seed, plan_seed, poisson_cohort, run_seed, select_cohort, Aggregate, ClientStatus, Collector,
+    PlainCollector, Poll, Round, RoundError,
 };
 use crate::secagg::quantize::Quantizer;
 use crate::secagg::{weighted_mean_from_sum, PeerVerifier, SecAggSetup, MIN_COUNT_INPUTS};
@@ -432,6 +432,8 @@ enum State {
 /// The federation's state machine. See the module documentation.
 pub struct Coordinator {
     run: String,
+    /// The run's seed ([`run_seed`]): plans and non-private cohorts derive from it.
+    seed: u64,
     fed: Federation,
     spec: ModelSpec,
     spec_toml: String,
@@ -511,6 +513,7 @@ impl Coordinator {
         let give_up = now + Duration::from_secs_f64(fed.wait_for_clients_secs);
         let done = resume.completed >= fed.rounds;
         let mut coordinator = Self {
+            seed: run_seed(fed.seed, &run),
             run,
             spec_toml: spec.to_toml(),
             personal: segments.iter().filter(|s| s.personal).map(|s| s.offset..s.offset + s.len).collect(),
@@ -821,7 +824,7 @@ impl Coordinator {
             model_spec: self.spec_toml.clone(),
             params,
             train: (&self.fed.train).into(),
-            seed: plan_seed(self.fed.seed, round),
+            seed: plan_seed(self.seed, round),
             deadline_ms: (self.fed.round_timeout_secs * 1000.0) as u64,
             secure: Some(Box::new(SecurePlan {
                 setup,
@@ -883,7 +886,7 @@ impl Coordinator {
         let fed = &self.fed;
         let eligible_online: Vec<ClientId> = self.eligible_online(now);
         let Some(p) = self.privacy.as_mut().filter(|p| p.noised()) else {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(fed.seed, round));
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cohort_seed(self.seed, round));
             let cohort = select_cohort(&eligible_online, fed.clients_per_round, &mut rng);
             let expected_clients = cohort.len() as f64;
             return Ok(Draw { cohort, offline: Vec::new(), sampling_rate: None, too_few: None, expected_clients });
@@ -967,7 +970,7 @@ impl Coordinator {
             model_spec: self.spec_toml.clone(),
             params: TensorBytes::from_f32(&self.global),
             train: (&fed.train).into(),
-            seed: plan_seed(fed.seed, round),
+            seed: plan_seed(self.seed, round),
             deadline_ms: (fed.round_timeout_secs * 1000.0) as u64,
             secure: None,
             task: Task::Train,
@@ -1131,7 +1134,7 @@ impl Coordinator {
             charged,
         });
         let checkpoint = Checkpoint { params: self.global.clone(), optimizer: self.strategy.state() };
-        let evaluate = self.fed.evaluate_every.is_some_and(|every| self.completed % every == 0);
+        let evaluate = self.fed.evaluate_every.is_some_and(|every| self.completed.is_multiple_of(every));
         if evaluate {
             let cells: usize = self.spec.heads.iter().map(|h| h.classes * h.classes).sum();
             let params = TensorBytes::from_f32(&self.global);

@@ -145,7 +145,7 @@ impl TensorBytes {
     }
 
     pub fn to_f32(&self) -> Result<Vec<f32>, WireError> {
-        if self.0.len() % 4 != 0 {
+        if !self.0.len().is_multiple_of(4) {
             return Err(WireError::TensorLength(self.0.len()));
         }
         Ok(self.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
