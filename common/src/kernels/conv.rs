@@ -133,8 +133,14 @@ fn col2im(columns: &[f32], g: &Geometry) -> Vec<f32> {
     let mut x = vec![0f32; g.batch * g.channels * g.height * g.width];
     g.for_each_row(|input, cell, inside| {
         let src = &columns[cell + inside.start..cell + inside.end];
-        for (d, s) in x[input..].iter_mut().step_by(g.stride).zip(src) {
-            *d += s;
+        if g.stride == 1 {
+            for (d, s) in x[input..input + src.len()].iter_mut().zip(src) {
+                *d += s;
+            }
+        } else {
+            for (d, s) in x[input..].iter_mut().step_by(g.stride).zip(src) {
+                *d += s;
+            }
         }
     });
     x
@@ -175,21 +181,25 @@ impl CustomOp3 for Conv {
         let Some((w_start, _)) = w_layout.contiguous_offsets() else { bail!("conv2d: the weight must be contiguous") };
         let columns = CpuStorage::F32(im2col(values(x, x_layout, "conv2d input")?, &g));
         let (patch, cols, positions) = (g.patch(), g.columns(), g.positions());
+        // columns^T @ weight^T, [batch * positions, out_channels]: the gemm crate runs this
+        // orientation of the product faster (measured: 1.5 against 1.8 ms for the CNN's second
+        // layer at batch 10).
         let product = matmul(
-            &Operand::rows(w, w_start, g.out_channels, patch),
-            &Operand::rows(&columns, 0, patch, cols),
-            g.out_channels,
+            &Operand::transposed(&columns, 0, patch, cols),
+            &Operand::transposed(w, w_start, g.out_channels, patch),
             cols,
+            g.out_channels,
             patch,
         )?;
-        // The product is [out_channels, batch * positions]; the output is NCHW.
+        // The output is NCHW.
         let bias = values(b, b_layout, "conv2d bias")?;
         let mut out = vec![0f32; g.batch * g.out_channels * positions];
-        for (o, (row, &bias)) in product.chunks_exact(cols).zip(bias).enumerate() {
-            for (b, image) in row.chunks_exact(positions).enumerate() {
-                let dst = &mut out[(b * g.out_channels + o) * positions..][..positions];
-                for (d, v) in dst.iter_mut().zip(image) {
-                    *d = if self.relu { relu(v + bias) } else { v + bias };
+        for (b, image) in product.chunks_exact(positions * g.out_channels).enumerate() {
+            let dst = &mut out[b * g.out_channels * positions..][..g.out_channels * positions];
+            for (p, at_position) in image.chunks_exact(g.out_channels).enumerate() {
+                for (o, (v, bias)) in at_position.iter().zip(bias).enumerate() {
+                    let v = v + bias;
+                    dst[o * positions + p] = if self.relu { relu(v) } else { v };
                 }
             }
         }
@@ -228,13 +238,22 @@ impl CustomOp3 for Conv {
                 Some(c) => c,
                 None => CpuStorage::F32(on_cpu(x, |xs, xl| Ok(im2col(values(xs, xl, "conv2d input")?, &g)))?),
             };
-            let dw = matmul(
-                &Operand::rows(&dz, 0, out_channels, cols),
-                &Operand::transposed(&columns, 0, patch, cols),
-                out_channels,
+            // The weight's gradient transposed, columns @ dz^T, [patch, out_channels]: this
+            // orientation runs in half the time of dz @ columns^T (1.3 against 2.2-2.7 ms for
+            // the CNN's second layer at batch 10); the transpose back is small.
+            let dw_t = matmul(
+                &Operand::rows(&columns, 0, patch, cols),
+                &Operand::transposed(&dz, 0, out_channels, cols),
                 patch,
+                out_channels,
                 cols,
             )?;
+            let mut dw = vec![0f32; out_channels * patch];
+            for (k, row) in dw_t.chunks_exact(out_channels).enumerate() {
+                for (o, v) in row.iter().enumerate() {
+                    dw[o * patch + k] = *v;
+                }
+            }
             Some(tensor(dw, w.dims())?)
         } else {
             None
@@ -289,23 +308,24 @@ impl CustomOp1 for MaxPool {
         let (out_h, out_w) = (height / s, width / s);
         let mut out = Vec::with_capacity(batch * channels * out_h * out_w);
         let mut argmax = Vec::with_capacity(out.capacity());
-        for plane in 0..batch * channels {
+        for (plane, image) in x.chunks_exact(height * width).enumerate() {
             let base = plane * height * width;
             for oh in 0..out_h {
+                let rows = &image[oh * s * width..(oh * s + s) * width];
                 for ow in 0..out_w {
-                    let corner = base + oh * s * width + ow * s;
-                    let (mut best, mut at) = (x[corner], corner);
+                    let (mut best, mut at) = (rows[ow * s], ow * s);
                     for di in 0..s {
-                        let row = corner + di * width;
-                        for (dj, &v) in x[row..row + s].iter().enumerate() {
-                            // NaN wins, so a diverged model shows in the loss.
-                            if v > best || (v.is_nan() && !best.is_nan()) {
-                                (best, at) = (v, row + dj);
-                            }
+                        let start = di * width + ow * s;
+                        for (offset, &v) in (start..).zip(&rows[start..start + s]) {
+                            // Branch-free selects (the maximum's place is random), and NaN
+                            // wins, so a diverged model shows in the loss.
+                            let better = v > best || v.is_nan();
+                            best = if better { v } else { best };
+                            at = if better { offset } else { at };
                         }
                     }
                     out.push(best);
-                    argmax.push(at);
+                    argmax.push(base + oh * s * width + at);
                 }
             }
         }
