@@ -305,32 +305,13 @@ impl CustomOp1 for MaxPool {
             bail!("max_pool2d: windows of {s} over {height}x{width}");
         }
         let x = values(x, layout, "max_pool2d input")?;
-        let (out_h, out_w) = (height / s, width / s);
-        let mut out = Vec::with_capacity(batch * channels * out_h * out_w);
-        let mut argmax = Vec::with_capacity(out.capacity());
-        for (plane, image) in x.chunks_exact(height * width).enumerate() {
-            let base = plane * height * width;
-            for oh in 0..out_h {
-                let rows = &image[oh * s * width..(oh * s + s) * width];
-                for ow in 0..out_w {
-                    let (mut best, mut at) = (rows[ow * s], ow * s);
-                    for di in 0..s {
-                        let start = di * width + ow * s;
-                        for (offset, &v) in (start..).zip(&rows[start..start + s]) {
-                            // Branch-free selects (the maximum's place is random), and NaN
-                            // wins, so a diverged model shows in the loss.
-                            let better = v > best || v.is_nan();
-                            best = if better { v } else { best };
-                            at = if better { offset } else { at };
-                        }
-                    }
-                    out.push(best);
-                    argmax.push(base + oh * s * width + at);
-                }
-            }
-        }
+        // The FedAvg CNN's windows of 2 get a copy of the loop with the size known, unrolled.
+        let (out, argmax) = match s {
+            2 => pool_planes(x, 2, height, width),
+            _ => pool_planes(x, s, height, width),
+        };
         *self.argmax.lock().expect("max_pool2d lock") = argmax;
-        Ok((CpuStorage::F32(out), Shape::from((batch, channels, out_h, out_w))))
+        Ok((CpuStorage::F32(out), Shape::from((batch, channels, height / s, width / s))))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -348,4 +329,35 @@ impl CustomOp1 for MaxPool {
         })?;
         Ok(Some(tensor(dx, x.dims())?))
     }
+}
+
+/// The maxima of the `s x s` windows of each `height x width` plane of `x`, and their indices
+/// into `x`.
+#[inline(always)]
+fn pool_planes(x: &[f32], s: usize, height: usize, width: usize) -> (Vec<f32>, Vec<usize>) {
+    let (out_h, out_w) = (height / s, width / s);
+    let outputs = x.len() / (height * width) * out_h * out_w;
+    let (mut out, mut argmax) = (Vec::with_capacity(outputs), Vec::with_capacity(outputs));
+    for (plane, image) in x.chunks_exact(height * width).enumerate() {
+        for oh in 0..out_h {
+            let top = plane * height * width + oh * s * width;
+            let rows = &image[oh * s * width..(oh * s + s) * width];
+            for ow in 0..out_w {
+                let (mut best, mut at) = (rows[ow * s], ow * s);
+                for di in 0..s {
+                    let start = di * width + ow * s;
+                    for (offset, &v) in (start..).zip(&rows[start..start + s]) {
+                        // Branch-free selects (the maximum's place is random), and NaN wins,
+                        // so a diverged model shows in the loss.
+                        let better = v > best || v.is_nan();
+                        best = if better { v } else { best };
+                        at = if better { offset } else { at };
+                    }
+                }
+                out.push(best);
+                argmax.push(top + at);
+            }
+        }
+    }
+    (out, argmax)
 }
