@@ -52,6 +52,7 @@
 pub mod coordinator;
 pub mod data;
 pub mod dp;
+pub mod kernels;
 pub mod model;
 pub mod peer;
 pub mod round;

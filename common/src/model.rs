@@ -27,6 +27,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
+
+use crate::kernels;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -362,6 +364,7 @@ impl Layer {
         match self {
             Layer::Linear(l) => l.forward(x),
             Layer::Conv2d(c) => c.forward(x),
+            Layer::MaxPool2d(s) if train => crate::kernels::max_pool2d_by_reshape(x, *s),
             Layer::MaxPool2d(s) => x.max_pool2d(*s),
             Layer::Relu => x.relu(),
             Layer::Flatten => x.flatten_from(1),
@@ -371,6 +374,46 @@ impl Layer {
             Layer::Standardize { scale, shift } => x.broadcast_mul(scale)?.broadcast_add(shift),
         }
     }
+}
+
+/// Runs `layers` on `x`. On the CPU, dense and convolution layers, each with the ReLU that
+/// follows it, and max pooling run on [`crate::kernels`] (candle's own ops compute gradients the
+/// training does not need, and its convolution backward is slow); a GPU keeps candle's ops.
+fn forward_layers(layers: &[Layer], x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    let cpu = x.device().is_cpu();
+    let mut h = x.clone();
+    let mut i = 0;
+    while let Some(layer) = layers.get(i) {
+        let relu_next = matches!(layers.get(i + 1), Some(Layer::Relu));
+        let (out, covered) = match cpu.then(|| on_kernels(layer, &h, relu_next)).transpose()?.flatten() {
+            Some(done) => done,
+            None => (layer.forward(&h, train)?, 1),
+        };
+        h = out;
+        i += covered;
+    }
+    Ok(h)
+}
+
+/// `layer` on the CPU kernels, with the ReLU after it where one follows and the layer fuses
+/// it: the output and how many layers that covered; `None` where the kernels do not apply.
+fn on_kernels(layer: &Layer, x: &Tensor, relu_next: bool) -> candle_core::Result<Option<(Tensor, usize)>> {
+    let covered = 1 + usize::from(relu_next);
+    Ok(match layer {
+        Layer::Linear(l) => match l.bias() {
+            Some(bias) if x.rank() == 2 => Some((kernels::dense(x, l.weight(), bias, relu_next)?, covered)),
+            _ => None,
+        },
+        Layer::Conv2d(c) => match c.bias() {
+            Some(bias) if c.config().dilation == 1 && c.config().groups == 1 => {
+                let (padding, stride) = (c.config().padding, c.config().stride);
+                Some((kernels::conv2d(x, c.weight(), bias, padding, stride, relu_next)?, covered))
+            }
+            _ => None,
+        },
+        Layer::MaxPool2d(size) => Some((kernels::max_pool2d(x, *size)?, 1)),
+        _ => None,
+    })
 }
 
 /// A [`ModelSpec`] built on candle.
@@ -524,20 +567,12 @@ impl Model {
     }
 
     pub fn forward_trunk(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.clone();
-        for layer in &self.trunk {
-            h = layer.forward(&h, train)?;
-        }
-        Ok(h)
+        Ok(forward_layers(&self.trunk, x, train)?)
     }
 
     pub fn forward_head_from(&self, features: &Tensor, head: usize, train: bool) -> Result<Tensor> {
         let layers = self.heads.get(head).ok_or_else(|| ModelError::Mismatch(format!("no head number {head}")))?;
-        let mut h = features.clone();
-        for layer in layers {
-            h = layer.forward(&h, train)?;
-        }
-        Ok(h)
+        Ok(forward_layers(layers, features, train)?)
     }
 
     /// All parameters as one flat tensor on the model's device, in layout order.

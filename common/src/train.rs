@@ -352,6 +352,11 @@ pub fn imbalanced_loss(
     focal_gamma: Option<f64>,
     logit_shift: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let focal = focal_gamma.is_some_and(|gamma| gamma > 0.0);
+    if logits.device().is_cpu() && !focal && logit_shift.is_none() {
+        // One pass over the logits instead of eight candle ops, forward and backward.
+        return crate::kernels::cross_entropy(logits, targets, class_weights);
+    }
     let logits = match logit_shift {
         Some(shift) => logits.broadcast_add(shift)?,
         None => logits.clone(),
@@ -382,11 +387,21 @@ struct Sgd {
     momentum: f64,
     weight_decay: f64,
     velocity: Vec<Option<Tensor>>,
+    /// On the CPU: the same update in place, without allocating ([`crate::kernels::sgd_step`]).
+    in_place: Option<crate::kernels::SgdState>,
 }
 
 impl Sgd {
     /// Steps the variables `vars[trainable]`; the others stay as they are.
     fn step(&mut self, vars: &[Var], trainable: Range<usize>, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        if let Some(state) = &mut self.in_place {
+            for (index, var) in vars.iter().enumerate().take(trainable.end).skip(trainable.start) {
+                if let Some(grad) = grads.get(var.as_tensor()) {
+                    crate::kernels::sgd_step(state, index, var, grad)?;
+                }
+            }
+            return Ok(());
+        }
         for (var, velocity) in vars[trainable.clone()].iter().zip(self.velocity[trainable].iter_mut()) {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
             let mut g = grad.clone();
@@ -547,6 +562,10 @@ pub fn train_heads_observed(
         momentum: config.momentum,
         weight_decay: config.weight_decay,
         velocity: vec![None; vars.len()],
+        in_place: model
+            .device()
+            .is_cpu()
+            .then(|| crate::kernels::SgdState::new(config.lr, config.momentum, config.weight_decay, vars.len())),
     };
     let phases = match config.head_epochs {
         Some(h) => vec![(Phase::HeadsOnly, h), (Phase::TrunkOnly, config.epochs)],
