@@ -20,7 +20,8 @@ use cohort_server::resume::read_checkpoint;
 use cohort_server::store::{RoundRow, Store};
 
 const CLIENTS: [&str; 3] = ["site-a", "site-b", "site-c"];
-const ROUNDS: u64 = 5;
+/// Rounds take milliseconds here: enough of them that the kill lands in one.
+const ROUNDS: u64 = 40;
 
 fn server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cohort-server"))
@@ -48,10 +49,10 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// A separable two-class problem: 120 rows of four features per site.
+/// A separable two-class problem: 2,000 rows of four features per site.
 fn write_data(path: &Path, site: usize) {
     let mut text = String::from("a,b,c,d,label\n");
-    for i in 0..120 {
+    for i in 0..2000 {
         let label = (i + site) % 2;
         let x = |k: usize| ((i * 7 + k * 13 + site * 5) % 17) as f32 / 17.0 + label as f32;
         text.push_str(&format!("{},{},{},{},{label}\n", x(0), x(1), x(2), x(3)));
@@ -155,14 +156,35 @@ fn a_server_killed_mid_round_loses_no_work() {
 
     // Kill the server the moment round 3 has started: its sample and charges are written
     // ahead, the plans are on their way, nothing of it is summed.
-    wait_for("round 3 to start", Duration::from_secs(180), || {
-        rounds(&state).iter().any(|r| r.round == 3 && r.status == "started")
-    });
+    let logs = || {
+        let tail = |p: PathBuf| {
+            std::fs::read_to_string(&p).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().join("\n")
+        };
+        format!(
+            "server:\n{}\nsite-a:\n{}",
+            tail(dir.path().join("server-1.log")),
+            tail(dir.path().join("site-a/daemon.log"))
+        )
+    };
+    // Kill the server the moment a round from the third on has started: its sample and charges
+    // are written ahead, the plans are on their way, nothing of it is summed.
+    let start = Instant::now();
+    let killed_round = loop {
+        if let Some(r) = rounds(&state).iter().find(|r| r.round >= 3 && r.status == "started") {
+            break r.round;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no round from the third on was caught in progress\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
     server.kill().unwrap(); // SIGKILL
     server.wait().unwrap();
     let before = rounds(&state);
     let completed_before: Vec<u64> = before.iter().filter(|r| r.status == "completed").map(|r| r.round).collect();
-    assert_eq!(completed_before, [1, 2], "{before:?}");
+    assert_eq!(completed_before, (1..killed_round).collect::<Vec<_>>(), "{before:?}");
     let charged_before = Store::open_existing(&state.database()).unwrap().dp_participations().unwrap();
 
     // Start it again; the daemons were never restarted.
@@ -188,26 +210,25 @@ fn a_server_killed_mid_round_loses_no_work() {
     assert!(numbers.windows(2).all(|w| w[0] < w[1]), "in order: {numbers:?}");
     let completed: Vec<&RoundRow> = rows.iter().filter(|r| r.status == "completed").collect();
     assert_eq!(completed.len() as u64, ROUNDS, "every configured round completed once: {rows:?}");
-    let killed = rows.iter().find(|r| r.round == 3).unwrap();
+    let killed = rows.iter().find(|r| r.round == killed_round).unwrap();
     assert_eq!(killed.status, "interrupted", "{killed:?}");
     assert!(!rows.iter().any(|r| r.status == "started"), "no round left half-recorded: {rows:?}");
 
-    // The interrupted round's sample stays charged: every client was sampled (q = 1) in rounds 1
-    // to 3 before the kill, and the account only grows.
+    // The interrupted round's sample stays charged: every client was sampled (q = 1) in every
+    // round up to the killed one, and the account only grows.
     let charged_after = Store::open_existing(&state.database()).unwrap().dp_participations().unwrap();
     for (client, z, n) in &charged_before {
         let after = charged_after.iter().find(|(c, zz, _)| c == client && zz == z).map(|r| r.2).unwrap_or(0);
         assert!(after >= *n, "{client}: {n} charged before the restart, {after} after");
-        assert!(*n >= 3, "{client}: the interrupted round 3 is charged ({n} rounds)");
+        assert!(*n >= killed_round, "{client}: the interrupted round {killed_round} is charged ({n} rounds)");
     }
     let epsilons: Vec<f64> = rows.iter().filter_map(|r| r.epsilon).collect();
     assert!(epsilons.windows(2).all(|w| w[0] <= w[1]), "epsilon never goes back: {epsilons:?}");
 
-    // It resumed from round 2's checkpoint, and every completed round's model is whole and finite.
-    assert!(
-        log.contains("resuming from the last completed round") && log.contains("round=2"),
-        "the restart did not resume from round 2:\n{log}"
-    );
+    // It resumed from the checkpoint of the round before the killed one, and every completed
+    // round's model is whole and finite.
+    let resumed = log.lines().find(|l| l.contains("resuming from the last completed round")).unwrap_or_default();
+    assert!(resumed.contains(&format!(" round={} ", killed_round - 1)), "the restart resumed: {resumed:?}\n{log}");
     for row in &completed {
         let checkpoint = row.checkpoint.as_deref().expect("a completed round has a checkpoint");
         let (_, params) = read_checkpoint(&state, checkpoint, None).unwrap();
