@@ -75,14 +75,6 @@ fn rounds(state: &StatePaths) -> Vec<RoundRow> {
     Store::open_existing(&state.database()).and_then(|s| s.rounds()).unwrap_or_default()
 }
 
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_server_killed_mid_round_loses_no_work() {
     let dir = tempfile::tempdir().unwrap();
