@@ -173,5 +173,7 @@ kill -TERM "$SERVER"
 wait "$SERVER"
 for p in "${CLIENTS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" || true; done
 PIDS=()
-"$BIN/cohort-server" status --state "$S" | grep -q "^server:   not running"
+# (To a file, not `| grep -q`: grep would close the pipe before `status` has written its last line.)
+"$BIN/cohort-server" status --state "$S" > "$WORK/status.txt"
+grep -q "^server:   not running" "$WORK/status.txt"
 echo "runs walkthrough: ok"
