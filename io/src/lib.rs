@@ -448,9 +448,31 @@ pub fn peer_certificate(conn: &quinn::Connection) -> Result<CertificateFacts, Ne
     CertificateFacts::from_der(leaf)
 }
 
+/// `cohort-server runs | head` closes the pipe before the table is written: `println!` then
+/// panics ("failed printing to stdout: Broken pipe"). Unix tools end quietly there, so do ours:
+/// that one panic exits with status 141 (128 + SIGPIPE, what a shell reports for a tool killed
+/// by it) and no message; every other panic reaches the default hook.
+pub fn end_quietly_on_a_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (else `default_filter`), in colour
-/// only on a terminal. For the binaries' `main`.
+/// only on a terminal; and a closed standard output ends the program quietly (see
+/// [`end_quietly_on_a_closed_stdout`]). For the binaries' `main`.
 pub fn init_logging(default_filter: &str) {
+    end_quietly_on_a_closed_stdout();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
