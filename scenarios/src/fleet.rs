@@ -224,20 +224,8 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(federation.seed);
     let mut parts = partition
-        .split(&label_ids, classes, n, &mut rng)
+        .split_all(&label_ids, classes, n, &mut rng)
         .map_err(|e| format!("partitioning {used} examples across {n} clients: {e}"))?;
-    // Whatever the split left over (a remainder, unused shards) is dealt round-robin, so that
-    // every example lands on exactly one client.
-    let mut taken = vec![false; used];
-    for &i in parts.iter().flatten() {
-        taken[i] = true;
-    }
-    for (k, i) in (0..used).filter(|&i| !taken[i]).enumerate() {
-        parts[k % n].push(i);
-    }
-    if let Some(empty) = parts.iter().position(Vec::is_empty) {
-        return Err(format!("client {empty} gets no examples: fewer clients, or more data (data.train_examples)"));
-    }
 
     // The server: CA, certificate, configuration, model spec, test set.
     let server_dir = options.out.join("server");
