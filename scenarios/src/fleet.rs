@@ -106,6 +106,22 @@ fn read_idx_file(path: &Path) -> Result<IdxArray, String> {
     data::read_idx(reader, &path.display().to_string()).map_err(|e| e.to_string())
 }
 
+/// The images (N x rows x columns) and labels (N) `files` in `dir`, checked to match.
+fn read_images_and_labels(dir: &Path, files: [&str; 2]) -> Result<(IdxArray, IdxArray), String> {
+    let (images, labels) = (read_idx_file(&dir.join(files[0]))?, read_idx_file(&dir.join(files[1]))?);
+    if images.dims.len() != 3 || labels.dims.len() != 1 || images.dims[0] != labels.dims[0] {
+        return Err(format!(
+            "{}: {} (dimensions {:?}) and {} ({:?}) are not N images and their N labels",
+            dir.display(),
+            files[0],
+            images.dims,
+            files[1],
+            labels.dims
+        ));
+    }
+    Ok((images, labels))
+}
+
 /// An IDX file (gzipped) holding the rows `rows` of `array` (rows along its first dimension).
 fn idx_gz(array: &IdxArray, rows: &[usize]) -> Result<Vec<u8>, String> {
     use std::io::Write;
@@ -202,11 +218,8 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     // The data, its partition.
     let data_dir = DataSearch::from_environment(options.data_dir.as_deref()).find(&bundled::MNIST)?;
     let mnist = data_dir.join(bundled::MNIST.folder);
-    let (mut images, mut labels) = (read_idx_file(&mnist.join(TRAIN[0]))?, read_idx_file(&mnist.join(TRAIN[1]))?);
+    let (mut images, mut labels) = read_images_and_labels(&mnist, TRAIN)?;
     let available = labels.dims[0];
-    if images.dims.len() != 3 || labels.dims.len() != 1 || images.dims[0] != available {
-        return Err(format!("{}: the training images and labels do not match", mnist.display()));
-    }
     let used = scenario.data.train_examples.map_or(available, |t| t.min(available));
     images.dims[0] = used;
     images.data.truncate(used * images.dims[1] * images.dims[2]);
@@ -217,6 +230,10 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     if let Some(l) = label_ids.iter().find(|&&l| l as usize >= classes) {
         return Err(format!("{}: label {l} is past the model's {classes} classes", mnist.display()));
     }
+    // The test set (every place the data is looked for has it), read before anything is written.
+    let (test_images, test_labels) = read_images_and_labels(&mnist, TEST)?;
+    let test_examples = scenario.data.test_examples.map_or(test_labels.dims[0], |t| t.min(test_labels.dims[0]));
+    let test_rows: Vec<usize> = (0..test_examples).collect();
     let partition = match options.partition {
         FleetPartition::Scenario => scenario.partition.clone(),
         FleetPartition::Iid => Partition::Iid,
@@ -232,28 +249,17 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     let state = StatePaths::new(&server_dir);
     pki::init(&state, &scenario.name, &options.sans, None).map_err(|e| e.to_string())?;
     write(&server_dir.join("model.toml"), scenario.model_spec_text().map_err(|e| e.to_string())?.as_bytes())?;
-    let mut test_examples = 0;
     let mut server_toml = toml::Table::new();
     server_toml.insert("listen".into(), SocketAddr::from(([0, 0, 0, 0], options.port)).to_string().into());
     server_toml.insert("model".into(), "model.toml".into());
     if let Some(metrics) = options.metrics_listen {
         server_toml.insert("metrics_listen".into(), metrics.to_string().into());
     }
-    let (test_images, test_labels) = (mnist.join(TEST[0]), mnist.join(TEST[1]));
-    if test_images.is_file() && test_labels.is_file() {
-        let (ti, tl) = (read_idx_file(&test_images)?, read_idx_file(&test_labels)?);
-        let kept = scenario.data.test_examples.map_or(tl.dims[0], |t| t.min(tl.dims[0]));
-        let rows: Vec<usize> = (0..kept).collect();
-        write(&server_dir.join("test").join(TEST[0]), &idx_gz(&ti, &rows)?)?;
-        write(&server_dir.join("test").join(TEST[1]), &idx_gz(&tl, &rows)?)?;
-        test_examples = kept;
-        let source = DataSource::Idx {
-            images: Path::new("test").join(TEST[0]),
-            labels: Path::new("test").join(TEST[1]),
-            classes,
-        };
-        server_toml.insert("test_data".into(), toml::Value::try_from(&source).map_err(|e| e.to_string())?);
-    }
+    write(&server_dir.join("test").join(TEST[0]), &idx_gz(&test_images, &test_rows)?)?;
+    write(&server_dir.join("test").join(TEST[1]), &idx_gz(&test_labels, &test_rows)?)?;
+    let source =
+        DataSource::Idx { images: Path::new("test").join(TEST[0]), labels: Path::new("test").join(TEST[1]), classes };
+    server_toml.insert("test_data".into(), toml::Value::try_from(&source).map_err(|e| e.to_string())?);
     server_toml.insert("federation".into(), toml::Value::try_from(&federation).map_err(|e| e.to_string())?);
     let server_config = server_dir.join("server.toml");
     let header = format!(
@@ -319,4 +325,61 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?;
     write(&options.out.join("fleet.json"), &json)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data folder whose MNIST has `train` training and `test_images`/`test_labels` test rows
+    /// (blank 28 x 28 images, labels 0 to 9 in turn).
+    fn mnist(dir: &Path, train: usize, test_images: usize, test_labels: usize) -> PathBuf {
+        let images = |n: usize| IdxArray { dims: vec![n, 28, 28], data: vec![0; n * 28 * 28] };
+        let labels = |n: usize| IdxArray { dims: vec![n], data: (0..n).map(|i| (i % 10) as u8).collect() };
+        let all = |a: &IdxArray| (0..a.dims[0]).collect::<Vec<_>>();
+        let folder = dir.join("mnist");
+        for (name, array) in [
+            (TRAIN[0], images(train)),
+            (TRAIN[1], labels(train)),
+            (TEST[0], images(test_images)),
+            (TEST[1], labels(test_labels)),
+        ] {
+            write(&folder.join(name), &idx_gz(&array, &all(&array)).unwrap()).unwrap();
+        }
+        dir.to_path_buf()
+    }
+
+    fn options(out: PathBuf, data_dir: PathBuf) -> FleetOptions {
+        let small =
+            ["federation.secagg.degree=2", "federation.secagg.threshold=2", "federation.secagg.dropout_tolerance=0"];
+        let small: Vec<String> = small.iter().map(|s| s.to_string()).collect();
+        FleetOptions {
+            out,
+            scenario: Scenario::parse_bundled(bundled::scenario("quickstart").unwrap(), "quickstart", &small).unwrap(),
+            clients: Some(3),
+            partition: FleetPartition::Iid,
+            sans: vec!["cohort-server".into()],
+            port: 4433,
+            server: None,
+            metrics_listen: None,
+            client_state_dir: "state".into(),
+            data_dir: Some(data_dir),
+        }
+    }
+
+    #[test]
+    fn test_images_and_labels_that_do_not_match_are_an_error_before_anything_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("fleet");
+        // Fewer test images than labels: the test set's rows were once cut from the images
+        // unchecked, and panicked.
+        let data = mnist(&tmp.path().join("short"), 30, 5, 10);
+        let err = write_fleet(&options(out.clone(), data)).unwrap_err();
+        assert!(err.contains("t10k-images") && err.contains("not N images and their N labels"), "{err}");
+        assert!(!out.exists(), "nothing is written for a data set that cannot be used");
+
+        let data = mnist(&tmp.path().join("fine"), 30, 10, 10);
+        let summary = write_fleet(&options(out.clone(), data)).unwrap();
+        assert_eq!((summary.train_examples, summary.test_examples), (30, 10));
+    }
 }
