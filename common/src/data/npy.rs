@@ -11,6 +11,7 @@
 use std::io::Read;
 
 use super::{DataError, Dataset};
+use crate::peer::escape;
 
 /// The magic string every `.npy` file starts with.
 pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -74,26 +75,28 @@ fn shape_text(shape: &[usize]) -> String {
 
 /// Parses the element type of a `descr` string.
 fn parse_descr(descr: &str) -> std::result::Result<Dtype, String> {
+    // The header's text, as it may appear in a message (file-controlled: escaped).
+    let shown = escape(descr, 40);
     let bytes = descr.as_bytes();
     let (order, rest) = match bytes.first() {
         Some(b'<' | b'>' | b'|' | b'=') => (bytes[0], &descr[1..]),
         _ => (b'=', descr),
     };
     let mut chars = rest.chars();
-    let kind_char = chars.next().ok_or_else(|| format!("dtype '{descr}' is empty"))?;
+    let kind_char = chars.next().ok_or_else(|| format!("dtype '{shown}' is empty"))?;
     if kind_char == 'O' {
         return Err(format!(
-            "dtype '{descr}' is an object array (pickled Python objects), which is never read; save a numeric array"
+            "dtype '{shown}' is an object array (pickled Python objects), which is never read; save a numeric array"
         ));
     }
-    let size: usize = chars.as_str().parse().map_err(|_| format!("dtype '{descr}' is not a NumPy type string"))?;
+    let size: usize = chars.as_str().parse().map_err(|_| format!("dtype '{shown}' is not a NumPy type string"))?;
     let kind = match kind_char {
         'f' if size == 4 || size == 8 => Kind::Float,
         'i' if [1, 2, 4, 8].contains(&size) => Kind::Int,
         'u' if [1, 2, 4, 8].contains(&size) => Kind::Uint,
         _ => {
             return Err(format!(
-                "dtype '{descr}' is not supported: arrays of float32, float64 or integers (int8 to uint64) are read"
+                "dtype '{shown}' is not supported: arrays of float32, float64 or integers (int8 to uint64) are read"
             ))
         }
     };
@@ -130,9 +133,12 @@ impl DictParser<'_> {
                 self.at += 1;
                 Ok(())
             }
-            Some(found) => {
-                Err(format!("expected `{}` at byte {} of the header, found `{}`", c as char, self.at, found as char))
-            }
+            Some(found) => Err(format!(
+                "expected `{}` at byte {} of the header, found `{}`",
+                c as char,
+                self.at,
+                found.escape_ascii()
+            )),
             None => Err(format!("the header ends where `{}` was expected", c as char)),
         }
     }
@@ -229,11 +235,12 @@ fn parse_dict(text: &[u8]) -> std::result::Result<(String, bool, Vec<u64>), Stri
             ("fortran_order", Value::Bool(b)) => fortran.replace(b).is_some(),
             ("shape", Value::Tuple(t)) => shape.replace(t).is_some(),
             ("descr" | "fortran_order" | "shape", v) => {
-                return Err(format!("the header's `{key}` has the wrong type ({v:?})"));
+                return Err(format!("the header's `{key}` has the wrong type ({})", escape(&format!("{v:?}"), 80)));
             }
-            (other, _) => return Err(format!("the header has an unknown key `{other}`")),
+            (other, _) => return Err(format!("the header has an unknown key `{}`", escape(other, 40))),
         };
         if slot_taken {
+            // A known key (an unknown one was refused above).
             return Err(format!("the header gives `{key}` twice"));
         }
         match p.peek() {
@@ -565,6 +572,16 @@ mod tests {
         read_npy(bytes, MAX_NPY_BYTES, origin).map_err(|e| e.to_string())
     }
 
+    /// The error of reading a version-1 file with header `dict` and 8 bytes of data, as "h.npy".
+    fn header_error(dict: &str) -> String {
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&[1, 0]);
+        file.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        file.extend_from_slice(dict.as_bytes());
+        file.extend_from_slice(&[0; 8]);
+        read(&file, "h.npy").unwrap_err()
+    }
+
     #[test]
     fn reads_what_numpy_writes() {
         // np.save of np.arange(6, dtype=np.float32).reshape(2, 3), byte for byte.
@@ -650,13 +667,23 @@ mod tests {
             ("{'descr': '<f4', 'fortran_order': False, 'shape': (1,) ", "not closed"),
             ("{'descr': '<f4, 'fortran_order': False, 'shape': (1,) }", "not closed"),
         ] {
-            let mut file = MAGIC.to_vec();
-            file.extend_from_slice(&[1, 0]);
-            file.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-            file.extend_from_slice(dict.as_bytes());
-            file.extend_from_slice(&[0; 8]);
-            let err = read(&file, "h.npy").unwrap_err();
+            let err = header_error(dict);
             assert!(err.contains("h.npy") && err.contains(problem), "{dict}: {err}");
+        }
+    }
+
+    /// A header's text reaches a message escaped: no forged log lines, no terminal escapes.
+    #[test]
+    fn header_text_in_errors_is_escaped() {
+        for (dict, problem) in [
+            ("{'descr': '<f4\n\u{1b}[2J', 'fortran_order': False, 'shape': (1,), }", "not a NumPy type string"),
+            ("{'descr': '\u{1b}8', 'fortran_order': False, 'shape': (1,), }", "not supported"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'x\nINFO forged\u{202e}': True}", "unknown key"),
+            ("{'descr'\u{1b}[2J: '<f4', 'fortran_order': False, 'shape': (1,), }", "expected `:`"),
+        ] {
+            let err = header_error(dict);
+            assert!(err.contains("h.npy") && err.contains(problem), "{dict}: {err}");
+            assert!(!err.contains(['\n', '\u{1b}', '\u{202e}']), "{dict}: {err:?}");
         }
     }
 
