@@ -387,23 +387,18 @@ struct Sgd {
     momentum: f64,
     weight_decay: f64,
     velocity: Vec<Option<Tensor>>,
-    /// On the CPU: the same update in place, without allocating ([`crate::kernels::sgd_step`]).
-    in_place: Option<crate::kernels::SgdState>,
 }
 
 impl Sgd {
     /// Steps the variables `vars[trainable]`; the others stay as they are.
     fn step(&mut self, vars: &[Var], trainable: Range<usize>, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        if let Some(state) = &mut self.in_place {
-            for (index, var) in vars.iter().enumerate().take(trainable.end).skip(trainable.start) {
-                if let Some(grad) = grads.get(var.as_tensor()) {
-                    crate::kernels::sgd_step(state, index, var, grad)?;
-                }
-            }
-            return Ok(());
-        }
         for (var, velocity) in vars[trainable.clone()].iter().zip(self.velocity[trainable].iter_mut()) {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            if var.device().is_cpu() {
+                // The same update in place, without allocating.
+                crate::kernels::sgd_step(var, grad, velocity, self.lr, self.momentum, self.weight_decay)?;
+                continue;
+            }
             let mut g = grad.clone();
             if self.weight_decay > 0.0 {
                 g = (g + (var.as_tensor() * self.weight_decay)?)?;
@@ -562,10 +557,6 @@ pub fn train_heads_observed(
         momentum: config.momentum,
         weight_decay: config.weight_decay,
         velocity: vec![None; vars.len()],
-        in_place: model
-            .device()
-            .is_cpu()
-            .then(|| crate::kernels::SgdState::new(config.lr, config.momentum, config.weight_decay, vars.len())),
     };
     let phases = match config.head_epochs {
         Some(h) => vec![(Phase::HeadsOnly, h), (Phase::TrunkOnly, config.epochs)],

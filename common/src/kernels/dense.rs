@@ -175,37 +175,31 @@ impl CustomOp2 for CrossEntropy {
     }
 }
 
-/// SGD's velocities, one per variable (PyTorch's formulation: `v = momentum v + g`, the first
-/// `v` being `g`).
-pub struct SgdState {
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    velocity: Vec<Option<Tensor>>,
-}
-
-impl SgdState {
-    pub fn new(lr: f64, momentum: f64, weight_decay: f64, vars: usize) -> Self {
-        Self { lr, momentum, weight_decay, velocity: vec![None; vars] }
-    }
-}
-
-/// One SGD step of variable number `index`, in place in its storage: no tensor is allocated
-/// after the first step (candle's tensor arithmetic allocates three of the weight's size).
-pub fn sgd_step(state: &mut SgdState, index: usize, var: &Var, grad: &Tensor) -> Result<()> {
+/// One SGD step of `var`, in place in its storage, PyTorch's formulation: `g += weight_decay w`,
+/// `v = momentum v + g` (the first `v` being `g`; `velocity` is the variable's, `None` before its
+/// first step), `w -= lr v`. No tensor is allocated after the first step (candle's tensor
+/// arithmetic allocates three of the weight's size).
+pub fn sgd_step(
+    var: &Var,
+    grad: &Tensor,
+    velocity: &mut Option<Tensor>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<()> {
     let grad = grad.contiguous()?;
-    let weight_decay = state.weight_decay as f32;
-    if state.momentum > 0.0 {
+    let weight_decay = weight_decay as f32;
+    if momentum > 0.0 {
         // A zero velocity makes the first step's `v = momentum * 0 + g` exactly `g`.
-        let velocity = match &state.velocity[index] {
-            Some(v) => v.clone(),
+        let v = match velocity.take() {
+            Some(v) => v,
             None => var.as_tensor().zeros_like()?,
         };
-        velocity.inplace_op3(&grad, var.as_tensor(), &Accumulate { momentum: state.momentum as f32, weight_decay })?;
-        var.as_tensor().inplace_op2(&velocity, &Descend { lr: state.lr as f32, weight_decay: 0.0 })?;
-        state.velocity[index] = Some(velocity);
+        v.inplace_op3(&grad, var.as_tensor(), &Accumulate { momentum: momentum as f32, weight_decay })?;
+        var.as_tensor().inplace_op2(&v, &Descend { lr: lr as f32, weight_decay: 0.0 })?;
+        *velocity = Some(v);
     } else {
-        var.as_tensor().inplace_op2(&grad, &Descend { lr: state.lr as f32, weight_decay })?;
+        var.as_tensor().inplace_op2(&grad, &Descend { lr: lr as f32, weight_decay })?;
     }
     Ok(())
 }

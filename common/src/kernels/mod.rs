@@ -21,7 +21,7 @@ mod dense;
 mod tests;
 
 pub use conv::{conv2d, max_pool2d};
-pub use dense::{cross_entropy, dense, sgd_step, SgdState};
+pub use dense::{cross_entropy, dense, sgd_step};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};

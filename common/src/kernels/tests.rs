@@ -282,10 +282,10 @@ fn sgd_step_matches_the_tensor_formula() {
         let grads: Vec<Tensor> = (0..3).map(|_| random(&mut rng, &[13, 7])).collect();
         let lr = 0.1;
         let var = Var::from_tensor(&w0).unwrap();
-        let mut state = SgdState::new(lr, momentum, weight_decay, 1);
+        let mut velocity = None;
         let (mut w, mut v): (Tensor, Option<Tensor>) = (w0.clone(), None);
         for g in &grads {
-            sgd_step(&mut state, 0, &var, g).unwrap();
+            sgd_step(&var, g, &mut velocity, lr, momentum, weight_decay).unwrap();
             // PyTorch's SGD: g += wd w; v = m v + g (v = g the first time); w -= lr v.
             let mut g = (g + (&w * weight_decay).unwrap()).unwrap();
             if momentum > 0.0 {
