@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use cohort_common::data::npy::{self, NpyArray};
 use cohort_common::data::{self, CsvOptions, DataError, Dataset};
+use cohort_common::peer::escape;
 use images::ImageFolder;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -197,14 +198,16 @@ fn npz_array<R: Read + std::io::Seek>(
     let bad = |problem: String| FileError::Data(DataError::Format { origin: origin.clone(), problem });
     let entry = [format!("{name}.npy"), name.to_string()].into_iter().find(|n| archive.index_for_name(n).is_some());
     let Some(entry) = entry else {
-        let names: Vec<String> = archive.file_names().take(20).filter_map(Result::ok).map(|n| n.into_owned()).collect();
+        // The archive's own names: escaped, as any text a file controls.
+        let names: Vec<String> = archive.file_names().take(20).filter_map(Result::ok).map(|n| escape(&n, 80)).collect();
         return Err(bad(format!("no array `{name}` in the archive (it holds {})", names.join(", "))));
     };
     let file = archive.by_name(&entry).map_err(|e| bad(format!("cannot read entry {entry}: {e}")))?;
     let limit = max_bytes.saturating_add((npy::MAX_HEADER_BYTES + 12) as u64);
     if file.size() > limit {
         return Err(bad(format!(
-            "entry {entry} inflates to {} bytes ({} compressed), more than max_bytes = {max_bytes}; raise max_bytes if              the array is that large and the machine has the memory",
+            "entry {entry} inflates to {} bytes ({} compressed), more than max_bytes = {max_bytes}; raise max_bytes if \
+             the array is that large and the machine has the memory",
             file.size(),
             file.compressed_size()
         )));
@@ -404,6 +407,12 @@ mod tests {
         std::fs::write(d.join("other.npz"), npz(&[("a.npy", &x, zip::CompressionMethod::Stored)])).unwrap();
         let e = load("format = 'npz'\npath = 'other.npz'");
         assert!(e.contains("other.npz:x") && e.contains("no array `x`") && e.contains("a.npy"), "{e}");
+        // The archive's entry names are the file's text: escaped in the error.
+        std::fs::write(d.join("odd.npz"), npz(&[("a\nINFO forged\u{1b}[2J.npy", &x, zip::CompressionMethod::Stored)]))
+            .unwrap();
+        let e = load("format = 'npz'\npath = 'odd.npz'");
+        assert!(e.contains("no array `x`") && e.contains("a\\nINFO forged"), "{e}");
+        assert!(!e.contains(['\n', '\u{1b}']), "{e:?}");
 
         // A zip bomb: 16 MiB of zeros deflate to some 16 KiB; refused before inflating.
         let mut big = npy::write_npy("|u1", &[16 << 20], &[]);
@@ -414,6 +423,7 @@ mod tests {
         std::fs::write(d.join("bomb.npz"), &bomb).unwrap();
         let e = load("format = 'npz'\npath = 'bomb.npz'\nmax_bytes = 1048576");
         assert!(e.contains("bomb.npz:x") && e.contains("inflates to 16777344 bytes") && e.contains("max_bytes"), "{e}");
+        assert!(!e.contains("  "), "one line of prose, no run of spaces: {e}");
         // The same entry claiming (in the central directory) to be small: no more than that is read.
         let mut liar = bomb.clone();
         let central = liar.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
