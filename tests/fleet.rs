@@ -7,9 +7,8 @@ use std::path::Path;
 use cohort::client::config::ClientConfig;
 use cohort::common::data::{read_idx, IdxArray};
 use cohort::io::files::{open_maybe_gz, DataSource};
-use cohort::scenarios::fleet::{write_fleet, FleetOptions, FleetPartition};
+use cohort::scenarios::fleet::{open_scenario, write_fleet, FleetOptions, FleetPartition};
 use cohort::scenarios::runner::default_data_dir;
-use cohort::scenarios::scenario::Scenario;
 
 fn idx(path: &Path) -> IdxArray {
     read_idx(open_maybe_gz(path).unwrap(), &path.display().to_string()).unwrap()
@@ -41,11 +40,9 @@ fn options(out: &Path, partition: FleetPartition) -> FleetOptions {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let text = cohort::scenarios::bundled::scenario("quickstart").unwrap();
     FleetOptions {
         out: out.to_path_buf(),
-        scenario: Scenario::parse_bundled(text, "quickstart", &overrides).unwrap(),
-        clients: Some(3),
+        scenario: open_scenario(Path::new("quickstart"), Some(3), &overrides).unwrap(),
         partition,
         sans: vec!["cohort-server".into(), "cohort-server.cohort.svc.cluster.local".into()],
         port: 4433,
@@ -132,7 +129,6 @@ fn a_fleet_of_three_loads_and_splits_the_data_exactly() {
 
 #[test]
 fn fleet_fits_the_scenario_to_the_clients_and_overrides_have_the_last_word() {
-    use cohort::scenarios::fleet::open_scenario;
     let quick = Path::new("quickstart");
     let small =
         ["federation.secagg.degree=2", "federation.secagg.threshold=2", "federation.secagg.dropout_tolerance=0"];

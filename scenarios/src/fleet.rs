@@ -55,11 +55,9 @@ impl std::str::FromStr for FleetPartition {
 pub struct FleetOptions {
     /// The folder to fill; it must not exist or be empty.
     pub out: PathBuf,
-    /// The scenario whose model, federation and data set the fleet uses.
+    /// The scenario whose model, federation and data set the fleet uses, one client per
+    /// `clients` ([`open_scenario`] fits a scenario to a number of clients).
     pub scenario: Scenario,
-    /// Number of clients (default: the scenario's). `clients_per_round`, `min_clients` and
-    /// `start_after_clients` are lowered to it when larger.
-    pub clients: Option<usize>,
     pub partition: FleetPartition,
     /// Names and addresses on the server certificate; the first is what clients dial.
     pub sans: Vec<String>,
@@ -175,10 +173,7 @@ pub fn open_scenario(file: &Path, clients: Option<usize>, overrides: &[String]) 
 /// Writes the fleet; every error names the file or option at fault.
 pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     let scenario = &options.scenario;
-    let n = options.clients.unwrap_or(scenario.clients);
-    if n == 0 {
-        return Err("--clients must be at least 1".into());
-    }
+    let (n, federation) = (scenario.clients, &scenario.federation);
     if scenario.data.dataset != "mnist" {
         return Err(format!(
             "scenario `{}` uses data set `{}`; `fleet` writes MNIST partitions only (use an MNIST scenario such as \
@@ -201,19 +196,7 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
         ));
     }
 
-    // The federation, fitted to n clients.
-    let mut federation = scenario.federation.clone();
-    federation.clients_per_round = federation.clients_per_round.min(n);
-    federation.min_clients = federation.min_clients.min(federation.clients_per_round);
-    federation.start_after_clients = federation.start_after_clients.map(|s| s.min(n));
-    federation.check().map_err(|e| {
-        format!(
-            "the federation of scenario `{}` for {n} clients: {e}; change it with --set federation.KEY=VALUE",
-            scenario.name
-        )
-    })?;
     let spec = scenario.model_spec().map_err(|e| e.to_string())?;
-    federation.check_model(&spec)?;
 
     // The data, its partition.
     let data_dir = DataSearch::from_environment(options.data_dir.as_deref()).find(&bundled::MNIST)?;
@@ -260,7 +243,7 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
     let source =
         DataSource::Idx { images: Path::new("test").join(TEST[0]), labels: Path::new("test").join(TEST[1]), classes };
     server_toml.insert("test_data".into(), toml::Value::try_from(&source).map_err(|e| e.to_string())?);
-    server_toml.insert("federation".into(), toml::Value::try_from(&federation).map_err(|e| e.to_string())?);
+    server_toml.insert("federation".into(), toml::Value::try_from(federation).map_err(|e| e.to_string())?);
     let server_config = server_dir.join("server.toml");
     let header = format!(
         "# Written by `cohort-sim fleet` from scenario `{}` for {n} clients; this folder is the server's state\n\
@@ -355,8 +338,7 @@ mod tests {
         let small: Vec<String> = small.iter().map(|s| s.to_string()).collect();
         FleetOptions {
             out,
-            scenario: Scenario::parse_bundled(bundled::scenario("quickstart").unwrap(), "quickstart", &small).unwrap(),
-            clients: Some(3),
+            scenario: open_scenario(Path::new("quickstart"), Some(3), &small).unwrap(),
             partition: FleetPartition::Iid,
             sans: vec!["cohort-server".into()],
             port: 4433,

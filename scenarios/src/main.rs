@@ -303,7 +303,6 @@ fn fleet(args: FleetArgs) -> Result<()> {
     let options = FleetOptions {
         out: args.out,
         scenario,
-        clients: None,
         partition: args.partition,
         sans: args.sans,
         port: args.port,
