@@ -80,6 +80,10 @@ fn a_fleet_of_three_loads_and_splits_the_data_exactly() {
         assert_eq!(run.test_data.unwrap().load().unwrap().len(), 500);
         assert!(out.join("server/ca.pem").is_file() && out.join("server/cohort.db").is_file());
 
+        // The CA of the server's state directory, which every client's identity must carry.
+        let server_state = cohort::server::pki::StatePaths::new(out.join("server"));
+        let server_identity = cohort::server::pki::server_identity(&server_state).unwrap();
+
         let mut seen = Vec::new();
         let mut ids = Vec::new();
         for (i, client) in summary.clients.iter().enumerate() {
@@ -94,6 +98,14 @@ fn a_fleet_of_three_loads_and_splits_the_data_exactly() {
             let identity = config.identity.load().unwrap_or_else(|e| panic!("client {i}: {e}"));
             ids.push(identity.subject().unwrap());
             identity.check_signed_by_ca().unwrap();
+            assert!(identity.ca == server_identity.ca, "client {i}: its identity carries the fleet's CA");
+            // Its folder (a pod's volume) holds its own key and no other client's.
+            let pems: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.ends_with(".pem"))
+                .collect();
+            assert_eq!(pems, [format!("{}.pem", client.id)], "client {i}: only its own identity");
             assert_eq!(ids[i], client.id);
             #[cfg(unix)]
             {
@@ -110,6 +122,7 @@ fn a_fleet_of_three_loads_and_splits_the_data_exactly() {
         seen.sort_unstable();
         assert_eq!(seen.len(), all.len(), "{partition:?}: every example once");
         assert!(seen == all, "{partition:?}: the partitions are disjoint and cover the first 3,000 examples");
+        ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), 3, "one identity per client");
         if partition == FleetPartition::NonIid {
