@@ -742,6 +742,37 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_model_trains_on_the_kernels_with_candles_values_and_gradients() {
+        // The data go straight into a convolution: candle's own conv2d backward gives them a
+        // gradient, the kernel none, so the data's gradient tells which ran.
+        let spec = ModelSpec::from_toml(
+            "name='k'\ninput_shape=[2,8,8]\n[[trunk]]\nkind='conv2d'\nout_channels=3\nkernel=3\npadding=1\n\
+             [[trunk]]\nkind='relu'\n[[trunk]]\nkind='max_pool2d'\nsize=2\n[[trunk]]\nkind='flatten'\n\
+             [[trunk]]\nkind='linear'\nout=6\n[[trunk]]\nkind='relu'\n[[heads]]\nname='y'\nclasses=4",
+        )
+        .unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 2, 8, 8), &Device::Cpu).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu).unwrap();
+        let on_kernels = model.forward_head(&x, 0, true).unwrap();
+        let layers = model.trunk.iter().chain(&model.heads[0]);
+        let on_candle = layers.fold(x.clone(), |h, layer| layer.forward(&h, true).unwrap());
+        let (got, want) = (on_kernels.to_vec2::<f32>().unwrap(), on_candle.to_vec2::<f32>().unwrap());
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() <= 1e-5, "logits: {got:?} against candle's {want:?}");
+        }
+        let grads_of = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (fast, reference) = (grads_of(&on_kernels), grads_of(&on_candle));
+        assert!(fast.get(&x).is_none(), "the model ran candle's conv2d: the data got a gradient");
+        assert!(reference.get(&x).is_some(), "candle's conv2d gives the data a gradient");
+        for var in model.vars() {
+            let (g, w) = (fast.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
+            let worst = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(worst <= 1e-4, "{:?}: gradients differ by {worst}", var.dims());
+        }
+    }
+
+    #[test]
     fn layout_is_sorted_by_name_within_segments_and_deterministic() {
         let spec = ModelSpec::from_toml(TWO_NN).unwrap();
         let a = Model::new(&spec, &Device::Cpu, 3).unwrap();
