@@ -12,6 +12,7 @@ use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use cohort_common::data::{DataError, Dataset};
+use cohort_common::peer::escape;
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
@@ -71,12 +72,18 @@ pub struct ImageFolder {
     pub max_bytes: u64,
 }
 
+/// A path under `dir` as a message shows it: file and folder names are the file system's text,
+/// escaped (no forged log lines, no terminal escapes).
+fn shown(path: &Path) -> String {
+    escape(&path.display().to_string(), 1024)
+}
+
 fn bad(path: &Path, problem: String) -> FileError {
-    FileError::Data(DataError::Format { origin: path.display().to_string(), problem })
+    FileError::Data(DataError::Format { origin: shown(path), problem })
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> FileError {
-    FileError::Io { path: path.display().to_string(), source }
+    FileError::Io { path: shown(path), source }
 }
 
 /// Whether a file name ends in `.png`, `.jpg` or `.jpeg` (any case).
@@ -144,9 +151,10 @@ impl ImageFolder {
                     return Err(bad(
                         dir,
                         format!(
-                            "the folder `{name}` is not among classes = {list:?}; add it to the list, or move it out \
+                            "the folder `{}` is not among classes = {list:?}; add it to the list, or move it out \
                              of {}",
-                            dir.display()
+                            escape(name, 80),
+                            shown(dir)
                         ),
                     ));
                 }
@@ -165,7 +173,7 @@ impl ImageFolder {
                 format!(
                     "only one class (`{}`): a classifier needs at least two. Put each class's images in a folder \
                      of its own; a site that holds one class lists the federation's classes with classes = [...]",
-                    classes[0].0
+                    escape(&classes[0].0, 80)
                 ),
             )),
             n if n > MAX_CLASSES => {
@@ -235,16 +243,16 @@ impl ImageFolder {
                     .take(20)
                     .enumerate()
                     .map(|(i, (name, folder))| match folder {
-                        Some(_) => format!("{i} `{name}`"),
-                        None => format!("{i} `{name}` (no folder)"),
+                        Some(_) => format!("{i} `{}`", escape(name, 80)),
+                        None => format!("{i} `{}` (no folder)", escape(name, 80)),
                     })
                     .collect();
                 if classes.len() > 20 {
                     names.push(format!("... ({} in all)", classes.len()));
                 }
-                format!("image folders in {}: classes {}", self.dir.display(), names.join(", "))
+                format!("image folders in {}: classes {}", shown(&self.dir), names.join(", "))
             }
-            Err(e) => format!("image folders in {}: {e}", self.dir.display()),
+            Err(e) => format!("image folders in {}: {e}", shown(&self.dir)),
         }
     }
 
@@ -266,7 +274,7 @@ impl ImageFolder {
             let image = match read_image(path) {
                 Ok(image) => image,
                 Err(problem) if self.skip_unreadable => {
-                    skipped.push(format!("{}: {problem}", path.display()));
+                    skipped.push(format!("{}: {problem}", shown(path)));
                     continue;
                 }
                 Err(problem) => {
@@ -327,7 +335,7 @@ impl ImageFolder {
         if !skipped.is_empty() {
             tracing::warn!(
                 "{}: skipped {} of {n} image files that could not be read (skip_unreadable = true); the first: {}",
-                self.dir.display(),
+                shown(&self.dir),
                 skipped.len(),
                 skipped[0]
             );
@@ -335,7 +343,7 @@ impl ImageFolder {
         if listing.ignored > 0 {
             tracing::info!(
                 "{}: {} files in the class folders are not named .png, .jpg or .jpeg and were left out",
-                self.dir.display(),
+                shown(&self.dir),
                 listing.ignored
             );
         }
@@ -501,16 +509,34 @@ mod tests {
         assert!(e.contains("a/text.png") && e.contains("not a PNG or JPEG image"), "{e}");
         std::fs::remove_file(d.join("a/text.png")).unwrap();
 
-        // A header claiming 100000 x 100000 pixels: refused before decoding.
-        let mut bomb = png.clone();
-        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-        let crc = crc32(&bomb[12..29]);
-        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-        std::fs::write(d.join("a/bomb.png"), &bomb).unwrap();
+        // A header claiming 100000 x 100000 pixels: refused before decoding; and one within the
+        // side limit but past the pixel limit (16384 x 16384 = 2^28 pixels).
+        for (side, name) in [(100_000u32, "bomb.png"), (MAX_SIDE, "wide.png")] {
+            let mut bomb = png.clone();
+            bomb[16..20].copy_from_slice(&side.to_be_bytes());
+            bomb[20..24].copy_from_slice(&side.to_be_bytes());
+            let crc = crc32(&bomb[12..29]);
+            bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+            std::fs::write(d.join("a").join(name), &bomb).unwrap();
+            let e = err(&f);
+            assert!(
+                e.contains(&format!("a/{name}")) && e.contains(&format!("{side}x{side}")) && e.contains("shrink"),
+                "{e}"
+            );
+            std::fs::remove_file(d.join("a").join(name)).unwrap();
+        }
+
+        // File and folder names are the file system's text: escaped in errors.
+        std::fs::write(d.join("a/x\nINFO forged\u{1b}[2J.png"), "text").unwrap();
         let e = err(&f);
-        assert!(e.contains("a/bomb.png") && e.contains("100000x100000") && e.contains("shrink"), "{e}");
-        std::fs::remove_file(d.join("a/bomb.png")).unwrap();
+        assert!(e.contains("x\\nINFO forged") && e.contains("not a PNG or JPEG"), "{e}");
+        assert!(!e.contains(['\n', '\u{1b}']), "{e:?}");
+        std::fs::remove_file(d.join("a/x\nINFO forged\u{1b}[2J.png")).unwrap();
+        std::fs::create_dir_all(d.join("c\u{1b}[31m")).unwrap();
+        let e = err(&ImageFolder { classes: Some(vec!["a".into(), "b".into()]), ..folder(d) });
+        assert!(e.contains("the folder `c\\u{1b}[31m` is not among"), "{e}");
+        assert!(!folder(d).describe().contains('\u{1b}'), "{}", folder(d).describe());
+        std::fs::remove_dir(d.join("c\u{1b}[31m")).unwrap();
 
         // Mixed sizes without resize; then with it.
         save(&d.join("b/big.png"), &picture(7, 6, 30), ImageFormat::Png);
