@@ -148,7 +148,8 @@ enum RunEnd {
     Interrupted,
 }
 
-pub(crate) fn unix_now() -> i64 {
+/// Seconds since the Unix epoch, as cohort.db records times.
+pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
@@ -527,12 +528,13 @@ impl Server {
                 match output {
                     Output::Send(request) => self.send(request, &mut encoded, &mut requests, &reply_tx),
                     Output::Event(Event::Stopped(reason)) => stop = Some(reason),
-                    Output::Event(Event::Cheater { round, client, what }) => {
-                        cheaters.insert(client.clone());
-                        self.act(&ctx, Event::Cheater { round, client, what }, &model, &publisher, &mut coordinator)
-                            .await?
+                    Output::Event(event) => {
+                        // Left out of the runs that follow too, while this server runs.
+                        if let Event::Cheater { client, .. } = &event {
+                            cheaters.insert(client.clone());
+                        }
+                        self.act(&ctx, event, &model, &publisher, &mut coordinator).await?
                     }
-                    Output::Event(event) => self.act(&ctx, event, &model, &publisher, &mut coordinator).await?,
                 }
             }
             self.registry.next_round.store(coordinator.next_round(), Ordering::Relaxed);

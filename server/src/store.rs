@@ -695,18 +695,17 @@ impl Store {
 
     /// Records where a run stands (with a note: why it stopped or failed).
     pub fn set_run_status(&self, name: &str, status: RunStatus, note: &str, now: i64) -> Result<(), StoreError> {
-        let sql = match status {
-            // `started_at` is the last start: the run in progress, or the last that ran.
-            RunStatus::Running => {
-                "UPDATE runs SET status = ?2, note = ?3, started_at = ?4, ended_at = NULL WHERE name = ?1"
-            }
-            RunStatus::Queued => {
-                "UPDATE runs SET status = ?2, note = ?3, stop_requested = 0, ended_at = NULL \
-                                  WHERE name = ?1 AND ?4 = ?4"
-            }
-            _ => "UPDATE runs SET status = ?2, note = ?3, stop_requested = 0, ended_at = ?4 WHERE name = ?1",
-        };
-        self.conn.execute(sql, params![name, status.as_str(), note, now]).map_err(self.wrap())?;
+        // `started_at` is the last start (the run in progress, or the last that ran); `ended_at`
+        // is set by the states a run ends in and cleared by the others.
+        let started = (status == RunStatus::Running).then_some(now);
+        let ended = matches!(status, RunStatus::Finished | RunStatus::Stopped | RunStatus::Failed).then_some(now);
+        self.conn
+            .execute(
+                "UPDATE runs SET status = ?2, note = ?3, stop_requested = 0, started_at = COALESCE(?4, started_at), \
+                 ended_at = ?5 WHERE name = ?1",
+                params![name, status.as_str(), note, started, ended],
+            )
+            .map_err(self.wrap())?;
         Ok(())
     }
 
