@@ -93,3 +93,26 @@ pub(crate) async fn keep_written(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status` calls a server running only on a fresh file that says it serves: not one left by
+    /// a server that was killed (old), nor one stamped in the future (a clock stepped back, an
+    /// edited file), nor one a server wrote as it stopped.
+    #[test]
+    fn only_a_fresh_serving_file_is_a_running_server() {
+        let live = |state: &str, updated_at: i64| LiveStatus { state: state.into(), updated_at, ..Default::default() };
+        let now = 1_000;
+        assert!(live("serving", now).is_running(now));
+        assert!(live("serving", now - LIVE_STALE_SECS).is_running(now));
+        assert!(!live("serving", now - LIVE_STALE_SECS - 1).is_running(now), "killed: the file went stale");
+        assert!(!live("serving", now + 3_600).is_running(now), "from the future");
+        assert!(!live("stopped", now).is_running(now), "stopped cleanly");
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(LiveStatus::read(&dir.path().join("live.json")), None, "never served");
+        std::fs::write(dir.path().join("live.json"), b"{ half a file").unwrap();
+        assert_eq!(LiveStatus::read(&dir.path().join("live.json")), None, "unreadable: not running");
+    }
+}

@@ -9,7 +9,7 @@ use cohort_server::config::ServerConfig;
 use cohort_server::live::LiveStatus;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::runs;
-use cohort_server::serve::{RunSetup, ServeSetup, Server};
+use cohort_server::serve::{unix_now, RunSetup, ServeSetup, Server};
 use cohort_server::store::{Enrolment, HeadMetrics, RoundRow, RunRow, RunStatus, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -533,10 +533,6 @@ fn serve(state: PathBuf, config_path: PathBuf) -> Result<()> {
     })
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 fn print_runs(paths: &StatePaths, runs: &[RunRow]) {
     println!("{:<20} {:<9} {:<16} {:>11} {:>9} {:<20}", "run", "status", "model", "rounds", "accuracy", "submitted");
     for run in runs {
@@ -642,28 +638,13 @@ fn status(paths: &StatePaths, run: Option<String>) -> Result<()> {
         );
     }
     // Runs on the same sites compose: what the most-used client spent over all of them.
-    let mut per_client: std::collections::BTreeMap<String, Vec<(f64, f64, u64)>> = Default::default();
-    let mut private_runs = 0;
-    for run in &runs {
-        let records = paths.records_of(&run.dir);
-        let Ok(participations) = Store::open_existing(&records.database()).and_then(|s| s.dp_participations()) else {
-            continue;
-        };
-        private_runs += usize::from(!participations.is_empty());
-        for (client, z, n) in participations {
-            per_client.entry(client).or_default().push((1.0, z, n));
-        }
-    }
-    if private_runs > 1 {
-        let (client, most) = per_client
-            .into_iter()
-            .map(|(c, m)| (c, cohort_common::dp::composed_epsilon(m, 1e-5)))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap_or_default();
+    if let Some(across) = runs::epsilon_across_runs(paths, 1e-5)? {
         println!(
-            "          over all {private_runs} private runs: epsilon {most:.3} against the server at delta 1e-5 (the \
-             most any client spent: `{}`); each run's budget counts its own rounds only",
-            cohort_io::escape(&client, 64)
+            "          over all {} private runs: epsilon {:.3} against the server at delta 1e-5 (the most any client \
+             spent: `{}`); each run's budget counts its own rounds only",
+            across.private_runs,
+            across.epsilon,
+            cohort_io::escape(&across.client, 64)
         );
     }
     Ok(())

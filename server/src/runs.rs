@@ -94,6 +94,44 @@ pub fn resume(paths: &StatePaths, name: &str) -> Result<RunRow, RunsError> {
     Ok(row)
 }
 
+/// What the most-used client has spent against the server over every private run of the
+/// federation: runs on the same sites compose, while each run's account (and its
+/// `epsilon_budget`) counts its own rounds only. Each client's private rounds of every run are
+/// composed, unamplified (the server knows every sample), at `delta`. `None` unless more than one
+/// run was private (one run's figure is that run's `epsilon_server`).
+pub fn epsilon_across_runs(paths: &StatePaths, delta: f64) -> Result<Option<AcrossRuns>, RunsError> {
+    let runs = Store::open_existing(&paths.database())?.runs()?;
+    let mut per_client: std::collections::BTreeMap<String, Vec<(f64, f64, u64)>> = Default::default();
+    let mut private_runs = 0;
+    for run in &runs {
+        let records = paths.records_of(&run.dir);
+        if !records.database().is_file() {
+            continue; // never started
+        }
+        let participations = Store::open_existing(&records.database())?.dp_participations()?;
+        private_runs += usize::from(!participations.is_empty());
+        for (client, z, rounds) in participations {
+            per_client.entry(client).or_default().push((1.0, z, rounds));
+        }
+    }
+    if private_runs < 2 {
+        return Ok(None);
+    }
+    let most = per_client
+        .into_iter()
+        .map(|(client, mechanisms)| (client, cohort_common::dp::composed_epsilon(mechanisms, delta)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(most.map(|(client, epsilon)| AcrossRuns { client, epsilon, private_runs }))
+}
+
+/// [`epsilon_across_runs`]: who spent the most, and how much, over how many private runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcrossRuns {
+    pub client: String,
+    pub epsilon: f64,
+    pub private_runs: usize,
+}
+
 /// Where the records of run `name` are, or (without a name) of the run in progress or the last
 /// that ran; a state directory from before runs were recorded has its own.
 pub fn records(paths: &StatePaths, name: Option<&str>) -> Result<(StatePaths, Option<RunRow>), RunsError> {
@@ -109,4 +147,38 @@ pub fn records(paths: &StatePaths, name: Option<&str>) -> Result<(StatePaths, Op
             .max_by_key(|r| (r.status == RunStatus::Running, r.started_at)),
     };
     Ok((row.as_ref().map_or_else(|| paths.clone(), |r| paths.records_of(&r.dir)), row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RoundRow;
+
+    /// Review finding (issue 15): each run's epsilon against the server counts its own rounds
+    /// only; a site in two private runs has spent both. `status` shows the composition.
+    #[test]
+    fn private_runs_on_the_same_sites_compose() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StatePaths::new(dir.path());
+        let store = Store::open(&paths.database()).unwrap();
+        store.queue_config_run("main", "m", 1, 1).unwrap();
+        store.submit_run("again", "runs/again", "m", 1, 2).unwrap();
+        store.start_run("main", 3).unwrap();
+        assert_eq!(epsilon_across_runs(&paths, 1e-5).unwrap(), None, "no private round yet");
+        // A private round of each run, site `a` sampled in both and `b` in one.
+        let charge = |records: &StatePaths, cohort: &[&str]| {
+            std::fs::create_dir_all(&records.dir).unwrap();
+            let cohort: Vec<String> = cohort.iter().map(|c| c.to_string()).collect();
+            let row = RoundRow::started(1, 4, cohort.len(), Some(1.0), 1.0, Some(0.0));
+            Store::open(&records.database()).unwrap().record_round(&row, &[], &[], &cohort).unwrap();
+        };
+        charge(&paths, &["a", "b"]);
+        assert_eq!(epsilon_across_runs(&paths, 1e-5).unwrap(), None, "one private run: its own figure");
+        charge(&paths.run("again"), &["a"]);
+        let across = epsilon_across_runs(&paths, 1e-5).unwrap().unwrap();
+        let two_rounds = cohort_common::dp::composed_epsilon([(1.0, 1.0, 2)], 1e-5);
+        let one_round = cohort_common::dp::composed_epsilon([(1.0, 1.0, 1)], 1e-5);
+        assert_eq!((across.client.as_str(), across.private_runs), ("a", 2));
+        assert!((across.epsilon - two_rounds).abs() < 1e-9 && across.epsilon > one_round, "{across:?}");
+    }
 }
