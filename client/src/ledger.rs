@@ -94,7 +94,7 @@ pub fn describe(ledger: &PrivacyLedger) -> Vec<String> {
         let rounds: u64 = entries.iter().map(|s| s.count()).sum();
         let first = entries.iter().map(|s| s.first_round).min().unwrap_or(0);
         let last = entries.iter().map(|s| s.last_round).max().unwrap_or(0);
-        let (federation, run) = match key.rsplit_once("/run:") {
+        let (federation, run) = match cohort_common::dp::split_run_key(key) {
             Some((federation, run)) => (federation, run),
             None => (key, "(before runs were named)"),
         };

@@ -602,7 +602,15 @@ pub fn federation_key(ca_fingerprint: &str, federation_id: &str) -> String {
 /// The key a client's ledger charges one run of a federation under: round numbers start again at
 /// 1 in every run, so each run is an account of its own (epsilon composes over all of them).
 pub fn run_key(federation_key: &str, run: &str) -> String {
-    format!("{federation_key}/run:{run}")
+    format!("{federation_key}{RUN_KEY_SEPARATOR}{run}")
+}
+
+const RUN_KEY_SEPARATOR: &str = "/run:";
+
+/// A [`run_key`] taken apart: the federation's key and the run's name (`None` for a key from
+/// before runs were named).
+pub fn split_run_key(key: &str) -> Option<(&str, &str)> {
+    key.rsplit_once(RUN_KEY_SEPARATOR)
 }
 
 /// Why a client declines a round.
@@ -818,6 +826,7 @@ mod tests {
         };
         let mut ledger = PrivacyLedger::new(9.0, 1e-5, Accounting::Participations).unwrap();
         let (a, b, c) = (run_key("f", "a"), run_key("f", "b"), run_key("f", "c"));
+        assert_eq!(split_run_key(&a), Some(("f", "a")), "a run key comes apart as it was made");
         ledger.admit_within(&a, 1, 1, &plan(1.0), Some(6.0)).unwrap();
         ledger.admit_within(&b, 1, 1, &plan(1.0), Some(6.0)).unwrap();
         let refused = ledger.admit_within(&a, 2, 1, &plan(1.0), Some(6.0)).unwrap_err();

@@ -530,6 +530,12 @@ impl ClientSession {
         // Keys first (nothing charged if the setup is refused), then the ledger.
         let (client, nonce) = SecAggClient::join(&self.id, secure.setup.clone(), rng)?;
         self.admit(to, &plan)?;
+        // A server that names a new run every round would grow this without end: past the cap,
+        // only the current run's sums are kept (a replay of an older run's computation is still
+        // refused by `summed`).
+        if !self.joined.contains_key(&sum) && self.joined.len() >= MAX_REMEMBERED_SUMS {
+            self.joined.retain(|(run, _), _| *run == sum.0);
+        }
         self.joined.insert(sum, round);
         if self.summed.len() == MAX_REMEMBERED_SUMS {
             self.summed.pop_front();
@@ -700,8 +706,9 @@ fn secure_round(slot: &mut Option<SecureRound>, round: u64) -> Result<&mut Secur
     }
 }
 
-/// How many secure sums' inputs a session remembers ([`ClientSession`]'s `summed`): 32 bytes
-/// each, 2 MiB in all; a server would have to run this many rounds to make one forgotten.
+/// How many secure sums' inputs a session remembers ([`ClientSession`]'s `summed`): a 32-byte
+/// digest, the run's name (at most 64 bytes) and the round each, under 8 MiB in all; a server
+/// would have to run this many rounds to make one forgotten.
 pub const MAX_REMEMBERED_SUMS: usize = 65_536;
 
 /// What a plan asks this client to compute, whatever its run, round, deadline and session: a

@@ -387,8 +387,6 @@ impl SiteBackoff {
 }
 
 impl Federation {
-    /// A warning for secure federations whose sum reveals a member's update: with two sites in a
-    /// cohort, each learns the other's update by subtracting its own from the sum.
     /// The fewest updates a secure training sum may hold: three, unless the operator accepted
     /// sums of two (`allow_two_site_sums`), where each of the two learns the other's update.
     pub fn min_secure_sum(&self) -> usize {
@@ -398,6 +396,8 @@ impl Federation {
         }
     }
 
+    /// A warning for secure federations whose sum reveals a member's update: with two sites in a
+    /// cohort, each learns the other's update by subtracting its own from the sum.
     pub fn small_cohort_warning(&self) -> Option<String> {
         (self.collection == Collection::Secure && self.clients_per_round <= 2).then(|| {
             format!(

@@ -279,9 +279,8 @@ pub struct CoordinatorSetup {
     pub rng: Box<dyn CryptoRng + Send>,
 }
 
-/// What the federation is doing ([`Coordinator::activity`]).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+/// What the federation is doing ([`Coordinator::activity`]), for the operator's `status`.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Activity {
     /// Waiting until `needed` eligible clients are connected.
     Waiting {

@@ -76,6 +76,8 @@ struct Sim {
     after_round: Duration,
     /// Requests delivered, for the rounds-per-second figure.
     requests: usize,
+    /// What the coordinator said it was doing ([`Coordinator::activity`]), each change once.
+    activities: Vec<String>,
 }
 
 fn federation(collection: Collection, rounds: u64, clients: usize) -> Federation {
@@ -152,6 +154,7 @@ impl Sim {
             rng: rand_chacha::ChaCha20Rng::seed_from_u64(seed),
             after_round: Duration::ZERO,
             requests: 0,
+            activities: Vec::new(),
         }
     }
 
@@ -234,6 +237,10 @@ impl Sim {
         let end = self.now + limit;
         loop {
             self.drain();
+            let activity = self.coordinator.activity().to_string();
+            if self.activities.last() != Some(&activity) {
+                self.activities.push(activity);
+            }
             if let Some(reason) = &self.stopped {
                 return reason.clone();
             }
@@ -354,6 +361,22 @@ fn a_dropout_that_aborts_a_round_names_the_sites_and_the_round_does_not_count() 
     assert!(!note.contains("round aborted: round"), "no stacked prefixes: {note}");
     assert_eq!(sim.completed().len(), 3, "the aborted round did not count");
     assert_eq!(sim.reports.last().unwrap().round, 4);
+}
+
+/// What `cohort-server status` shows of a running federation (issue 15): waiting for clients,
+/// each round with its cohort and the secure-aggregation phase it waits for, the end.
+#[test]
+fn the_activity_follows_the_round_and_its_phases() {
+    let mut sim = Sim::new(federation(Collection::Secure, 2, 3), SPEC, 3, 5, false);
+    assert_eq!(sim.coordinator.activity().to_string(), "waiting for clients (3 eligible connected, 3 needed)");
+    assert_eq!(sim.run(Duration::from_secs(100_000)), StopReason::Finished { rounds: 2 });
+    for round in 1..=2 {
+        for wanted in ["a key advert", "sealed shares", "a masked input", "shares for unmasking"] {
+            let expected = format!("round {round}, 3 clients sampled, waiting for {wanted}");
+            assert!(sim.activities.contains(&expected), "{expected:?} not in {:?}", sim.activities);
+        }
+    }
+    assert_eq!(sim.activities.last().map(String::as_str), Some("stopped"));
 }
 
 /// Sums of two (issue 15): in a secure round of two sites, each learns the other's update from
