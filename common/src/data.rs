@@ -362,6 +362,14 @@ impl Partition {
         clients: usize,
         rng: &mut impl Rng,
     ) -> Result<Vec<Vec<usize>>> {
+        // Before the split: a client count past the examples would fail anyway, after allocating
+        // per client (`--clients 1000000000000` with Dirichlet: terabytes).
+        if clients > labels.len() {
+            return Err(DataError::Partition(format!(
+                "{} examples cannot give {clients} clients one each",
+                labels.len()
+            )));
+        }
         let mut parts = self.split(labels, classes, clients, rng)?;
         let mut taken = vec![false; labels.len()];
         for &i in parts.iter().flatten() {
@@ -483,6 +491,8 @@ mod tests {
         assert_eq!(all.iter().map(Vec::len).sum::<usize>(), 995, "the remainder is dealt too");
         let err = Partition::Dirichlet { alpha: 0.01 }.split_all(&labels[..20], 10, 10, &mut rng).unwrap_err();
         assert!(err.to_string().contains("gets no examples"), "{err}");
+        let err = Partition::Dirichlet { alpha: 1.0 }.split_all(&labels[..20], 10, 1 << 40, &mut rng).unwrap_err();
+        assert!(err.to_string().contains("20 examples cannot give 1099511627776 clients"), "{err}");
 
         let again = Partition::Iid.split(&labels, 10, 10, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
         assert_eq!(again, iid);
