@@ -385,7 +385,8 @@ fn forward_layers(layers: &[Layer], x: &Tensor, train: bool) -> candle_core::Res
     let mut i = 0;
     while let Some(layer) = layers.get(i) {
         let relu_next = matches!(layers.get(i + 1), Some(Layer::Relu));
-        let (out, covered) = match cpu.then(|| on_kernels(layer, &h, relu_next)).transpose()?.flatten() {
+        let kernel = if cpu { on_kernels(layer, &h, relu_next)? } else { None };
+        let (out, covered) = match kernel {
             Some(done) => done,
             None => (layer.forward(&h, train)?, 1),
         };
