@@ -287,33 +287,30 @@ pub const MAX_CLASSES: usize = cohort_common::model::MAX_CONFUSION_CELLS.isqrt()
 
 /// Refuses a data source with more than [`MAX_CLASSES`] classes; `place` names its table.
 fn check_classes(source: &DataSource, place: &str) -> Result<(), String> {
-    let (field, classes) = match source {
-        DataSource::Idx { classes, .. } => ("classes", *classes),
+    // The number of classes the source gives, and how to say where it gave it.
+    let (classes, given): (usize, fn(usize) -> String) = match source {
+        DataSource::Idx { classes, .. } => (*classes, |n| format!("classes = {n}")),
         DataSource::Csv { options, .. } => match (&options.label_values, options.classes) {
-            (Some(values), _) => ("label_values", values.len()),
-            (None, Some(classes)) => ("classes", classes),
+            (Some(values), _) => (values.len(), |n| format!("label_values has {n} values")),
+            (None, Some(classes)) => (classes, |n| format!("classes = {n}")),
             (None, None) => return Ok(()),
         },
         // Without `classes`, the loaders refuse labels past the same limit.
         DataSource::Npy { classes, .. } | DataSource::Npz { classes, .. } => match classes {
-            Some(classes) => ("classes", *classes),
+            Some(classes) => (*classes, |n| format!("classes = {n}")),
             None => return Ok(()),
         },
         // Without `classes`, the loader refuses more class folders than the same limit.
         DataSource::Images(folder) => match &folder.classes {
-            Some(names) => ("class names", names.len()),
+            Some(names) => (names.len(), |n| format!("classes lists {n} names")),
             None => return Ok(()),
         },
     };
     if classes > MAX_CLASSES {
-        let given = match field {
-            "classes" => format!("classes = {classes}"),
-            "class names" => format!("classes lists {classes} names"),
-            _ => format!("label_values has {classes} values"),
-        };
         return Err(format!(
-            "{place}: {given}, more than the {MAX_CLASSES} classes a model head can have; set it to the number of \
-             distinct labels in the data"
+            "{place}: {}, more than the {MAX_CLASSES} classes a model head can have; set it to the number of \
+             distinct labels in the data",
+            given(classes)
         ));
     }
     Ok(())
