@@ -189,12 +189,7 @@ pub fn write_fleet(options: &FleetOptions) -> Result<FleetSummary, String> {
         ));
     }
     let first_san = options.sans.first().ok_or("give at least one --san (the name the clients dial)")?;
-    if options.out.exists() && std::fs::read_dir(&options.out).map_or(true, |mut d| d.next().is_some()) {
-        return Err(format!(
-            "{} exists and is not an empty folder; give a new --out (fleet never overwrites a CA or keys)",
-            options.out.display()
-        ));
-    }
+    crate::require_new_out(&options.out, "fleet never overwrites a CA or keys")?;
 
     let spec = scenario.model_spec().map_err(|e| e.to_string())?;
 

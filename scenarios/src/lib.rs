@@ -29,3 +29,12 @@ pub mod runner;
 pub mod scenario;
 pub mod split;
 pub mod throughput;
+
+/// Refuses an `--out` folder that exists and is not empty; `never` says what the tool never
+/// does (`fleet never overwrites a CA or keys`).
+pub(crate) fn require_new_out(out: &std::path::Path, never: &str) -> Result<(), String> {
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(format!("{} exists and is not an empty folder; give a new --out ({never})", out.display()));
+    }
+    Ok(())
+}

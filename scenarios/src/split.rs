@@ -54,12 +54,7 @@ pub fn split(options: &SplitOptions) -> Result<Vec<SplitPart>, String> {
     if n == 0 {
         return Err("--clients must be at least 1".into());
     }
-    if options.out.exists() && std::fs::read_dir(&options.out).map_or(true, |mut d| d.next().is_some()) {
-        return Err(format!(
-            "{} exists and is not an empty folder; give a new --out (split never mixes its parts with other files)",
-            options.out.display()
-        ));
-    }
+    crate::require_new_out(&options.out, "split never mixes its parts with other files")?;
     let file: DataFile = files::read_toml(&options.data).map_err(|e| e.to_string())?;
     let base = options.data.parent().unwrap_or(Path::new("."));
     let data = file.data.resolve(base).load().map_err(|e| e.to_string())?;
