@@ -188,10 +188,11 @@ impl ImageFolder {
         let classes = self.class_folders()?;
         let mut files = Vec::new();
         let mut ignored = 0;
+        let mut seen = std::collections::HashSet::new();
         for (label, (_, folder)) in classes.iter().enumerate() {
             if let Some(folder) = folder {
                 let mut found = Vec::new();
-                self.walk(folder, 0, &mut found, &mut ignored, files.len())?;
+                self.walk(folder, 0, &mut found, &mut ignored, files.len(), &mut seen)?;
                 files.extend(found.into_iter().map(|p| (p, label as u32)));
             }
         }
@@ -208,13 +209,20 @@ impl ImageFolder {
         found: &mut Vec<PathBuf>,
         ignored: &mut usize,
         before: usize,
+        seen: &mut std::collections::HashSet<PathBuf>,
     ) -> Result<(), FileError> {
         if depth > MAX_DEPTH {
             return Err(bad(folder, format!("folders nested more than {MAX_DEPTH} deep (a link loop?)")));
         }
+        // Each folder once, however it is reached: links back to a folder would list it again
+        // and again (k links to itself: about k^MAX_DEPTH listings), and its images twice.
+        let real = std::fs::canonicalize(folder).map_err(|source| FileError::Io { path: shown(folder), source })?;
+        if !seen.insert(real) {
+            return Err(bad(folder, "is reached twice through links; one folder per class, each once".into()));
+        }
         for path in entries(folder)? {
             if path.is_dir() {
-                self.walk(&path, depth + 1, found, ignored, before)?;
+                self.walk(&path, depth + 1, found, ignored, before, seen)?;
             } else if is_image_name(&path) {
                 if before + found.len() >= self.max_files {
                     return Err(bad(
@@ -568,6 +576,16 @@ mod tests {
     fn folders_without_classes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
+        // Review finding: links back to a class folder listed it about k^MAX_DEPTH times.
+        let looped = tempfile::tempdir().unwrap();
+        for class in ["a", "b"] {
+            save(&looped.path().join(class).join("1.png"), &picture(2, 2, 1), ImageFormat::Png);
+        }
+        for link in ["x", "y", "z"] {
+            std::os::unix::fs::symlink(looped.path().join("a"), looped.path().join("a").join(link)).unwrap();
+        }
+        let e = err(&folder(looped.path()));
+        assert!(e.contains("reached twice through links"), "{e}");
         let e = err(&folder(&d.join("missing")));
         assert!(e.contains("missing") && e.contains("not a folder"), "{e}");
         let e = err(&folder(d));
