@@ -12,10 +12,10 @@
 //!   only ones admitted; revocation is by certificate), rounds.
 //! - [`serve`]: hosts the federation's runs one after another (server.toml's, then those
 //!   `cohort-server submit` queued in cohort.db), keeping the endpoint and connections between
-//!   them; for each run, the driver of its state machine
-//!   (`cohort_common::coordinator::Coordinator`): an event loop (replies first, then clients
-//!   coming and going, then the timer) that sends each request on a stream, hands back replies,
-//!   writes checkpoints and records rounds; it makes no protocol decision.
+//!   them. Each run is driven by `serve::driver` (private), the event loop around the run's
+//!   state machine (`cohort_common::coordinator::Coordinator`): replies first, then clients
+//!   coming and going, then the timer; it sends each request on a stream, hands back replies,
+//!   writes checkpoints and records rounds, and makes no protocol decision.
 //! - `connections` (private): the QUIC accept loop with its bounds (a cap on connections that
 //!   have not said hello, one per identity, deadlines), admission of registered, unrevoked
 //!   certificates, the hello and welcome, the registry of connected clients, and the watch that
