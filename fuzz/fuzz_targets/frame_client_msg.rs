@@ -1,9 +1,10 @@
 //! What the server decodes from clients: `wire::decode_frame::<ClientMsg>` on the whole input,
 //! then the input as a stream of frames (`payload_len` + `decode_payload`, as the server reads a
-//! connection), and for every message that decodes what the server does with it first: the
-//! round trip through `encode`, the escaped text it logs, the round's checks of an update
-//! (`Round::handle_update`), a decline, and the secure session's checks of a join and of a key
-//! advert (`SecAggServer::handle_join`, `handle_advert`).
+//! connection), each frame also as a connection's first, a hello of any version
+//! (`wire::decode_hello`), and for every message that decodes what the server does with it
+//! first: the round trip through `encode`, the escaped text it logs, the round's checks of an
+//! update (`Round::handle_update`), a decline, and the secure session's checks of a join and of
+//! a key advert (`SecAggServer::handle_join`, `handle_advert`).
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -122,6 +123,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(len) = wire::payload_len(header, 64 << 10) else { return };
         let Some(payload) = rest.get(HEADER_BYTES..HEADER_BYTES + len) else { return };
         rest = &rest[HEADER_BYTES + len..];
+        // A connection's first frame is read as a hello of any version, before anything else.
+        if let Ok(hello) = wire::decode_hello(payload) {
+            let _ = wire::escape(&hello.device, 100);
+        }
         if let Ok(msg) = wire::decode_payload::<ClientMsg>(payload) {
             handle(msg);
         }

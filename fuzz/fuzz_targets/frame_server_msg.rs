@@ -112,6 +112,8 @@ fuzz_target!(|data: &[u8]| {
         let Ok(len) = wire::payload_len(header, MAX_FRAME_BYTES) else { return };
         let Some(payload) = rest.get(HEADER_BYTES..HEADER_BYTES + len) else { return };
         rest = &rest[HEADER_BYTES + len..];
+        // A refusal of any version, as a client reads one when its hello is refused.
+        let _ = wire::decode_refusal(payload);
         let Ok(msg) = wire::decode_payload::<ServerMsg>(payload) else { continue };
         inspect(&msg, &mut ledger);
         if session.handle(token, msg, &mut rng).is_err() {
