@@ -75,3 +75,52 @@ async fn the_endpoint_reports_rounds_and_survives_bad_scrapers() {
     RunningClient::stop_all(clients).await;
     drop(silent);
 }
+
+/// The driver's part in a decline: a site whose data do not fit the model declines every plan;
+/// each decline is logged with the site's reason (the coordinator's tests cover that), counted
+/// for that site in `cohort_declines_total` and recorded in cohort.db as a decline, and the
+/// rounds go on with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_declines_is_counted_per_client_and_recorded() {
+    let ca = Ca::new();
+    let mut fed = federation(3, 3, 2);
+    // Sampled every round: no backoff within these three.
+    fed.backoff.after_failures = 10;
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let mut server = start_server_with_metrics(&ca, listen, fed, None, spec(), Some(listen));
+    let metrics = server.metrics.expect("the endpoint is bound");
+    let mut clients = start_sized_clients(&ca, server.addr, &[(1, 40), (2, 50)]);
+    // Three features where the model takes four.
+    let misfit = {
+        let d = dataset(30, 3);
+        let features = d.features.chunks_exact(4).flat_map(|x| x[..3].to_vec()).collect();
+        cohort::common::data::Dataset::new(features, vec![3], d.labels.clone(), 3).unwrap()
+    };
+    clients.push(start_client(ca.client("misfit"), server.addr, misfit));
+
+    let mut declines = 0;
+    for round in 1..=3 {
+        let report = next_report(&mut server, 60).await;
+        assert!(report.completed && report.round == round, "{report:?}");
+        assert_eq!(report.participants, 2, "{report:?}");
+        let (site, reason) = report.declined.first().expect("the misfit site declined");
+        assert_eq!(site, "misfit");
+        assert!(reason.contains("the data do not fit the model"), "the site's own reason: {reason}");
+        declines += report.declined.len();
+    }
+    let text = exchange(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    let line = format!("cohort_declines_total{{client=\"misfit\"}} {declines}");
+    assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    assert!(!text.contains("cohort_declines_total{client=\"client-1\"}"), "{text}");
+    server.task.await.unwrap().unwrap();
+    RunningClient::stop_all(clients).await;
+
+    let store = cohort::server::store::Store::open(&ca.state.database()).unwrap();
+    let rows = store.clients().unwrap();
+    let row = rows.iter().find(|c| c.id == "misfit").unwrap();
+    assert_eq!(row.declines, declines as i64);
+    assert_eq!(row.rounds, 0);
+    let (round, why) = row.last_dropout.clone().unwrap();
+    assert!(round == 3 && why.starts_with("declined: ") && why.contains("expects [4]"), "{round} {why}");
+    assert!(rows.iter().filter(|c| c.id.starts_with("client-")).all(|c| c.declines == 0 && c.rounds == 3));
+}

@@ -8,17 +8,13 @@ use std::time::{Duration, Instant};
 
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::common::wire::{self, ClientMsg, ServerMsg};
-use cohort::io::{client_config, recv_msg};
+use cohort::io::{client_config, recv_msg, unix_now};
 use cohort::server::pki;
 use cohort::server::store::{Enrolment, Store};
 use support::*;
 
 fn localhost() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// A revoked certificate's live connection is closed within a second of `cohort-server revoke`

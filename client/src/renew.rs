@@ -359,10 +359,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Seconds since the Unix epoch, as certificates count time.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
+pub use cohort_io::unix_now;
 
 /// Where a certificate stands at `now` (Unix seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

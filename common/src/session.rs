@@ -1179,16 +1179,7 @@ mod tests {
         let err = p.ask(shares, &mut rng).unwrap_err();
         assert!(err.contains("segments do not fit"), "{err}");
 
-        let dp = DpPlan {
-            clip: 1.0,
-            per_segment: false,
-            noise_multiplier: 1.0,
-            count_noise: 1.0,
-            min_survivors: 3,
-            sampling_rate: 1.0,
-            expected_clients: 3.0,
-        };
-        let mut private = secure_plan(vec![6], Some(dp));
+        let mut private = secure_plan(vec![6], Some(dp_plan()));
         let s = &mut private.secure.as_mut().unwrap().setup;
         s.params = SecAggParams { quantizer: Quantizer { clip: 9.0, ..s.params.quantizer }, ..s.params.clone() };
         s.min_inputs = 3;

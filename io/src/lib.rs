@@ -277,7 +277,7 @@ pub fn check_issued_by(leaf: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> Re
         return Err(NetError::Identity("the certificate is not for client authentication (extended key usage)".into()));
     }
     let facts = CertificateFacts::from_der(leaf)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let now = unix_now();
     if now >= facts.not_after {
         return Err(NetError::Identity(format!(
             "the certificate of `{}` expired on {}; renew it: run `cohort-client renew --config CLIENT.toml` and have \
@@ -527,6 +527,12 @@ pub async fn recv_payload(recv: &mut quinn::RecvStream, cap: usize) -> Result<Ve
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(NetError::from_read)?;
     Ok(payload)
+}
+
+/// Seconds since the Unix epoch (0 on a clock before it): certificate lifetimes and the times
+/// cohort.db and `live.json` record.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]

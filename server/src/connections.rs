@@ -323,7 +323,7 @@ async fn serve_connection(
         if let Some(reason) = refusal {
             return Err(refuse(&conn, send, hello.version, reason).await);
         }
-        let days_left = (cert.not_after - crate::serve::unix_now()) / 86_400;
+        let days_left = (cert.not_after - cohort_io::unix_now()) / 86_400;
         if days_left < EXPIRY_WARNING_DAYS {
             warn!(
                 client = %id,
@@ -332,7 +332,7 @@ async fn serve_connection(
                 cohort_io::utc(cert.not_after)
             );
         }
-        let _ = store.lock().expect("store lock").client_seen(&id, crate::serve::unix_now());
+        let _ = store.lock().expect("store lock").client_seen(&id, cohort_io::unix_now());
         let mut send = send;
         // The run and its next round, read under the run's lock as the server sets them.
         let (run, next_round) = {

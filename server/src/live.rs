@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::connections::Registry;
-use crate::serve::unix_now;
+use cohort_io::unix_now;
 
 /// How often the file is rewritten.
 pub const LIVE_EVERY: Duration = Duration::from_secs(2);

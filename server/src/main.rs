@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cohort_common::train::per_class;
+use cohort_io::unix_now;
 use cohort_server::config::ServerConfig;
 use cohort_server::live::LiveStatus;
 use cohort_server::pki::{self, StatePaths};
 use cohort_server::runs;
-use cohort_server::serve::{unix_now, RunSetup, ServeSetup, Server};
+use cohort_server::serve::{RunSetup, ServeSetup, Server};
 use cohort_server::store::{Enrolment, HeadMetrics, RoundRow, RunRow, RunStatus, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -300,7 +301,7 @@ fn main() -> Result<()> {
         }
         Command::Revoke { state, client_id, serial, cert } => {
             let mut store = Store::open_existing(&StatePaths::new(&state).database())?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            let now = unix_now();
             let serial = match cert {
                 Some(path) => {
                     let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -457,7 +458,7 @@ fn main() -> Result<()> {
         }
         Command::Clients { state } => {
             let store = Store::open_existing(&StatePaths::new(&state).database())?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            let now = unix_now();
             let certificates = store.certificates()?;
             println!("{:<24} {:>8} {:>7} {:>8} {:<28}", "client", "revoked", "rounds", "declines", "last seen");
             for c in store.clients()? {

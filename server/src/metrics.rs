@@ -25,8 +25,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::serve::RoundReport;
 use crate::store::RoundRow;
+use cohort_common::coordinator::RoundReport;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 type ByHead = Family<Vec<(String, String)>, FloatGauge>;

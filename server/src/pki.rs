@@ -62,9 +62,7 @@ fn stamp(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
     Ok(())
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
+use cohort_io::unix_now;
 
 /// File names inside a server state directory.
 #[derive(Debug, Clone)]

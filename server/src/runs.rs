@@ -10,8 +10,9 @@ use cohort_io::files::{self, FileError};
 
 use crate::config::{RunConfig, RUN_FILE, RUN_MODEL_FILE};
 use crate::pki::StatePaths;
-use crate::serve::{unix_now, RunSetup, ServeError};
+use crate::serve::{RunSetup, ServeError};
 use crate::store::{RunRow, RunStatus, Store, StoreError};
+use cohort_io::unix_now;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunsError {

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use candle_core::Device;
 use cohort_common::data::Dataset;
@@ -21,7 +21,7 @@ use cohort_common::model::{Model, ModelSpec};
 use cohort_common::train::TrainError;
 use cohort_common::wire::{self, ClientId};
 use cohort_io::secagg_keys::CaVerifier;
-use cohort_io::{files, Identity, NetError};
+use cohort_io::{files, unix_now, Identity, NetError};
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -127,11 +127,6 @@ impl RunSetup {
         }
         Ok(())
     }
-}
-
-/// Seconds since the Unix epoch, as cohort.db records times.
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A bound server, ready to run its rounds.

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cohort_common::coordinator::RoundReport;
+use cohort_common::coordinator::{declined_reason, RoundReport};
 use cohort_common::train::Metrics;
 use cohort_io::CertificateFacts;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -766,8 +766,8 @@ impl Store {
     }
 
     /// Records a round, credits its participants, keeps why each sampled client did not take
-    /// part (`dropped`: client and reason, escaped by the coordinator; a reason starting with
-    /// "declined: " is a decline) and charges the clients whose data a private round used
+    /// part (`dropped`: client and reason, escaped by the coordinator; a decline is told apart by
+    /// `coordinator::declined_reason`) and charges the clients whose data a private round used
     /// (`charged`, at the row's noise multiplier), in one transaction.
     pub fn record_round(
         &mut self,
@@ -818,7 +818,7 @@ impl Store {
         for (client, reason) in dropped {
             tx.execute(
                 "INSERT OR REPLACE INTO dropouts (round, client, reason, declined) VALUES (?1, ?2, ?3, ?4)",
-                params![row.round as i64, client, reason, reason.starts_with("declined: ") as i64],
+                params![row.round as i64, client, reason, declined_reason(reason).is_some() as i64],
             )
             .map_err(wrap)?;
         }

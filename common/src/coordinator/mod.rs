@@ -639,7 +639,7 @@ impl Coordinator {
                             Ok(ClientMsg::Decline { reason, .. }) => {
                                 let reason = escape(&reason, 300);
                                 self.out.declined(number, Task::Train, from, &reason);
-                                round.handle_dropout(from, format!("declined: {reason}"));
+                                round.handle_dropout(from, decline_dropout(&reason));
                             }
                             Ok(other) => round.handle_dropout(
                                 from,
@@ -1337,12 +1337,22 @@ fn count_quantizer() -> Quantizer {
     Quantizer { bits: 64, clip: CENSUS_MAX_COUNT, scale: 1.0, wrap: false }
 }
 
+/// How a decline reads among a round's dropouts (`RoundReport::dropped`, the dropouts table):
+/// "declined: " and the site's escaped reason. [`declined_reason`] reads it back.
+pub fn decline_dropout(reason: &str) -> String {
+    format!("{DECLINED}{reason}")
+}
+
+/// The site's reason, when a dropout's reason is a decline ([`decline_dropout`]).
+pub fn declined_reason(dropout: &str) -> Option<&str> {
+    dropout.strip_prefix(DECLINED)
+}
+
+const DECLINED: &str = "declined: ";
+
 /// The sites that declined, from the reasons of those dropped.
 fn declined_of(dropped: &[(ClientId, String)]) -> Vec<(ClientId, String)> {
-    dropped
-        .iter()
-        .filter_map(|(id, why)| why.strip_prefix("declined: ").map(|reason| (id.clone(), reason.to_string())))
-        .collect()
+    dropped.iter().filter_map(|(id, why)| declined_reason(why).map(|reason| (id.clone(), reason.to_string()))).collect()
 }
 
 /// `what`, then each site that did not take part and why.

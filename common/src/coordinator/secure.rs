@@ -133,7 +133,7 @@ impl SecureSum {
             Ok(ClientMsg::Decline { reason, .. }) => {
                 let reason = escape(&reason, 300);
                 out.declined(round, self.task, from, &reason);
-                Err(format!("declined: {reason}"))
+                Err(super::decline_dropout(&reason))
             }
             Ok(msg) => {
                 let kind = msg.kind();

@@ -18,14 +18,14 @@ use cohort_common::coordinator::{
 };
 use cohort_common::model::{vectors_to_safetensors, Model};
 use cohort_common::wire::{self, ClientId, ClientMsg, ServerMsg, Task};
-use cohort_io::{files, recv_msg, NetError};
+use cohort_io::{files, recv_msg, unix_now, NetError};
 use rand::SeedableRng;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{blocking, unix_now, RoundReport, RunSetup, ServeError, Server, RUN_POLL};
+use super::{blocking, RoundReport, RunSetup, ServeError, Server, RUN_POLL};
 use crate::config::Collection;
 use crate::pki::StatePaths;
 use crate::publish::{Finished, Publisher};
