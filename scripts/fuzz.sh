@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of every decoder of peer and file input (cargo-fuzz, libFuzzer): wire
-# frames both ways, safetensors files, model specs, server.toml, client.toml, CSV, IDX and .npy data,
-# the client's privacy ledger. The targets live in fuzz/fuzz_targets/ (one per decoder).
+# Coverage-guided fuzzing of every parser of our own for peer and file input (cargo-fuzz,
+# libFuzzer): wire frames both ways (hellos and refusals of any version included), safetensors
+# files, model specs, server.toml and run files, client.toml, CSV, IDX and .npy data, the client's
+# privacy ledger. The targets live in fuzz/fuzz_targets/ (one per decoder). `.npz` archives and
+# PNG/JPEG images are decoded by the zip and image crates behind our size checks, which have
+# their own tests (damaged and oversized files); they have no target here.
 #
 # Needs the nightly toolchain and cargo-fuzz:
 #   rustup toolchain install nightly && cargo install cargo-fuzz --locked
