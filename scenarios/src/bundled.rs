@@ -17,6 +17,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("mnist-2nn-iid", include_str!("../mnist-2nn-iid.toml")),
     ("mnist-2nn-noniid", include_str!("../mnist-2nn-noniid.toml")),
     ("mnist-cnn-iid", include_str!("../mnist-cnn-iid.toml")),
+    ("mnist-cnn-iid-secure", include_str!("../mnist-cnn-iid-secure.toml")),
     ("mnist-2nn-iid-secure", include_str!("../mnist-2nn-iid-secure.toml")),
     ("mnist-2nn-noniid-secure", include_str!("../mnist-2nn-noniid-secure.toml")),
     ("mnist-2nn-iid-dropouts", include_str!("../mnist-2nn-iid-dropouts.toml")),
