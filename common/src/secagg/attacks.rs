@@ -53,6 +53,11 @@ fn pairwise_seed(s: &Session, key: &KeyPair, j: usize, m: usize) -> [u8; 32] {
     *key.agree(&s.adverts[m].mask_pk, &[&mask_info(&s.session, j, m)[..]]).unwrap()
 }
 
+/// Client `i`'s confirmation of a survivor list, as the server passes it on.
+fn confirmation(s: &Session, i: usize, signature: Vec<u8>) -> Confirmation {
+    Confirmation { client: s.ids[i].clone(), certificate: s.ids[i].as_bytes().to_vec(), signature }
+}
+
 /// Secrets rebuilt by the server from the shares it was given, by owner.
 fn rebuilt(replies: &[(String, UnmaskReply)], t: usize, kind: &str) -> BTreeMap<String, [u8; 32]> {
     let mut shares: BTreeMap<String, Vec<Share>> = BTreeMap::new();
@@ -208,9 +213,53 @@ fn b_different_survivor_lists_for_different_clients_reveal_nothing() {
 }
 
 // (c) One client asked for both kinds of share of a peer: a second list after it revealed, or a
-// list that names a client twice.
+// list that names a client twice. The server runs an ordinary round in which c001 survives (so it
+// rebuilds c001's self-mask seed), then shows the four others a second list in which c001
+// dropped, to get c001's mask key as well: with both, c001's input comes off its masked input.
+// Returns whether it does, and whether every client asked twice returned both kinds of share of
+// c001.
+fn ask_twice(weakened: Weakened) -> Result<(bool, bool), SecAggError> {
+    let (n, t, target) = (5, 3, 1);
+    let mut s = Session::new(setup(n, t, 4, 4, 11), 11, weakened);
+    let (_, masked) = s.run_to_masked_inputs();
+    let (_, requests) = s.confirm();
+    let first = s.unmask(&requests)?;
+    let seed = rebuilt(&first, t, "seed")[&s.ids[target]];
+    // The four others are a quorum of the committee (all five, quorum 4): they confirm the
+    // second list, if they answer it at all.
+    let others: Vec<usize> = (0..n).filter(|&i| i != target).collect();
+    let list = SurvivorList { survivors: others.iter().map(|&i| s.ids[i].clone()).collect() };
+    let mut confirmations = Vec::new();
+    for &i in &others {
+        let signature = s.clients[i].handle_survivors(&list, &TestSigner(s.ids[i].clone()))?;
+        confirmations.push(confirmation(&s, i, signature));
+    }
+    let masking = others.iter().map(|&i| masked[&s.ids[i]].masking.clone()).collect();
+    let request = UnmaskRequest { confirmations, masking };
+    let second = s.unmask(&others.iter().map(|&i| (s.ids[i].clone(), request.clone())).collect())?;
+    let of_target = |shares: &[(ClientId, Share)]| shares.iter().any(|(owner, _)| *owner == s.ids[target]);
+    let both = second.iter().all(|(id, reply)| {
+        of_target(&reply.key_shares) && first.iter().any(|(f, r)| f == id && of_target(&r.seed_shares))
+    });
+    let key = KeyPair::from_secret(&rebuilt(&second, t, "key")[&s.ids[target]]);
+    let pairwise: Vec<(usize, [u8; 32])> =
+        s.graph[target].iter().map(|&m| (m, pairwise_seed(&s, &key, target, m))).collect();
+    let input = strip_masks(&s, target, &masked[&s.ids[target]].values, &seed, &pairwise);
+    Ok((input == s.inputs[target], both))
+}
+
+/// Guards a client's one answer per session: once it answered an unmask request its session is
+/// over, so no second survivor list is confirmed or answered (`Weakened::answer_twice` lets it).
 #[test]
 fn c_a_client_answers_one_survivor_list_once() {
+    let twice = Weakened { answer_twice: true, ..Default::default() };
+    assert_eq!(
+        ask_twice(twice),
+        Ok((true, true)),
+        "clients that answer a second list return c001's key share after its seed share: c001's input comes out"
+    );
+    let err = ask_twice(Weakened::default()).unwrap_err();
+    assert!(matches!(err, SecAggError::Phase("a survivor list", "done")), "the second list is refused: {err}");
     let mut s = Session::new(setup(5, 3, 4, 4, 11), 11, Weakened::default());
     s.run_to_masked_inputs();
     let all = s.server.close_masked().unwrap();
@@ -330,11 +379,20 @@ fn e_a_wrong_zero_or_short_share_names_its_sender_and_the_sum_stays_exact() {
     }
 }
 
-#[test]
-fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
-    // A dealer that seals one neighbour a share that does not match its commitment: the
-    // neighbour reports it, holds nothing of the dealer, and the sum is still exact.
-    let mut s = Session::new(setup(7, 3, 4, 8, 15), 15, Weakened::default());
+/// What a session of 7 clients gave in which c002 sealed one neighbour (the victim) a share that
+/// does not match its commitment.
+struct BadDealer {
+    victim: String,
+    /// Whom the victim reported with its masked input.
+    reported: Vec<String>,
+    complaints: Vec<(ClientId, ClientId)>,
+    /// The server's answer to each unmask reply.
+    replies: BTreeMap<String, Result<(), SecAggError>>,
+    unmasked: Unmasked,
+}
+
+fn with_a_bad_dealer(weakened: Weakened) -> BadDealer {
+    let mut s = Session::new(setup(7, 3, 4, 8, 15), 15, weakened);
     let adverts = s.advertise(&[]);
     let mut sent = BTreeMap::new();
     for (id, theirs) in &adverts {
@@ -349,32 +407,60 @@ fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
     let victim = sent["c002"].sealed[0].to.clone();
     let inbox = s.server.close_shares().unwrap();
     let masked = s.mask(&inbox);
-    assert_eq!(masked[&victim].invalid_shares_from, vec!["c002".to_string()]);
+    let reported = masked[&victim].invalid_shares_from.clone();
     for (id, m) in masked {
         s.server.handle_masked(&id, m, &TestPki).unwrap();
     }
-    assert_eq!(s.server.complaints(), vec![(victim, "c002".to_string())]);
-    assert!(s.confirm_and_unmask().values().all(Result::is_ok));
+    let complaints = s.server.complaints();
+    let replies = s.confirm_and_unmask();
     let expected = s.expected(0..7);
-    assert_eq!(s.server.finish().unwrap().sum, expected);
+    let unmasked = s.server.finish().unwrap();
+    assert_eq!(unmasked.sum, expected, "the other neighbours' shares rebuild c002's seed either way");
+    BadDealer { victim, reported, complaints, replies, unmasked }
+}
 
-    // A dealer whose shares match its commitments but not the seed it committed to in its
-    // advert: named when its seed is rebuilt.
-    let mut s = Session::new(setup(7, 3, 4, 8, 16), 16, Weakened::default());
+/// A dealer whose shares match its commitments but not the seed it committed to in its advert.
+fn with_a_wrong_seed_commitment(weakened: Weakened) -> Result<Unmasked, SecAggError> {
+    let mut s = Session::new(setup(7, 3, 4, 8, 16), 16, weakened);
     // (Standing in for shares from another polynomial: its advert commits to another seed.
     // The commitment is signed, so re-sign it as c003 would.)
     let session = s.session;
     s.adverts[3].seed_commitment = [9; 32];
-    let message = advert_message(&s.setup, &session, &s.adverts[3], Weakened::default());
+    let message = advert_message(&s.setup, &session, &s.adverts[3], weakened);
     s.adverts[3].signature = TestSigner("c003".into()).sign(&message).unwrap();
-    let adverts = s.advertise(&[]);
-    s.share(&adverts);
-    let inbox = s.server.close_shares().unwrap();
-    for (id, m) in s.mask(&inbox) {
-        s.server.handle_masked(&id, m, &TestPki).unwrap();
-    }
+    s.run_to_masked_inputs();
     s.confirm_and_unmask();
-    let err = s.server.finish().unwrap_err();
+    s.server.finish()
+}
+
+/// Guards the holder's check of each share against its commitment when it arrives (without it,
+/// `Weakened::hold_unchecked_shares`, the holder returns the bad share at unmasking and is named
+/// for the dealer's lie), and the server's check of a rebuilt seed against the advert (without
+/// it, `Weakened::trust_returned_shares`, the dealer is not named).
+#[test]
+fn e_a_client_that_deals_bad_shares_is_reported_or_named() {
+    // A dealer that seals one neighbour a share that does not match its commitment: the
+    // neighbour reports it, holds nothing of the dealer, and the sum is still exact.
+    let unchecked = with_a_bad_dealer(Weakened { hold_unchecked_shares: true, ..Default::default() });
+    let victim = unchecked.victim.clone();
+    assert!(unchecked.reported.is_empty() && unchecked.complaints.is_empty(), "nobody reports c002");
+    assert!(
+        matches!(&unchecked.replies[&victim], Err(SecAggError::Cheater { client, .. }) if *client == victim),
+        "unchecked, the honest holder is named for c002's share: {:?}",
+        unchecked.replies[&victim]
+    );
+    assert_eq!(unchecked.unmasked.cheaters.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(), vec![victim]);
+    let BadDealer { victim, reported, complaints, replies, unmasked } = with_a_bad_dealer(Weakened::default());
+    assert_eq!(reported, vec!["c002".to_string()]);
+    assert_eq!(complaints, vec![(victim, "c002".to_string())]);
+    assert!(replies.values().all(Result::is_ok), "{replies:?}");
+    assert!(unmasked.cheaters.is_empty());
+
+    // A dealer whose shares do not rebuild the seed it committed to: named when its seed is
+    // rebuilt (v1 did not compare, and named nobody).
+    let v1 = Weakened { trust_returned_shares: true, ..Default::default() };
+    assert!(with_a_wrong_seed_commitment(v1).unwrap().cheaters.is_empty(), "v1 names nobody");
+    let err = with_a_wrong_seed_commitment(Weakened::default()).unwrap_err();
     assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("c003") && m.contains("cheated")), "{err}");
 }
 
@@ -697,51 +783,129 @@ fn j_regional_survivor_lists_are_refused() {
 // ignores its shares; neither masks against the other, and every neighbour's masking check would
 // then refuse to reveal: one refusal would cost the round (found by the second review). The
 // server settles it when routing the shares: the refuser is left out, the round goes on.
-#[test]
-fn k_one_refused_advert_leaves_one_client_out_not_the_round() {
+// Returns whether the refuser was left out, and the round's sum against the others' inputs.
+fn one_refusal(weakened: Weakened) -> (bool, Result<bool, SecAggError>) {
     let mut setup = setup(20, 5, 8, 6, 70);
     setup.min_inputs = 10;
-    let mut s = Session::new(setup, 70, Weakened::default());
+    let mut s = Session::new(setup, 70, weakened);
     let (refuser, refused) = (3usize, s.graph[3][0]);
-    let adverts = s.advertise(&[]);
-    for (id, theirs) in &adverts {
-        let i = s.index(id);
-        let mut keys = s.clients[i].handle_adverts(theirs, &TestPki, &mut s.rng).unwrap();
-        if i == refuser {
-            keys.sealed.retain(|x| x.to != s.ids[refused]);
-            keys.refused.push(s.ids[refused].clone());
-        }
-        s.server.handle_shares(id, keys).unwrap();
-    }
+    let mut adverts = s.advertise(&[]);
+    // The refuser's copy of the refused client's advert does not verify (for the refuser only).
+    let theirs = adverts.get_mut(&s.ids[refuser]).unwrap();
+    theirs.iter_mut().find(|a| a.client == s.ids[refused]).unwrap().signature[0] ^= 1;
+    let sent = s.share(&adverts);
+    assert_eq!(sent[&s.ids[refuser]].refused, vec![s.ids[refused].clone()]);
     let inbox = s.server.close_shares().unwrap();
-    assert!(!inbox.contains_key(&s.ids[refuser]), "the refuser is left out");
-    assert!(inbox.values().flatten().all(|x| x.from != s.ids[refuser]), "and its shares are not routed");
+    let left_out = !inbox.contains_key(&s.ids[refuser]) && inbox.values().flatten().all(|x| x.from != s.ids[refuser]);
     for (id, m) in s.mask(&inbox) {
         s.server.handle_masked(&id, m, &TestPki).unwrap();
     }
-    let results = s.confirm_and_unmask();
-    assert!(results.values().all(Result::is_ok), "{results:?}");
-    let expected = s.expected((0..20).filter(|&i| i != refuser));
-    assert_eq!(s.server.finish().unwrap().sum, expected);
+    let (_, requests) = s.confirm();
+    let sum = s.unmask(&requests).and_then(|replies| {
+        for (id, reply) in replies {
+            s.server.handle_unmask(&id, reply)?;
+        }
+        Ok(s.server.finish()?.sum == s.expected((0..20).filter(|&i| i != refuser)))
+    });
+    (left_out, sum)
+}
+
+/// Guards the server's settling of one-way edges when it routes the shares (without it,
+/// `Weakened::route_one_way_edges`, one refusal costs the round).
+#[test]
+fn k_one_refused_advert_leaves_one_client_out_not_the_round() {
+    let (left_out, sum) = one_refusal(Weakened { route_one_way_edges: true, ..Default::default() });
+    assert!(!left_out);
+    let err = sum.unwrap_err();
+    assert!(
+        matches!(err, SecAggError::Abort(ref m) if m.contains("did not mask against")),
+        "unsettled, the refuser's neighbours refuse to reveal and the round is lost: {err}"
+    );
+    assert_eq!(one_refusal(Weakened::default()), (true, Ok(true)), "the refuser is left out, the round goes on");
 }
 
 // (l) An out-of-range input. Masking hides any residue, so a client may send values outside the
 // quantizer's range: v1 applied them, and one client's negative weight made the total tiny and
 // the mean huge (found by a third review). The sum of in-range inputs has a known range; a sum
 // outside it is not used.
-#[test]
-fn l_an_out_of_range_input_is_caught_in_the_sum() {
-    let mut s = Session::new(setup(5, 3, 4, 4, 50), 50, Weakened::default());
+fn out_of_range(weakened: Weakened) -> Result<Vec<u64>, SecAggError> {
+    let mut s = Session::new(setup(5, 3, 4, 4, 50), 50, weakened);
     let max = s.setup.params.quantizer.max_code();
     // c002 "encodes" a huge value: its input, well past max_code, masked as any other.
     s.inputs[2] = vec![max * 40, 0, 0, 0];
     s.run_to_masked_inputs();
     assert!(s.confirm_and_unmask().values().all(Result::is_ok));
-    let err = s.server.finish().unwrap_err();
+    let unmasked = s.server.finish()?;
+    assert_eq!(unmasked.sum, s.expected(0..5));
+    Ok(unmasked.sum)
+}
+
+/// Guards the server's range check of the sum (without it, `Weakened::unchecked_sum_range`, the
+/// sum with the huge value is used) and the decoder's check of the weight total.
+#[test]
+fn l_an_out_of_range_input_is_caught_in_the_sum() {
+    let max = setup(5, 3, 4, 4, 50).params.quantizer.max_code();
+    let sum = out_of_range(Weakened { unchecked_sum_range: true, ..Default::default() }).unwrap();
+    assert!(sum[0] > 5 * max, "unchecked, a sum no five in-range inputs give is used: {sum:?}");
+    let err = out_of_range(Weakened::default()).unwrap_err();
     assert!(matches!(err, SecAggError::Abort(ref m) if m.contains("outside")), "{err}");
     // Within the range, a weight total no in-range inputs give is refused by the decoder too,
     // and the mean is held to the quantizer's range.
     let q = quantize::Quantizer { bits: 32, clip: 1.0, scale: 1000.0, wrap: false };
     let big_total = vec![q.max_code(), q.max_code(), q.max_code() * 3];
     assert!(weighted_mean_from_sum(&big_total, 2, &[2], &q).is_none(), "a weight total of 4 from two clients");
+}
+
+// (m) Colluding clients. The server and c of c000's neighbours pool all they hold: each
+// colluder's own keys, the shares c000 dealt it (opened with its own cipher key from the
+// ciphertexts the server routed), and what the server obtains in an ordinary round in which c000
+// survives: t shares of every survivor's self-mask seed (so c000's seed) and the sum. What then
+// hides c000's input in its masked input is its pairwise masks with its honest neighbours, whose
+// seeds need c000's mask key (or theirs, whose shares nobody returns while they survive).
+// Returns whether the pool's best guess of c000's mask key is the key, and whether c000's input
+// comes out.
+fn collude(c: usize) -> (bool, bool) {
+    let (n, t, target) = (8, 4, 0);
+    let mut s = Session::new(setup(n, t, 6, 6, 80), 80, Weakened::default());
+    let colluders = s.graph[target][..c].to_vec();
+    let (inbox, masked) = s.run_to_masked_inputs();
+    let (_, requests) = s.confirm();
+    let replies = s.unmask(&requests).unwrap();
+    assert!(replies.iter().all(|(_, r)| r.key_shares.is_empty()), "nobody dropped: no key share comes back");
+    for (id, reply) in &replies {
+        s.server.handle_unmask(id, reply.clone()).unwrap();
+    }
+    assert_eq!(s.server.finish().unwrap().sum, s.expected(0..n), "an ordinary round");
+    let seed = rebuilt(&replies, t, "seed")[&s.ids[target]];
+    let (mut key_shares, mut pairwise) = (Vec::new(), Vec::new());
+    for &m in &colluders {
+        let (cipher, mask) = s.clients[m].own_keys();
+        let sealed = inbox[&s.ids[m]].iter().find(|x| x.from == s.ids[target]).unwrap();
+        let info = share_key_info(&s.session, target, m, Weakened::default());
+        let key = cipher.agree(&s.adverts[target].cipher_pk, &[&info[..]]).unwrap();
+        let plain = crypto::open(&key, &share_aad(&s.session, target, m), &sealed.ciphertext).unwrap();
+        let ((_, key_share), _): ((Share, Share), usize) =
+            bincode::serde::decode_from_slice(&plain, bincode::config::standard()).unwrap();
+        key_shares.push(key_share);
+        pairwise.push((m, pairwise_seed(&s, &mask, m, target)));
+    }
+    // The pool interpolates through the shares it holds: that gives the key if it was dealt at a
+    // threshold of at most c; t - 1 shares fit every key alike.
+    let secret: [u8; 32] = shamir::combine(&key_shares, c).unwrap()[..].try_into().unwrap();
+    let key = KeyPair::from_secret(&secret);
+    for &m in s.graph[target].iter().filter(|m| !colluders.contains(m)) {
+        pairwise.push((m, pairwise_seed(&s, &key, target, m)));
+    }
+    let input = strip_masks(&s, target, &masked[&s.ids[target]].values, &seed, &pairwise);
+    (key.public() == s.adverts[target].mask_pk, input == s.inputs[target])
+}
+
+/// Guards the threshold of the sharing of a client's mask key, with a survivor's neighbours
+/// returning only its seed share: t - 1 colluding neighbours and the server learn nothing of its
+/// input, and one more colluder (t) reads it. (Dealing the key at threshold t - 1 makes the
+/// first half fail.)
+#[test]
+fn m_fewer_than_t_colluding_neighbours_cannot_read_a_survivors_input() {
+    assert_eq!(collude(3), (false, false), "t - 1 = 3 colluders and the server do not get c000's mask key or input");
+    assert_eq!(collude(4), (true, true), "t = 4 colluders rebuild c000's mask key and read its input");
 }

@@ -140,14 +140,17 @@ impl Session {
         masked
     }
 
-    /// Phases 1 to 3 with nobody dropping: every masked input is in the server's sum.
-    pub fn run_to_masked_inputs(&mut self) {
+    /// Phases 1 to 3 with nobody dropping: every masked input is in the server's sum. Returns
+    /// the shares the server routed to each client, and the masked inputs it received.
+    pub fn run_to_masked_inputs(&mut self) -> (BTreeMap<String, Vec<SealedShares>>, BTreeMap<String, MaskedInput>) {
         let adverts = self.advertise(&[]);
         self.share(&adverts);
         let inbox = self.server.close_shares().unwrap();
-        for (id, m) in self.mask(&inbox) {
-            self.server.handle_masked(&id, m, &TestPki).unwrap();
+        let masked = self.mask(&inbox);
+        for (id, m) in &masked {
+            self.server.handle_masked(id, m.clone(), &TestPki).unwrap();
         }
+        (inbox, masked)
     }
 
     /// Phase 4 with one survivor list for all: the list, and each survivor's unmask request.
@@ -159,6 +162,20 @@ impl Session {
             self.server.handle_confirmation(&id, signature, &TestPki).unwrap();
         }
         (list, self.server.close_confirmations().unwrap())
+    }
+
+    /// Phase 5: each client's reply to its request (not handed to the server); the first
+    /// refusal stops it.
+    pub fn unmask(
+        &mut self,
+        requests: &BTreeMap<String, UnmaskRequest>,
+    ) -> Result<Vec<(String, UnmaskReply)>, SecAggError> {
+        let mut replies = Vec::new();
+        for (id, request) in requests {
+            let i = self.index(id);
+            replies.push((id.clone(), self.clients[i].handle_unmask(request, &TestPki)?));
+        }
+        Ok(replies)
     }
 
     /// Phases 4 and 5 with one survivor list for all; returns each client's reply, already

@@ -669,6 +669,15 @@ pub(crate) struct Weakened {
     pub skip_masking_check: bool,
     /// Leave the clients' nonces out of the session id (a server-chosen session, as in v1).
     pub server_chosen_session: bool,
+    /// Let a client that confirmed a survivor list (and answered its unmask request) confirm
+    /// another and answer again: both kinds of share of one peer come back.
+    pub answer_twice: bool,
+    /// Hold the shares a neighbour dealt without checking them against their commitments.
+    pub hold_unchecked_shares: bool,
+    /// Route the shares of an edge dealt one way only, instead of leaving one of its ends out.
+    pub route_one_way_edges: bool,
+    /// Use a sum outside what the survivors' in-range inputs can give.
+    pub unchecked_sum_range: bool,
 }
 
 /// The advert message of protocol v1 (round only); what [`Weakened::unbound_adverts`] signs.
