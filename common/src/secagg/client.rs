@@ -101,10 +101,22 @@ fn bincode_config() -> impl bincode::config::Config {
 impl SecAggClient {
     /// Phase 0: checks the setup and draws this client's nonce for the session id.
     pub fn join(me: &str, setup: SecAggSetup, rng: &mut impl CryptoRng) -> Result<(Self, [u8; 32]), SecAggError> {
-        Self::join_weakened(me, setup, rng, Weakened::default())
+        Self::start(me, setup, rng, Weakened::default())
     }
 
+    /// [`Self::join`] with protections switched off, for the attack tests: only test builds can
+    /// reach a client that is not at full strength.
+    #[cfg(test)]
     pub(crate) fn join_weakened(
+        me: &str,
+        setup: SecAggSetup,
+        rng: &mut impl CryptoRng,
+        weakened: Weakened,
+    ) -> Result<(Self, [u8; 32]), SecAggError> {
+        Self::start(me, setup, rng, weakened)
+    }
+
+    fn start(
         me: &str,
         setup: SecAggSetup,
         rng: &mut impl CryptoRng,
