@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser of our own for peer and file input (cargo-fuzz,
-# libFuzzer): wire frames both ways (hellos and refusals of any version included), safetensors
+# libFuzzer): wire frames both ways (hellos of any version included), safetensors
 # files, model specs, server.toml and run files, client.toml, CSV, IDX and .npy data, the client's
 # privacy ledger. The targets live in fuzz/fuzz_targets/ (one per decoder). `.npz` archives and
 # PNG/JPEG images are decoded by the zip and image crates behind our size checks, which have

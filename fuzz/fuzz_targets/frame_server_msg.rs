@@ -112,7 +112,9 @@ fuzz_target!(|data: &[u8]| {
         let Ok(len) = wire::payload_len(header, MAX_FRAME_BYTES) else { return };
         let Some(payload) = rest.get(HEADER_BYTES..HEADER_BYTES + len) else { return };
         rest = &rest[HEADER_BYTES + len..];
-        // A refusal of any version, as a client reads one when its hello is refused.
+        // A refusal of any version, as tests and tools read one (`decode_refusal`). The daemon
+        // reads a refusal in its own version through `decode_payload` below, and a frame of
+        // another version as `WireError::Version`.
         let _ = wire::decode_refusal(payload);
         let Ok(msg) = wire::decode_payload::<ServerMsg>(payload) else { continue };
         inspect(&msg, &mut ledger);
