@@ -148,8 +148,16 @@ fn conv2d_matches_candle_where_the_last_window_leaves_values_out() {
     // reference pads the input, keeps the part the windows cover and convolves that unpadded,
     // a shape candle's backward gets right.
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    for (case, (shape, kernel, padding, stride)) in
-        [([2, 3, 8, 9], 3, 1, 2), ([1, 2, 7, 5], 2, 0, 3), ([3, 1, 6, 6], 4, 2, 3)].into_iter().enumerate()
+    for (case, (shape, kernel, padding, stride)) in [
+        ([2, 3, 8, 9], 3, 1, 2),
+        ([1, 2, 7, 5], 2, 0, 3),
+        ([3, 1, 6, 6], 4, 2, 3),
+        // Padding at least the kernel: whole output rows and columns read nothing but padding.
+        ([1, 2, 3, 4], 1, 2, 2),
+        ([2, 1, 4, 5], 2, 3, 1),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let x = random(&mut rng, &shape);
         let (w, b) = (random(&mut rng, &[4, shape[1], kernel, kernel]), random(&mut rng, &[4]));
