@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cohort::client::daemon::ClientEvent;
+use cohort::common::coordinator::declined_reason;
 use cohort::common::secagg::{SealedShares, SharedKeys};
 use cohort::common::wire::{self, ClientMsg, ServerMsg, TensorBytes, Update, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use cohort::io::{client_config, recv_msg, recv_payload, send_msg, CertificateFacts, Identity, NetError};
+use cohort::io::{client_config, recv_msg, recv_payload, send_msg, unix_now, CertificateFacts, Identity, NetError};
 use cohort::server::config::{Collection, SecAggConfig};
 use cohort::server::pki;
 use cohort::server::serve::RoundReport;
@@ -638,7 +639,8 @@ async fn oversized_declines_and_wrong_phase_messages_round_after_round() {
             why.clone()
         };
         let declined = why("decliner");
-        assert!(declined.starts_with("declined: no\\nround complete round=999"), "{declined}");
+        let reason = declined_reason(&declined).unwrap_or_default();
+        assert!(reason.starts_with("no\\nround complete round=999"), "{declined}");
         assert!(declined.contains("\\u{1b}[2J"), "{declined}");
         let joiner = why("joiner");
         if report.round % 2 == 1 {
@@ -685,7 +687,7 @@ async fn round_history_in_memory_is_bounded() {
     let reports = completed_rounds(&mut server, 105, 60).await;
     for report in &reports {
         let (_, why) = report.dropped.iter().find(|(id, _)| id == "decliner").expect("the decliner was sampled");
-        assert!(why.starts_with("declined: no\\nround complete"), "{why}");
+        assert!(declined_reason(why).is_some_and(|r| r.starts_with("no\\nround complete")), "{why}");
         assert!(why.len() <= 400 && !why.chars().any(char::is_control), "{why:?}");
     }
     let kept = server.task.await.unwrap().unwrap();
@@ -753,7 +755,7 @@ fn signed_by_the_ca(ca: &Ca, common_name: Option<&str>, register: bool) -> Ident
     }
     params.is_ca = IsCa::ExplicitNoCa;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = unix_now();
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     params.not_after = rcgen::date_time_ymd(2100, 1, 1);
     let mut serial: [u8; 16] = rand::random();

@@ -1113,7 +1113,7 @@ mod tests {
                 metrics: Metrics::from_confusion(vec![vec![3, 1], vec![0, 2]], 0.0),
             }],
         };
-        let declined = [("a".to_string(), "declined: its data do not fit".to_string())];
+        let declined = [("a".to_string(), cohort_common::coordinator::decline_dropout("its data do not fit"))];
         store.record_round(&row, &["b".into()], &declined, &["a".into(), "b".into()]).unwrap();
         let parity =
             HeadMetrics { head: "parity".into(), metrics: Metrics::from_confusion(vec![vec![5, 0], vec![1, 4]], 2.0) };

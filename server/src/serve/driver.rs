@@ -32,7 +32,7 @@ use crate::publish::{Finished, Publisher};
 use crate::store::{RoundRow, Store};
 
 /// A run being driven: where its records are, and its database.
-pub(super) struct RunContext {
+struct RunContext {
     paths: StatePaths,
     store: Arc<Mutex<Store>>,
 }
