@@ -113,8 +113,8 @@ fn a_fleet_of_three_loads_and_splits_the_data_exactly() {
                 let key = dir.join(format!("{}.pem", client.id));
                 assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o077, 0, "the key is private");
             }
-            let DataSource::Idx { images, labels, .. } = &config.data else { panic!("client {i}: not IDX") };
-            let data = config.data.load().unwrap();
+            let Some(DataSource::Idx { images, labels, .. }) = &config.data else { panic!("client {i}: not IDX") };
+            let data = config.data.as_ref().unwrap().load().unwrap();
             assert_eq!(data.len(), client.examples);
             assert_eq!(data.label_counts(), client.label_counts);
             seen.extend(rows(&idx(images), &idx(labels)));

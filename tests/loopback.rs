@@ -241,6 +241,7 @@ async fn a_test_set_with_more_classes_than_its_head_is_refused_at_start() {
             federation: federation(1, 1, 1),
             test_data: Some(wide),
             head_tests: Vec::new(),
+            initial_model: None,
         }),
         keep_serving: false,
         events: None,

@@ -112,7 +112,10 @@ pub struct ClientConfig {
     #[serde(default)]
     pub server_name: Option<String>,
     pub identity: IdentityFiles,
-    pub data: DataSource,
+    /// The labelled examples candle trains on. A client whose training is its own code (the
+    /// Python package `cohort`) holds its data itself and leaves `[data]` out.
+    #[serde(default)]
+    pub data: Option<DataSource>,
     /// `auto`, `cpu` or `cuda:N`.
     #[serde(default = "auto")]
     pub device: String,
@@ -184,16 +187,24 @@ pub struct HeadSource {
 impl ClientConfig {
     /// The labelled data of each head this client trains.
     pub fn head_data(&self) -> Result<Vec<HeadData>, FileError> {
-        let base = self.data.load()?;
+        let no_data = |place: &str| FileError::Config {
+            path: place.into(),
+            message: "no data: the native client trains on the examples `[data]` (or a head's own `data`) names; \
+                      add [data] to client.toml (only a client whose training is its own code, the Python package \
+                      `cohort`, leaves it out)"
+                .into(),
+        };
+        let base = self.data.as_ref().map(|d| d.load()).transpose()?;
         if self.heads.is_empty() {
-            return Ok(vec![HeadData { head: None, data: Arc::new(base) }]);
+            return Ok(vec![HeadData { head: None, data: Arc::new(base.ok_or_else(|| no_data("[data]"))?) }]);
         }
         self.heads
             .iter()
             .map(|h| {
-                let data = match &h.data {
-                    Some(source) => source.load()?,
-                    None => base.clone(),
+                let data = match (&h.data, &base) {
+                    (Some(source), _) => source.load()?,
+                    (None, Some(base)) => base.clone(),
+                    (None, None) => return Err(no_data(&format!("[[heads]] `{}`", h.name))),
                 };
                 let data = match &h.map {
                     Some(map) => {
@@ -331,7 +342,7 @@ impl ClientConfig {
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, String> {
         let mut config: ClientConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         config.identity = config.identity.resolve(base);
-        config.data = config.data.resolve(base);
+        config.data = config.data.map(|d| d.resolve(base));
         for head in &mut config.heads {
             head.data = head.data.take().map(|d| d.resolve(base));
         }
@@ -370,7 +381,9 @@ impl ClientConfig {
                         leave models out to accept any"
                 .into());
         }
-        check_classes(&config.data, "[data]")?;
+        if let Some(data) = &config.data {
+            check_classes(data, "[data]")?;
+        }
         for head in &config.heads {
             let place = format!("[[heads]] `{}`", head.name);
             if let Some(data) = &head.data {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use cohort_common::dp::PrivacyLedger;
 use cohort_common::secagg::Phase;
 use cohort_common::session::{Action, ClientSession, Job, JobId, JobKind, JobResult, Token};
-use cohort_common::trainer::Trainer;
+use cohort_common::trainer::JobRunner;
 use cohort_common::wire::{
     self, ClientMsg, ServerMsg, WireError, FINISHED_CLOSE_REASON, MAX_FRAME_BYTES, REPLACED_CLOSE_CODE,
     SHUTDOWN_CLOSE_CODE,
@@ -69,8 +69,9 @@ pub struct ClientSetup {
     /// The client's side of each round: plan checks, secure sessions, declines. The daemon
     /// gives it the ledger's spending (see `ledger`).
     pub session: ClientSession,
-    /// The client's data and model: runs the session's jobs.
-    pub trainer: Trainer,
+    /// Runs the session's jobs: candle's `Trainer` on the client's data, or the data owner's own
+    /// training (`CallbackTrainer`, the Python package's).
+    pub trainer: Box<dyn JobRunner>,
     pub device_name: String,
     pub backoff: Backoff,
     /// Limits how many clients of one process train at once (simulations).
@@ -664,23 +665,23 @@ async fn send_reply(
 }
 
 /// What a finished job hands back: the trainer (lost if the task failed, with why) and the result.
-type Finished = (JobId, Result<(Trainer, JobResult), String>);
+type Finished = (JobId, Result<(Box<dyn JobRunner>, JobResult), String>);
 
 /// What the task of a job returns: the trainer and the result, or why the task failed.
-type Ran = Result<(Trainer, JobResult), JoinError>;
+type Ran = Result<(Box<dyn JobRunner>, JobResult), JoinError>;
 
 /// The client's state across connections: the session, the trainer (away on a blocking thread
 /// while it runs a job), the jobs waiting for it, and the job running.
 struct Core {
     session: ClientSession,
-    trainer: Option<Trainer>,
+    trainer: Option<Box<dyn JobRunner>>,
     queue: VecDeque<Job>,
     running: Option<(Job, std::time::Instant, JoinHandle<Ran>)>,
     next_token: Token,
 }
 
 impl Core {
-    fn new(session: ClientSession, trainer: Trainer) -> Self {
+    fn new(session: ClientSession, trainer: Box<dyn JobRunner>) -> Self {
         Self { session, trainer: Some(trainer), queue: VecDeque::new(), running: None, next_token: 0 }
     }
 
@@ -781,7 +782,7 @@ impl Core {
             tokio::task::spawn_blocking(move || {
                 let result = trainer.run(&run).map_err(|e| e.to_string());
                 if run.kind == JobKind::Train && result.is_ok() {
-                    keep_personal_heads(&trainer, personal_path.as_deref());
+                    keep_personal_heads(trainer.as_ref(), personal_path.as_deref());
                 }
                 (trainer, result)
             })
@@ -802,7 +803,7 @@ async fn save_ledger(file: Option<SharedLedger>, ledger: PrivacyLedger) -> Resul
 
 /// Writes the personal heads to the state directory (atomically), if the model has any.
 /// Blocking: call it on a blocking thread.
-fn keep_personal_heads(trainer: &Trainer, path: Option<&std::path::Path>) {
+fn keep_personal_heads(trainer: &dyn JobRunner, path: Option<&std::path::Path>) {
     let Some(path) = path else { return };
     let heads = trainer.personal_heads();
     if heads.is_empty() {

@@ -22,7 +22,9 @@
 //!   over the identity files; the warnings `check` and the daemon give within
 //!   [`renew::EXPIRY_WARNING_DAYS`] of expiry, and the refusal once it has expired.
 //! - [`keygen`]: a private key and certificate signing request for a new client id.
-//! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked.
+//! - [`setup_from_config`]: everything `run` and `check` need, loaded and checked;
+//!   [`setup_with_runner`]: the same with another job runner than candle's (the Python
+//!   package's clients, whose training is their own code).
 //! - [`evaluate_model`]: `cohort-client evaluate`, a global model on this client's own data, or
 //!   on another labelled data set (`--data`).
 //!
@@ -47,7 +49,7 @@ use std::sync::Arc;
 use cohort_common::model::{flat_from_safetensors, spec_from_safetensors, Model, ModelSpec};
 use cohort_common::session::{ClientSession, SecureKeys};
 use cohort_common::train::Metrics;
-use cohort_common::trainer::Trainer;
+use cohort_common::trainer::{JobRunner, Trainer};
 
 pub mod device {
     //! Which device trains: `auto`, `cpu` or `cuda:N`.
@@ -152,7 +154,7 @@ pub fn secure_keys(identity: &cohort_io::Identity) -> Result<SecureKeys, cohort_
 }
 
 /// Personal heads by name, as kept in the state directory.
-type PersonalHeads = BTreeMap<String, Vec<f32>>;
+pub type PersonalHeads = BTreeMap<String, Vec<f32>>;
 
 /// Where this client keeps its personal heads, and those trained in earlier runs.
 fn personal_heads(
@@ -223,13 +225,35 @@ pub fn evaluate_model(
     Ok(LocalEvaluation { spec, on, heads })
 }
 
-/// Loads the identity, data and device a config names and resolves the server address.
+/// Loads the identity, data and device a config names and resolves the server address: the
+/// native client, training with candle.
 pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::ClientSetup, SetupError> {
+    let heads = config.head_data()?;
+    let (device, device_name) = device::select(&config.device)?;
+    let validation = config.validation_fraction;
+    setup_with_runner(config, device_name, move |id, personal| {
+        Box::new(
+            Trainer::with_heads(id, heads, device)
+                .with_progress(progress::observer())
+                .with_personal_heads(personal)
+                .with_validation_fraction(validation),
+        )
+    })
+    .await
+}
+
+/// Everything a daemon needs from a config but what runs its jobs: `runner` makes that from
+/// the client's id (its certificate's subject) and the personal heads kept by earlier runs.
+/// The Python package's clients start here, with their own training; `device_name` is what the
+/// server's logs show for the client.
+pub async fn setup_with_runner(
+    config: &config::ClientConfig,
+    device_name: String,
+    runner: impl FnOnce(String, PersonalHeads) -> Box<dyn JobRunner>,
+) -> Result<daemon::ClientSetup, SetupError> {
     let identity = config.identity.load()?;
     let id = identity.subject()?;
     let keys = secure_keys(&identity)?;
-    let heads = config.head_data()?;
-    let (device, device_name) = device::select(&config.device)?;
     if let Some(dir) = &config.state_dir {
         std::fs::create_dir_all(dir)
             .map_err(|source| cohort_io::files::FileError::Io { path: dir.display().to_string(), source })?;
@@ -255,10 +279,7 @@ pub async fn setup_from_config(config: &config::ClientConfig) -> Result<daemon::
             .with_secure_keys(keys)
             .with_min_sum_clients(config.min_sum_clients)
             .with_policy(config.policy.run_policy()),
-        trainer: Trainer::with_heads(id, heads, device)
-            .with_progress(progress::observer())
-            .with_personal_heads(personal)
-            .with_validation_fraction(config.validation_fraction),
+        trainer: runner(id, personal),
         device_name,
         backoff: config.reconnect,
         train_gate: None,

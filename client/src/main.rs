@@ -232,7 +232,9 @@ fn main() -> Result<()> {
                     pending.certificate
                 );
             }
-            println!("source:   {}", config.data.describe());
+            if let Some(data) = &config.data {
+                println!("source:   {}", data.describe());
+            }
             for head in config.heads.iter().filter(|h| h.data.is_some()) {
                 let source = head.data.as_ref().map(|d| d.describe()).unwrap_or_default();
                 println!("          head `{}`: {source}", head.name);

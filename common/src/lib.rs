@@ -28,7 +28,12 @@
 //!   with its reason.
 //! - [`trainer`]: the client's computation with candle ([`trainer::Trainer`]): its data per head,
 //!   the model cache, the validation split and personal heads; runs the session's jobs (train,
-//!   count labels, evaluate), blocking, on the driver's blocking thread.
+//!   count labels, evaluate), blocking, on the driver's blocking thread; [`trainer::JobRunner`]
+//!   is what the driver runs, candle's trainer or another.
+//! - [`callbacks`]: the job runner for training the data owner brings
+//!   ([`callbacks::CallbackTrainer`]: `fit`, `evaluate` and `label_counts` callbacks, the Python
+//!   package's): parameters cut into named tensors by the layout and everything returned checked
+//!   against it.
 //! - [`secagg`]: SecAgg+ secure aggregation, one sans-IO state machine per role: sessions the
 //!   clients join with nonces, a committee-signed survivor list, cheaters named; its attack
 //!   tests play the server or a client doing its worst.
@@ -49,6 +54,7 @@
 //! assert_eq!(back, ClientMsg::Hello { device: "cpu".into(), samples: 600 });
 //! ```
 
+pub mod callbacks;
 pub mod coordinator;
 pub mod data;
 pub mod dp;

@@ -44,6 +44,12 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("safetensors: {0}")]
     Safetensors(String),
+    /// A model of declared parameters asked to compute: nothing here knows its layers.
+    #[error(
+        "the model `{0}` declares its parameters only (no layers), so it cannot be run here: clients train and \
+         evaluate it with their own code (the Python package `cohort`), and the server uses federated evaluation"
+    )]
+    NotRunnable(String),
 }
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -118,17 +124,58 @@ pub struct HeadSpec {
     /// A personal head never leaves the client.
     #[serde(default)]
     pub personal: bool,
+    /// A model of declared parameters ([`ModelSpec::parameters`]): this head's tensors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<TensorSpec>,
+}
+
+/// One named tensor of a model that declares its parameters instead of layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// The name everything uses: the wire layout, checkpoints, exports and the data owner's code
+    /// (a PyTorch `state_dict` key, say).
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// How the server starts it (when no initial model file is given).
+    #[serde(default, skip_serializing_if = "is_uniform")]
+    pub init: TensorInit,
+}
+
+/// How a declared tensor starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorInit {
+    /// Uniform in +-1/sqrt(fan_in), fan_in the product of every dimension after the first (a
+    /// vector's own length): PyTorch's default for weights.
+    #[default]
+    Uniform,
+    Zeros,
+    /// Ones: the scale of a normalisation layer.
+    Ones,
+}
+
+fn is_uniform(init: &TensorInit) -> bool {
+    *init == TensorInit::Uniform
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub name: String,
-    /// Shape of one example, without the batch dimension: `[784]` or `[1, 28, 28]`.
+    /// Shape of one example, without the batch dimension: `[784]` or `[1, 28, 28]` (a model of
+    /// declared parameters may leave it out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input_shape: Vec<usize>,
     #[serde(default)]
     pub trunk: Vec<LayerSpec>,
     pub heads: Vec<HeadSpec>,
+    /// Instead of layers, the model's shared tensors by name and shape (the heads' in each
+    /// head's `parameters`): a model the server aggregates, checkpoints and exports without
+    /// knowing its layers, trained by clients that bring their own code (the Python package).
+    /// Neither the server's test set nor candle clients can run it; federated evaluation can.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<TensorSpec>,
 }
 
 impl ModelSpec {
@@ -147,7 +194,77 @@ impl ModelSpec {
         self.heads.iter().position(|h| h.name == name)
     }
 
+    /// Whether the model declares its parameters (by name and shape) instead of layers.
+    pub fn declares_parameters(&self) -> bool {
+        !self.parameters.is_empty() || self.heads.iter().any(|h| !h.parameters.is_empty())
+    }
+
+    /// Refuses to run a model of declared parameters: nothing here knows its layers.
+    pub fn check_runnable(&self) -> Result<()> {
+        match self.declares_parameters() {
+            true => Err(ModelError::NotRunnable(self.name.clone())),
+            false => Ok(()),
+        }
+    }
+
+    fn check_declared(&self) -> Result<()> {
+        let invalid = |place: &str, problem: String| ModelError::Invalid { place: place.into(), problem };
+        if !self.trunk.is_empty() || self.heads.iter().any(|h| !h.layers.is_empty()) {
+            return Err(invalid(
+                "parameters",
+                "a model declares its parameters or has layers, not both: move the layers' tensors into `parameters`, \
+                 or drop `parameters`"
+                    .into(),
+            ));
+        }
+        if self.heads.is_empty() {
+            return Err(invalid("heads", "a model needs at least one head".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut total = 0usize;
+        let mut cells = 0usize;
+        let mut seen = std::collections::HashSet::new();
+        let groups = std::iter::once(("parameters".to_string(), &self.parameters)).chain(
+            self.heads.iter().enumerate().map(|(i, h)| (format!("heads[{i}] ({}) parameters", h.name), &h.parameters)),
+        );
+        for (place, tensors) in groups {
+            for (j, tensor) in tensors.iter().enumerate() {
+                let place = format!("{place}[{j}]");
+                let valid = |c: char| c.is_ascii_alphanumeric() || "_.-/".contains(c);
+                if tensor.name.is_empty() || tensor.name.len() > 200 || !tensor.name.chars().all(valid) {
+                    return Err(invalid(
+                        &place,
+                        "name must be 1 to 200 ASCII letters, digits, '_', '.', '-' or '/'".into(),
+                    ));
+                }
+                if !names.insert(&tensor.name) {
+                    return Err(invalid(&place, format!("`{}` is declared twice", tensor.name)));
+                }
+                let len = tensor.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                if tensor.shape.is_empty() || tensor.shape.contains(&0) {
+                    return Err(invalid(
+                        &place,
+                        format!("shape {:?} must be non-empty with no zero dimension", tensor.shape),
+                    ));
+                }
+                total = len
+                    .and_then(|n| total.checked_add(n))
+                    .filter(|t| *t <= MAX_PARAMETERS)
+                    .ok_or_else(|| invalid(&place, format!("the model would exceed {MAX_PARAMETERS} parameters")))?;
+            }
+        }
+        for (i, head) in self.heads.iter().enumerate() {
+            let place = format!("heads[{i}] ({})", head.name);
+            check_head(&place, head, &mut seen)?;
+            count_cells(&place, head, &mut cells)?;
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<()> {
+        if self.declares_parameters() {
+            return self.check_declared();
+        }
         let invalid = |place: &str, problem: String| ModelError::Invalid { place: place.into(), problem };
         if self.input_shape.is_empty() || self.input_shape.contains(&0) {
             return Err(invalid(
@@ -164,18 +281,7 @@ impl ModelSpec {
         let trunk_out = infer_shapes_counting(&self.input_shape, &self.trunk, "trunk", &mut params)?;
         for (i, head) in self.heads.iter().enumerate() {
             let place = format!("heads[{i}] ({})", head.name);
-            if head.name.is_empty() || !head.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err(invalid(&place, "name must be non-empty ASCII letters, digits, '_' or '-'".into()));
-            }
-            if !seen.insert(&head.name) {
-                return Err(invalid(&place, "duplicate head name".into()));
-            }
-            if head.classes < 2 {
-                return Err(invalid(&place, format!("classes = {} (a head needs at least 2)", head.classes)));
-            }
-            if !(head.loss_weight.is_finite() && head.loss_weight >= 0.0) {
-                return Err(invalid(&place, format!("loss_weight = {} must be finite and >= 0", head.loss_weight)));
-            }
+            check_head(&place, head, &mut seen)?;
             let out = infer_shapes_counting(&trunk_out, &head.layers, &place, &mut params)?;
             if out.len() != 1 {
                 return Err(invalid(
@@ -188,19 +294,43 @@ impl ModelSpec {
             // The output layer onto the classes, which `Model::new` adds: its parameters count too.
             let output = LayerSpec::Linear { out: head.classes };
             infer_shapes_counting(&out, std::slice::from_ref(&output), &format!("{place} output"), &mut params)?;
-            cells = cells.saturating_add(head.classes.saturating_mul(head.classes));
-            if cells > MAX_CONFUSION_CELLS {
-                return Err(invalid(
-                    &place,
-                    format!(
-                        "the heads' confusion matrices (classes squared, summed over the heads) would hold more than \
-                         {MAX_CONFUSION_CELLS} cells; a federated evaluation builds and sums them"
-                    ),
-                ));
-            }
+            count_cells(&place, head, &mut cells)?;
         }
         Ok(())
     }
+}
+
+/// What every head must be, whatever the model: a valid unique name, at least 2 classes and a
+/// finite loss weight.
+fn check_head<'s>(place: &str, head: &'s HeadSpec, seen: &mut std::collections::HashSet<&'s String>) -> Result<()> {
+    let invalid = |problem: String| ModelError::Invalid { place: place.into(), problem };
+    if head.name.is_empty() || !head.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(invalid("name must be non-empty ASCII letters, digits, '_' or '-'".into()));
+    }
+    if !seen.insert(&head.name) {
+        return Err(invalid("duplicate head name".into()));
+    }
+    if head.classes < 2 {
+        return Err(invalid(format!("classes = {} (a head needs at least 2)", head.classes)));
+    }
+    if !(head.loss_weight.is_finite() && head.loss_weight >= 0.0) {
+        return Err(invalid(format!("loss_weight = {} must be finite and >= 0", head.loss_weight)));
+    }
+    Ok(())
+}
+
+/// Adds a head's confusion matrix to `cells`, refusing heads whose matrices would not fit a
+/// federated evaluation.
+fn count_cells(place: &str, head: &HeadSpec, cells: &mut usize) -> Result<()> {
+    let invalid = |problem: String| ModelError::Invalid { place: place.into(), problem };
+    *cells = cells.saturating_add(head.classes.saturating_mul(head.classes));
+    if *cells > MAX_CONFUSION_CELLS {
+        return Err(invalid(format!(
+            "the heads' confusion matrices (classes squared, summed over the heads) would hold more than \
+             {MAX_CONFUSION_CELLS} cells; a federated evaluation builds and sums them"
+        )));
+    }
+    Ok(())
 }
 
 /// The largest model a spec may describe: its parameters must fit in one wire frame.
@@ -480,6 +610,9 @@ impl Model {
     /// Builds the model and initialises it deterministically from `seed` (uniform in
     /// +-1/sqrt(fan_in), PyTorch's default for linear and conv layers).
     pub fn new(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        if spec.declares_parameters() {
+            return Self::declared(spec, device, seed);
+        }
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let mut builder = Builder { vb, fan_in: HashMap::new() };
@@ -529,12 +662,67 @@ impl Model {
         Ok(model)
     }
 
+    /// A model of declared parameters: its tensors, laid out like a layer model's (the trunk,
+    /// then each head, sorted by name inside each), under their declared names; no layers.
+    fn declared(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        let varmap = VarMap::new();
+        let groups = std::iter::once(("trunk".to_string(), false, &spec.parameters))
+            .chain(spec.heads.iter().map(|h| (h.name.clone(), h.personal, &h.parameters)));
+        let (mut entries, mut segments, mut vars, mut offset) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for (segment, personal, tensors) in groups {
+            let mut sorted: Vec<&TensorSpec> = tensors.iter().collect();
+            sorted.sort_by(|a, b| a.name.cmp(&b.name));
+            let start = offset;
+            for tensor in sorted {
+                let len = tensor.shape.iter().product();
+                let fan_in = match tensor.shape.as_slice() {
+                    [only] => *only,
+                    [_, rest @ ..] => rest.iter().product(),
+                    [] => 1,
+                };
+                let var = Var::zeros(tensor.shape.as_slice(), DType::F32, device)?;
+                varmap.data().lock().expect("varmap lock").insert(tensor.name.clone(), var.clone());
+                entries.push(ParamEntry {
+                    name: tensor.name.clone(),
+                    shape: tensor.shape.clone(),
+                    offset,
+                    len,
+                    fan_in,
+                });
+                vars.push(var);
+                offset += len;
+            }
+            segments.push(Segment { name: segment, offset: start, len: offset - start, personal });
+        }
+        let model = Model {
+            spec: spec.clone(),
+            varmap,
+            trunk: Vec::new(),
+            heads: spec.heads.iter().map(|_| Vec::new()).collect(),
+            layout: ParamLayout { entries, segments },
+            vars,
+            device: device.clone(),
+        };
+        model.init_params(seed)?;
+        Ok(model)
+    }
+
     fn init_params(&self, seed: u64) -> Result<()> {
+        let declared: HashMap<&str, TensorInit> = (self.spec.parameters.iter())
+            .chain(self.spec.heads.iter().flat_map(|h| &h.parameters))
+            .map(|t| (t.name.as_str(), t.init))
+            .collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut flat = Vec::with_capacity(self.layout.total_len());
         for e in &self.layout.entries {
-            let bound = 1.0 / (e.fan_in as f32).sqrt();
-            flat.extend((0..e.len).map(|_| rng.random_range(-bound..bound)));
+            match declared.get(e.name.as_str()).copied().unwrap_or_default() {
+                TensorInit::Uniform => {
+                    let bound = 1.0 / (e.fan_in as f32).sqrt();
+                    flat.extend((0..e.len).map(|_| rng.random_range(-bound..bound)));
+                }
+                TensorInit::Zeros => flat.extend(std::iter::repeat_n(0.0, e.len)),
+                TensorInit::Ones => flat.extend(std::iter::repeat_n(1.0, e.len)),
+            }
         }
         self.set_flat(&flat)
     }
@@ -568,10 +756,12 @@ impl Model {
     }
 
     pub fn forward_trunk(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.spec.check_runnable()?;
         Ok(forward_layers(&self.trunk, x, train)?)
     }
 
     pub fn forward_head_from(&self, features: &Tensor, head: usize, train: bool) -> Result<Tensor> {
+        self.spec.check_runnable()?;
         let layers = self.heads.get(head).ok_or_else(|| ModelError::Mismatch(format!("no head number {head}")))?;
         Ok(forward_layers(layers, features, train)?)
     }
@@ -850,5 +1040,89 @@ mod tests {
             "name='x'\ninput_shape=[100000]\n[[trunk]]\nkind='linear'\nout=100000\n[[heads]]\nname='a'\nclasses=2";
         let err = ModelSpec::from_toml(huge).unwrap_err().to_string();
         assert!(err.contains("exceed"), "{err}");
+    }
+
+    /// A model of declared tensors: the PyTorch names of a ResNet block and two heads, one personal.
+    const DECLARED: &str = "name = 'declared'\n\
+        [[parameters]]\nname = 'layer1.conv.weight'\nshape = [4, 3, 3, 3]\n\
+        [[parameters]]\nname = 'layer1.bn.weight'\nshape = [4]\ninit = 'ones'\n\
+        [[parameters]]\nname = 'layer1.bn.bias'\nshape = [4]\ninit = 'zeros'\n\
+        [[heads]]\nname = 'label'\nclasses = 3\n\
+        [[heads.parameters]]\nname = 'fc.weight'\nshape = [3, 4]\n\
+        [[heads.parameters]]\nname = 'fc.bias'\nshape = [3]\n\
+        [[heads]]\nname = 'own'\nclasses = 2\npersonal = true\n\
+        [[heads.parameters]]\nname = 'own.weight'\nshape = [2, 4]\n";
+
+    #[test]
+    fn declared_tensors_are_laid_out_by_their_names_started_as_declared_and_never_run() {
+        let spec = ModelSpec::from_toml(DECLARED).unwrap();
+        assert!(spec.declares_parameters());
+        assert_eq!(ModelSpec::from_toml(&spec.to_toml()).unwrap(), spec, "the spec round-trips");
+        let model = Model::new(&spec, &Device::Cpu, 3).unwrap();
+        let names: Vec<&str> = model.layout().entries().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["layer1.bn.bias", "layer1.bn.weight", "layer1.conv.weight", "fc.bias", "fc.weight", "own.weight"]
+        );
+        let segments: Vec<(&str, usize, bool)> =
+            model.layout().segments().iter().map(|s| (s.name.as_str(), s.len, s.personal)).collect();
+        assert_eq!(segments, [("trunk", 4 + 4 + 108, false), ("label", 3 + 12, false), ("own", 8, true)]);
+        let flat = model.flat().unwrap();
+        let values = |name: &str| {
+            let e = model.layout().entry(name).unwrap();
+            flat[e.offset..e.offset + e.len].to_vec()
+        };
+        assert!(values("layer1.bn.bias").iter().all(|v| *v == 0.0));
+        assert!(values("layer1.bn.weight").iter().all(|v| *v == 1.0));
+        let conv = values("layer1.conv.weight");
+        let bound = 1.0 / 27f32.sqrt();
+        assert!(conv.iter().all(|v| v.abs() <= bound) && conv.iter().any(|v| *v != 0.0), "{conv:?}");
+        // Checkpoints and exports carry them by name, and load back.
+        let again = Model::new(&spec, &Device::Cpu, 4).unwrap();
+        again.load_safetensors(&model.to_safetensors().unwrap()).unwrap();
+        assert_eq!(again.flat().unwrap(), flat);
+        // Nothing here can compute with it: the error says who can.
+        let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = model.forward_head(&x, 0, false).unwrap_err().to_string();
+        assert!(err.contains("declares its parameters only") && err.contains("Python"), "{err}");
+    }
+
+    #[test]
+    fn declared_tensors_are_checked_with_the_place_named() {
+        let head = "[[heads]]\nname = 'y'\nclasses = 2\n";
+        for (text, words) in [
+            (
+                format!(
+                    "name='m'\ninput_shape=[2]\n[[trunk]]\nkind='relu'\n[[parameters]]\nname='w'\nshape=[2]\n{head}"
+                ),
+                "not both",
+            ),
+            (
+                format!("name='m'\n[[parameters]]\nname='w'\nshape=[2]\n[[parameters]]\nname='w'\nshape=[3]\n{head}"),
+                "declared twice",
+            ),
+            (
+                format!(
+                    "name='m'\n[[parameters]]\nname='w'\nshape=[2]\n{head}[[heads.parameters]]\nname='w'\nshape=[2]\n"
+                ),
+                "declared twice",
+            ),
+            (format!("name='m'\n[[parameters]]\nname='a b'\nshape=[2]\n{head}"), "parameters[0]"),
+            (format!("name='m'\n[[parameters]]\nname='w'\nshape=[2, 0]\n{head}"), "no zero dimension"),
+            (format!("name='m'\n[[parameters]]\nname='w'\nshape=[]\n{head}"), "non-empty"),
+            (format!("name='m'\n[[parameters]]\nname='w'\nshape=[100000, 100000]\n{head}"), "exceed"),
+            (
+                format!("name='m'\n[[parameters]]\nname='w'\nshape=[4294967296, 4294967296, 4294967296]\n{head}"),
+                "exceed",
+            ),
+            (
+                "name='m'\n[[parameters]]\nname='w'\nshape=[2]\n[[heads]]\nname='y'\nclasses=1\n".to_string(),
+                "classes = 1",
+            ),
+            ("name='m'\n[[parameters]]\nname='w'\nshape=[2]\ninit='gaussian'\n".to_string(), "gaussian"),
+        ] {
+            let err = ModelSpec::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(words), "{words}: {err}");
+        }
     }
 }

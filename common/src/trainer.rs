@@ -32,6 +32,35 @@ pub enum TrainerError {
     /// A bug in training (or candle): the job is lost, the trainer goes on with a fresh model.
     #[error("training panicked")]
     Panicked,
+    /// The data owner's own training ([`crate::callbacks`]) failed or returned what the model
+    /// cannot take; the reason is theirs, in words.
+    #[error("{0}")]
+    Callback(String),
+}
+
+/// What runs the session's jobs on a client: [`Trainer`] with candle, or
+/// [`CallbackTrainer`](crate::callbacks::CallbackTrainer) with the data owner's own code. The
+/// driver calls it on a blocking thread, one job at a time.
+pub trait JobRunner: Send {
+    /// Runs one job; whatever happens (a panic included) it returns.
+    fn run(&mut self, job: &Job) -> Result<JobOutput, TrainerError>;
+    /// The examples this client holds, as far as it knows (its hello tells the server).
+    fn samples(&self) -> u64;
+    /// The parameters of its personal heads, by head name: never sent; the driver keeps them
+    /// across restarts after each training job.
+    fn personal_heads(&self) -> &BTreeMap<String, Vec<f32>>;
+}
+
+impl JobRunner for Trainer {
+    fn run(&mut self, job: &Job) -> Result<JobOutput, TrainerError> {
+        Trainer::run(self, job)
+    }
+    fn samples(&self) -> u64 {
+        Trainer::samples(self)
+    }
+    fn personal_heads(&self) -> &BTreeMap<String, Vec<f32>> {
+        Trainer::personal_heads(self)
+    }
 }
 
 impl From<WireError> for TrainerError {
@@ -369,6 +398,8 @@ impl Trainer {
     fn local_for<'a>(&self, slot: &'a mut Option<Local>, spec_toml: &str) -> Result<&'a mut Local, TrainerError> {
         if slot.as_ref().is_none_or(|l| l.spec_toml != spec_toml) {
             let spec = ModelSpec::from_toml(spec_toml).map_err(|e| TrainerError::BadPlan(e.to_string()))?;
+            // Candle needs layers: a model of declared parameters is trained by code that knows them.
+            spec.check_runnable()?;
             let model = Model::new(&spec, &self.device, 0)?;
             let mut data = Vec::with_capacity(self.tasks.len());
             let mut segment_samples = vec![0u64; spec.heads.len() + 1];
@@ -601,5 +632,9 @@ pub(crate) mod tests {
         assert!(matches!(p.train(&plan("nonsense", vec![0.0; 6])), Err(TrainerError::BadPlan(_))));
         let wrong_shape = "name='t'\ninput_shape=[3]\n[[heads]]\nname='y'\nclasses=2";
         assert!(p.train(&plan(wrong_shape, vec![0.0; 8])).is_err());
+        // A model of declared parameters: candle cannot run it, and the reason says who can.
+        let declared = "name='d'\n[[parameters]]\nname='w'\nshape=[2]\n[[heads]]\nname='y'\nclasses=2";
+        let refused = p.train(&plan(declared, vec![0.0; 2])).unwrap_err().to_string();
+        assert!(refused.contains("declares its parameters only") && refused.contains("Python"), "{refused}");
     }
 }

@@ -351,6 +351,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             federation: federation.clone(),
             test_data: test.clone(),
             head_tests: head_tests.clone(),
+            initial_model: None,
         }),
         keep_serving: false,
         events: Some(events_tx),
@@ -407,7 +408,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
                 if scenario.clients > KEEP_MODELS_UP_TO {
                     p = p.without_model_cache();
                 }
-                p
+                Box::new(p)
             },
             device_name: device_name.clone(),
             backoff: Backoff { initial_ms: 50, max_ms: 1000 },

@@ -38,6 +38,10 @@ pub struct ServerConfigFile {
     /// An operator test set to evaluate the global model on after each round.
     #[serde(default)]
     pub test_data: Option<DataSource>,
+    /// The model the run starts from (safetensors, every tensor of the spec), relative to this
+    /// file; default: the spec's seeded initialisation.
+    #[serde(default)]
+    pub initial_model: Option<PathBuf>,
     #[serde(default)]
     pub federation: Option<Federation>,
     /// After the last run, wait for more (`true`; the default when this file has no run) or
@@ -55,6 +59,9 @@ pub struct RunConfigFile {
     pub model: PathBuf,
     #[serde(default)]
     pub test_data: Option<DataSource>,
+    /// The model the run starts from, relative to this file.
+    #[serde(default)]
+    pub initial_model: Option<PathBuf>,
     pub federation: Federation,
 }
 
@@ -65,6 +72,8 @@ pub struct RunConfig {
     pub spec: ModelSpec,
     /// With absolute paths.
     pub test_data: Option<DataSource>,
+    /// The model the run starts from (an absolute path), checked against the spec when read.
+    pub initial_model: Option<PathBuf>,
     pub federation: Federation,
 }
 
@@ -84,7 +93,7 @@ impl ServerConfigFile {
         let file: ServerConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
         match (&file.model, &file.federation) {
             (Some(_), Some(federation)) => federation.check()?,
-            (None, None) if file.test_data.is_none() && file.run.is_none() => {}
+            (None, None) if file.test_data.is_none() && file.run.is_none() && file.initial_model.is_none() => {}
             (None, _) => {
                 return Err("a run in server.toml needs `model` (the model spec) and a [federation] table; leave \
                             `run`, `test_data` and [federation] out to host submitted runs only"
@@ -120,7 +129,7 @@ impl RunConfig {
         let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
         cohort_common::wire::check_run_name(name).map_err(bad)?;
         let file = RunConfigFile::from_toml(&read(path)?).map_err(bad)?;
-        Self::from_parts(path, name, file.model, file.test_data, file.federation)
+        Self::from_parts(path, name, file.model, file.test_data, file.initial_model, file.federation)
     }
 
     fn from_parts(
@@ -128,6 +137,7 @@ impl RunConfig {
         name: &str,
         model: PathBuf,
         test_data: Option<DataSource>,
+        initial_model: Option<PathBuf>,
         federation: Federation,
     ) -> Result<Self, FileError> {
         let base = path.parent().unwrap_or(Path::new("."));
@@ -138,7 +148,33 @@ impl RunConfig {
         federation
             .check_model(&spec)
             .map_err(|message| FileError::Config { path: path.display().to_string(), message })?;
-        Ok(Self { name: name.into(), spec, test_data: test_data.map(|d| d.resolve(&base)), federation })
+        if spec.declares_parameters() && test_data.is_some() {
+            return Err(FileError::Config {
+                path: path.display().to_string(),
+                message: format!(
+                    "the model `{}` declares its parameters only (no layers), so the server cannot evaluate it on \
+                     `test_data`: leave test_data out and set [federation] evaluate_every for federated evaluation \
+                     (the clients' own `evaluate`)",
+                    spec.name
+                ),
+            });
+        }
+        let initial_model = initial_model.map(|p| base.join(p));
+        if let Some(initial) = &initial_model {
+            let bad = |message: String| FileError::Config { path: initial.display().to_string(), message };
+            let model = cohort_common::model::Model::new(&spec, &candle_core::Device::Cpu, 0)
+                .map_err(|e| bad(e.to_string()))?;
+            model.load_safetensors(&std::fs::read(initial).map_err(|e| bad(e.to_string()))?).map_err(|e| {
+                bad(format!(
+                    "{e}; the initial model must hold every tensor of the model `{}` with its shape",
+                    spec.name
+                ))
+            })?;
+            if model.flat().map_err(|e| bad(e.to_string()))?.iter().any(|v| !v.is_finite()) {
+                return Err(bad("the initial model holds non-finite values".into()));
+            }
+        }
+        Ok(Self { name: name.into(), spec, test_data: test_data.map(|d| d.resolve(&base)), initial_model, federation })
     }
 
     /// The run file a submitted run keeps in its directory: this run's settings with the model
@@ -153,6 +189,14 @@ impl RunConfig {
             }
             None => {
                 table.remove("test_data");
+            }
+        }
+        match &self.initial_model {
+            Some(path) => {
+                table.insert("initial_model".into(), toml::Value::String(path.display().to_string()));
+            }
+            None => {
+                table.remove("initial_model");
             }
         }
         toml::to_string(&table).map_err(|e| e.to_string())
@@ -171,7 +215,7 @@ impl ServerConfig {
         let run = match (file.model, file.federation) {
             (Some(model), Some(federation)) => {
                 let name = file.run.unwrap_or_else(|| DEFAULT_RUN.into());
-                Some(RunConfig::from_parts(path, &name, model, file.test_data, federation)?)
+                Some(RunConfig::from_parts(path, &name, model, file.test_data, file.initial_model, federation)?)
             }
             _ => None,
         };
@@ -276,5 +320,42 @@ mod tests {
         dp.adaptive = Some(AdaptiveClipConfig::default());
         assert!(dp.next_clip(1.0, 0.0) > 1.0, "every update clipped: C grows");
         assert!(dp.next_clip(1.0, 1.0) < 1.0, "none clipped: C shrinks");
+    }
+
+    #[test]
+    fn a_run_starts_from_an_initial_model_only_if_it_fits_and_a_declared_model_has_no_test_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = "name='d'\n[[heads]]\nname='y'\nclasses=2\n[[heads.parameters]]\nname='fc.weight'\nshape=[2, 3]\n";
+        std::fs::write(dir.path().join("m.toml"), spec).unwrap();
+        let model =
+            cohort_common::model::Model::new(&ModelSpec::from_toml(spec).unwrap(), &candle_core::Device::Cpu, 5)
+                .unwrap();
+        std::fs::write(dir.path().join("init.safetensors"), model.to_safetensors().unwrap()).unwrap();
+        let other = cohort_common::model::Model::new(
+            &ModelSpec::from_toml(cohort_common::specs::MNIST_2NN).unwrap(),
+            &candle_core::Device::Cpu,
+            5,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("other.safetensors"), other.to_safetensors().unwrap()).unwrap();
+        let path = dir.path().join("server.toml");
+        let write = |extra: &str| {
+            std::fs::write(
+                &path,
+                format!("model = 'm.toml'\n{extra}\n[federation]\nrounds = 3\nclients_per_round = 3\n"),
+            )
+            .unwrap()
+        };
+        write("initial_model = 'init.safetensors'");
+        let run = ServerConfig::load(&path).unwrap().run.unwrap();
+        assert_eq!(run.initial_model.as_deref(), Some(dir.path().join("init.safetensors").as_path()));
+        write("initial_model = 'other.safetensors'");
+        let err = ServerConfig::load(&path).err().unwrap().to_string();
+        assert!(err.contains("other.safetensors") && err.contains("fc.weight"), "{err}");
+        write("initial_model = 'absent.safetensors'");
+        assert!(ServerConfig::load(&path).err().unwrap().to_string().contains("absent.safetensors"));
+        write("[test_data]\nformat = 'csv'\npath = 't.csv'\nlabel_column = 'y'\nclasses = 2");
+        let err = ServerConfig::load(&path).err().unwrap().to_string();
+        assert!(err.contains("declares its parameters only") && err.contains("evaluate_every"), "{err}");
     }
 }

@@ -94,6 +94,9 @@ pub struct RunSetup {
     pub test_data: Option<Dataset>,
     /// Test sets of other heads, by head name (multi-task models).
     pub head_tests: Vec<(String, Dataset)>,
+    /// The model file the run starts from (`initial_model`), instead of the spec's seeded
+    /// initialisation; a resumed run starts from its checkpoint.
+    pub initial_model: Option<std::path::PathBuf>,
 }
 
 impl RunSetup {
@@ -106,6 +109,7 @@ impl RunSetup {
             federation: config.federation,
             test_data,
             head_tests: Vec::new(),
+            initial_model: config.initial_model,
         })
     }
 

@@ -70,6 +70,12 @@ impl Server {
         };
         let ctx = RunContext { paths, store };
         let model = Arc::new(Model::new(&run.spec, &Device::Cpu, fed.seed)?);
+        if let Some(path) = &run.initial_model {
+            // Checked when the run was read; a resumed run starts from its checkpoint instead.
+            let bytes = std::fs::read(path)
+                .map_err(|source| files::FileError::Io { path: path.display().to_string(), source })?;
+            model.load_safetensors(&bytes)?;
+        }
         let resume = crate::resume::resume(&ctx.store, run, &ctx.paths, &model)?;
         let setup = CoordinatorSetup {
             run: run.name.clone(),

@@ -1,0 +1,68 @@
+"""A Python client's failures decline its round and nothing else: the federation carries on, the
+client carries on, and what a broken client says reaches the server's log escaped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import cohort
+from numpy_logistic import LogisticSite
+from sites import SPEC, site_data
+
+FEDERATION = """[federation]
+rounds = 3
+clients_per_round = 5
+min_clients = 3
+start_after_clients = 5
+round_timeout_secs = 60
+collection = "secure"
+[federation.train]
+epochs = 1
+batch_size = 16
+lr = 0.2
+"""
+
+
+class Flaky(LogisticSite):
+    """Raises in round 1, with terminal escapes in its message."""
+
+    def fit(self, params, settings):
+        if settings.round == 1:
+            raise ValueError("site data unreadable \x1b[31mRED\x1b[0m")
+        return super().fit(params, settings)
+
+
+class Poisoned(LogisticSite):
+    """Returns a NaN in round 2."""
+
+    def fit(self, params, settings):
+        result = super().fit(params, settings)
+        if settings.round == 2:
+            next(iter(result.params.values()))[0, 0] = np.nan
+        return result
+
+
+def test_a_failing_fit_declines_its_round_and_the_federation_and_the_client_carry_on(federation):
+    kinds = {"steady-a": LogisticSite, "steady-b": LogisticSite, "steady-c": LogisticSite,
+             "flaky": Flaky, "poisoned": Poisoned}
+    configs = {name: federation.enrol(name) for name in kinds}
+    server = federation.serve(SPEC, FEDERATION)
+    sites = {name: kind(*site_data(i, 40)) for i, (name, kind) in enumerate(kinds.items())}
+    running = [cohort.start(configs[name], site, examples=40) for name, site in sites.items()]
+    try:
+        assert federation.wait(server, 180) == 0, federation.log()
+    finally:
+        for r in running:
+            r.stop()
+    rounds = json.loads(federation.run("cohort-server", "rounds", "--state", federation.server_dir, "--json"))
+    completed = [(r["round"], r["participants"]) for r in rounds if r["status"] == "completed"]
+    # Round 1 without the flaky site, round 2 without the poisoned one, round 3 with all five.
+    assert completed == [(1, 4), (2, 4), (3, 5)], rounds
+    log = federation.log()
+    assert "\x1b[31m" not in log, "a raw escape from a client reached the server's log"
+    assert "site data unreadable" in log and "non-finite" in log, log
+    # Both broken sites kept their connection and trained again in round 3.
+    assert [r for r, _ in sites["flaky"].received] == [2, 3]
+    assert [r for r, _ in sites["poisoned"].received] == [1, 2, 3]
