@@ -1,6 +1,6 @@
 """A whole federation on this machine, for trials, tests and benchmarks: `cohort-server` and
 native `cohort-client` daemons (the binaries in `COHORT_BIN`, default the repository's
-`target/debug`; build them with `cargo build --bins`), Python clients in this process
+`target/debug`; build them with `cargo build --workspace --bins`), Python clients in this process
 (`cohort.start`), mutual TLS with a fresh CA, everything in one directory."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def binaries() -> Path:
     path = Path(os.environ.get("COHORT_BIN", REPO / "target" / "debug"))
     missing = [b for b in ("cohort-server", "cohort-client") if not (path / b).is_file()]
     if missing:
-        raise RuntimeError(f"{missing} not in {path}: run `cargo build --bins` first, or set COHORT_BIN")
+        raise RuntimeError(f"{missing} not in {path}: run `cargo build --workspace --bins` first, or set COHORT_BIN")
     return path
 
 
