@@ -38,12 +38,13 @@
 //! # let _ = trainer;
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::model::{Model, ModelSpec, ParamLayout};
+use crate::model::{HeadSpec, Model, ModelSpec, ParamLayout};
 use crate::session::{Job, JobKind, JobOutput};
 use crate::train::TrainConfig;
 use crate::trainer::{fnv1a, JobRunner, TrainerError};
@@ -130,7 +131,7 @@ pub struct CallbackTrainer<C> {
     callbacks: C,
     /// The heads this client labels, by name; empty: the model's first head.
     labels: Vec<String>,
-    known: Option<Known>,
+    known: Option<Arc<Known>>,
     personal: BTreeMap<String, Vec<f32>>,
     samples: u64,
 }
@@ -153,7 +154,7 @@ impl<C: Callbacks> CallbackTrainer<C> {
         self
     }
 
-    fn known(&mut self, spec_toml: &str) -> Result<&Known, TrainerError> {
+    fn known(&mut self, spec_toml: &str) -> Result<Arc<Known>, TrainerError> {
         if self.known.as_ref().is_none_or(|k| k.spec_toml != spec_toml) {
             let spec = ModelSpec::from_toml(spec_toml).map_err(|e| TrainerError::BadPlan(e.to_string()))?;
             for label in &self.labels {
@@ -166,9 +167,9 @@ impl<C: Callbacks> CallbackTrainer<C> {
                 }
             }
             let layout = layout_of(&spec)?;
-            self.known = Some(Known { spec_toml: spec_toml.to_string(), spec, layout });
+            self.known = Some(Arc::new(Known { spec_toml: spec_toml.to_string(), spec, layout }));
         }
-        Ok(self.known.as_ref().expect("just set"))
+        Ok(self.known.clone().expect("just set"))
     }
 
     fn labels_head(&self, spec: &ModelSpec, index: usize) -> bool {
@@ -223,26 +224,33 @@ impl<C: Callbacks> CallbackTrainer<C> {
 
     fn train(&mut self, plan: &RoundPlan) -> Result<Update, TrainerError> {
         let known = self.known(&plan.model_spec)?;
-        let (spec, layout) = (known.spec.clone(), known.layout.clone());
-        let settings = self.settings(plan, &spec)?;
+        let (spec, layout) = (&known.spec, &known.layout);
+        let settings = self.settings(plan, spec)?;
         settings.train.check().map_err(|e| TrainerError::BadPlan(e.to_string()))?;
-        let start = self.start(plan, &layout)?;
-        let fitted = self.callbacks.fit(split(&layout, &start), &settings).map_err(TrainerError::Callback)?;
-        let returned =
-            join(&layout, fitted.tensors).map_err(|e| TrainerError::Callback(format!("fit returned {e}")))?;
+        let start = self.start(plan, layout)?;
+        let fitted = self.callbacks.fit(split(layout, &start), &settings).map_err(TrainerError::Callback)?;
+        let returned = join(layout, fitted.tensors).map_err(|e| TrainerError::Callback(format!("fit returned {e}")))?;
         let mut delta: Vec<f32> = match fitted.is_delta {
             true => returned,
             false => returned.iter().zip(&start).map(|(l, g)| l - g).collect(),
         };
+        // Finite values can still overflow as a difference (or as start + delta below): the
+        // quantizer would encode an infinity as nothing while its weight still counted.
+        if let Some(at) = delta.iter().zip(&start).position(|(d, s)| !(d.is_finite() && (s + d).is_finite())) {
+            return Err(TrainerError::Callback(format!(
+                "fit returned parameters that differ from the global model by more than a float32 holds (at flat \
+                 index {at})"
+            )));
+        }
         // Segment 0 is the trunk, then one per head in spec order (`ParamLayout`).
         let mut segment_samples = vec![fitted.examples; layout.segments().len()];
         for (i, seg) in layout.segments().iter().enumerate().skip(1) {
             let range = seg.offset..seg.offset + seg.len;
-            if seg.personal && self.labels_head(&spec, i - 1) {
+            if seg.personal && self.labels_head(spec, i - 1) {
                 let trained = start[range.clone()].iter().zip(&delta[range.clone()]).map(|(s, d)| s + d).collect();
                 self.personal.insert(seg.name.clone(), trained);
             }
-            if seg.personal || !self.labels_head(&spec, i - 1) {
+            if seg.personal || !self.labels_head(spec, i - 1) {
                 // Never sent (personal) or not trained here: zero values and zero weight.
                 delta[range].iter_mut().for_each(|d| *d = 0.0);
                 segment_samples[i] = 0;
@@ -253,7 +261,7 @@ impl<C: Callbacks> CallbackTrainer<C> {
             round: plan.round,
             samples: fitted.examples,
             delta: TensorBytes::from_f32(&delta),
-            train_loss: fitted.loss.filter(|l| l.is_finite()).unwrap_or(0.0) as f32,
+            train_loss: fitted.loss.map(|l| l as f32).filter(|l| l.is_finite()).unwrap_or(0.0),
             train_seconds: 0.0,
             segment_samples,
         })
@@ -261,67 +269,61 @@ impl<C: Callbacks> CallbackTrainer<C> {
 
     fn evaluate(&mut self, plan: &RoundPlan) -> Result<Vec<u64>, TrainerError> {
         let known = self.known(&plan.model_spec)?;
-        let (spec, layout) = (known.spec.clone(), known.layout.clone());
-        let settings = self.settings(plan, &spec)?;
-        let params = split(&layout, &self.start(plan, &layout)?);
+        let settings = self.settings(plan, &known.spec)?;
+        let params = split(&known.layout, &self.start(plan, &known.layout)?);
         let matrices = self.callbacks.evaluate(params, &settings).map_err(TrainerError::Callback)?;
-        per_head(&spec, matrices, |classes| classes * classes, "evaluate", "a confusion matrix of")
+        let heads: Vec<&HeadSpec> = known.spec.heads.iter().collect();
+        self.per_head(&known.spec, &heads, matrices, |classes| classes * classes, "evaluate")
     }
 
     fn count_labels(&mut self, plan: &RoundPlan) -> Result<Vec<u64>, TrainerError> {
         let known = self.known(&plan.model_spec)?;
-        let spec = known.spec.clone();
-        let settings = self.settings(plan, &spec)?;
-        let train = settings.train.clone();
+        let settings = self.settings(plan, &known.spec)?;
         let counts = self.callbacks.label_counts(&settings).map_err(TrainerError::Callback)?;
-        let census: Vec<String> = train.census_heads(&spec).iter().map(|h| h.name.clone()).collect();
-        let all = per_head(&spec, counts, |classes| classes, "label_counts", "label counts of")?;
-        // Keep only the heads the census counts, in model order.
+        // Only the heads the census counts, in model order.
+        let heads = settings.train.census_heads(&known.spec);
+        self.per_head(&known.spec, &heads, counts, |classes| classes, "label_counts")
+    }
+
+    /// The callback's values per head (by name) checked and laid out for `heads`, zeros for
+    /// those it left out; `size` is how many values a head of `classes` classes has. Values for
+    /// a head this client does not label are refused, as a native client sends none.
+    fn per_head(
+        &self,
+        spec: &ModelSpec,
+        heads: &[&HeadSpec],
+        mut by_head: BTreeMap<String, Vec<u64>>,
+        size: impl Fn(usize) -> usize,
+        what: &str,
+    ) -> Result<Vec<u64>, TrainerError> {
+        let labelled: Vec<&str> = (spec.heads.iter().enumerate())
+            .filter(|(i, _)| self.labels_head(spec, *i))
+            .map(|(_, h)| h.name.as_str())
+            .collect();
+        if let Some(other) = by_head.keys().find(|name| !labelled.contains(&name.as_str())) {
+            return Err(TrainerError::Callback(format!(
+                "{what} returned head `{}`, which this client does not label (it labels {labelled:?})",
+                crate::peer::escape(other, 80)
+            )));
+        }
         let mut out = Vec::new();
-        let mut at = 0;
-        for head in &spec.heads {
-            if census.contains(&head.name) {
-                out.extend_from_slice(&all[at..at + head.classes]);
+        for head in heads {
+            let n = size(head.classes);
+            match by_head.remove(&head.name) {
+                Some(values) if values.len() == n => out.extend(values),
+                Some(values) => {
+                    return Err(TrainerError::Callback(format!(
+                        "{what} returned {} values for head `{}`, which has {} classes: {n} values",
+                        values.len(),
+                        head.name,
+                        head.classes
+                    )))
+                }
+                None => out.extend(std::iter::repeat_n(0, n)),
             }
-            at += head.classes;
         }
         Ok(out)
     }
-}
-
-/// Values per head (by name) checked and laid out in the model's head order, zeros for the heads
-/// missing; `size` is how many values a head of `classes` classes has.
-fn per_head(
-    spec: &ModelSpec,
-    mut by_head: BTreeMap<String, Vec<u64>>,
-    size: impl Fn(usize) -> usize,
-    what: &str,
-    noun: &str,
-) -> Result<Vec<u64>, TrainerError> {
-    let mut out = Vec::new();
-    for head in &spec.heads {
-        let n = size(head.classes);
-        match by_head.remove(&head.name) {
-            Some(values) if values.len() == n => out.extend(values),
-            Some(values) => {
-                return Err(TrainerError::Callback(format!(
-                    "{what} returned {} values for head `{}`, whose {noun} {} classes has {n}",
-                    values.len(),
-                    head.name,
-                    head.classes
-                )))
-            }
-            None => out.extend(std::iter::repeat_n(0, n)),
-        }
-    }
-    if let Some(unknown) = by_head.keys().next() {
-        let names: Vec<&str> = spec.heads.iter().map(|h| h.name.as_str()).collect();
-        return Err(TrainerError::Callback(format!(
-            "{what} returned head `{}`, which the model does not have (its heads: {names:?})",
-            crate::peer::escape(unknown, 80)
-        )));
-    }
-    Ok(out)
 }
 
 impl<C: Callbacks> JobRunner for CallbackTrainer<C> {
@@ -362,25 +364,30 @@ pub fn split(layout: &ParamLayout, flat: &[f32]) -> Vec<NamedTensor> {
 /// Named tensors back into flat parameters: every tensor of the layout exactly once, each of its
 /// shape, every value finite.
 pub fn join(layout: &ParamLayout, tensors: Vec<NamedTensor>) -> Result<Vec<f32>, String> {
+    let index: HashMap<&str, usize> =
+        (layout.entries().iter().enumerate()).map(|(i, e)| (e.name.as_str(), i)).collect();
     let mut flat = vec![0f32; layout.total_len()];
     let mut seen = vec![false; layout.entries().len()];
     for tensor in tensors {
-        let Some(index) = layout.entries().iter().position(|e| e.name == tensor.name) else {
-            let names: Vec<&str> = layout.entries().iter().map(|e| e.name.as_str()).collect();
+        let Some(&at) = index.get(tensor.name.as_str()) else {
             return Err(format!(
-                "a tensor `{}` that the model does not have (its tensors: {names:?})",
-                crate::peer::escape(&tensor.name, 80)
+                "a tensor `{}` that the model does not have (its tensors: {})",
+                crate::peer::escape(&tensor.name, 80),
+                some_names(layout.entries().iter().map(|e| e.name.as_str()))
             ));
         };
-        let entry = &layout.entries()[index];
-        if std::mem::replace(&mut seen[index], true) {
+        let entry = &layout.entries()[at];
+        if std::mem::replace(&mut seen[at], true) {
             return Err(format!("tensor `{}` twice", entry.name));
         }
         if tensor.shape != entry.shape || tensor.values.len() != entry.len {
+            let shape = match tensor.shape.len() {
+                0..=8 => format!("{:?}", tensor.shape),
+                rank => format!("of rank {rank}"),
+            };
             return Err(format!(
-                "tensor `{}` with shape {:?} ({} values); the model's is {:?}",
+                "tensor `{}` with shape {shape} ({} values); the model's is {:?}",
                 entry.name,
-                tensor.shape,
                 tensor.values.len(),
                 entry.shape
             ));
@@ -390,12 +397,23 @@ pub fn join(layout: &ParamLayout, tensors: Vec<NamedTensor>) -> Result<Vec<f32>,
         }
         flat[entry.offset..entry.offset + entry.len].copy_from_slice(&tensor.values);
     }
-    let missing: Vec<&str> =
-        (layout.entries().iter().zip(&seen)).filter(|(_, s)| !**s).map(|(e, _)| e.name.as_str()).collect();
-    if !missing.is_empty() {
-        return Err(format!("no tensor {missing:?} (every tensor of the model is needed, unchanged ones too)"));
+    let missing = (layout.entries().iter().zip(&seen)).filter(|(_, s)| !**s).map(|(e, _)| e.name.as_str());
+    if seen.iter().any(|s| !s) {
+        return Err(format!(
+            "no tensor {} (every tensor of the model is needed, unchanged ones too)",
+            some_names(missing)
+        ));
     }
     Ok(flat)
+}
+
+/// Names for an error: the first ten and how many more.
+fn some_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    match names.len() {
+        0..=10 => format!("{names:?}"),
+        n => format!("{:?} and {} more", &names[..10], n - 10),
+    }
 }
 
 #[cfg(test)]
@@ -530,11 +548,20 @@ mod tests {
             ),
             ("non-finite", Box::new(|f| f.tensors[2].values[0] = f32::NAN)),
             ("non-finite", Box::new(|f| f.tensors[2].values[0] = f32::INFINITY)),
+            // Finite, but 3e38 - (-3e38) is not: the difference from the global model overflows.
+            ("more than a float32 holds", Box::new(|f| f.tensors[2].values[0] = 3e38)),
+            (
+                "more than a float32 holds",
+                Box::new(|f| {
+                    f.is_delta = true;
+                    f.tensors[2].values[0] = 3e38;
+                }),
+            ),
         ];
         for (words, mutation) in cases {
             let mut callbacks = Scripted::new(1.0);
             callbacks.mutate = Some(mutation);
-            match client(callbacks).train(&plan(SPEC, vec![0.0; n])) {
+            match client(callbacks).train(&plan(SPEC, vec![-3e38; n])) {
                 Err(TrainerError::Callback(why)) => assert!(why.contains(words), "{words}: {why}"),
                 other => panic!("{words}: {other:?}"),
             }
@@ -556,7 +583,9 @@ mod tests {
 
         for (answer, words) in [
             (BTreeMap::from([("shared".to_string(), vec![1, 2, 3])]), "3 values for head `shared`"),
-            (BTreeMap::from([("nope\u{1b}[31m".to_string(), vec![1])]), "does not have"),
+            (BTreeMap::from([("nope\u{1b}[31m".to_string(), vec![1])]), "does not label"),
+            // A head of the model this client does not label: a native client sends zeros there.
+            (BTreeMap::from([("other".to_string(), vec![9; 9])]), "head `other`, which this client does not label"),
         ] {
             site.callbacks.answer = answer;
             match site.evaluate(&evaluate) {
@@ -568,14 +597,21 @@ mod tests {
             }
         }
 
-        // A census counts only the heads whose loss says `scope = "global"`: `other` here.
+        // A census counts only the heads whose loss says `scope = "global"`: `shared` and `other`
+        // here; this client labels `shared` only, so `other` counts zeros.
         let mut census = plan(SPEC, vec![0.0; n]);
         census.task = Task::CountLabels;
         let global = LossConfig { scope: CountScope::Global, ..Default::default() };
-        census.train =
-            (&TrainConfig { head_loss: BTreeMap::from([("other".into(), global)]), ..Default::default() }).into();
-        site.callbacks.answer = BTreeMap::from([("other".to_string(), vec![4, 5, 6]), ("shared".into(), vec![1, 1])]);
-        assert_eq!(site.count_labels(&census).unwrap(), vec![4, 5, 6]);
+        let head_loss = BTreeMap::from([("shared".into(), global), ("other".into(), global)]);
+        census.train = (&TrainConfig { head_loss, ..Default::default() }).into();
+        site.callbacks.answer = BTreeMap::from([("shared".to_string(), vec![4, 5]), ("mine".into(), vec![1, 1])]);
+        assert_eq!(site.count_labels(&census).unwrap(), vec![4, 5, 0, 0, 0]);
+        site.callbacks.answer = BTreeMap::from([("other".to_string(), vec![4, 5, 6])]);
+        let refused = site.count_labels(&census);
+        assert!(
+            matches!(refused, Err(TrainerError::Callback(ref why)) if why.contains("does not label")),
+            "{refused:?}"
+        );
     }
 
     #[test]
