@@ -220,6 +220,13 @@ impl ModelSpec {
         if self.heads.is_empty() {
             return Err(invalid("heads", "a model needs at least one head".into()));
         }
+        let declared = self.parameters.len() + self.heads.iter().map(|h| h.parameters.len()).sum::<usize>();
+        if declared > MAX_DECLARED_TENSORS {
+            return Err(invalid(
+                "parameters",
+                format!("{declared} tensors declared; a model has at most {MAX_DECLARED_TENSORS} (one variable each)"),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         let mut total = 0usize;
         let mut cells = 0usize;
@@ -236,6 +243,13 @@ impl ModelSpec {
                         &place,
                         "name must be 1 to 200 ASCII letters, digits, '_', '.', '-' or '/'".into(),
                     ));
+                }
+                // safetensors reserves `__metadata__`; checkpoints and exports would fail on it.
+                if tensor.name.starts_with("__") {
+                    return Err(invalid(&place, format!("`{}`: names starting with `__` are reserved", tensor.name)));
+                }
+                if tensor.shape.len() > MAX_RANK {
+                    return Err(invalid(&place, format!("rank {} (at most {MAX_RANK})", tensor.shape.len())));
                 }
                 if !names.insert(&tensor.name) {
                     return Err(invalid(&place, format!("`{}` is declared twice", tensor.name)));
@@ -332,6 +346,12 @@ fn count_cells(place: &str, head: &HeadSpec, cells: &mut usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// The most tensors a model of declared parameters may have (one candle variable each).
+pub const MAX_DECLARED_TENSORS: usize = 4096;
+
+/// The highest rank of a declared tensor.
+pub const MAX_RANK: usize = 8;
 
 /// The largest model a spec may describe: its parameters must fit in one wire frame.
 pub const MAX_PARAMETERS: usize = crate::wire::MAX_FRAME_BYTES / 4 - (1 << 16);
@@ -1120,6 +1140,15 @@ mod tests {
                 "classes = 1",
             ),
             ("name='m'\n[[parameters]]\nname='w'\nshape=[2]\ninit='gaussian'\n".to_string(), "gaussian"),
+            (format!("name='m'\n[[parameters]]\nname='__metadata__'\nshape=[2]\n{head}"), "reserved"),
+            (format!("name='m'\n[[parameters]]\nname='w'\nshape=[1,1,1,1,1,1,1,1,1]\n{head}"), "rank 9"),
+            (
+                format!(
+                    "name='m'\n{}{head}",
+                    (0..4097).map(|i| format!("[[parameters]]\nname='w{i}'\nshape=[1]\n")).collect::<String>()
+                ),
+                "4097 tensors declared",
+            ),
         ] {
             let err = ModelSpec::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(words), "{words}: {err}");
