@@ -129,3 +129,40 @@ async fn runs_are_submitted_stopped_and_resumed_while_the_server_serves() {
     task.await.unwrap().unwrap();
     RunningClient::stop_all(clients).await;
 }
+
+/// A submitted run keeps its own copy of its initial model: the operator's file may change or
+/// go after `submit`, and the run (and a resume of it) still starts from what was submitted.
+#[test]
+fn a_submitted_run_keeps_its_initial_model() {
+    let ca = Ca::new();
+    let files = tempfile::tempdir().unwrap();
+    let path = run_file(files.path(), "first", 2);
+    let model = cohort::common::model::Model::new(&spec(), &candle_core::Device::Cpu, 9).unwrap();
+    std::fs::write(files.path().join("init.safetensors"), model.to_safetensors().unwrap()).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("initial_model = \"init.safetensors\"\n{text}")).unwrap();
+    // The database a server's first start makes.
+    drop(Store::open(&ca.state.database()).unwrap());
+    runs::submit(&ca.state, "first", &path).unwrap();
+    // The operator's file is overwritten with NaN, then removed.
+    std::fs::write(files.path().join("init.safetensors"), b"NaN").unwrap();
+    std::fs::remove_file(files.path().join("init.safetensors")).unwrap();
+
+    let dir = ca.state.run("first").dir;
+    let kept = cohort::server::config::RunConfig::load(&dir.join(cohort::server::config::RUN_FILE), "first").unwrap();
+    let initial = kept.initial_model.expect("the run keeps its initial model");
+    assert!(initial.starts_with(&dir), "{initial:?} is not in the run's directory");
+    let flat = cohort::server::config::read_initial_model(&initial, "mnist", model.layout()).unwrap();
+    assert_eq!(flat, model.flat().unwrap());
+
+    // One that does not fit the model is refused at submit, naming the file.
+    let wrong = cohort::common::model::Model::new(
+        &cohort::common::model::ModelSpec::from_toml(cohort::common::specs::MNIST_2NN).unwrap(),
+        &candle_core::Device::Cpu,
+        1,
+    )
+    .unwrap();
+    std::fs::write(files.path().join("init.safetensors"), wrong.to_safetensors().unwrap()).unwrap();
+    let err = runs::submit(&ca.state, "second", &path).unwrap_err().to_string();
+    assert!(err.contains("init.safetensors") && err.contains("every tensor"), "{err}");
+}

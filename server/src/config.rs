@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 pub use cohort_common::coordinator::config::{
     AdaptiveClipConfig, Collection, DpConfig, Federation, SecAggConfig, SiteBackoff,
 };
-use cohort_common::model::ModelSpec;
+use cohort_common::model::{ModelSpec, ParamLayout};
 use cohort_io::files::{DataSource, FileError};
 use serde::Deserialize;
 
@@ -96,7 +96,7 @@ impl ServerConfigFile {
             (None, None) if file.test_data.is_none() && file.run.is_none() && file.initial_model.is_none() => {}
             (None, _) => {
                 return Err("a run in server.toml needs `model` (the model spec) and a [federation] table; leave \
-                            `run`, `test_data` and [federation] out to host submitted runs only"
+                            `run`, `test_data`, `initial_model` and [federation] out to host submitted runs only"
                     .into())
             }
             (Some(_), None) => {
@@ -121,6 +121,10 @@ impl RunConfigFile {
 
 fn read(path: &Path) -> Result<String, FileError> {
     std::fs::read_to_string(path).map_err(|source| FileError::Io { path: path.display().to_string(), source })
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|source| FileError::Io { path: path.display().to_string(), source })
 }
 
 impl RunConfig {
@@ -148,31 +152,13 @@ impl RunConfig {
         federation
             .check_model(&spec)
             .map_err(|message| FileError::Config { path: path.display().to_string(), message })?;
-        if spec.declares_parameters() && test_data.is_some() {
-            return Err(FileError::Config {
-                path: path.display().to_string(),
-                message: format!(
-                    "the model `{}` declares its parameters only (no layers), so the server cannot evaluate it on \
-                     `test_data`: leave test_data out and set [federation] evaluate_every for federated evaluation \
-                     (the clients' own `evaluate`)",
-                    spec.name
-                ),
-            });
-        }
+        check_test_set(&spec, test_data.is_some())
+            .map_err(|message| FileError::Config { path: path.display().to_string(), message })?;
         let initial_model = initial_model.map(|p| base.join(p));
         if let Some(initial) = &initial_model {
-            let bad = |message: String| FileError::Config { path: initial.display().to_string(), message };
             let model = cohort_common::model::Model::new(&spec, &candle_core::Device::Cpu, 0)
-                .map_err(|e| bad(e.to_string()))?;
-            model.load_safetensors(&std::fs::read(initial).map_err(|e| bad(e.to_string()))?).map_err(|e| {
-                bad(format!(
-                    "{e}; the initial model must hold every tensor of the model `{}` with its shape",
-                    spec.name
-                ))
-            })?;
-            if model.flat().map_err(|e| bad(e.to_string()))?.iter().any(|v| !v.is_finite()) {
-                return Err(bad("the initial model holds non-finite values".into()));
-            }
+                .map_err(|e| FileError::Config { path: path.display().to_string(), message: e.to_string() })?;
+            read_initial_model(initial, &spec.name, model.layout())?;
         }
         Ok(Self { name: name.into(), spec, test_data: test_data.map(|d| d.resolve(&base)), initial_model, federation })
     }
@@ -191,9 +177,10 @@ impl RunConfig {
                 table.remove("test_data");
             }
         }
+        // `runs::submit` keeps a copy beside the run file, as it does the spec.
         match &self.initial_model {
-            Some(path) => {
-                table.insert("initial_model".into(), toml::Value::String(path.display().to_string()));
+            Some(_) => {
+                table.insert("initial_model".into(), toml::Value::String(RUN_INITIAL_MODEL_FILE.into()));
             }
             None => {
                 table.remove("initial_model");
@@ -207,6 +194,43 @@ impl RunConfig {
 pub const RUN_MODEL_FILE: &str = "model.toml";
 /// The run file's name in a submitted run's directory.
 pub const RUN_FILE: &str = "run.toml";
+/// The initial model's file name in a submitted run's directory.
+pub const RUN_INITIAL_MODEL_FILE: &str = "initial.safetensors";
+
+/// A model of declared parameters has no layers to evaluate a test set with.
+pub fn check_test_set(spec: &ModelSpec, has_test_set: bool) -> Result<(), String> {
+    match spec.declares_parameters() && has_test_set {
+        true => Err(format!(
+            "the model `{}` declares its parameters only (no layers), so the server cannot evaluate it on `test_data`: \
+             leave test_data out and set [federation] evaluate_every for federated evaluation (the clients' own \
+             `evaluate`)",
+            spec.name
+        )),
+        false => Ok(()),
+    }
+}
+
+/// Reads a run's initial model (`initial_model`) for the model `model` of `layout`: its size
+/// checked before it is read (it must fit in one plan), every tensor with its shape, every value
+/// finite. The flat parameters.
+pub fn read_initial_model(path: &Path, model: &str, layout: &ParamLayout) -> Result<Vec<f32>, FileError> {
+    let bad = |message: String| FileError::Config { path: path.display().to_string(), message };
+    let size = std::fs::metadata(path).map_err(|source| FileError::Io { path: path.display().to_string(), source })?;
+    if size.len() > cohort_common::wire::MAX_FRAME_BYTES as u64 {
+        return Err(bad(format!(
+            "{} bytes; a model must fit in one plan ({} bytes)",
+            size.len(),
+            cohort_common::wire::MAX_FRAME_BYTES
+        )));
+    }
+    let flat = cohort_common::model::flat_from_safetensors(layout, &read_bytes(path)?).map_err(|e| {
+        bad(format!("{e}; the initial model must hold every tensor of the model `{model}` with its shape"))
+    })?;
+    if flat.iter().any(|v| !v.is_finite()) {
+        return Err(bad("the initial model holds non-finite values".into()));
+    }
+    Ok(flat)
+}
 
 impl ServerConfig {
     pub fn load(path: &Path) -> Result<Self, FileError> {

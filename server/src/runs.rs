@@ -8,7 +8,7 @@ use std::path::Path;
 
 use cohort_io::files::{self, FileError};
 
-use crate::config::{RunConfig, RUN_FILE, RUN_MODEL_FILE};
+use crate::config::{RunConfig, RUN_FILE, RUN_INITIAL_MODEL_FILE, RUN_MODEL_FILE};
 use crate::pki::StatePaths;
 use crate::serve::{RunSetup, ServeError};
 use crate::store::{RunRow, RunStatus, Store, StoreError};
@@ -41,7 +41,7 @@ pub struct Submitted {
 
 /// Checks run file `config` and its model as `serve` would (the test set is read now, so a
 /// wrong path is found before the run's turn), keeps a copy of both in `runs/NAME/` (later edits
-/// to the operator's files change nothing), and queues the run.
+/// to the operator's files change nothing; the initial model too, if any), and queues the run.
 pub fn submit(paths: &StatePaths, name: &str, config: &Path) -> Result<Submitted, RunsError> {
     let store = Store::open_existing(&paths.database())?;
     let run = RunConfig::load(config, name)?;
@@ -67,6 +67,11 @@ pub fn submit(paths: &StatePaths, name: &str, config: &Path) -> Result<Submitted
         Err(source) => return Err(FileError::Io { path: dir.dir.display().to_string(), source }.into()),
     }
     files::write_atomic(&dir.dir.join(RUN_MODEL_FILE), run.spec.to_toml().as_bytes())?;
+    if let Some(initial) = &run.initial_model {
+        let target = dir.dir.join(RUN_INITIAL_MODEL_FILE);
+        std::fs::copy(initial, &target)
+            .map_err(|source| FileError::Io { path: target.display().to_string(), source })?;
+    }
     files::write_atomic(&dir.dir.join(RUN_FILE), run_file.as_bytes())?;
     store.submit_run(name, &format!("runs/{name}"), &run.spec.name, run.federation.rounds, unix_now())?;
     let ahead = store

@@ -118,6 +118,8 @@ impl RunSetup {
         wire::check_run_name(&self.name).map_err(ServeError::Config)?;
         self.federation.check().map_err(ServeError::Config)?;
         self.federation.check_model(&self.spec).map_err(ServeError::Config)?;
+        let has_test_set = self.test_data.is_some() || !self.head_tests.is_empty();
+        crate::config::check_test_set(&self.spec, has_test_set).map_err(ServeError::Config)?;
         let params = Model::new(&self.spec, &Device::Cpu, 0)?.layout().total_len();
         for warning in
             [self.federation.noise_warning(params), self.federation.small_cohort_warning()].into_iter().flatten()

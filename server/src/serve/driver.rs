@@ -70,13 +70,11 @@ impl Server {
         };
         let ctx = RunContext { paths, store };
         let model = Arc::new(Model::new(&run.spec, &Device::Cpu, fed.seed)?);
-        if let Some(path) = &run.initial_model {
-            // Checked when the run was read; a resumed run starts from its checkpoint instead.
-            let bytes = std::fs::read(path)
-                .map_err(|source| files::FileError::Io { path: path.display().to_string(), source })?;
-            model.load_safetensors(&bytes)?;
-        }
         let resume = crate::resume::resume(&ctx.store, run, &ctx.paths, &model)?;
+        // A resumed run goes on from its checkpoint; a new one starts from its initial model.
+        if let (Some(path), None) = (&run.initial_model, &resume.params) {
+            model.set_flat(&crate::config::read_initial_model(path, &run.spec.name, model.layout())?)?;
+        }
         let setup = CoordinatorSetup {
             run: run.name.clone(),
             federation: fed.clone(),
