@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use cohort_common::callbacks::{self, CallbackTrainer, Callbacks, Fitted, NamedTensor, RoundSettings};
 use cohort_common::model::ModelSpec;
+use cohort_common::wire::TensorBytes;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
@@ -42,18 +43,16 @@ const SIGNAL_POLL: Duration = Duration::from_millis(200);
 /// The longest message a Python exception may put in a decline or a log.
 const MAX_REASON: usize = 400;
 
-fn to_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// A tensor's values from Python's float32 bytes.
+fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Vec<f32>, String> {
+    let length = bytes.len();
+    TensorBytes::from(bytes)
+        .to_f32()
+        .map_err(|_| format!("tensor `{name}` has {length} bytes, not a whole number of float32 values"))
 }
 
-fn from_bytes(name: &str, bytes: &[u8]) -> Result<Vec<f32>, String> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(format!("tensor `{name}` has {} bytes, not a whole number of float32 values", bytes.len()));
-    }
-    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-}
-
-/// The bridge object of `cohort/_bridge.py`, called with the GIL from the daemon's job thread.
+/// The bridge object (`cohort._Bridge`, in `cohort/__init__.py`), called with the GIL from the
+/// daemon's job thread.
 pub struct PyCallbacks {
     bridge: Py<PyAny>,
 }
@@ -84,7 +83,7 @@ impl PyCallbacks {
 fn tensors_arg<'py>(py: Python<'py>, params: Vec<NamedTensor>) -> PyResult<Bound<'py, PyList>> {
     let items: Vec<Bound<'py, PyTuple>> = params
         .into_iter()
-        .map(|t| (t.name, t.shape, PyBytes::new(py, &to_bytes(&t.values))).into_pyobject(py))
+        .map(|t| (t.name, t.shape, PyBytes::new(py, TensorBytes::from_f32(&t.values).as_bytes())).into_pyobject(py))
         .collect::<PyResult<_>>()?;
     PyList::new(py, items)
 }
@@ -107,7 +106,7 @@ impl Callbacks for PyCallbacks {
         )?;
         let tensors = tensors
             .into_iter()
-            .map(|(name, shape, bytes)| Ok(NamedTensor { values: from_bytes(&name, &bytes)?, name, shape }))
+            .map(|(name, shape, bytes)| Ok(NamedTensor { values: from_bytes(&name, bytes)?, name, shape }))
             .collect::<Result<_, String>>()
             .map_err(|e| format!("fit returned {e}"))?;
         Ok(Fitted { tensors, is_delta, examples, loss })
@@ -189,23 +188,26 @@ impl Daemon {
             tracing::info!(device = %setup.device_name, server = %setup.server, "starting (training in Python)");
             cohort_client::daemon::run_with_config(setup, stop, &path).await.map_err(|e| e.to_string())
         });
-        let finished = loop {
+        let outcome = loop {
             // Python is free while the daemon runs; every SIGNAL_POLL the main thread looks for
             // Ctrl-C (Python runs signal handlers on its main thread only).
             let waited = py.detach(|| runtime.block_on(async { tokio::time::timeout(SIGNAL_POLL, &mut daemon).await }));
             match waited {
-                Ok(joined) => break joined,
+                Ok(joined) => break Ok(joined),
                 Err(_) => {
                     if let Err(interrupt) = py.check_signals() {
                         self.stop.cancel();
                         let _ = py.detach(|| runtime.block_on(&mut daemon));
-                        return Err(interrupt);
+                        break Err(interrupt);
                     }
                 }
             }
         };
+        // Without the GIL, whatever ended the daemon: a training job still on the runtime's
+        // blocking thread may be waiting for the GIL, and dropping the runtime while holding it
+        // would wait for that job for ever. A job still running after 5 s finishes on its own.
         py.detach(|| runtime.shutdown_timeout(Duration::from_secs(5)));
-        match finished {
+        match outcome? {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(PyRuntimeError::new_err(why)),
             Err(panic) => Err(PyRuntimeError::new_err(format!("the client daemon failed: {panic}"))),
@@ -230,8 +232,8 @@ fn read_safetensors(
 ) -> PyResult<(Vec<(String, Vec<usize>, Py<PyBytes>)>, Option<String>)> {
     let bad = |e: String| PyValueError::new_err(format!("{}: {e}", path.display()));
     let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let spec = metadata.metadata().as_ref().and_then(|m| m.get(cohort_common::model::SPEC_METADATA_KEY)).cloned();
+    let spec =
+        cohort_common::model::spec_from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?.map(|s| s.to_toml());
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut tensors = Vec::new();
     for (name, view) in file.iter() {
@@ -257,7 +259,7 @@ fn write_safetensors(path: PathBuf, tensors: Vec<WireTensor>, spec: String) -> P
         cohort_common::model::Model::new(&spec, &candle_core::Device::Cpu, 0).map_err(|e| invalid(e.to_string()))?;
     let named = tensors
         .into_iter()
-        .map(|(name, shape, bytes)| Ok(NamedTensor { values: from_bytes(&name, &bytes)?, name, shape }))
+        .map(|(name, shape, bytes)| Ok(NamedTensor { values: from_bytes(&name, bytes)?, name, shape }))
         .collect::<Result<Vec<_>, String>>()
         .map_err(invalid)?;
     let flat = callbacks::join(model.layout(), named).map_err(|e| invalid(format!("the tensors have {e}")))?;

@@ -4,6 +4,10 @@ client carries on, and what a broken client says reaches the server's log escape
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -66,3 +70,40 @@ def test_a_failing_fit_declines_its_round_and_the_federation_and_the_client_carr
     # Both broken sites kept their connection and trained again in round 3.
     assert [r for r, _ in sites["flaky"].received] == [2, 3]
     assert [r for r, _ in sites["poisoned"].received] == [1, 2, 3]
+
+
+SLEEPY = """import pathlib, sys, time
+import cohort
+
+def fit(params, settings):
+    pathlib.Path(sys.argv[2]).write_text("fitting")
+    time.sleep(20)
+    return params, 1
+
+try:
+    cohort.run(sys.argv[1], fit=fit)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_while_fit_runs_ends_the_client_promptly(federation, tmp_path):
+    config = federation.enrol("sleepy")
+    federation.serve(SPEC, '[federation]\nrounds = 1\nclients_per_round = 1\nmin_clients = 1\n'
+                           'round_timeout_secs = 60\ncollection = "plain"\n')
+    marker = tmp_path / "fitting"
+    client = subprocess.Popen([sys.executable, "-c", SLEEPY, str(config), str(marker)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert time.monotonic() < deadline and client.poll() is None, client.communicate(timeout=5)
+            time.sleep(0.1)
+        started = time.monotonic()
+        client.send_signal(signal.SIGINT)
+        # The fit sleeps 20 s; the client must not wait for it holding the GIL (a deadlock).
+        out, err = client.communicate(timeout=15)
+        assert "interrupted" in out, err
+        assert time.monotonic() - started < 15
+    finally:
+        client.kill()

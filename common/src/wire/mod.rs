@@ -144,11 +144,23 @@ impl TensorBytes {
         self.0.is_empty()
     }
 
+    /// The raw little-endian bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn to_f32(&self) -> Result<Vec<f32>, WireError> {
         if !self.0.len().is_multiple_of(4) {
             return Err(WireError::TensorLength(self.0.len()));
         }
         Ok(self.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
+impl From<Vec<u8>> for TensorBytes {
+    /// Bytes that claim to be little-endian `f32` values; [`TensorBytes::to_f32`] checks them.
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(bytes)
     }
 }
 
