@@ -303,25 +303,19 @@ class Running:
         return self._thread.is_alive()
 
 
-def start(config, client: Client | None = None, **kwargs) -> Running:
+def start(
+    config,
+    client: Client | None = None,
+    *,
+    fit: Callable | None = None,
+    evaluate: Callable | None = None,
+    label_counts: Callable | None = None,
+    heads: Sequence[str] = (),
+    examples: int = 0,
+    device: str = "python",
+) -> Running:
     """``run`` on a background thread: returns at once; ``.stop()`` ends it."""
-    names = ("fit", "evaluate", "label_counts", "heads", "examples", "device")
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise TypeError(f"unknown arguments {sorted(unknown)}")
-    args = {n: kwargs.get(n) for n in ("fit", "evaluate", "label_counts")}
-    return Running(
-        _daemon(
-            config,
-            client,
-            args["fit"],
-            args["evaluate"],
-            args["label_counts"],
-            kwargs.get("heads", ()),
-            kwargs.get("examples", 0),
-            kwargs.get("device", "python"),
-        )
-    )
+    return Running(_daemon(config, client, fit, evaluate, label_counts, heads, examples, device))
 
 
 def model_layout(spec: str) -> tuple[list[tuple[str, tuple[int, ...]]], list[Head]]:

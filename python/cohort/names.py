@@ -1,5 +1,7 @@
-"""Pairing a model spec's tensor names (Cohort's, by place: ``trunk.01.weight``) with another
-framework's (by attribute: ``conv1.weight``), by order, every shape checked."""
+"""Pairing a model spec's tensor names with another framework's, every shape checked: by name
+when the spec declares the framework's own names (a model of declared tensors), else by order
+(Cohort names a spec's layers by place, ``trunk.01.weight``; PyTorch by attribute,
+``conv1.weight``)."""
 
 from __future__ import annotations
 
@@ -48,3 +50,16 @@ def pair_by_order(spec: str, theirs: Sequence[tuple[str, tuple[int, ...]]]) -> d
             )
         pairs[cohort_name] = their_name
     return pairs
+
+
+def pair_names(spec: str, theirs: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, str]:
+    """``{cohort name: their name}``: the same names where the spec has only names ``theirs``
+    has, else by order (``pair_by_order``)."""
+    tensors, _heads = model_layout(spec)
+    shapes = {name: tuple(shape) for name, shape in theirs}
+    if not all(name in shapes for name, _ in tensors):
+        return pair_by_order(spec, theirs)
+    for name, shape in tensors:
+        if shapes[name] != shape:
+            raise ValueError(f"{name} has shape {shape} in the spec and {shapes[name]} in the model")
+    return {name: name for name, _ in tensors}

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from . import load_model, model_spec
-from .names import pair_by_order
+from .names import pair_names
 
 __all__ = ["load", "load_params", "name_map", "to_params"]
 
 
 def name_map(module: torch.nn.Module, spec: str) -> dict[str, str]:
-    """``{cohort name: module parameter name}`` for the model ``spec`` (TOML), by order."""
-    return pair_by_order(spec, [(name, tuple(p.shape)) for name, p in module.named_parameters()])
+    """``{cohort name: module parameter name}`` for the model ``spec`` (TOML): by name for a spec
+    that declares the module's own names, else by order."""
+    return pair_names(spec, [(name, tuple(p.shape)) for name, p in module.named_parameters()])
 
 
 def to_params(module: torch.nn.Module, mapping: Mapping[str, str]) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ import pytest
 
 import cohort
 from cohort import _Bridge
-from cohort.names import layer_order, pair_by_order
+from cohort.names import layer_order, pair_by_order, pair_names
 
 SPEC = """name = "small"
 input_shape = [1, 6, 6]
@@ -174,3 +174,16 @@ def test_a_client_with_a_bad_config_is_told_which_file_and_what(tmp_path):
         cohort.run(config)
     with pytest.raises(TypeError, match="not both"):
         cohort.run(config, cohort.Client(), fit=lambda p, s: None)
+
+
+def test_a_spec_of_declared_names_pairs_them_with_the_same_names():
+    declared = ('name = "d"\n[[parameters]]\nname = "conv.weight"\nshape = [2, 1, 3, 3]\n[[heads]]\nname = "y"\n'
+                'classes = 2\n[[heads.parameters]]\nname = "fc.weight"\nshape = [2, 4]\n')
+    theirs = [("fc.weight", (2, 4)), ("conv.weight", (2, 1, 3, 3))]
+    assert pair_names(declared, theirs) == {"conv.weight": "conv.weight", "fc.weight": "fc.weight"}
+    with pytest.raises(ValueError, match="fc.weight has shape"):
+        pair_names(declared, [("fc.weight", (4, 2)), ("conv.weight", (2, 1, 3, 3))])
+    # A layer spec's names are places: paired by order, as before.
+    torch_like = [("conv.weight", (2, 1, 3, 3)), ("conv.bias", (2,)), ("fc.weight", (4, 32)), ("fc.bias", (4,)),
+                  ("out.weight", (3, 4)), ("out.bias", (3,)), ("own.weight", (2, 4)), ("own.bias", (2,))]
+    assert pair_names(SPEC, torch_like) == pair_by_order(SPEC, torch_like)
