@@ -344,7 +344,8 @@ def save_model(path, params: Mapping[str, Any], spec: str) -> None:
 
 def confusion_matrix(labels, predictions, classes: int) -> np.ndarray:
     """Counts of (true class, predicted class): what ``evaluate`` returns per head."""
-    labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    # PyTorch tensors on any device too (``model(x).argmax(1)``).
+    labels, predictions = _to_numpy(labels).astype(np.int64), _to_numpy(predictions).astype(np.int64)
     if labels.shape != predictions.shape:
         raise ValueError(f"{labels.shape[0] if labels.ndim else 0} labels and {predictions.size} predictions")
     if labels.size and (labels.min() < 0 or labels.max() >= classes or predictions.min() < 0 or predictions.max() >= classes):
