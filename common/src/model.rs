@@ -24,6 +24,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
@@ -526,19 +527,43 @@ impl Layer {
     }
 }
 
+/// What a forward pass is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Pass<'w> {
+    /// Inference: dropout off.
+    Evaluate,
+    /// A training step's forward pass (dropout on). On the CPU, with a workspace, the kernels
+    /// keep the parameters' gradients and their buffers there (see [`kernels::Workspace`]); a
+    /// backward pass then leaves the parameters' gradients out of candle's `GradStore`.
+    Train(Option<&'w Arc<kernels::Workspace>>),
+}
+
+impl Pass<'_> {
+    fn training(self) -> bool {
+        matches!(self, Pass::Train(_))
+    }
+
+    fn workspace(&self) -> Option<&Arc<kernels::Workspace>> {
+        match self {
+            Pass::Train(w) => *w,
+            Pass::Evaluate => None,
+        }
+    }
+}
+
 /// Runs `layers` on `x`. On the CPU, dense and convolution layers, each with the ReLU that
-/// follows it, and max pooling run on [`crate::kernels`] (candle's own ops compute gradients the
-/// training does not need, and its convolution backward is slow); a GPU keeps candle's ops.
-fn forward_layers(layers: &[Layer], x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+/// follows it (and a convolution with the max pooling after that), and max pooling run on
+/// [`crate::kernels`] (candle's own ops compute gradients the training does not need, and its
+/// convolution backward is slow); a GPU keeps candle's ops.
+fn forward_layers(layers: &[Layer], x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
     let cpu = x.device().is_cpu();
     let mut h = x.clone();
     let mut i = 0;
     while let Some(layer) = layers.get(i) {
-        let relu_next = matches!(layers.get(i + 1), Some(Layer::Relu));
-        let kernel = if cpu { on_kernels(layer, &h, relu_next)? } else { None };
+        let kernel = if cpu { on_kernels(&layers[i..], &h, pass)? } else { None };
         let (out, covered) = match kernel {
             Some(done) => done,
-            None => (layer.forward(&h, train)?, 1),
+            None => (layer.forward(&h, pass.training())?, 1),
         };
         h = out;
         i += covered;
@@ -546,19 +571,29 @@ fn forward_layers(layers: &[Layer], x: &Tensor, train: bool) -> candle_core::Res
     Ok(h)
 }
 
-/// `layer` on the CPU kernels, with the ReLU after it where one follows and the layer fuses
-/// it: the output and how many layers that covered; `None` where the kernels do not apply.
-fn on_kernels(layer: &Layer, x: &Tensor, relu_next: bool) -> candle_core::Result<Option<(Tensor, usize)>> {
-    let covered = 1 + usize::from(relu_next);
-    Ok(match layer {
+/// `layers[0]` on the CPU kernels, with what follows it and the kernel fuses (a ReLU; for a
+/// convolution, then max pooling): the output and how many layers that covered; `None` where
+/// the kernels do not apply.
+fn on_kernels(layers: &[Layer], x: &Tensor, pass: Pass) -> candle_core::Result<Option<(Tensor, usize)>> {
+    let relu = matches!(layers.get(1), Some(Layer::Relu));
+    let after_relu = usize::from(relu);
+    let workspace = pass.workspace();
+    Ok(match &layers[0] {
         Layer::Linear(l) => match l.bias() {
-            Some(bias) if x.rank() == 2 => Some((kernels::dense(x, l.weight(), bias, relu_next)?, covered)),
+            Some(bias) if x.rank() == 2 => {
+                Some((kernels::dense(x, l.weight(), bias, relu, workspace)?, 1 + after_relu))
+            }
             _ => None,
         },
         Layer::Conv2d(c) => match c.bias() {
             Some(bias) if c.config().dilation == 1 && c.config().groups == 1 => {
-                let (padding, stride) = (c.config().padding, c.config().stride);
-                Some((kernels::conv2d(x, c.weight(), bias, padding, stride, relu_next)?, covered))
+                let pool = match layers.get(1 + after_relu) {
+                    Some(Layer::MaxPool2d(size)) => Some(*size),
+                    _ => None,
+                };
+                let shape = kernels::ConvShape { padding: c.config().padding, stride: c.config().stride, relu, pool };
+                let covered = 1 + after_relu + usize::from(pool.is_some());
+                Some((kernels::conv2d(x, c.weight(), bias, shape, workspace)?, covered))
             }
             _ => None,
         },
@@ -770,20 +805,20 @@ impl Model {
     }
 
     /// Logits of one head for a batch `x` of shape `[batch, input_shape...]`.
-    pub fn forward_head(&self, x: &Tensor, head: usize, train: bool) -> Result<Tensor> {
-        let features = self.forward_trunk(x, train)?;
-        self.forward_head_from(&features, head, train)
+    pub fn forward_head(&self, x: &Tensor, head: usize, pass: Pass) -> Result<Tensor> {
+        let features = self.forward_trunk(x, pass)?;
+        self.forward_head_from(&features, head, pass)
     }
 
-    pub fn forward_trunk(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward_trunk(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         self.spec.check_runnable()?;
-        Ok(forward_layers(&self.trunk, x, train)?)
+        Ok(forward_layers(&self.trunk, x, pass)?)
     }
 
-    pub fn forward_head_from(&self, features: &Tensor, head: usize, train: bool) -> Result<Tensor> {
+    pub fn forward_head_from(&self, features: &Tensor, head: usize, pass: Pass) -> Result<Tensor> {
         self.spec.check_runnable()?;
         let layers = self.heads.get(head).ok_or_else(|| ModelError::Mismatch(format!("no head number {head}")))?;
-        Ok(forward_layers(layers, features, train)?)
+        Ok(forward_layers(layers, features, pass)?)
     }
 
     /// All parameters as one flat tensor on the model's device, in layout order.
@@ -928,7 +963,7 @@ mod tests {
         .unwrap();
         let model = Model::new(&spec, &Device::Cpu, 0).unwrap();
         let x = Tensor::new(&[[3.0f32, 10.0]], &Device::Cpu).unwrap();
-        let out = model.forward_trunk(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        let out = model.forward_trunk(&x, Pass::Evaluate).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(out, vec![vec![1.0, 2.0]]);
         assert_eq!(ModelSpec::from_toml(&spec.to_toml()).unwrap(), spec, "the spec round-trips");
         let wrong = "name='t'\ninput_shape=[3]\n[[trunk]]\nkind='normalize'\nmean=[1.0, 2.0]\nstd=1.0\n\
@@ -949,7 +984,7 @@ mod tests {
         let cnn = Model::new(&ModelSpec::from_toml(CNN).unwrap(), &Device::Cpu, 0).unwrap();
         assert_eq!(cnn.layout().total_len(), 1_663_370);
         let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(cnn.forward_head(&x, 0, false).unwrap().dims(), &[2, 10]);
+        assert_eq!(cnn.forward_head(&x, 0, Pass::Evaluate).unwrap().dims(), &[2, 10]);
     }
 
     #[test]
@@ -965,7 +1000,7 @@ mod tests {
         let model = Model::new(&spec, &Device::Cpu, 1).unwrap();
         let x = Tensor::randn(0f32, 1.0, (3, 2, 8, 8), &Device::Cpu).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu).unwrap();
-        let on_kernels = model.forward_head(&x, 0, true).unwrap();
+        let on_kernels = model.forward_head(&x, 0, Pass::Train(None)).unwrap();
         let layers = model.trunk.iter().chain(&model.heads[0]);
         let on_candle = layers.fold(x.clone(), |h, layer| layer.forward(&h, true).unwrap());
         let (got, want) = (on_kernels.to_vec2::<f32>().unwrap(), on_candle.to_vec2::<f32>().unwrap());
@@ -1103,7 +1138,7 @@ mod tests {
         assert_eq!(again.flat().unwrap(), flat);
         // Nothing here can compute with it: the error says who can.
         let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
-        let err = model.forward_head(&x, 0, false).unwrap_err().to_string();
+        let err = model.forward_head(&x, 0, Pass::Evaluate).unwrap_err().to_string();
         assert!(err.contains("declares its parameters only") && err.contains("Python"), "{err}");
     }
 

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
@@ -20,7 +21,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
-use crate::model::{HeadSpec, Model, ModelError, ModelSpec};
+use crate::kernels::Workspace;
+use crate::model::{HeadSpec, Model, ModelError, ModelSpec, Pass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -386,32 +388,64 @@ struct Sgd {
     lr: f64,
     momentum: f64,
     weight_decay: f64,
-    velocity: Vec<Option<Tensor>>,
+    velocity: Vec<Velocity>,
+}
+
+/// A variable's momentum: on the CPU a plain buffer the kernel updates in place (empty before
+/// the first step), on a GPU a tensor.
+enum Velocity {
+    Host(Vec<f32>),
+    Device(Option<Tensor>),
 }
 
 impl Sgd {
-    /// Steps the variables `vars[trainable]`; the others stay as they are.
-    fn step(&mut self, vars: &[Var], trainable: Range<usize>, grads: &candle_core::backprop::GradStore) -> Result<()> {
+    /// Steps the variables `vars[trainable]`; the others stay as they are. On the CPU a
+    /// variable's gradient is in `workspace` (written there by the kernels), in `grads` (from
+    /// candle's own ops), or, should a variable meet both, their sum.
+    fn step(
+        &mut self,
+        vars: &[Var],
+        trainable: Range<usize>,
+        grads: &candle_core::backprop::GradStore,
+        workspace: Option<&Workspace>,
+    ) -> Result<()> {
         for (var, velocity) in vars[trainable.clone()].iter().zip(self.velocity[trainable].iter_mut()) {
-            let Some(grad) = grads.get(var.as_tensor()) else { continue };
-            if var.device().is_cpu() {
-                // The same update in place, without allocating.
-                crate::kernels::sgd_step(var, grad, velocity, self.lr, self.momentum, self.weight_decay)?;
-                continue;
+            let from_candle = grads.get(var.as_tensor());
+            match velocity {
+                Velocity::Host(velocity) => {
+                    let (lr, momentum, weight_decay) = (self.lr, self.momentum, self.weight_decay);
+                    let mut update =
+                        |grad: &[f32]| crate::kernels::sgd_step(var, grad, velocity, lr, momentum, weight_decay);
+                    let from_candle = from_candle.map(|g| g.flatten_all()?.to_vec1::<f32>()).transpose()?;
+                    let kept = workspace.and_then(|w| {
+                        w.take_gradient(var.as_tensor(), |kept| match &from_candle {
+                            Some(more) => update(&kept.iter().zip(more).map(|(a, b)| a + b).collect::<Vec<_>>()),
+                            None => update(kept),
+                        })
+                    });
+                    match (kept, from_candle) {
+                        (Some(done), _) => done?,
+                        (None, Some(grad)) => update(&grad)?,
+                        (None, None) => {}
+                    }
+                }
+                Velocity::Device(velocity) => {
+                    let Some(grad) = from_candle else { continue };
+                    let mut g = grad.clone();
+                    if self.weight_decay > 0.0 {
+                        g = (g + (var.as_tensor() * self.weight_decay)?)?;
+                    }
+                    if self.momentum > 0.0 {
+                        let v = match velocity.take() {
+                            Some(v) => ((v * self.momentum)? + g)?,
+                            None => g,
+                        };
+                        g = v.clone();
+                        *velocity = Some(v);
+                    }
+                    var.set(&(var.as_tensor() - (g * self.lr)?)?)?;
+                }
             }
-            let mut g = grad.clone();
-            if self.weight_decay > 0.0 {
-                g = (g + (var.as_tensor() * self.weight_decay)?)?;
-            }
-            if self.momentum > 0.0 {
-                let v = match velocity.take() {
-                    Some(v) => ((v * self.momentum)? + g)?,
-                    None => g,
-                };
-                g = v.clone();
-                *velocity = Some(v);
-            }
-            var.set(&(var.as_tensor() - (g * self.lr)?)?)?;
         }
         Ok(())
     }
@@ -542,6 +576,20 @@ pub fn train_heads_observed(
     census: Option<&[u64]>,
     progress: Option<&(dyn Fn(TrainProgress) + Sync)>,
 ) -> Result<TrainStats> {
+    train_run(model, heads, config, seed, census, progress, model.device().is_cpu())
+}
+
+/// [`train_heads_observed`]; with `keep_gradients`, the CPU kernels keep the parameters'
+/// gradients in a [`Workspace`] rather than candle's `GradStore` (the tests compare the two).
+fn train_run(
+    model: &Model,
+    heads: &[(usize, &DeviceData)],
+    config: &TrainConfig,
+    seed: u64,
+    census: Option<&[u64]>,
+    progress: Option<&(dyn Fn(TrainProgress) + Sync)>,
+    keep_gradients: bool,
+) -> Result<TrainStats> {
     config.check()?;
     if heads.is_empty() {
         return Err(TrainError::Data("no head to train".into()));
@@ -556,8 +604,15 @@ pub fn train_heads_observed(
         lr: config.lr,
         momentum: config.momentum,
         weight_decay: config.weight_decay,
-        velocity: vec![None; vars.len()],
+        velocity: vars
+            .iter()
+            .map(|v| if v.device().is_cpu() { Velocity::Host(Vec::new()) } else { Velocity::Device(None) })
+            .collect(),
     };
+    // On the CPU the kernels keep the parameters' gradients and their scratch buffers here
+    // between steps.
+    let workspace = keep_gradients.then(|| Arc::new(Workspace::new()));
+    let pass = Pass::Train(workspace.as_ref());
     let phases = match config.head_epochs {
         Some(h) => vec![(Phase::HeadsOnly, h), (Phase::TrunkOnly, config.epochs)],
         None => vec![(Phase::Together, config.epochs)],
@@ -581,6 +636,9 @@ pub fn train_heads_observed(
                 task.order.shuffle(&mut rng);
             }
             for step in 0..steps_per_epoch {
+                if let Some(w) = &workspace {
+                    w.forget_gradients();
+                }
                 let mut total: Option<Tensor> = None;
                 let mut seen = 0;
                 for task in &tasks {
@@ -588,10 +646,10 @@ pub fn train_heads_observed(
                     let (x, y) = task.data.batch(chunk, model.device())?;
                     let logits = if phase == Phase::HeadsOnly {
                         // No gradient through the frozen trunk.
-                        let features = model.forward_trunk(&x, true)?.detach();
-                        model.forward_head_from(&features, task.head, true)?
+                        let features = model.forward_trunk(&x, pass)?.detach();
+                        model.forward_head_from(&features, task.head, pass)?
                     } else {
-                        model.forward_head(&x, task.head, true)?
+                        model.forward_head(&x, task.head, pass)?
                     };
                     let mut loss =
                         imbalanced_loss(&logits, &y, task.weights.as_ref(), task.focal_gamma, task.shift.as_ref())?;
@@ -606,7 +664,7 @@ pub fn train_heads_observed(
                 }
                 let total = total.expect("at least one head");
                 let grads = total.backward()?;
-                sgd.step(vars, trainable.clone(), &grads)?;
+                sgd.step(vars, trainable.clone(), &grads, workspace.as_deref())?;
                 loss_sum = (loss_sum + (total.detach() * seen as f64)?)?;
                 examples += seen;
                 steps += 1;
@@ -709,7 +767,7 @@ pub fn evaluate(model: &Model, head: usize, data: &DeviceData, batch_size: usize
         let len = batch_size.max(1).min(data.len - start);
         let x = data.features.narrow(0, start, len)?;
         let y = data.labels.narrow(0, start, len)?;
-        let logits = model.forward_head(&x, head, false)?;
+        let logits = model.forward_head(&x, head, Pass::Evaluate)?;
         loss_sum += cross_entropy(&logits, &y, None)?.to_scalar::<f32>()? as f64 * len as f64;
         let predicted = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
         let truth = y.to_vec1::<u32>()?;
@@ -880,6 +938,51 @@ mod tests {
     }
 
     #[test]
+    fn gradients_kept_in_the_workspace_train_exactly_as_candles_gradstore() {
+        // A convolution (ReLU and pooling fused in) and dense layers in the trunk, two heads so
+        // the trunk is used twice a step (its gradients must be summed over both), momentum and
+        // weight decay (the velocity kept across steps), and FedRep's phases (the frozen part's
+        // gradients must be dropped, not carried into the next step).
+        let spec = ModelSpec::from_toml(
+            "name='c'\ninput_shape=[1,6,6]\n[[trunk]]\nkind='conv2d'\nout_channels=3\nkernel=3\npadding=1\n\
+             [[trunk]]\nkind='relu'\n[[trunk]]\nkind='max_pool2d'\nsize=2\n[[trunk]]\nkind='flatten'\n\
+             [[trunk]]\nkind='linear'\nout=8\n[[trunk]]\nkind='relu'\n\
+             [[heads]]\nname='a'\nclasses=2\n[[heads]]\nname='b'\nclasses=3",
+        )
+        .unwrap();
+        let images = |n: usize, classes: usize, salt: usize| {
+            let features = (0..n * 36).map(|i| ((i * 37 + salt) % 23) as f32 / 23.0 - 0.4).collect();
+            let labels = (0..n).map(|i| ((i * 5 + salt) % classes) as u32).collect();
+            Dataset::new(features, vec![1, 6, 6], labels, classes).unwrap()
+        };
+        let (a, b) = (images(24, 2, 1), images(30, 3, 2));
+        for head_epochs in [None, Some(1)] {
+            let config = TrainConfig {
+                epochs: 2,
+                head_epochs,
+                batch_size: 7,
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 0.01,
+                ..Default::default()
+            };
+            let trained = |keep: bool| {
+                let model = Model::new(&spec, &Device::Cpu, 3).unwrap();
+                let (da, db) = (DeviceData::new(&a, &model).unwrap(), DeviceData::new(&b, &model).unwrap());
+                let stats = train_run(&model, &[(0, &da), (1, &db)], &config, 4, None, None, keep).unwrap();
+                (model.flat().unwrap(), stats.mean_loss)
+            };
+            let ((kept, kept_loss), (reference, reference_loss)) = (trained(true), trained(false));
+            let start = Model::new(&spec, &Device::Cpu, 3).unwrap().flat().unwrap();
+            let moved = start.iter().zip(&reference).map(|(s, r)| (s - r).abs()).fold(0f32, f32::max);
+            assert!(moved > 1e-2, "the reference training barely moved ({moved})");
+            let worst = kept.iter().zip(&reference).map(|(k, r)| (k - r).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "FedRep {head_epochs:?}: parameters differ by {worst}");
+            assert!((kept_loss - reference_loss).abs() <= 1e-5, "losses {kept_loss} and {reference_loss}");
+        }
+    }
+
+    #[test]
     fn fedrep_trains_the_heads_on_the_frozen_trunk_then_the_trunk_under_frozen_heads() {
         let spec = two_heads();
         let b = examples(40, 3, |i| (i % 3) as u32);
@@ -912,7 +1015,8 @@ mod tests {
         // The head epochs train on the initial trunk's features: the same as training a
         // trunk-less model on those features.
         let x = Tensor::from_slice(&b.features, (40, 2), &Device::Cpu).unwrap();
-        let features = initial.forward_trunk(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let features =
+            initial.forward_trunk(&x, Pass::Evaluate).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let probe_spec = ModelSpec::from_toml("name='p'\ninput_shape=[4]\n[[heads]]\nname='b'\nclasses=3").unwrap();
         let probe = Model::new(&probe_spec, &Device::Cpu, 0).unwrap();
         probe.set_flat(&segment(&initial, "b")).unwrap();

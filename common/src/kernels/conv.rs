@@ -1,19 +1,46 @@
-//! 2-D convolution as im2col and one matrix product (bias and ReLU fused in), and max pooling
-//! with the index of each window's maximum kept for the backward pass.
+//! 2-D convolution as im2col and one matrix product (bias, ReLU and max pooling fused in), and
+//! max pooling on its own, each with the index of each window's maximum kept for the backward
+//! pass.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
-use super::{matmul, on_cpu, relu, relu_masked, tensor, values, Operand};
+use super::dense::{add_column_sums, own_gradient};
+use super::workspace::{Scratch, Workspace};
+use super::{matmul, on_cpu, relu, shape_error, tensor, values, Accumulate, Matrix, MatrixMut};
 
 /// candle's `conv2d` of `x` `[batch, channels, height, width]` with `weight`
 /// `[out_channels, channels, kernel, kernel]` (square kernel, no dilation, one group), plus
-/// `bias` `[out_channels]`, then a ReLU if `relu`. No gradient for `x` when it needs none (the
-/// data, in a model's first layer).
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize, stride: usize, relu: bool) -> Result<Tensor> {
-    let op = Conv { padding, stride, relu, columns: Mutex::new(None) };
-    x.contiguous()?.apply_op3(&weight.contiguous()?, bias, op)
+/// `bias` `[out_channels]`, then a ReLU if `relu`, then `max_pool2d(size)` if `pool` is
+/// `Some(size)`. No gradient for `x` when it needs none (the data, in a model's first layer).
+/// With a `workspace`, the weight's and bias's gradients go there, not to candle, and the
+/// scratch buffers are kept there between steps (see [`Workspace`]).
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    shape: ConvShape,
+    workspace: Option<&Arc<Workspace>>,
+) -> Result<Tensor> {
+    let (workspace, shared) = match workspace {
+        Some(w) => (Arc::clone(w), true),
+        None => (Arc::new(Workspace::new()), false),
+    };
+    let weight = weight.contiguous()?;
+    let op = Conv { shape, weight_id: weight.id(), workspace, shared, saved: Mutex::new(None) };
+    x.contiguous()?.apply_op3(&weight, bias, op)
+}
+
+/// What a convolution does besides its product: padding, stride, and what is fused after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub padding: usize,
+    pub stride: usize,
+    /// A ReLU after the convolution.
+    pub relu: bool,
+    /// Max pooling with windows of this size (and stride) after the ReLU.
+    pub pool: Option<usize>,
 }
 
 /// The sizes of one convolution.
@@ -111,14 +138,14 @@ impl Geometry {
     }
 }
 
-/// The im2col matrix of `x`: `[patch, batch * positions]`, row `(c, ki, kj)`, column
-/// `(b, oh, ow)`, so that `weight [out_channels, patch] @ columns` is the convolution. Written
-/// once, in order (the padding's zeros with the rest), never zero-filled first: for the CNN's
-/// second layer the matrix is 6 MB a step.
-fn im2col(x: &[f32], g: &Geometry) -> Vec<f32> {
-    let (k, plane, width) = (g.kernel, g.height * g.width, g.out_width);
-    let mut columns = Vec::with_capacity(g.patch() * g.columns());
-    let zeros = |columns: &mut Vec<f32>, n: usize| columns.resize(columns.len() + n, 0.0);
+/// The im2col matrix of `x` into `columns`: `[patch, batch * positions]`, row `(c, ki, kj)`,
+/// column `(b, oh, ow)`, so that `weight [out_channels, patch] @ columns` is the convolution.
+/// Every value is written, in order (the padding's zeros with the rest), so the buffer need not
+/// be zeroed first: for the CNN's second layer the matrix is 6 MB a step.
+fn im2col(x: &[f32], g: &Geometry, columns: &mut [f32]) {
+    debug_assert_eq!(columns.len(), g.patch() * g.columns());
+    let (k, plane) = (g.kernel, g.height * g.width);
+    let mut rows = columns.chunks_exact_mut(g.out_width);
     for c in 0..g.channels {
         for ki in 0..k {
             for kj in 0..k {
@@ -126,31 +153,33 @@ fn im2col(x: &[f32], g: &Geometry) -> Vec<f32> {
                 for b in 0..g.batch {
                     let image = (b * g.channels + c) * plane;
                     for oh in 0..g.out_height {
+                        let Some(row) = rows.next() else { return };
                         let Some(ih) = g.input_row(oh, ki).filter(|_| !inside.is_empty()) else {
-                            zeros(&mut columns, width);
+                            row.fill(0.0);
                             continue;
                         };
-                        zeros(&mut columns, inside.start);
+                        row[..inside.start].fill(0.0);
+                        row[inside.end..].fill(0.0);
                         let first = image + ih * g.width + inside.start * g.stride + kj - g.padding;
+                        let dst = &mut row[inside.clone()];
                         if g.stride == 1 {
-                            columns.extend_from_slice(&x[first..first + inside.len()]);
+                            dst.copy_from_slice(&x[first..first + dst.len()]);
                         } else {
-                            columns.extend(x[first..].iter().step_by(g.stride).take(inside.len()));
+                            for (d, s) in dst.iter_mut().zip(x[first..].iter().step_by(g.stride)) {
+                                *d = *s;
+                            }
                         }
-                        zeros(&mut columns, width - inside.end);
                     }
                 }
             }
         }
     }
-    debug_assert_eq!(columns.len(), g.patch() * g.columns());
-    columns
 }
 
 /// The adjoint of [`im2col`]: each im2col cell's value added back onto the input value it was
 /// copied from.
-fn col2im(columns: &[f32], g: &Geometry) -> Vec<f32> {
-    let mut x = vec![0f32; g.batch * g.channels * g.height * g.width];
+/// `x` must hold zeros, or the gradient to add to.
+fn col2im(columns: &[f32], g: &Geometry, x: &mut [f32]) {
     g.for_each_row(|input, cell, inside| {
         let src = &columns[cell + inside.start..cell + inside.end];
         if g.stride == 1 {
@@ -163,20 +192,43 @@ fn col2im(columns: &[f32], g: &Geometry) -> Vec<f32> {
             }
         }
     });
-    x
 }
 
 struct Conv {
-    padding: usize,
-    stride: usize,
-    relu: bool,
-    /// The forward pass's im2col matrix, which the weight's gradient needs again.
-    columns: Mutex<Option<CpuStorage>>,
+    shape: ConvShape,
+    /// The weight's id: the key of this layer's scratch buffers in the workspace.
+    weight_id: TensorId,
+    workspace: Arc<Workspace>,
+    /// Whether the workspace is the training run's (the gradients stay there) or this op's own
+    /// (they go to candle).
+    shared: bool,
+    /// What the forward pass leaves for the backward: the im2col matrix (the weight's gradient
+    /// needs it again) and, when pooling is fused in, each output's window maximum.
+    saved: Mutex<Option<Saved>>,
+}
+
+struct Saved {
+    columns: Vec<f32>,
+    /// For each pooled output, in `[batch, pooled row, pooled column, out_channel]` order, the
+    /// product row (`b * positions + oh * out_width + ow`) of its window's maximum.
+    argmax: Vec<u32>,
 }
 
 impl Conv {
     fn geometry(&self, x: &[usize], w: &[usize]) -> Result<Geometry> {
-        Geometry::new(x, w, self.padding, self.stride)
+        Geometry::new(x, w, self.shape.padding, self.shape.stride)
+    }
+
+    /// The pooled output's height and width, checked.
+    fn pooled(&self, g: &Geometry) -> Result<Option<(usize, usize, usize)>> {
+        let Some(s) = self.shape.pool else { return Ok(None) };
+        if s == 0 || g.out_height < s || g.out_width < s {
+            bail!("conv2d: pooling windows of {s} over {}x{}", g.out_height, g.out_width);
+        }
+        if g.columns() > u32::MAX as usize {
+            bail!("conv2d: {} output positions are too many to pool", g.columns());
+        }
+        Ok(Some((s, g.out_height / s, g.out_width / s)))
     }
 }
 
@@ -195,36 +247,84 @@ impl CustomOp3 for Conv {
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(x_layout.dims(), w_layout.dims())?;
-        if b_layout.shape().dims1()? != g.out_channels {
-            bail!("conv2d: bias {:?} for {} output channels", b_layout.dims(), g.out_channels);
+        let out_channels = g.out_channels;
+        if b_layout.shape().dims1()? != out_channels {
+            bail!("conv2d: bias {:?} for {out_channels} output channels", b_layout.dims());
         }
-        let Some((w_start, _)) = w_layout.contiguous_offsets() else { bail!("conv2d: the weight must be contiguous") };
-        let columns = CpuStorage::F32(im2col(values(x, x_layout, "conv2d input")?, &g));
+        let pooled = self.pooled(&g)?;
         let (patch, cols, positions) = (g.patch(), g.columns(), g.positions());
+        let w = values(w, w_layout, "conv2d weight")?;
+        let mut columns = self.workspace.buffer(self.weight_id, Scratch::Columns, patch * cols);
+        im2col(values(x, x_layout, "conv2d input")?, &g, &mut columns);
         // columns^T @ weight^T, [batch * positions, out_channels]: the gemm crate runs this
         // orientation of the product faster (measured: 1.5 against 1.8 ms for the CNN's second
-        // layer at batch 10).
-        let product = matmul(
-            &Operand::transposed(&columns, 0, patch, cols),
-            &Operand::transposed(w, w_start, g.out_channels, patch),
-            cols,
-            g.out_channels,
-            patch,
+        // layer at batch 10), and pooling reads whole rows of it.
+        let mut product = self.workspace.buffer(self.weight_id, Scratch::Product, cols * out_channels);
+        matmul(
+            MatrixMut::rows(&mut product, cols, out_channels).map_err(shape_error)?,
+            Matrix::rows(&columns, patch, cols).map_err(shape_error)?.t(),
+            Matrix::rows(w, out_channels, patch).map_err(shape_error)?.t(),
+            Accumulate::No,
         )?;
-        // The output is NCHW.
         let bias = values(b, b_layout, "conv2d bias")?;
-        let mut out = vec![0f32; g.batch * g.out_channels * positions];
-        for (b, image) in product.chunks_exact(positions * g.out_channels).enumerate() {
-            let dst = &mut out[b * g.out_channels * positions..][..g.out_channels * positions];
-            for (p, at_position) in image.chunks_exact(g.out_channels).enumerate() {
-                for (o, (v, bias)) in at_position.iter().zip(bias).enumerate() {
-                    let v = v + bias;
-                    dst[o * positions + p] = if self.relu { relu(v) } else { v };
+        let activate = |v: f32| if self.shape.relu { relu(v) } else { v };
+        // The output is NCHW.
+        let (out, argmax, dims) = match pooled {
+            None => {
+                let mut out = vec![0f32; g.batch * out_channels * positions];
+                for (b, image) in product.chunks_exact(positions * out_channels).enumerate() {
+                    let dst = &mut out[b * out_channels * positions..][..out_channels * positions];
+                    for (p, at_position) in image.chunks_exact(out_channels).enumerate() {
+                        for (o, (v, bias)) in at_position.iter().zip(bias).enumerate() {
+                            dst[o * positions + p] = activate(v + bias);
+                        }
+                    }
                 }
+                (out, Vec::new(), (g.batch, out_channels, g.out_height, g.out_width))
             }
-        }
-        *self.columns.lock().expect("conv2d lock") = Some(columns);
-        Ok((CpuStorage::F32(out), Shape::from((g.batch, g.out_channels, g.out_height, g.out_width))))
+            Some((s, rows, width)) => {
+                let cells = rows * width;
+                let mut out = vec![0f32; g.batch * out_channels * cells];
+                let mut argmax = vec![0u32; g.batch * cells * out_channels];
+                let (mut best, mut at) = (vec![0f32; out_channels], vec![0u32; out_channels]);
+                for b in 0..g.batch {
+                    for ph in 0..rows {
+                        for pw in 0..width {
+                            let row_of =
+                                |di: usize, dj: usize| b * positions + (ph * s + di) * g.out_width + pw * s + dj;
+                            let first = row_of(0, 0);
+                            best.copy_from_slice(&product[first * out_channels..][..out_channels]);
+                            at.fill(first as u32);
+                            for di in 0..s {
+                                for dj in (0..s).filter(|&dj| di + dj > 0) {
+                                    let row = row_of(di, dj);
+                                    let values = &product[row * out_channels..][..out_channels];
+                                    for ((best, at), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
+                                        // Branch-free selects, and NaN wins, so a diverged
+                                        // model shows in the loss.
+                                        let better = v > *best || v.is_nan();
+                                        *best = if better { v } else { *best };
+                                        *at = if better { row as u32 } else { *at };
+                                    }
+                                }
+                            }
+                            // The bias is the same across the window and the ReLU monotonic, so
+                            // both apply to the maximum alone.
+                            let cell = ph * width + pw;
+                            for (o, (v, bias)) in best.iter().zip(bias).enumerate() {
+                                out[(b * out_channels + o) * cells + cell] = activate(v + bias);
+                            }
+                            argmax[((b * rows + ph) * width + pw) * out_channels..][..out_channels]
+                                .copy_from_slice(&at);
+                        }
+                    }
+                }
+                (out, argmax, (g.batch, out_channels, rows, width))
+            }
+        };
+        self.workspace.keep(self.weight_id, Scratch::Product, product);
+        *self.saved.lock().expect("conv2d lock") = Some(Saved { columns, argmax });
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(
@@ -237,64 +337,98 @@ impl CustomOp3 for Conv {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.geometry(x.dims(), w.dims())?;
         let (patch, cols, positions, out_channels) = (g.patch(), g.columns(), g.positions(), g.out_channels);
+        let Some(saved) = self.saved.lock().expect("conv2d lock").take() else {
+            bail!("conv2d: backward without forward")
+        };
         let dy = dy.contiguous()?;
-        let dz_nchw = on_cpu(&dy, |gs, gl| {
+        // The gradient at the product, in its layout [batch * positions, out_channels], the
+        // ReLU's and the pooling's gradients applied.
+        let mut dz = self.workspace.buffer(self.weight_id, Scratch::OutputGradient, cols * out_channels);
+        on_cpu(&dy, |gs, gl| {
             on_cpu(y, |ys, yl| {
-                Ok(relu_masked(values(gs, gl, "conv2d grad")?, values(ys, yl, "conv2d out")?, self.relu))
+                let (dy, y) = (values(gs, gl, "conv2d grad")?, values(ys, yl, "conv2d out")?);
+                let passes = |at: usize| !self.shape.relu || y[at] > 0.0;
+                match self.pooled(&g)? {
+                    None => {
+                        for (i, (&d, _)) in dy.iter().zip(y).enumerate() {
+                            let (image, p) = (i / positions, i % positions);
+                            let (b, o) = (image / out_channels, image % out_channels);
+                            dz[(b * positions + p) * out_channels + o] = if passes(i) { d } else { 0.0 };
+                        }
+                    }
+                    Some((_, rows, width)) => {
+                        let cells = rows * width;
+                        if saved.argmax.len() != dy.len() || dy.len() != g.batch * out_channels * cells {
+                            bail!("conv2d: a pooled gradient of {} values for {} maxima", dy.len(), saved.argmax.len());
+                        }
+                        // Only each window's maximum gets a gradient.
+                        dz.fill(0.0);
+                        for (i, (&row, o)) in saved.argmax.iter().zip((0..out_channels).cycle()).enumerate() {
+                            let (b, cell) = (i / out_channels / cells, i / out_channels % cells);
+                            let at = (b * out_channels + o) * cells + cell;
+                            if passes(at) {
+                                dz[row as usize * out_channels + o] += dy[at];
+                            }
+                        }
+                    }
+                }
+                Ok(())
             })
         })?;
-        // Back to the product's layout, [out_channels, batch * positions].
-        let mut dz = vec![0f32; out_channels * cols];
-        for (i, image) in dz_nchw.chunks_exact(positions).enumerate() {
-            let (b, o) = (i / out_channels, i % out_channels);
-            dz[o * cols + b * positions..][..positions].copy_from_slice(image);
+        if b.track_op() {
+            self.workspace.add_gradient(b, |db, mode| {
+                add_column_sums(&dz, db, mode);
+                Ok(())
+            })?;
         }
-        let db = b.track_op().then(|| dz.chunks_exact(cols).map(|row| row.iter().sum()).collect::<Vec<f32>>());
-        let db = db.map(|v| tensor(v, &[out_channels])).transpose()?;
-        let dz = CpuStorage::F32(dz);
-        let dw = if w.track_op() {
-            let saved = self.columns.lock().expect("conv2d lock").take();
-            let columns = match saved {
-                Some(c) => c,
-                None => CpuStorage::F32(on_cpu(x, |xs, xl| Ok(im2col(values(xs, xl, "conv2d input")?, &g)))?),
-            };
-            // The weight's gradient transposed, columns @ dz^T, [patch, out_channels]: this
-            // orientation runs in half the time of dz @ columns^T (1.3 against 2.2-2.7 ms for
-            // the CNN's second layer at batch 10); the transpose back is small.
-            let dw_t = matmul(
-                &Operand::rows(&columns, 0, patch, cols),
-                &Operand::transposed(&dz, 0, out_channels, cols),
-                patch,
-                out_channels,
-                cols,
+        let Saved { columns, .. } = saved;
+        if w.track_op() {
+            // The weight's gradient transposed, columns @ dz, [patch, out_channels]: this
+            // orientation runs in half the time of the untransposed one (1.3 against 1.9 ms for
+            // the CNN's second layer at batch 10); the transpose into the gradient is small.
+            let mut dw_t = self.workspace.buffer(self.weight_id, Scratch::WeightGradient, patch * out_channels);
+            matmul(
+                MatrixMut::rows(&mut dw_t, patch, out_channels).map_err(shape_error)?,
+                Matrix::rows(&columns, patch, cols).map_err(shape_error)?,
+                Matrix::rows(&dz, cols, out_channels).map_err(shape_error)?,
+                Accumulate::No,
             )?;
-            let mut dw = vec![0f32; out_channels * patch];
-            for (k, row) in dw_t.chunks_exact(out_channels).enumerate() {
-                for (o, v) in row.iter().enumerate() {
-                    dw[o * patch + k] = *v;
+            self.workspace.add_gradient(w, |dw, mode| {
+                for (k, row) in dw_t.chunks_exact(out_channels).enumerate() {
+                    for (o, v) in row.iter().enumerate() {
+                        let d = &mut dw[o * patch + k];
+                        *d = if mode == Accumulate::Yes { *d + v } else { *v };
+                    }
                 }
-            }
-            Some(tensor(dw, w.dims())?)
+                Ok(())
+            })?;
+            self.workspace.keep(self.weight_id, Scratch::WeightGradient, dw_t);
+        }
+        // The data need no gradient: the first layer skips this product and col2im. The
+        // columns' buffer is free now and holds the columns' gradient.
+        let mut dcols = columns;
+        let dx = if x.track_op() {
+            on_cpu(w, |ws, wl| {
+                let w = Matrix::rows(values(ws, wl, "conv2d weight")?, out_channels, patch).map_err(shape_error)?;
+                matmul(
+                    MatrixMut::rows(&mut dcols, patch, cols).map_err(shape_error)?,
+                    w.t(),
+                    Matrix::rows(&dz, cols, out_channels).map_err(shape_error)?.t(),
+                    Accumulate::No,
+                )
+            })?;
+            let mut dx = vec![0f32; x.elem_count()];
+            col2im(&dcols, &g, &mut dx);
+            Some(tensor(dx, x.dims())?)
         } else {
             None
         };
-        // The data need no gradient: the first layer skips this product and col2im.
-        let dx = if x.track_op() {
-            let dcols = on_cpu(w, |ws, wl| {
-                let Some((w_start, _)) = wl.contiguous_offsets() else {
-                    bail!("conv2d: the weight must be contiguous")
-                };
-                matmul(
-                    &Operand::transposed(ws, w_start, out_channels, patch),
-                    &Operand::rows(&dz, 0, out_channels, cols),
-                    patch,
-                    cols,
-                    out_channels,
-                )
-            })?;
-            Some(tensor(col2im(&dcols, &g), x.dims())?)
+        self.workspace.keep(self.weight_id, Scratch::Columns, dcols);
+        self.workspace.keep(self.weight_id, Scratch::OutputGradient, dz);
+        let (dw, db) = if self.shared {
+            (None, None)
         } else {
-            None
+            (own_gradient(&self.workspace, w)?, own_gradient(&self.workspace, b)?)
         };
         Ok((dx, dw, db))
     }

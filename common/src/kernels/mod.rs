@@ -1,30 +1,44 @@
 //! Fast CPU training paths for the layers of the model specs: dense and convolution layers (each
-//! with its bias and an optional ReLU fused in), max pooling, cross-entropy and the SGD update.
+//! with its bias and an optional ReLU fused in, a convolution with the max pooling after it too),
+//! max pooling with saved indices, cross-entropy and the SGD update.
 //!
 //! Each is a candle custom op whose backward computes only the gradients the graph needs. candle
 //! 0.11's own backward computes every input's gradient, the data's too (a quarter of the 2NN's
 //! arithmetic), and its `conv2d` backward runs `conv_transpose2d` as a direct loop and the kernel
 //! gradient as a convolution with a 28x28 kernel: the CNN trained at a seventh of PyTorch's
 //! speed. Here a convolution is im2col, one matrix product and, backward, col2im; max pooling
-//! keeps the index of each window's maximum for its backward; the activations keep candle's
-//! NCHW layout, so these ops mix with candle's own.
+//! keeps the index of each window's maximum for its backward (fused into the convolution before
+//! it, the pooling reads the product's rows and no convolution-sized activation is made); the
+//! activations keep candle's NCHW layout, so these ops mix with candle's own.
 //!
-//! The matrix products still run on candle's CPU matmul (the `gemm` crate), called through
-//! [`BackendStorage::matmul`] on the op's own storages, so no operand is copied to reach it
-//! (and no `unsafe` is needed). [`crate::model::Model`] uses these ops on the CPU only: they
-//! have no CUDA forward, and a GPU keeps candle's own ops.
+//! The pieces:
+//! - `dense` ([`dense()`], [`cross_entropy`], [`sgd_step`]) and `conv` ([`conv2d`],
+//!   [`max_pool2d`]): the ops;
+//! - [`Workspace`]: what a training run keeps between steps. Given one, the ops write parameter
+//!   gradients into its buffers instead of handing them to candle's `GradStore` (which zeroes
+//!   and adds a new tensor per parameter and step), reuse its scratch buffers, and the
+//!   optimizer takes the gradients from it. Without one (a single forward and backward, as in
+//!   the tests against candle's ops), each op keeps a private one and hands its gradients to
+//!   candle as usual.
+//!
+//! The matrix products run on the `gemm` crate through [`cohort_matmul`] (the crate candle's CPU
+//! matmul uses, without its zero-filled output), in the orientation measured fastest for each
+//! product. [`crate::model::Model`] uses these ops on the CPU only: they have no CUDA forward,
+//! and a GPU keeps candle's own ops.
 
 mod conv;
 mod dense;
+mod workspace;
 
 #[cfg(test)]
 mod tests;
 
-pub use conv::{conv2d, max_pool2d};
+pub use conv::{conv2d, max_pool2d, ConvShape};
 pub use dense::{cross_entropy, dense, sgd_step};
+pub use workspace::Workspace;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+use cohort_matmul::{Accumulate, Matrix, MatrixMut};
 
 /// `max_pool2d(size)` from candle's reshape and max, for any device. candle 0.11's own
 /// `max_pool2d` has the right values but a backward that scales every gradient by 1/size^2
@@ -56,31 +70,14 @@ fn on_cpu<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> R
     }
 }
 
-/// One operand of a matrix product: a storage read through a 2-D layout (any strides, so a
-/// transpose is a layout, never a copy).
-struct Operand<'a> {
-    storage: &'a CpuStorage,
-    layout: Layout,
+/// `out = a @ b` (or `+=`) on candle's CPU thread count.
+fn matmul(out: MatrixMut, a: Matrix, b: Matrix, accumulate: Accumulate) -> Result<()> {
+    cohort_matmul::matmul(out, a, b, accumulate, candle_core::utils::get_num_threads()).map_err(shape_error)
 }
 
-impl<'a> Operand<'a> {
-    /// A row-major `rows x cols` matrix starting at `offset`.
-    fn rows(storage: &'a CpuStorage, offset: usize, rows: usize, cols: usize) -> Self {
-        Self { storage, layout: Layout::contiguous_with_offset((rows, cols), offset) }
-    }
-
-    /// The transpose of the row-major `rows x cols` matrix starting at `offset`: `cols x rows`.
-    fn transposed(storage: &'a CpuStorage, offset: usize, rows: usize, cols: usize) -> Self {
-        Self { storage, layout: Layout::new((cols, rows).into(), vec![1, cols], offset) }
-    }
-}
-
-/// `a (m x k) @ b (k x n)`, row-major `m x n`, on candle's CPU matmul.
-fn matmul(a: &Operand, b: &Operand, m: usize, n: usize, k: usize) -> Result<Vec<f32>> {
-    match a.storage.matmul(b.storage, (1, m, n, k), &a.layout, &b.layout)? {
-        CpuStorage::F32(v) => Ok(v),
-        other => bail!("matmul gave {:?}, expected f32", other.dtype()),
-    }
+/// A view or product that does not fit, as candle's error.
+fn shape_error(e: cohort_matmul::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CPU kernel: {e}"))
 }
 
 /// A new CPU tensor owning `values`.

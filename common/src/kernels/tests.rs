@@ -1,6 +1,8 @@
 //! Every kernel against candle's own ops: values and gradients, over random shapes, paddings
 //! and strides, within 1e-4 of the reference's largest magnitude.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Module, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -45,6 +47,11 @@ fn relu_if(y: Tensor, relu: bool) -> Tensor {
     } else {
         y
     }
+}
+
+/// A convolution with nothing fused after it but an optional ReLU.
+fn plain(padding: usize, stride: usize, relu: bool) -> ConvShape {
+    ConvShape { padding, stride, relu, pool: None }
 }
 
 type LayerFn<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor;
@@ -96,7 +103,7 @@ fn dense_matches_candle_linear_with_and_without_relu() {
             [&x, &w0, &b0],
             &probe,
             needs_grad,
-            |x, w, b| dense(x, w, b, relu).unwrap(),
+            |x, w, b| dense(x, w, b, relu, None).unwrap(),
             |x, w, b| relu_if(candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(x).unwrap(), relu),
         );
     }
@@ -133,7 +140,7 @@ fn conv2d_matches_candle_conv2d_over_shapes_paddings_and_strides() {
             [&x, &w0, &b0],
             &probe,
             needs_grad,
-            |x, w, b| conv2d(x, w, b, padding, stride, relu).unwrap(),
+            |x, w, b| conv2d(x, w, b, plain(padding, stride, relu), None).unwrap(),
             |x, w, b| {
                 let y = x.conv2d(w, padding, stride, 1, 1).unwrap();
                 relu_if(y.broadcast_add(&b.reshape((1, out_channels, 1, 1)).unwrap()).unwrap(), relu)
@@ -161,7 +168,7 @@ fn conv2d_matches_candle_where_the_last_window_leaves_values_out() {
     {
         let x = random(&mut rng, &shape);
         let (w, b) = (random(&mut rng, &[4, shape[1], kernel, kernel]), random(&mut rng, &[4]));
-        let fast = conv2d(&x, &w, &b, padding, stride, false).unwrap();
+        let fast = conv2d(&x, &w, &b, plain(padding, stride, false), None).unwrap();
         let reference =
             x.conv2d(&w, padding, stride, 1, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
         let at = format!("{shape:?}, kernel {kernel}, padding {padding}, stride {stride}");
@@ -173,7 +180,7 @@ fn conv2d_matches_candle_where_the_last_window_leaves_values_out() {
             [&x, &w, &b],
             &probe,
             case != 1,
-            |x, w, b| conv2d(x, w, b, padding, stride, false).unwrap(),
+            |x, w, b| conv2d(x, w, b, plain(padding, stride, false), None).unwrap(),
             |x, w, b| {
                 let padded =
                     x.pad_with_zeros(2, padding, padding).unwrap().pad_with_zeros(3, padding, padding).unwrap();
@@ -197,7 +204,7 @@ fn conv2d_of_the_cnns_shapes_matches_candle() {
         let b = Var::from_tensor(&random(&mut rng, &[out_channels])).unwrap();
         let xv = Var::from_tensor(&x).unwrap();
         let probe = random(&mut rng, &[10, out_channels, size, size]);
-        let fast = conv2d(xv.as_tensor(), w.as_tensor(), b.as_tensor(), 2, 1, true).unwrap();
+        let fast = conv2d(xv.as_tensor(), w.as_tensor(), b.as_tensor(), plain(2, 1, true), None).unwrap();
         let reference = xv
             .as_tensor()
             .conv2d(w.as_tensor(), 2, 1, 1, 1)
@@ -311,10 +318,11 @@ fn sgd_step_matches_the_tensor_formula() {
         let grads: Vec<Tensor> = (0..3).map(|_| random(&mut rng, &[13, 7])).collect();
         let lr = 0.1;
         let var = Var::from_tensor(&w0).unwrap();
-        let mut velocity = None;
+        let mut velocity = Vec::new();
         let (mut w, mut v): (Tensor, Option<Tensor>) = (w0.clone(), None);
         for g in &grads {
-            sgd_step(&var, g, &mut velocity, lr, momentum, weight_decay).unwrap();
+            let values = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            sgd_step(&var, &values, &mut velocity, lr, momentum, weight_decay).unwrap();
             // PyTorch's SGD: g += wd w; v = m v + g (v = g the first time); w -= lr v.
             let mut g = (g + (&w * weight_decay).unwrap()).unwrap();
             if momentum > 0.0 {
@@ -329,4 +337,91 @@ fn sgd_step_matches_the_tensor_formula() {
         }
         assert_close(&format!("momentum {momentum}, weight decay {weight_decay}"), var.as_tensor(), &w);
     }
+    let var = Var::from_tensor(&random(&mut rng, &[3, 2])).unwrap();
+    assert!(sgd_step(&var, &[1.0; 5], &mut Vec::new(), 0.1, 0.0, 0.0).is_err(), "a gradient of the wrong size");
+}
+
+#[test]
+fn conv2d_with_pooling_fused_matches_candle_conv2d_relu_and_pooling() {
+    // Sizes the windows divide and sizes they leave a row or column out of; with and without
+    // the ReLU; the gradient of the pooling by candle's reshape and max (its own max_pool2d
+    // backward scales gradients wrongly, see max_pool2d_by_reshape).
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for case in 0..30 {
+        let (batch, channels, out_channels) = (rng.random_range(1..4), rng.random_range(1..4), rng.random_range(1..9));
+        let (kernel, size) = (rng.random_range(1..5), rng.random_range(1..4));
+        let padding = rng.random_range(0..kernel);
+        let relu = case % 2 == 0;
+        let needs_grad = case % 3 != 0;
+        // Stride 1 with "same"-style padding: candle's conv2d backward needs sides the windows
+        // cover exactly.
+        let side = rng.random_range(size.max(kernel)..12);
+        let (height, width) = (side, side + usize::from(case % 4 == 1));
+        let x = random(&mut rng, &[batch, channels, height, width]);
+        let (w0, b0) = (random(&mut rng, &[out_channels, channels, kernel, kernel]), random(&mut rng, &[out_channels]));
+        let (out_h, out_w) = (height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1);
+        if out_h < size || out_w < size {
+            continue;
+        }
+        let probe = random(&mut rng, &[batch, out_channels, out_h / size, out_w / size]);
+        let at = format!("case {case}: x {:?}, kernel {kernel}, padding {padding}, pool {size}, relu {relu}", x.dims());
+        let shape = ConvShape { padding, stride: 1, relu, pool: Some(size) };
+        compare_layer(
+            &at,
+            [&x, &w0, &b0],
+            &probe,
+            needs_grad,
+            |x, w, b| conv2d(x, w, b, shape, None).unwrap(),
+            |x, w, b| {
+                let y = x.conv2d(w, padding, 1, 1, 1).unwrap();
+                let y = relu_if(y.broadcast_add(&b.reshape((1, out_channels, 1, 1)).unwrap()).unwrap(), relu);
+                max_pool2d_by_reshape(&y, size).unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn a_shared_workspace_keeps_the_parameters_gradients_and_sums_them_over_uses() {
+    // One dense layer and one convolution, each used twice in the graph: the workspace must
+    // hold the sum of both uses' gradients (candle's GradStore sums them for its own ops), and
+    // candle must get none of the parameters' gradients (they would be applied twice).
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let workspace = Arc::new(Workspace::new());
+    let (w, b) =
+        (Var::from_tensor(&random(&mut rng, &[5, 4])).unwrap(), Var::from_tensor(&random(&mut rng, &[5])).unwrap());
+    let (cw, cb) = (
+        Var::from_tensor(&random(&mut rng, &[3, 2, 3, 3])).unwrap(),
+        Var::from_tensor(&random(&mut rng, &[3])).unwrap(),
+    );
+    let (x1, x2) = (random(&mut rng, &[2, 4]), random(&mut rng, &[3, 4]));
+    let images = random(&mut rng, &[2, 2, 6, 6]);
+    let shape = ConvShape { padding: 1, stride: 1, relu: true, pool: Some(2) };
+    let loss = |ws: Option<&Arc<Workspace>>| {
+        let dense_part = (dense(&x1, w.as_tensor(), b.as_tensor(), true, ws).unwrap().sum_all().unwrap()
+            + dense(&x2, w.as_tensor(), b.as_tensor(), false, ws).unwrap().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let once = conv2d(&images, cw.as_tensor(), cb.as_tensor(), shape, ws).unwrap();
+        let twice = conv2d(&images.affine(-0.5, 0.1).unwrap(), cw.as_tensor(), cb.as_tensor(), shape, ws).unwrap();
+        let conv_part = (once.sum_all().unwrap() + twice.sqr().unwrap().sum_all().unwrap()).unwrap();
+        (dense_part + conv_part).unwrap()
+    };
+    let reference = loss(None).backward().unwrap();
+    let kept = loss(Some(&workspace)).backward().unwrap();
+    for param in [&w, &b, &cw, &cb] {
+        let t = param.as_tensor();
+        assert!(kept.get(t).is_none(), "{:?}: candle got a gradient the workspace keeps", t.dims());
+        let got =
+            workspace.take_gradient(t, |g| Tensor::from_vec(g.to_vec(), t.dims(), &Device::Cpu).unwrap()).unwrap();
+        assert_close(&format!("{:?}", t.dims()), &got, reference.get(t).unwrap());
+        assert!(workspace.take_gradient(t, |_| ()).is_none(), "a gradient is taken once");
+    }
+    // A step's gradients not taken are forgotten, not added to by the next step.
+    let _ = loss(Some(&workspace)).backward().unwrap();
+    workspace.forget_gradients();
+    let _ = loss(Some(&workspace)).backward().unwrap();
+    let got = workspace
+        .take_gradient(w.as_tensor(), |g| Tensor::from_vec(g.to_vec(), (5, 4), &Device::Cpu).unwrap())
+        .unwrap();
+    assert_close("after forgetting", &got, reference.get(w.as_tensor()).unwrap());
 }
