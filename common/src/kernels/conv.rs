@@ -286,12 +286,14 @@ impl CustomOp3 for Conv {
                 let cells = rows * width;
                 let mut out = vec![0f32; g.batch * out_channels * cells];
                 let mut argmax = vec![0u32; g.batch * cells * out_channels];
-                let (mut best, mut at) = (vec![0f32; out_channels], vec![0u32; out_channels]);
+                let mut best = vec![0f32; out_channels];
                 for b in 0..g.batch {
                     for ph in 0..rows {
                         for pw in 0..width {
                             let row_of =
                                 |di: usize, dj: usize| b * positions + (ph * s + di) * g.out_width + pw * s + dj;
+                            let cell = ph * width + pw;
+                            let at = &mut argmax[(b * cells + cell) * out_channels..][..out_channels];
                             let first = row_of(0, 0);
                             best.copy_from_slice(&product[first * out_channels..][..out_channels]);
                             at.fill(first as u32);
@@ -299,23 +301,14 @@ impl CustomOp3 for Conv {
                                 for dj in (0..s).filter(|&dj| di + dj > 0) {
                                     let row = row_of(di, dj);
                                     let values = &product[row * out_channels..][..out_channels];
-                                    for ((best, at), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
-                                        // Branch-free selects, and NaN wins, so a diverged
-                                        // model shows in the loss.
-                                        let better = v > *best || v.is_nan();
-                                        *best = if better { v } else { *best };
-                                        *at = if better { row as u32 } else { *at };
-                                    }
+                                    keep_maxima(&mut best, at, values, row as u32);
                                 }
                             }
                             // The bias is the same across the window and the ReLU monotonic, so
                             // both apply to the maximum alone.
-                            let cell = ph * width + pw;
                             for (o, (v, bias)) in best.iter().zip(bias).enumerate() {
                                 out[(b * out_channels + o) * cells + cell] = activate(v + bias);
                             }
-                            argmax[((b * rows + ph) * width + pw) * out_channels..][..out_channels]
-                                .copy_from_slice(&at);
                         }
                     }
                 }
@@ -350,24 +343,43 @@ impl CustomOp3 for Conv {
                 let passes = |at: usize| !self.shape.relu || y[at] > 0.0;
                 match self.pooled(&g)? {
                     None => {
-                        for (i, (&d, _)) in dy.iter().zip(y).enumerate() {
-                            let (image, p) = (i / positions, i % positions);
-                            let (b, o) = (image / out_channels, image % out_channels);
-                            dz[(b * positions + p) * out_channels + o] = if passes(i) { d } else { 0.0 };
+                        for b in 0..g.batch {
+                            for o in 0..out_channels {
+                                let from = (b * out_channels + o) * positions;
+                                let dz = &mut dz[b * positions * out_channels..][..positions * out_channels];
+                                for (p, &d) in dy[from..from + positions].iter().enumerate() {
+                                    dz[p * out_channels + o] = if passes(from + p) { d } else { 0.0 };
+                                }
+                            }
                         }
                     }
-                    Some((_, rows, width)) => {
+                    Some((s, rows, width)) => {
                         let cells = rows * width;
                         if saved.argmax.len() != dy.len() || dy.len() != g.batch * out_channels * cells {
                             bail!("conv2d: a pooled gradient of {} values for {} maxima", dy.len(), saved.argmax.len());
                         }
-                        // Only each window's maximum gets a gradient.
-                        dz.fill(0.0);
-                        for (i, (&row, o)) in saved.argmax.iter().zip((0..out_channels).cycle()).enumerate() {
-                            let (b, cell) = (i / out_channels / cells, i / out_channels % cells);
-                            let at = (b * out_channels + o) * cells + cell;
-                            if passes(at) {
-                                dz[row as usize * out_channels + o] += dy[at];
+                        // Where the windows leave rows or columns out, those get no gradient.
+                        if rows * s != g.out_height || width * s != g.out_width {
+                            dz.fill(0.0);
+                        }
+                        // Every cell of every window written once: the window's gradient at
+                        // its maximum, zero elsewhere (no zero-fill first, no scattered adds).
+                        let mut gradient = vec![0f32; out_channels];
+                        for b in 0..g.batch {
+                            for cell in 0..cells {
+                                for (o, d) in gradient.iter_mut().enumerate() {
+                                    let at = (b * out_channels + o) * cells + cell;
+                                    *d = if passes(at) { dy[at] } else { 0.0 };
+                                }
+                                let maxima = &saved.argmax[(b * cells + cell) * out_channels..][..out_channels];
+                                let (ph, pw) = (cell / width, cell % width);
+                                for di in 0..s {
+                                    for dj in 0..s {
+                                        let row = b * positions + (ph * s + di) * g.out_width + pw * s + dj;
+                                        let dz = &mut dz[row * out_channels..][..out_channels];
+                                        route_to_maxima(dz, &gradient, maxima, row as u32);
+                                    }
+                                }
                             }
                         }
                     }
@@ -431,6 +443,34 @@ impl CustomOp3 for Conv {
             (own_gradient(&self.workspace, w)?, own_gradient(&self.workspace, b)?)
         };
         Ok((dx, dw, db))
+    }
+}
+
+/// One more cell of a pooling window: where its `values` beat the window's `best` so far (or
+/// are NaN, so a diverged model shows in the loss), they and their product `row` replace
+/// `best` and `at`. The selects are bit masks, which the compiler vectorizes (it leaves
+/// `if`-selects between floats and integers scalar, with branches).
+#[inline(always)]
+fn keep_maxima(best: &mut [f32], at: &mut [u32], values: &[f32], row: u32) {
+    let n = best.len();
+    let (at, values) = (&mut at[..n], &values[..n]);
+    for o in 0..n {
+        let v = values[o];
+        let better = 0u32.wrapping_sub(u32::from((v > best[o]) | v.is_nan()));
+        best[o] = f32::from_bits((v.to_bits() & better) | (best[o].to_bits() & !better));
+        at[o] = (row & better) | (at[o] & !better);
+    }
+}
+
+/// The gradient at one cell (product `row`) of a pooling window: the window's `gradient` for
+/// the channels whose maximum it holds, zero for the others (a bit mask, as above).
+#[inline(always)]
+fn route_to_maxima(dz: &mut [f32], gradient: &[f32], maxima: &[u32], row: u32) {
+    let n = dz.len();
+    let (gradient, maxima) = (&gradient[..n], &maxima[..n]);
+    for o in 0..n {
+        let here = 0u32.wrapping_sub(u32::from(maxima[o] == row));
+        dz[o] = f32::from_bits(gradient[o].to_bits() & here);
     }
 }
 
