@@ -18,6 +18,9 @@
 //!   spec travels in the file's metadata).
 //! - [`train`]: local SGD over several heads at once (or FedRep's heads-then-trunk order), the
 //!   per-head imbalance losses, evaluation metrics with per-class recall.
+//! - [`kernels`]: the CPU training ops (dense, convolution with ReLU and pooling fused in,
+//!   pooling, cross-entropy, SGD) as candle custom ops, and the [`kernels::Workspace`] a training
+//!   run keeps its parameters' gradients and scratch buffers in.
 //! - [`data`]: IDX and CSV loaders, partitioners for simulations.
 //! - [`dp`]: clipping, Gaussian noise, adaptive clipping, the RDP accountant, the client's
 //!   privacy ledger (per participation by default, bound to the federation), and the server's

@@ -210,14 +210,17 @@ pub fn matmul(out: MatrixMut, a: Matrix, b: Matrix, accumulate: Accumulate, thre
         }
         return Ok(());
     }
+    // More threads than the machine has only adds tasks (each allocating its packing buffers).
+    let threads = threads.min(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let stride = |s: usize| s as isize; // checked to fit when the view was made
-                                        // SAFETY: every index gemm touches is `i * row_stride + j * col_stride` for `i` and `j`
-                                        // inside the view's shape (m, n, k checked equal above), and each view's last such index was
-                                        // checked to lie inside its slice when the view was made (strides non-negative, so no other
-                                        // index is larger). `out` is borrowed mutably, so it cannot overlap `a` or `b`, and its
-                                        // strides were checked to give each element its own place. With `read_dst` false gemm only
-                                        // writes the output (k > 0 here).
+    // Checked to fit in isize when the view was made.
+    let stride = |s: usize| s as isize;
+    // SAFETY: every index gemm touches is `i * row_stride + j * col_stride` for `i` and `j`
+    // inside the view's shape (m, n, k checked equal above), and each view's last such index was
+    // checked to lie inside its slice when the view was made (strides non-negative, so no other
+    // index is larger). `out` is borrowed mutably, so it cannot overlap `a` or `b`, and its
+    // strides were checked to give each element its own place (gemm's threads split the output
+    // into disjoint tiles). With `read_dst` false gemm only writes the output (k > 0 here).
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -263,33 +266,62 @@ mod tests {
         out
     }
 
+    /// A `rows x cols` view at `offset` with rows `pad` longer than they need be; with
+    /// `transposed`, the transpose of such a `cols x rows` view.
+    fn padded(vals: &[f32], offset: usize, pad: usize, rows: usize, cols: usize, transposed: bool) -> Matrix<'_> {
+        if transposed {
+            Matrix::strided(vals, offset, cols, rows, rows + pad, 1).unwrap().t()
+        } else {
+            Matrix::strided(vals, offset, rows, cols, cols + pad, 1).unwrap()
+        }
+    }
+
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }
 
     proptest! {
-        /// Every orientation of every operand and of the output, replacing and accumulating,
-        /// against the triple loop.
+        /// Every orientation of every operand and of the output, at an offset inside a larger
+        /// slice with padded strides, replacing (the output seeded with NaN: it must never be
+        /// read) and accumulating, on one thread and two, against the triple loop.
         #[test]
         fn products_match_the_triple_loop(
             m in 1usize..40, n in 1usize..40, k in 0usize..40,
-            a_t: bool, b_t: bool, out_t: bool, acc: bool, seed: u32,
+            a_t: bool, b_t: bool, out_t: bool, acc: bool, two_threads: bool,
+            pad in 0usize..3, offset in 0usize..5, seed: u32,
         ) {
-            let (a_vals, b_vals) = (values(m * k + 3, seed), values(k * n + 5, seed ^ 7));
-            let a = if a_t { Matrix::rows(&a_vals, k, m).unwrap().t() } else { Matrix::rows(&a_vals, m, k).unwrap() };
-            let b = if b_t { Matrix::rows(&b_vals, n, k).unwrap().t() } else { Matrix::rows(&b_vals, k, n).unwrap() };
-            let start = values(m * n, seed ^ 11);
+            let (a_vals, b_vals) = (values(offset + (m + pad) * (k + pad) + 3, seed), values(offset + (k + pad) * (n + pad) + 5, seed ^ 7));
+            let (a, b) = (padded(&a_vals, offset, pad, m, k, a_t), padded(&b_vals, offset, pad, k, n, b_t));
+            let start = if acc { values(m * n, seed ^ 11) } else { vec![f32::NAN; m * n] };
             let mut out = start.clone();
-            let view = if out_t { MatrixMut::columns(&mut out, m, n) } else { MatrixMut::rows(&mut out, m, n) };
+            let out_view = if out_t { MatrixMut::columns(&mut out, m, n) } else { MatrixMut::rows(&mut out, m, n) };
             let mode = if acc { Accumulate::Yes } else { Accumulate::No };
-            matmul(view.unwrap(), a, b, mode, 1).unwrap();
+            matmul(out_view.unwrap(), a, b, mode, if two_threads { 2 } else { 1 }).unwrap();
             let want = reference(&a, &b);
             for i in 0..m {
                 for j in 0..n {
-                    let got = if out_t { out[j * m + i] } else { out[i * n + j] };
-                    let base = if acc { if out_t { start[j * m + i] } else { start[i * n + j] } } else { 0.0 };
-                    let w = want[i * n + j] + base;
-                    prop_assert!((got - w).abs() <= 1e-4 * (1.0 + w.abs()), "({i}, {j}): {got} against {w}");
+                    let at = if out_t { j * m + i } else { i * n + j };
+                    let w = want[i * n + j] + if acc { start[at] } else { 0.0 };
+                    prop_assert!((out[at] - w).abs() <= 1e-4 * (1.0 + w.abs()), "({i}, {j}): {} against {w}", out[at]);
+                }
+            }
+        }
+    }
+
+    /// Products large enough for gemm to pack, block, split the depth into chunks (k > 512) and
+    /// share the work between threads.
+    #[test]
+    fn large_products_match_the_triple_loop_on_several_threads() {
+        for (m, n, k, threads) in [(130, 97, 600, 1), (130, 97, 600, 2), (64, 200, 33, 2), (7, 300, 1025, 2)] {
+            let (a_vals, b_vals) = (values(m * k, 1), values(k * n, 2));
+            let (a, b) = (Matrix::rows(&a_vals, m, k).unwrap(), Matrix::rows(&b_vals, n, k).unwrap().t());
+            let mut out = vec![f32::NAN; m * n];
+            matmul(MatrixMut::columns(&mut out, m, n).unwrap(), a, b, Accumulate::No, threads).unwrap();
+            let want = reference(&a, &b);
+            for i in 0..m {
+                for j in 0..n {
+                    let (got, w) = (out[j * m + i], want[i * n + j]);
+                    assert!((got - w).abs() <= 1e-3 * (1.0 + w.abs()), "{m}x{n}x{k} ({i}, {j}): {got} against {w}");
                 }
             }
         }
@@ -302,6 +334,8 @@ mod tests {
         assert!(Matrix::rows(&v, 4, 4).is_err());
         assert!(Matrix::strided(&v, 1, 3, 4, 4, 1).is_err());
         assert!(Matrix::strided(&v, 0, 2, 2, usize::MAX / 2, 1).is_err());
+        // A stride that fits the slice (one row) but not gemm's isize.
+        assert!(Matrix::strided(&v, 0, 1, 4, usize::MAX, 1).is_err());
         assert!(Matrix::strided(&v, 13, 0, 4, 4, 1).is_err());
         let mut o = vec![0f32; 12];
         assert!(MatrixMut::rows(&mut o, 4, 3).is_ok());

@@ -18,6 +18,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("mnist-2nn-noniid", include_str!("../mnist-2nn-noniid.toml")),
     ("mnist-cnn-iid", include_str!("../mnist-cnn-iid.toml")),
     ("mnist-cnn-iid-secure", include_str!("../mnist-cnn-iid-secure.toml")),
+    ("mnist-cnn-noniid-secure", include_str!("../mnist-cnn-noniid-secure.toml")),
     ("mnist-2nn-iid-secure", include_str!("../mnist-2nn-iid-secure.toml")),
     ("mnist-2nn-noniid-secure", include_str!("../mnist-2nn-noniid-secure.toml")),
     ("mnist-2nn-iid-dropouts", include_str!("../mnist-2nn-iid-dropouts.toml")),

@@ -23,11 +23,12 @@ pub fn conv2d(
     shape: ConvShape,
     workspace: Option<&Arc<Workspace>>,
 ) -> Result<Tensor> {
-    let (workspace, shared) = match workspace {
+    let weight = weight.contiguous()?;
+    // Only variables' gradients stay in the run's workspace (see [`Workspace`]).
+    let (workspace, shared) = match workspace.filter(|_| weight.is_variable() && bias.is_variable()) {
         Some(w) => (Arc::clone(w), true),
         None => (Arc::new(Workspace::new()), false),
     };
-    let weight = weight.contiguous()?;
     let op = Conv { shape, weight_id: weight.id(), workspace, shared, saved: Mutex::new(None) };
     x.contiguous()?.apply_op3(&weight, bias, op)
 }
@@ -229,6 +230,17 @@ impl Conv {
             bail!("conv2d: {} output positions are too many to pool", g.columns());
         }
         Ok(Some((s, g.out_height / s, g.out_width / s)))
+    }
+}
+
+impl Drop for Conv {
+    /// A forward pass whose backward never ran (a frozen trunk's, or evaluation's) gives its
+    /// im2col buffer back for the next step.
+    fn drop(&mut self) {
+        let saved = self.saved.get_mut().map(Option::take).unwrap_or(None);
+        if let (Some(saved), true) = (saved, self.shared) {
+            self.workspace.keep(self.weight_id, Scratch::Columns, saved.columns);
+        }
     }
 }
 

@@ -19,7 +19,8 @@ pub fn dense(
     relu: bool,
     workspace: Option<&Arc<Workspace>>,
 ) -> Result<Tensor> {
-    let (workspace, shared) = match workspace {
+    // Only variables' gradients stay in the run's workspace (see [`Workspace`]).
+    let (workspace, shared) = match workspace.filter(|_| weight.is_variable() && bias.is_variable()) {
         Some(w) => (Arc::clone(w), true),
         None => (Arc::new(Workspace::new()), false),
     };

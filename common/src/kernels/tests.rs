@@ -21,7 +21,12 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-    let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    // NaN where the reference has a number fails (a fold with `f32::max` would skip it).
+    let worst =
+        g.iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
     assert!(worst <= 1e-4 * scale, "{what}: differs by {worst}, reference magnitude {scale}");
 }
 
@@ -424,4 +429,55 @@ fn a_shared_workspace_keeps_the_parameters_gradients_and_sums_them_over_uses() {
         .take_gradient(w.as_tensor(), |g| Tensor::from_vec(g.to_vec(), (5, 4), &Device::Cpu).unwrap())
         .unwrap();
     assert_close("after forgetting", &got, reference.get(w.as_tensor()).unwrap());
+}
+
+#[test]
+fn a_shared_workspace_gives_right_gradients_step_after_step_whatever_its_buffers_hold() {
+    // The buffers a workspace hands out keep the last step's values (NaN when new, in tests):
+    // every kernel must write all it reads. Batches of changing size, a 7x7 convolution output
+    // that windows of 2 leave a row and a column of, a layer used twice, and a weight computed
+    // from a variable (its gradient must reach the variable through candle).
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let workspace = Arc::new(Workspace::new());
+    let (cw, cb) = (
+        Var::from_tensor(&random(&mut rng, &[4, 2, 3, 3])).unwrap(),
+        Var::from_tensor(&random(&mut rng, &[4])).unwrap(),
+    );
+    let (w, b) =
+        (Var::from_tensor(&random(&mut rng, &[3, 36])).unwrap(), Var::from_tensor(&random(&mut rng, &[3])).unwrap());
+    let shape = ConvShape { padding: 1, stride: 1, relu: true, pool: Some(2) };
+    for (step, batch) in [3usize, 1, 4, 2, 4].into_iter().enumerate() {
+        let images = random(&mut rng, &[batch, 2, 7, 7]);
+        let probe = random(&mut rng, &[batch, 3]);
+        let loss = |ws: Option<&Arc<Workspace>>| {
+            let once = conv2d(&images, cw.as_tensor(), cb.as_tensor(), shape, ws).unwrap();
+            let twice = conv2d(&images.affine(0.5, -0.2).unwrap(), cw.as_tensor(), cb.as_tensor(), shape, ws).unwrap();
+            let features = (once + twice).unwrap().flatten_from(1).unwrap();
+            let scaled = (w.as_tensor() * 1.5).unwrap();
+            let y = dense(&features, &scaled, b.as_tensor(), false, ws).unwrap();
+            (y * &probe).unwrap().sum_all().unwrap()
+        };
+        let reference = loss(None).backward().unwrap();
+        workspace.forget_gradients();
+        let kept = loss(Some(&workspace)).backward().unwrap();
+        for param in [&cw, &cb] {
+            let t = param.as_tensor();
+            let got = workspace.take_gradient(t, |g| Tensor::from_vec(g.to_vec(), t.dims(), &Device::Cpu).unwrap());
+            assert_close(
+                &format!("step {step}, batch {batch}: {:?}", t.dims()),
+                &got.unwrap(),
+                reference.get(t).unwrap(),
+            );
+        }
+        // The dense layer's weight is `1.5 w`, no variable: its gradient went through candle.
+        for param in [&w, &b] {
+            let t = param.as_tensor();
+            let got =
+                match workspace.take_gradient(t, |g| Tensor::from_vec(g.to_vec(), t.dims(), &Device::Cpu).unwrap()) {
+                    Some(g) => g,
+                    None => kept.get(t).unwrap().clone(),
+                };
+            assert_close(&format!("step {step}, batch {batch}: dense {:?}", t.dims()), &got, reference.get(t).unwrap());
+        }
+    }
 }

@@ -15,7 +15,9 @@ use candle_core::{Result, Tensor, TensorId};
 use cohort_matmul::Accumulate;
 
 /// Gradients and scratch buffers for one training run on the CPU (one model, one thread at a
-/// time). Share it as an `Arc`: each kernel op holds one until its backward has run.
+/// time). Share it as an `Arc`: each kernel op holds one until its backward has run. Only
+/// variables' gradients are kept here (a kernel given a weight computed from one hands its
+/// gradient to candle, which carries it back to the variable).
 #[derive(Default)]
 pub struct Workspace {
     inner: Mutex<Inner>,
@@ -24,7 +26,9 @@ pub struct Workspace {
 #[derive(Default)]
 struct Inner {
     gradients: HashMap<TensorId, Gradient>,
-    scratch: HashMap<(TensorId, Scratch), Vec<f32>>,
+    /// Free buffers by owner and purpose: a stack, because a layer used twice in a step (the
+    /// trunk under two heads) holds two of each at once.
+    scratch: HashMap<(TensorId, Scratch), Vec<Vec<f32>>>,
 }
 
 /// A parameter's gradient buffer; `holds` is false between steps, when its values are stale.
@@ -32,6 +36,9 @@ struct Gradient {
     values: Vec<f32>,
     holds: bool,
 }
+
+/// Free buffers kept per owner and purpose.
+const MAX_FREE_BUFFERS: usize = 4;
 
 /// What a layer keeps a scratch buffer for, beside its weight's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,10 +90,19 @@ impl Workspace {
     /// `param`'s gradient of this step, if a kernel wrote one, passed to `read`; afterwards the
     /// buffer holds nothing until the next step writes it.
     pub fn take_gradient<R>(&self, param: &Tensor, read: impl FnOnce(&[f32]) -> R) -> Option<R> {
-        let mut inner = self.inner.lock().expect("workspace lock");
-        let gradient = inner.gradients.get_mut(&param.id()).filter(|g| g.holds)?;
-        gradient.holds = false;
-        Some(read(&gradient.values))
+        // Moved out while `read` runs, so the lock is not held while the caller takes others
+        // (the optimizer's update locks the variable's storage).
+        let values = {
+            let mut inner = self.inner.lock().expect("workspace lock");
+            let gradient = inner.gradients.get_mut(&param.id()).filter(|g| g.holds)?;
+            gradient.holds = false;
+            std::mem::take(&mut gradient.values)
+        };
+        let result = read(&values);
+        if let Some(gradient) = self.inner.lock().expect("workspace lock").gradients.get_mut(&param.id()) {
+            gradient.values = values;
+        }
+        Some(result)
     }
 
     /// Forgets every gradient not taken: a step that failed half-way, or parameters a phase
@@ -99,15 +115,24 @@ impl Workspace {
     /// A buffer of `len` values for `(owner, what)`, its values left from its last use (the
     /// caller overwrites all of them); give it back with [`Workspace::keep`].
     pub(crate) fn buffer(&self, owner: TensorId, what: Scratch, len: usize) -> Vec<f32> {
-        let mut buffer = self.inner.lock().expect("workspace lock").scratch.remove(&(owner, what)).unwrap_or_default();
+        let mut buffer = {
+            let mut inner = self.inner.lock().expect("workspace lock");
+            inner.scratch.get_mut(&(owner, what)).and_then(Vec::pop).unwrap_or_default()
+        };
         // Only a buffer of another size is written here: the first step's, or after a shorter
-        // last batch.
-        buffer.resize(len, 0.0);
+        // last batch. The tests fill new values with NaN, so a value a kernel leaves unwritten
+        // shows in its results.
+        buffer.resize(len, if cfg!(test) { f32::NAN } else { 0.0 });
         buffer
     }
 
     /// Keeps `buffer` for the next step's [`Workspace::buffer`] of `(owner, what)`.
     pub(crate) fn keep(&self, owner: TensorId, what: Scratch, buffer: Vec<f32>) {
-        self.inner.lock().expect("workspace lock").scratch.insert((owner, what), buffer);
+        let mut inner = self.inner.lock().expect("workspace lock");
+        let free = inner.scratch.entry((owner, what)).or_default();
+        // A bound, whatever the graph: no model spec uses a layer more than a few times a step.
+        if free.len() < MAX_FREE_BUFFERS {
+            free.push(buffer);
+        }
     }
 }
