@@ -348,29 +348,29 @@ fn sgd_step_matches_the_tensor_formula() {
 
 #[test]
 fn conv2d_with_pooling_fused_matches_candle_conv2d_relu_and_pooling() {
-    // Sizes the windows divide and sizes they leave a row or column out of; with and without
-    // the ReLU; the gradient of the pooling by candle's reshape and max (its own max_pool2d
+    // Sizes the windows divide and sizes they leave a row or column out of; strides 1 and 2;
+    // with and without the ReLU; the gradient of the pooling by candle's reshape and max (its own max_pool2d
     // backward scales gradients wrongly, see max_pool2d_by_reshape).
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     for case in 0..30 {
         let (batch, channels, out_channels) = (rng.random_range(1..4), rng.random_range(1..4), rng.random_range(1..9));
-        let (kernel, size) = (rng.random_range(1..5), rng.random_range(1..4));
-        let padding = rng.random_range(0..kernel);
+        let (kernel, size, stride) = (rng.random_range(1..5), rng.random_range(1..4), rng.random_range(1..3));
+        let padding = rng.random_range(0..kernel.min(3));
         let relu = case % 2 == 0;
         let needs_grad = case % 3 != 0;
-        // Stride 1 with "same"-style padding: candle's conv2d backward needs sides the windows
-        // cover exactly.
-        let side = rng.random_range(size.max(kernel)..12);
-        let (height, width) = (side, side + usize::from(case % 4 == 1));
+        // Sides the convolution's windows cover exactly (candle's own conv2d backward needs
+        // them, see above); outputs that the pooling windows divide or leave a row out of.
+        let side = |out: usize| ((out - 1) * stride + kernel).checked_sub(2 * padding).filter(|&s| s > 0);
+        let (out_h, out_w) = (rng.random_range(size..9), rng.random_range(size..9));
+        let (Some(height), Some(width)) = (side(out_h), side(out_w)) else { continue };
         let x = random(&mut rng, &[batch, channels, height, width]);
         let (w0, b0) = (random(&mut rng, &[out_channels, channels, kernel, kernel]), random(&mut rng, &[out_channels]));
-        let (out_h, out_w) = (height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1);
-        if out_h < size || out_w < size {
-            continue;
-        }
         let probe = random(&mut rng, &[batch, out_channels, out_h / size, out_w / size]);
-        let at = format!("case {case}: x {:?}, kernel {kernel}, padding {padding}, pool {size}, relu {relu}", x.dims());
-        let shape = ConvShape { padding, stride: 1, relu, pool: Some(size) };
+        let at = format!(
+            "case {case}: x {:?}, kernel {kernel}, padding {padding}, stride {stride}, pool {size}, relu {relu}",
+            x.dims()
+        );
+        let shape = ConvShape { padding, stride, relu, pool: Some(size) };
         compare_layer(
             &at,
             [&x, &w0, &b0],
@@ -378,7 +378,7 @@ fn conv2d_with_pooling_fused_matches_candle_conv2d_relu_and_pooling() {
             needs_grad,
             |x, w, b| conv2d(x, w, b, shape, None).unwrap(),
             |x, w, b| {
-                let y = x.conv2d(w, padding, 1, 1, 1).unwrap();
+                let y = x.conv2d(w, padding, stride, 1, 1).unwrap();
                 let y = relu_if(y.broadcast_add(&b.reshape((1, out_channels, 1, 1)).unwrap()).unwrap(), relu);
                 max_pool2d_by_reshape(&y, size).unwrap()
             },
@@ -480,4 +480,22 @@ fn a_shared_workspace_gives_right_gradients_step_after_step_whatever_its_buffers
             assert_close(&format!("step {step}, batch {batch}: dense {:?}", t.dims()), &got, reference.get(t).unwrap());
         }
     }
+}
+
+#[test]
+fn a_nan_in_a_pooling_window_is_its_maximum_so_divergence_shows() {
+    // An identity 1x1 convolution, so the pooling sees the input itself: one NaN in the first
+    // window of 2x2, none in the second.
+    let x = Tensor::new(&[[[[1f32, f32::NAN, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]]], &Device::Cpu).unwrap();
+    let (w, b) = (
+        Tensor::ones((1, 1, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    for relu in [false, true] {
+        let fused = conv2d(&x, &w, &b, ConvShape { padding: 0, stride: 1, relu, pool: Some(2) }, None).unwrap();
+        let got = fused.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(got[0].is_nan() && got[1] == 8.0, "relu {relu}: {got:?}");
+    }
+    let got = max_pool2d(&x, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(got[0].is_nan() && got[1] == 8.0, "{got:?}");
 }
