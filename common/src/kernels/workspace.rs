@@ -136,3 +136,52 @@ impl Workspace {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn a_workspace_keeps_a_bounded_number_of_free_buffers_per_layer() {
+        // However often a graph hands buffers back (a layer used many times a step), the
+        // workspace keeps at most MAX_FREE_BUFFERS of each: its memory is bounded by the model.
+        let workspace = Workspace::new();
+        let owner = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap().id();
+        for _ in 0..100 {
+            workspace.keep(owner, Scratch::Columns, vec![1.0; 1000]);
+        }
+        let kept = workspace.inner.lock().unwrap().scratch[&(owner, Scratch::Columns)].len();
+        assert_eq!(kept, MAX_FREE_BUFFERS);
+        // A buffer handed out has the length asked for, whatever it held before.
+        assert_eq!(workspace.buffer(owner, Scratch::Columns, 10).len(), 10);
+        assert_eq!(workspace.buffer(owner, Scratch::Columns, 5000).len(), 5000);
+    }
+
+    #[test]
+    fn a_gradient_is_taken_once_and_the_first_write_of_a_step_replaces_the_last_steps() {
+        let workspace = Workspace::new();
+        let param = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let write = |value: f32| {
+            workspace
+                .add_gradient(&param, |g, mode| {
+                    for v in g.iter_mut() {
+                        *v = if mode == Accumulate::Yes { *v + value } else { value };
+                    }
+                    Ok(())
+                })
+                .unwrap()
+        };
+        assert!(workspace.take_gradient(&param, |_| ()).is_none(), "nothing written yet");
+        write(1.0);
+        write(2.0);
+        assert_eq!(workspace.take_gradient(&param, |g| g.to_vec()), Some(vec![3.0; 4]));
+        assert!(workspace.take_gradient(&param, |_| ()).is_none(), "taken once");
+        write(5.0);
+        assert_eq!(workspace.take_gradient(&param, |g| g.to_vec()), Some(vec![5.0; 4]));
+        // A failed write leaves nothing to take.
+        let failed = workspace.add_gradient(&param, |_, _| Err(candle_core::Error::Msg("no".into())));
+        assert!(failed.is_err());
+        assert!(workspace.take_gradient(&param, |_| ()).is_none());
+    }
+}
