@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
-use super::dense::{add_column_sums, own_gradient};
-use super::workspace::{Scratch, Workspace};
+use super::dense::add_column_sums;
+use super::workspace::{OpWorkspace, Scratch, Workspace};
 use super::{matmul, on_cpu, relu, shape_error, tensor, values, Accumulate, Matrix, MatrixMut};
 
 /// candle's `conv2d` of `x` `[batch, channels, height, width]` with `weight`
@@ -24,12 +24,8 @@ pub fn conv2d(
     workspace: Option<&Arc<Workspace>>,
 ) -> Result<Tensor> {
     let weight = weight.contiguous()?;
-    // Only variables' gradients stay in the run's workspace (see [`Workspace`]).
-    let (workspace, shared) = match workspace.filter(|_| weight.is_variable() && bias.is_variable()) {
-        Some(w) => (Arc::clone(w), true),
-        None => (Arc::new(Workspace::new()), false),
-    };
-    let op = Conv { shape, weight_id: weight.id(), workspace, shared, saved: Mutex::new(None) };
+    let workspace = OpWorkspace::new(workspace, &weight, bias);
+    let op = Conv { shape, weight_id: weight.id(), workspace, saved: Mutex::new(None) };
     x.contiguous()?.apply_op3(&weight, bias, op)
 }
 
@@ -199,10 +195,7 @@ struct Conv {
     shape: ConvShape,
     /// The weight's id: the key of this layer's scratch buffers in the workspace.
     weight_id: TensorId,
-    workspace: Arc<Workspace>,
-    /// Whether the workspace is the training run's (the gradients stay there) or this op's own
-    /// (they go to candle).
-    shared: bool,
+    workspace: OpWorkspace,
     /// What the forward pass leaves for the backward: the im2col matrix (the weight's gradient
     /// needs it again) and, when pooling is fused in, each output's window maximum.
     saved: Mutex<Option<Saved>>,
@@ -238,7 +231,7 @@ impl Drop for Conv {
     /// im2col buffer back for the next step.
     fn drop(&mut self) {
         let saved = self.saved.get_mut().map(Option::take).unwrap_or(None);
-        if let (Some(saved), true) = (saved, self.shared) {
+        if let (Some(saved), true) = (saved, self.workspace.shared()) {
             self.workspace.keep(self.weight_id, Scratch::Columns, saved.columns);
         }
     }
@@ -449,11 +442,7 @@ impl CustomOp3 for Conv {
         };
         self.workspace.keep(self.weight_id, Scratch::Columns, dcols);
         self.workspace.keep(self.weight_id, Scratch::OutputGradient, dz);
-        let (dw, db) = if self.shared {
-            (None, None)
-        } else {
-            (own_gradient(&self.workspace, w)?, own_gradient(&self.workspace, b)?)
-        };
+        let (dw, db) = self.workspace.for_candle(w, b)?;
         Ok((dx, dw, db))
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, InplaceOp1, Layout, Result, Shape, Tensor, Var};
 
-use super::workspace::Workspace;
+use super::workspace::{OpWorkspace, Workspace};
 use super::{matmul, on_cpu, relu, relu_masked, shape_error, tensor, values, Accumulate, Matrix, MatrixMut};
 
 /// `x @ weight^T + bias` for `x` of shape `[batch, inputs]` and `weight` of shape
@@ -19,20 +19,13 @@ pub fn dense(
     relu: bool,
     workspace: Option<&Arc<Workspace>>,
 ) -> Result<Tensor> {
-    // Only variables' gradients stay in the run's workspace (see [`Workspace`]).
-    let (workspace, shared) = match workspace.filter(|_| weight.is_variable() && bias.is_variable()) {
-        Some(w) => (Arc::clone(w), true),
-        None => (Arc::new(Workspace::new()), false),
-    };
-    x.contiguous()?.apply_op3(&weight.contiguous()?, bias, Dense { relu, workspace, shared })
+    let workspace = OpWorkspace::new(workspace, weight, bias);
+    x.contiguous()?.apply_op3(&weight.contiguous()?, bias, Dense { relu, workspace })
 }
 
 struct Dense {
     relu: bool,
-    workspace: Arc<Workspace>,
-    /// Whether the workspace is the training run's (the gradients stay there) or this op's own
-    /// (they go to candle).
-    shared: bool,
+    workspace: OpWorkspace,
 }
 
 impl CustomOp3 for Dense {
@@ -117,18 +110,9 @@ impl CustomOp3 for Dense {
         } else {
             None
         };
-        let (dw, db) = if self.shared {
-            (None, None)
-        } else {
-            (own_gradient(&self.workspace, w)?, own_gradient(&self.workspace, b)?)
-        };
+        let (dw, db) = self.workspace.for_candle(w, b)?;
         Ok((dx, dw, db))
     }
-}
-
-/// `param`'s gradient taken from an op's own workspace, as a tensor for candle.
-pub(super) fn own_gradient(workspace: &Workspace, param: &Tensor) -> Result<Option<Tensor>> {
-    workspace.take_gradient(param, |g| tensor(g.to_vec(), param.dims())).transpose()
 }
 
 /// Sums of the columns of a row-major matrix `sums.len()` wide, written into `sums` or added to

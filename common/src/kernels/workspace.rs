@@ -9,7 +9,7 @@
 //! reads it from here ([`Workspace::take_gradient`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor, TensorId};
 use cohort_matmul::Accumulate;
@@ -134,6 +134,48 @@ impl Workspace {
         if free.len() < MAX_FREE_BUFFERS {
             free.push(buffer);
         }
+    }
+}
+
+/// The workspace one kernel op writes into: the training run's, when one is given and the op's
+/// weight and bias are variables (the gradients stay there for the optimizer), or a private
+/// one, whose gradients the op hands to candle.
+pub(crate) struct OpWorkspace {
+    workspace: Arc<Workspace>,
+    shared: bool,
+}
+
+impl OpWorkspace {
+    pub(crate) fn new(run: Option<&Arc<Workspace>>, weight: &Tensor, bias: &Tensor) -> Self {
+        match run.filter(|_| weight.is_variable() && bias.is_variable()) {
+            Some(w) => Self { workspace: Arc::clone(w), shared: true },
+            None => Self { workspace: Arc::new(Workspace::new()), shared: false },
+        }
+    }
+
+    /// Whether this is the training run's workspace.
+    pub(crate) fn shared(&self) -> bool {
+        self.shared
+    }
+
+    /// The weight's and bias's gradients for candle: none when they stay in the run's
+    /// workspace, else taken from the private one.
+    pub(crate) fn for_candle(&self, weight: &Tensor, bias: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.shared {
+            return Ok((None, None));
+        }
+        let take = |p: &Tensor| {
+            self.workspace.take_gradient(p, |g| Tensor::from_vec(g.to_vec(), p.dims(), p.device())).transpose()
+        };
+        Ok((take(weight)?, take(bias)?))
+    }
+}
+
+impl std::ops::Deref for OpWorkspace {
+    type Target = Workspace;
+
+    fn deref(&self) -> &Workspace {
+        &self.workspace
     }
 }
 
