@@ -5,13 +5,11 @@
 //! with `ClientError::DuplicateIdentity`. Without it each daemon reconnected at once: thousands
 //! of connections in seconds, and most rounds aborted.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use cohort::client::daemon::{ClientError, ClientEvent, MAX_REPLACEMENTS};
-use support::*;
 
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()

@@ -2,14 +2,12 @@
 //! their own data and the server receives only the sum of their confusion matrices, which equals
 //! the sum computed here from each client's data.
 
-mod support;
-
+use crate::support::*;
 use candle_core::Device;
 use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::train::{evaluate, DeviceData};
 use cohort::server::config::{Collection, SecAggConfig};
 use cohort::server::store::{HeadMetrics, Store};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_summed_confusion_matrix_is_the_sum_of_the_clients() {

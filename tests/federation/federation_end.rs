@@ -2,14 +2,12 @@
 //! federation is finished and stops with `Ok`, however the close reaches it; none takes the end
 //! for a restart and dials the stopped server for ever.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use cohort::client::daemon::ClientEvent;
 use cohort::common::wire;
 use cohort::server::pki;
-use support::*;
 
 fn localhost() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()

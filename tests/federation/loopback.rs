@@ -3,11 +3,10 @@
 //! held to the deadline, and a client that reconnects after the server restarts (which resumes
 //! its optimizer's momentum).
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use candle_core::Device;
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::common::model::{flat_from_safetensors, vectors_from_safetensors, Model};
@@ -18,7 +17,6 @@ use cohort::common::wire::{self, ClientMsg, ServerMsg};
 use cohort::io::{client_config, recv_msg, send_msg, Identity};
 use cohort::server::config::Federation;
 use cohort::server::store::Store;
-use support::*;
 
 fn localhost() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()

@@ -2,12 +2,10 @@
 //! connections, an oversized request and a silent connection get errors or are closed, and the
 //! endpoint (and the federation) go on.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use cohort::server::metrics::MAX_CONNECTIONS;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,15 +2,13 @@
 //! server's model moves in the trunk and the shared head only; each client keeps its personal
 //! head in its state directory, trained.
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::*;
 use candle_core::Device;
 use cohort::common::model::vectors_from_safetensors;
 use cohort::common::model::{flat_from_safetensors, Model, ModelSpec};
 use cohort::common::trainer::HeadData;
-use support::*;
 
 const PERSONAL_SPEC: &str = "name = 'tiny-personal'\ninput_shape = [4]\n[[trunk]]\nkind = 'linear'\nout = 8\n\
                              [[trunk]]\nkind = 'relu'\n[[heads]]\nname = 'y'\nclasses = 3\n\

@@ -2,11 +2,10 @@
 //! is the mean of the clipped updates; a client whose own budget runs out declines and the
 //! rounds go on without it; the server stops before the round that would pass its budget.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use crate::support::*;
 use candle_core::Device;
 use cohort::client::ledger::LedgerFile;
 use cohort::common::dp::Accounting;
@@ -15,7 +14,6 @@ use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::trainer::Trainer;
 use cohort::server::config::{Collection, DpConfig, Federation, SecAggConfig};
 use cohort::server::store::Store;
-use support::*;
 
 fn private_federation(rounds: u64, clients: usize, min: usize, clip: f64, z: f64) -> Federation {
     let mut fed = federation(rounds, clients, min);

@@ -5,12 +5,11 @@
 //! server with a message that says so and how to renew, and the daemon stops instead of dialling
 //! again and again.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::support::*;
 use cohort::client::config::ClientConfig;
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::client::renew::{RenewError, Renewal};
@@ -18,7 +17,6 @@ use cohort::common::wire::{ClientMsg, ServerMsg};
 use cohort::io::{client_config, recv_msg, send_msg, Identity, NetError};
 use cohort::server::pki;
 use cohort::server::store::{Enrolment, Store};
-use support::*;
 
 fn localhost() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()

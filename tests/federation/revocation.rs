@@ -2,16 +2,14 @@
 //! stolen or whose site left the consortium, and which stays connected, reconnects, or comes back
 //! after its id was enrolled again.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use cohort::client::daemon::{ClientError, ClientEvent};
 use cohort::common::wire::{self, ClientMsg, ServerMsg};
 use cohort::io::{client_config, recv_msg, unix_now};
 use cohort::server::pki;
 use cohort::server::store::{Enrolment, Store};
-use support::*;
 
 fn localhost() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()

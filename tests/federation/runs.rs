@@ -3,15 +3,13 @@
 //! a run stopped mid-way while another waits, the waiting one run to the end, the stopped one
 //! resumed from its last checkpoint to the end, each round recorded once per run.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use cohort::server::pki::StatePaths;
 use cohort::server::runs;
 use cohort::server::serve::{ServeSetup, Server};
 use cohort::server::store::{RoundRow, RunStatus, Store};
-use support::*;
 use tokio_util::sync::CancellationToken;
 
 fn run_file(dir: &std::path::Path, name: &str, rounds: u64) -> std::path::PathBuf {

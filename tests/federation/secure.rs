@@ -2,17 +2,15 @@
 //! after sending its masked input; the new global model is the weighted average of the updates
 //! the sum includes, within the quantization bound, and the server never saw one of them.
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::*;
 use candle_core::Device;
 use cohort::client::daemon::{FaultHook, Step};
 use cohort::common::model::{flat_from_safetensors, Model};
 use cohort::common::secagg::Phase;
 use cohort::common::trainer::Trainer;
 use cohort::server::config::{Collection, SecAggConfig};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_clients_two_crash_mid_round_and_the_sum_is_exact() {
