@@ -30,8 +30,10 @@ Example (a NumPy logistic regression; see ``python/examples`` for PyTorch)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -261,13 +263,34 @@ def run(
     examples: int = 0,
     device: str = "python",
 ) -> None:
-    """Runs a client daemon for ``config`` (a ``client.toml`` without ``[data]``) until Ctrl-C.
+    """Runs a client daemon for ``config`` (a ``client.toml`` without ``[data]``) until Ctrl-C
+    (raised as ``KeyboardInterrupt``) or SIGTERM (``systemctl stop``, ``docker stop``, Kubernetes:
+    ``run`` returns), as ``cohort-client run`` does. Either way the daemon closes its connection
+    cleanly; a round in progress is abandoned and everything completed is kept.
 
     ``heads``: the heads this client labels (default: the model's first). ``examples``: how many
     examples it holds, for the server's view before its first round. ``device``: how the server's
     logs name this client's device.
     """
-    _daemon(config, client, fit, evaluate, label_counts, heads, examples, device).run()
+    daemon = _daemon(config, client, fit, evaluate, label_counts, heads, examples, device)
+    with _sigterm_stops(daemon):
+        daemon.run()
+
+
+@contextlib.contextmanager
+def _sigterm_stops(daemon):
+    """While ``daemon`` runs, SIGTERM stops it as ``stop()`` does, rather than killing the process
+    mid-round (Python's default). Only on the main thread, where Python runs signal handlers, and
+    only while SIGTERM has its default action: a program's own handler, or an ignored SIGTERM,
+    stays as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: daemon.stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Running:

@@ -87,12 +87,15 @@ def fit(params, settings):
 
 try:
     cohort.run(sys.argv[1], fit=fit)
+    print("returned")
 except KeyboardInterrupt:
     print("interrupted")
 """
 
 
-def test_ctrl_c_while_fit_runs_ends_the_client_promptly(federation, tmp_path):
+def stop_while_fit_runs(federation, tmp_path, signum):
+    """Starts a client whose fit sleeps 90 s, sends it `signum` once the fit runs, and returns its
+    stdout, stderr and the seconds it took to end."""
     config = federation.enrol("sleepy")
     federation.serve(SPEC, '[federation]\nrounds = 1\nclients_per_round = 1\nmin_clients = 1\n'
                            'round_timeout_secs = 60\ncollection = "plain"\n')
@@ -105,12 +108,29 @@ def test_ctrl_c_while_fit_runs_ends_the_client_promptly(federation, tmp_path):
             assert time.monotonic() < deadline and client.poll() is None, client.communicate(timeout=5)
             time.sleep(0.1)
         started = time.monotonic()
-        client.send_signal(signal.SIGINT)
+        client.send_signal(signum)
         # The fit sleeps 90 s; the client must neither wait for it nor deadlock waiting for the
         # GIL it needs. It ends within 6 s (5 s of them the runtime's shutdown grace); the bound
         # leaves room for a loaded machine and stays far below the fit's 90 s.
         out, err = client.communicate(timeout=30)
-        assert "interrupted" in out, err
-        assert time.monotonic() - started < 30
+        return out, err, time.monotonic() - started
     finally:
         client.kill()
+
+
+def test_ctrl_c_while_fit_runs_ends_the_client_promptly(federation, tmp_path):
+    out, err, seconds = stop_while_fit_runs(federation, tmp_path, signal.SIGINT)
+    assert "interrupted" in out, err
+    assert seconds < 30
+
+
+def test_sigterm_while_fit_runs_stops_the_client_cleanly(federation, tmp_path):
+    # systemd, `docker stop` and Kubernetes stop with SIGTERM, whose default would kill Python
+    # mid-round: the server would hear nothing until the connection timed out.
+    out, err, seconds = stop_while_fit_runs(federation, tmp_path, signal.SIGTERM)
+    assert "returned" in out, err
+    assert seconds < 30
+    deadline = time.monotonic() + 10
+    while "client shutting down" not in federation.log():
+        assert time.monotonic() < deadline, f"the server never heard the client close:\n{federation.log()}"
+        time.sleep(0.1)
