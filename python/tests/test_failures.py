@@ -74,8 +74,9 @@ def test_a_failing_fit_declines_its_round_and_the_federation_and_the_client_carr
 
 # Ctrl-C as a terminal delivers it. A process started by a non-interactive shell in the background
 # (as CI runs its jobs) inherits SIGINT ignored, and Python then leaves it ignored: the signal never
-# arrives. That was why this test failed in two clean-clone CI runs (2026-11-30 and 12-01) and
-# passed in every rerun started under `timeout`, which sets SIGINT back to its default.
+# arrives. That was why this test failed in both clean-clone `.ci/run`s started that way (2026-12-01,
+# builds 5feaef2 and e807918) and passed in every rerun started under `timeout`, which sets SIGINT
+# back to its default.
 SLEEPY = """import pathlib, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import cohort

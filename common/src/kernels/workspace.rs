@@ -164,9 +164,7 @@ impl OpWorkspace {
         if self.shared {
             return Ok((None, None));
         }
-        let take = |p: &Tensor| {
-            self.workspace.take_gradient(p, |g| Tensor::from_vec(g.to_vec(), p.dims(), p.device())).transpose()
-        };
+        let take = |p: &Tensor| self.workspace.take_gradient(p, |g| super::tensor(g.to_vec(), p.dims())).transpose();
         Ok((take(weight)?, take(bias)?))
     }
 }
